@@ -1,0 +1,143 @@
+"""`kubetune`: validate manifests, generate CRDs, and (later) run locally or start the operator."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubetune.operator.api.finetunejob import FineTuneJob
+from kubetune.operator.api.manifests import Manifest, parse
+from kubetune.runtime.contract.errors import SpecError
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def _load(path: Path) -> list[Any]:
+    try:
+        return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    except OSError as error:
+        raise SpecError([f"cannot read: {error.strerror}"]) from None
+    except yaml.YAMLError as error:
+        raise SpecError([f"not valid YAML: {error}"]) from None
+
+
+def _summary(manifest: Manifest) -> Table:
+    table = Table(show_header=False, box=None, padding=(0, 2))
+    if isinstance(manifest, FineTuneJob):
+        job = manifest.spec
+        search = job.search
+        rows = [
+            ("model", f"{job.model.uri} ({job.model.task.value})"),
+            ("data", job.data.train),
+            ("method", job.method.type.value),
+            (
+                "training",
+                f"{job.hyperparameters.epochs} epochs, lr {job.hyperparameters.learning_rate:g}, "
+                f"batch {job.hyperparameters.batch_size}, {job.hyperparameters.precision.value}",
+            ),
+            (
+                "search",
+                "none"
+                if search is None
+                else f"{search.algorithm.value}, {search.effective_trials} trials on {', '.join(search.space)}",
+            ),
+            (
+                "compression",
+                f"{job.compression.quantization.method.value}, pruning "
+                f"{job.compression.pruning.method.value}, max drop {job.compression.max_accuracy_drop:g}",
+            ),
+            (
+                "workers",
+                f"{job.resources.workers} x ({job.resources.cpu_per_worker} CPU, "
+                f"{job.resources.memory_per_worker}, {job.resources.gpus_per_worker} GPU)",
+            ),
+            ("output", job.output.uri),
+        ]
+    else:
+        deployment = manifest.spec
+        reference = deployment.model.from_fine_tune_job
+        rows = [
+            ("model", deployment.model.uri or f"FineTuneJob {reference.name if reference else '?'}"),
+            ("replicas", f"{deployment.autoscaling.min_replicas}..{deployment.autoscaling.max_replicas}"),
+            ("auth", "bearer token" if deployment.auth else "open"),
+        ]
+    for key, value in rows:
+        table.add_row(f"[dim]{key}[/dim]", value)
+    return table
+
+
+def _report(where: str, error: SpecError) -> None:
+    errors.print(f"[red]✗[/red] {escape(where)}", soft_wrap=True)
+    for problem in error.problems:
+        errors.print(f"    {escape(problem)}", soft_wrap=True)
+
+
+def validate(paths: list[Path]) -> int:
+    failed = 0
+    for path in paths:
+        try:
+            documents = _load(path)
+            if not documents:
+                raise SpecError(["no manifests found"])
+        except SpecError as error:
+            failed += 1
+            _report(str(path), error)
+            continue
+        for index, document in enumerate(documents):
+            where = str(path) if len(documents) == 1 else f"{path}#{index + 1}"
+            try:
+                manifest = parse(document)
+            except SpecError as error:
+                failed += 1
+                _report(where, error)
+                continue
+            console.print(
+                f"[green]✓[/green] {escape(where)}: {manifest.kind} {manifest.metadata['name']}", soft_wrap=True
+            )
+            console.print(_summary(manifest))
+    return 1 if failed else 0
+
+
+def crds(directories: list[Path]) -> int:
+    from kubetune.operator import crdgen
+
+    if not directories:
+        for text in crdgen.rendered().values():
+            sys.stdout.write("---\n" + text)
+        return 0
+    for path in crdgen.write(directories):
+        console.print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubetune", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("validate", help="validate FineTuneJob and ModelDeployment manifests")
+    check.add_argument("paths", nargs="+", type=Path, metavar="FILE")
+    generate = commands.add_parser("crds", help="write the CRDs into directories (stdout when none)")
+    generate.add_argument("directories", nargs="*", type=Path, metavar="DIR")
+    commands.add_parser("version", help="print the version")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "validate":
+        return validate(args.paths)
+    if args.command == "crds":
+        return crds(args.directories)
+    console.print(version("kubetune"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

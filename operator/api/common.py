@@ -1,0 +1,180 @@
+"""API building blocks shared by kubetune's kinds: scheduling, secrets, conditions.
+
+Only pydantic, the standard library and the run contract may be imported here.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from kubetune.runtime.contract.common import ContractModel, KubernetesName
+from pydantic import Field, field_validator
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+CATEGORY = "kubetune"
+
+# Label keys and values: prefix/name, 63-character name segments.
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+IMAGE_PATTERN = r"^[^\s]+$"
+SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_CRON_FIELD = r"(\*|\?|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?(,(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?)*"
+CRON_PATTERN = rf"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|{_CRON_FIELD}( {_CRON_FIELD}){{4}})$"
+_CRON_RE = re.compile(CRON_PATTERN)
+_CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+_CRON_FIELD_NAMES = ("minute", "hour", "day of month", "month", "day of week")
+_CRON_NAMES = {
+    3: ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"),
+    4: ("sun", "mon", "tue", "wed", "thu", "fri", "sat"),
+}
+
+
+def _cron_value(token: str, index: int) -> int:
+    names = _CRON_NAMES.get(index, ())
+    if token.lower() in names:
+        return names.index(token.lower()) + (1 if index == 3 else 0)
+    if not token.isdigit():
+        raise ValueError(f"cron {_CRON_FIELD_NAMES[index]} has an unknown value {token!r}")
+    low, high = _CRON_RANGES[index]
+    if not low <= int(token) <= high:
+        raise ValueError(f"cron {_CRON_FIELD_NAMES[index]} value {token} is outside {low}-{high}")
+    return int(token)
+
+
+def check_cron(expression: str) -> str:
+    """Validate a 5-field cron expression (or a macro such as @daily) with clear messages."""
+    expression = " ".join(expression.split())
+    if not _CRON_RE.fullmatch(expression):
+        raise ValueError(
+            f"{expression!r} is not a cron expression: expected 5 fields "
+            "(minute hour day-of-month month day-of-week) or a macro such as @daily"
+        )
+    if expression.startswith("@"):
+        return expression
+    for index, field in enumerate(expression.split(" ")):
+        for part in field.split(","):
+            base, _, step = part.partition("/")
+            if step and int(step) == 0:
+                raise ValueError(f"cron {_CRON_FIELD_NAMES[index]} step must be positive")
+            if base in ("*", "?"):
+                continue
+            first, _, last = base.partition("-")
+            if last and _cron_value(first, index) > _cron_value(last, index):
+                raise ValueError(f"cron {_CRON_FIELD_NAMES[index]} range {base} is reversed")
+            _cron_value(first, index)
+    return expression
+
+
+class SecretReference(ContractModel):
+    """A Secret in the same namespace. Its values are never copied into other objects."""
+
+    name: KubernetesName = Field(description="Name of the Secret.")
+
+
+class SecretKeyReference(ContractModel):
+    """One key of a Secret in the same namespace."""
+
+    name: KubernetesName = Field(description="Name of the Secret.")
+    key: str = Field(
+        default="token",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]+$",
+        description="Key within the Secret.",
+    )
+
+
+class StorageAccess(ContractModel):
+    """Credentials and endpoint for object storage (s3://) and model hubs (hf://)."""
+
+    credentials_secret: SecretReference | None = Field(
+        default=None,
+        description=(
+            "Secret whose keys are exposed as environment variables of the run, e.g. "
+            "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, HF_TOKEN. Referenced, never copied."
+        ),
+    )
+    s3_endpoint: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://[^\s/]+(/.*)?$",
+        description="Endpoint URL of an S3-compatible store (e.g. MinIO); AWS when omitted.",
+    )
+    s3_region: str | None = Field(
+        default=None, max_length=64, pattern=r"^[a-z0-9-]+$", description="Region of the S3 bucket."
+    )
+
+
+class Toleration(ContractModel):
+    """Lets pods schedule onto nodes with a matching taint (core/v1 Toleration)."""
+
+    key: str | None = Field(default=None, max_length=316, description="Taint key; empty with Exists matches all.")
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
+    value: str | None = Field(default=None, max_length=63, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; all effects when empty."
+    )
+    toleration_seconds: int | None = Field(default=None, ge=0, description="How long a NoExecute taint is tolerated.")
+
+
+class Placement(ContractModel):
+    """Where pods may run: node selection, tolerations, affinity and priority."""
+
+    gpu_type: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        description="GPU model, matched against the node label nvidia.com/gpu.product (e.g. NVIDIA-H100-80GB-HBM3).",
+    )
+    node_selector: dict[str, str] | None = Field(
+        default=None, max_length=64, description="Node labels the pods require."
+    )
+    tolerations: list[Toleration] | None = Field(default=None, max_length=64, description="Tolerated node taints.")
+    affinity: dict[str, Any] | None = Field(
+        default=None,
+        description="Pod affinity and anti-affinity (core/v1 Affinity), passed through unchanged.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, pattern=SUBDOMAIN_PATTERN, description="PriorityClass of the pods."
+    )
+    image: str | None = Field(
+        default=None,
+        max_length=1024,
+        pattern=IMAGE_PATTERN,
+        description="Container image with kubetune's runtime; the operator's default when omitted.",
+    )
+
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for key in value or {}:
+            if not re.fullmatch(LABEL_KEY_PATTERN, key):
+                raise ValueError(f"{key!r} is not a valid label key")
+        return value
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(ContractModel):
+    """The state of one aspect of the object, as in metav1.Condition."""
+
+    type: str = Field(max_length=316, description="Condition type, e.g. Ready.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(max_length=1024, description="CamelCase reason for the last transition.")
+    message: str = Field(default="", max_length=32768, description="Human-readable details.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation the condition was computed for."
+    )
+    last_transition_time: datetime | None = Field(default=None, description="When status last changed.")

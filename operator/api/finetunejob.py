@@ -1,0 +1,279 @@
+"""The FineTuneJob kind: the run contract plus cluster concerns, and its status."""
+
+from __future__ import annotations
+
+import zoneinfo
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from kubetune.runtime.contract import MethodType, Metric, Precision, RunSpec, Task
+from kubetune.runtime.contract.common import ContractModel, KubernetesName, Quantity, cel_rule, with_cel
+from kubetune.runtime.contract.run import CAUSAL_LM_METRICS, CLASSIFICATION_METRICS, RUN_SPEC_RULES
+from pydantic import Field, field_validator, model_validator
+
+from .common import CRON_PATTERN, Condition, Placement, StorageAccess, check_cron
+
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ("ftj",)
+RETRAIN_ANNOTATION = "kubetune.io/retrain"
+
+
+class HeadResources(ContractModel):
+    """The Ray head pod, which coordinates the run and does not train."""
+
+    cpu: Quantity = Field(default="1", description="CPU request and limit of the head.")
+    memory: Quantity = Field(default="4Gi", description="Memory request and limit of the head.")
+
+
+class Resources(Placement):
+    """Ray workers that train (one training process each) and where they run."""
+
+    workers: int = Field(default=1, ge=1, le=1024, description="Training workers (Ray Train num_workers).")
+    gpus_per_worker: int = Field(default=0, ge=0, le=16, description="GPUs per worker (nvidia.com/gpu).")
+    cpu_per_worker: Quantity = Field(default="2", description="CPU request and limit per worker.")
+    memory_per_worker: Quantity = Field(default="8Gi", description="Memory request and limit per worker.")
+    head: HeadResources = Field(default_factory=HeadResources, description="Resources of the Ray head.")
+
+
+class ConcurrencyPolicy(StrEnum):
+    """What a new trigger does while a run is active (as CronJob's concurrencyPolicy)."""
+
+    FORBID = "Forbid"
+    REPLACE = "Replace"
+    QUEUE = "Queue"
+
+
+class PromotionGate(ContractModel):
+    """When a finished run may be promoted to the deployments that follow this job."""
+
+    enabled: bool = Field(default=True, description="Promote runs that pass the gate.")
+    metric: Metric | None = Field(
+        default=None, description="Test metric the gate checks; the search metric when omitted."
+    )
+    min_improvement: float = Field(
+        default=0.0,
+        description=(
+            "How much the fine-tuned model must beat the base model on the metric, in the "
+            "metric's direction (accuracy 0.02 is two points; loss 0.1 is 0.1 lower)."
+        ),
+    )
+    min_value: float | None = Field(
+        default=None,
+        description=(
+            "Absolute bound the metric must reach (at least this for accuracy/f1, at most for loss/perplexity)."
+        ),
+    )
+    require_compressed: bool = Field(
+        default=False, description="Also require a compressed variant within compression.maxAccuracyDrop."
+    )
+
+
+_GPU_RULES = (
+    cel_rule(
+        "!has(self.method) || self.method.type != 'qlora' || (has(self.resources) && self.resources.gpusPerWorker > 0)",
+        "method qlora needs GPUs: set resources.gpusPerWorker",
+        ".method.type",
+    ),
+    cel_rule(
+        "!has(self.hyperparameters) || self.hyperparameters.precision != 'fp16'"
+        " || (has(self.resources) && self.resources.gpusPerWorker > 0)",
+        "precision fp16 needs GPUs: set resources.gpusPerWorker",
+        ".hyperparameters.precision",
+    ),
+    cel_rule(
+        "!has(self.resources) || !has(self.resources.gpuType) || self.resources.gpusPerWorker > 0",
+        "resources.gpuType needs resources.gpusPerWorker > 0",
+        ".resources.gpuType",
+    ),
+    cel_rule(
+        "!has(self.promotion) || !has(self.promotion.metric) || (self.model.task == 'causal-lm'"
+        " ? self.promotion.metric in ['loss', 'perplexity'] : self.promotion.metric in ['accuracy', 'f1', 'loss'])",
+        "promotion.metric does not apply to model.task",
+        ".promotion.metric",
+    ),
+)
+
+
+class FineTuneJobSpec(RunSpec):
+    """A fine-tuning job: what to train (the run contract) and how to run it on the cluster."""
+
+    model_config = with_cel(*RUN_SPEC_RULES, *_GPU_RULES)
+
+    resources: Resources = Field(default_factory=Resources, description="Workers, GPUs and placement of the run.")
+    storage: StorageAccess | None = Field(default=None, description="Access to s3:// and hf:// locations.")
+    queue_name: KubernetesName | None = Field(
+        default=None,
+        description="Kueue LocalQueue to admit runs through; runs are created suspended and Kueue starts them.",
+    )
+    backoff_limit: int = Field(
+        default=2,
+        ge=0,
+        le=100,
+        description="Retries of a failed run (RayJob backoffLimit); each resumes from the latest checkpoint.",
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail a run that takes longer than this."
+    )
+    schedule: str | None = Field(
+        default=None,
+        max_length=256,
+        pattern=CRON_PATTERN,
+        description="Cron schedule (e.g. '0 3 * * 0') that starts a new run; no scheduled runs when omitted.",
+    )
+    time_zone: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_+/-]+$",
+        description="IANA time zone of the schedule (e.g. Europe/Berlin); UTC when omitted.",
+    )
+    concurrency_policy: ConcurrencyPolicy = Field(
+        default=ConcurrencyPolicy.FORBID,
+        description=(
+            "A trigger during an active run: Forbid skips it, Replace stops the active run, Queue runs it next."
+        ),
+    )
+    suspend: bool = Field(default=False, description="While true, no new run starts; an active run continues.")
+    history_limit: int = Field(default=10, ge=1, le=100, description="Finished runs kept in status.runs.")
+    promotion: PromotionGate = Field(default_factory=PromotionGate, description="Quality gate for promotion.")
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        return None if value is None else check_cron(value)
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                zoneinfo.ZoneInfo(value)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _cluster_fits_method(self) -> FineTuneJobSpec:
+        gpus = self.resources.gpus_per_worker
+        if self.method.type == MethodType.QLORA and gpus == 0:
+            raise ValueError("method.type qlora needs GPUs: set resources.gpusPerWorker")
+        if self.hyperparameters.precision == Precision.FP16 and gpus == 0:
+            raise ValueError("hyperparameters.precision fp16 needs GPUs: set resources.gpusPerWorker")
+        if self.resources.gpu_type is not None and gpus == 0:
+            raise ValueError("resources.gpuType needs resources.gpusPerWorker > 0")
+        if self.promotion.metric is not None:
+            allowed = CAUSAL_LM_METRICS if self.model.task == Task.CAUSAL_LM else CLASSIFICATION_METRICS
+            if self.promotion.metric not in allowed:
+                raise ValueError(
+                    f"promotion.metric {self.promotion.metric.value} does not apply to {self.model.task.value}"
+                )
+        return self
+
+
+class JobPhase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    INVALID = "Invalid"
+
+
+class Trigger(StrEnum):
+    """Why a run started."""
+
+    SPEC_CHANGE = "SpecChange"
+    SCHEDULE = "Schedule"
+    ANNOTATION = "Annotation"
+
+
+class RayJobState(ContractModel):
+    """The last observed status of the run's RayJob, kept because KubeRay may delete it."""
+
+    name: str = Field(description="Name of the RayJob.")
+    job_status: str | None = Field(
+        default=None, description="RayJob status.jobStatus (PENDING, RUNNING, SUCCEEDED, ...)."
+    )
+    job_deployment_status: str | None = Field(
+        default=None, description="RayJob status.jobDeploymentStatus (Initializing, Running, Complete, ...)."
+    )
+    reason: str | None = Field(default=None, description="RayJob status.reason.")
+    message: str | None = Field(default=None, description="RayJob status.message.")
+    failed: int | None = Field(default=None, description="Failed attempts (RayJob status.failed).")
+    succeeded: int | None = Field(default=None, description="Succeeded attempts (RayJob status.succeeded).")
+
+
+class RunProgress(ContractModel):
+    """Progress reported by the running job."""
+
+    stage: str | None = Field(
+        default=None, description="Pipeline stage: load, evaluate-base, train, search, compress, export."
+    )
+    step: int | None = Field(default=None, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
+    epoch: float | None = Field(default=None, ge=0, description="Epochs done (fractional).")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    trials_completed: int | None = Field(default=None, ge=0, description="Search trials finished.")
+    trials_total: int | None = Field(default=None, ge=0, description="Search trials planned.")
+    message: str | None = Field(default=None, max_length=4096, description="Latest progress message.")
+    updated_at: datetime | None = Field(default=None, description="When the report was written.")
+
+
+class RunRecord(ContractModel):
+    """One run of the job: why it started, how it went, what it produced."""
+
+    number: int = Field(ge=1, description="Run number, counting from 1.")
+    ray_job_name: str = Field(description="Name of the run's RayJob.")
+    trigger: Trigger = Field(description="SpecChange, Schedule or Annotation.")
+    trigger_detail: str | None = Field(default=None, description="The generation, scheduled time or annotation value.")
+    spec_generation: int = Field(ge=0, description="metadata.generation of the spec the run uses.")
+    phase: JobPhase = Field(description="Pending, Running, Suspended, Succeeded or Failed.")
+    message: str | None = Field(default=None, description="Why the run is in this phase.")
+    start_time: datetime | None = Field(default=None, description="When the run was created.")
+    completion_time: datetime | None = Field(default=None, description="When the run finished.")
+    ray_job: RayJobState | None = Field(default=None, description="Last observed RayJob status.")
+    progress: RunProgress | None = Field(default=None, description="Latest progress report.")
+    metrics_before: dict[str, float] | None = Field(default=None, description="Base-model test metrics.")
+    metrics_after: dict[str, float] | None = Field(default=None, description="Fine-tuned test metrics.")
+    artifacts: dict[str, str] | None = Field(default=None, description="Exported variant name to URI.")
+    manifest_uri: str | None = Field(default=None, description="URI of the run's kubetune.json manifest.")
+    best_hyperparameters: dict[str, Any] | None = Field(
+        default=None,
+        description="Hyperparameters of the best search trial.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    promotable: bool | None = Field(default=None, description="Whether the run passed the promotion gate.")
+    gate_message: str | None = Field(default=None, description="Why the run passed or failed the gate.")
+
+
+class FineTuneJobStatus(ContractModel):
+    """Observed state, computed by the operator from the runs it sees."""
+
+    observed_generation: int | None = Field(default=None, description="metadata.generation last reconciled.")
+    phase: JobPhase | None = Field(default=None, description="Summary of the current or latest run.")
+    conditions: list[Condition] | None = Field(
+        default=None,
+        max_length=16,
+        description="Ready, Progressing, Degraded, Succeeded and Failed conditions.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    current_run: int | None = Field(default=None, description="Number of the active run, if any.")
+    runs: list[RunRecord] | None = Field(default=None, max_length=100, description="Recent runs, newest last.")
+    promoted_run: int | None = Field(default=None, description="Number of the latest run that passed the gate.")
+    best_metric: str | None = Field(default=None, description="The promoted run's gate metric, e.g. 'accuracy=0.91'.")
+    last_schedule_time: datetime | None = Field(default=None, description="Latest scheduled time that started a run.")
+    handled_retrain: str | None = Field(
+        default=None, description=f"Latest value of the {RETRAIN_ANNOTATION} annotation that started a run."
+    )
+
+
+class FineTuneJob(ContractModel):
+    """A FineTuneJob fine-tunes a Hugging Face model on Ray, evaluates and compresses it, and promotes the result."""
+
+    api_version: str = Field(default="kubetune.io/v1alpha1", description="kubetune.io/v1alpha1")
+    kind: str = Field(default=KIND, description=KIND)
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
+    spec: FineTuneJobSpec = Field(description="What to fine-tune and how to run it.")
+    status: FineTuneJobStatus | None = Field(default=None, description="Observed state (written by the operator).")

@@ -1,0 +1,151 @@
+"""The ModelDeployment kind: serve an exported model on an autoscaling Ray Serve endpoint."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from kubetune.runtime.contract import Batching, Variant
+from kubetune.runtime.contract.common import ContractModel, KubernetesName, Quantity, Uri, cel_rule, with_cel
+from pydantic import Field, model_validator
+
+from .common import Condition, Placement, SecretKeyReference, StorageAccess
+
+KIND = "ModelDeployment"
+PLURAL = "modeldeployments"
+SINGULAR = "modeldeployment"
+SHORT_NAMES = ("mdep",)
+
+
+class FineTuneJobReference(ContractModel):
+    """Follow a FineTuneJob: serve its latest run that passed the promotion gate, or a pinned run."""
+
+    name: KubernetesName = Field(description="Name of the FineTuneJob in the same namespace.")
+    run: int | None = Field(default=None, ge=1, description="Pin this run number instead of following promotions.")
+    variant: Variant = Field(default=Variant.BEST, description="Exported variant: best, full, merged, int8 or pruned.")
+
+
+class ModelReference(ContractModel):
+    """The model to serve: an exported directory, or a FineTuneJob's result. Exactly one."""
+
+    model_config = with_cel(
+        cel_rule("has(self.uri) != has(self.fromFineTuneJob)", "set exactly one of uri and fromFineTuneJob")
+    )
+
+    uri: Uri | None = Field(
+        default=None, description="An exported model directory (Hugging Face format, with or without kubetune.json)."
+    )
+    from_fine_tune_job: FineTuneJobReference | None = Field(
+        default=None, description="Serve what a FineTuneJob promotes."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelReference:
+        if (self.uri is None) == (self.from_fine_tune_job is None):
+            raise ValueError("set exactly one of uri and fromFineTuneJob")
+        return self
+
+
+class Autoscaling(ContractModel):
+    """Ray Serve replica autoscaling."""
+
+    model_config = with_cel(
+        cel_rule("self.minReplicas <= self.maxReplicas", "minReplicas must not exceed maxReplicas", ".minReplicas")
+    )
+
+    min_replicas: int = Field(default=1, ge=0, le=1000, description="Fewest replicas (0 scales to zero when idle).")
+    max_replicas: int = Field(default=4, ge=1, le=1000, description="Most replicas.")
+    target_ongoing_requests: float = Field(
+        default=2.0, gt=0.0, le=10000.0, description="Requests in flight per replica that autoscaling aims for."
+    )
+    downscale_delay_seconds: int = Field(
+        default=300, ge=0, le=86400, description="How long load must stay low before replicas are removed."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"minReplicas ({self.min_replicas}) must not exceed maxReplicas ({self.max_replicas})")
+        return self
+
+
+class ReplicaResources(Placement):
+    """Resources of each serving replica and where replicas run."""
+
+    model_config = with_cel(cel_rule("!has(self.gpuType) || self.gpus > 0", "gpuType needs gpus > 0", ".gpuType"))
+
+    cpu: Quantity = Field(default="1", description="CPU per replica.")
+    memory: Quantity = Field(default="2Gi", description="Memory per replica.")
+    gpus: int = Field(default=0, ge=0, le=16, description="GPUs per replica.")
+
+    @model_validator(mode="after")
+    def _gpu_type_needs_gpus(self) -> ReplicaResources:
+        if self.gpu_type is not None and self.gpus == 0:
+            raise ValueError("gpuType needs gpus > 0")
+        return self
+
+
+class Auth(ContractModel):
+    """Bearer-token authentication of the endpoint."""
+
+    token_secret: SecretKeyReference = Field(description="Secret key holding the token clients must send.")
+
+
+class ModelDeploymentSpec(ContractModel):
+    """An autoscaling HTTP endpoint for a fine-tuned model."""
+
+    model: ModelReference = Field(description="What to serve.")
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replica autoscaling.")
+    resources: ReplicaResources = Field(default_factory=ReplicaResources, description="Per-replica resources.")
+    batching: Batching = Field(default_factory=Batching, description="Dynamic request batching.")
+    max_new_tokens: int = Field(default=128, ge=1, le=32768, description="Generation limit per request (causal-lm).")
+    auth: Auth | None = Field(default=None, description="Require a bearer token; open when omitted.")
+    storage: StorageAccess | None = Field(default=None, description="Access to s3:// and hf:// model locations.")
+
+
+class DeploymentPhase(StrEnum):
+    PENDING = "Pending"
+    DEPLOYING = "Deploying"
+    READY = "Ready"
+    DEGRADED = "Degraded"
+    FAILED = "Failed"
+    INVALID = "Invalid"
+
+
+class ServedModel(ContractModel):
+    """An artifact the endpoint serves (or served)."""
+
+    uri: str = Field(description="URI of the exported variant.")
+    fine_tune_job: str | None = Field(default=None, description="FineTuneJob it came from.")
+    run: int | None = Field(default=None, description="Run number it came from.")
+    variant: str | None = Field(default=None, description="Variant name.")
+
+
+class ModelDeploymentStatus(ContractModel):
+    """Observed state of the endpoint."""
+
+    observed_generation: int | None = Field(default=None, description="metadata.generation last reconciled.")
+    phase: DeploymentPhase | None = Field(
+        default=None, description="Pending, Deploying, Ready, Degraded, Failed or Invalid."
+    )
+    conditions: list[Condition] | None = Field(
+        default=None,
+        max_length=16,
+        description="Ready, Progressing and Degraded conditions.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    endpoint: str | None = Field(default=None, description="In-cluster URL of the endpoint.")
+    ray_service_name: str | None = Field(default=None, description="Name of the RayService.")
+    serving: ServedModel | None = Field(default=None, description="The artifact being served.")
+    previous: ServedModel | None = Field(default=None, description="The artifact served before, for rollback.")
+    ready_replicas: int | None = Field(default=None, description="Serving replicas that are ready.")
+
+
+class ModelDeployment(ContractModel):
+    """A ModelDeployment serves a fine-tuned model on an autoscaling Ray Serve endpoint."""
+
+    api_version: str = Field(default="kubetune.io/v1alpha1", description="kubetune.io/v1alpha1")
+    kind: str = Field(default=KIND, description=KIND)
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
+    spec: ModelDeploymentSpec = Field(description="What to serve and how.")
+    status: ModelDeploymentStatus | None = Field(default=None, description="Observed state (written by the operator).")

@@ -1,0 +1,69 @@
+"""The run contract: pydantic models of everything a fine-tuning run needs.
+
+The operator embeds these models in its CRDs; the runtime consumes them. This
+package imports only pydantic and the standard library.
+"""
+
+from .common import URI_PATTERN, URI_SCHEMES, ContractModel, KubernetesName, Quantity, Uri
+from .compression import Compression, Pruning, PruningMethod, Quantization, QuantizationMethod
+from .data import DataFields, DataFormat, DataSpec, DataSplit
+from .hyperparameters import EarlyStopping, Hyperparameters, LrSchedule, Optimizer, Precision
+from .method import FreezeOptions, LoraOptions, Method, MethodType, QuantizedBaseOptions
+from .model import ModelSource, Task
+from .run import Output, RunSpec
+from .search import (
+    SEARCHABLE_KEYS,
+    Algorithm,
+    AshaOptions,
+    Metric,
+    Mode,
+    ParameterType,
+    Scheduler,
+    SearchParameter,
+    SearchSpec,
+)
+from .serving import Batching, ServingArgs, Variant
+
+__all__ = [
+    "SEARCHABLE_KEYS",
+    "URI_PATTERN",
+    "URI_SCHEMES",
+    "Algorithm",
+    "AshaOptions",
+    "Batching",
+    "Compression",
+    "ContractModel",
+    "DataFields",
+    "DataFormat",
+    "DataSpec",
+    "DataSplit",
+    "EarlyStopping",
+    "FreezeOptions",
+    "Hyperparameters",
+    "KubernetesName",
+    "LoraOptions",
+    "LrSchedule",
+    "Method",
+    "MethodType",
+    "Metric",
+    "Mode",
+    "ModelSource",
+    "Optimizer",
+    "Output",
+    "ParameterType",
+    "Precision",
+    "Pruning",
+    "PruningMethod",
+    "Quantity",
+    "Quantization",
+    "QuantizationMethod",
+    "QuantizedBaseOptions",
+    "RunSpec",
+    "Scheduler",
+    "SearchParameter",
+    "SearchSpec",
+    "ServingArgs",
+    "Task",
+    "Uri",
+    "Variant",
+]

@@ -1,0 +1,119 @@
+"""Shared building blocks of the run contract: the base model, URIs, quantities.
+
+Only pydantic and the standard library may be imported here: the operator embeds
+these models in its CRDs and must not pull in the training stack.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic.alias_generators import to_camel
+
+# A storage location. Schemes: file://, pvc://<claim>/<path>, s3://<bucket>/<key>,
+# hf://<org>/<name>, or a plain path (no scheme, no colon).
+URI_PATTERN = (
+    r"^("
+    r"file://.+"
+    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?"
+    r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?"
+    r"|hf://[A-Za-z0-9][-A-Za-z0-9_.]*(/[-A-Za-z0-9_.]+)?"
+    r"|[^:]+"
+    r")$"
+)
+URI_SCHEMES = ("file", "pvc", "s3", "hf")
+_URI_RE = re.compile(URI_PATTERN)
+_URI_MAX_LENGTH = 2048
+
+
+def _check_uri(value: str) -> str:
+    if _URI_RE.fullmatch(value):
+        return value
+    scheme, sep, _ = value.partition("://")
+    if sep and scheme not in URI_SCHEMES:
+        raise ValueError(
+            f"unsupported URI scheme {scheme!r} in {value!r}; use one of "
+            + ", ".join(f"{s}://" for s in URI_SCHEMES)
+            + " or a plain path"
+        )
+    raise ValueError(
+        f"malformed URI {value!r}: expected file://<path>, pvc://<claim>/<path>, "
+        "s3://<bucket>/<key>, hf://<org>/<name> or a plain path"
+    )
+
+
+Uri = Annotated[
+    str,
+    # The pattern goes to the CRD only; locally the validator gives a clearer message.
+    Field(min_length=1, max_length=_URI_MAX_LENGTH, json_schema_extra={"pattern": URI_PATTERN}),
+    AfterValidator(_check_uri),
+]
+
+# Kubernetes resource quantity (e.g. "500m", "2", "16Gi"); integers are accepted too.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+
+
+def _check_quantity(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected a resource quantity such as '2', '500m' or '16Gi', got {value!r}")
+    text = str(value)
+    if not _QUANTITY_RE.fullmatch(text):
+        raise ValueError(f"{text!r} is not a resource quantity (e.g. '2', '500m', '16Gi')")
+    return text
+
+
+Quantity = Annotated[
+    str,
+    BeforeValidator(_check_quantity),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
+
+# Kubernetes object name (DNS-1123 subdomain label as used for most resources).
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+KubernetesName = Annotated[str, Field(min_length=1, max_length=63, pattern=NAME_PATTERN)]
+
+
+class ContractModel(BaseModel):
+    """Base of every contract and API model: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+        use_enum_values=False,
+        use_attribute_docstrings=False,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The camelCase JSON form, without unset optional fields."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def cel_rule(rule: str, message: str, field_path: str | None = None) -> dict[str, Any]:
+    """One CRD `x-kubernetes-validations` entry (checked by the API server at admission)."""
+    entry: dict[str, Any] = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+def with_cel(*rules: dict[str, Any]) -> ConfigDict:
+    """Model config that attaches CEL rules to the model's CRD schema.
+
+    Every rule mirrors a pydantic validator of the same model, so the local run and
+    the API server reject the same specs.
+    """
+    return ConfigDict(json_schema_extra={"x-kubernetes-validations": list(rules)})

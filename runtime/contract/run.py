@@ -1,0 +1,86 @@
+"""The whole run contract: everything one fine-tuning run needs."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from .common import ContractModel, Uri, cel_rule, with_cel
+from .compression import Compression
+from .data import DataFormat, DataSpec
+from .hyperparameters import Hyperparameters
+from .method import Method
+from .model import CLASSIFICATION_TASKS, ModelSource, Task
+from .search import METRIC_MODE, Metric, Mode, SearchSpec
+from .serving import ServingArgs
+
+CLASSIFICATION_METRICS = frozenset({Metric.ACCURACY, Metric.F1, Metric.LOSS})
+CAUSAL_LM_METRICS = frozenset({Metric.LOSS, Metric.PERPLEXITY})
+
+
+class Output(ContractModel):
+    """Where checkpoints, exported variants and the kubetune.json manifest are written."""
+
+    uri: Uri = Field(
+        description="Output location: s3://<bucket>/<prefix>, pvc://<claim>/<path>, file://<path> or a path."
+    )
+    keep_checkpoints: int = Field(
+        default=2, ge=1, le=100, description="Newest training checkpoints kept for resuming after a failure."
+    )
+
+
+# Admission-time mirrors of RunSpec's validators; models that extend RunSpec add these.
+RUN_SPEC_RULES = (
+    cel_rule(
+        "self.data.format != 'imagefolder' || self.model.task == 'image-classification'",
+        "data.format imagefolder needs model.task image-classification",
+        ".data.format",
+    ),
+    cel_rule(
+        "!has(self.search) || !has(self.search.metric) || (self.model.task == 'causal-lm'"
+        " ? self.search.metric in ['loss', 'perplexity'] : self.search.metric in ['accuracy', 'f1', 'loss'])",
+        "search.metric does not apply to model.task (classification: accuracy, f1, loss; causal-lm: loss, perplexity)",
+        ".search.metric",
+    ),
+)
+
+
+class RunSpec(ContractModel):
+    """What to fine-tune, on which data, how, and what to do with the result."""
+
+    model_config = with_cel(*RUN_SPEC_RULES)
+
+    model: ModelSource = Field(description="The base model and the task.")
+    data: DataSpec = Field(description="Training, validation and test data.")
+    method: Method = Field(default_factory=Method, description="Fine-tuning method: full, lora, dora, qlora or freeze.")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Training settings.")
+    search: SearchSpec | None = Field(default=None, description="Optional hyperparameter search with Ray Tune.")
+    compression: Compression = Field(
+        default_factory=Compression, description="Compressed variants and their accuracy budget."
+    )
+    output: Output = Field(description="Where results are written.")
+    serving: ServingArgs = Field(default_factory=ServingArgs, description="Serving defaults for the result.")
+
+    @model_validator(mode="after")
+    def _fits_the_task(self) -> RunSpec:
+        task = self.model.task
+        if self.data.format == DataFormat.IMAGE_FOLDER and task != Task.IMAGE_CLASSIFICATION:
+            raise ValueError(f"data.format imagefolder needs model.task image-classification, not {task.value}")
+        if self.search is not None and self.search.metric is not None:
+            allowed = CLASSIFICATION_METRICS if task in CLASSIFICATION_TASKS else CAUSAL_LM_METRICS
+            if self.search.metric not in allowed:
+                raise ValueError(
+                    f"search.metric {self.search.metric.value} does not apply to {task.value}; "
+                    f"use one of {', '.join(sorted(m.value for m in allowed))}"
+                )
+        return self
+
+    @property
+    def search_metric(self) -> Metric:
+        """The metric that ranks trials and gates promotion when none is named."""
+        if self.search is not None and self.search.metric is not None:
+            return self.search.metric
+        return Metric.ACCURACY if self.model.task in CLASSIFICATION_TASKS else Metric.LOSS
+
+    @property
+    def search_mode(self) -> Mode:
+        return METRIC_MODE[self.search_metric]

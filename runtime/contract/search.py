@@ -1,0 +1,243 @@
+"""Hyperparameter search with Ray Tune: the space, the algorithm and the scheduler."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import Field, ValidationError, model_validator
+
+from .common import ContractModel, cel_rule, with_cel
+from .hyperparameters import Hyperparameters
+from .method import FreezeOptions, LoraOptions
+
+
+class Metric(StrEnum):
+    ACCURACY = "accuracy"
+    F1 = "f1"
+    LOSS = "loss"
+    PERPLEXITY = "perplexity"
+
+
+class Mode(StrEnum):
+    MAX = "max"
+    MIN = "min"
+
+
+# The direction in which each metric improves.
+METRIC_MODE: dict[Metric, Mode] = {
+    Metric.ACCURACY: Mode.MAX,
+    Metric.F1: Mode.MAX,
+    Metric.LOSS: Mode.MIN,
+    Metric.PERPLEXITY: Mode.MIN,
+}
+
+
+class ParameterType(StrEnum):
+    CHOICE = "choice"
+    GRID = "grid"
+    UNIFORM = "uniform"
+    LOGUNIFORM = "loguniform"
+    RANDINT = "randint"
+
+
+DISCRETE_TYPES = frozenset({ParameterType.CHOICE, ParameterType.GRID})
+
+# Searchable settings: every hyperparameter plus a few method options. Maps the
+# spec's key to the model that validates its values and that model's field alias.
+_NESTED_SEARCHABLE: dict[str, tuple[type[ContractModel], str]] = {
+    "lora.rank": (LoraOptions, "rank"),
+    "lora.alpha": (LoraOptions, "alpha"),
+    "lora.dropout": (LoraOptions, "dropout"),
+    "freeze.trainableLayers": (FreezeOptions, "trainableLayers"),
+}
+_NOT_SEARCHABLE = {"earlyStopping"}
+
+
+def searchable_parameters() -> dict[str, tuple[type[ContractModel], str]]:
+    """Every key a search space may use, with the model and field that validate it."""
+    keys: dict[str, tuple[type[ContractModel], str]] = {}
+    for name, field in Hyperparameters.model_fields.items():
+        alias = field.alias or name
+        if alias not in _NOT_SEARCHABLE:
+            keys[alias] = (Hyperparameters, alias)
+    keys.update(_NESTED_SEARCHABLE)
+    return keys
+
+
+SEARCHABLE_KEYS: tuple[str, ...] = tuple(searchable_parameters())
+
+
+class SearchParameter(ContractModel):
+    """The distribution of one searched setting."""
+
+    model_config = with_cel(
+        cel_rule(
+            "self.type in ['choice', 'grid'] ? has(self.values) && size(self.values) > 0 : !has(self.values)",
+            "choice and grid take values (and only they do)",
+            ".values",
+        ),
+        cel_rule(
+            "self.type in ['choice', 'grid'] ? !has(self.low) && !has(self.high)"
+            " : has(self.low) && has(self.high) && self.low < self.high",
+            "uniform, loguniform and randint take low < high (choice and grid do not)",
+            ".low",
+        ),
+        cel_rule("self.type != 'loguniform' || self.low > 0.0", "loguniform needs low > 0", ".low"),
+    )
+
+    type: ParameterType = Field(description="choice, grid, uniform, loguniform or randint.")
+    values: list[Any] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Candidate values for choice and grid.",
+    )
+    low: float | None = Field(default=None, description="Lower bound (inclusive) for uniform, loguniform and randint.")
+    high: float | None = Field(
+        default=None, description="Upper bound (exclusive for randint) for uniform, loguniform and randint."
+    )
+
+    @model_validator(mode="after")
+    def _shape_matches_type(self) -> SearchParameter:
+        if self.type in DISCRETE_TYPES:
+            if not self.values:
+                raise ValueError(f"type {self.type.value} needs a non-empty list of values")
+            if self.low is not None or self.high is not None:
+                raise ValueError(f"type {self.type.value} takes values, not low/high")
+            return self
+        if self.values is not None:
+            raise ValueError(f"type {self.type.value} takes low and high, not values")
+        if self.low is None or self.high is None:
+            raise ValueError(f"type {self.type.value} needs both low and high")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.type == ParameterType.LOGUNIFORM and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0 (got {self.low})")
+        if self.type == ParameterType.RANDINT and not (self.low.is_integer() and self.high.is_integer()):
+            raise ValueError("randint needs integer low and high")
+        return self
+
+    def candidate_values(self) -> list[Any]:
+        """Values to type-check against the searched setting."""
+        if self.values is not None:
+            return list(self.values)
+        assert self.low is not None and self.high is not None  # guaranteed by the validator
+        if self.type == ParameterType.RANDINT:
+            return [int(self.low), int(self.high) - 1]
+        return [self.low, self.high]
+
+
+class Algorithm(StrEnum):
+    RANDOM = "random"
+    GRID = "grid"
+    TPE = "tpe"
+
+
+class Scheduler(StrEnum):
+    NONE = "none"
+    ASHA = "asha"
+
+
+class AshaOptions(ContractModel):
+    """Asynchronous successive halving: stop weak trials early."""
+
+    grace_period: int = Field(
+        default=1, ge=1, le=10000, description="Evaluations every trial gets before it may be stopped."
+    )
+    reduction_factor: float = Field(
+        default=2.0, ge=1.5, le=100.0, description="Keep roughly 1/reductionFactor of the trials at each rung."
+    )
+
+
+def _searchable_keys_rule() -> str:
+    keys = ", ".join(f"'{k}'" for k in SEARCHABLE_KEYS)
+    return f"self.all(k, k in [{keys}])"
+
+
+class SearchSpec(ContractModel):
+    """Hyperparameter search with Ray Tune. Each trial is a full training run."""
+
+    model_config = with_cel(
+        cel_rule(
+            "self.algorithm != 'grid' || self.space.all(k, self.space[k].type in ['grid', 'choice'])",
+            "algorithm grid needs every parameter to be grid or choice",
+            ".space",
+        ),
+        cel_rule(
+            "self.algorithm != 'tpe' || self.space.all(k, self.space[k].type != 'grid')",
+            "algorithm tpe cannot take grid parameters; use choice",
+            ".space",
+        ),
+        cel_rule("!has(self.asha) || self.scheduler == 'asha'", "asha options need scheduler asha", ".asha"),
+    )
+
+    metric: Metric | None = Field(
+        default=None,
+        description=(
+            "Validation metric that ranks trials: accuracy, f1 (classification), loss or perplexity. "
+            "Defaults to accuracy for classification and loss for causal-lm."
+        ),
+    )
+    mode: Mode | None = Field(
+        default=None, description="max or min; follows the metric when omitted, and must agree with it."
+    )
+    space: dict[str, SearchParameter] = Field(
+        min_length=1,
+        max_length=32,
+        description=(
+            "Searched settings by name: any hyperparameter (e.g. learningRate, batchSize) or "
+            "lora.rank, lora.alpha, lora.dropout, freeze.trainableLayers."
+        ),
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel_rule(_searchable_keys_rule(), "unknown search parameter; see the field description for the names")
+            ]
+        },
+    )
+    algorithm: Algorithm = Field(
+        default=Algorithm.RANDOM, description="random, grid (every combination) or tpe (Optuna)."
+    )
+    scheduler: Scheduler = Field(default=Scheduler.NONE, description="none, or asha to stop weak trials early.")
+    asha: AshaOptions | None = Field(default=None, description="ASHA options (scheduler asha).")
+    trials: int | None = Field(
+        default=None,
+        ge=1,
+        le=10000,
+        description=("Trials to run (default 4). With algorithm grid: passes over the whole grid (default 1)."),
+    )
+    max_concurrent_trials: int = Field(
+        default=2, ge=1, le=1000, description="Trials running at once; also bounded by the cluster's capacity."
+    )
+
+    @model_validator(mode="after")
+    def _space_is_consistent(self) -> SearchSpec:
+        known = searchable_parameters()
+        for key, parameter in self.space.items():
+            if key not in known:
+                raise ValueError(f"space: unknown parameter {key!r}; searchable: {', '.join(known)}")
+            model, alias = known[key]
+            for value in parameter.candidate_values():
+                try:
+                    model.model_validate({alias: value})
+                except ValidationError as error:
+                    reason = error.errors()[0]["msg"]
+                    raise ValueError(f"space.{key}: value {value!r} is invalid: {reason}") from None
+            if self.algorithm == Algorithm.GRID and parameter.type not in DISCRETE_TYPES:
+                raise ValueError(f"space.{key}: algorithm grid needs grid or choice, not {parameter.type.value}")
+            if self.algorithm == Algorithm.TPE and parameter.type == ParameterType.GRID:
+                raise ValueError(f"space.{key}: algorithm tpe cannot take grid parameters; use choice")
+        if self.metric is not None and self.mode is not None and METRIC_MODE[self.metric] != self.mode:
+            raise ValueError(
+                f"mode {self.mode.value} contradicts metric {self.metric.value}, "
+                f"which improves towards {METRIC_MODE[self.metric].value}"
+            )
+        if self.asha is not None and self.scheduler != Scheduler.ASHA:
+            raise ValueError("asha is set but scheduler is not asha")
+        return self
+
+    @property
+    def effective_trials(self) -> int:
+        if self.trials is not None:
+            return self.trials
+        return 1 if self.algorithm == Algorithm.GRID else 4

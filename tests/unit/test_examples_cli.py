@@ -1,0 +1,78 @@
+"""Every example validates, and `kubetune validate` reports problems by field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from kubetune.cli.main import main
+from kubetune.operator.api.manifests import parse
+
+from ..conftest import EXAMPLES, REPO_ROOT
+
+EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
+
+
+def test_there_are_examples_of_each_kind() -> None:
+    kinds = {yaml.safe_load(path.read_text())["kind"] for path in EXAMPLE_FILES}
+    assert kinds == {"FineTuneJob", "ModelDeployment"}
+    assert len(EXAMPLE_FILES) >= 3
+
+
+@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.name)
+def test_example_is_valid(path: Path) -> None:
+    for document in yaml.safe_load_all(path.read_text()):
+        parse(document)
+
+
+def test_validate_accepts_the_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", *map(str, EXAMPLE_FILES)]) == 0
+    assert "FineTuneJob support-tickets" in capsys.readouterr().out
+
+
+def test_validate_names_the_bad_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    document = yaml.safe_load((EXAMPLES / "finetunejob-minimal.yaml").read_text())
+    document["spec"]["hyperparameters"] = {"epochs": 0}
+    bad.write_text(yaml.safe_dump(document) + "---\n" + (EXAMPLES / "modeldeployment.yaml").read_text())
+    assert main(["validate", str(bad)]) == 1
+    captured = capsys.readouterr()
+    assert "spec.hyperparameters.epochs" in captured.err
+    assert "ModelDeployment support-tickets" in captured.out  # the good document still validates
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("a: [unclosed", "not valid YAML"),
+        ("", "no manifests found"),
+        ("- just\n- a list\n", "expected a mapping"),
+    ],
+)
+def test_validate_rejects_unusable_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, expected: str
+) -> None:
+    path = tmp_path / "file.yaml"
+    path.write_text(content)
+    assert main(["validate", str(path)]) == 1
+    assert expected in capsys.readouterr().err
+
+
+def test_validate_reports_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(tmp_path / "absent.yaml")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_crds_command_writes_the_committed_files(tmp_path: Path) -> None:
+    assert main(["crds", str(tmp_path)]) == 0
+    for path in tmp_path.iterdir():
+        assert path.read_text() == (REPO_ROOT / "crds" / path.name).read_text()
+
+
+def test_console_script_runs() -> None:
+    kubetune = Path(sys.executable).parent / "kubetune"
+    result = subprocess.run([str(kubetune), "version"], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "0.1.0"
