@@ -1,5 +1,5 @@
 # Sourced by the scripts in this folder: creates .venv and installs kubetune into it.
-# KUBETUNE_EXTRAS selects the extras (default: dev).
+# KUBETUNE_EXTRAS selects the extras (default: all that the test suite needs).
 set -euo pipefail
 
 KUBETUNE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,7 +18,7 @@ kubetune_python() {
 }
 
 kubetune_setup() {
-    local extras="${KUBETUNE_EXTRAS:-dev}" stamp
+    local extras="${KUBETUNE_EXTRAS:-dev,runtime,runtime-test}" stamp
     if [ ! -x "$VENV/bin/python" ]; then
         echo "creating $VENV" >&2
         "$(kubetune_python)" -m venv "$VENV"
