@@ -175,10 +175,16 @@ class FineTuneJobSpec(RunSpec):
 class JobPhase(StrEnum):
     PENDING = "Pending"
     RUNNING = "Running"
+    RETRYING = "Retrying"
+    WAITING = "Waiting"
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     INVALID = "Invalid"
+
+
+ACTIVE_PHASES = frozenset({JobPhase.PENDING, JobPhase.RUNNING, JobPhase.RETRYING, JobPhase.WAITING, JobPhase.SUSPENDED})
+FINISHED_PHASES = frozenset({JobPhase.SUCCEEDED, JobPhase.FAILED})
 
 
 class Trigger(StrEnum):
@@ -229,7 +235,8 @@ class RunRecord(ContractModel):
     trigger: Trigger = Field(description="SpecChange, Schedule or Annotation.")
     trigger_detail: str | None = Field(default=None, description="The generation, scheduled time or annotation value.")
     spec_generation: int = Field(ge=0, description="metadata.generation of the spec the run uses.")
-    phase: JobPhase = Field(description="Pending, Running, Suspended, Succeeded or Failed.")
+    spec_hash: str | None = Field(default=None, description="Hash of the run-relevant part of that spec.")
+    phase: JobPhase = Field(description="Pending, Running, Retrying, Waiting, Suspended, Succeeded or Failed.")
     message: str | None = Field(default=None, description="Why the run is in this phase.")
     start_time: datetime | None = Field(default=None, description="When the run was created.")
     completion_time: datetime | None = Field(default=None, description="When the run finished.")

@@ -11,6 +11,7 @@ from .hyperparameters import EarlyStopping, Hyperparameters, LrSchedule, Optimiz
 from .method import FreezeOptions, LoraOptions, Method, MethodType, QuantizedBaseOptions
 from .model import ModelSource, Task
 from .run import Output, RunSpec
+from .runconfig import RunConfig, RunIdentity, WorkerResources
 from .search import (
     SEARCHABLE_KEYS,
     Algorithm,
@@ -58,6 +59,8 @@ __all__ = [
     "Quantization",
     "QuantizationMethod",
     "QuantizedBaseOptions",
+    "RunConfig",
+    "RunIdentity",
     "RunSpec",
     "Scheduler",
     "SearchParameter",
@@ -66,4 +69,5 @@ __all__ = [
     "Task",
     "Uri",
     "Variant",
+    "WorkerResources",
 ]

@@ -1,0 +1,63 @@
+"""Condition types, reasons and event reasons: named constants, and a pure condition merger."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from kubetune.operator.api.common import Condition, ConditionStatus
+
+
+class ConditionType(StrEnum):
+    READY = "Ready"
+    PROGRESSING = "Progressing"
+    DEGRADED = "Degraded"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class Reason(StrEnum):
+    """Reasons of conditions and events."""
+
+    INVALID_SPEC = "InvalidSpec"
+    SECRET_NOT_FOUND = "SecretNotFound"
+    RUN_CREATED = "RunCreated"
+    RUN_PENDING = "RunPending"
+    RUN_RUNNING = "RunRunning"
+    RUN_RETRYING = "RunRetrying"
+    RUN_WAITING = "RunWaiting"
+    RUN_SUSPENDED = "RunSuspended"
+    RUN_SUCCEEDED = "RunSucceeded"
+    RUN_FAILED = "RunFailed"
+    RUN_STOPPED = "RunStopped"
+    RUN_REPLACED = "RunReplaced"
+    RUN_LOST = "RunLost"
+    TRIGGER_SKIPPED = "TriggerSkipped"
+    TRIGGER_QUEUED = "TriggerQueued"
+    PROMOTED = "Promoted"
+    GATE_NOT_PASSED = "GateNotPassed"
+    NO_RUN_YET = "NoRunYet"
+    IDLE = "Idle"
+    JOB_SUSPENDED = "JobSuspended"
+
+
+def condition(kind: ConditionType, status: bool, reason: Reason, message: str, generation: int | None) -> Condition:
+    return Condition(
+        type=kind.value,
+        status=ConditionStatus.TRUE if status else ConditionStatus.FALSE,
+        reason=reason.value,
+        message=message,
+        observed_generation=generation,
+    )
+
+
+def merge_conditions(previous: list[Condition] | None, current: list[Condition], now: datetime) -> list[Condition]:
+    """Stamp lastTransitionTime: kept from before when the status did not change, `now` when it did."""
+    before = {c.type: c for c in previous or []}
+    merged = []
+    for item in current:
+        old = before.get(item.type)
+        changed = old is None or old.status != item.status or old.last_transition_time is None
+        stamp = now if changed else old.last_transition_time  # type: ignore[union-attr]
+        merged.append(item.model_copy(update={"last_transition_time": stamp}))
+    return merged

@@ -1,0 +1,51 @@
+"""Names, labels and annotations of the objects kubetune creates. Pure functions."""
+
+from __future__ import annotations
+
+import hashlib
+
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGER = "kubetune"
+JOB_LABEL = "kubetune.io/finetunejob"
+RUN_LABEL = "kubetune.io/run"
+DEPLOYMENT_LABEL = "kubetune.io/modeldeployment"
+TRIGGER_ANNOTATION = "kubetune.io/trigger"
+TRIGGER_DETAIL_ANNOTATION = "kubetune.io/trigger-detail"
+GENERATION_ANNOTATION = "kubetune.io/spec-generation"
+SPEC_HASH_ANNOTATION = "kubetune.io/spec-hash"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+# KubeRay derives RayCluster names (at most 53 characters) from RayJob and RayService
+# names plus a 6-character suffix, so it rejects longer RayJob/RayService names.
+MAX_RAY_NAME_LENGTH = 47
+
+
+def fit(base: str, suffix: str = "", limit: int = MAX_RAY_NAME_LENGTH) -> str:
+    """`base + suffix` within `limit` characters; a shortened base keeps a hash so names stay unique."""
+    if len(base) + len(suffix) <= limit:
+        return base + suffix
+    digest = hashlib.sha256(base.encode()).hexdigest()[:6]
+    keep = limit - len(suffix) - len(digest) - 1
+    return f"{base[:keep].rstrip('-')}-{digest}{suffix}"
+
+
+def run_name(job: str, number: int) -> str:
+    """The RayJob of run `number` (and the prefix of the run's other objects)."""
+    return fit(job, f"-r{number}")
+
+
+def config_map_name(run: str) -> str:
+    return f"{run}-config"
+
+
+def report_name(run: str) -> str:
+    return f"{run}-report"
+
+
+def runner_name(run: str) -> str:
+    """ServiceAccount, Role and RoleBinding of the run: it may patch its report and nothing more."""
+    return f"{run}-runner"
+
+
+def run_labels(job: str, number: int) -> dict[str, str]:
+    return {MANAGED_BY_LABEL: MANAGER, JOB_LABEL: job, RUN_LABEL: str(number)}

@@ -1,0 +1,290 @@
+"""Decide what a FineTuneJob needs next: which runs to start, stop or forget. Pure (time is passed in).
+
+Triggers are derived from the object and its runs each time, never remembered in
+memory, so a restarted operator reaches the same decisions: the spec changed since
+the latest run, the retrain annotation has a value no run has handled, or a
+scheduled time passed that no run has handled. A run records its trigger on its
+RayJob, so a run that was created just before a crash is still seen as handled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from croniter import croniter
+from kubetune.operator.api.finetunejob import (
+    ACTIVE_PHASES,
+    FINISHED_PHASES,
+    RETRAIN_ANNOTATION,
+    ConcurrencyPolicy,
+    FineTuneJob,
+    JobPhase,
+    RunRecord,
+    Trigger,
+)
+from kubetune.operator.builders.finetunejob import RunRequest
+from kubetune.operator.conditions import Reason
+from kubetune.operator.naming import run_name
+from kubetune.operator.status.finetunejob import gate, ray_job_outcome, ray_job_state, trim_history, with_report
+from kubetune.runtime.contract.report import RunReport, Stage
+
+# Spec fields that do not change what a run does: editing them starts no run.
+NOT_RUN_RELEVANT = frozenset({"schedule", "timeZone", "concurrencyPolicy", "suspend", "historyLimit", "promotion"})
+ACTIVE_REQUEUE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class ObservedRun:
+    """A run's RayJob as listed from the cluster."""
+
+    number: int
+    name: str
+    trigger: Trigger
+    trigger_detail: str
+    spec_generation: int
+    spec_hash: str | None
+    created: datetime | None
+    status: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: Reason
+    message: str
+
+
+@dataclass
+class Plan:
+    records: list[RunRecord]
+    create: RunRequest | None = None
+    stop: list[str] = field(default_factory=list)
+    forget: list[RunRecord] = field(default_factory=list)
+    handled_retrain: str | None = None
+    last_schedule_time: datetime | None = None
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+
+
+def run_spec_hash(job: FineTuneJob) -> str:
+    """Hash of the run-relevant part of the spec (what a run would do differently)."""
+    wire = {k: v for k, v in job.spec.to_wire().items() if k not in NOT_RUN_RELEVANT}
+    return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def latest_due(job: FineTuneJob, after: datetime, now: datetime) -> datetime | None:
+    """The latest scheduled time in (after, now], if any."""
+    if not job.spec.schedule:
+        return None
+    zone = ZoneInfo(job.spec.time_zone or "UTC")
+    previous: datetime = croniter(job.spec.schedule, now.astimezone(zone)).get_prev(datetime)
+    previous = previous.astimezone(UTC)
+    return previous if previous > after else None
+
+
+def next_due(job: FineTuneJob, now: datetime) -> datetime | None:
+    if not job.spec.schedule:
+        return None
+    zone = ZoneInfo(job.spec.time_zone or "UTC")
+    upcoming: datetime = croniter(job.spec.schedule, now.astimezone(zone)).get_next(datetime)
+    return upcoming.astimezone(UTC)
+
+
+def _finish(job: FineTuneJob, record: RunRecord, now: datetime, report: RunReport | None) -> RunRecord:
+    promotable, message = gate(job, record, report)
+    return record.model_copy(
+        update={"completion_time": record.completion_time or now, "promotable": promotable, "gate_message": message}
+    )
+
+
+def merge_observations(
+    job: FineTuneJob, observed: list[ObservedRun], reports: Mapping[int, RunReport], now: datetime
+) -> tuple[list[RunRecord], list[Event]]:
+    """Run records from the last status updated with the RayJobs and reports seen now."""
+    previous = {r.number: r for r in (job.status.runs if job.status and job.status.runs else [])}
+    records = dict(previous)
+    events: list[Event] = []
+    seen = set()
+    for run in observed:
+        seen.add(run.number)
+        record = records.get(run.number) or RunRecord(
+            number=run.number,
+            ray_job_name=run.name,
+            trigger=run.trigger,
+            trigger_detail=run.trigger_detail,
+            spec_generation=run.spec_generation,
+            spec_hash=run.spec_hash,
+            phase=JobPhase.PENDING,
+            start_time=run.created,
+        )
+        if record.phase in FINISHED_PHASES:  # final: KubeRay's later changes do not reopen it
+            records[run.number] = with_report(record, reports.get(run.number)) if not record.progress else record
+            continue
+        outcome = ray_job_outcome(run.status)
+        record = record.model_copy(
+            update={"phase": outcome.phase, "message": outcome.message, "ray_job": ray_job_state(run.name, run.status)}
+        )
+        record = with_report(record, reports.get(run.number))
+        if outcome.phase in FINISHED_PHASES:
+            record = _finish(job, record, now, reports.get(run.number))
+        records[run.number] = record
+    for number, record in previous.items():
+        if number in seen or record.phase not in ACTIVE_PHASES:
+            continue
+        report = reports.get(number)
+        done = report is not None and report.stage == Stage.DONE
+        lost = record.model_copy(
+            update={
+                "phase": JobPhase.SUCCEEDED if done else JobPhase.FAILED,
+                "message": "the RayJob is gone; the run reported success"
+                if done
+                else "the RayJob was deleted before the run finished",
+            }
+        )
+        records[number] = _finish(job, with_report(lost, report), now, report)
+    for number, record in sorted(records.items()):
+        before = previous.get(number)
+        if before is None or before.phase != record.phase:
+            events.append(_transition_event(record))
+    return [records[n] for n in sorted(records)], events
+
+
+def _transition_event(record: RunRecord) -> Event:
+    reasons = {
+        JobPhase.SUCCEEDED: Reason.RUN_SUCCEEDED,
+        JobPhase.FAILED: Reason.RUN_FAILED,
+        JobPhase.RUNNING: Reason.RUN_RUNNING,
+        JobPhase.RETRYING: Reason.RUN_RETRYING,
+        JobPhase.SUSPENDED: Reason.RUN_SUSPENDED,
+        JobPhase.WAITING: Reason.RUN_WAITING,
+    }
+    reason = reasons.get(record.phase, Reason.RUN_PENDING)
+    kind = "Warning" if record.phase in (JobPhase.FAILED, JobPhase.RETRYING) else "Normal"
+    message = f"run {record.number} ({record.ray_job_name}) is {record.phase.value}"
+    if record.message:
+        message += f": {record.message}"
+    if record.phase == JobPhase.SUCCEEDED and record.gate_message:
+        message += f"; gate: {'passed' if record.promotable else 'not passed'} ({record.gate_message})"
+    return Event(kind, reason, message)
+
+
+def plan(
+    job: FineTuneJob,
+    *,
+    generation: int,
+    annotations: Mapping[str, str],
+    created: datetime,
+    observed: list[ObservedRun],
+    reports: Mapping[int, RunReport],
+    now: datetime,
+) -> Plan:
+    """What to do now, given everything observed."""
+    records, events = merge_observations(job, observed, reports, now)
+    status = job.status
+    handled_retrain = status.handled_retrain if status else None
+    last_schedule = status.last_schedule_time if status else None
+    spec_hash = run_spec_hash(job)
+
+    pending: list[tuple[Trigger, str]] = []
+    latest = records[-1] if records else None
+    if latest is None or latest.spec_hash != spec_hash:
+        pending.append((Trigger.SPEC_CHANGE, f"generation {generation}"))
+    retrain = annotations.get(RETRAIN_ANNOTATION, "").strip()
+    if (
+        retrain
+        and retrain != handled_retrain
+        and not any(r.trigger == Trigger.ANNOTATION and r.trigger_detail == retrain for r in records)
+    ):
+        pending.append((Trigger.ANNOTATION, retrain))
+    due = latest_due(job, max(filter(None, [last_schedule, created])), now)
+    if due is not None and not any(
+        r.trigger == Trigger.SCHEDULE and r.trigger_detail == due.isoformat() for r in records
+    ):
+        pending.append((Trigger.SCHEDULE, due.isoformat()))
+
+    result = Plan(records=records, events=events, handled_retrain=handled_retrain, last_schedule_time=last_schedule)
+    upcoming = next_due(job, now)
+    active = [r for r in records if r.phase in ACTIVE_PHASES]
+    if pending and not job.spec.suspend:
+        _decide(job, result, pending, active, generation, spec_hash, now)
+    kept, dropped = trim_history(result.records, job.spec.history_limit)
+    result.records, result.forget = kept, dropped
+    waits = [ACTIVE_REQUEUE_SECONDS] if any(r.phase in ACTIVE_PHASES for r in result.records) else []
+    if upcoming is not None:
+        waits.append(max(1.0, (upcoming - now).total_seconds()))
+    result.requeue_after = min(waits) if waits else None
+    return result
+
+
+def _mark_handled(result: Plan, pending: list[tuple[Trigger, str]]) -> None:
+    for trigger, detail in pending:
+        if trigger == Trigger.ANNOTATION:
+            result.handled_retrain = detail
+        elif trigger == Trigger.SCHEDULE:
+            result.last_schedule_time = datetime.fromisoformat(detail)
+
+
+def _decide(
+    job: FineTuneJob,
+    result: Plan,
+    pending: list[tuple[Trigger, str]],
+    active: list[RunRecord],
+    generation: int,
+    spec_hash: str,
+    now: datetime,
+) -> None:
+    policy = job.spec.concurrency_policy
+    if active and policy == ConcurrencyPolicy.FORBID:
+        # A spec change waits (the spec is desired state); other triggers are dropped.
+        dropped: list[tuple[Trigger, str]] = [(t, d) for t, d in pending if t != Trigger.SPEC_CHANGE]
+        _mark_handled(result, dropped)
+        for trigger, detail in dropped:
+            result.events.append(
+                Event(
+                    "Normal",
+                    Reason.TRIGGER_SKIPPED,
+                    f"{trigger.value} trigger {detail} skipped: run {active[-1].number} is active "
+                    "and concurrencyPolicy is Forbid",
+                )
+            )
+        return
+    if active and policy == ConcurrencyPolicy.QUEUE:
+        return  # the triggers stay pending until the active run finishes
+    if active:  # Replace
+        for record in active:
+            result.stop.append(record.ray_job_name)
+            replaced = record.model_copy(
+                update={"phase": JobPhase.FAILED, "message": "replaced by a newer trigger (concurrencyPolicy Replace)"}
+            )
+            result.records[result.records.index(record)] = _finish(job, replaced, now, None)
+            result.events.append(Event("Normal", Reason.RUN_REPLACED, f"run {record.number} stopped: replaced"))
+    trigger, detail = pending[0]
+    number = max((r.number for r in result.records), default=0) + 1
+    request = RunRequest(
+        number=number, trigger=trigger, trigger_detail=detail, spec_generation=generation, spec_hash=spec_hash
+    )
+    _mark_handled(result, pending)
+    name = run_name(job.metadata["name"], number)
+    result.create = request
+    result.records.append(
+        RunRecord(
+            number=number,
+            ray_job_name=name,
+            trigger=trigger,
+            trigger_detail=detail,
+            spec_generation=generation,
+            spec_hash=spec_hash,
+            phase=JobPhase.PENDING,
+            message="RayJob created",
+            start_time=now,
+        )
+    )
+    result.events.append(
+        Event("Normal", Reason.RUN_CREATED, f"run {number} ({name}) started: {trigger.value} {detail}")
+    )

@@ -1,0 +1,62 @@
+"""What a run reports while it works and when it ends.
+
+On a cluster the runtime writes this model as JSON under `REPORT_KEY` in the run's
+report ConfigMap (the one object the run may patch); the operator mirrors it into
+the FineTuneJob's status. Locally the console reporter renders the same model.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import Field
+
+from .common import ContractModel
+
+REPORT_KEY = "report.json"
+
+
+class Stage(StrEnum):
+    LOAD = "load"
+    EVALUATE_BASE = "evaluate-base"
+    TRAIN = "train"
+    SEARCH = "search"
+    EVALUATE = "evaluate"
+    COMPRESS = "compress"
+    EXPORT = "export"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class VariantReport(ContractModel):
+    """One exported variant and its measurements."""
+
+    uri: str = Field(description="Where the variant's Hugging Face directory was written.")
+    size_bytes: int | None = Field(default=None, ge=0, description="Size of the weights on disk.")
+    latency_ms_p50: float | None = Field(default=None, ge=0, description="CPU latency, median over a fixed batch.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Test metrics of this variant.")
+    accepted: bool = Field(default=True, description="Within compression.maxAccuracyDrop of the fine-tuned model.")
+    reason: str | None = Field(default=None, description="Why the variant was rejected, when it was.")
+
+
+class RunReport(ContractModel):
+    """Progress and result of one run, as the runtime last wrote them."""
+
+    stage: Stage = Field(description="The pipeline stage the run is in.")
+    step: int | None = Field(default=None, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
+    epoch: float | None = Field(default=None, ge=0, description="Epochs done (fractional).")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    trials_completed: int | None = Field(default=None, ge=0, description="Search trials finished.")
+    trials_total: int | None = Field(default=None, ge=0, description="Search trials planned.")
+    message: str | None = Field(default=None, max_length=4096, description="Latest progress message.")
+    updated_at: datetime | None = Field(default=None, description="When the report was written.")
+    metrics_before: dict[str, float] | None = Field(default=None, description="Base-model test metrics.")
+    metrics_after: dict[str, float] | None = Field(default=None, description="Fine-tuned test metrics.")
+    variants: dict[str, VariantReport] | None = Field(default=None, description="Exported variants by name.")
+    best_variant: str | None = Field(default=None, description="The variant `best` resolves to.")
+    manifest_uri: str | None = Field(default=None, description="URI of the kubetune.json manifest.")
+    best_hyperparameters: dict[str, Any] | None = Field(default=None, description="Best search trial's settings.")
+    error: str | None = Field(default=None, max_length=8192, description="Why the run failed (stage failed).")

@@ -1,0 +1,194 @@
+"""FineTuneJob run builder: spec in, manifests out."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from kubetune.operator.api.finetunejob import FineTuneJob, Trigger
+from kubetune.operator.api.manifests import parse
+from kubetune.operator.builders.finetunejob import RunManifests, RunRequest, build_run
+from kubetune.operator.naming import MAX_RAY_NAME_LENGTH, run_name
+from kubetune.operator.settings import Settings
+from kubetune.runtime.contract import RunConfig
+
+from ..conftest import mutated
+
+SETTINGS = Settings(runtime_image="registry.example/kubetune-runtime:1", finished_cluster_ttl_seconds=120)
+REQUEST = RunRequest(
+    number=3, trigger=Trigger.ANNOTATION, trigger_detail="retrain-1", spec_generation=2, spec_hash="abcd"
+)
+
+
+def build(document: dict[str, Any], *edits: tuple[str, Any]) -> RunManifests:
+    document = mutated(mutated(document, "metadata.namespace", "ml"), "metadata.uid", "uid-1")
+    for path, value in edits:
+        document = mutated(document, path, value)
+    job = parse(document)
+    assert isinstance(job, FineTuneJob)
+    return build_run(job, REQUEST, SETTINGS)
+
+
+def head(manifests: RunManifests) -> dict[str, Any]:
+    spec: dict[str, Any] = manifests.ray_job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    return spec
+
+
+def workers(manifests: RunManifests) -> dict[str, Any]:
+    group: dict[str, Any] = manifests.ray_job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    return group
+
+
+def test_minimal_run(minimal_job: dict[str, Any]) -> None:
+    manifests = build(minimal_job)
+    ray_job = manifests.ray_job
+    assert ray_job["metadata"]["name"] == "support-tickets-r3"
+    assert ray_job["metadata"]["annotations"]["kubetune.io/trigger"] == "Annotation"
+    assert ray_job["metadata"]["labels"]["kubetune.io/run"] == "3"
+    spec = ray_job["spec"]
+    assert spec["submissionMode"] == "K8sJobMode" and spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] == 120 and spec["backoffLimit"] == 2
+    assert "suspend" not in spec and "activeDeadlineSeconds" not in spec
+    assert spec["entrypoint"] == "python -m kubetune.runtime.finetune --config /etc/kubetune/run/run.json"
+    worker = workers(manifests)
+    assert (worker["replicas"], worker["minReplicas"], worker["maxReplicas"]) == (1, 1, 1)
+    container = worker["template"]["spec"]["containers"][0]
+    assert container["image"] == SETTINGS.runtime_image
+    assert container["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
+    assert "nodeSelector" not in worker["template"]["spec"]
+    assert head(manifests)["serviceAccountName"] == "support-tickets-r3-runner"
+
+
+def test_every_object_is_owned_by_the_job(minimal_job: dict[str, Any]) -> None:
+    for manifest in build(minimal_job).in_order():
+        (owner,) = manifest["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+            "FineTuneJob",
+            "support-tickets",
+            "uid-1",
+            True,
+        )
+        assert manifest["metadata"]["namespace"] == "ml"
+
+
+def test_the_run_may_patch_its_report_and_nothing_else(minimal_job: dict[str, Any]) -> None:
+    manifests = build(minimal_job)
+    (rule,) = manifests.role["rules"]
+    assert rule == {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": ["support-tickets-r3-report"],
+        "verbs": ["get", "patch", "update"],
+    }
+    assert manifests.role_binding["subjects"][0]["name"] == manifests.service_account["metadata"]["name"]
+    assert manifests.report["metadata"]["name"] == "support-tickets-r3-report"
+
+
+def test_run_config_holds_the_contract_and_the_identity(complete_job: dict[str, Any]) -> None:
+    manifests = build(complete_job)
+    config = RunConfig.model_validate(json.loads(manifests.config["data"]["run.json"]))
+    assert config.run.run_number == 3 and config.run.run_name == "support-tickets-tuned-r3"
+    assert (config.resources.workers, config.resources.gpus_per_worker) == (2, 1)
+    assert config.spec.search is not None and config.spec.search.trials == 12
+    assert "resources" not in json.loads(manifests.config["data"]["run.json"])["spec"]
+
+
+GPU_CASES = [
+    # (edits, worker limits, worker rayStartParams, worker node selector)
+    ([], {"cpu": "2", "memory": "8Gi"}, {}, None),
+    (
+        [("spec.resources.gpusPerWorker", 2)],
+        {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": 2},
+        {"num-gpus": "2"},
+        None,
+    ),
+    (
+        [("spec.resources.gpusPerWorker", 1), ("spec.resources.gpuType", "NVIDIA-H200")],
+        {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": 1},
+        {"num-gpus": "1"},
+        {"nvidia.com/gpu.product": "NVIDIA-H200"},
+    ),
+    (
+        [("spec.resources.cpuPerWorker", 4), ("spec.resources.memoryPerWorker", "16Gi")],
+        {"cpu": "4", "memory": "16Gi"},
+        {},
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(("edits", "limits", "params", "selector"), GPU_CASES)
+def test_gpus(
+    minimal_job: dict[str, Any],
+    edits: list[tuple[str, Any]],
+    limits: dict[str, Any],
+    params: dict[str, str],
+    selector: dict[str, str] | None,
+) -> None:
+    manifests = build(minimal_job, *edits)
+    worker = workers(manifests)
+    assert worker["template"]["spec"]["containers"][0]["resources"]["limits"] == limits
+    assert worker["rayStartParams"] == params
+    assert worker["template"]["spec"].get("nodeSelector") == selector
+    assert "nvidia.com/gpu" not in head(manifests)["containers"][0]["resources"]["limits"]
+    assert manifests.ray_job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0"}
+
+
+def test_kueue(minimal_job: dict[str, Any]) -> None:
+    manifests = build(minimal_job, ("spec.queueName", "team-a"))
+    assert manifests.ray_job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert manifests.ray_job["spec"]["suspend"] is True
+
+
+def test_secrets_are_referenced_never_copied(minimal_job: dict[str, Any]) -> None:
+    storage = {"credentialsSecret": {"name": "s3-creds"}, "s3Endpoint": "http://minio:9000", "s3Region": "eu-1"}
+    manifests = build(minimal_job, ("spec.storage", storage))
+    for spec in (head(manifests), workers(manifests)["template"]["spec"]):
+        container = spec["containers"][0]
+        assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["AWS_ENDPOINT_URL"] == "http://minio:9000" and env["AWS_DEFAULT_REGION"] == "eu-1"
+    text = json.dumps([m for m in manifests.in_order()])
+    assert "secretKeyRef" not in text and text.count("s3-creds") == 2
+
+
+def test_pvc_volumes(minimal_job: dict[str, Any]) -> None:
+    manifests = build(
+        minimal_job,
+        ("spec.data.train", "pvc://datasets/tickets/train.jsonl"),
+        ("spec.data.test", "pvc://datasets/tickets/test.jsonl"),
+        ("spec.output.uri", "pvc://runs/x"),
+    )
+    for spec in (head(manifests), workers(manifests)["template"]["spec"]):
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v]
+        assert claims == ["datasets", "runs"]
+        mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+        assert mounts["pvc-datasets"] == "/mnt/pvc/datasets" and mounts["pvc-runs"] == "/mnt/pvc/runs"
+    config_volume = next(v for v in head(manifests)["volumes"] if v["name"] == "run-config")
+    assert config_volume["configMap"]["name"] == "support-tickets-r3-config"
+
+
+def test_placement(complete_job: dict[str, Any]) -> None:
+    manifests = build(complete_job, ("spec.resources.affinity", {"podAntiAffinity": {"x": 1}}))
+    for spec in (head(manifests), workers(manifests)["template"]["spec"]):
+        assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        assert spec["priorityClassName"] == "training-low"
+        assert spec["affinity"] == {"podAntiAffinity": {"x": 1}}
+    assert head(manifests)["nodeSelector"] == {"node-pool": "gpu"}
+    assert manifests.ray_job["spec"]["activeDeadlineSeconds"] == 21600
+
+
+def test_image_override(minimal_job: dict[str, Any]) -> None:
+    manifests = build(minimal_job, ("spec.resources.image", "mirror.local/runtime:2"))
+    assert head(manifests)["containers"][0]["image"] == "mirror.local/runtime:2"
+
+
+def test_long_names_fit_kuberay_limits() -> None:
+    name = run_name("a" * 63, 123)
+    assert len(name) <= MAX_RAY_NAME_LENGTH and name.endswith("-r123")
+    assert run_name("a" * 63, 123) != run_name("a" * 62 + "b", 123)
+
+
+def test_the_same_inputs_give_the_same_manifests(complete_job: dict[str, Any]) -> None:
+    assert build(complete_job).in_order() == build(complete_job).in_order()

@@ -1,0 +1,220 @@
+"""Run triggers and concurrency: what the operator decides from what it observes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from kubetune.operator.api.finetunejob import FineTuneJob, FineTuneJobStatus, JobPhase, RunRecord, Trigger
+from kubetune.operator.api.manifests import parse
+from kubetune.operator.conditions import Reason
+from kubetune.operator.planning.finetunejob import ObservedRun, Plan, plan, run_spec_hash
+from kubetune.runtime.contract.report import RunReport, Stage
+
+from ..conftest import mutated
+
+CREATED = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+RUNNING = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+SUCCEEDED = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
+
+
+def make_job(document: dict[str, Any], records: list[RunRecord] | None = None, **status: Any) -> FineTuneJob:
+    document = mutated(document, "metadata.namespace", "ml")
+    job = parse(mutated(document, "metadata.uid", "u-1"))
+    assert isinstance(job, FineTuneJob)
+    job.status = FineTuneJobStatus(runs=records, **status)
+    return job
+
+
+def observed(
+    job: FineTuneJob,
+    number: int,
+    status: dict[str, Any] | None,
+    *,
+    trigger: Trigger = Trigger.SPEC_CHANGE,
+    detail: str = "generation 1",
+    spec_hash: str | None = None,
+) -> ObservedRun:
+    return ObservedRun(
+        number=number,
+        name=f"support-tickets-r{number}",
+        trigger=trigger,
+        trigger_detail=detail,
+        spec_generation=1,
+        spec_hash=spec_hash or run_spec_hash(job),
+        created=CREATED,
+        status=status,
+    )
+
+
+def decide(
+    job: FineTuneJob,
+    runs: list[ObservedRun],
+    *,
+    generation: int = 1,
+    annotations: dict[str, str] | None = None,
+    now: datetime = NOW,
+    reports: dict[int, RunReport] | None = None,
+) -> Plan:
+    return plan(
+        job,
+        generation=generation,
+        annotations=annotations or {},
+        created=CREATED,
+        observed=runs,
+        reports=reports or {},
+        now=now,
+    )
+
+
+def finished(job: FineTuneJob, number: int = 1) -> tuple[FineTuneJob, list[ObservedRun]]:
+    """The job after run `number` completed and the status recorded it."""
+    first = decide(job, [observed(job, number, SUCCEEDED)], now=CREATED + timedelta(minutes=1))
+    assert first.create is None
+    job.status = FineTuneJobStatus(runs=first.records)
+    return job, [observed(job, number, SUCCEEDED)]
+
+
+def test_a_new_job_starts_run_1(minimal_job: dict[str, Any]) -> None:
+    result = decide(make_job(minimal_job), [])
+    assert result.create is not None
+    assert (result.create.number, result.create.trigger) == (1, Trigger.SPEC_CHANGE)
+    assert [r.number for r in result.records] == [1]
+    assert result.events[-1].reason == Reason.RUN_CREATED
+
+
+def test_nothing_to_do_when_the_latest_run_used_this_spec(minimal_job: dict[str, Any]) -> None:
+    job, runs = finished(make_job(minimal_job))
+    assert decide(job, runs).create is None
+
+
+def test_spec_change_starts_a_run(minimal_job: dict[str, Any]) -> None:
+    job, runs = finished(make_job(minimal_job))
+    job.spec.hyperparameters.epochs = 5
+    result = decide(job, runs, generation=2)
+    assert result.create is not None and (result.create.number, result.create.trigger_detail) == (2, "generation 2")
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("spec.suspend", False),
+        ("spec.historyLimit", 3),
+        ("spec.promotion", {"minImprovement": 0.5}),
+        ("spec.concurrencyPolicy", "Queue"),
+    ],
+)
+def test_edits_that_do_not_change_the_run_start_none(minimal_job: dict[str, Any], path: str, value: Any) -> None:
+    job, runs = finished(make_job(minimal_job))
+    edited = make_job(mutated(minimal_job, path, value), job.status.runs if job.status else None)
+    assert decide(edited, runs, generation=2).create is None
+
+
+def test_retrain_annotation_starts_one_run_per_value(minimal_job: dict[str, Any]) -> None:
+    job, runs = finished(make_job(minimal_job))
+    result = decide(job, runs, annotations={"kubetune.io/retrain": "2026-11-28"})
+    assert result.create is not None and result.create.trigger == Trigger.ANNOTATION
+    assert result.handled_retrain == "2026-11-28"
+    # Handled, whether the status was written (handledRetrain) or only the RayJob exists.
+    job.status = FineTuneJobStatus(runs=result.records, handled_retrain="2026-11-28")
+    again = [*runs, observed(job, 2, RUNNING, trigger=Trigger.ANNOTATION, detail="2026-11-28")]
+    assert decide(job, again, annotations={"kubetune.io/retrain": "2026-11-28"}).create is None
+    job.status = FineTuneJobStatus(runs=[r for r in result.records if r.number == 1])
+    assert decide(job, again, annotations={"kubetune.io/retrain": "2026-11-28"}).create is None
+
+
+def test_schedule_starts_a_run_at_the_due_time(minimal_job: dict[str, Any]) -> None:
+    job, runs = finished(make_job(mutated(minimal_job, "spec.schedule", "0 * * * *")))
+    before = decide(job, runs, now=CREATED + timedelta(minutes=30))
+    assert before.create is None and before.requeue_after == pytest.approx(30 * 60)
+    due = decide(job, runs, now=CREATED + timedelta(hours=1, seconds=5))
+    assert due.create is not None and due.create.trigger == Trigger.SCHEDULE
+    assert due.last_schedule_time == CREATED + timedelta(hours=1)
+    job.status = FineTuneJobStatus(runs=due.records, last_schedule_time=due.last_schedule_time)
+    runs.append(observed(job, 2, SUCCEEDED, trigger=Trigger.SCHEDULE, detail=due.create.trigger_detail))
+    assert decide(job, runs, now=CREATED + timedelta(hours=1, minutes=1)).create is None
+
+
+def test_schedule_honours_the_time_zone(minimal_job: dict[str, Any]) -> None:
+    document = mutated(mutated(minimal_job, "spec.schedule", "0 13 * * *"), "spec.timeZone", "Europe/Berlin")
+    job, runs = finished(make_job(document))
+    result = decide(job, runs, now=datetime(2026, 11, 28, 12, 0, 1, tzinfo=UTC))  # 13:00:01 in Berlin
+    assert result.create is not None and result.create.trigger_detail == "2026-11-28T12:00:00+00:00"
+
+
+def active_job(document: dict[str, Any], policy: str) -> tuple[FineTuneJob, list[ObservedRun]]:
+    job = make_job(mutated(document, "spec.concurrencyPolicy", policy))
+    first = decide(job, [observed(job, 1, RUNNING)])
+    job.status = FineTuneJobStatus(runs=first.records)
+    return job, [observed(job, 1, RUNNING)]
+
+
+def test_forbid_skips_an_annotation_while_a_run_is_active(minimal_job: dict[str, Any]) -> None:
+    job, runs = active_job(minimal_job, "Forbid")
+    result = decide(job, runs, annotations={"kubetune.io/retrain": "now"})
+    assert result.create is None and result.handled_retrain == "now"
+    assert any(e.reason == Reason.TRIGGER_SKIPPED for e in result.events)
+
+
+def test_forbid_lets_a_spec_change_wait_for_the_active_run(minimal_job: dict[str, Any]) -> None:
+    job, runs = active_job(minimal_job, "Forbid")
+    job.spec.hyperparameters.epochs = 9
+    assert decide(job, runs, generation=2).create is None
+    runs = [observed(job, 1, SUCCEEDED, spec_hash=runs[0].spec_hash)]
+    result = decide(job, runs, generation=2)
+    assert result.create is not None and result.create.number == 2
+
+
+def test_queue_waits_then_runs(minimal_job: dict[str, Any]) -> None:
+    job, runs = active_job(minimal_job, "Queue")
+    waiting = decide(job, runs, annotations={"kubetune.io/retrain": "x"})
+    assert waiting.create is None and waiting.handled_retrain is None
+    done = [observed(job, 1, SUCCEEDED)]
+    result = decide(job, done, annotations={"kubetune.io/retrain": "x"})
+    assert result.create is not None and result.create.trigger == Trigger.ANNOTATION
+
+
+def test_replace_stops_the_active_run(minimal_job: dict[str, Any]) -> None:
+    job, runs = active_job(minimal_job, "Replace")
+    result = decide(job, runs, annotations={"kubetune.io/retrain": "x"})
+    assert result.stop == ["support-tickets-r1"]
+    assert result.create is not None and result.create.number == 2
+    assert result.records[0].phase == JobPhase.FAILED and "replaced" in (result.records[0].message or "")
+
+
+def test_a_run_created_before_a_crash_is_not_created_again(minimal_job: dict[str, Any]) -> None:
+    job = make_job(minimal_job)  # the status was never written
+    result = decide(job, [observed(job, 1, None)])
+    assert result.create is None
+    assert [(r.number, r.phase) for r in result.records] == [(1, JobPhase.PENDING)]
+
+
+def test_a_vanished_rayjob_fails_the_run_unless_it_reported_success(minimal_job: dict[str, Any]) -> None:
+    job, _ = active_job(minimal_job, "Forbid")
+    lost = decide(job, [])
+    assert lost.records[0].phase == JobPhase.FAILED
+    done = decide(job, [], reports={1: RunReport(stage=Stage.DONE, metrics_after={"accuracy": 0.9})})
+    assert done.records[0].phase == JobPhase.SUCCEEDED
+
+
+def test_suspend_starts_nothing(minimal_job: dict[str, Any]) -> None:
+    assert decide(make_job(mutated(minimal_job, "spec.suspend", True)), []).create is None
+
+
+def test_success_evaluates_the_gate_once(minimal_job: dict[str, Any]) -> None:
+    job = make_job(minimal_job)
+    report = RunReport(stage=Stage.DONE, metrics_before={"accuracy": 0.25}, metrics_after={"accuracy": 0.75})
+    result = decide(job, [observed(job, 1, SUCCEEDED)], reports={1: report})
+    record = result.records[0]
+    assert record.promotable is True and record.completion_time == NOW
+    assert any(e.reason == Reason.RUN_SUCCEEDED and "gate: passed" in e.message for e in result.events)
+
+
+def test_history_is_bounded_and_old_runs_are_forgotten(minimal_job: dict[str, Any]) -> None:
+    job = make_job(mutated(minimal_job, "spec.historyLimit", 2))
+    runs = [observed(job, n, SUCCEEDED) for n in range(1, 5)]
+    result = decide(job, runs)
+    assert [r.number for r in result.records] == [3, 4]
+    assert [r.number for r in result.forget] == [1, 2]

@@ -1,0 +1,235 @@
+"""FineTuneJob status: the KubeRay mapping over every combination, the gate, conditions, history."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from kubetune.operator.api.finetunejob import FineTuneJob, FineTuneJobStatus, JobPhase, RunRecord, Trigger
+from kubetune.operator.api.manifests import parse
+from kubetune.operator.conditions import ConditionType, Reason
+from kubetune.operator.status.finetunejob import (
+    compute_status,
+    gate,
+    ray_job_outcome,
+    ray_job_state,
+    trim_history,
+    with_report,
+)
+from kubetune.runtime.contract.report import RunReport, Stage, VariantReport
+
+from ..conftest import mutated
+
+JOB_STATUSES = ["", "PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED"]
+DEPLOYMENT_STATUSES = [
+    "",
+    "Initializing",
+    "Running",
+    "Complete",
+    "Failed",
+    "ValidationFailed",
+    "Suspending",
+    "Suspended",
+    "Retrying",
+    "Waiting",
+]
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+def expected_phase(deployment: str, job_status: str) -> JobPhase:
+    """The mapping, stated once more independently of the implementation."""
+    if deployment == "Complete":
+        return {"SUCCEEDED": JobPhase.SUCCEEDED, "STOPPED": JobPhase.FAILED, "FAILED": JobPhase.FAILED}.get(
+            job_status, JobPhase.RUNNING
+        )
+    if deployment in ("Failed", "ValidationFailed"):
+        return JobPhase.FAILED
+    if deployment in ("Suspending", "Suspended"):
+        return JobPhase.SUSPENDED
+    return {
+        "": JobPhase.PENDING,
+        "Initializing": JobPhase.PENDING,
+        "Running": JobPhase.RUNNING,
+        "Retrying": JobPhase.RETRYING,
+        "Waiting": JobPhase.WAITING,
+    }[deployment]
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENT_STATUSES)
+@pytest.mark.parametrize("job_status", JOB_STATUSES)
+def test_every_kuberay_combination(deployment: str, job_status: str) -> None:
+    outcome = ray_job_outcome({"jobDeploymentStatus": deployment, "jobStatus": job_status})
+    assert outcome.phase == expected_phase(deployment, job_status)
+    assert outcome.message
+
+
+def test_only_complete_and_succeeded_is_success() -> None:
+    successes = [
+        (d, j)
+        for d in DEPLOYMENT_STATUSES
+        for j in JOB_STATUSES
+        if ray_job_outcome({"jobDeploymentStatus": d, "jobStatus": j}).phase == JobPhase.SUCCEEDED
+    ]
+    assert successes == [("Complete", "SUCCEEDED")]
+
+
+def test_stopped_is_a_failure_with_its_own_reason() -> None:
+    outcome = ray_job_outcome({"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"})
+    assert (outcome.phase, outcome.reason) == (JobPhase.FAILED, Reason.RUN_STOPPED)
+
+
+def test_kuberay_message_is_kept() -> None:
+    status = {
+        "jobDeploymentStatus": "Failed",
+        "jobStatus": "FAILED",
+        "reason": "DeadlineExceeded",
+        "message": "the RayJob exceeded its activeDeadlineSeconds",
+        "failed": 2,
+    }
+    assert ray_job_outcome(status).message == "the RayJob exceeded its activeDeadlineSeconds"
+    state = ray_job_state("job-r1", status)
+    assert (state.reason, state.failed, state.job_status) == ("DeadlineExceeded", 2, "FAILED")
+    assert ray_job_outcome(None).phase == JobPhase.PENDING
+
+
+def record(number: int, phase: JobPhase, **extra: Any) -> RunRecord:
+    return RunRecord(
+        number=number,
+        ray_job_name=f"job-r{number}",
+        trigger=Trigger.SPEC_CHANGE,
+        spec_generation=1,
+        phase=phase,
+        **extra,
+    )
+
+
+@pytest.fixture
+def job(minimal_job: dict[str, Any]) -> FineTuneJob:
+    parsed = parse(minimal_job)
+    assert isinstance(parsed, FineTuneJob)
+    return parsed
+
+
+GATE_CASES = [
+    # (promotion spec, before, after, passes, message fragment)
+    ({}, 0.25, 0.9, True, "accuracy 0.9 (base 0.25)"),
+    ({}, 0.9, 0.85, False, "improved by -0.05"),
+    ({"minImprovement": 0.1}, 0.8, 0.85, False, "less than promotion.minImprovement 0.1"),
+    ({"minValue": 0.95}, 0.5, 0.9, False, "is not at least promotion.minValue 0.95"),
+    ({"metric": "loss"}, 1.2, 0.4, True, "loss 0.4"),
+    ({"metric": "loss", "minValue": 0.3}, 1.2, 0.4, False, "is not at most"),
+    ({"enabled": False}, 0.2, 0.9, False, "promotion is disabled"),
+]
+
+
+@pytest.mark.parametrize(("promotion", "before", "after", "passes", "fragment"), GATE_CASES)
+def test_gate(
+    minimal_job: dict[str, Any], promotion: dict[str, Any], before: float, after: float, passes: bool, fragment: str
+) -> None:
+    job = parse(mutated(minimal_job, "spec.promotion", promotion))
+    assert isinstance(job, FineTuneJob)
+    metric = promotion.get("metric", "accuracy")
+    run = record(1, JobPhase.SUCCEEDED, metrics_before={metric: before}, metrics_after={metric: after})
+    result, message = gate(job, run)
+    assert result is passes
+    assert fragment in message
+
+
+def test_gate_rejects_failed_runs_and_missing_metrics(job: FineTuneJob) -> None:
+    assert gate(job, record(1, JobPhase.FAILED))[0] is False
+    assert "reported no accuracy" in gate(job, record(1, JobPhase.SUCCEEDED))[1]
+
+
+def test_gate_can_require_a_compressed_variant(minimal_job: dict[str, Any]) -> None:
+    job = parse(mutated(minimal_job, "spec.promotion", {"requireCompressed": True}))
+    assert isinstance(job, FineTuneJob)
+    run = record(1, JobPhase.SUCCEEDED, metrics_before={"accuracy": 0.3}, metrics_after={"accuracy": 0.9})
+    rejected = RunReport(
+        stage=Stage.DONE,
+        variants={"full": VariantReport(uri="s3://b/full"), "int8": VariantReport(uri="s3://b/int8", accepted=False)},
+    )
+    accepted = RunReport(stage=Stage.DONE, variants={"int8": VariantReport(uri="s3://b/int8")})
+    assert gate(job, run, rejected) == (False, "no compressed variant within compression.maxAccuracyDrop")
+    assert gate(job, run, accepted)[0] is True
+
+
+def test_report_is_mirrored_into_the_record() -> None:
+    report = RunReport(
+        stage=Stage.TRAIN,
+        step=30,
+        total_steps=100,
+        epoch=0.3,
+        loss=0.7,
+        message="training",
+        metrics_before={"accuracy": 0.25},
+        variants={"full": VariantReport(uri="s3://b/run/full")},
+        manifest_uri="s3://b/run/kubetune.json",
+    )
+    updated = with_report(record(1, JobPhase.RUNNING), report)
+    assert updated.progress is not None and (updated.progress.step, updated.progress.total_steps) == (30, 100)
+    assert updated.metrics_before == {"accuracy": 0.25}
+    assert updated.artifacts == {"full": "s3://b/run/full"}
+    assert updated.manifest_uri == "s3://b/run/kubetune.json"
+    assert with_report(record(1, JobPhase.RUNNING), None) == record(1, JobPhase.RUNNING)
+
+
+def conditions_of(job: FineTuneJob, records: list[RunRecord], **extra: Any) -> dict[str, tuple[str, str]]:
+    status = compute_status(job, records, generation=3, previous=None, now=NOW, **extra)
+    assert all(c.observed_generation == 3 for c in status.conditions or [])
+    return {c.type: (c.status.value, c.reason) for c in status.conditions or []}
+
+
+def test_conditions_while_running(job: FineTuneJob) -> None:
+    conditions = conditions_of(job, [record(1, JobPhase.RUNNING)])
+    assert conditions[ConditionType.PROGRESSING] == ("True", "RunRunning")
+    assert conditions[ConditionType.READY] == ("False", "NoRunYet")
+    assert ConditionType.SUCCEEDED not in conditions
+
+
+def test_conditions_after_success_and_promotion(job: FineTuneJob) -> None:
+    done = record(1, JobPhase.SUCCEEDED, promotable=True, gate_message="accuracy 0.9 (base 0.3)")
+    status = compute_status(job, [done], generation=3, previous=None, now=NOW)
+    conditions = {c.type: (c.status.value, c.reason) for c in status.conditions or []}
+    assert conditions[ConditionType.READY] == ("True", "Promoted")
+    assert conditions[ConditionType.SUCCEEDED] == ("True", "RunSucceeded")
+    assert conditions[ConditionType.FAILED] == ("False", "RunSucceeded")
+    assert conditions[ConditionType.PROGRESSING] == ("False", "Idle")
+    assert (status.phase, status.promoted_run, status.best_metric) == (JobPhase.SUCCEEDED, 1, "accuracy=0.9")
+
+
+def test_a_failed_retrain_keeps_the_promoted_run(job: FineTuneJob) -> None:
+    records = [
+        record(1, JobPhase.SUCCEEDED, promotable=True, gate_message="accuracy 0.9"),
+        record(2, JobPhase.FAILED, message="AppFailed"),
+    ]
+    status = compute_status(job, records, generation=3, previous=None, now=NOW)
+    conditions = {c.type: (c.status.value, c.reason) for c in status.conditions or []}
+    assert conditions[ConditionType.DEGRADED] == ("True", "RunFailed")
+    assert conditions[ConditionType.READY] == ("True", "Promoted")
+    assert (status.phase, status.promoted_run) == (JobPhase.FAILED, 1)
+
+
+def test_invalid_spec(job: FineTuneJob) -> None:
+    conditions = conditions_of(job, [], invalid="spec.storage.credentialsSecret.name: Secret 'x' not found")
+    assert conditions[ConditionType.READY] == ("False", "InvalidSpec")
+
+
+def test_transition_time_changes_only_with_status(job: FineTuneJob) -> None:
+    first = compute_status(job, [record(1, JobPhase.RUNNING)], generation=1, previous=None, now=NOW)
+    later = NOW + timedelta(minutes=5)
+    same = compute_status(job, [record(1, JobPhase.RUNNING)], generation=1, previous=first, now=later)
+    changed = compute_status(job, [record(1, JobPhase.SUCCEEDED)], generation=1, previous=first, now=later)
+
+    def stamp(status: FineTuneJobStatus, kind: str) -> datetime | None:
+        return next(c.last_transition_time for c in status.conditions or [] if c.type == kind)
+
+    assert stamp(same, "Progressing") == NOW
+    assert stamp(changed, "Progressing") == later
+
+
+def test_history_keeps_active_runs_and_the_newest_finished() -> None:
+    records = [record(n, JobPhase.SUCCEEDED) for n in range(1, 6)] + [record(6, JobPhase.RUNNING)]
+    kept, dropped = trim_history(records, 2)
+    assert [r.number for r in kept] == [4, 5, 6]
+    assert [r.number for r in dropped] == [1, 2, 3]
