@@ -125,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("paths", nargs="+", type=Path, metavar="FILE")
     generate = commands.add_parser("crds", help="write the CRDs into directories (stdout when none)")
     generate.add_argument("directories", nargs="*", type=Path, metavar="DIR")
+    operator = commands.add_parser("operator", help="run the operator against the current cluster")
+    operator.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="watch only this namespace (repeatable); all namespaces by default",
+    )
+    operator.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0 disables)")
     commands.add_parser("version", help="print the version")
     return parser
 
@@ -135,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         return validate(args.paths)
     if args.command == "crds":
         return crds(args.directories)
+    if args.command == "operator":
+        from kubetune.operator.main import run
+
+        run(args.namespace, args.metrics_port or None)
+        return 0
     console.print(version("kubetune"))
     return 0
 

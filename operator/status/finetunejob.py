@@ -148,7 +148,7 @@ def gate(job: FineTuneJob, record: RunRecord, report: RunReport | None = None) -
 
 
 def _conditions(
-    job: FineTuneJob, records: list[RunRecord], promoted: RunRecord | None, generation: int | None, invalid: str | None
+    records: list[RunRecord], promoted: RunRecord | None, suspended: bool, generation: int | None, invalid: str | None
 ) -> list[Condition]:
     if invalid is not None:
         return [
@@ -198,7 +198,7 @@ def _conditions(
                 generation,
             )
         )
-    elif job.spec.suspend:
+    elif suspended:
         result.append(
             condition(
                 ConditionType.PROGRESSING,
@@ -251,9 +251,9 @@ def trim_history(records: list[RunRecord], limit: int) -> tuple[list[RunRecord],
 
 
 def compute_status(
-    job: FineTuneJob,
     records: list[RunRecord],
     *,
+    suspended: bool,
     generation: int | None,
     previous: FineTuneJobStatus | None,
     now: datetime,
@@ -277,7 +277,7 @@ def compute_status(
     if promoted is not None and promoted.gate_message:
         best = promoted.gate_message.split(" (")[0].replace(" ", "=")
     conditions = merge_conditions(
-        previous.conditions if previous else None, _conditions(job, records, promoted, generation, invalid), now
+        previous.conditions if previous else None, _conditions(records, promoted, suspended, generation, invalid), now
     )
     return FineTuneJobStatus(
         observed_generation=generation,

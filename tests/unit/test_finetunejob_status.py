@@ -175,7 +175,7 @@ def test_report_is_mirrored_into_the_record() -> None:
 
 
 def conditions_of(job: FineTuneJob, records: list[RunRecord], **extra: Any) -> dict[str, tuple[str, str]]:
-    status = compute_status(job, records, generation=3, previous=None, now=NOW, **extra)
+    status = compute_status(records, suspended=job.spec.suspend, generation=3, previous=None, now=NOW, **extra)
     assert all(c.observed_generation == 3 for c in status.conditions or [])
     return {c.type: (c.status.value, c.reason) for c in status.conditions or []}
 
@@ -189,7 +189,7 @@ def test_conditions_while_running(job: FineTuneJob) -> None:
 
 def test_conditions_after_success_and_promotion(job: FineTuneJob) -> None:
     done = record(1, JobPhase.SUCCEEDED, promotable=True, gate_message="accuracy 0.9 (base 0.3)")
-    status = compute_status(job, [done], generation=3, previous=None, now=NOW)
+    status = compute_status([done], suspended=job.spec.suspend, generation=3, previous=None, now=NOW)
     conditions = {c.type: (c.status.value, c.reason) for c in status.conditions or []}
     assert conditions[ConditionType.READY] == ("True", "Promoted")
     assert conditions[ConditionType.SUCCEEDED] == ("True", "RunSucceeded")
@@ -203,7 +203,7 @@ def test_a_failed_retrain_keeps_the_promoted_run(job: FineTuneJob) -> None:
         record(1, JobPhase.SUCCEEDED, promotable=True, gate_message="accuracy 0.9"),
         record(2, JobPhase.FAILED, message="AppFailed"),
     ]
-    status = compute_status(job, records, generation=3, previous=None, now=NOW)
+    status = compute_status(records, suspended=job.spec.suspend, generation=3, previous=None, now=NOW)
     conditions = {c.type: (c.status.value, c.reason) for c in status.conditions or []}
     assert conditions[ConditionType.DEGRADED] == ("True", "RunFailed")
     assert conditions[ConditionType.READY] == ("True", "Promoted")
@@ -216,10 +216,10 @@ def test_invalid_spec(job: FineTuneJob) -> None:
 
 
 def test_transition_time_changes_only_with_status(job: FineTuneJob) -> None:
-    first = compute_status(job, [record(1, JobPhase.RUNNING)], generation=1, previous=None, now=NOW)
+    first = compute_status([record(1, JobPhase.RUNNING)], suspended=False, generation=1, previous=None, now=NOW)
     later = NOW + timedelta(minutes=5)
-    same = compute_status(job, [record(1, JobPhase.RUNNING)], generation=1, previous=first, now=later)
-    changed = compute_status(job, [record(1, JobPhase.SUCCEEDED)], generation=1, previous=first, now=later)
+    same = compute_status([record(1, JobPhase.RUNNING)], suspended=False, generation=1, previous=first, now=later)
+    changed = compute_status([record(1, JobPhase.SUCCEEDED)], suspended=False, generation=1, previous=first, now=later)
 
     def stamp(status: FineTuneJobStatus, kind: str) -> datetime | None:
         return next(c.last_transition_time for c in status.conditions or [] if c.type == kind)

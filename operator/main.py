@@ -1,0 +1,59 @@
+"""The operator process: `kubetune operator`, or `kopf run -m kubetune.operator.main`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import kopf
+from kubetune.operator import metrics
+from kubetune.operator.handlers import finetunejob as finetunejob_handlers
+from kubetune.operator.kube import Kube
+from kubetune.operator.reconcile.finetunejob import FineTuneJobReconciler
+from kubetune.operator.requeue import Requeuer
+from kubetune.operator.settings import Settings
+
+WORKERS = int(os.environ.get("KUBETUNE_WORKERS", "16"))
+_executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="kubetune-reconcile")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # kubetune posts its own events (with run details) and keeps no kopf state on objects.
+    settings.posting.enabled = False
+    settings.execution.max_workers = WORKERS
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    kube = Kube.connect(os.environ.get("KUBECONFIG"))
+    reconciler = FineTuneJobReconciler(kube, Settings.from_environment())
+    finetunejob_handlers.install(
+        finetunejob_handlers.FineTuneJobController(reconciler, lambda callback: Requeuer(callback, _executor))
+    )
+
+
+@kopf.on.cleanup()
+def shutdown(**_: Any) -> None:
+    controller = finetunejob_handlers._controller
+    if controller is not None:
+        controller.requeuer.stop()
+
+
+def run(
+    namespaces: list[str],
+    metrics_port: int | None,
+    stop: threading.Event | None = None,
+    ready: threading.Event | None = None,
+) -> None:
+    """Run the operator until stopped (blocking). No namespaces means all namespaces."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if metrics_port:
+        metrics.serve(metrics_port)
+    asyncio.run(
+        kopf.operator(
+            standalone=True, clusterwide=not namespaces, namespaces=namespaces, stop_flag=stop, ready_flag=ready
+        )
+    )
