@@ -6,19 +6,22 @@ import asyncio
 import logging
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
 import kopf
 from kubetune.operator import metrics
 from kubetune.operator.handlers import finetunejob as finetunejob_handlers
 from kubetune.operator.kube import Kube
-from kubetune.operator.reconcile.finetunejob import FineTuneJobReconciler
+from kubetune.operator.reconcile.finetunejob import FineTuneJobReconciler, utc_now
 from kubetune.operator.requeue import Requeuer
 from kubetune.operator.settings import Settings
 
 WORKERS = int(os.environ.get("KUBETUNE_WORKERS", "16"))
 _executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="kubetune-reconcile")
+_clock: Callable[[], datetime] = utc_now
 
 
 @kopf.on.startup()
@@ -29,7 +32,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     kube = Kube.connect(os.environ.get("KUBECONFIG"))
-    reconciler = FineTuneJobReconciler(kube, Settings.from_environment())
+    reconciler = FineTuneJobReconciler(kube, Settings.from_environment(), clock=_clock)
     finetunejob_handlers.install(
         finetunejob_handlers.FineTuneJobController(reconciler, lambda callback: Requeuer(callback, _executor))
     )
@@ -47,8 +50,14 @@ def run(
     metrics_port: int | None,
     stop: threading.Event | None = None,
     ready: threading.Event | None = None,
+    clock: Callable[[], datetime] = utc_now,
 ) -> None:
-    """Run the operator until stopped (blocking). No namespaces means all namespaces."""
+    """Run the operator until stopped (blocking). No namespaces means all namespaces.
+
+    `clock` is what schedules are read against (tests pass a clock they can move).
+    """
+    global _clock
+    _clock = clock
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if metrics_port:
         metrics.serve(metrics_port)

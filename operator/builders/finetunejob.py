@@ -211,6 +211,7 @@ def run_config(job: FineTuneJob, request: RunRequest) -> RunConfig:
         namespace=job.metadata["namespace"],
         run_number=request.number,
         run_name=run_name(name, request.number),
+        report_config_map=report_name(run_name(name, request.number)),
     )
     resources = job.spec.resources
     workers = WorkerResources(workers=resources.workers, gpus_per_worker=resources.gpus_per_worker)

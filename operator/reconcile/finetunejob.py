@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -96,13 +97,18 @@ def status_patch(previous: Manifest, current: Manifest) -> Manifest:
     return {key: current.get(key) for key in {*previous, *current} if previous.get(key) != current.get(key)}
 
 
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 class FineTuneJobReconciler:
-    def __init__(self, kube: Kube, settings: Settings) -> None:
+    def __init__(self, kube: Kube, settings: Settings, clock: Callable[[], datetime] = utc_now) -> None:
         self.kube = kube
         self.settings = settings
+        self.clock = clock  # schedules and timestamps read this clock; tests inject their own
 
     def reconcile(self, namespace: str, name: str, now: datetime | None = None) -> Outcome:
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         body = self.kube.get(API_VERSION, KIND, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return Outcome(None, None)

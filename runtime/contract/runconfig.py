@@ -22,6 +22,11 @@ class RunIdentity(ContractModel):
     namespace: str | None = Field(default=None, max_length=63, description="Namespace of the FineTuneJob.")
     run_number: int | None = Field(default=None, ge=1, description="Run number of the job, counting from 1.")
     run_name: str | None = Field(default=None, max_length=253, description="Name of the run (e.g. its RayJob).")
+    report_config_map: str | None = Field(
+        default=None,
+        max_length=253,
+        description="ConfigMap (in `namespace`) the run writes its RunReport into; none when run locally.",
+    )
 
 
 class WorkerResources(ContractModel):

@@ -89,6 +89,7 @@ def test_run_config_holds_the_contract_and_the_identity(complete_job: dict[str, 
     manifests = build(complete_job)
     config = RunConfig.model_validate(json.loads(manifests.config["data"]["run.json"]))
     assert config.run.run_number == 3 and config.run.run_name == "support-tickets-tuned-r3"
+    assert config.run.report_config_map == manifests.report["metadata"]["name"]
     assert (config.resources.workers, config.resources.gpus_per_worker) == (2, 1)
     assert config.spec.search is not None and config.spec.search.trials == 12
     assert "resources" not in json.loads(manifests.config["data"]["run.json"])["spec"]

@@ -1,0 +1,186 @@
+"""How fast the operator turns FineTuneJobs into RayJobs, against creating the RayJobs directly.
+
+    python bench/operator_throughput.py [--sizes 100,1000] [--workers 16]
+
+For each N, on the test control plane (see tests/controlplane/):
+
+- baseline: the benchmark creates N RayJobs itself, one after another, with the
+  operator's own API client (the same manifests the operator would build);
+- operator: the benchmark creates N FineTuneJobs the same way, and `kubetune
+  operator` (a separate process) creates every run's objects and status.
+
+Both are timed from the first create until a watch has seen all N RayJobs. The
+ratio is the operator's rate over the baseline's (1.0: as fast as creating the
+RayJobs directly, although the operator writes about eight objects per run). The
+operator's peak resident memory is sampled throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(REPO_ROOT))  # appended: the repository root must never shadow the standard library
+
+from kubernetes import client, config, watch  # noqa: E402
+from kubetune.operator.api.finetunejob import FineTuneJob, Trigger  # noqa: E402
+from kubetune.operator.builders.finetunejob import RunRequest, build_run  # noqa: E402
+from kubetune.operator.kube import Kube  # noqa: E402
+from kubetune.operator.settings import Settings  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from tests.conftest import load_example  # noqa: E402
+from tests.controlplane import ControlPlane  # noqa: E402
+from tests.integration.harness import OperatorProcess  # noqa: E402
+
+
+@dataclass
+class Result:
+    size: int
+    baseline_seconds: float
+    operator_seconds: float
+    peak_rss_mib: float
+
+    @property
+    def ratio(self) -> float:
+        return self.baseline_seconds / self.operator_seconds
+
+
+class RayJobCounter:
+    """Watches a namespace and records when the N-th RayJob appears."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, expected: int) -> None:
+        self.api = client.CustomObjectsApi(config.new_client_from_config(config_file=str(kubeconfig)))
+        self.namespace, self.expected = namespace, expected
+        self.done = threading.Event()
+        self.finished_at = 0.0
+        self._watch = watch.Watch()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        time.sleep(0.5)  # the watch is open before the first create
+
+    def _run(self) -> None:
+        seen: set[str] = set()
+        stream = self._watch.stream(
+            self.api.list_namespaced_custom_object, "ray.io", "v1", self.namespace, "rayjobs", timeout_seconds=3600
+        )
+        for event in stream:
+            if event["type"] == "ADDED":
+                seen.add(event["object"]["metadata"]["name"])
+                if len(seen) >= self.expected:
+                    self.finished_at = time.perf_counter()
+                    self.done.set()
+                    self._watch.stop()
+                    return
+
+    def wait(self, timeout: float) -> float:
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"not all {self.expected} RayJobs appeared within {timeout} s")
+        return self.finished_at
+
+
+def new_namespace(kube: Kube, name: str) -> str:
+    kube.request(
+        "POST", "/api/v1/namespaces", body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+    )
+    return name
+
+
+def job_document(name: str, namespace: str) -> dict[str, Any]:
+    document = load_example("finetunejob-minimal.yaml")
+    document["metadata"] = {"name": name, "namespace": namespace}
+    return document
+
+
+def baseline(kube: Kube, kubeconfig: Path, size: int) -> float:
+    namespace = new_namespace(kube, f"baseline-{size}")
+    manifests = []
+    for i in range(size):
+        job = FineTuneJob.model_validate({**job_document(f"job-{i:04d}", namespace), "metadata": {
+            "name": f"job-{i:04d}", "namespace": namespace, "uid": f"00000000-0000-0000-0000-{i:012d}"}})  # fmt: skip
+        request = RunRequest(1, Trigger.SPEC_CHANGE, "generation 1", 1, "0" * 16)
+        manifests.append(build_run(job, request, Settings()).ray_job)
+    counter = RayJobCounter(kubeconfig, namespace, size)
+    started = time.perf_counter()
+    for manifest in manifests:
+        kube.create(manifest)
+    return counter.wait(600) - started
+
+
+def with_operator(kube: Kube, kubeconfig: Path, size: int, workers: int, log: Path) -> tuple[float, float]:
+    namespace = new_namespace(kube, f"operator-{size}")
+    operator = OperatorProcess(kubeconfig, log, metrics_port=_free_port(), workers=workers)
+    operator.start()
+    peak = operator.rss_bytes()
+    try:
+        counter = RayJobCounter(kubeconfig, namespace, size)
+        started = time.perf_counter()
+        for i in range(size):
+            kube.create(job_document(f"job-{i:04d}", namespace))
+            if i % 50 == 0:
+                peak = max(peak, operator.rss_bytes())
+        while not counter.done.wait(0.5):
+            peak = max(peak, operator.rss_bytes())
+        elapsed = counter.wait(0) - started
+        # Status writes lag the RayJobs a little; memory is sampled until they are done.
+        for _ in range(20):
+            peak = max(peak, operator.rss_bytes())
+            time.sleep(0.25)
+    finally:
+        operator.stop()
+    return elapsed, peak / 2**20
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="100,1000", help="comma-separated numbers of FineTuneJobs")
+    parser.add_argument("--workers", type=int, default=16, help="the operator's reconcile threads")
+    args = parser.parse_args()
+    console = Console()
+    results = []
+    with ControlPlane() as plane, tempfile.TemporaryDirectory() as scratch:
+        plane.apply_crds(sorted((REPO_ROOT / "crds").glob("*.yaml")))
+        from tests.controlplane import kuberay_crds
+
+        plane.apply_crds(kuberay_crds())
+        kube = Kube.connect(str(plane.kubeconfig))
+        for size in (int(s) for s in args.sizes.split(",")):
+            console.print(f"N = {size}: baseline …")
+            base = baseline(kube, plane.kubeconfig, size)
+            console.print(f"N = {size}: operator …")
+            elapsed, peak = with_operator(kube, plane.kubeconfig, size, args.workers, Path(scratch) / f"op-{size}.log")
+            results.append(Result(size, base, elapsed, peak))
+    table = Table(title="FineTuneJob → RayJob throughput (ratio = operator rate / direct-create rate)")
+    for column in ("N", "baseline s", "baseline /s", "operator s", "operator /s", "ratio", "operator peak RSS MiB"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(
+            str(r.size),
+            f"{r.baseline_seconds:.2f}",
+            f"{r.size / r.baseline_seconds:.0f}",
+            f"{r.operator_seconds:.2f}",
+            f"{r.size / r.operator_seconds:.0f}",
+            f"{r.ratio:.2f}",
+            f"{r.peak_rss_mib:.0f}",
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

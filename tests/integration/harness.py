@@ -1,0 +1,171 @@
+"""What the integration tests drive: the operator (in-process or as a process), a movable clock, polling.
+
+The tests play KubeRay's part: no KubeRay operator runs, so a test moves a RayJob
+along by patching its status the way KubeRay would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from kubetune.operator.kube import Kube, ObjectRef
+
+T = TypeVar("T")
+Manifest = dict[str, Any]
+
+
+def eventually(
+    probe: Callable[[], T | Literal[False] | None], *, timeout: float = 30.0, interval: float = 0.1, what: str = ""
+) -> T:
+    """Poll `probe` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        last = value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or probe}; last value: {last!r}")
+
+
+class MovableClock:
+    """Real time plus an offset that a test may move forward (for schedules)."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def set(self, moment: datetime) -> None:
+        self.offset = moment - datetime.now(UTC)
+
+    def reset(self) -> None:
+        self.offset = timedelta()
+
+
+class InProcessOperator:
+    """`kubetune operator` running in a thread of the test process."""
+
+    def __init__(self, kubeconfig: Path, clock: Callable[[], datetime]) -> None:
+        self.kubeconfig, self.clock = kubeconfig, clock
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        from kubetune.operator import main
+
+        os.environ["KUBECONFIG"] = str(self.kubeconfig)
+        self._stop, ready = threading.Event(), threading.Event()
+        self._thread = threading.Thread(
+            target=main.run,
+            args=([], None),
+            kwargs={"stop": self._stop, "ready": ready, "clock": self.clock},
+            name="kubetune-operator",
+            daemon=True,
+        )
+        self._thread.start()
+        if not ready.wait(timeout):
+            raise AssertionError(f"the operator was not ready after {timeout} s")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._stop is None or self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError(f"the operator did not stop within {timeout} s")
+        self._stop = self._thread = None
+
+
+class OperatorProcess:
+    """`kubetune operator` as a separate process, which a test may kill like a crashed pod."""
+
+    def __init__(self, kubeconfig: Path, log_path: Path, metrics_port: int, workers: int = 16) -> None:
+        self.kubeconfig, self.log_path, self.metrics_port, self.workers = kubeconfig, log_path, metrics_port, workers
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "KUBETUNE_WORKERS": str(self.workers),
+            "NO_PROXY": "127.0.0.1,localhost",
+        }
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kubetune.cli.main", "operator", f"--metrics-port={self.metrics_port}"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        eventually(self._serving, timeout=timeout, interval=0.2, what="the operator's metrics endpoint")
+
+    def _serving(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the operator exited {self.proc.returncode}:\n{self.log_tail()}")
+        return self.metrics() is not None
+
+    def metrics(self) -> str | None:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as response:
+                return str(response.read().decode())
+        except OSError:
+            return None
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the operator process (Linux)."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("VmRSS not found")
+
+    def kill(self) -> None:
+        """SIGKILL: no graceful shutdown, as when a node dies."""
+        self._signal(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+def set_ray_job_status(kube: Kube, namespace: str, name: str, **status: Any) -> Manifest:
+    """Do what KubeRay does: write the RayJob's status (camelCase keys as given)."""
+    return kube.patch_status(ObjectRef("ray.io/v1", "RayJob", namespace, name), status)
+
+
+def conditions(body: Manifest | None) -> dict[str, Manifest]:
+    return {item["type"]: item for item in ((body or {}).get("status") or {}).get("conditions", [])}

@@ -1,0 +1,155 @@
+"""The CRDs at work in a real API server: examples are admitted, bad manifests are refused naming the field."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import yaml
+from kubetune.operator.kube import ApiError, Kube, collection_path
+
+from ..conftest import DELETE, EXAMPLES, load_example, mutated
+from ..controlplane import ControlPlane
+
+
+def admit(kube: Kube, namespace: str, document: dict[str, Any], *, dry_run: bool = True) -> dict[str, Any]:
+    """Create `document` as kubectl does (strict field validation); dry-run unless asked."""
+    query = {"fieldValidation": "Strict", **({"dryRun": "All"} if dry_run else {})}
+    path = collection_path(document["apiVersion"], document["kind"], namespace)
+    return kube.request("POST", path, body=document, query=query)
+
+
+def refusal(kube: Kube, namespace: str, document: dict[str, Any]) -> str:
+    with pytest.raises(ApiError) as caught:
+        admit(kube, namespace, document)
+    assert caught.value.status in (400, 422), caught.value
+    return caught.value.message
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_is_admitted(kube: Kube, namespace: str, path: Any) -> None:
+    for document in yaml.safe_load_all(path.read_text()):
+        created = admit(kube, namespace, document, dry_run=False)
+        assert created["metadata"]["uid"]
+        # Defaults come from the schema, as the models declare them.
+        if document["kind"] == "FineTuneJob":
+            assert created["spec"]["concurrencyPolicy"] in ("Forbid", "Replace", "Queue")
+
+
+JOB_CASES: list[tuple[str, Any, str]] = [
+    # (dotted path, value, what the server's message must contain: the field)
+    ("spec.model", DELETE, "spec.model: Required value"),
+    ("spec.data.train", DELETE, "spec.data.train: Required value"),
+    ("spec.output", DELETE, "spec.output: Required value"),
+    ("spec.model.uri", "ftp://example.com/model", "spec.model.uri"),
+    ("spec.model.uri", "s3://", "spec.model.uri"),
+    ("spec.data.train", "pvc://Bad_Claim/x", "spec.data.train"),
+    ("spec.output.uri", 42, "spec.output.uri"),
+    ("spec.model.task", "translation", "spec.model.task: Unsupported value"),
+    ("spec.data.format", "xml", "spec.data.format: Unsupported value"),
+    ("spec.data.split.testFraction", 1.5, "spec.data.split.testFraction"),
+    ("spec.data.maxSamples", 0, "spec.data.maxSamples"),
+    ("spec.method.type", "adapter", "spec.method.type: Unsupported value"),
+    ("spec.method", {"type": "full", "lora": {"rank": 8}}, "spec.method"),
+    ("spec.method.lora", {"rank": 0}, "spec.method.lora.rank"),
+    ("spec.method", {"type": "qlora"}, "qlora"),
+    ("spec.hyperparameters", {"learningRate": -1}, "spec.hyperparameters.learningRate"),
+    ("spec.hyperparameters", {"epochs": "three"}, "spec.hyperparameters.epochs"),
+    ("spec.hyperparameters", {"batchSize": 0}, "spec.hyperparameters.batchSize"),
+    ("spec.hyperparameters", {"optimizer": "lion"}, "spec.hyperparameters.optimizer"),
+    ("spec.hyperparameters", {"learningrate": 0.1}, 'unknown field "spec.hyperparameters.learningrate"'),
+    ("spec.search", {"space": {}}, "spec.search.space"),
+    (
+        "spec.search",
+        {"space": {"learningRate": {"type": "gaussian", "low": 0.1, "high": 1}}},
+        "spec.search.space[learningRate].type",
+    ),
+    (
+        "spec.search",
+        {"maxConcurrentTrials": 0, "space": {"epochs": {"type": "choice", "values": [1]}}},
+        "spec.search.maxConcurrentTrials",
+    ),
+    ("spec.compression.pruning", {"method": "magnitude", "amount": 1.0}, "spec.compression.pruning.amount"),
+    ("spec.compression.quantization.method", "int4", "spec.compression.quantization.method"),
+    ("spec.compression.maxAccuracyDrop", -0.1, "spec.compression.maxAccuracyDrop"),
+    ("spec.resources.workers", 0, "spec.resources.workers"),
+    ("spec.resources.gpusPerWorker", -1, "spec.resources.gpusPerWorker"),
+    ("spec.resources.cpuPerWorker", "two", "spec.resources.cpuPerWorker"),
+    ("spec.resources.tolerations", [{"operator": "Maybe"}], "spec.resources.tolerations[0].operator"),
+    ("spec.resources.priorityClassName", "High_Priority", "spec.resources.priorityClassName"),
+    ("spec.storage.credentialsSecret", {"name": "Not A Name"}, "spec.storage.credentialsSecret.name"),
+    ("spec.queueName", "Queue!", "spec.queueName"),
+    ("spec.backoffLimit", -1, "spec.backoffLimit"),
+    ("spec.schedule", "every day", "spec.schedule"),
+    ("spec.concurrencyPolicy", "Allow", "spec.concurrencyPolicy: Unsupported value"),
+    ("spec.historyLimit", 0, "spec.historyLimit"),
+    ("spec.unknownField", 1, 'unknown field "spec.unknownField"'),
+]
+
+DEPLOYMENT_CASES: list[tuple[str, Any, str]] = [
+    ("spec.model", {}, "spec.model"),
+    ("spec.model", {"uri": "s3://models/a", "fromFineTuneJob": {"name": "x"}}, "spec.model"),
+    ("spec.model.fromFineTuneJob.name", DELETE, "spec.model.fromFineTuneJob.name: Required value"),
+    ("spec.model.fromFineTuneJob.variant", "fp8", "spec.model.fromFineTuneJob.variant"),
+    ("spec.autoscaling", {"minReplicas": 5, "maxReplicas": 2}, "spec.autoscaling"),
+    ("spec.autoscaling.targetOngoingRequests", 0, "spec.autoscaling.targetOngoingRequests"),
+    ("spec.resources.gpus", -2, "spec.resources.gpus"),
+    ("spec.batching.maxBatchSize", 0, "spec.batching.maxBatchSize"),
+    ("spec.auth.tokenSecret", DELETE, "spec.auth.tokenSecret: Required value"),
+    ("spec.replicas", 3, 'unknown field "spec.replicas"'),
+]
+
+
+def _ids(cases: list[tuple[str, Any, str]]) -> list[str]:
+    return [f"{path}={'<deleted>' if value is DELETE else json.dumps(value)}"[:70] for path, value, _ in cases]
+
+
+@pytest.mark.parametrize(("path", "value", "expected"), JOB_CASES, ids=_ids(JOB_CASES))
+def test_bad_finetunejob_is_refused_naming_the_field(
+    kube: Kube, namespace: str, path: str, value: Any, expected: str
+) -> None:
+    message = refusal(kube, namespace, mutated(load_example("finetunejob-minimal.yaml"), path, value))
+    assert expected in message, message
+
+
+@pytest.mark.parametrize(("path", "value", "expected"), DEPLOYMENT_CASES, ids=_ids(DEPLOYMENT_CASES))
+def test_bad_modeldeployment_is_refused_naming_the_field(
+    kube: Kube, namespace: str, path: str, value: Any, expected: str
+) -> None:
+    message = refusal(kube, namespace, mutated(load_example("modeldeployment.yaml"), path, value))
+    assert expected in message, message
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(JOB_CASES) + len(DEPLOYMENT_CASES) >= 25
+
+
+def test_cel_rule_messages_reach_the_user(kube: Kube, namespace: str) -> None:
+    document = mutated(load_example("modeldeployment.yaml"), "spec.autoscaling", {"minReplicas": 5, "maxReplicas": 2})
+    assert "minReplicas must not exceed maxReplicas" in refusal(kube, namespace, document)
+
+
+def test_kubectl_refuses_an_unknown_field(control_plane: ControlPlane, namespace: str) -> None:
+    document = mutated(load_example("finetunejob-minimal.yaml"), "spec.resources.gpus", 1)
+    with pytest.raises(Exception, match=r'unknown field "spec\.resources\.gpus"'):
+        control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(document))
+
+
+def test_kubectl_explain_shows_the_descriptions(control_plane: ControlPlane) -> None:
+    out = control_plane.kubectl("explain", "finetunejob.spec.search").stdout
+    assert "FIELDS:" in out and "algorithm" in out and "maxConcurrentTrials" in out
+    assert "DESCRIPTION:" in out
+    nested = control_plane.kubectl("explain", "ftj.spec.resources.gpusPerWorker").stdout
+    assert "GPUs" in nested
+
+
+def test_kubectl_get_shows_the_printer_columns(control_plane: ControlPlane, kube: Kube, namespace: str) -> None:
+    admit(kube, namespace, load_example("finetunejob-minimal.yaml"), dry_run=False)
+    admit(kube, namespace, load_example("modeldeployment.yaml"), dry_run=False)
+    jobs = control_plane.kubectl("get", "ftj", "-n", namespace).stdout.splitlines()
+    assert jobs[0].split()[:2] == ["NAME", "PHASE"] and "MODEL" in jobs[0] and "AGE" in jobs[0]
+    assert jobs[1].split()[0] == "support-tickets"
+    deployments = control_plane.kubectl("get", "kubetune", "-n", namespace).stdout
+    assert "modeldeployment.kubetune.io/support-tickets" in deployments
+    assert "finetunejob.kubetune.io/support-tickets" in deployments

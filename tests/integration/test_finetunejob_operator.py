@@ -1,0 +1,308 @@
+"""The FineTuneJob operator against a real API server; the tests play KubeRay by patching RayJob status."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from kubetune.operator.kube import Kube, ObjectRef
+from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, VariantReport
+
+from ..conftest import load_example, mutated
+from ..controlplane import ControlPlane
+from .harness import InProcessOperator, MovableClock, conditions, eventually, set_ray_job_status
+
+Manifest = dict[str, Any]
+JOB = ("kubetune.io/v1alpha1", "FineTuneJob")
+SUCCEEDED = {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete"}
+RUNNING = {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"}
+
+
+def create_job(kube: Kube, namespace: str, name: str = "tickets", **edits: Any) -> Manifest:
+    document = mutated(load_example("finetunejob-minimal.yaml"), "metadata.name", name)
+    for path, value in edits.items():
+        document = mutated(document, path.replace("__", "."), value)
+    created = kube.create({**document, "metadata": {**document["metadata"], "namespace": namespace}})
+    assert created is not None
+    return created
+
+
+def job(kube: Kube, namespace: str, name: str = "tickets") -> Manifest:
+    body = kube.get(*JOB, namespace, name)
+    assert body is not None
+    return body
+
+
+def status(kube: Kube, namespace: str, name: str = "tickets") -> Manifest:
+    return job(kube, namespace, name).get("status") or {}
+
+
+def ray_jobs(kube: Kube, namespace: str) -> list[str]:
+    return sorted(item["metadata"]["name"] for item in kube.list("ray.io/v1", "RayJob", namespace, {}))
+
+
+def wait_phase(kube: Kube, namespace: str, phase: str, name: str = "tickets", run: int | None = None) -> Manifest:
+    def probe() -> Manifest | None:
+        current = status(kube, namespace, name)
+        if current.get("phase") != phase:
+            return None
+        if run is not None and (not current.get("runs") or current["runs"][-1]["number"] != run):
+            return None
+        return current
+
+    return eventually(probe, what=f"{name} phase {phase} (run {run})")
+
+
+def wait_ray_job(kube: Kube, namespace: str, name: str) -> Manifest:
+    return eventually(lambda: kube.get("ray.io/v1", "RayJob", namespace, name), timeout=60, what=f"RayJob {name}")
+
+
+def events(kube: Kube, namespace: str) -> list[tuple[str, str]]:
+    items = kube.request("GET", f"/api/v1/namespaces/{namespace}/events").get("items", [])
+    return [(item["reason"], item["message"]) for item in items]
+
+
+def wait_event(kube: Kube, namespace: str, reason: str) -> str:
+    found = eventually(
+        lambda: [message for r, message in events(kube, namespace) if r == reason], what=f"event {reason}"
+    )
+    return found[0]
+
+
+def test_a_new_job_starts_one_run(kube: Kube, namespace: str, operator: InProcessOperator) -> None:
+    created = create_job(kube, namespace, spec__resources={"workers": 2, "gpusPerWorker": 1})
+    ray_job = wait_ray_job(kube, namespace, "tickets-r1")
+    owner = ray_job["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["uid"]) == ("FineTuneJob", "tickets", created["metadata"]["uid"])
+    assert owner["controller"] is True
+    spec = ray_job["spec"]
+    assert spec["submissionMode"] == "K8sJobMode" and spec["shutdownAfterJobFinishes"] is True
+    assert "kubetune.runtime.finetune" in spec["entrypoint"]
+    workers = spec["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == 2
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    config = kube.get("v1", "ConfigMap", namespace, "tickets-r1-config")
+    assert config is not None
+    run_config = json.loads(config["data"]["run.json"])
+    assert run_config["run"]["reportConfigMap"] == "tickets-r1-report"
+    assert run_config["spec"]["model"]["uri"] == "hf://sentence-transformers/all-MiniLM-L6-v2"
+    for kind, name in [("ServiceAccount", "tickets-r1-runner"), ("ConfigMap", "tickets-r1-report")]:
+        assert kube.get("v1", kind, namespace, name) is not None
+    role = kube.get("rbac.authorization.k8s.io/v1", "Role", namespace, "tickets-r1-runner")
+    assert role is not None and role["rules"][0]["resourceNames"] == ["tickets-r1-report"]
+
+    current = wait_phase(kube, namespace, "Pending", run=1)
+    assert current["observedGeneration"] == 1 and current["currentRun"] == 1
+    progressing = conditions(job(kube, namespace))["Progressing"]
+    assert progressing["status"] == "True" and progressing["observedGeneration"] == 1
+    assert progressing["lastTransitionTime"]
+    assert "run 1 (tickets-r1) started" in wait_event(kube, namespace, "RunCreated")
+    assert ray_jobs(kube, namespace) == ["tickets-r1"]
+
+
+def test_success_with_a_report_is_mirrored_and_promoted(
+    kube: Kube, namespace: str, operator: InProcessOperator
+) -> None:
+    create_job(kube, namespace)
+    wait_ray_job(kube, namespace, "tickets-r1")
+    set_ray_job_status(kube, namespace, "tickets-r1", **RUNNING)
+    wait_phase(kube, namespace, "Running")
+    report = RunReport(stage=Stage.TRAIN, step=40, total_steps=100, epoch=1.2, loss=0.61)
+    write_report(kube, namespace, "tickets-r1-report", report)
+    progress = eventually(
+        lambda: (status(kube, namespace).get("runs") or [{}])[-1].get("progress", {}).get("step") == 40,
+        what="progress step 40 in status",
+    )
+    assert progress
+    final = RunReport(
+        stage=Stage.DONE,
+        metrics_before={"accuracy": 0.31, "macroF1": 0.2},
+        metrics_after={"accuracy": 0.88, "macroF1": 0.86},
+        variants={"merged": VariantReport(uri="s3://out/merged", metrics={"accuracy": 0.88})},
+        best_variant="merged",
+        manifest_uri="s3://out/kubetune.json",
+        best_hyperparameters={"learningRate": 0.0003},
+    )
+    write_report(kube, namespace, "tickets-r1-report", final)
+    set_ray_job_status(kube, namespace, "tickets-r1", **SUCCEEDED)
+    current = wait_phase(kube, namespace, "Succeeded")
+    run = current["runs"][-1]
+    assert run["metricsAfter"]["accuracy"] == 0.88 and run["artifacts"] == {"merged": "s3://out/merged"}
+    assert run["rayJob"]["jobStatus"] == "SUCCEEDED" and run["completionTime"]
+    assert run["bestHyperparameters"] == {"learningRate": 0.0003}
+    assert run["promotable"] is True and current["promotedRun"] == 1
+    state = conditions(job(kube, namespace))
+    assert state["Succeeded"]["status"] == "True" and state["Progressing"]["status"] == "False"
+    assert state["Ready"]["status"] == "True"
+    assert "gate: passed" in wait_event(kube, namespace, "RunSucceeded")
+
+    # KubeRay may delete a finished RayJob: the final child status stays in ours.
+    kube.delete(ObjectRef("ray.io/v1", "RayJob", namespace, "tickets-r1"))
+    eventually(lambda: "tickets-r1" not in ray_jobs(kube, namespace), what="RayJob deleted")
+    kube.patch(ObjectRef(*JOB, namespace, "tickets"), {"metadata": {"labels": {"touched": "yes"}}})
+    current = eventually(
+        lambda: (s := status(kube, namespace)).get("phase") == "Succeeded" and s, what="status after delete"
+    )
+    assert current["runs"][-1]["rayJob"]["jobDeploymentStatus"] == "Complete"
+
+
+def write_report(kube: Kube, namespace: str, name: str, report: RunReport) -> None:
+    kube.patch(ObjectRef("v1", "ConfigMap", namespace, name), {"data": {REPORT_KEY: report.model_dump_json()}})
+
+
+def test_failures_and_retries_show_in_status(kube: Kube, namespace: str, operator: InProcessOperator) -> None:
+    create_job(kube, namespace, name="flaky")
+    create_job(kube, namespace, name="broken")
+    create_job(kube, namespace, name="stopped")
+    for name in ("flaky-r1", "broken-r1", "stopped-r1"):
+        wait_ray_job(kube, namespace, name)
+    set_ray_job_status(kube, namespace, "flaky-r1", jobStatus="FAILED", jobDeploymentStatus="Retrying", failed=1)
+    set_ray_job_status(
+        kube, namespace, "broken-r1", jobDeploymentStatus="ValidationFailed", reason="ValidationFailed",
+        message="invalid RayJob spec",
+    )  # fmt: skip
+    set_ray_job_status(kube, namespace, "stopped-r1", jobStatus="STOPPED", jobDeploymentStatus="Complete")
+    retrying = wait_phase(kube, namespace, "Retrying", name="flaky")
+    assert retrying["runs"][-1]["rayJob"]["failed"] == 1
+    broken = wait_phase(kube, namespace, "Failed", name="broken")
+    assert "invalid RayJob spec" in broken["runs"][-1]["message"]
+    wait_phase(kube, namespace, "Failed", name="stopped")
+    failed = conditions(job(kube, namespace, "broken"))["Failed"]
+    assert failed["status"] == "True" and failed["observedGeneration"] == 1
+    assert conditions(job(kube, namespace, "broken"))["Degraded"]["status"] == "True"
+    wait_event(kube, namespace, "RunRetrying")
+    wait_event(kube, namespace, "RunFailed")
+    # A retry that then succeeds ends as a success.
+    set_ray_job_status(kube, namespace, "flaky-r1", **SUCCEEDED)
+    wait_phase(kube, namespace, "Succeeded", name="flaky")
+
+
+def test_spec_edit_starts_a_new_run(kube: Kube, namespace: str, operator: InProcessOperator) -> None:
+    create_job(kube, namespace)
+    wait_ray_job(kube, namespace, "tickets-r1")
+    set_ray_job_status(kube, namespace, "tickets-r1", **SUCCEEDED)
+    wait_phase(kube, namespace, "Succeeded", run=1)
+    # Editing what is not run-relevant (the history limit) starts nothing.
+    kube.patch(ObjectRef(*JOB, namespace, "tickets"), {"spec": {"historyLimit": 5}})
+    eventually(lambda: status(kube, namespace).get("observedGeneration") == 2, what="generation 2 observed")
+    kube.patch(ObjectRef(*JOB, namespace, "tickets"), {"spec": {"hyperparameters": {"learningRate": 0.001}}})
+    current = wait_phase(kube, namespace, "Pending", run=2)
+    assert current["runs"][-1]["trigger"] == "SpecChange" and current["runs"][-1]["specGeneration"] == 3
+    assert ray_jobs(kube, namespace) == ["tickets-r1", "tickets-r2"]
+    config = kube.get("v1", "ConfigMap", namespace, "tickets-r2-config")
+    assert config is not None and json.loads(config["data"]["run.json"])["spec"]["hyperparameters"]["learningRate"]
+
+
+def test_retrain_annotation_starts_a_run_once(kube: Kube, namespace: str, operator: InProcessOperator) -> None:
+    create_job(kube, namespace)
+    wait_ray_job(kube, namespace, "tickets-r1")
+    set_ray_job_status(kube, namespace, "tickets-r1", **SUCCEEDED)
+    wait_phase(kube, namespace, "Succeeded", run=1)
+    annotate(kube, namespace, "tickets", "2026-11-29")
+    current = wait_phase(kube, namespace, "Pending", run=2)
+    assert (current["runs"][-1]["trigger"], current["runs"][-1]["triggerDetail"]) == ("Annotation", "2026-11-29")
+    assert current["handledRetrain"] == "2026-11-29"
+    set_ray_job_status(kube, namespace, "tickets-r2", **SUCCEEDED)
+    wait_phase(kube, namespace, "Succeeded", run=2)
+    # The same value again (any other change to the object) is not a new trigger.
+    kube.patch(ObjectRef(*JOB, namespace, "tickets"), {"metadata": {"labels": {"team": "support"}}})
+    annotate(kube, namespace, "tickets", "2026-11-29")
+    eventually(lambda: job(kube, namespace)["metadata"]["labels"].get("team"), what="label")
+    assert ray_jobs(kube, namespace) == ["tickets-r1", "tickets-r2"]
+
+
+def annotate(kube: Kube, namespace: str, name: str, value: str) -> None:
+    kube.patch(ObjectRef(*JOB, namespace, name), {"metadata": {"annotations": {"kubetune.io/retrain": value}}})
+
+
+def test_schedule_starts_a_run_when_due(
+    kube: Kube, namespace: str, operator: InProcessOperator, clock: MovableClock
+) -> None:
+    # The operator's clock is moved to 4 s before the top of an hour; "0 * * * *" is then due.
+    top = (datetime.now(UTC) + timedelta(days=1)).replace(minute=0, second=0, microsecond=0)
+    clock.set(top - timedelta(seconds=4))
+    create_job(kube, namespace, spec__schedule="0 * * * *", spec__concurrencyPolicy="Queue")
+    wait_ray_job(kube, namespace, "tickets-r1")
+    set_ray_job_status(kube, namespace, "tickets-r1", **SUCCEEDED)
+    current = wait_phase(kube, namespace, "Pending", run=2)
+    run = current["runs"][-1]
+    assert run["trigger"] == "Schedule" and run["triggerDetail"] == top.isoformat()
+    assert current["lastScheduleTime"].startswith(top.strftime("%Y-%m-%dT%H:%M"))
+
+
+def test_concurrency_policies(kube: Kube, namespace: str, operator: InProcessOperator) -> None:
+    for name, policy in [("forbid", "Forbid"), ("replace", "Replace"), ("queue", "Queue")]:
+        create_job(kube, namespace, name=name, spec__concurrencyPolicy=policy)
+    for name in ("forbid", "replace", "queue"):
+        wait_ray_job(kube, namespace, f"{name}-r1")
+        set_ray_job_status(kube, namespace, f"{name}-r1", **RUNNING)
+        wait_phase(kube, namespace, "Running", name=name)
+        annotate(kube, namespace, name, "now")
+
+    # Forbid: the trigger is dropped while run 1 is active, and says so.
+    assert "concurrencyPolicy is Forbid" in wait_event(kube, namespace, "TriggerSkipped")
+    eventually(lambda: status(kube, namespace, "forbid").get("handledRetrain") == "now", what="forbid handled")
+    # Replace: run 1 is stopped (its RayJob deleted) and run 2 starts.
+    replaced = wait_phase(kube, namespace, "Pending", name="replace", run=2)
+    assert replaced["runs"][0]["phase"] == "Failed" and "replaced" in replaced["runs"][0]["message"]
+    eventually(lambda: kube.get("ray.io/v1", "RayJob", namespace, "replace-r1") is None, what="replace-r1 deleted")
+    # Queue: run 2 waits for run 1.
+    assert kube.get("ray.io/v1", "RayJob", namespace, "queue-r2") is None
+    set_ray_job_status(kube, namespace, "queue-r1", **SUCCEEDED)
+    queued = wait_phase(kube, namespace, "Pending", name="queue", run=2)
+    assert queued["runs"][-1]["trigger"] == "Annotation"
+
+    set_ray_job_status(kube, namespace, "forbid-r1", **SUCCEEDED)
+    wait_phase(kube, namespace, "Succeeded", name="forbid")
+    assert [n for n in ray_jobs(kube, namespace) if n.startswith("forbid")] == ["forbid-r1"]
+
+
+def test_deleting_the_job_removes_its_children(
+    control_plane: ControlPlane, kube: Kube, namespace: str, operator: InProcessOperator
+) -> None:
+    if not control_plane.garbage_collection:
+        pytest.skip("no garbage collector runs here (KUBEBUILDER_ASSETS holds no kube-controller-manager)")
+    create_job(kube, namespace)
+    wait_ray_job(kube, namespace, "tickets-r1")
+    children = [
+        ("ray.io/v1", "RayJob", "tickets-r1"),
+        ("v1", "ConfigMap", "tickets-r1-config"),
+        ("v1", "ConfigMap", "tickets-r1-report"),
+        ("v1", "ServiceAccount", "tickets-r1-runner"),
+        ("rbac.authorization.k8s.io/v1", "Role", "tickets-r1-runner"),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding", "tickets-r1-runner"),
+    ]
+    kube.delete(ObjectRef(*JOB, namespace, "tickets"))
+    for api_version, kind, name in children:
+        wait_gone(kube, namespace, api_version, kind, name)
+
+
+def wait_gone(kube: Kube, namespace: str, api_version: str, kind: str, name: str) -> None:
+    eventually(lambda: kube.get(api_version, kind, namespace, name) is None, timeout=60, what=f"{kind} {name} gone")
+
+
+def test_missing_secret_is_reported_without_a_crash_loop(
+    kube: Kube, namespace: str, operator: InProcessOperator
+) -> None:
+    create_job(kube, namespace, spec__storage={"credentialsSecret": {"name": "storage-keys"}})
+    ready = eventually(
+        lambda: (c := conditions(job(kube, namespace)).get("Ready")) and c["reason"] == "SecretNotFound" and c,
+        what="Ready=False SecretNotFound",
+    )
+    assert ready["status"] == "False" and "spec.storage.credentialsSecret.name" in ready["message"]
+    assert ray_jobs(kube, namespace) == []
+    kube.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "storage-keys", "namespace": namespace},
+            "stringData": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"},
+        }
+    )
+    # The operator looks again by itself and starts the run once the Secret exists.
+    ray_job = wait_ray_job(kube, namespace, "tickets-r1")
+    container = ray_job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert container["envFrom"] == [{"secretRef": {"name": "storage-keys"}}]
+    assert "secret" not in json.dumps(ray_job).replace("secretRef", "")
