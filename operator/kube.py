@@ -8,6 +8,7 @@ beyond where each kind lives in the API.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -77,6 +78,20 @@ class ObjectRef:
         return object_path(self.api_version, self.kind, self.namespace, self.name)
 
 
+def connection(kubeconfig: str | None = None) -> client.Configuration:
+    """Where the API server is and how to authenticate: in-cluster, else the kubeconfig.
+
+    KUBECONFIG is read now, not when the client library was imported.
+    """
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
+        config.load_kube_config(config_file=path, client_configuration=configuration)
+    return configuration
+
+
 class Kube:
     """Blocking calls to the API server; safe to share between threads."""
 
@@ -86,11 +101,7 @@ class Kube:
     @classmethod
     def connect(cls, kubeconfig: str | None = None) -> Kube:
         """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
-        configuration = client.Configuration()
-        try:
-            config.load_incluster_config(client_configuration=configuration)
-        except config.ConfigException:
-            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        configuration = connection(kubeconfig)
         # Enough connections for the handler threads working at once.
         configuration.connection_pool_maxsize = 32
         return cls(client.ApiClient(configuration))

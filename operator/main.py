@@ -14,7 +14,7 @@ from typing import Any
 import kopf
 from kubetune.operator import metrics
 from kubetune.operator.handlers import finetunejob as finetunejob_handlers
-from kubetune.operator.kube import Kube
+from kubetune.operator.kube import Kube, connection
 from kubetune.operator.reconcile.finetunejob import FineTuneJobReconciler, utc_now
 from kubetune.operator.requeue import Requeuer
 from kubetune.operator.settings import Settings
@@ -35,6 +35,26 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     reconciler = FineTuneJobReconciler(kube, Settings.from_environment(), clock=_clock)
     finetunejob_handlers.install(
         finetunejob_handlers.FineTuneJobController(reconciler, lambda callback: Requeuer(callback, _executor))
+    )
+
+
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    # The same credentials as the operator's own client (kopf's built-in login reads a
+    # KUBECONFIG fixed when the client library was first imported).
+    configuration = connection()
+    header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
+        "authorization"
+    )
+    scheme, _space, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
     )
 
 

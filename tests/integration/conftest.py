@@ -22,6 +22,7 @@ from .harness import InProcessOperator, MovableClock
 
 KUBETUNE_CRDS = sorted((REPO_ROOT / "crds").glob("*.yaml"))
 _control_plane: ControlPlane | None = None
+_started: dict[str, ControlPlane] = {}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -45,7 +46,7 @@ def control_plane() -> Iterator[ControlPlane]:
     global _control_plane
     with ControlPlane() as plane:
         plane.apply_crds([*KUBETUNE_CRDS, *kuberay_crds()])
-        _control_plane = plane
+        _control_plane = _started["plane"] = plane
         os.environ["KUBECONFIG"] = str(plane.kubeconfig)
         yield plane
         _control_plane = None
@@ -87,3 +88,10 @@ def operator(running_operator: InProcessOperator, clock: MovableClock) -> Iterat
     clock.reset()
     yield running_operator
     clock.reset()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    plane = _started.get("plane")
+    if plane is not None:
+        source = "existing cluster" if plane.external else str(plane.bin_dir)
+        terminalreporter.write_line(f"control plane ({source}) ready in {plane.startup_seconds:.1f} s")

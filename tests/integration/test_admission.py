@@ -63,7 +63,7 @@ JOB_CASES: list[tuple[str, Any, str]] = [
     (
         "spec.search",
         {"space": {"learningRate": {"type": "gaussian", "low": 0.1, "high": 1}}},
-        "spec.search.space[learningRate].type",
+        "spec.search.space.learningRate.type: Unsupported value",
     ),
     (
         "spec.search",

@@ -11,7 +11,7 @@ from kubetune.operator.kube import Kube, ObjectRef
 from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, VariantReport
 
 from ..conftest import load_example, mutated
-from ..controlplane import ControlPlane
+from ..controlplane import CommandError, ControlPlane
 from .harness import InProcessOperator, MovableClock, conditions, eventually, set_ray_job_status
 
 Manifest = dict[str, Any]
@@ -298,11 +298,33 @@ def test_missing_secret_is_reported_without_a_crash_loop(
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {"name": "storage-keys", "namespace": namespace},
-            "stringData": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "key-id-7431", "AWS_SECRET_ACCESS_KEY": "key-secret-9925"},
         }
     )
     # The operator looks again by itself and starts the run once the Secret exists.
     ray_job = wait_ray_job(kube, namespace, "tickets-r1")
     container = ray_job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert container["envFrom"] == [{"secretRef": {"name": "storage-keys"}}]
-    assert "secret" not in json.dumps(ray_job).replace("secretRef", "")
+    # Credentials travel by reference only.
+    everything = json.dumps([ray_job, status(kube, namespace), kube.list("v1", "ConfigMap", namespace, {})])
+    assert "key-id-7431" not in everything and "key-secret-9925" not in everything
+
+
+def test_the_run_may_write_its_report_and_nothing_more(
+    control_plane: ControlPlane, kube: Kube, namespace: str, operator: InProcessOperator
+) -> None:
+    create_job(kube, namespace)
+    wait_ray_job(kube, namespace, "tickets-r1")
+    runner = f"--as=system:serviceaccount:{namespace}:tickets-r1-runner"
+
+    def can(verb: str, resource: str) -> bool:
+        try:
+            control_plane.kubectl("auth", "can-i", verb, resource, "-n", namespace, runner)
+        except CommandError:
+            return False  # kubectl exits 1 for "no"
+        return True
+
+    assert can("patch", "configmap/tickets-r1-report") and can("get", "configmap/tickets-r1-report")
+    assert not can("patch", "configmap/tickets-r1-config")
+    assert not can("get", "secrets") and not can("create", "rayjobs.ray.io")
+    assert not can("patch", "finetunejobs.kubetune.io/tickets")
