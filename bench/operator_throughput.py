@@ -29,7 +29,6 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO_ROOT))  # appended: the repository root must never shadow the standard library
 
-from kubernetes import client, config, watch  # noqa: E402
 from kubetune.operator.api.finetunejob import FineTuneJob, Trigger  # noqa: E402
 from kubetune.operator.builders.finetunejob import RunRequest, build_run  # noqa: E402
 from kubetune.operator.kube import Kube  # noqa: E402
@@ -58,27 +57,22 @@ class RayJobCounter:
     """Watches a namespace and records when the N-th RayJob appears."""
 
     def __init__(self, kubeconfig: Path, namespace: str, expected: int) -> None:
-        self.api = client.CustomObjectsApi(config.new_client_from_config(config_file=str(kubeconfig)))
+        self.kube = Kube.connect(str(kubeconfig))
         self.namespace, self.expected = namespace, expected
         self.done = threading.Event()
         self.finished_at = 0.0
-        self._watch = watch.Watch()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         time.sleep(0.5)  # the watch is open before the first create
 
     def _run(self) -> None:
         seen: set[str] = set()
-        stream = self._watch.stream(
-            self.api.list_namespaced_custom_object, "ray.io", "v1", self.namespace, "rayjobs", timeout_seconds=3600
-        )
-        for event in stream:
-            if event["type"] == "ADDED":
-                seen.add(event["object"]["metadata"]["name"])
+        for kind, body in self.kube.watch("ray.io/v1", "RayJob", self.namespace, timeout_seconds=3600):
+            if kind == "ADDED":
+                seen.add(body["metadata"]["name"])
                 if len(seen) >= self.expected:
                     self.finished_at = time.perf_counter()
                     self.done.set()
-                    self._watch.stop()
                     return
 
     def wait(self, timeout: float) -> float:

@@ -19,7 +19,7 @@ from .api import finetunejob, modeldeployment
 from .api.common import CATEGORY, GROUP, VERSION
 
 _SCALARS = (str, int, float, bool)
-HEADER = "# Generated from kubetune's API models by `kubetune crds`. Do not edit.\n"
+HEADER = "---\n# Generated from kubetune's API models by `kubetune crds`. Do not edit.\n"
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,9 @@ def crd_for(info: KindInfo) -> dict[str, Any]:
 
 
 def render(crd: dict[str, Any]) -> str:
-    body = yaml.safe_dump(crd, sort_keys=False, default_flow_style=False, width=100, allow_unicode=False)
+    body = yaml.dump(
+        crd, Dumper=_PlainDumper, sort_keys=False, default_flow_style=False, width=100, allow_unicode=False
+    )
     return HEADER + body
 
 
@@ -222,3 +224,10 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes shared values out in full: no YAML anchors and aliases in a CRD."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True

@@ -1,6 +1,6 @@
 """The one module that talks to the Kubernetes API server.
 
-A thin JSON layer over the official client's transport: objects are plain dicts
+A thin JSON layer over urllib3: objects are plain dicts
 (manifests), so builders stay pure and nothing here knows about kubetune's kinds
 beyond where each kind lives in the API.
 """
@@ -8,17 +8,20 @@ beyond where each kind lives in the API.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Mapping
+import ssl
+import threading
+import urllib.parse
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
+import urllib3
+from kubetune.operator.kubeconfig import Connection, connect
 
 Manifest = dict[str, Any]
 FIELD_MANAGER = "kubetune"
+REQUEST_TIMEOUT = urllib3.Timeout(connect=10.0, read=60.0)
 
 # (apiVersion, kind) → plural: every kind the operator reads or writes.
 PLURALS: dict[tuple[str, str], str] = {
@@ -78,33 +81,46 @@ class ObjectRef:
         return object_path(self.api_version, self.kind, self.namespace, self.name)
 
 
-def connection(kubeconfig: str | None = None) -> client.Configuration:
-    """Where the API server is and how to authenticate: in-cluster, else the kubeconfig.
-
-    KUBECONFIG is read now, not when the client library was imported.
-    """
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
-        config.load_kube_config(config_file=path, client_configuration=configuration)
-    return configuration
-
-
 class Kube:
     """Blocking calls to the API server; safe to share between threads."""
 
-    def __init__(self, api_client: client.ApiClient) -> None:
-        self._api = api_client
+    def __init__(self, connection: Connection, pool_size: int = 32) -> None:
+        self._connection = connection
+        self._pool_size = pool_size
+        self._lock = threading.Lock()
+        self._pool = self._new_pool(connection)
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None) -> Kube:
         """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
-        configuration = connection(kubeconfig)
         # Enough connections for the handler threads working at once.
-        configuration.connection_pool_maxsize = 32
-        return cls(client.ApiClient(configuration))
+        return cls(connect(kubeconfig))
+
+    @property
+    def connection(self) -> Connection:
+        with self._lock:
+            fresh = self._connection.fresh()
+            if fresh is not self._connection:  # renewed plugin credentials: new certificates, maybe
+                self._connection, self._pool = fresh, self._new_pool(fresh)
+            return self._connection
+
+    def _new_pool(self, connection: Connection) -> urllib3.PoolManager:
+        context = ssl.create_default_context(cafile=connection.ca_file)
+        if connection.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if connection.cert_file and connection.key_file:
+            context.load_cert_chain(connection.cert_file, connection.key_file)
+        return urllib3.PoolManager(num_pools=4, maxsize=self._pool_size, block=False, ssl_context=context)
+
+    def _headers(self, content_type: str) -> dict[str, str]:
+        connection = self.connection
+        headers = {"Accept": "application/json", "Content-Type": content_type, "User-Agent": FIELD_MANAGER}
+        if token := connection.bearer_token():
+            headers["Authorization"] = f"Bearer {token}"
+        elif connection.username is not None:
+            headers.update(urllib3.util.make_headers(basic_auth=f"{connection.username}:{connection.password or ''}"))
+        return headers
 
     def request(
         self,
@@ -114,21 +130,46 @@ class Kube:
         query: Mapping[str, str] | None = None,
         content_type: str = "application/json",
     ) -> Manifest:
+        url = f"{self.connection.server}{path}"
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
         try:
-            response = self._api.call_api(
-                path,
+            response = self._pool.request(
                 method,
-                query_params=list((query or {}).items()),
-                header_params={"Accept": "application/json", "Content-Type": content_type},
-                body=body,
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _return_http_data_only=True,
+                url,
+                body=None if body is None else json.dumps(body).encode(),
+                headers=self._headers(content_type),
+                timeout=REQUEST_TIMEOUT,
+                retries=False,
             )
-        except ApiException as error:
-            raise _api_error(error) from None
-        data = response.data
-        return json.loads(data) if data else {}
+        except urllib3.exceptions.HTTPError as error:
+            raise ApiError(0, "Unreachable", f"{method} {path}: {error}") from None
+        if response.status >= 400:
+            raise _api_error(response.status, response.data)
+        return json.loads(response.data) if response.data else {}
+
+    def watch(
+        self, api_version: str, kind: str, namespace: str | None, timeout_seconds: int = 300
+    ) -> Iterator[tuple[str, Manifest]]:
+        """Stream (type, object) events of a kind, from now on, until the server ends the watch."""
+        query = urllib.parse.urlencode({"watch": "true", "timeoutSeconds": str(timeout_seconds)})
+        url = f"{self.connection.server}{collection_path(api_version, kind, namespace)}?{query}"
+        response = self._pool.request(
+            "GET", url, headers=self._headers("application/json"), preload_content=False, retries=False, timeout=None
+        )
+        try:
+            if response.status >= 400:
+                raise _api_error(response.status, response.read())
+            buffer = b""
+            for chunk in response.stream(64 * 1024):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        event = json.loads(line)
+                        yield event["type"], event["object"]
+        finally:
+            response.release_conn()
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> Manifest | None:
         try:
@@ -205,11 +246,11 @@ class Kube:
         )
 
 
-def _api_error(error: ApiException) -> ApiError:
-    reason, message = str(error.reason or ""), str(error.body or "")
+def _api_error(status: int, data: bytes) -> ApiError:
+    reason, message = "", data.decode(errors="replace")
     try:
-        payload = json.loads(error.body or "")
+        payload = json.loads(data)
         reason, message = payload.get("reason", reason), payload.get("message", message)
     except (ValueError, TypeError, AttributeError):
         pass
-    return ApiError(int(error.status or 0), reason, message)
+    return ApiError(status, str(reason), str(message))

@@ -14,7 +14,8 @@ from typing import Any
 import kopf
 from kubetune.operator import metrics
 from kubetune.operator.handlers import finetunejob as finetunejob_handlers
-from kubetune.operator.kube import Kube, connection
+from kubetune.operator.kube import Kube
+from kubetune.operator.kubeconfig import connect
 from kubetune.operator.reconcile.finetunejob import FineTuneJobReconciler, utc_now
 from kubetune.operator.requeue import Requeuer
 from kubetune.operator.settings import Settings
@@ -40,21 +41,21 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 @kopf.on.login()
 def login(**_: Any) -> kopf.ConnectionInfo:
-    # The same credentials as the operator's own client (kopf's built-in login reads a
-    # KUBECONFIG fixed when the client library was first imported).
-    configuration = connection()
-    header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
-        "authorization"
-    )
-    scheme, _space, token = (header or "").rpartition(" ")
+    # The same credentials as the operator's own client; kopf re-runs this when they expire.
+    connection = connect()
+    token = connection.bearer_token()
     return kopf.ConnectionInfo(
-        server=configuration.host,
-        ca_path=configuration.ssl_ca_cert,
-        insecure=not configuration.verify_ssl,
-        scheme=scheme or None,
-        token=token or None,
-        certificate_path=configuration.cert_file,
-        private_key_path=configuration.key_file,
+        server=connection.server,
+        ca_path=connection.ca_file,
+        insecure=connection.insecure,
+        scheme="Bearer" if token else None,
+        token=token,
+        username=connection.username,
+        password=connection.password,
+        certificate_path=connection.cert_file,
+        private_key_path=connection.key_file,
+        default_namespace=connection.namespace,
+        expiration=connection.expires,
     )
 
 

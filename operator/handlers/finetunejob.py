@@ -49,12 +49,12 @@ class FineTuneJobController:
             self._locks.pop(key, None)
             self._written.pop(key, None)
 
-    def reconcile_key(self, key: Key) -> None:
+    def reconcile_key(self, key: Key, body: Mapping[str, Any] | None = None) -> None:
         namespace, name = key
         started = time.perf_counter()
         with self._lock(key):
             try:
-                outcome = self.reconciler.reconcile(namespace, name)
+                outcome = self.reconciler.reconcile(namespace, name, body=dict(body) if body is not None else None)
             except ApiError as error:
                 RECONCILES.labels(KIND_LABEL, "error").inc()
                 RECONCILE_ERRORS.labels(KIND_LABEL, "conflict" if error.conflict else "api").inc()
@@ -101,7 +101,7 @@ def on_job_event(event: kopf.RawEvent, namespace: str | None, name: str, **_: An
     body: Mapping[str, Any] = event.get("object") or {}
     if controller.is_own_write(key, body.get("metadata", {}).get("resourceVersion")):
         return
-    controller.reconcile_key(key)
+    controller.reconcile_key(key, body)
 
 
 @kopf.on.event("ray.io", "v1", "rayjobs", labels={MANAGED_BY_LABEL: MANAGER})

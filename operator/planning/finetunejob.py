@@ -196,17 +196,17 @@ def plan(
     if latest is None or latest.spec_hash != spec_hash:
         pending.append((Trigger.SPEC_CHANGE, f"generation {generation}"))
     retrain = annotations.get(RETRAIN_ANNOTATION, "").strip()
-    if (
-        retrain
-        and retrain != handled_retrain
-        and not any(r.trigger == Trigger.ANNOTATION and r.trigger_detail == retrain for r in records)
-    ):
-        pending.append((Trigger.ANNOTATION, retrain))
+    if retrain and retrain != handled_retrain:
+        if any(r.trigger == Trigger.ANNOTATION and r.trigger_detail == retrain for r in records):
+            handled_retrain = retrain  # its run exists: created just before a crash
+        else:
+            pending.append((Trigger.ANNOTATION, retrain))
     due = latest_due(job, max(filter(None, [last_schedule, created])), now)
-    if due is not None and not any(
-        r.trigger == Trigger.SCHEDULE and r.trigger_detail == due.isoformat() for r in records
-    ):
-        pending.append((Trigger.SCHEDULE, due.isoformat()))
+    if due is not None:
+        if any(r.trigger == Trigger.SCHEDULE and r.trigger_detail == due.isoformat() for r in records):
+            last_schedule = due  # likewise
+        else:
+            pending.append((Trigger.SCHEDULE, due.isoformat()))
 
     result = Plan(records=records, events=events, handled_retrain=handled_retrain, last_schedule_time=last_schedule)
     upcoming = next_due(job, now)

@@ -14,20 +14,28 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubetune.operator.api.common import API_VERSION
-from kubetune.operator.api.finetunejob import KIND, FineTuneJob, FineTuneJobStatus, JobPhase, RunRecord, Trigger
+from kubetune.operator.api.finetunejob import (
+    ACTIVE_PHASES,
+    KIND,
+    FineTuneJob,
+    FineTuneJobStatus,
+    JobPhase,
+    RunRecord,
+    Trigger,
+)
 from kubetune.operator.builders.finetunejob import build_run
 from kubetune.operator.conditions import Reason
 from kubetune.operator.kube import ApiError, Kube, ObjectRef
 from kubetune.operator.metrics import PROMOTIONS, RUNS_FINISHED, RUNS_STARTED
 from kubetune.operator.naming import (
     GENERATION_ANNOTATION,
-    JOB_LABEL,
     RUN_LABEL,
     SPEC_HASH_ANNOTATION,
     TRIGGER_ANNOTATION,
     TRIGGER_DETAIL_ANNOTATION,
     config_map_name,
     report_name,
+    run_name,
     runner_name,
 )
 from kubetune.operator.planning.finetunejob import Event, ObservedRun, plan
@@ -107,9 +115,13 @@ class FineTuneJobReconciler:
         self.settings = settings
         self.clock = clock  # schedules and timestamps read this clock; tests inject their own
 
-    def reconcile(self, namespace: str, name: str, now: datetime | None = None) -> Outcome:
+    def reconcile(
+        self, namespace: str, name: str, now: datetime | None = None, body: Manifest | None = None
+    ) -> Outcome:
+        """Reconcile one job; `body` is the job as a watch event just delivered it (else it is read)."""
         now = now or self.clock()
-        body = self.kube.get(API_VERSION, KIND, namespace, name)
+        if body is None:
+            body = self.kube.get(API_VERSION, KIND, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return Outcome(None, None)
         meta = body["metadata"]
@@ -121,9 +133,8 @@ class FineTuneJobReconciler:
         problem = self._missing_references(job)
         if problem is not None:
             return self._invalid(body, problem, generation, now, requeue=30.0, reason=Reason.SECRET_NOT_FOUND)
-        labels = {JOB_LABEL: name}
-        observed = observe_runs(self.kube.list("ray.io/v1", "RayJob", namespace, labels))
-        reports = observe_reports(self.kube.list("v1", "ConfigMap", namespace, labels))
+        ray_jobs, report_maps = self._observe(job)
+        observed, reports = observe_runs(ray_jobs), observe_reports(report_maps)
         decision = plan(
             job,
             generation=generation,
@@ -153,6 +164,34 @@ class FineTuneJobReconciler:
         version = self._write_status(body, status.to_wire())
         self._post(body, decision.events, now)
         return Outcome(version, decision.requeue_after)
+
+    def _observe(self, job: FineTuneJob) -> tuple[list[Manifest], list[Manifest]]:
+        """The RayJobs and report ConfigMaps of the runs that may still change, read by name.
+
+        Finished runs are final in our status and need no reading. Runs are numbered
+        without gaps, so a run created just before a crash (before its status was
+        written) is the one after the newest recorded run.
+        """
+        namespace, name = job.metadata["namespace"], job.metadata["name"]
+        records = list(job.status.runs or []) if job.status else []
+        ray_jobs = [
+            found
+            for record in records
+            if record.phase in ACTIVE_PHASES
+            and (found := self.kube.get("ray.io/v1", "RayJob", namespace, record.ray_job_name)) is not None
+        ]
+        number = max((record.number for record in records), default=0) + 1
+        while (found := self.kube.get("ray.io/v1", "RayJob", namespace, run_name(name, number))) is not None:
+            ray_jobs.append(found)
+            number += 1
+        watched = [r.ray_job_name for r in records if r.phase in ACTIVE_PHASES]
+        watched += [item["metadata"]["name"] for item in ray_jobs if item["metadata"]["name"] not in watched]
+        reports = [
+            found
+            for run in watched
+            if (found := self.kube.get("v1", "ConfigMap", namespace, report_name(run))) is not None
+        ]
+        return ray_jobs, reports
 
     def _missing_references(self, job: FineTuneJob) -> str | None:
         storage = job.spec.storage

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from kubetune.operator.kube import ApiError, Kube, collection_path
 
-from ..conftest import DELETE, EXAMPLES, load_example, mutated
+from ..conftest import DELETE, EXAMPLES, REPO_ROOT, load_example, mutated
 from ..controlplane import ControlPlane
 
 
@@ -153,3 +153,11 @@ def test_kubectl_get_shows_the_printer_columns(control_plane: ControlPlane, kube
     deployments = control_plane.kubectl("get", "kubetune", "-n", namespace).stdout
     assert "modeldeployment.kubetune.io/support-tickets" in deployments
     assert "finetunejob.kubetune.io/support-tickets" in deployments
+
+
+def test_the_chart_lints_and_ships_the_generated_crds(control_plane: ControlPlane) -> None:
+    chart = str(REPO_ROOT / "charts" / "kubetune")
+    assert "0 chart(s) failed" in control_plane.helm("lint", chart).stdout
+    shipped = list(yaml.safe_load_all(control_plane.helm("show", "crds", chart).stdout))
+    generated = [yaml.safe_load(path.read_text()) for path in sorted((REPO_ROOT / "crds").glob("*.yaml"))]
+    assert sorted(shipped, key=lambda crd: crd["metadata"]["name"]) == generated

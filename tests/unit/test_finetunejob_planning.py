@@ -191,6 +191,14 @@ def test_a_run_created_before_a_crash_is_not_created_again(minimal_job: dict[str
     assert [(r.number, r.phase) for r in result.records] == [(1, JobPhase.PENDING)]
 
 
+def test_a_retrain_run_created_before_a_crash_counts_as_handled(minimal_job: dict[str, Any]) -> None:
+    job = make_job(minimal_job)
+    runs = [observed(job, 1, SUCCEEDED), observed(job, 2, None, trigger=Trigger.ANNOTATION, detail="weekly")]
+    result = decide(job, runs, annotations={"kubetune.io/retrain": "weekly"})
+    assert result.create is None and result.handled_retrain == "weekly"
+    assert [r.trigger for r in result.records] == [Trigger.SPEC_CHANGE, Trigger.ANNOTATION]
+
+
 def test_a_vanished_rayjob_fails_the_run_unless_it_reported_success(minimal_job: dict[str, Any]) -> None:
     job, _ = active_job(minimal_job, "Forbid")
     lost = decide(job, [])
