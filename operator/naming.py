@@ -8,6 +8,8 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGER = "kubetune"
 JOB_LABEL = "kubetune.io/finetunejob"
 RUN_LABEL = "kubetune.io/run"
+# On the report ConfigMap of a run: the operator watches these ConfigMaps only.
+REPORT_LABEL = "kubetune.io/report"
 DEPLOYMENT_LABEL = "kubetune.io/modeldeployment"
 TRIGGER_ANNOTATION = "kubetune.io/trigger"
 TRIGGER_DETAIL_ANNOTATION = "kubetune.io/trigger-detail"

@@ -14,6 +14,7 @@ from kubetune.operator.api.finetunejob import KIND, FineTuneJob, Resources, Trig
 from kubetune.operator.naming import (
     GENERATION_ANNOTATION,
     KUEUE_QUEUE_LABEL,
+    REPORT_LABEL,
     SPEC_HASH_ANNOTATION,
     TRIGGER_ANNOTATION,
     TRIGGER_DETAIL_ANNOTATION,
@@ -80,6 +81,12 @@ def _metadata(job: FineTuneJob, name: str, request: RunRequest, **extra: Any) ->
         "ownerReferences": [owner_reference(job)],
         **extra,
     }
+
+
+def _report_metadata(job: FineTuneJob, name: str, request: RunRequest) -> Manifest:
+    metadata = _metadata(job, name, request)
+    metadata["labels"] = {**metadata["labels"], REPORT_LABEL: "true"}
+    return metadata
 
 
 def pvc_claims(job: FineTuneJob) -> list[str]:
@@ -270,7 +277,7 @@ def build_run(job: FineTuneJob, request: RunRequest, settings: Settings) -> RunM
         report={
             "apiVersion": "v1",
             "kind": "ConfigMap",
-            "metadata": _metadata(job, report, request),
+            "metadata": _report_metadata(job, report, request),
             "data": {REPORT_KEY: ""},
         },
         config={

@@ -18,7 +18,7 @@ from kubetune.operator.api.common import GROUP, VERSION
 from kubetune.operator.api.finetunejob import PLURAL
 from kubetune.operator.kube import ApiError
 from kubetune.operator.metrics import RECONCILE_ERRORS, RECONCILE_SECONDS, RECONCILES
-from kubetune.operator.naming import JOB_LABEL, MANAGED_BY_LABEL, MANAGER
+from kubetune.operator.naming import JOB_LABEL, MANAGED_BY_LABEL, MANAGER, REPORT_LABEL
 from kubetune.operator.reconcile.finetunejob import FineTuneJobReconciler
 from kubetune.operator.requeue import Key, Requeuer
 
@@ -112,10 +112,8 @@ def on_ray_job_event(event: kopf.RawEvent, namespace: str | None, labels: Mappin
         _active().reconcile_key((namespace or "", labels[JOB_LABEL]))
 
 
-@kopf.on.event("", "v1", "configmaps", labels={MANAGED_BY_LABEL: MANAGER, JOB_LABEL: kopf.PRESENT})
-def on_report_event(
-    event: kopf.RawEvent, namespace: str | None, name: str, labels: Mapping[str, str], **_: Any
-) -> None:
-    # Only the report ConfigMaps carry progress; the run configs never change.
-    if name.endswith("-report") and event.get("type") == "MODIFIED":
+@kopf.on.event("", "v1", "configmaps", labels={MANAGED_BY_LABEL: MANAGER, REPORT_LABEL: "true"})
+def on_report_event(event: kopf.RawEvent, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    # Only the runs' report ConfigMaps are watched: they carry progress; run configs never change.
+    if JOB_LABEL in labels and event.get("type") == "MODIFIED":
         _active().reconcile_key((namespace or "", labels[JOB_LABEL]))

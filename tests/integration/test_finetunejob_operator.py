@@ -9,6 +9,10 @@ from typing import Any
 import pytest
 from kubetune.operator.kube import Kube, ObjectRef
 from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, VariantReport
+from kubetune.runtime.contract.runconfig import RunConfig
+from kubetune.runtime.kube_reporter import ConfigMapReporter
+from kubetune.runtime.kubeapi import ConfigMapPatcher, KubeApiError
+from kubetune.runtime.reporting import TrainingProgress
 
 from ..conftest import load_example, mutated
 from ..controlplane import CommandError, ControlPlane
@@ -328,3 +332,36 @@ def test_the_run_may_write_its_report_and_nothing_more(
     assert not can("patch", "configmap/tickets-r1-config")
     assert not can("get", "secrets") and not can("create", "rayjobs.ray.io")
     assert not can("patch", "finetunejobs.kubetune.io/tickets")
+
+
+def test_the_runtime_reporter_writes_progress_with_the_runs_token(
+    control_plane: ControlPlane, kube: Kube, namespace: str, operator: InProcessOperator
+) -> None:
+    create_job(kube, namespace)
+    wait_ray_job(kube, namespace, "tickets-r1")
+    config_map = kube.get("v1", "ConfigMap", namespace, "tickets-r1-config")
+    assert config_map is not None
+    identity = RunConfig.model_validate_json(config_map["data"]["run.json"]).run
+    # What the pod would mount: a token of the run's own ServiceAccount.
+    token = kube.request(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/serviceaccounts/tickets-r1-runner/token",
+        body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}},
+    )["status"]["token"]
+    connection = kube.connection
+    patcher = ConfigMapPatcher(connection.server, token, connection.ca_file)
+    assert identity.report_config_map and identity.namespace
+    reporter = ConfigMapReporter(patcher, identity.report_config_map, identity.namespace, min_interval_s=0)
+    reporter.stage_started(Stage.TRAIN, "training on 2 workers")
+    reporter.progress(TrainingProgress(step=7, total_steps=20, epoch=0.35, loss=1.25, learning_rate=1e-4))
+    progress = eventually(
+        lambda: (
+            (status(kube, namespace).get("runs") or [{}])[-1].get("progress", {}).get("step") == 7
+            and status(kube, namespace)["runs"][-1]["progress"]
+        ),
+        what="progress in status",
+    )
+    assert progress["stage"] == "train" and progress["totalSteps"] == 20 and progress["loss"] == 1.25
+    # The token opens this one object and nothing else.
+    with pytest.raises(KubeApiError, match="403"):
+        patcher.patch_namespaced_config_map("tickets-r1-config", namespace, {"data": {"run.json": "{}"}})
