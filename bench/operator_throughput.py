@@ -124,6 +124,17 @@ def with_operator(kube: Kube, kubeconfig: Path, size: int, workers: int, log: Pa
         while not counter.done.wait(0.5):
             peak = max(peak, operator.rss_bytes())
         elapsed = counter.wait(0) - started
+        reconciles = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in (operator.metrics() or "").splitlines()
+            if line.startswith("kubetune_reconciles_total{")
+        )
+        seconds = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in (operator.metrics() or "").splitlines()
+            if line.startswith("kubetune_reconcile_duration_seconds_sum")
+        )
+        print(f"  {size} jobs: {reconciles:.0f} reconciles ({seconds / max(reconciles, 1) * 1000:.0f} ms each)")
         # Status writes lag the RayJobs a little; memory is sampled until they are done.
         for _ in range(20):
             peak = max(peak, operator.rss_bytes())

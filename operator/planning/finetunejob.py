@@ -36,7 +36,8 @@ from kubetune.runtime.contract.report import RunReport, Stage
 
 # Spec fields that do not change what a run does: editing them starts no run.
 NOT_RUN_RELEVANT = frozenset({"schedule", "timeZone", "concurrencyPolicy", "suspend", "historyLimit", "promotion"})
-ACTIVE_REQUEUE_SECONDS = 30.0
+# A safety net only: RayJob and report changes reach the operator as watch events.
+ACTIVE_REQUEUE_SECONDS = 300.0
 
 
 @dataclass(frozen=True)

