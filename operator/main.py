@@ -23,6 +23,10 @@ from kubetune.operator.settings import Settings
 WORKERS = int(os.environ.get("KUBETUNE_WORKERS", "16"))
 _executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="kubetune-reconcile")
 _clock: Callable[[], datetime] = utc_now
+# `kubetune operator --metrics-port` sets this; under `kopf run -m kubetune.operator.main`,
+# KUBETUNE_METRICS_PORT does.
+_metrics_port: int | None = None
+_metrics_served: set[int] = set()
 
 
 @kopf.on.startup()
@@ -32,6 +36,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = WORKERS
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    port = _metrics_port if _metrics_port is not None else int(os.environ.get("KUBETUNE_METRICS_PORT", "0"))
+    if port and port not in _metrics_served:  # once per process, also when the operator restarts in it
+        metrics.serve(port)
+        _metrics_served.add(port)
     kube = Kube.connect(os.environ.get("KUBECONFIG"))
     reconciler = FineTuneJobReconciler(kube, Settings.from_environment(), clock=_clock)
     finetunejob_handlers.install(
@@ -77,11 +85,9 @@ def run(
 
     `clock` is what schedules are read against (tests pass a clock they can move).
     """
-    global _clock
-    _clock = clock
+    global _clock, _metrics_port
+    _clock, _metrics_port = clock, metrics_port or 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if metrics_port:
-        metrics.serve(metrics_port)
     asyncio.run(
         kopf.operator(
             standalone=True, clusterwide=not namespaces, namespaces=namespaces, stop_flag=stop, ready_flag=ready

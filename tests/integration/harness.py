@@ -93,8 +93,12 @@ class InProcessOperator:
 class OperatorProcess:
     """`kubetune operator` as a separate process, which a test may kill like a crashed pod."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, metrics_port: int, workers: int = 16) -> None:
+    def __init__(
+        self, kubeconfig: Path, log_path: Path, metrics_port: int, workers: int = 16, *, kopf_run: bool = False
+    ) -> None:
         self.kubeconfig, self.log_path, self.metrics_port, self.workers = kubeconfig, log_path, metrics_port, workers
+        # `kopf run -m kubetune.operator.main` instead of `kubetune operator`.
+        self.kopf_run = kopf_run
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> None:
@@ -103,10 +107,16 @@ class OperatorProcess:
             "KUBECONFIG": str(self.kubeconfig),
             "KUBETUNE_WORKERS": str(self.workers),
             "NO_PROXY": "127.0.0.1,localhost",
+            "KUBETUNE_METRICS_PORT": str(self.metrics_port),
         }
+        command = (
+            ["-m", "kopf", "run", "--standalone", "--all-namespaces", "-m", "kubetune.operator.main"]
+            if self.kopf_run
+            else ["-m", "kubetune.cli.main", "operator", f"--metrics-port={self.metrics_port}"]
+        )
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kubetune.cli.main", "operator", f"--metrics-port={self.metrics_port}"],
+                [sys.executable, *command],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -38,6 +38,22 @@ def operator_process(
         running_operator.start()
 
 
+def test_kopf_run_starts_the_same_operator(
+    kube: Kube, namespace: str, control_plane: ControlPlane, running_operator: InProcessOperator, tmp_path: Path
+) -> None:
+    running_operator.stop()
+    process = OperatorProcess(control_plane.kubeconfig, tmp_path / "kopf.log", free_port(), kopf_run=True)
+    try:
+        process.start()
+        job = mutated(load_example("finetunejob-minimal.yaml"), "metadata", {"name": "t", "namespace": namespace})
+        kube.create(job)
+        eventually(lambda: kube.get("ray.io/v1", "RayJob", namespace, "t-r1"), timeout=60, what="RayJob t-r1")
+        assert 'kubetune_runs_started_total{trigger="SpecChange"} 1.0' in (process.metrics() or "")
+    finally:
+        process.stop()
+        running_operator.start()
+
+
 def names() -> list[str]:
     return [f"job-{i:02d}" for i in range(JOBS)]
 
