@@ -9,6 +9,7 @@ from typing import Any
 
 from kubetune.runtime.contract import MethodType, Metric, Precision, RunSpec, Task
 from kubetune.runtime.contract.common import ContractModel, KubernetesName, Quantity, cel_rule, with_cel
+from kubetune.runtime.contract.report import RunProgress
 from kubetune.runtime.contract.run import CAUSAL_LM_METRICS, CLASSIFICATION_METRICS, RUN_SPEC_RULES
 from pydantic import Field, field_validator, model_validator
 
@@ -209,22 +210,6 @@ class RayJobState(ContractModel):
     message: str | None = Field(default=None, description="RayJob status.message.")
     failed: int | None = Field(default=None, description="Failed attempts (RayJob status.failed).")
     succeeded: int | None = Field(default=None, description="Succeeded attempts (RayJob status.succeeded).")
-
-
-class RunProgress(ContractModel):
-    """Progress reported by the running job."""
-
-    stage: str | None = Field(
-        default=None, description="Pipeline stage: load, evaluate-base, train, search, compress, export."
-    )
-    step: int | None = Field(default=None, ge=0, description="Optimizer steps done.")
-    total_steps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
-    epoch: float | None = Field(default=None, ge=0, description="Epochs done (fractional).")
-    loss: float | None = Field(default=None, description="Latest training loss.")
-    trials_completed: int | None = Field(default=None, ge=0, description="Search trials finished.")
-    trials_total: int | None = Field(default=None, ge=0, description="Search trials planned.")
-    message: str | None = Field(default=None, max_length=4096, description="Latest progress message.")
-    updated_at: datetime | None = Field(default=None, description="When the report was written.")
 
 
 class RunRecord(ContractModel):

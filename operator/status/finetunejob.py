@@ -18,11 +18,10 @@ from kubetune.operator.api.finetunejob import (
     FineTuneJobStatus,
     JobPhase,
     RayJobState,
-    RunProgress,
     RunRecord,
 )
 from kubetune.operator.conditions import ConditionType, Reason, condition, merge_conditions
-from kubetune.runtime.contract.report import RunReport, Stage
+from kubetune.runtime.contract.report import RunProgress, RunReport, Stage
 from kubetune.runtime.contract.search import METRIC_MODE, Metric, Mode
 
 # KubeRay's jobDeploymentStatus values that decide the phase by themselves.
@@ -92,17 +91,9 @@ def with_report(record: RunRecord, report: RunReport | None) -> RunRecord:
     """Mirror the runtime's report into the run record."""
     if report is None:
         return record
-    progress = RunProgress(
-        stage=report.stage.value,
-        step=report.step,
-        total_steps=report.total_steps,
-        epoch=report.epoch,
-        loss=report.loss,
-        trials_completed=report.trials_completed,
-        trials_total=report.trials_total,
-        message=report.error if report.stage == Stage.FAILED else report.message,
-        updated_at=report.updated_at,
-    )
+    progress = RunProgress.model_validate(report.model_dump(include=set(RunProgress.model_fields)))
+    if report.stage == Stage.FAILED:
+        progress.message = report.error
     update: dict[str, Any] = {"progress": progress}
     if report.metrics_before is not None:
         update["metrics_before"] = report.metrics_before

@@ -41,10 +41,12 @@ class VariantReport(ContractModel):
     reason: str | None = Field(default=None, description="Why the variant was rejected, when it was.")
 
 
-class RunReport(ContractModel):
-    """Progress and result of one run, as the runtime last wrote them."""
+class RunProgress(ContractModel):
+    """How far a run is: what the operator shows of a running job."""
 
-    stage: Stage = Field(description="The pipeline stage the run is in.")
+    stage: Stage | None = Field(
+        default=None, description="Pipeline stage: load, evaluate-base, train, search, evaluate, compress, export."
+    )
     step: int | None = Field(default=None, ge=0, description="Optimizer steps done.")
     total_steps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
     epoch: float | None = Field(default=None, ge=0, description="Epochs done (fractional).")
@@ -53,6 +55,12 @@ class RunReport(ContractModel):
     trials_total: int | None = Field(default=None, ge=0, description="Search trials planned.")
     message: str | None = Field(default=None, max_length=4096, description="Latest progress message.")
     updated_at: datetime | None = Field(default=None, description="When the report was written.")
+
+
+class RunReport(RunProgress):
+    """Progress and result of one run, as the runtime last wrote them."""
+
+    stage: Stage = Field(description="The pipeline stage the run is in.")
     metrics_before: dict[str, float] | None = Field(default=None, description="Base-model test metrics.")
     metrics_after: dict[str, float] | None = Field(default=None, description="Fine-tuned test metrics.")
     variants: dict[str, VariantReport] | None = Field(default=None, description="Exported variants by name.")
