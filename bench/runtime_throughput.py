@@ -83,7 +83,7 @@ def plain_samples_per_second() -> float:
         )
         labels = torch.tensor([examples.label_ids[i] for i in chosen])
         loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

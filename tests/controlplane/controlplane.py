@@ -104,8 +104,10 @@ class ControlPlane:
     also runs at interpreter exit.
     """
 
-    def __init__(self, *, ready_timeout: float = 60.0) -> None:
+    def __init__(self, *, ready_timeout: float = 60.0, controllers: bool = True) -> None:
         self.ready_timeout = ready_timeout
+        # Whether to run kube-controller-manager (garbage collector, namespace controller).
+        self.controllers = controllers
         self.startup_seconds: float = 0.0
         self.external = bool(os.environ.get("KUBETUNE_TEST_KUBECONFIG"))
         self.bin_dir: Path | None = None
@@ -209,7 +211,7 @@ class ControlPlane:
         # Only the garbage collector (owner references) and the namespace controller
         # (namespace deletion): kubetune relies on both, and there are no nodes to manage.
         # envtest's assets have no controller manager; without one nothing is collected.
-        if not self._has_binary("kube-controller-manager"):
+        if not self.controllers or not self._has_binary("kube-controller-manager"):
             return
         self._spawn(
             "kube-controller-manager",

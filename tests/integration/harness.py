@@ -146,6 +146,12 @@ class OperatorProcess:
                 return int(line.split()[1]) * 1024
         raise RuntimeError("VmRSS not found")
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the operator process has used (Linux)."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def kill(self) -> None:
         """SIGKILL: no graceful shutdown, as when a node dies."""
         self._signal(signal.SIGKILL)
