@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import yaml
 from kubetune.cli.main import main
 from kubetune.operator.api.manifests import parse
+from kubetune.runtime.contract import RunConfig
 
 from ..conftest import EXAMPLES, REPO_ROOT
 
@@ -76,3 +78,11 @@ def test_console_script_runs() -> None:
     kubetune = Path(sys.executable).parent / "kubetune"
     result = subprocess.run([str(kubetune), "version"], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "0.1.0"
+
+
+def test_the_local_example_is_a_valid_run_config() -> None:
+    config = RunConfig.from_document(json.loads((EXAMPLES / "local" / "run.json").read_text()))
+    train = REPO_ROOT / config.spec.data.train
+    labels = {json.loads(line)["label"] for line in train.read_text().splitlines()}
+    assert labels == {"cooking", "finance", "sports", "weather"}
+    assert config.resources.workers == 2
