@@ -1,0 +1,172 @@
+"""Export the fine-tuned model as Hugging Face folders and write the kubetune.json manifest.
+
+Variants: `full` is the fine-tuned model as trained (for adapter methods: the peft
+adapter, loaded on top of the base model); `merged` is an adapter run with the adapter
+merged into the base weights, a plain transformers model. Every folder carries the
+tokenizer, so it loads on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .contract import MethodType, RunIdentity, RunSpec
+from .contract.method import ADAPTER_METHODS
+from .contract.report import VariantReport
+
+MANIFEST_FILE = "kubetune.json"
+MANIFEST_VERSION = 1
+VARIANTS_FOLDER = "variants"
+TRACKED_LIBRARIES = ("kubetune", "torch", "transformers", "peft", "ray", "tokenizers", "safetensors")
+
+
+class VariantFormat:
+    HF = "hf"  # transformers: AutoModelFor<Task>.from_pretrained(folder)
+    TORCHAO = "hf-torchao"  # the same, with a torchao quantization_config in config.json
+    PEFT_ADAPTER = "peft-adapter"  # peft: PeftModel.from_pretrained(base, folder), or transformers with peft
+
+
+def spec_hash(spec: RunSpec) -> str:
+    """sha256 of the canonical (sorted keys, compact) camelCase JSON of the spec."""
+    canonical = json.dumps(spec.to_wire(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@dataclass
+class ExportedVariant:
+    """A variant folder and what was measured of it."""
+
+    name: str
+    folder: Path
+    format: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    size_bytes: int | None = None
+    latency_ms_p50: float | None = None
+    accepted: bool = True
+    reason: str | None = None
+
+    def describe(self, root: Path) -> dict[str, Any]:
+        return {
+            "path": self.folder.relative_to(root).as_posix(),
+            "format": self.format,
+            "sizeBytes": self.size_bytes if self.size_bytes is not None else folder_size(self.folder),
+            "latencyMsP50": self.latency_ms_p50,
+            "metrics": self.metrics,
+            "accepted": self.accepted,
+            "reason": self.reason,
+        }
+
+    def report(self, uri: str) -> VariantReport:
+        return VariantReport(
+            uri=uri,
+            size_bytes=self.size_bytes,
+            latency_ms_p50=self.latency_ms_p50,
+            metrics=self.metrics,
+            accepted=self.accepted,
+            reason=self.reason,
+        )
+
+
+def _save(model: Any, processor: Any, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """The adapter model with its adapters folded into the base weights (a plain transformers model)."""
+    import copy
+
+    merged: nn.Module = copy.deepcopy(model).merge_and_unload()  # type: ignore[operator]
+    return merged
+
+
+def export_variants(
+    model: nn.Module, tokenizer: Any, spec: RunSpec, root: Path, merged: nn.Module | None = None
+) -> list[ExportedVariant]:
+    """Write every variant of the fine-tuned `model` under `root/variants/<name>`."""
+    base = root / VARIANTS_FOLDER
+    is_adapter = spec.method.type in ADAPTER_METHODS
+    full = ExportedVariant("full", base / "full", VariantFormat.PEFT_ADAPTER if is_adapter else VariantFormat.HF)
+    _save(model, tokenizer, full.folder)
+    variants = [full]
+    if merged is not None:
+        variant = ExportedVariant("merged", base / "merged", VariantFormat.HF)
+        _save(merged, tokenizer, variant.folder)
+        variants.append(variant)
+    return variants
+
+
+def wants_merged(spec: RunSpec) -> bool:
+    """Adapter runs export a merged variant unless lora.merge is false; qlora's 4-bit base cannot merge."""
+    return spec.method.type in {MethodType.LORA, MethodType.DORA} and spec.method.lora_options.merge
+
+
+@dataclass(frozen=True)
+class ManifestInputs:
+    spec: RunSpec
+    identity: RunIdentity
+    data_sources: dict[str, str]
+    labels: list[str]
+    metrics_before: dict[str, float]
+    metrics_after: dict[str, float]
+    validation: dict[str, float]
+    training: dict[str, Any]
+    output_uri: str
+    best_variant: str
+    search: dict[str, Any] | None = None
+    # The spec with the best trial's values applied; the spec itself when there was no search.
+    effective: RunSpec | None = None
+
+
+def write_manifest(root: Path, inputs: ManifestInputs, variants: list[ExportedVariant]) -> Path:
+    """kubetune.json: lineage (base model, data, spec hash, hyperparameters, libraries) and every metric."""
+    spec = inputs.spec
+    manifest = {
+        "manifestVersion": MANIFEST_VERSION,
+        "createdAt": datetime.now(UTC).isoformat(),
+        "run": inputs.identity.to_wire(),
+        "lineage": {
+            "baseModel": {"uri": spec.model.uri, "revision": spec.model.revision},
+            "data": inputs.data_sources,
+            "specHash": spec_hash(spec),
+            "spec": spec.to_wire(),
+            "libraries": library_versions(),
+        },
+        "task": spec.model.task.value,
+        "labels": inputs.labels,
+        "method": (inputs.effective or spec).method.to_wire(),
+        "hyperparameters": (inputs.effective or spec).hyperparameters.to_wire(),
+        "search": inputs.search,
+        "training": inputs.training,
+        "metrics": {"before": inputs.metrics_before, "after": inputs.metrics_after, "validation": inputs.validation},
+        "output": inputs.output_uri,
+        "variants": {variant.name: variant.describe(root) for variant in variants},
+        "bestVariant": inputs.best_variant,
+    }
+    path = root / MANIFEST_FILE
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,96 @@
+"""`python -m kubetune.runtime.finetune --config run.json`: one fine-tuning run.
+
+The config is a RunConfig (a RunSpec with run identity and workers) or a bare RunSpec,
+in camelCase JSON. Exit status: 0 success, 2 invalid spec or data (the message names
+the field), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+from rich.console import Console
+
+from .contract import RunConfig
+from .contract.errors import SpecError
+from .errors import InvalidRunError
+from .reporting import ConsoleReporter, JsonLinesReporter, Reporter, Reporters
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+
+
+def read_config(path: Path) -> RunConfig:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise SpecError([f"{path}: cannot read: {error.strerror}"]) from None
+    except json.JSONDecodeError as error:
+        raise SpecError([f"{path}: not valid JSON: {error}"]) from None
+    try:
+        return RunConfig.from_document(document)
+    except ValidationError as error:
+        root = "" if isinstance(document, dict) and "spec" in document else "spec"
+        raise SpecError.from_validation(error, root) from None
+
+
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m kubetune.runtime.finetune", description=__doc__)
+    parser.add_argument("--config", type=Path, required=True, help="run.json: a RunConfig or a bare RunSpec")
+    parser.add_argument("--events", type=Path, help="also append progress events as JSON lines to this file")
+    parser.add_argument("--result", type=Path, help="write the RunResult as JSON to this file")
+    parser.add_argument("--cpus", type=int, help="CPUs of the local Ray cluster started for this run")
+    return parser.parse_args(argv)
+
+
+def _kubernetes_reporter(config: RunConfig, errors: Console) -> Reporter | None:
+    """The report ConfigMap's reporter inside a cluster; none (console only) for a local run."""
+    from .kube_reporter import kubernetes_reporter
+
+    try:
+        return kubernetes_reporter(config.run)
+    except Exception as error:  # not in a cluster, or no service account: the run still works
+        errors.print(f"not reporting to Kubernetes: {error}", soft_wrap=True, markup=False, highlight=False)
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _arguments(argv)
+    errors = Console(stderr=True)
+    try:
+        config = read_config(arguments.config)
+    except SpecError as error:
+        for problem in error.problems:
+            errors.print(f"[red]invalid spec:[/red] {problem}", soft_wrap=True, markup=True, highlight=False)
+        return EXIT_INVALID
+
+    from .pipeline import RunOptions, run_pipeline
+
+    reporters: list[Reporter] = [ConsoleReporter()]
+    kubernetes = _kubernetes_reporter(config, errors)
+    if kubernetes is not None:
+        reporters.append(kubernetes)
+    if arguments.events:
+        reporters.append(JsonLinesReporter(arguments.events))
+    options = RunOptions(identity=config.run, resources=config.resources, local_cpus=arguments.cpus)
+    try:
+        result = run_pipeline(config.spec, options, Reporters(reporters))
+    except InvalidRunError as error:
+        errors.print(f"invalid run: {error}", soft_wrap=True, markup=False, highlight=False)
+        return EXIT_INVALID
+    except Exception as error:
+        errors.print(f"run failed: {type(error).__name__}: {error}", soft_wrap=True, markup=False, highlight=False)
+        return EXIT_FAILED
+    if arguments.result:
+        arguments.result.write_text(result.model_dump_json(by_alias=True, indent=2) + "\n", encoding="utf-8")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The training loop every Ray Train worker runs (data-parallel, DDP over gloo or NCCL).
+
+Rank 0 sends progress through a relay queue to the driver's reporters, writes the
+checkpoints, and all ranks agree on validation metrics through an all-reduce, so
+early stopping stops every worker at the same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from .checkpoints import TrainingPosition, TrainingState, load_trainable_state, trainable_state
+from .contract import Hyperparameters, Mode, Precision
+from .evaluate import forward_logits, run_evaluation
+from .models import build_model
+from .optim import build_optimizer, build_scheduler
+from .plan import TrainingPlan
+from .tasks import TaskOps, task_ops, totals_size
+
+# Seconds between progress events; every step would flood the driver on fast models.
+PROGRESS_INTERVAL_S = 0.5
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def steps_per_epoch(examples: int, workers: int, batch_size: int, accumulation: int) -> tuple[int, int]:
+    """(batches, optimizer steps) per epoch on each worker; the sampler pads shards to equal size."""
+    per_worker = -(-examples // workers)
+    batches = -(-per_worker // batch_size)
+    return batches, -(-batches // accumulation)
+
+
+def evaluation_points(batches: int, evaluations: int) -> set[int]:
+    """Batch counts after which to validate: evenly spread, always including the epoch's end."""
+    count = min(evaluations, batches)
+    return {round(k * batches / count) for k in range(1, count + 1)}
+
+
+def improved(value: float, best: float | None, mode: Mode, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value > best + min_delta if mode == Mode.MAX else value < best - min_delta
+
+
+def _autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if precision == Precision.FP32:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == Precision.BF16 else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _Relay:
+    """Progress to the driver, from rank 0 only, never failing the training over a lost event."""
+
+    def __init__(self, queue: Any, rank: int) -> None:
+        self.queue = queue if rank == 0 else None
+        self.last_sent = 0.0
+
+    def send(self, event: dict[str, Any], force: bool = False) -> None:
+        now = time.monotonic()
+        if self.queue is None or (not force and now - self.last_sent < PROGRESS_INTERVAL_S):
+            return
+        self.last_sent = now
+        with contextlib.suppress(Exception):
+            self.queue.put_nowait(event)
+
+
+class InjectedFaultError(RuntimeError):
+    """The failure `RuntimeSettings.fault_at_step` asks for: proves that a run survives a lost worker."""
+
+
+def _validate(
+    model: nn.Module, processor: Any, ops: TaskOps, plan: TrainingPlan, hp: Hyperparameters, rank: int, world: int
+) -> dict[str, float]:
+    """Metrics over the whole validation set: each rank scores a disjoint shard, then the totals add up."""
+    task = plan.spec.model.task
+    shard = plan.validation.shard(rank, world)
+    device = next(model.parameters()).device
+    size = totals_size(task, len(plan.labels))
+    totals = run_evaluation(model, processor, ops, shard, hp.max_sequence_length, hp.batch_size, device, size).totals
+    totals = totals.to(device)
+    if world > 1 and dist.is_initialized():
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return ops.metrics(totals.cpu())
+
+
+def _batches(sampler: DistributedSampler[int], batch_size: int) -> list[list[int]]:
+    indices = list(iter(sampler))
+    return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+
+
+def _report(metrics: dict[str, Any], state: TrainingState | None) -> None:
+    """Every rank reports (Ray Train expects it); only rank 0 passes the checkpoint."""
+    if state is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        state.save(Path(folder))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _no_sync(model: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager[Any]:
+    no_sync = getattr(model, "no_sync", None)
+    if skip_sync and no_sync is not None:
+        context: contextlib.AbstractContextManager[Any] = no_sync()
+        return context
+    return contextlib.nullcontext()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: config holds the TrainingPlan and the progress relay."""
+    plan: TrainingPlan = config["plan"]
+    spec = plan.effective_spec
+    hp = spec.hyperparameters
+    torch.set_num_threads(plan.threads_per_worker)
+    seed_everything(hp.seed)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    relay = _Relay(config.get("relay"), rank)
+
+    settings = replace(plan.settings, reuse_downloads=True)
+    model, processor = build_model(spec.model, spec.method, plan.labels, hp.seed, settings)
+    ops = task_ops(spec.model.task, len(plan.labels))
+    if hp.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (adapters) and with DDP.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+    model.train()
+
+    resumed = ray.train.get_checkpoint()
+    state = None
+    if resumed is not None:
+        with resumed.as_directory() as folder:
+            state = TrainingState.load(Path(folder))
+        load_trainable_state(model, state.weights)
+    position = state.position if state else TrainingPosition()
+    if state is not None:
+        position.resumed_from_step = position.step
+        relay.send({"kind": "resumed", "step": position.step}, force=True)
+    # An empty best in a checkpoint means its current weights were the best.
+    best_weights = (state.best_weights or state.weights) if state else {}
+
+    batches_per_epoch, optimizer_steps = steps_per_epoch(
+        len(plan.train), world, hp.batch_size, hp.gradient_accumulation_steps
+    )
+    total_steps = optimizer_steps * hp.epochs
+    unwrapped = model
+    model = ray.train.torch.prepare_model(model)
+    device = next(model.parameters()).device
+    optimizer = build_optimizer(model, hp)
+    scheduler = build_scheduler(optimizer, hp, total_steps)
+    if state is not None and state.optimizer is not None and state.scheduler is not None:
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+    scaler = torch.amp.GradScaler(device.type, enabled=hp.precision == Precision.FP16)
+    # The sampler only needs the length: it hands out example indices.
+    indices: Any = range(len(plan.train))
+    sampler: DistributedSampler[int] = DistributedSampler(
+        indices, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed
+    )
+    checkpoints = evaluation_points(batches_per_epoch, hp.evaluations_per_epoch)
+    accumulation = hp.gradient_accumulation_steps
+    loss_value = 0.0
+    for epoch in range(position.epoch, hp.epochs):
+        sampler.set_epoch(epoch)
+        batches = _batches(sampler, hp.batch_size)
+        for batch_index, indices in enumerate(batches):
+            if batch_index < position.batch:
+                continue  # resumed mid-epoch: these were trained before the checkpoint
+            group_start = batch_index - batch_index % accumulation
+            group_size = min(accumulation, len(batches) - group_start)
+            steps_now = batch_index + 1 == group_start + group_size
+            started = time.perf_counter()
+            inputs = ops.encode(processor, plan.train.subset(indices), hp.max_sequence_length)
+            inputs = {name: value.to(device) for name, value in inputs.items()}
+            with _no_sync(model, not steps_now), _autocast(hp.precision, device):
+                loss = ops.loss(forward_logits(model, inputs), inputs["labels"]) / group_size
+            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+            loss_value += float(loss.detach())
+            if steps_now:
+                scaler.unscale_(optimizer)
+                if hp.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                position.step += 1
+                relay.send(
+                    {
+                        "kind": "progress",
+                        "step": position.step,
+                        "total_steps": total_steps,
+                        "epoch": epoch + (batch_index + 1) / len(batches),
+                        "loss": loss_value,
+                        "learning_rate": scheduler.get_last_lr()[0],
+                    },
+                    force=position.step == total_steps,
+                )
+                loss_value = 0.0
+                fault = plan.settings.fault_at_step
+                if fault is not None and position.step == fault and resumed is None and rank == 0:
+                    raise InjectedFaultError(f"injected failure at step {fault} (KUBETUNE_FAULT_AT_STEP)")
+            position.batch = batch_index + 1
+            # Throughput counts the training steps only, not validation or checkpoints.
+            position.train_seconds += time.perf_counter() - started
+            position.train_samples += len(indices)
+            position.epochs_done = epoch + position.batch / len(batches)
+            if position.batch not in checkpoints:
+                continue
+            metrics = _validate(model, processor, ops, plan, hp, rank, world)
+            relay.send({"kind": "metrics", "split": "validation", "values": metrics, "step": position.step}, True)
+            value = metrics[plan.metric.value]
+            min_delta = hp.early_stopping.min_delta if hp.early_stopping else 0.0
+            current = trainable_state(unwrapped) if rank == 0 else {}
+            if improved(value, position.best_metrics.get(plan.metric.value), plan.mode, min_delta):
+                position.best_metrics, position.best_step = metrics, position.step
+                position.evaluations_without_improvement = 0
+                best_weights = current
+            else:
+                position.evaluations_without_improvement += 1
+            if hp.early_stopping and position.evaluations_without_improvement >= hp.early_stopping.patience:
+                position.stopped_early = True
+            # When the current weights are the best, the checkpoint stores them once.
+            stored_best = {} if best_weights is current else best_weights
+            state = TrainingState(current, stored_best, optimizer.state_dict(), scheduler.state_dict(), position)
+            _report({**_prefixed(metrics), "step": position.step, "epoch": epoch}, state if rank == 0 else None)
+            if position.stopped_early:
+                break
+        if position.stopped_early:
+            break
+        position.epoch, position.batch = epoch + 1, 0
+
+    # The exported model is the one that validated best, not necessarily the last.
+    final = TrainingState(best_weights, {}, None, None, position, final=True)
+    _report({**_prefixed(position.best_metrics), "step": position.step, "final": True}, final if rank == 0 else None)
+
+
+def _prefixed(metrics: dict[str, float]) -> dict[str, float]:
+    return {f"validation_{name}": value for name, value in metrics.items()}
+
+
+def iterate_events(queue: Any) -> Iterator[dict[str, Any]]:
+    """Drain the relay queue without blocking."""
+    while not queue.empty():
+        yield queue.get_nowait()

@@ -1,0 +1,272 @@
+"""The run pipeline: load, evaluate the base, train (or search), evaluate, compress, export.
+
+`run_pipeline` is the Python API; `kubetune.runtime.finetune` is the command around it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoints import TrainingPosition, TrainingState, load_trainable_state
+from .cluster import ray_cluster
+from .contract import Precision, RunIdentity, RunSpec, Task, WorkerResources
+from .contract.report import Stage
+from .data import TaskData, load_data
+from .errors import DataError, InvalidRunError
+from .evaluate import evaluate_task
+from .export import ManifestInputs, spec_hash, write_manifest
+from .models import build_model, check_method_fits_machine, load_base, load_processor, locate_model
+from .plan import TrainingPlan, with_overrides
+from .reporting import Reporter, Reporters, TensorBoardReporter
+from .result import RunResult
+from .settings import RuntimeSettings
+from .storage import join_uri, local_path, parse_uri, upload_directory
+from .train import cluster_cpus, train, worker_shape
+from .variants import COMPRESSED, EVALUATION_BATCH_SIZE, VariantContext, build_variants
+
+TENSORBOARD_FOLDER = "tensorboard"
+CHECKPOINTS_FOLDER = "checkpoints"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How and where this run executes; the spec says what runs."""
+
+    identity: RunIdentity = field(default_factory=RunIdentity)
+    resources: WorkerResources = field(default_factory=WorkerResources)
+    settings: RuntimeSettings = field(default_factory=RuntimeSettings.from_environment)
+    # CPUs of a Ray cluster started for this run (ignored when Ray is already up or remote).
+    local_cpus: int | None = None
+
+
+def check_runnable(spec: RunSpec, resources: WorkerResources) -> None:
+    """Refuse, before any work, what this runtime or machine cannot do."""
+    use_gpu = resources.gpus_per_worker > 0
+    check_method_fits_machine(spec.method, use_gpu)
+    if spec.hyperparameters.precision == Precision.FP16 and not (use_gpu and torch.cuda.is_available()):
+        raise InvalidRunError("hyperparameters.precision", "fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    if use_gpu and not torch.cuda.is_available():
+        raise InvalidRunError("resources.gpusPerWorker", "GPUs were requested but this machine has no CUDA GPU")
+
+
+def _staging_root(spec: RunSpec, options: RunOptions) -> Path:
+    """Local folder the results are written to (the output itself unless it is remote)."""
+    if parse_uri(spec.output.uri).scheme == "s3":
+        digest = hashlib.sha256(spec.output.uri.encode()).hexdigest()[:16]
+        return options.settings.cache_dir / "outputs" / digest
+    return local_path(spec.output.uri, options.settings)
+
+
+def _checkpoint_storage(spec: RunSpec, root: Path) -> tuple[str, Any]:
+    """Ray Train storage for checkpoints: inside the output (on S3 directly for s3:// outputs)."""
+    parsed = parse_uri(spec.output.uri)
+    if parsed.scheme != "s3":
+        return str((root / CHECKPOINTS_FOLDER).resolve()), None
+    from .s3fs import arrow_s3_filesystem
+
+    return join_uri(parsed.location, CHECKPOINTS_FOLDER), arrow_s3_filesystem()
+
+
+def _check_chat_template(processor: Any, data: TaskData) -> None:
+    uses_chat = any(isinstance(item, dict) and "messages" in item for item in data.train.inputs[:1])
+    if uses_chat and not getattr(processor, "chat_template", None):
+        raise DataError(
+            "data.fields.messages",
+            "the data holds chat messages but the model's tokenizer has no chat template; "
+            "use prompt/completion fields or a model with a chat template",
+        )
+
+
+def _evaluate_base(spec: RunSpec, data: TaskData, options: RunOptions) -> dict[str, float]:
+    """Test metrics of the base model (for classification with a freshly initialised, seeded head)."""
+    location = locate_model(spec.model, options.settings)
+    processor = load_processor(location, spec.model)
+    if spec.model.task == Task.CAUSAL_LM:
+        _check_chat_template(processor, data)
+    model = load_base(location, spec.model, data.labels, spec.hyperparameters.seed)
+    metrics = evaluate_task(
+        model,
+        processor,
+        spec.model.task,
+        data.test,
+        len(data.labels),
+        spec.hyperparameters.max_sequence_length,
+        EVALUATION_BATCH_SIZE,
+    )
+    del model
+    return metrics
+
+
+def _uri_of(spec: RunSpec, root: Path, path: Path) -> str:
+    """Where `path` (inside the staging root) ends up in the output."""
+    relative = path.relative_to(root).as_posix()
+    if parse_uri(spec.output.uri).scheme == "s3":
+        return join_uri(spec.output.uri, relative)
+    return str(path.resolve())
+
+
+def run_pipeline(spec: RunSpec, options: RunOptions | None = None, reporter: Reporter | None = None) -> RunResult:
+    """Fine-tune `spec` end to end; raises InvalidRunError for a spec or data that cannot work."""
+    options = options or RunOptions()
+    check_runnable(spec, options.resources)
+    root = _staging_root(spec, options)
+    root.mkdir(parents=True, exist_ok=True)
+    tensorboard = TensorBoardReporter(root / TENSORBOARD_FOLDER)
+    events = Reporters([tensorboard, *([reporter] if reporter else [])])
+    try:
+        result = _run(spec, options, root, events)
+        tensorboard.close()
+        if parse_uri(spec.output.uri).scheme == "s3":
+            upload_directory(root, spec.output.uri)
+            shutil.rmtree(root, ignore_errors=True)
+    except BaseException as error:
+        events.failed(str(error) or type(error).__name__)
+        raise
+    events.result(result)
+    return result
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """Training's outcome, with or without a search."""
+
+    spec: RunSpec  # with the best trial's values applied
+    state: TrainingState
+    search: dict[str, Any] | None = None
+
+    @property
+    def position(self) -> TrainingPosition:
+        return self.state.position
+
+
+def _train_or_search(spec: RunSpec, data: TaskData, options: RunOptions, root: Path, events: Reporters) -> _Trained:
+    plan = TrainingPlan(spec, data.labels, data.train, data.validation, options.settings)
+    storage_path, filesystem = _checkpoint_storage(spec, root)
+    name = options.identity.run_name or "train"
+    with ray_cluster(options.local_cpus):
+        if spec.search is None:
+            events.stage_started(
+                Stage.TRAIN, f"{spec.method.type.value} on {options.resources.workers} Ray Train worker(s)"
+            )
+            outcome = train(plan, options.resources, storage_path, name, events, storage_filesystem=filesystem)
+            return _Trained(spec, outcome.state)
+        from .search import run_search
+
+        search = spec.search
+        message = f"{search.algorithm.value} search, {search.effective_trials} sample(s), {search.scheduler.value}"
+        events.stage_started(Stage.SEARCH, message)
+        shape = worker_shape(options.resources, cluster_cpus(), search.max_concurrent_trials)
+        found = run_search(plan, shape, storage_path, f"{name}-search", events, filesystem)
+    summary = {
+        "bestHyperparameters": found.overrides,
+        "bestValidation": found.metrics,
+        "trials": len(found.trials),
+        "trialResults": found.trials,
+    }
+    return _Trained(with_overrides(spec, found.overrides), found.state, summary)
+
+
+def _run(spec: RunSpec, options: RunOptions, root: Path, events: Reporters) -> RunResult:
+    task = spec.model.task
+    events.stage_started(Stage.LOAD, f"data from {spec.data.train}")
+    data = load_data(spec, options.settings)
+    events.stage_started(
+        Stage.EVALUATE_BASE,
+        f"{len(data.train)} train / {len(data.validation)} validation / {len(data.test)} test examples"
+        + (f", {len(data.labels)} labels" if data.labels else ""),
+    )
+    before = _evaluate_base(spec, data, options)
+    events.metrics("test-before", before, 0)
+
+    trained = _train_or_search(spec, data, options, root, events)
+    effective = trained.spec
+    hp = effective.hyperparameters
+
+    events.stage_started(Stage.EVALUATE, "fine-tuned model on the test set")
+    model, processor = build_model(effective.model, effective.method, data.labels, hp.seed, options.settings)
+    load_trainable_state(model, trained.state.weights)
+    after = evaluate_task(
+        model, processor, task, data.test, len(data.labels), hp.max_sequence_length, EVALUATION_BATCH_SIZE
+    )
+    events.metrics("test-after", after, trained.position.step)
+
+    events.stage_started(Stage.COMPRESS, "variants: " + _planned_variants(effective))
+    context = VariantContext(effective, data, after, options.settings.compile_latency)
+    variants = build_variants(model, processor, root, context)
+    reports = {variant.name: variant.report(_uri_of(spec, root, variant.folder)) for variant in variants}
+    from .compress import best_variant
+
+    best = best_variant(reports, set(COMPRESSED))
+
+    events.stage_started(Stage.EXPORT, f"to {spec.output.uri}")
+    inputs = _manifest_inputs(spec, options, data, before, after, trained, best)
+    manifest = write_manifest(root, inputs, variants)
+    result = RunResult(
+        metrics_before=before,
+        metrics_after=after,
+        validation=trained.position.best_metrics,
+        artifacts={name: report.uri for name, report in reports.items()},
+        variants=reports,
+        best_variant=best,
+        manifest_uri=_uri_of(spec, root, manifest),
+        tensorboard_uri=_uri_of(spec, root, root / TENSORBOARD_FOLDER),
+        spec_hash=spec_hash(spec),
+        steps=trained.position.step,
+        epochs=trained.position.epochs_done,
+        stopped_early=trained.position.stopped_early,
+        resumed_from_step=trained.position.resumed_from_step,
+        trials=trained.search["trials"] if trained.search else None,
+        best_hyperparameters=trained.search["bestHyperparameters"] if trained.search else None,
+    )
+    return result
+
+
+def _planned_variants(spec: RunSpec) -> str:
+    from .export import wants_merged
+
+    names = ["full", *(["merged"] if wants_merged(spec) else [])]
+    if spec.compression.quantization.method.value != "none":
+        names.append("int8")
+    if spec.compression.pruning.method.value != "none":
+        names.append("pruned")
+    return ", ".join(names)
+
+
+def _manifest_inputs(
+    spec: RunSpec,
+    options: RunOptions,
+    data: TaskData,
+    before: dict[str, float],
+    after: dict[str, float],
+    trained: _Trained,
+    best: str,
+) -> ManifestInputs:
+    position = trained.position
+    return ManifestInputs(
+        spec=spec,
+        identity=options.identity,
+        data_sources=data.sources,
+        labels=data.labels,
+        metrics_before=before,
+        metrics_after=after,
+        validation=position.best_metrics,
+        training={
+            "steps": position.step,
+            "bestStep": position.best_step,
+            "stoppedEarly": position.stopped_early,
+            "resumedFromStep": position.resumed_from_step,
+            "samplesPerSecondPerWorker": position.samples_per_second,
+            "workers": options.resources.workers,
+            "examples": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)},
+        },
+        output_uri=spec.output.uri,
+        best_variant=best,
+        search=trained.search,
+        effective=trained.spec,
+    )

@@ -1,0 +1,59 @@
+"""What every training worker needs, as one picklable value, and the values a search overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .contract import Hyperparameters, Method, Metric, Mode, RunSpec
+from .contract.search import METRIC_MODE
+from .data import Examples
+from .settings import RuntimeSettings
+
+# Search keys of nested method options ("lora.rank") and the contract fields they set.
+_METHOD_OPTIONS = {"lora": "lora", "freeze": "freeze"}
+
+
+def with_overrides(spec: RunSpec, overrides: dict[str, Any]) -> RunSpec:
+    """`spec` with searched values applied: hyperparameter aliases or `lora.*` / `freeze.*` keys."""
+    if not overrides:
+        return spec
+    hyperparameters = spec.hyperparameters.to_wire()
+    method = spec.method.to_wire()
+    for key, value in overrides.items():
+        group, _, option = key.partition(".")
+        if option and group in _METHOD_OPTIONS:
+            method.setdefault(_METHOD_OPTIONS[group], {})[option] = value
+        else:
+            hyperparameters[key] = value
+    return spec.model_copy(
+        update={
+            "hyperparameters": Hyperparameters.model_validate(hyperparameters),
+            "method": Method.model_validate(method),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The spec, the label names and the examples a training run uses."""
+
+    spec: RunSpec
+    labels: list[str]
+    train: Examples
+    validation: Examples
+    settings: RuntimeSettings
+    threads_per_worker: int = 1
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def effective_spec(self) -> RunSpec:
+        return with_overrides(self.spec, self.overrides)
+
+    @property
+    def metric(self) -> Metric:
+        return self.spec.search_metric
+
+    @property
+    def mode(self) -> Mode:
+        return METRIC_MODE[self.metric]

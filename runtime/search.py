@@ -1,0 +1,238 @@
+"""Hyperparameter search with Ray Tune: every trial runs the same Ray Train training as a plain run.
+
+Ray Train V2 composes with Tune by running the TorchTrainer inside a Tune function; the
+trainer's reports reach Tune (and its ASHA scheduler) through `TuneReportCallback`.
+Trials are bounded by `maxConcurrentTrials` and by what the cluster can place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import ray.tune
+from ray.train import Checkpoint
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+
+from .checkpoints import TrainingState
+from .contract import Algorithm, ParameterType, Scheduler, SearchParameter, SearchSpec
+from .plan import TrainingPlan
+from .reporting import Reporter
+from .train import WorkerShape, build_trainer
+
+# What the trial function itself (not its training workers) asks Ray for: it only waits on the trainer.
+TRIAL_DRIVER_CPUS = 0.1
+# Tune config keys cannot hold dots reliably (nested-key syntax); searched keys like lora.rank are renamed.
+_DOT = "__"
+
+
+def tune_key(key: str) -> str:
+    return key.replace(".", _DOT)
+
+
+def spec_key(key: str) -> str:
+    return key.replace(_DOT, ".")
+
+
+def _domain(parameter: SearchParameter, algorithm: Algorithm) -> Any:
+    """The Tune domain of one searched setting; with algorithm grid every value is enumerated."""
+    kind = parameter.type
+    if kind == ParameterType.GRID or (kind == ParameterType.CHOICE and algorithm == Algorithm.GRID):
+        return ray.tune.grid_search(list(parameter.values or []))
+    if kind == ParameterType.CHOICE:
+        return ray.tune.choice(list(parameter.values or []))
+    assert parameter.low is not None and parameter.high is not None  # the contract guarantees both
+    if kind == ParameterType.UNIFORM:
+        return ray.tune.uniform(parameter.low, parameter.high)
+    if kind == ParameterType.LOGUNIFORM:
+        return ray.tune.loguniform(parameter.low, parameter.high)
+    return ray.tune.randint(int(parameter.low), int(parameter.high))
+
+
+def param_space(search: SearchSpec) -> dict[str, Any]:
+    return {tune_key(key): _domain(parameter, search.algorithm) for key, parameter in search.space.items()}
+
+
+def metric_name(plan: TrainingPlan) -> str:
+    """The name the training loop reports the ranking metric under."""
+    return f"validation_{plan.metric.value}"
+
+
+def _search_algorithm(search: SearchSpec, metric: str, mode: str, seed: int) -> Any:
+    if search.algorithm != Algorithm.TPE:
+        return None  # random and grid: Tune's own variant generator
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    algorithm = OptunaSearch(metric=metric, mode=mode, sampler=sampler)
+    return ConcurrencyLimiter(algorithm, max_concurrent=search.max_concurrent_trials)
+
+
+def _scheduler(search: SearchSpec, plan: TrainingPlan) -> Any:
+    if search.scheduler != Scheduler.ASHA:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    options = search.asha
+    hp = plan.spec.hyperparameters
+    # One Tune iteration per validation report; the final report adds one more.
+    max_t = hp.epochs * hp.evaluations_per_epoch + 1
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=max_t,
+        grace_period=min(options.grace_period if options else 1, max_t),
+        reduction_factor=options.reduction_factor if options else 2.0,
+    )
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """The best trial: its settings, its validation metrics and its trained weights."""
+
+    overrides: dict[str, Any]
+    metrics: dict[str, float]
+    state: TrainingState
+    trials: list[dict[str, Any]]  # every trial: its values, last validation metrics, reports, error
+    checkpoint_path: str
+
+
+def _trial(config: dict[str, Any], plan: TrainingPlan, shape: WorkerShape, storage_path: str, fs: Any) -> None:
+    """One trial: the plan with this trial's values, trained by a TorchTrainer that reports to Tune."""
+    overrides = {spec_key(key): value for key, value in config.items()}
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = build_trainer(
+        replace(plan, overrides=overrides),
+        shape,
+        storage_path,
+        f"trial-{trial_id}",
+        callbacks=[TuneReportCallback()],  # type: ignore[no-untyped-call]
+        storage_filesystem=fs,
+    )
+    trainer.fit()
+
+
+def run_search(
+    plan: TrainingPlan,
+    shape: WorkerShape,
+    storage_path: str,
+    name: str,
+    reporter: Reporter,
+    storage_filesystem: Any = None,
+) -> SearchOutcome:
+    """Run the spec's search; Ray must be initialised. Trial checkpoints go under `storage_path`."""
+    search = plan.spec.search
+    assert search is not None
+    metric, mode = metric_name(plan), plan.mode.value
+    trainable = ray.tune.with_parameters(
+        _trial, plan=plan, shape=shape, storage_path=storage_path, fs=storage_filesystem
+    )
+    trials_total = _planned_trials(search)
+    tuner = ray.tune.Tuner(
+        ray.tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPUS}),
+        param_space=param_space(search),
+        tune_config=ray.tune.TuneConfig(
+            metric=metric,
+            mode=mode,
+            num_samples=search.effective_trials,
+            max_concurrent_trials=search.max_concurrent_trials,
+            search_alg=_search_algorithm(search, metric, mode, plan.spec.hyperparameters.seed),
+            scheduler=_scheduler(search, plan),
+        ),
+        run_config=ray.tune.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            callbacks=[_TrialCounter(reporter, trials_total)],
+        ),
+    )
+    before = _placement_groups()
+    try:
+        results = tuner.fit()
+    finally:
+        _remove_leftover_placement_groups(before)
+    # "last": a finished trial's last report repeats its best validation metrics with its best weights.
+    best = results.get_best_result(metric=metric, mode=mode, scope="last")
+    if best.config is None or not best.metrics or CHECKPOINT_PATH_KEY not in best.metrics:
+        raise RuntimeError("the search finished without a successful trial")
+    overrides = {spec_key(key): value for key, value in best.config.items()}
+    path = str(best.metrics[CHECKPOINT_PATH_KEY])
+    with Checkpoint(path=path, filesystem=storage_filesystem).as_directory() as folder:
+        state = TrainingState.load(Path(folder))
+    metrics = {
+        key.removeprefix("validation_"): float(value)
+        for key, value in best.metrics.items()
+        if key.startswith("validation_")
+    }
+    return SearchOutcome(overrides, metrics, state, [_summary(results[i]) for i in range(len(results))], path)
+
+
+def _placement_groups() -> set[str]:
+    from ray.util.placement_group import placement_group_table
+
+    return set(placement_group_table())
+
+
+def _remove_leftover_placement_groups(before: set[str]) -> None:
+    """Free what trials stopped by the scheduler left reserved.
+
+    A trial that ASHA stops dies with its TorchTrainer's controller mid-run; Ray Train's own
+    cleaner needs the state API (the dashboard), which a lean cluster lacks, so the workers'
+    placement group would stay reserved and starve every later training. Only groups this
+    job created during the search are removed.
+    """
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    for group_id, info in placement_group_table().items():
+        # A placement group id ends with the id of the job that created it.
+        if group_id in before or not group_id.endswith(job) or info.get("state") == "REMOVED":
+            continue
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+
+
+def _summary(result: Any) -> dict[str, Any]:
+    metrics = result.metrics or {}
+    return {
+        "hyperparameters": {spec_key(key): value for key, value in (result.config or {}).items()},
+        "validation": {
+            key.removeprefix("validation_"): float(value)
+            for key, value in metrics.items()
+            if key.startswith("validation_")
+        },
+        "reports": int(metrics.get("training_iteration", 0)),
+        "error": str(result.error) if result.error else None,
+    }
+
+
+def _planned_trials(search: SearchSpec) -> int:
+    """How many trials Tune will run: grid searches multiply the samples by the grid's size."""
+    grid = 1
+    for parameter in search.space.values():
+        if parameter.type == ParameterType.GRID or (
+            parameter.type == ParameterType.CHOICE and search.algorithm == Algorithm.GRID
+        ):
+            grid *= len(parameter.values or [])
+    return search.effective_trials * grid
+
+
+class _TrialCounter(ray.tune.Callback):
+    """Tells the reporter whenever a trial ends (completed, stopped early or failed)."""
+
+    def __init__(self, reporter: Reporter, total: int) -> None:
+        self.reporter: Reporter | None = reporter
+        self.total, self.done = total, 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks into the experiment state; the reporter (files, threads) stays here.
+        return {**self.__dict__, "reporter": None}
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.done += 1
+        if self.reporter is not None:
+            self.reporter.trials(self.done, self.total)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.on_trial_complete(iteration, trials, trial, **info)

@@ -1,0 +1,181 @@
+"""What differs between tasks: how examples become tensors, the loss, and the evaluation metrics.
+
+Every task turns a batch of `Examples` into model inputs plus a `labels` tensor, and
+sums what its metrics need into one float64 vector. The vectors of several batches
+or workers add up, so metrics over a sharded set equal those over the whole set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .contract import Task
+from .data import Examples
+from .images import open_image
+
+# Label value the causal-LM loss skips (prompt and padding tokens); the same as in transformers.
+IGNORE_INDEX = -100
+
+
+class TaskOps(Protocol):
+    """The task-specific part of training and evaluation."""
+
+    def encode(self, processor: Any, examples: Examples, max_length: int) -> dict[str, torch.Tensor]:
+        """Model inputs and a `labels` tensor for a batch."""
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean training loss of a batch."""
+
+    def totals(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """What the metrics need from a batch, as a vector that adds up over batches and workers."""
+
+    def metrics(self, totals: torch.Tensor) -> dict[str, float]:
+        """The metrics from summed totals."""
+
+    def predictions(self, logits: torch.Tensor) -> list[int]:
+        """Predicted label ids (classification) or nothing."""
+
+
+def _class_totals(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Per-class true positives, false positives, false negatives; then the loss sum and the example count."""
+    predicted = logits.argmax(dim=-1)
+    right = predicted == labels
+    true_positive = torch.bincount(labels[right], minlength=num_labels)
+    false_positive = torch.bincount(predicted[~right], minlength=num_labels)
+    false_negative = torch.bincount(labels[~right], minlength=num_labels)
+    loss_sum = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+    counts = torch.cat([true_positive, false_positive, false_negative]).to(torch.float64).cpu()
+    return torch.cat([counts, torch.stack([loss_sum.detach().double().cpu(), torch.tensor(float(len(labels)))])])
+
+
+def classification_metrics_from_totals(totals: torch.Tensor, num_labels: int) -> dict[str, float]:
+    """accuracy, macro-F1 over every label (a label never seen nor predicted scores 0) and mean loss."""
+    values = totals.tolist()
+    n = num_labels
+    true_positive, false_positive, false_negative = values[:n], values[n : 2 * n], values[2 * n : 3 * n]
+    loss_sum, examples = values[3 * n], values[3 * n + 1]
+    scores = []
+    for tp, fp, fn in zip(true_positive, false_positive, false_negative, strict=True):
+        denominator = 2 * tp + fp + fn
+        scores.append(2 * tp / denominator if denominator else 0.0)
+    return {
+        "accuracy": sum(true_positive) / examples if examples else 0.0,
+        "f1": sum(scores) / len(scores) if scores else 0.0,
+        "loss": loss_sum / examples if examples else 0.0,
+    }
+
+
+@dataclass(frozen=True)
+class _Classification:
+    num_labels: int
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.float(), labels)
+
+    def totals(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _class_totals(logits, labels, self.num_labels)
+
+    def metrics(self, totals: torch.Tensor) -> dict[str, float]:
+        return classification_metrics_from_totals(totals, self.num_labels)
+
+    def predictions(self, logits: torch.Tensor) -> list[int]:
+        return [int(i) for i in logits.argmax(dim=-1).tolist()]
+
+
+@dataclass(frozen=True)
+class TextClassification(_Classification):
+    def encode(self, processor: Any, examples: Examples, max_length: int) -> dict[str, torch.Tensor]:
+        encoded = processor(examples.texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        inputs = {name: value for name, value in encoded.items() if isinstance(value, torch.Tensor)}
+        inputs["labels"] = torch.tensor(examples.label_ids, dtype=torch.long)
+        return inputs
+
+
+@dataclass(frozen=True)
+class ImageClassification(_Classification):
+    def encode(self, processor: Any, examples: Examples, max_length: int) -> dict[str, torch.Tensor]:
+        encoded = processor(images=[open_image(image) for image in examples.inputs], return_tensors="pt")
+        return {"pixel_values": encoded["pixel_values"], "labels": torch.tensor(examples.label_ids, dtype=torch.long)}
+
+
+def prompt_and_completion(tokenizer: Any, example: dict[str, Any]) -> tuple[str, str]:
+    """The prompt text and the completion it should produce; chats go through the tokenizer's template."""
+    if "messages" not in example:
+        return str(example["prompt"]), str(example["completion"])
+    messages = example["messages"]
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    return str(prompt), str(messages[-1]["content"])
+
+
+def encode_causal(tokenizer: Any, example: dict[str, Any], max_length: int) -> tuple[list[int], list[int]]:
+    """(token ids, labels) of one example: the labels are IGNORE_INDEX over the prompt, so only the completion
+    is learned; the completion ends with the end-of-sequence token so the model learns to stop."""
+    prompt, completion = prompt_and_completion(tokenizer, example)
+    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids = prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        completion_ids = [*completion_ids, tokenizer.eos_token_id]
+    # Over-long examples lose the start of the prompt: the completion is what is learned.
+    keep_prompt = max(1, max_length - len(completion_ids))
+    prompt_ids = prompt_ids[-keep_prompt:]
+    ids = (prompt_ids + completion_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
+    return ids, labels
+
+
+@dataclass(frozen=True)
+class CausalLanguageModeling:
+    def encode(self, processor: Any, examples: Examples, max_length: int) -> dict[str, torch.Tensor]:
+        pairs = [encode_causal(processor, example, max_length) for example in examples.inputs]
+        width = max(len(ids) for ids, _ in pairs)
+        pad = processor.pad_token_id if processor.pad_token_id is not None else 0
+        input_ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)
+        labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (ids, targets) in enumerate(pairs):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+            labels[row, : len(targets)] = torch.tensor(targets)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    @staticmethod
+    def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Position t predicts token t+1.
+        return logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        predicted, expected = self._shifted(logits, labels)
+        return nn.functional.cross_entropy(predicted, expected, ignore_index=IGNORE_INDEX)
+
+    def totals(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        predicted, expected = self._shifted(logits, labels)
+        loss_sum = nn.functional.cross_entropy(predicted, expected, ignore_index=IGNORE_INDEX, reduction="sum")
+        tokens = (expected != IGNORE_INDEX).sum()
+        return torch.stack([loss_sum.detach().double().cpu(), tokens.double().cpu()])
+
+    def metrics(self, totals: torch.Tensor) -> dict[str, float]:
+        loss_sum, tokens = totals.tolist()
+        loss = loss_sum / tokens if tokens else 0.0
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    def predictions(self, logits: torch.Tensor) -> list[int]:
+        return []
+
+
+def task_ops(task: Task, num_labels: int) -> TaskOps:
+    if task == Task.CAUSAL_LM:
+        return CausalLanguageModeling()
+    if task == Task.IMAGE_CLASSIFICATION:
+        return ImageClassification(num_labels)
+    return TextClassification(num_labels)
+
+
+def totals_size(task: Task, num_labels: int) -> int:
+    """Length of the totals vector of `task`."""
+    return 2 if task == Task.CAUSAL_LM else 3 * num_labels + 2

