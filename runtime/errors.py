@@ -16,6 +16,10 @@ class InvalidRunError(ValueError):
         self.problem = problem
         super().__init__(f"{where}: {problem}")
 
+    def __reduce__(self) -> tuple[type[InvalidRunError], tuple[str, str]]:
+        # Raised in a Ray worker, it crosses to the driver by pickling.
+        return (type(self), (self.where, self.problem))
+
 
 class DataError(InvalidRunError):
     """Training, validation or test data that cannot be used; `where` names the field or URI."""

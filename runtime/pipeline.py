@@ -26,7 +26,7 @@ from .plan import TrainingPlan, with_overrides
 from .reporting import Reporter, Reporters, TensorBoardReporter
 from .result import RunResult
 from .settings import RuntimeSettings
-from .storage import join_uri, local_path, parse_uri, upload_directory
+from .storage import anchored, join_uri, local_path, parse_uri, upload_directory
 from .train import cluster_cpus, train, worker_shape
 from .variants import COMPRESSED, EVALUATION_BATCH_SIZE, VariantContext, build_variants
 
@@ -114,6 +114,7 @@ def _uri_of(spec: RunSpec, root: Path, path: Path) -> str:
 def run_pipeline(spec: RunSpec, options: RunOptions | None = None, reporter: Reporter | None = None) -> RunResult:
     """Fine-tune `spec` end to end; raises InvalidRunError for a spec or data that cannot work."""
     options = options or RunOptions()
+    spec = _with_absolute_paths(spec, Path.cwd())
     check_runnable(spec, options.resources)
     root = _staging_root(spec, options)
     root.mkdir(parents=True, exist_ok=True)
@@ -130,6 +131,24 @@ def run_pipeline(spec: RunSpec, options: RunOptions | None = None, reporter: Rep
         raise
     events.result(result)
     return result
+
+
+def _with_absolute_paths(spec: RunSpec, base: Path) -> RunSpec:
+    """Relative plain paths in the spec, resolved where the run was started."""
+    data = spec.data
+    return spec.model_copy(
+        update={
+            "model": spec.model.model_copy(update={"uri": anchored(spec.model.uri, base)}),
+            "data": data.model_copy(
+                update={
+                    "train": anchored(data.train, base),
+                    "validation": anchored(data.validation, base),
+                    "test": anchored(data.test, base),
+                }
+            ),
+            "output": spec.output.model_copy(update={"uri": anchored(spec.output.uri, base)}),
+        }
+    )
 
 
 @dataclass(frozen=True)

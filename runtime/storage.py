@@ -59,6 +59,13 @@ def local_path(uri: str, settings: RuntimeSettings) -> Path:
     raise StorageError(uri, f"{parsed.scheme}:// is not a local location")
 
 
+def anchored(uri: str | None, base: Path) -> str | None:
+    """A plain relative path made absolute against `base` (Ray workers run in other folders)."""
+    if uri is None or "://" in uri or Path(uri).is_absolute():
+        return uri
+    return str((base / uri).resolve())
+
+
 def s3_client() -> Any:
     import boto3
 

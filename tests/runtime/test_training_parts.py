@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
 from kubetune.runtime.contract import Hyperparameters, Mode, WorkerResources
+from kubetune.runtime.errors import DataError
 from kubetune.runtime.evaluate import ConfusionCounts, classification_metrics
 from kubetune.runtime.export import spec_hash
 from kubetune.runtime.loop import evaluation_points, improved, steps_per_epoch
 from kubetune.runtime.optim import build_optimizer, schedule_factor
 from kubetune.runtime.plan import with_overrides
+from kubetune.runtime.storage import anchored
 from kubetune.runtime.train import worker_shape
 
 from .conftest import make_spec
@@ -100,3 +103,16 @@ def test_spec_hash_is_canonical(tmp_path: Path) -> None:
     assert spec_hash(spec) == spec_hash(same)
     assert len(spec_hash(spec)) == 64 and all(c in "0123456789abcdef" for c in spec_hash(spec))
     assert spec_hash(spec) != spec_hash(with_overrides(spec, {"epochs": 3}))
+
+
+def test_invalid_run_errors_survive_pickling() -> None:
+    # Raised in a Ray worker, the error reaches the driver pickled.
+    error = pickle.loads(pickle.dumps(DataError("data.train", "no examples in x.jsonl")))
+    assert isinstance(error, DataError) and str(error) == "data.train: no examples in x.jsonl"
+
+
+def test_relative_paths_are_anchored_where_the_run_starts(tmp_path: Path) -> None:
+    assert anchored("data/train.jsonl", tmp_path) == str(tmp_path / "data" / "train.jsonl")
+    assert anchored("s3://bucket/train.jsonl", tmp_path) == "s3://bucket/train.jsonl"
+    assert anchored("/abs/train.jsonl", tmp_path) == "/abs/train.jsonl"
+    assert anchored(None, tmp_path) is None
