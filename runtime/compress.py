@@ -180,9 +180,24 @@ def judge(task: Task, reference: dict[str, float], metrics: dict[str, float], ma
     return Verdict(True)
 
 
+# A compressed variant that serves this much slower than the uncompressed model is not
+# the one to deploy, however small (int8 matmuls are slow on CPUs without VNNI/AMX).
+MAX_SLOWDOWN = 1.5
+
+
 def best_variant(variants: dict[str, VariantReport], compressed: set[str]) -> str:
-    """The smallest accepted compressed variant, else the merged model, else the fine-tuned one."""
-    accepted = [name for name in variants if name in compressed and variants[name].accepted]
-    if accepted:
-        return min(accepted, key=lambda name: variants[name].size_bytes or 0)
-    return "merged" if "merged" in variants else "full"
+    """The smallest accepted compressed variant that is not much slower than the uncompressed model.
+
+    Else the merged model, else the fine-tuned one.
+    """
+    reference = "merged" if "merged" in variants else "full"
+    base = variants[reference].latency_ms_p50 if reference in variants else None
+
+    def fast_enough(name: str) -> bool:
+        latency = variants[name].latency_ms_p50
+        return base is None or latency is None or latency <= base * MAX_SLOWDOWN
+
+    candidates = [name for name in variants if name in compressed and variants[name].accepted and fast_enough(name)]
+    if candidates:
+        return min(candidates, key=lambda name: variants[name].size_bytes or 0)
+    return reference

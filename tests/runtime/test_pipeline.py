@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from kubetune.runtime.compress import MAX_SLOWDOWN
 from kubetune.runtime.contract import RunSpec, WorkerResources
 from kubetune.runtime.data import load_text_classification
 from kubetune.runtime.evaluate import evaluate, predict
@@ -96,7 +97,9 @@ def test_int8_variant_is_small_and_judged_by_its_accuracy(lora_run: FinishedRun)
     assert int8.latency_ms_p50 is not None and int8.latency_ms_p50 > 0
     drop = lora_run.result.metrics_after["accuracy"] - int8.metrics["accuracy"]
     assert int8.accepted == (drop <= 0.01 + 1e-9), (drop, int8.reason)
-    assert lora_run.result.best_variant == ("int8" if int8.accepted else "merged")
+    assert merged.latency_ms_p50 is not None
+    deployable = int8.accepted and int8.latency_ms_p50 <= MAX_SLOWDOWN * merged.latency_ms_p50
+    assert lora_run.result.best_variant == ("int8" if deployable else "merged")
     assert (int8.reason is None) == int8.accepted
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from kubetune.runtime.compress import best_variant
 from kubetune.runtime.contract import Hyperparameters, Mode, WorkerResources
+from kubetune.runtime.contract.report import VariantReport
 from kubetune.runtime.errors import DataError
 from kubetune.runtime.evaluate import ConfusionCounts, classification_metrics
 from kubetune.runtime.export import spec_hash
@@ -116,3 +118,28 @@ def test_relative_paths_are_anchored_where_the_run_starts(tmp_path: Path) -> Non
     assert anchored("s3://bucket/train.jsonl", tmp_path) == "s3://bucket/train.jsonl"
     assert anchored("/abs/train.jsonl", tmp_path) == "/abs/train.jsonl"
     assert anchored(None, tmp_path) is None
+
+
+def _variant(size: int, latency: float | None, accepted: bool = True) -> VariantReport:
+    return VariantReport(uri="file:///v", size_bytes=size, latency_ms_p50=latency, accepted=accepted)
+
+
+BEST_CASES = [
+    # (variants, compressed names, best)
+    ({"full": _variant(100, 40.0), "merged": _variant(90, 40.0), "int8": _variant(25, 45.0)}, {"int8"}, "int8"),
+    ({"full": _variant(100, 40.0), "merged": _variant(90, 40.0), "int8": _variant(25, 700.0)}, {"int8"}, "merged"),
+    ({"full": _variant(90, 40.0), "int8": _variant(25, 50.0, accepted=False)}, {"int8"}, "full"),
+    (
+        {"full": _variant(90, 40.0), "int8": _variant(25, 50.0), "pruned": _variant(40, 41.0)},
+        {"int8", "pruned"},
+        "int8",
+    ),
+    ({"full": _variant(90, None), "int8": _variant(25, 900.0)}, {"int8"}, "int8"),
+]
+
+
+@pytest.mark.parametrize(("variants", "compressed", "best"), BEST_CASES)
+def test_best_variant_is_small_accepted_and_fast_enough(
+    variants: dict[str, VariantReport], compressed: set[str], best: str
+) -> None:
+    assert best_variant(variants, compressed) == best
