@@ -189,6 +189,13 @@ def crd_for(info: KindInfo) -> dict[str, Any]:
     }
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes shared values out in full: no YAML anchors and aliases in a CRD."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def render(crd: dict[str, Any]) -> str:
     body = yaml.dump(
         crd, Dumper=_PlainDumper, sort_keys=False, default_flow_style=False, width=100, allow_unicode=False
@@ -224,10 +231,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-class _PlainDumper(yaml.SafeDumper):
-    """Writes shared values out in full: no YAML anchors and aliases in a CRD."""
-
-    def ignore_aliases(self, data: Any) -> bool:
-        return True

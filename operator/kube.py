@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -84,25 +85,46 @@ class ObjectRef:
 class Kube:
     """Blocking calls to the API server; safe to share between threads."""
 
+    # A token file (a pod's projected token) is re-read this often, not on every request.
+    TOKEN_FILE_SECONDS = 60.0
+
     def __init__(self, connection: Connection, pool_size: int = 32) -> None:
         self._connection = connection
-        self._pool_size = pool_size
+        self._pool_size = pool_size  # enough connections for the handler threads working at once
         self._lock = threading.Lock()
         self._pool = self._new_pool(connection)
+        self._token: tuple[str | None, float] = (None, -self.TOKEN_FILE_SECONDS)
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None) -> Kube:
         """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
-        # Enough connections for the handler threads working at once.
         return cls(connect(kubeconfig))
 
     @property
     def connection(self) -> Connection:
+        return self._current()[0]
+
+    def _current(self) -> tuple[Connection, urllib3.PoolManager, dict[str, str]]:
+        """The connection, its pool and its auth headers, renewing plugin credentials when due."""
         with self._lock:
             fresh = self._connection.fresh()
             if fresh is not self._connection:  # renewed plugin credentials: new certificates, maybe
                 self._connection, self._pool = fresh, self._new_pool(fresh)
-            return self._connection
+                self._token = (None, -self.TOKEN_FILE_SECONDS)
+            connection, pool = self._connection, self._pool
+            token, read_at = self._token
+            if time.monotonic() - read_at >= self.TOKEN_FILE_SECONDS:
+                token = connection.bearer_token()
+                self._token = (token, time.monotonic() if connection.token_file else float("inf"))
+        if token:
+            return connection, pool, {"Authorization": f"Bearer {token}"}
+        if connection.username is not None:
+            return (
+                connection,
+                pool,
+                urllib3.util.make_headers(basic_auth=f"{connection.username}:{connection.password or ''}"),
+            )
+        return connection, pool, {}
 
     def _new_pool(self, connection: Connection) -> urllib3.PoolManager:
         context = ssl.create_default_context(cafile=connection.ca_file)
@@ -113,15 +135,6 @@ class Kube:
             context.load_cert_chain(connection.cert_file, connection.key_file)
         return urllib3.PoolManager(num_pools=4, maxsize=self._pool_size, block=False, ssl_context=context)
 
-    def _headers(self, content_type: str) -> dict[str, str]:
-        connection = self.connection
-        headers = {"Accept": "application/json", "Content-Type": content_type, "User-Agent": FIELD_MANAGER}
-        if token := connection.bearer_token():
-            headers["Authorization"] = f"Bearer {token}"
-        elif connection.username is not None:
-            headers.update(urllib3.util.make_headers(basic_auth=f"{connection.username}:{connection.password or ''}"))
-        return headers
-
     def request(
         self,
         method: str,
@@ -130,15 +143,16 @@ class Kube:
         query: Mapping[str, str] | None = None,
         content_type: str = "application/json",
     ) -> Manifest:
-        url = f"{self.connection.server}{path}"
+        connection, pool, auth = self._current()
+        url = f"{connection.server}{path}"
         if query:
             url += "?" + urllib.parse.urlencode(query)
         try:
-            response = self._pool.request(
+            response = pool.request(
                 method,
                 url,
                 body=None if body is None else json.dumps(body).encode(),
-                headers=self._headers(content_type),
+                headers={**_headers(content_type), **auth},
                 timeout=REQUEST_TIMEOUT,
                 retries=False,
             )
@@ -152,11 +166,11 @@ class Kube:
         self, api_version: str, kind: str, namespace: str | None, timeout_seconds: int = 300
     ) -> Iterator[tuple[str, Manifest]]:
         """Stream (type, object) events of a kind, from now on, until the server ends the watch."""
+        connection, pool, auth = self._current()
         query = urllib.parse.urlencode({"watch": "true", "timeoutSeconds": str(timeout_seconds)})
-        url = f"{self.connection.server}{collection_path(api_version, kind, namespace)}?{query}"
-        response = self._pool.request(
-            "GET", url, headers=self._headers("application/json"), preload_content=False, retries=False, timeout=None
-        )
+        url = f"{connection.server}{collection_path(api_version, kind, namespace)}?{query}"
+        headers = {**_headers("application/json"), **auth}
+        response = pool.request("GET", url, headers=headers, preload_content=False, retries=False, timeout=None)
         try:
             if response.status >= 400:
                 raise _api_error(response.status, response.read())
@@ -244,6 +258,10 @@ class Kube:
                 "count": 1,
             },
         )
+
+
+def _headers(content_type: str) -> dict[str, str]:
+    return {"Accept": "application/json", "Content-Type": content_type, "User-Agent": FIELD_MANAGER}
 
 
 def _api_error(status: int, data: bytes) -> ApiError:

@@ -10,12 +10,14 @@ import os
 from typing import Any
 from urllib.parse import urlparse
 
+from .storage import s3_endpoint
+
 
 def arrow_s3_filesystem() -> Any:
     from pyarrow import fs
 
     options: dict[str, Any] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint()
     if endpoint:
         parsed = urlparse(endpoint)
         options["endpoint_override"] = parsed.netloc or parsed.path

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .contract.common import URI_SCHEMES
 from .errors import StorageError
 from .settings import RuntimeSettings
 
@@ -43,7 +44,7 @@ def parse_uri(uri: str) -> ParsedUri:
     scheme, sep, rest = uri.partition("://")
     if not sep:
         return ParsedUri(uri, "", uri)
-    if scheme not in {"file", "pvc", "s3", "hf"}:
+    if scheme not in URI_SCHEMES:
         raise StorageError(uri, f"unsupported URI scheme {scheme!r}")
     return ParsedUri(uri, scheme, rest)
 
@@ -66,12 +67,15 @@ def anchored(uri: str | None, base: Path) -> str | None:
     return str((base / uri).resolve())
 
 
+def s3_endpoint() -> str | None:
+    """The S3 endpoint from the environment; AWS_ENDPOINT_URL_S3 wins over the generic one, as in the AWS SDKs."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 def s3_client() -> Any:
     import boto3
 
-    # AWS_ENDPOINT_URL_S3 wins over the generic variable, as in the AWS SDKs.
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    return boto3.client("s3", endpoint_url=endpoint)
+    return boto3.client("s3", endpoint_url=s3_endpoint())
 
 
 def _s3_keys(client: Any, bucket: str, prefix: str) -> list[str]:

@@ -174,23 +174,14 @@ class FineTuneJobReconciler:
         """
         namespace, name = job.metadata["namespace"], job.metadata["name"]
         records = list(job.status.runs or []) if job.status else []
-        ray_jobs = [
-            found
-            for record in records
-            if record.phase in ACTIVE_PHASES
-            and (found := self.kube.get("ray.io/v1", "RayJob", namespace, record.ray_job_name)) is not None
-        ]
+        runs = [record.ray_job_name for record in records if record.phase in ACTIVE_PHASES]
+        ray_jobs = [found for run in runs if (found := self.kube.get("ray.io/v1", "RayJob", namespace, run))]
         number = max((record.number for record in records), default=0) + 1
-        while (found := self.kube.get("ray.io/v1", "RayJob", namespace, run_name(name, number))) is not None:
+        while found := self.kube.get("ray.io/v1", "RayJob", namespace, run_name(name, number)):
             ray_jobs.append(found)
+            runs.append(found["metadata"]["name"])
             number += 1
-        watched = [r.ray_job_name for r in records if r.phase in ACTIVE_PHASES]
-        watched += [item["metadata"]["name"] for item in ray_jobs if item["metadata"]["name"] not in watched]
-        reports = [
-            found
-            for run in watched
-            if (found := self.kube.get("v1", "ConfigMap", namespace, report_name(run))) is not None
-        ]
+        reports = [found for run in runs if (found := self.kube.get("v1", "ConfigMap", namespace, report_name(run)))]
         return ray_jobs, reports
 
     def _missing_references(self, job: FineTuneJob) -> str | None:
