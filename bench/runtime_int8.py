@@ -1,11 +1,12 @@
-"""int8 (torchao, as the runtime exports it) against fp32: size on disk, CPU p50 latency, test accuracy.
+"""int8 (torchao, as the runtime exports and serves it) against fp32: size on disk, CPU p50 latency, test accuracy.
 
 MiniLM is first fine-tuned briefly on the topics data (a plain loop: the point here is the
 compressed model, not training); the fp32 model is saved, the runtime's `quantize_folder`
-writes the int8 variant, and both are reloaded with transformers and measured the same way.
-Latency: batch 16 x 64 tokens, both compiled with torch.compile (dynamic int8 is only fast
-compiled on CPU); eager figures are printed too. Dynamic int8 multiplies int8 by int8, which
-is fast only on CPUs with VNNI or AMX; the script says whether this one has them.
+writes the int8 variants, and all are loaded back the way the runtime measures and serves
+them (`load_variant`: torchao's int8 weights, on CPU int8 kernels) and measured the same
+way. Latency: batch 16 x 64 tokens, eager, timed in interleaved rounds. The script says
+whether this CPU has VNNI or AMX (int8 dot products in one instruction; without them int8
+gains less).
 
     python bench/runtime_int8.py
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kubetune.runtime.compress import quantize_folder, weights_size
+from kubetune.runtime.compress import load_variant, quantize_folder, weights_size
 from kubetune.runtime.contract import Compression, Task
 from kubetune.runtime.data import Examples
 from kubetune.runtime.evaluate import evaluate
@@ -59,7 +60,8 @@ def fine_tuned(folder: Path) -> Path:
     return folder
 
 
-ROUNDS = 5  # fp32 and int8 are timed in turns, so a busy machine slows both alike
+THREADS = (1, 2)
+ROUNDS = 8  # fp32 and int8 are timed in turns, so a busy machine slows both alike
 RUNS_PER_ROUND = 5
 
 
@@ -89,7 +91,7 @@ def _has_int8_instructions() -> bool:
 
 
 def main() -> None:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     torch.set_num_threads(2)
     test = _examples(400, seed=9)
@@ -101,40 +103,27 @@ def main() -> None:
             compression = Compression.model_validate({"quantization": {"method": method, "includeEmbeddings": True}})
             quantize_folder(fp32_folder, folders[name], Task.TEXT_CLASSIFICATION, compression)
         tokenizer = AutoTokenizer.from_pretrained(fp32_folder)
-        models = {
-            name: AutoModelForSequenceClassification.from_pretrained(folder).eval() for name, folder in folders.items()
-        }
+        models = {name: load_variant(folder, Task.TEXT_CLASSIFICATION) for name, folder in folders.items()}
         sizes = {name: weights_size(folder) for name, folder in folders.items()}
     accuracy = {name: evaluate(model, tokenizer, test, 4, SEQUENCE)["accuracy"] for name, model in models.items()}
     # The design's fixed batch: 16 examples padded to 64 tokens.
     inputs = dict(
         tokenizer(test.texts[:16], padding="max_length", max_length=SEQUENCE, truncation=True, return_tensors="pt")
     )
-    eager = _timings(models, inputs)
-    began = time.perf_counter()
-    compiled = _timings({name: torch.compile(model) for name, model in models.items()}, inputs)
-    compile_s = time.perf_counter() - began
     for name in models:
-        print(
-            f"{name}: {sizes[name] / 1e6:.1f} MB, p50 eager {eager[name]:.1f} ms, "
-            f"compiled {compiled[name]:.1f} ms, test accuracy {accuracy[name]:.4f}"
-        )
-    print(f"(compiling and timing the compiled models took {compile_s:.0f} s)")
+        print(f"{name}: {sizes[name] / 1e6:.1f} MB, test accuracy {accuracy[name]:.4f}")
     print(f"size int8/fp32: {sizes['int8'] / sizes['fp32']:.3f} (target <= {TARGETS['size']})")
-    print(
-        f"latency p50 int8/fp32, both compiled: {compiled['int8'] / compiled['fp32']:.3f} "
-        f"(target <= {TARGETS['latency']})"
-    )
-    print(
-        f"latency p50 int8 compiled / fp32 eager: {compiled['int8'] / eager['fp32']:.3f}; "
-        f"eager/eager: {eager['int8'] / eager['fp32']:.3f}"
-    )
-    print(
-        f"int8-weight-only: size {sizes['int8-weight-only'] / sizes['fp32']:.3f}, latency both compiled "
-        f"{compiled['int8-weight-only'] / compiled['fp32']:.3f}, "
-        f"eager/eager {eager['int8-weight-only'] / eager['fp32']:.3f}"
-    )
-    print(f"CPU int8 matmul instructions (VNNI/AMX) available: {_has_int8_instructions()}")
+    # One thread is a serving replica's default (Ray gives an actor one CPU); two use this machine.
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        latency = _timings(models, inputs)
+        print(
+            f"{threads} thread(s): p50 "
+            + ", ".join(f"{name} {ms:.1f} ms" for name, ms in latency.items())
+            + f"; int8/fp32 {latency['int8'] / latency['fp32']:.3f} (target <= {TARGETS['latency']}), "
+            f"int8-weight-only/fp32 {latency['int8-weight-only'] / latency['fp32']:.3f}"
+        )
+    print(f"CPU int8 dot-product instructions (VNNI/AMX) available: {_has_int8_instructions()}")
     drop = (accuracy["fp32"] - accuracy["int8"]) * 100
     print(f"accuracy drop: {drop:.2f} points (target <= {TARGETS['accuracy_drop_points']})")
 

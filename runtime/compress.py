@@ -141,20 +141,28 @@ def latency_batch(examples: Examples) -> Examples:
     return examples.subset(indices)
 
 
+def load_variant(folder: Path, task: Task) -> nn.Module:
+    """An exported variant, ready to serve on CPU: int8 layers run on CPU int8 kernels (see int8_kernels)."""
+    from .int8_kernels import use_int8_kernels
+
+    model: nn.Module = auto_class(task).from_pretrained(folder)
+    model.eval()
+    if next(model.parameters()).device.type == "cpu":
+        use_int8_kernels(model)
+    return model
+
+
 @torch.no_grad()
-def latency_ms_p50(
-    model: nn.Module, processor: Any, task: Task, examples: Examples, max_length: int, compile_model: bool
-) -> float:
+def latency_ms_p50(model: nn.Module, processor: Any, task: Task, examples: Examples, max_length: int) -> float:
     """Median CPU milliseconds of one forward pass over the fixed batch."""
     inputs = task_ops(task, 2).encode(processor, latency_batch(examples), max_length)
     model.eval()
-    runner: Any = torch.compile(model) if compile_model else model
     for _ in range(LATENCY_WARMUP):
-        forward_logits(runner, inputs)
+        forward_logits(model, inputs)
     timings = []
     for _ in range(LATENCY_RUNS):
         start = time.perf_counter()
-        forward_logits(runner, inputs)
+        forward_logits(model, inputs)
         timings.append((time.perf_counter() - start) * 1000)
     return statistics.median(timings)
 
@@ -181,7 +189,7 @@ def judge(task: Task, reference: dict[str, float], metrics: dict[str, float], ma
 
 
 # A compressed variant that serves this much slower than the uncompressed model is not
-# the one to deploy, however small (int8 matmuls are slow on CPUs without VNNI/AMX).
+# the one to deploy, however small (e.g. weight-only int8, whose matmuls dequantize first).
 MAX_SLOWDOWN = 1.5
 
 

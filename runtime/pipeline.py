@@ -216,7 +216,7 @@ def _run(spec: RunSpec, options: RunOptions, root: Path, events: Reporters) -> R
     events.metrics("test-after", after, trained.position.step)
 
     events.stage_started(Stage.COMPRESS, "variants: " + _planned_variants(effective))
-    context = VariantContext(effective, data, after, options.settings.compile_latency)
+    context = VariantContext(effective, data, after)
     variants = build_variants(model, processor, root, context)
     reports = {variant.name: variant.report(_uri_of(spec, root, variant.folder)) for variant in variants}
     from .compress import best_variant

@@ -13,7 +13,6 @@ from pathlib import Path
 PVC_ROOT_VARIABLE = "KUBETUNE_PVC_ROOT"
 CACHE_DIR_VARIABLE = "KUBETUNE_CACHE_DIR"
 FAULT_AT_STEP_VARIABLE = "KUBETUNE_FAULT_AT_STEP"
-COMPILE_LATENCY_VARIABLE = "KUBETUNE_COMPILE_LATENCY"
 DEFAULT_PVC_ROOT = Path("/mnt/pvc")
 
 
@@ -33,8 +32,6 @@ class RuntimeSettings:
     # Fault injection for resilience tests: the first worker raises once, after this optimizer step,
     # unless it resumed from a checkpoint. Never set in production.
     fault_at_step: int | None = None
-    # Measure variant latency with torch.compile (how int8 is served fast on CPU); compiling takes a while.
-    compile_latency: bool = True
     # Use an s3:// download already in the cache as is. Training workers set this: the driver has just
     # downloaded the same objects for this run, and workers need not hold S3 credentials to reuse them.
     reuse_downloads: bool = False
@@ -49,5 +46,4 @@ class RuntimeSettings:
             pvc_root=Path(os.environ.get(PVC_ROOT_VARIABLE, str(DEFAULT_PVC_ROOT))),
             cache_dir=Path(os.environ.get(CACHE_DIR_VARIABLE) or _default_cache_dir()),
             fault_at_step=int(os.environ[FAULT_AT_STEP_VARIABLE]) if os.environ.get(FAULT_AT_STEP_VARIABLE) else None,
-            compile_latency=os.environ.get(COMPILE_LATENCY_VARIABLE, "1").lower() not in {"0", "false", "no"},
         )

@@ -14,9 +14,9 @@ from typing import Any
 from torch import nn
 
 from .compress import (
-    auto_class,
     judge,
     latency_ms_p50,
+    load_variant,
     prune_folder,
     quantize_folder,
     weights_size,
@@ -35,7 +35,6 @@ class VariantContext:
     spec: RunSpec
     data: TaskData
     reference: dict[str, float]  # test metrics of the fine-tuned model
-    compile_latency: bool
 
 
 def _metrics(model: nn.Module, processor: Any, context: VariantContext) -> dict[str, float]:
@@ -57,10 +56,8 @@ def _measure(
     spec = context.spec
     variant.metrics = metrics
     variant.size_bytes = weights_size(variant.folder)
-    # Compiling pays off for int8 (how it is served); the float variants are measured as they are.
-    compile_model = context.compile_latency and variant.name == "int8"
     variant.latency_ms_p50 = latency_ms_p50(
-        model, processor, spec.model.task, context.data.test, spec.hyperparameters.max_sequence_length, compile_model
+        model, processor, spec.model.task, context.data.test, spec.hyperparameters.max_sequence_length
     )
     if variant.name in COMPRESSED:
         verdict = judge(spec.model.task, context.reference, metrics, spec.compression.max_accuracy_drop)
@@ -68,9 +65,7 @@ def _measure(
 
 
 def _reloaded(variant: ExportedVariant, context: VariantContext) -> nn.Module:
-    model: nn.Module = auto_class(context.spec.model.task).from_pretrained(variant.folder)
-    model.eval()
-    return model
+    return load_variant(variant.folder, context.spec.model.task)
 
 
 def build_variants(model: nn.Module, processor: Any, root: Path, context: VariantContext) -> list[ExportedVariant]:

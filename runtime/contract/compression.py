@@ -27,7 +27,7 @@ class Quantization(ContractModel):
         default=QuantizationMethod.INT8_DYNAMIC,
         description=(
             "none, int8-weight-only, or int8-dynamic (int8 weights and dynamically quantized "
-            "int8 activations: fastest on CPU when compiled)."
+            "int8 activations: the fastest on CPU)."
         ),
     )
     include_embeddings: bool = Field(

@@ -225,6 +225,17 @@ class ControlPlane:
         )
         self.garbage_collection = True
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """User plus system CPU time each local process (etcd, kube-apiserver, …) has used; empty when external."""
+        used = {}
+        for name, proc in self._procs.items():
+            try:
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            used[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return used
+
     def _has_binary(self, name: str) -> bool:
         return any(d is not None and (d / name).exists() for d in (self.bin_dir,))
 

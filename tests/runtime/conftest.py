@@ -96,5 +96,5 @@ def fast_options(output_dir: Path, workers: int = 1, **settings: Any) -> Any:
 
     return RunOptions(
         resources=WorkerResources(workers=workers, cpus_per_worker=0.45),
-        settings=RuntimeSettings(cache_dir=output_dir / "cache", compile_latency=False, **settings),
+        settings=RuntimeSettings(cache_dir=output_dir / "cache", **settings),
     )

@@ -37,7 +37,7 @@ class FinishedRun:
 def _run(spec: RunSpec, output: Path) -> FinishedRun:
     events = output.parent / f"{output.name}-events.jsonl"
     # Latency is measured without torch.compile here: compiling costs more time than this tier has.
-    settings = RuntimeSettings(cache_dir=output / "cache", compile_latency=False)
+    settings = RuntimeSettings(cache_dir=output / "cache")
     options = RunOptions(resources=WorkerResources(workers=2), settings=settings)
     result = run_pipeline(spec, options, JsonLinesReporter(events))
     return FinishedRun(spec, result, output, events)

@@ -174,7 +174,6 @@ def test_entry_point_runs_a_config_end_to_end(
     env = {
         **os.environ,
         "RAY_ADDRESS": ray_session,
-        "KUBETUNE_COMPILE_LATENCY": "0",
         "KUBETUNE_CACHE_DIR": str(tmp_path / "cache"),
     }
     finished = _entry_point(config, "--result", str(tmp_path / "result.json"), env=env)

@@ -1,0 +1,144 @@
+"""Serve torchao int8 weights with torch's CPU int8 matmul kernels.
+
+torchao stores the int8 variant (per-row int8 weights, `Int8Tensor`), but on CPU its
+dynamic-activation matmul multiplies in int32 (eager) or in float (compiled): slower
+than the float model. torch's quantized CPU kernels (fbgemm / oneDNN) multiply uint8
+activations by int8 weights with the CPU's integer dot-product instructions, quantizing
+the activations inside the kernel. `use_int8_kernels` swaps, in place, every linear
+layer whose weight is a dynamic-activation `Int8Tensor` for such a kernel (the same
+int8 weight values, packed once), and every int8 embedding table for one that
+dequantizes only the rows it looks up.
+
+Activations are quantized per call and per tensor to the full 8 bits. (Torch's 7-bit
+option, meant to rule out 16-bit overflow on CPUs without VNNI, measured far less
+accurate on MiniLM than the rare overflow it prevents; the accuracy budget judges the result.)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+log = logging.getLogger(__name__)
+
+
+# oneDNN's int8 GEMM measured a few percent faster than fbgemm's on x86 (AVX2) for
+# transformer shapes; elsewhere torch's default engine is kept.
+PREFERRED_ENGINE = "onednn"
+
+
+@contextmanager
+def _packing_engine() -> Iterator[None]:
+    """Pack weights for the preferred engine; the packed weight remembers it, the global setting is restored."""
+    previous = torch.backends.quantized.engine
+    if PREFERRED_ENGINE in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = PREFERRED_ENGINE
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def _int8_weight(module: nn.Module) -> Any | None:
+    """The module's torchao int8 weight if it is one these kernels can serve, else None."""
+    weight: Any = getattr(module, "weight", None)
+    if type(weight).__name__ not in {"Int8Tensor", "IntxUnpackedToInt8Tensor"}:
+        return None
+    qdata = getattr(weight, "qdata", None)
+    if qdata is None or qdata.dtype != torch.int8 or qdata.ndim != 2:
+        return None
+    return weight
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W int8 per output row; x is quantized per call, inside the kernel (uint8, per tensor)."""
+
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qdata.shape
+        scales = scale.reshape(-1).to(torch.float64)
+        # The same int8 values, wrapped as a per-row quantized tensor and packed once for the kernel.
+        weight = torch._make_per_channel_quantized_tensor(
+            qdata.contiguous(), scales, torch.zeros_like(scales, dtype=torch.int64), 0
+        )
+        float_bias = None if bias is None else bias.detach().to(torch.float32)
+        with _packing_engine():
+            self.packed = torch.ops.quantized.linear_prepack(weight, float_bias)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        output: torch.Tensor = torch.ops.quantized.linear_dynamic(inputs.to(torch.float32), self.packed, False)
+        return output.to(inputs.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table kept as int8 rows with a scale (and zero point) per row."""
+
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    def __init__(self, source: nn.Embedding, weight: Any) -> None:
+        super().__init__()
+        self.padding_idx = source.padding_idx
+        self.register_buffer("qdata", weight.qdata.contiguous())
+        self.register_buffer("scale", weight.scale.reshape(-1, 1).to(torch.float32))
+        zero_point = getattr(weight, "zero_point", None)
+        zeros = torch.zeros_like(self.scale) if zero_point is None else zero_point.reshape(-1, 1).to(torch.float32)
+        self.register_buffer("zero_point", zeros)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = functional.embedding(ids, self.qdata).to(torch.float32)
+        return (rows - functional.embedding(ids, self.zero_point)) * functional.embedding(ids, self.scale)
+
+
+def kernels_available() -> bool:
+    """Whether this torch build has int8 linear kernels for this CPU."""
+    try:
+        probe = Int8Linear(torch.ones(8, 8, dtype=torch.int8), torch.ones(8), None)
+        probe(torch.ones(2, 8))
+    except (RuntimeError, AttributeError, NotImplementedError) as error:
+        log.info("CPU int8 kernels unavailable (%s); int8 layers stay as torchao computes them", error)
+        return False
+    return True
+
+
+def use_int8_kernels(model: nn.Module) -> int:
+    """Swap the model's torchao int8 layers (on CPU) for CPU int8 kernels; returns how many were swapped.
+
+    Weight-only int8 linears keep float activations by definition and stay as they are.
+    """
+    if not kernels_available():
+        return 0
+    replacements: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        weight = _int8_weight(module)
+        if weight is None or weight.qdata.device.type != "cpu":
+            continue
+        if isinstance(module, nn.Linear) and _is_dynamic_activation(weight):
+            replacements.append((name, Int8Linear(weight.qdata, weight.scale, module.bias)))
+        elif isinstance(module, nn.Embedding):
+            replacements.append((name, Int8Embedding(module, weight)))
+    for name, replacement in replacements:
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attribute, replacement)
+    return len(replacements)
+
+
+def _is_dynamic_activation(weight: Any) -> bool:
+    """A per-row symmetric weight whose activations torchao quantizes per call, with no static or smoothing scale."""
+    return (
+        type(weight).__name__ == "Int8Tensor"
+        and getattr(weight, "act_quant_kwargs", None) is not None
+        and getattr(weight, "act_quant_scale", None) is None
+        and getattr(weight, "act_pre_scale", None) is None
+        and weight.scale.numel() == weight.qdata.shape[0]
+    )
