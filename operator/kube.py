@@ -88,9 +88,11 @@ class Kube:
     # A token file (a pod's projected token) is re-read this often, not on every request.
     TOKEN_FILE_SECONDS = 60.0
 
-    def __init__(self, connection: Connection, pool_size: int = 32) -> None:
+    # Enough connections for the handler threads working at once.
+    POOL_SIZE = 32
+
+    def __init__(self, connection: Connection) -> None:
         self._connection = connection
-        self._pool_size = pool_size  # enough connections for the handler threads working at once
         self._lock = threading.Lock()
         self._pool = self._new_pool(connection)
         self._token: tuple[str | None, float] = (None, -self.TOKEN_FILE_SECONDS)
@@ -133,7 +135,7 @@ class Kube:
             context.verify_mode = ssl.CERT_NONE
         if connection.cert_file and connection.key_file:
             context.load_cert_chain(connection.cert_file, connection.key_file)
-        return urllib3.PoolManager(num_pools=4, maxsize=self._pool_size, block=False, ssl_context=context)
+        return urllib3.PoolManager(num_pools=4, maxsize=self.POOL_SIZE, block=False, ssl_context=context)
 
     def request(
         self,

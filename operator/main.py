@@ -26,7 +26,8 @@ _clock: Callable[[], datetime] = utc_now
 # `kubetune operator --metrics-port` sets this; under `kopf run -m kubetune.operator.main`,
 # KUBETUNE_METRICS_PORT does.
 _metrics_port: int | None = None
-_metrics_served: set[int] = set()
+# The operator's client, made at startup; kopf's login reuses its (renewed) credentials.
+_kube: Kube | None = None
 
 
 @kopf.on.startup()
@@ -36,12 +37,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = WORKERS
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    global _kube
     port = _metrics_port if _metrics_port is not None else int(os.environ.get("KUBETUNE_METRICS_PORT", "0"))
-    if port and port not in _metrics_served:  # once per process, also when the operator restarts in it
+    if port:
         metrics.serve(port)
-        _metrics_served.add(port)
-    kube = Kube.connect(os.environ.get("KUBECONFIG"))
-    reconciler = FineTuneJobReconciler(kube, Settings.from_environment(), clock=_clock)
+    _kube = Kube.connect()
+    reconciler = FineTuneJobReconciler(_kube, Settings.from_environment(), clock=_clock)
     finetunejob_handlers.install(
         finetunejob_handlers.FineTuneJobController(reconciler, lambda callback: Requeuer(callback, _executor))
     )
@@ -50,7 +51,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.login()
 def login(**_: Any) -> kopf.ConnectionInfo:
     # The same credentials as the operator's own client; kopf re-runs this when they expire.
-    connection = connect()
+    # (kopf runs startup handlers before it logs in, so the client normally exists.)
+    connection = _kube.connection if _kube is not None else connect()
     token = connection.bearer_token()
     return kopf.ConnectionInfo(
         server=connection.server,

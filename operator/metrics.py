@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Histogram, start_http_server
 
 RECONCILES = Counter("kubetune_reconciles_total", "Reconciles by kind and result.", ["kind", "result"])
@@ -17,6 +19,7 @@ RUNS_FINISHED = Counter("kubetune_runs_finished_total", "FineTuneJob runs finish
 PROMOTIONS = Counter("kubetune_promotions_total", "Runs that passed the promotion gate.")
 
 
+@functools.cache  # once per process and port, also when the operator restarts in the same process
 def serve(port: int, address: str = "0.0.0.0") -> None:
     """Serve /metrics in a background thread."""
     start_http_server(port, addr=address)

@@ -65,7 +65,6 @@ class TrainingState:
     optimizer: dict[str, Any] | None
     scheduler: dict[str, Any] | None
     position: TrainingPosition
-    final: bool = False
 
     def save(self, folder: Path) -> None:
         payload = {
@@ -74,7 +73,6 @@ class TrainingState:
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
             "position": asdict(self.position),
-            "final": self.final,
         }
         torch.save(payload, folder / STATE_FILE)
 
@@ -87,5 +85,4 @@ class TrainingState:
             optimizer=payload["optimizer"],
             scheduler=payload["scheduler"],
             position=TrainingPosition(**payload["position"]),
-            final=payload["final"],
         )

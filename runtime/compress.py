@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import statistics
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from .contract import Compression, QuantizationMethod, Task
 from .contract.report import VariantReport
 from .data import Examples
 from .evaluate import forward_logits
+from .models import auto_class
 from .tasks import task_ops
 
 # The fixed batch latency is measured on, and how often.
@@ -39,17 +41,6 @@ SIDE_FILES = (
     "preprocessor_config.json",
     "generation_config.json",
 )
-
-
-def auto_class(task: Task) -> Any:
-    """The transformers Auto class that loads an exported variant of `task`."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
-
-    if task == Task.CAUSAL_LM:
-        return AutoModelForCausalLM
-    if task == Task.IMAGE_CLASSIFICATION:
-        return AutoModelForImageClassification
-    return AutoModelForSequenceClassification
 
 
 def copy_processor_files(source: Path, target: Path) -> None:
@@ -94,12 +85,12 @@ def quantize_folder(source: Path, target: Path, task: Task, compression: Compres
     Quantizing in memory and saving fails for torchao tensors; loading through transformers'
     TorchAoConfig records the quantization in config.json, so `from_pretrained(target)` works.
     """
-    from transformers import TorchAoConfig
+    from transformers import AutoConfig, TorchAoConfig
 
     auto = auto_class(task)
-    layout = auto.from_pretrained(source, dtype=torch.float32)
+    with torch.device("meta"):  # module names only: no weights are read or allocated
+        layout = auto.from_config(AutoConfig.from_pretrained(source))
     config = TorchAoConfig(int8_config(compression, layout), include_input_output_embeddings=True)
-    del layout
     model = auto.from_pretrained(source, quantization_config=config, dtype=torch.float32)
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)
@@ -147,8 +138,7 @@ def load_variant(folder: Path, task: Task) -> nn.Module:
 
     model: nn.Module = auto_class(task).from_pretrained(folder)
     model.eval()
-    if next(model.parameters()).device.type == "cpu":
-        use_int8_kernels(model)
+    use_int8_kernels(model)  # a no-op for float models and for int8 weights off the CPU
     return model
 
 
@@ -193,7 +183,7 @@ def judge(task: Task, reference: dict[str, float], metrics: dict[str, float], ma
 MAX_SLOWDOWN = 1.5
 
 
-def best_variant(variants: dict[str, VariantReport], compressed: set[str]) -> str:
+def best_variant(variants: dict[str, VariantReport], compressed: Collection[str]) -> str:
     """The smallest accepted compressed variant that is not much slower than the uncompressed model.
 
     Else the merged model, else the fine-tuned one.

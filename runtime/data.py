@@ -47,9 +47,6 @@ class Examples:
 
 
 # Kept under its first name: text classification was the first task.
-TextExamples = Examples
-
-
 @dataclass(frozen=True)
 class TaskData:
     """The three splits, the label names in id order (none for causal LM), and where each split came from."""
@@ -59,9 +56,6 @@ class TaskData:
     test: Examples
     labels: list[str]
     sources: dict[str, str]
-
-
-TextClassificationData = TaskData
 
 
 def _column(records: list[Record], name: str, spec_field: str, uri: str) -> list[Any]:
@@ -247,8 +241,3 @@ def load_data(spec: RunSpec, settings: RuntimeSettings) -> TaskData:
         labels=labels,
         sources={"train": data.train, "validation": validation.uri, "test": test.uri},
     )
-
-
-def load_text_classification(spec: RunSpec, settings: RuntimeSettings) -> TaskData:
-    """`load_data` for a text-classification spec (the name the first version had)."""
-    return load_data(spec, settings)

@@ -51,10 +51,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def folder_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 @dataclass
 class ExportedVariant:
     """A variant folder and what was measured of it."""
@@ -69,15 +65,9 @@ class ExportedVariant:
     reason: str | None = None
 
     def describe(self, root: Path) -> dict[str, Any]:
-        return {
-            "path": self.folder.relative_to(root).as_posix(),
-            "format": self.format,
-            "sizeBytes": self.size_bytes if self.size_bytes is not None else folder_size(self.folder),
-            "latencyMsP50": self.latency_ms_p50,
-            "metrics": self.metrics,
-            "accepted": self.accepted,
-            "reason": self.reason,
-        }
+        """The manifest's entry: where the folder is, its format, and what the run reports of it."""
+        measured = self.report("").model_dump(mode="json", by_alias=True, exclude={"uri"})
+        return {"path": self.folder.relative_to(root).as_posix(), "format": self.format, **measured}
 
     def report(self, uri: str) -> VariantReport:
         return VariantReport(

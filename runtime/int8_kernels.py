@@ -16,6 +16,7 @@ accurate on MiniLM than the rare overflow it prevents; the accuracy budget judge
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -100,8 +101,9 @@ class Int8Embedding(nn.Module):
         return (rows - functional.embedding(ids, self.zero_point)) * functional.embedding(ids, self.scale)
 
 
+@functools.cache
 def kernels_available() -> bool:
-    """Whether this torch build has int8 linear kernels for this CPU."""
+    """Whether this torch build has int8 linear kernels for this CPU (probed once per process)."""
     try:
         probe = Int8Linear(torch.ones(8, 8, dtype=torch.int8), torch.ones(8), None)
         probe(torch.ones(2, 8))
@@ -116,21 +118,24 @@ def use_int8_kernels(model: nn.Module) -> int:
 
     Weight-only int8 linears keep float activations by definition and stay as they are.
     """
-    if not kernels_available():
-        return 0
-    replacements: list[tuple[str, nn.Module]] = []
+    swappable = []
     for name, module in model.named_modules():
         weight = _int8_weight(module)
         if weight is None or weight.qdata.device.type != "cpu":
             continue
-        if isinstance(module, nn.Linear) and _is_dynamic_activation(weight):
-            replacements.append((name, Int8Linear(weight.qdata, weight.scale, module.bias)))
-        elif isinstance(module, nn.Embedding):
-            replacements.append((name, Int8Embedding(module, weight)))
-    for name, replacement in replacements:
+        if (isinstance(module, nn.Linear) and _is_dynamic_activation(weight)) or isinstance(module, nn.Embedding):
+            swappable.append((name, module, weight))
+    if not swappable or not kernels_available():
+        return 0
+    for name, module, weight in swappable:
+        replacement: nn.Module = (
+            Int8Linear(weight.qdata, weight.scale, module.bias)
+            if isinstance(module, nn.Linear)
+            else Int8Embedding(module, weight)
+        )
         parent_name, _, attribute = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attribute, replacement)
-    return len(replacements)
+    return len(swappable)
 
 
 def _is_dynamic_activation(weight: Any) -> bool:

@@ -47,14 +47,11 @@ class ConfigMapReporter:
         self.clock = clock
         self.report = RunReport(stage=Stage.LOAD)
         self.last_write: float | None = None
-        self.dirty = False
-        self.writes = 0
 
     def _write(self, force: bool) -> None:
         now = self.clock()
         if not force and self.last_write is not None and now - self.last_write < self.min_interval_s:
-            self.dirty = True  # written with the next forced or unthrottled write
-            return
+            return  # the next write sends the whole report, this update included
         self.report.updated_at = datetime.now(UTC)
         body = {"data": {REPORT_KEY: json.dumps(self.report.to_wire(), sort_keys=True)}}
         for attempt in range(FORCED_ATTEMPTS if force else 1):
@@ -65,8 +62,7 @@ class ConfigMapReporter:
                 if attempt + 1 < FORCED_ATTEMPTS and force:
                     time.sleep(0.5 * (attempt + 1))
                 continue
-            self.last_write, self.dirty = now, False
-            self.writes += 1
+            self.last_write = now
             return
 
     def stage_started(self, stage: Stage, message: str = "") -> None:

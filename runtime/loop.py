@@ -152,7 +152,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     position = state.position if state else TrainingPosition()
     if state is not None:
         position.resumed_from_step = position.step
-        relay.send({"kind": "resumed", "step": position.step}, force=True)
     # An empty best in a checkpoint means its current weights were the best.
     best_weights = (state.best_weights or state.weights) if state else {}
 
@@ -248,7 +247,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         position.epoch, position.batch = epoch + 1, 0
 
     # The exported model is the one that validated best, not necessarily the last.
-    final = TrainingState(best_weights, {}, None, None, position, final=True)
+    final = TrainingState(best_weights, {}, None, None, position)
     _report({**_prefixed(position.best_metrics), "step": position.step, "final": True}, final if rank == 0 else None)
 
 

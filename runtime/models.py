@@ -19,22 +19,13 @@ from .errors import ModelError
 from .settings import RuntimeSettings
 from .storage import fetch, parse_uri
 
-# Attention projections adapted by default, per `config.model_type`. Types missing here
-# fall back to peft's own table.
+# Attention projections adapted by default, per `config.model_type`, for types peft's own
+# table lacks; every other type falls back to peft's table.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
     "camembert": ["query", "value"],
     "mpnet": ["q", "v"],
     "distilbert": ["q_lin", "v_lin"],
-    "deberta-v2": ["query_proj", "value_proj"],
     "albert": ["query", "value"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
     "vit": ["query", "value"],
     "deit": ["query", "value"],
 }
@@ -82,26 +73,28 @@ def load_processor(location: ModelLocation, model: ModelSource) -> Any:
     return tokenizer
 
 
-load_tokenizer = load_processor
+def auto_class(task: Task) -> Any:
+    """The transformers Auto class that loads a model (or an exported variant) of `task`."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    if task == Task.CAUSAL_LM:
+        return AutoModelForCausalLM
+    if task == Task.IMAGE_CLASSIFICATION:
+        return AutoModelForImageClassification
+    return AutoModelForSequenceClassification
 
 
 def load_base(
     location: ModelLocation, model: ModelSource, labels: list[str], seed: int, extra: dict[str, Any] | None = None
 ) -> Any:
     """The base model with the task's head (for classification a seeded fresh head for `labels`)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
-
     # The new head is initialised from the global RNG: seeding makes it the same on every worker.
     torch.manual_seed(seed)
     kwargs = {**_pretrained_kwargs(location, model), **(extra or {})}
     try:
+        auto = auto_class(model.task)
         if model.task == Task.CAUSAL_LM:
-            return AutoModelForCausalLM.from_pretrained(location.source, **kwargs)
-        auto = (
-            AutoModelForImageClassification
-            if model.task == Task.IMAGE_CLASSIFICATION
-            else AutoModelForSequenceClassification
-        )
+            return auto.from_pretrained(location.source, **kwargs)
         return auto.from_pretrained(
             location.source,
             num_labels=len(labels),
@@ -113,13 +106,6 @@ def load_base(
         )
     except (OSError, ValueError) as error:
         raise ModelError("model.uri", f"cannot load {model.uri} for {model.task.value}: {error}") from None
-
-
-def load_classifier(
-    location: ModelLocation, model: ModelSource, labels: list[str], seed: int, extra: dict[str, Any] | None = None
-) -> Any:
-    """`load_base` for a text classifier (the name the first version had)."""
-    return load_base(location, model, labels, seed, extra)
 
 
 def check_method_fits_machine(method: Method, use_gpu: bool) -> None:

@@ -5,9 +5,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +14,20 @@ import torch
 
 from .checkpoints import TrainingPosition, TrainingState, load_trainable_state
 from .cluster import ray_cluster
-from .contract import Precision, RunIdentity, RunSpec, Task, WorkerResources
+from .compress import best_variant
+from .contract import Method, MethodType, Precision, RunIdentity, RunSpec, Task, WorkerResources
 from .contract.report import Stage
 from .data import TaskData, load_data
 from .errors import DataError, InvalidRunError
-from .evaluate import evaluate_task
 from .export import ManifestInputs, spec_hash, write_manifest
-from .models import build_model, check_method_fits_machine, load_base, load_processor, locate_model
+from .models import build_model, check_method_fits_machine
 from .plan import TrainingPlan, with_overrides
 from .reporting import Reporter, Reporters, TensorBoardReporter
 from .result import RunResult
 from .settings import RuntimeSettings
-from .storage import anchored, join_uri, local_path, parse_uri, upload_directory
+from .storage import anchored, cache_folder, join_uri, local_path, parse_uri, upload_directory
 from .train import cluster_cpus, train, worker_shape
-from .variants import COMPRESSED, EVALUATION_BATCH_SIZE, VariantContext, build_variants
+from .variants import COMPRESSED, VariantContext, build_variants, planned_variants, test_metrics
 
 TENSORBOARD_FOLDER = "tensorboard"
 CHECKPOINTS_FOLDER = "checkpoints"
@@ -57,10 +56,13 @@ def check_runnable(spec: RunSpec, resources: WorkerResources) -> None:
 
 def _staging_root(spec: RunSpec, options: RunOptions) -> Path:
     """Local folder the results are written to (the output itself unless it is remote)."""
-    if parse_uri(spec.output.uri).scheme == "s3":
-        digest = hashlib.sha256(spec.output.uri.encode()).hexdigest()[:16]
-        return options.settings.cache_dir / "outputs" / digest
+    if _remote_output(spec):
+        return cache_folder(spec.output.uri, options.settings, "outputs")
     return local_path(spec.output.uri, options.settings)
+
+
+def _remote_output(spec: RunSpec) -> bool:
+    return parse_uri(spec.output.uri).scheme == "s3"
 
 
 def _checkpoint_storage(spec: RunSpec, root: Path) -> tuple[str, Any]:
@@ -85,20 +87,11 @@ def _check_chat_template(processor: Any, data: TaskData) -> None:
 
 def _evaluate_base(spec: RunSpec, data: TaskData, options: RunOptions) -> dict[str, float]:
     """Test metrics of the base model (for classification with a freshly initialised, seeded head)."""
-    location = locate_model(spec.model, options.settings)
-    processor = load_processor(location, spec.model)
+    as_is = Method(type=MethodType.FULL)  # loaded as training loads it, with nothing applied
+    model, processor = build_model(spec.model, as_is, data.labels, spec.hyperparameters.seed, options.settings)
     if spec.model.task == Task.CAUSAL_LM:
         _check_chat_template(processor, data)
-    model = load_base(location, spec.model, data.labels, spec.hyperparameters.seed)
-    metrics = evaluate_task(
-        model,
-        processor,
-        spec.model.task,
-        data.test,
-        len(data.labels),
-        spec.hyperparameters.max_sequence_length,
-        EVALUATION_BATCH_SIZE,
-    )
+    metrics = test_metrics(model, processor, spec, data)
     del model
     return metrics
 
@@ -106,7 +99,7 @@ def _evaluate_base(spec: RunSpec, data: TaskData, options: RunOptions) -> dict[s
 def _uri_of(spec: RunSpec, root: Path, path: Path) -> str:
     """Where `path` (inside the staging root) ends up in the output."""
     relative = path.relative_to(root).as_posix()
-    if parse_uri(spec.output.uri).scheme == "s3":
+    if _remote_output(spec):
         return join_uri(spec.output.uri, relative)
     return str(path.resolve())
 
@@ -123,7 +116,7 @@ def run_pipeline(spec: RunSpec, options: RunOptions | None = None, reporter: Rep
     try:
         result = _run(spec, options, root, events)
         tensorboard.close()
-        if parse_uri(spec.output.uri).scheme == "s3":
+        if _remote_output(spec):
             upload_directory(root, spec.output.uri)
             shutil.rmtree(root, ignore_errors=True)
     except BaseException as error:
@@ -192,7 +185,6 @@ def _train_or_search(spec: RunSpec, data: TaskData, options: RunOptions, root: P
 
 
 def _run(spec: RunSpec, options: RunOptions, root: Path, events: Reporters) -> RunResult:
-    task = spec.model.task
     events.stage_started(Stage.LOAD, f"data from {spec.data.train}")
     data = load_data(spec, options.settings)
     events.stage_started(
@@ -208,20 +200,18 @@ def _run(spec: RunSpec, options: RunOptions, root: Path, events: Reporters) -> R
     hp = effective.hyperparameters
 
     events.stage_started(Stage.EVALUATE, "fine-tuned model on the test set")
-    model, processor = build_model(effective.model, effective.method, data.labels, hp.seed, options.settings)
+    # The base evaluation has just fetched the model: an s3:// download is reused, not repeated.
+    settings = replace(options.settings, reuse_downloads=True)
+    model, processor = build_model(effective.model, effective.method, data.labels, hp.seed, settings)
     load_trainable_state(model, trained.state.weights)
-    after = evaluate_task(
-        model, processor, task, data.test, len(data.labels), hp.max_sequence_length, EVALUATION_BATCH_SIZE
-    )
+    after = test_metrics(model, processor, effective, data)
     events.metrics("test-after", after, trained.position.step)
 
-    events.stage_started(Stage.COMPRESS, "variants: " + _planned_variants(effective))
+    events.stage_started(Stage.COMPRESS, "variants: " + ", ".join(planned_variants(effective)))
     context = VariantContext(effective, data, after)
     variants = build_variants(model, processor, root, context)
     reports = {variant.name: variant.report(_uri_of(spec, root, variant.folder)) for variant in variants}
-    from .compress import best_variant
-
-    best = best_variant(reports, set(COMPRESSED))
+    best = best_variant(reports, COMPRESSED)
 
     events.stage_started(Stage.EXPORT, f"to {spec.output.uri}")
     inputs = _manifest_inputs(spec, options, data, before, after, trained, best)
@@ -244,17 +234,6 @@ def _run(spec: RunSpec, options: RunOptions, root: Path, events: Reporters) -> R
         best_hyperparameters=trained.search["bestHyperparameters"] if trained.search else None,
     )
     return result
-
-
-def _planned_variants(spec: RunSpec) -> str:
-    from .export import wants_merged
-
-    names = ["full", *(["merged"] if wants_merged(spec) else [])]
-    if spec.compression.quantization.method.value != "none":
-        names.append("int8")
-    if spec.compression.pruning.method.value != "none":
-        names.append("pruned")
-    return ", ".join(names)
 
 
 def _manifest_inputs(

@@ -6,12 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .contract import Hyperparameters, Method, Metric, Mode, RunSpec
-from .contract.search import METRIC_MODE
 from .data import Examples
 from .settings import RuntimeSettings
 
-# Search keys of nested method options ("lora.rank") and the contract fields they set.
-_METHOD_OPTIONS = {"lora": "lora", "freeze": "freeze"}
+# Groups of nested method options a search may set ("lora.rank", "freeze.trainableLayers").
+_METHOD_OPTIONS = frozenset({"lora", "freeze"})
 
 
 def with_overrides(spec: RunSpec, overrides: dict[str, Any]) -> RunSpec:
@@ -23,7 +22,7 @@ def with_overrides(spec: RunSpec, overrides: dict[str, Any]) -> RunSpec:
     for key, value in overrides.items():
         group, _, option = key.partition(".")
         if option and group in _METHOD_OPTIONS:
-            method.setdefault(_METHOD_OPTIONS[group], {})[option] = value
+            method.setdefault(group, {})[option] = value
         else:
             hyperparameters[key] = value
     return spec.model_copy(
@@ -56,4 +55,4 @@ class TrainingPlan:
 
     @property
     def mode(self) -> Mode:
-        return METRIC_MODE[self.metric]
+        return self.spec.search_mode

@@ -35,10 +35,16 @@ def spec_key(key: str) -> str:
     return key.replace(_DOT, ".")
 
 
+def _enumerated(parameter: SearchParameter, algorithm: Algorithm) -> bool:
+    """Whether every value of the parameter is tried (a grid), rather than sampled."""
+    kind = parameter.type
+    return kind == ParameterType.GRID or (kind == ParameterType.CHOICE and algorithm == Algorithm.GRID)
+
+
 def _domain(parameter: SearchParameter, algorithm: Algorithm) -> Any:
     """The Tune domain of one searched setting; with algorithm grid every value is enumerated."""
     kind = parameter.type
-    if kind == ParameterType.GRID or (kind == ParameterType.CHOICE and algorithm == Algorithm.GRID):
+    if _enumerated(parameter, algorithm):
         return ray.tune.grid_search(list(parameter.values or []))
     if kind == ParameterType.CHOICE:
         return ray.tune.choice(list(parameter.values or []))
@@ -96,7 +102,6 @@ class SearchOutcome:
     metrics: dict[str, float]
     state: TrainingState
     trials: list[dict[str, Any]]  # every trial: its values, last validation metrics, reports, error
-    checkpoint_path: str
 
 
 def _trial(config: dict[str, Any], plan: TrainingPlan, shape: WorkerShape, storage_path: str, fs: Any) -> None:
@@ -157,16 +162,12 @@ def run_search(
     best = results.get_best_result(metric=metric, mode=mode, scope="last")
     if best.config is None or not best.metrics or CHECKPOINT_PATH_KEY not in best.metrics:
         raise RuntimeError("the search finished without a successful trial")
-    overrides = {spec_key(key): value for key, value in best.config.items()}
     path = str(best.metrics[CHECKPOINT_PATH_KEY])
     with Checkpoint(path=path, filesystem=storage_filesystem).as_directory() as folder:
         state = TrainingState.load(Path(folder))
-    metrics = {
-        key.removeprefix("validation_"): float(value)
-        for key, value in best.metrics.items()
-        if key.startswith("validation_")
-    }
-    return SearchOutcome(overrides, metrics, state, [_summary(results[i]) for i in range(len(results))], path)
+    summary = _summary(best)
+    trials = [_summary(results[i]) for i in range(len(results))]
+    return SearchOutcome(summary["hyperparameters"], summary["validation"], state, trials)
 
 
 def _placement_groups() -> set[str]:
@@ -211,9 +212,7 @@ def _planned_trials(search: SearchSpec) -> int:
     """How many trials Tune will run: grid searches multiply the samples by the grid's size."""
     grid = 1
     for parameter in search.space.values():
-        if parameter.type == ParameterType.GRID or (
-            parameter.type == ParameterType.CHOICE and search.algorithm == Algorithm.GRID
-        ):
+        if _enumerated(parameter, search.algorithm):
             grid *= len(parameter.values or [])
     return search.effective_trials * grid
 

@@ -7,7 +7,7 @@ Kept apart from the run contract: the same spec runs in a cluster (volumes under
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PVC_ROOT_VARIABLE = "KUBETUNE_PVC_ROOT"
@@ -28,17 +28,13 @@ class RuntimeSettings:
     # pvc://<claim>/<path> resolves to <pvc_root>/<claim>/<path> (the RayJob mounts claims there).
     pvc_root: Path = DEFAULT_PVC_ROOT
     # s3:// models and data are downloaded here before use.
-    cache_dir: Path = Path()
+    cache_dir: Path = field(default_factory=_default_cache_dir)
     # Fault injection for resilience tests: the first worker raises once, after this optimizer step,
     # unless it resumed from a checkpoint. Never set in production.
     fault_at_step: int | None = None
     # Use an s3:// download already in the cache as is. Training workers set this: the driver has just
     # downloaded the same objects for this run, and workers need not hold S3 credentials to reuse them.
     reuse_downloads: bool = False
-
-    def __post_init__(self) -> None:
-        if self.cache_dir == Path():
-            object.__setattr__(self, "cache_dir", _default_cache_dir())
 
     @classmethod
     def from_environment(cls) -> RuntimeSettings:

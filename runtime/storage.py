@@ -85,15 +85,16 @@ def _s3_keys(client: Any, bucket: str, prefix: str) -> list[str]:
     return keys
 
 
-def _cache_folder(uri: str, settings: RuntimeSettings) -> Path:
+def cache_folder(uri: str, settings: RuntimeSettings, kind: str = "s3") -> Path:
+    """A local folder of the cache that belongs to `uri` (downloads under "s3", staged outputs under "outputs")."""
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    return settings.cache_dir / "s3" / digest
+    return settings.cache_dir / kind / digest
 
 
 def download_s3(uri: str, settings: RuntimeSettings) -> Path:
     """Copy an s3:// object or every object under an s3:// prefix to the cache; return the local copy."""
     parsed = parse_uri(uri)
-    target = _cache_folder(uri, settings)
+    target = cache_folder(uri, settings)
     marker = target / COMPLETE_MARKER
     if settings.reuse_downloads and marker.is_file():
         return target / marker.read_text(encoding="utf-8")

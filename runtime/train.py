@@ -10,7 +10,7 @@ import math
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,8 @@ def build_trainer(
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan, "relay": relay},
+        # Each worker runs torch with the threads its share of the CPUs allows (trials too).
+        train_loop_config={"plan": replace(plan, threads_per_worker=shape.threads_per_worker), "relay": relay},
         scaling_config=ray.train.ScalingConfig(
             num_workers=shape.workers, use_gpu=shape.use_gpu, resources_per_worker=resources
         ),
@@ -86,7 +87,6 @@ class TrainingOutcome:
     """The best weights and how training went."""
 
     state: TrainingState
-    checkpoint_path: str
 
     @property
     def position(self) -> TrainingPosition:
@@ -151,7 +151,6 @@ def train(
     from ray.util.queue import Queue
 
     shape = worker_shape(resources, cluster_cpus())
-    plan = _with_threads(plan, shape.threads_per_worker)
     relay = Queue(actor_options={"num_cpus": 0})
     try:
         with _RelayPump(relay, reporter):
@@ -167,10 +166,4 @@ def train(
         raise RuntimeError("training reported no checkpoint")
     with result.checkpoint.as_directory() as folder:
         state = TrainingState.load(Path(folder))
-    return TrainingOutcome(state, result.checkpoint.path)
-
-
-def _with_threads(plan: TrainingPlan, threads: int) -> TrainingPlan:
-    from dataclasses import replace
-
-    return replace(plan, threads_per_worker=threads)
+    return TrainingOutcome(state)

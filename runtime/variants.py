@@ -37,17 +37,29 @@ class VariantContext:
     reference: dict[str, float]  # test metrics of the fine-tuned model
 
 
-def _metrics(model: nn.Module, processor: Any, context: VariantContext) -> dict[str, float]:
-    spec = context.spec
+def test_metrics(model: nn.Module, processor: Any, spec: RunSpec, data: TaskData) -> dict[str, float]:
+    """The model's metrics on the test split, as every stage of the run measures them."""
     return evaluate_task(
         model,
         processor,
         spec.model.task,
-        context.data.test,
-        len(context.data.labels),
+        data.test,
+        len(data.labels),
         spec.hyperparameters.max_sequence_length,
         EVALUATION_BATCH_SIZE,
     )
+
+
+def planned_variants(spec: RunSpec) -> list[str]:
+    """The variants a run of `spec` exports, in order."""
+    names = ["full", *(["merged"] if wants_merged(spec) else [])]
+    if spec.method.type == MethodType.QLORA:
+        return names  # a 4-bit base has no plain float model to compress
+    if spec.compression.quantization.method != QuantizationMethod.NONE:
+        names.append("int8")
+    if spec.compression.pruning.method == PruningMethod.MAGNITUDE:
+        names.append("pruned")
+    return names
 
 
 def _measure(
@@ -64,36 +76,33 @@ def _measure(
         variant.accepted, variant.reason = verdict.accepted, verdict.reason
 
 
-def _reloaded(variant: ExportedVariant, context: VariantContext) -> nn.Module:
-    return load_variant(variant.folder, context.spec.model.task)
+def _measure_reloaded(variant: ExportedVariant, processor: Any, context: VariantContext) -> None:
+    """Measure a written variant as it loads back (and is served)."""
+    reloaded = load_variant(variant.folder, context.spec.model.task)
+    _measure(variant, reloaded, processor, context, test_metrics(reloaded, processor, context.spec, context.data))
 
 
 def build_variants(model: nn.Module, processor: Any, root: Path, context: VariantContext) -> list[ExportedVariant]:
     """Export `full` (and `merged`), then the compressed variants the spec asks for; measure them all."""
     spec = context.spec
-    merged = merged_copy(model) if wants_merged(spec) else None
+    planned = planned_variants(spec)
+    merged = merged_copy(model) if "merged" in planned else None
     variants = export_variants(model, processor, spec, root, merged)
     full = variants[0]
     _measure(full, model, processor, context, context.reference)
     plain = full
     if merged is not None:
         plain = variants[1]
-        reloaded = _reloaded(plain, context)
-        _measure(plain, reloaded, processor, context, _metrics(reloaded, processor, context))
-    if spec.method.type == MethodType.QLORA:
-        return variants  # a 4-bit base has no plain float model to compress
-    compression = spec.compression
+        _measure_reloaded(plain, processor, context)
     base = root / VARIANTS_FOLDER
-    if compression.quantization.method != QuantizationMethod.NONE:
+    if "int8" in planned:
         int8 = ExportedVariant("int8", base / "int8", VariantFormat.TORCHAO)
-        quantize_folder(plain.folder, int8.folder, spec.model.task, compression)
-        reloaded = _reloaded(int8, context)
-        _measure(int8, reloaded, processor, context, _metrics(reloaded, processor, context))
+        quantize_folder(plain.folder, int8.folder, spec.model.task, spec.compression)
+        _measure_reloaded(int8, processor, context)
         variants.append(int8)
-    if compression.pruning.method == PruningMethod.MAGNITUDE:
+    if "pruned" in planned:
         pruned = ExportedVariant("pruned", base / "pruned", VariantFormat.HF)
-        prune_folder(plain.folder, pruned.folder, spec.model.task, compression.pruning.amount)
-        reloaded = _reloaded(pruned, context)
-        _measure(pruned, reloaded, processor, context, _metrics(reloaded, processor, context))
+        prune_folder(plain.folder, pruned.folder, spec.model.task, spec.compression.pruning.amount)
+        _measure_reloaded(pruned, processor, context)
         variants.append(pruned)
     return variants

@@ -104,16 +104,18 @@ def on_job_event(event: kopf.RawEvent, namespace: str | None, name: str, **_: An
     controller.reconcile_key(key, body)
 
 
-@kopf.on.event("ray.io", "v1", "rayjobs", labels={MANAGED_BY_LABEL: MANAGER})
+@kopf.on.event("ray.io", "v1", "rayjobs", labels={MANAGED_BY_LABEL: MANAGER, JOB_LABEL: kopf.PRESENT})
 def on_ray_job_event(event: kopf.RawEvent, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
     # A RayJob without status yet is one we just created: nothing new to observe.
     body: Mapping[str, Any] = event.get("object") or {}
-    if JOB_LABEL in labels and (event.get("type") == "DELETED" or body.get("status")):
+    if event.get("type") == "DELETED" or body.get("status"):
         _active().reconcile_key((namespace or "", labels[JOB_LABEL]))
 
 
-@kopf.on.event("", "v1", "configmaps", labels={MANAGED_BY_LABEL: MANAGER, REPORT_LABEL: "true"})
+@kopf.on.event(
+    "", "v1", "configmaps", labels={MANAGED_BY_LABEL: MANAGER, REPORT_LABEL: "true", JOB_LABEL: kopf.PRESENT}
+)
 def on_report_event(event: kopf.RawEvent, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
     # Only the runs' report ConfigMaps are watched: they carry progress; run configs never change.
-    if JOB_LABEL in labels and event.get("type") == "MODIFIED":
+    if event.get("type") == "MODIFIED":
         _active().reconcile_key((namespace or "", labels[JOB_LABEL]))

@@ -196,20 +196,19 @@ def plan(
     latest = records[-1] if records else None
     if latest is None or latest.spec_hash != spec_hash:
         pending.append((Trigger.SPEC_CHANGE, f"generation {generation}"))
+    triggers: list[tuple[Trigger, str]] = []
     retrain = annotations.get(RETRAIN_ANNOTATION, "").strip()
     if retrain and retrain != handled_retrain:
-        if any(r.trigger == Trigger.ANNOTATION and r.trigger_detail == retrain for r in records):
-            handled_retrain = retrain  # its run exists: created just before a crash
-        else:
-            pending.append((Trigger.ANNOTATION, retrain))
+        triggers.append((Trigger.ANNOTATION, retrain))
     due = latest_due(job, max(filter(None, [last_schedule, created])), now)
     if due is not None:
-        if any(r.trigger == Trigger.SCHEDULE and r.trigger_detail == due.isoformat() for r in records):
-            last_schedule = due  # likewise
-        else:
-            pending.append((Trigger.SCHEDULE, due.isoformat()))
+        triggers.append((Trigger.SCHEDULE, due.isoformat()))
+    ran = {(r.trigger, r.trigger_detail) for r in records}
+    pending += [trigger for trigger in triggers if trigger not in ran]
 
     result = Plan(records=records, events=events, handled_retrain=handled_retrain, last_schedule_time=last_schedule)
+    # A trigger whose run exists was handled: the run was created just before a crash.
+    _mark_handled(result, [trigger for trigger in triggers if trigger in ran])
     upcoming = next_due(job, now)
     active = [r for r in records if r.phase in ACTIVE_PHASES]
     if pending and not job.spec.suspend:

@@ -21,7 +21,7 @@ from kubetune.operator.api.finetunejob import (
     RunRecord,
 )
 from kubetune.operator.conditions import ConditionType, Reason, condition, merge_conditions
-from kubetune.runtime.contract.report import RunProgress, RunReport, Stage
+from kubetune.runtime.contract.report import MESSAGE_MAX_LENGTH, RunProgress, RunReport, Stage
 from kubetune.runtime.contract.search import METRIC_MODE, Metric, Mode
 
 # KubeRay's jobDeploymentStatus values that decide the phase by themselves.
@@ -91,9 +91,10 @@ def with_report(record: RunRecord, report: RunReport | None) -> RunRecord:
     """Mirror the runtime's report into the run record."""
     if report is None:
         return record
-    progress = RunProgress.model_validate(report.model_dump(include=set(RunProgress.model_fields)))
-    if report.stage == Stage.FAILED:
-        progress.message = report.error
+    fields = report.model_dump(include=set(RunProgress.model_fields))
+    if report.stage == Stage.FAILED:  # a failed run's message is its error, cut to what a message holds
+        fields["message"] = report.error[:MESSAGE_MAX_LENGTH] if report.error else None
+    progress = RunProgress.model_validate(fields)
     update: dict[str, Any] = {"progress": progress}
     if report.metrics_before is not None:
         update["metrics_before"] = report.metrics_before

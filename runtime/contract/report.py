@@ -18,6 +18,10 @@ from .common import ContractModel
 REPORT_KEY = "report.json"
 
 
+# Longest progress message a report (and the status mirroring it) carries.
+MESSAGE_MAX_LENGTH = 4096
+
+
 class Stage(StrEnum):
     LOAD = "load"
     EVALUATE_BASE = "evaluate-base"
@@ -53,7 +57,7 @@ class RunProgress(ContractModel):
     loss: float | None = Field(default=None, description="Latest training loss.")
     trials_completed: int | None = Field(default=None, ge=0, description="Search trials finished.")
     trials_total: int | None = Field(default=None, ge=0, description="Search trials planned.")
-    message: str | None = Field(default=None, max_length=4096, description="Latest progress message.")
+    message: str | None = Field(default=None, max_length=MESSAGE_MAX_LENGTH, description="Latest progress message.")
     updated_at: datetime | None = Field(default=None, description="When the report was written.")
 
 

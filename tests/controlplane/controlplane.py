@@ -89,6 +89,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _tail(path: Path, lines: int) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -229,11 +235,8 @@ class ControlPlane:
         """User plus system CPU time each local process (etcd, kube-apiserver, …) has used; empty when external."""
         used = {}
         for name, proc in self._procs.items():
-            try:
-                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            used[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            with contextlib.suppress(OSError):  # a process that has exited
+                used[name] = process_cpu_seconds(proc.pid)
         return used
 
     def _has_binary(self, name: str) -> bool:

@@ -21,6 +21,8 @@ from typing import Any, Literal, TypeVar
 
 from kubetune.operator.kube import Kube, ObjectRef
 
+from ..controlplane import process_cpu_seconds
+
 T = TypeVar("T")
 Manifest = dict[str, Any]
 
@@ -149,8 +151,7 @@ class OperatorProcess:
     def cpu_seconds(self) -> float:
         """User plus system CPU time the operator process has used (Linux)."""
         assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.proc.pid)
 
     def kill(self) -> None:
         """SIGKILL: no graceful shutdown, as when a node dies."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kubetune.runtime.data import infer_labels, load_text_classification
+from kubetune.runtime.data import infer_labels, load_data
 from kubetune.runtime.errors import DataError
 from kubetune.runtime.records import read_records
 from kubetune.runtime.settings import RuntimeSettings
@@ -26,7 +26,7 @@ def settings(tmp_path: Path) -> RuntimeSettings:
 
 
 def _load(model_dir: Path, train: Path | str, settings: RuntimeSettings, **overrides: object):  # type: ignore[no-untyped-def]
-    return load_text_classification(make_spec(model_dir, train, settings.cache_dir / "out", **overrides), settings)
+    return load_data(make_spec(model_dir, train, settings.cache_dir / "out", **overrides), settings)
 
 
 @pytest.mark.parametrize("writer", [write_jsonl, write_csv, write_parquet])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from kubetune.runtime.compress import MAX_SLOWDOWN
 from kubetune.runtime.contract import RunSpec, WorkerResources
-from kubetune.runtime.data import load_text_classification
+from kubetune.runtime.data import load_data
 from kubetune.runtime.evaluate import evaluate, predict
 from kubetune.runtime.export import library_versions, spec_hash
 from kubetune.runtime.pipeline import RunOptions, run_pipeline
@@ -128,7 +128,7 @@ def test_heavily_pruned_variant_is_rejected_with_the_reason(full_run: FinishedRu
 
 
 def _test_split(run: FinishedRun):  # type: ignore[no-untyped-def]
-    return load_text_classification(run.spec, RuntimeSettings())
+    return load_data(run.spec, RuntimeSettings())
 
 
 @pytest.mark.parametrize("run_name", ["lora_run", "full_run"])
