@@ -1,4 +1,4 @@
-"""`kubetune`: validate manifests, generate CRDs, and (later) run locally or start the operator."""
+"""`kubetune`: validate manifests, generate CRDs, and start the operator."""
 
 from __future__ import annotations
 
@@ -133,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NS",
         help="watch only this namespace (repeatable); all namespaces by default",
     )
-    operator.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0 disables)")
+    operator.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus /metrics port (0 disables); KUBETUNE_METRICS_PORT or 8080 by default",
+    )
     commands.add_parser("version", help="print the version")
     return parser
 
@@ -145,9 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "crds":
         return crds(args.directories)
     if args.command == "operator":
-        from kubetune.operator.main import run
+        from dataclasses import replace
 
-        run(args.namespace, args.metrics_port or None)
+        from kubetune.operator.main import run
+        from kubetune.operator.settings import Settings, SettingsError
+
+        try:
+            settings = Settings.from_environment()
+        except SettingsError as error:
+            console.print(f"[red]invalid setting:[/red] {error}", soft_wrap=True, highlight=False)
+            return 2
+        if args.metrics_port is not None:
+            settings = replace(settings, metrics_port=args.metrics_port)
+        run(args.namespace, settings)
         return 0
     console.print(version("kubetune"))
     return 0

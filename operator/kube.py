@@ -1,28 +1,38 @@
 """The one module that talks to the Kubernetes API server.
 
-A thin JSON layer over urllib3: objects are plain dicts
-(manifests), so builders stay pure and nothing here knows about kubetune's kinds
-beyond where each kind lives in the API.
+Where the server is and who we are come from the `kubernetes` package's configuration
+loading: the pod's service account (its projected token re-read as it rotates), or
+the kubeconfig with every `KUBECONFIG` path merged, exec credential plugins and OIDC.
+Requests go through a thin JSON layer over urllib3 fed by that configuration
+(`bench/kube_client.py` measures it against the package's own ApiClient): objects are
+plain dicts (manifests), so builders stay pure and nothing here knows about kubetune's
+kinds beyond where each kind lives in the API.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import threading
-import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import kubernetes.client
+import kubernetes.config
 import urllib3
-from kubetune.operator.kubeconfig import Connection, connect
 
 Manifest = dict[str, Any]
 FIELD_MANAGER = "kubetune"
 REQUEST_TIMEOUT = urllib3.Timeout(connect=10.0, read=60.0)
+# Longest message an Event carries (the API server allows 1 KiB more; the rest is noise).
+EVENT_MESSAGE_MAX_LENGTH = 1024
+# Objects as PartialObjectMetadata: names, labels and owners, never a Secret's data.
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 
 # (apiVersion, kind) → plural: every kind the operator reads or writes.
 PLURALS: dict[tuple[str, str], str] = {
@@ -40,10 +50,14 @@ PLURALS: dict[tuple[str, str], str] = {
 
 
 class ApiError(Exception):
-    """An API server answer other than success, with its HTTP status and message."""
+    """An API server answer other than success, with its HTTP status and message.
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        self.status, self.reason, self.message = status, reason, message
+    `retry_after` is the server's Retry-After (seconds) on 429 and some 5xx answers.
+    Status 0 means the server could not be reached.
+    """
+
+    def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None) -> None:
+        self.status, self.reason, self.message, self.retry_after = status, reason, message, retry_after
         super().__init__(f"{status} {reason}: {message}")
 
     @property
@@ -53,6 +67,15 @@ class ApiError(Exception):
     @property
     def conflict(self) -> bool:
         return self.status == 409
+
+    @property
+    def throttled(self) -> bool:
+        return self.status == 429
+
+    @property
+    def expired(self) -> bool:
+        """A watch or list resourceVersion too old to continue from: list again."""
+        return self.status == 410
 
 
 def collection_path(api_version: str, kind: str, namespace: str | None) -> str:
@@ -82,60 +105,77 @@ class ObjectRef:
         return object_path(self.api_version, self.kind, self.namespace, self.name)
 
 
+def load_configuration(kubeconfig: str | None = None) -> kubernetes.client.Configuration:
+    """The pod's service account when running in a pod, else the kubeconfig.
+
+    The kubeconfig is `kubeconfig`, else every path in KUBECONFIG (merged as kubectl
+    does), else ~/.kube/config.
+    """
+    configuration = kubernetes.client.Configuration()
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration, try_refresh_token=True
+        )
+    else:
+        # Read KUBECONFIG now: the package reads it once, when it is imported.
+        path = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=path, client_configuration=configuration, persist_config=False
+        )
+    return configuration
+
+
+@dataclass(frozen=True)
+class _Tls:
+    """What a connection pool is built from; renewed plugin credentials may change it."""
+
+    ca_file: str | None
+    cert_file: str | None
+    key_file: str | None
+    verify: bool
+    server_name: str | None
+    proxy: str | None
+
+
 class Kube:
     """Blocking calls to the API server; safe to share between threads."""
 
-    # A token file (a pod's projected token) is re-read this often, not on every request.
-    TOKEN_FILE_SECONDS = 60.0
-
-    # Enough connections for the handler threads working at once.
+    # Enough connections for the reconcile threads working at once.
     POOL_SIZE = 32
 
-    def __init__(self, connection: Connection) -> None:
-        self._connection = connection
+    def __init__(self, configuration: kubernetes.client.Configuration) -> None:
+        self.configuration = configuration
         self._lock = threading.Lock()
-        self._pool = self._new_pool(connection)
-        self._token: tuple[str | None, float] = (None, -self.TOKEN_FILE_SECONDS)
+        self._tls: _Tls | None = None
+        self._pool: urllib3.PoolManager | None = None
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None) -> Kube:
-        """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
-        return cls(connect(kubeconfig))
+        """In-cluster credentials when running in a pod, else the kubeconfig (see `load_configuration`)."""
+        return cls(load_configuration(kubeconfig))
 
     @property
-    def connection(self) -> Connection:
-        return self._current()[0]
+    def server(self) -> str:
+        return str(self.configuration.host)
 
-    def _current(self) -> tuple[Connection, urllib3.PoolManager, dict[str, str]]:
-        """The connection, its pool and its auth headers, renewing plugin credentials when due."""
+    def authorization(self) -> str | None:
+        """The Authorization header to send now (the package renews expiring credentials here)."""
         with self._lock:
-            fresh = self._connection.fresh()
-            if fresh is not self._connection:  # renewed plugin credentials: new certificates, maybe
-                self._connection, self._pool = fresh, self._new_pool(fresh)
-                self._token = (None, -self.TOKEN_FILE_SECONDS)
-            connection, pool = self._connection, self._pool
-            token, read_at = self._token
-            if time.monotonic() - read_at >= self.TOKEN_FILE_SECONDS:
-                token = connection.bearer_token()
-                self._token = (token, time.monotonic() if connection.token_file else float("inf"))
-        if token:
-            return connection, pool, {"Authorization": f"Bearer {token}"}
-        if connection.username is not None:
-            return (
-                connection,
-                pool,
-                urllib3.util.make_headers(basic_auth=f"{connection.username}:{connection.password or ''}"),
-            )
-        return connection, pool, {}
+            value = self.configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
+        return str(value) if value else None
 
-    def _new_pool(self, connection: Connection) -> urllib3.PoolManager:
-        context = ssl.create_default_context(cafile=connection.ca_file)
-        if connection.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if connection.cert_file and connection.key_file:
-            context.load_cert_chain(connection.cert_file, connection.key_file)
-        return urllib3.PoolManager(num_pools=4, maxsize=self.POOL_SIZE, block=False, ssl_context=context)
+    def _connection(self) -> tuple[urllib3.PoolManager, dict[str, str]]:
+        authorization = self.authorization()
+        config = self.configuration
+        tls = _Tls(
+            config.ssl_ca_cert, config.cert_file, config.key_file, bool(config.verify_ssl),
+            config.tls_server_name, config.proxy,
+        )  # fmt: skip
+        with self._lock:
+            if self._pool is None or tls != self._tls:  # new certificates from a credential plugin
+                self._pool, self._tls = _new_pool(tls, self.POOL_SIZE), tls
+            pool = self._pool
+        return pool, ({"Authorization": authorization} if authorization else {})
 
     def request(
         self,
@@ -144,9 +184,10 @@ class Kube:
         body: Any = None,
         query: Mapping[str, str] | None = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
     ) -> Manifest:
-        connection, pool, auth = self._current()
-        url = f"{connection.server}{path}"
+        pool, auth = self._connection()
+        url = f"{self.server}{path}"
         if query:
             url += "?" + urllib.parse.urlencode(query)
         try:
@@ -154,28 +195,51 @@ class Kube:
                 method,
                 url,
                 body=None if body is None else json.dumps(body).encode(),
-                headers={**_headers(content_type), **auth},
+                headers={**_headers(content_type, accept), **auth},
                 timeout=REQUEST_TIMEOUT,
                 retries=False,
             )
         except urllib3.exceptions.HTTPError as error:
             raise ApiError(0, "Unreachable", f"{method} {path}: {error}") from None
         if response.status >= 400:
-            raise _api_error(response.status, response.data)
+            raise _api_error(response.status, response.data, response.headers.get("Retry-After"))
         return json.loads(response.data) if response.data else {}
 
     def watch(
-        self, api_version: str, kind: str, namespace: str | None, timeout_seconds: int = 300
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        timeout_seconds: int = 300,
+        *,
+        resource_version: str | None = None,
+        label_selector: str | None = None,
+        metadata_only: bool = False,
+        stream: list[urllib3.BaseHTTPResponse] | None = None,
     ) -> Iterator[tuple[str, Manifest]]:
-        """Stream (type, object) events of a kind, from now on, until the server ends the watch."""
-        connection, pool, auth = self._current()
-        query = urllib.parse.urlencode({"watch": "true", "timeoutSeconds": str(timeout_seconds)})
-        url = f"{connection.server}{collection_path(api_version, kind, namespace)}?{query}"
-        headers = {**_headers("application/json"), **auth}
-        response = pool.request("GET", url, headers=headers, preload_content=False, retries=False, timeout=None)
+        """Stream (type, object) events of a kind until the server ends the watch.
+
+        From `resource_version` when given (bookmarks included), else from now on.
+        An expired version raises ApiError 410. `stream`, when given, receives the open
+        response, so that another thread may end the watch with `shutdown()`.
+        """
+        pool, auth = self._connection()
+        query = {"watch": "true", "timeoutSeconds": str(timeout_seconds)}
+        if resource_version is not None:
+            query |= {"resourceVersion": resource_version, "allowWatchBookmarks": "true"}
+        if label_selector:
+            query["labelSelector"] = label_selector
+        url = f"{self.server}{collection_path(api_version, kind, namespace)}?{urllib.parse.urlencode(query)}"
+        headers = {**_headers("application/json", METADATA_ONLY if metadata_only else "application/json"), **auth}
+        try:
+            response = pool.request("GET", url, headers=headers, preload_content=False, retries=False, timeout=None)
+        except urllib3.exceptions.HTTPError as error:
+            raise ApiError(0, "Unreachable", f"watch {kind}: {error}") from None
+        if stream is not None:
+            stream.append(response)
         try:
             if response.status >= 400:
-                raise _api_error(response.status, response.read())
+                raise _api_error(response.status, response.read(), response.headers.get("Retry-After"))
             buffer = b""
             for chunk in response.stream(64 * 1024):
                 buffer += chunk
@@ -183,7 +247,13 @@ class Kube:
                 for line in lines:
                     if line.strip():
                         event = json.loads(line)
+                        if event["type"] == "ERROR":
+                            status = event["object"]
+                            code, reason = int(status.get("code", 0)), status.get("reason", "")
+                            raise ApiError(code, reason, status.get("message", ""))
                         yield event["type"], event["object"]
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise ApiError(0, "Unreachable", f"watch {kind}: {error}") from None
         finally:
             response.release_conn()
 
@@ -195,11 +265,37 @@ class Kube:
                 return None
             raise
 
+    def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Whether the object exists, read as metadata only (never a Secret's data)."""
+        try:
+            self.request("GET", object_path(api_version, kind, namespace, name), accept=METADATA_ONLY)
+        except ApiError as error:
+            if error.not_found:
+                return False
+            raise
+        return True
+
+    def list_with_version(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        *,
+        label_selector: str | None = None,
+        metadata_only: bool = False,
+    ) -> tuple[list[Manifest], str]:
+        """The objects and the list's resourceVersion (where a watch continues from)."""
+        query = {"labelSelector": label_selector} if label_selector else None
+        answer = self.request(
+            "GET",
+            collection_path(api_version, kind, namespace),
+            query=query,
+            accept=METADATA_LIST if metadata_only else "application/json",
+        )
+        return answer.get("items") or [], str(answer.get("metadata", {}).get("resourceVersion", ""))
+
     def list(self, api_version: str, kind: str, namespace: str | None, labels: Mapping[str, str]) -> list[Manifest]:
-        selector = ",".join(f"{k}={v}" for k, v in labels.items())
-        items: list[Manifest] = self.request(
-            "GET", collection_path(api_version, kind, namespace), query={"labelSelector": selector}
-        ).get("items", [])
+        items, _ = self.list_with_version(api_version, kind, namespace, label_selector=selector(labels))
         return items
 
     def create(self, manifest: Manifest) -> Manifest | None:
@@ -252,7 +348,7 @@ class Kube:
                 },
                 "type": kind,
                 "reason": reason,
-                "message": message[:1024],
+                "message": message[:EVENT_MESSAGE_MAX_LENGTH],
                 "source": {"component": FIELD_MANAGER},
                 "reportingComponent": FIELD_MANAGER,
                 "firstTimestamp": stamp,
@@ -262,15 +358,43 @@ class Kube:
         )
 
 
-def _headers(content_type: str) -> dict[str, str]:
-    return {"Accept": "application/json", "Content-Type": content_type, "User-Agent": FIELD_MANAGER}
+def selector(labels: Mapping[str, str]) -> str:
+    """A label selector requiring each label to have its value (an empty value: the label exists)."""
+    return ",".join(f"{key}={value}" if value else key for key, value in labels.items())
 
 
-def _api_error(status: int, data: bytes) -> ApiError:
+def _new_pool(tls: _Tls, size: int) -> urllib3.PoolManager:
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    if not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if tls.cert_file and tls.key_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    options: dict[str, Any] = {"num_pools": 4, "maxsize": size, "block": False, "ssl_context": context}
+    if tls.server_name:
+        options["server_hostname"] = tls.server_name
+    if tls.proxy:
+        return urllib3.ProxyManager(tls.proxy, **options)
+    return urllib3.PoolManager(**options)
+
+
+def _headers(content_type: str, accept: str) -> dict[str, str]:
+    return {"Accept": accept, "Content-Type": content_type, "User-Agent": FIELD_MANAGER}
+
+
+def _api_error(status: int, data: bytes, retry_after: str | None = None) -> ApiError:
     reason, message = "", data.decode(errors="replace")
     try:
         payload = json.loads(data)
         reason, message = payload.get("reason", reason), payload.get("message", message)
     except (ValueError, TypeError, AttributeError):
         pass
-    return ApiError(status, str(reason), str(message))
+    return ApiError(status, str(reason), str(message), _seconds(retry_after))
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    """Retry-After in seconds (the API server sends whole seconds; an HTTP date is not used by it)."""
+    try:
+        return max(0.0, float(retry_after)) if retry_after else None
+    except ValueError:
+        return None

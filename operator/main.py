@@ -1,10 +1,13 @@
-"""The operator process: `kubetune operator`, or `kopf run -m kubetune.operator.main`."""
+"""The operator process: `kubetune operator`, or `kopf run -m kubetune.operator.main`.
+
+Startup makes the shared pieces (API client, Secret watch, thread pool, one
+controller per kind) and keeps them in kopf's memo, where the handlers find them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -13,85 +16,108 @@ from typing import Any
 
 import kopf
 from kubetune.operator import metrics
+from kubetune.operator.core.secrets import SecretNames
 from kubetune.operator.handlers import finetunejob as finetunejob_handlers
 from kubetune.operator.kube import Kube
-from kubetune.operator.kubeconfig import connect
-from kubetune.operator.reconcile.finetunejob import FineTuneJobReconciler, utc_now
-from kubetune.operator.requeue import Requeuer
+from kubetune.operator.reconcile.finetunejob import utc_now
 from kubetune.operator.settings import Settings
 
-WORKERS = int(os.environ.get("KUBETUNE_WORKERS", "16"))
-_executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="kubetune-reconcile")
-_clock: Callable[[], datetime] = utc_now
-# `kubetune operator --metrics-port` sets this; under `kopf run -m kubetune.operator.main`,
-# KUBETUNE_METRICS_PORT does.
-_metrics_port: int | None = None
-# The operator's client, made at startup; kopf's login reuses its (renewed) credentials.
-_kube: Kube | None = None
+log = logging.getLogger("kubetune.operator")
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
     # kubetune posts its own events (with run details) and keeps no kopf state on objects.
     settings.posting.enabled = False
-    settings.execution.max_workers = WORKERS
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    global _kube
-    port = _metrics_port if _metrics_port is not None else int(os.environ.get("KUBETUNE_METRICS_PORT", "0"))
-    if port:
-        metrics.serve(port)
-    _kube = Kube.connect()
-    reconciler = FineTuneJobReconciler(_kube, Settings.from_environment(), clock=_clock)
-    finetunejob_handlers.install(
-        finetunejob_handlers.FineTuneJobController(reconciler, lambda callback: Requeuer(callback, _executor))
-    )
+    finetunejob_handlers.configure(settings)
+    options: Settings = memo.get("settings") or Settings.from_environment()
+    memo.settings = options
+    if options.metrics_port:
+        metrics.serve(options.metrics_port)
+    kube = _client(memo)
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="kubetune-reconcile")
+    clock: Callable[[], datetime] = memo.get("clock") or utc_now
+    secrets = SecretNames(kube, memo.get("namespaces") or None, lambda ns, name: _secret_changed(memo, ns, name), loop)
+    indices = {name: index for name, index in kwargs.items() if isinstance(index, kopf.Index)}
+    memo.finetunejobs = finetunejob_handlers.controller(kube, options, secrets, clock, executor, indices)
+    memo.executor, memo.secrets = executor, secrets
+    secrets.start()
+    memo.finetunejobs.start(caches_synced=secrets.synced)
+
+
+def _secret_changed(memo: kopf.Memo, namespace: str, name: str) -> None:
+    memo.finetunejobs.secret_changed(namespace, name)
+
+
+def _client(memo: kopf.Memo) -> Kube:
+    """The operator's client, made once per process run; kopf's login reuses its configuration."""
+    if memo.get("kube") is None:
+        memo.kube = Kube.connect()
+    kube: Kube = memo.kube
+    return kube
 
 
 @kopf.on.login()
-def login(**_: Any) -> kopf.ConnectionInfo:
-    # The same credentials as the operator's own client; kopf re-runs this when they expire.
-    # (kopf runs startup handlers before it logs in, so the client normally exists.)
-    connection = _kube.connection if _kube is not None else connect()
-    token = connection.bearer_token()
+def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    # The same credentials as the operator's own client; kopf calls this again when they are rejected.
+    # (kopf logs in before the startup handlers run.)
+    kube = _client(memo)
+    config = kube.configuration
+    header = kube.authorization()
+    scheme, _space, token = (header or "").partition(" ")
     return kopf.ConnectionInfo(
-        server=connection.server,
-        ca_path=connection.ca_file,
-        insecure=connection.insecure,
-        scheme="Bearer" if token else None,
-        token=token,
-        username=connection.username,
-        password=connection.password,
-        certificate_path=connection.cert_file,
-        private_key_path=connection.key_file,
-        default_namespace=connection.namespace,
-        expiration=connection.expires,
+        server=kube.server,
+        ca_path=config.ssl_ca_cert,
+        insecure=not config.verify_ssl,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=config.cert_file,
+        private_key_path=config.key_file,
+        trust_env=settings.networking.trust_env,
     )
 
 
 @kopf.on.cleanup()
-def shutdown(**_: Any) -> None:
-    controller = finetunejob_handlers._controller
-    if controller is not None:
-        controller.requeuer.stop()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    if memo.get("finetunejobs") is not None:
+        await memo.finetunejobs.stop()
+    if memo.get("secrets") is not None:
+        await asyncio.to_thread(memo.secrets.stop)
+    if memo.get("executor") is not None:
+        memo.executor.shutdown(wait=True, cancel_futures=True)
 
 
 def run(
     namespaces: list[str],
-    metrics_port: int | None,
+    settings: Settings | None = None,
+    *,
     stop: threading.Event | None = None,
     ready: threading.Event | None = None,
     clock: Callable[[], datetime] = utc_now,
+    kubeconfig: str | None = None,
 ) -> None:
     """Run the operator until stopped (blocking). No namespaces means all namespaces.
 
-    `clock` is what schedules are read against (tests pass a clock they can move).
+    `settings` default to the environment's; `clock` is what schedules are read
+    against (tests pass a clock they can move); `kubeconfig` overrides the usual lookup.
     """
-    global _clock, _metrics_port
-    _clock, _metrics_port = clock, metrics_port or 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    memo = kopf.Memo(
+        clock=clock,
+        settings=settings or Settings.from_environment(),
+        namespaces=namespaces,
+        kube=Kube.connect(kubeconfig),
+    )
     asyncio.run(
         kopf.operator(
-            standalone=True, clusterwide=not namespaces, namespaces=namespaces, stop_flag=stop, ready_flag=ready
+            standalone=True,
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            stop_flag=stop,
+            ready_flag=ready,
+            memo=memo,
         )
     )

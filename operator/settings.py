@@ -1,30 +1,55 @@
-"""Operator-wide settings that shape the objects it builds (from the environment)."""
+"""Operator-wide settings: defaults of the objects it builds, and how its controllers work."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from importlib.metadata import version
 
 RAY_VERSION = "2.60.0"
+ENV_PREFIX = "KUBETUNE_"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the setting cannot take; the message names it."""
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Defaults the builders use when a spec leaves them open."""
+    """Every field can be set from the environment as KUBETUNE_<FIELD NAME IN CAPITALS>."""
 
+    # What the builders use when a spec leaves it open.
     runtime_image: str = f"kubetune/runtime:{version('kubetune')}"
     ray_version: str = RAY_VERSION
     finished_cluster_ttl_seconds: int = 300
     pvc_mount_root: str = "/mnt/pvc"
     config_mount_path: str = "/etc/kubetune/run"
+    # How the operator works.
+    metrics_port: int = 8080  # Prometheus /metrics; 0 serves none
+    workers: int = 16  # reconciles running at once, over all objects (one at a time per object)
+    backoff_base_seconds: float = 0.2  # first retry of a failed reconcile; doubles with each failure
+    backoff_max_seconds: float = 300.0
+    min_interval_seconds: float = 0.5  # passes of one object caused by events start at least this far apart
+    # An object that waits (an active run, a missing Secret) is looked at again this often without any event.
+    # A safety net only: watches deliver the changes.
+    recheck_seconds: float = 300.0
 
     @classmethod
-    def from_environment(cls) -> Settings:
-        defaults = cls()
-        return cls(
-            runtime_image=os.environ.get("KUBETUNE_RUNTIME_IMAGE", defaults.runtime_image),
-            finished_cluster_ttl_seconds=int(
-                os.environ.get("KUBETUNE_FINISHED_CLUSTER_TTL_SECONDS", defaults.finished_cluster_ttl_seconds)
-            ),
-        )
+    def from_environment(cls, environment: Mapping[str, str] | None = None) -> Settings:
+        environment = os.environ if environment is None else environment
+        values: dict[str, object] = {}
+        for item in fields(cls):
+            variable = ENV_PREFIX + item.name.upper()
+            raw = environment.get(variable)
+            if raw is None or raw == "":
+                continue
+            kind = type(getattr(cls, item.name))
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise SettingsError(f"{variable}={raw!r}: expected {kind.__name__}") from None
+            if isinstance(value, (int, float)) and (value <= 0 if item.name == "workers" else value < 0):
+                raise SettingsError(f"{variable}={raw!r}: must be {'positive' if item.name == 'workers' else '>= 0'}")
+            values[item.name] = value
+        return cls(**values)  # type: ignore[arg-type]

@@ -69,6 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in error.problems:
             errors.print(f"[red]invalid spec:[/red] {problem}", soft_wrap=True, markup=True, highlight=False)
         return EXIT_INVALID
+    if config.ignored_fields:
+        # Written by a newer operator than this runtime: the run goes on without them.
+        errors.print(
+            "[yellow]warning:[/yellow] this runtime does not know these spec fields and ignores them: "
+            + ", ".join(config.ignored_fields),
+            soft_wrap=True,
+            markup=True,
+            highlight=False,
+        )
 
     from .pipeline import RunOptions, run_pipeline
 

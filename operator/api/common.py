@@ -10,7 +10,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from kubetune.runtime.contract.common import ContractModel, KubernetesName
+from kubetune.runtime.contract.common import ContractModel, KubernetesName, WireModel
 from pydantic import Field, field_validator
 
 GROUP = "kubetune.io"
@@ -167,7 +167,7 @@ class ConditionStatus(StrEnum):
     UNKNOWN = "Unknown"
 
 
-class Condition(ContractModel):
+class Condition(WireModel):
     """The state of one aspect of the object, as in metav1.Condition."""
 
     type: str = Field(max_length=316, description="Condition type, e.g. Ready.")

@@ -8,7 +8,7 @@ from enum import StrEnum
 from typing import Any
 
 from kubetune.runtime.contract import MethodType, Metric, Precision, RunSpec, Task
-from kubetune.runtime.contract.common import ContractModel, KubernetesName, Quantity, cel_rule, with_cel
+from kubetune.runtime.contract.common import ContractModel, KubernetesName, Quantity, WireModel, cel_rule, with_cel
 from kubetune.runtime.contract.report import RunProgress
 from kubetune.runtime.contract.run import CAUSAL_LM_METRICS, CLASSIFICATION_METRICS, RUN_SPEC_RULES
 from pydantic import Field, field_validator, model_validator
@@ -196,7 +196,30 @@ class Trigger(StrEnum):
     ANNOTATION = "Annotation"
 
 
-class RayJobState(ContractModel):
+class GateReason(StrEnum):
+    """Why a finished run passed the promotion gate or not."""
+
+    PASSED = "Passed"
+    RUN_NOT_SUCCEEDED = "RunNotSucceeded"
+    PROMOTION_DISABLED = "PromotionDisabled"
+    METRIC_MISSING = "MetricMissing"
+    IMPROVEMENT_TOO_SMALL = "ImprovementTooSmall"
+    OUT_OF_BOUND = "OutOfBound"
+    NO_COMPRESSED_VARIANT = "NoCompressedVariant"
+
+
+class GateResult(WireModel):
+    """The promotion gate's verdict on a finished run."""
+
+    passed: bool = Field(description="Whether the run may be promoted.")
+    reason: GateReason = Field(description="Why it passed or not (Passed, ImprovementTooSmall, OutOfBound, ...).")
+    metric: Metric | None = Field(default=None, description="The test metric the gate checked.")
+    value: float | None = Field(default=None, description="The fine-tuned model's value of the metric.")
+    baseline: float | None = Field(default=None, description="The base model's value of the metric.")
+    message: str = Field(default="", max_length=1024, description="The verdict in words.")
+
+
+class RayJobState(WireModel):
     """The last observed status of the run's RayJob, kept because KubeRay may delete it."""
 
     name: str = Field(description="Name of the RayJob.")
@@ -212,7 +235,7 @@ class RayJobState(ContractModel):
     succeeded: int | None = Field(default=None, description="Succeeded attempts (RayJob status.succeeded).")
 
 
-class RunRecord(ContractModel):
+class RunRecord(WireModel):
     """One run of the job: why it started, how it went, what it produced."""
 
     number: int = Field(ge=1, description="Run number, counting from 1.")
@@ -236,11 +259,17 @@ class RunRecord(ContractModel):
         description="Hyperparameters of the best search trial.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
-    promotable: bool | None = Field(default=None, description="Whether the run passed the promotion gate.")
-    gate_message: str | None = Field(default=None, description="Why the run passed or failed the gate.")
+    gate: GateResult | None = Field(default=None, description="The promotion gate's verdict, once the run finished.")
+    promotable: bool | None = Field(
+        default=None, description="Whether the run passed the promotion gate (gate.passed)."
+    )
+
+    def judged(self, verdict: GateResult) -> RunRecord:
+        """This record with the gate's verdict (and `promotable`, which mirrors it)."""
+        return self.model_copy(update={"gate": verdict, "promotable": verdict.passed})
 
 
-class FineTuneJobStatus(ContractModel):
+class FineTuneJobStatus(WireModel):
     """Observed state, computed by the operator from the runs it sees."""
 
     observed_generation: int | None = Field(default=None, description="metadata.generation last reconciled.")

@@ -6,7 +6,7 @@ from enum import StrEnum
 from typing import Any
 
 from kubetune.runtime.contract import Batching, Variant
-from kubetune.runtime.contract.common import ContractModel, KubernetesName, Quantity, Uri, cel_rule, with_cel
+from kubetune.runtime.contract.common import ContractModel, KubernetesName, Quantity, Uri, WireModel, cel_rule, with_cel
 from pydantic import Field, model_validator
 
 from .common import Condition, Placement, SecretKeyReference, StorageAccess
@@ -112,7 +112,7 @@ class DeploymentPhase(StrEnum):
     INVALID = "Invalid"
 
 
-class ServedModel(ContractModel):
+class ServedModel(WireModel):
     """An artifact the endpoint serves (or served)."""
 
     uri: str = Field(description="URI of the exported variant.")
@@ -121,7 +121,7 @@ class ServedModel(ContractModel):
     variant: str | None = Field(default=None, description="Variant name.")
 
 
-class ModelDeploymentStatus(ContractModel):
+class ModelDeploymentStatus(WireModel):
     """Observed state of the endpoint."""
 
     observed_generation: int | None = Field(default=None, description="metadata.generation last reconciled.")

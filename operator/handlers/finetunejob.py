@@ -1,121 +1,125 @@
-"""kopf wiring for FineTuneJob: every event about a job or its runs' objects reconciles the job.
+"""kopf wiring for FineTuneJob: watches, indexes, and handlers that only hand keys to the controller.
 
-The handlers are thin: they pick the job the event is about and call the
-level-based reconciler. A per-job lock keeps two threads from reconciling the same
-job at once; events caused by our own writes are recognised and skipped.
+kopf watches FineTuneJobs, their runs' RayJobs and their report ConfigMaps, the
+latter two with server-side label selectors, so the operator never receives
+objects that are not its own. Indexes keep each job's runs and reports (parsed
+once, when they change) and which jobs name which Secret; kopf fills them from
+its initial listing before any handler runs, so the first pass of every job sees
+all of its runs. Handlers enqueue the job's key; the controller does the rest.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
 from collections.abc import Mapping
+from concurrent.futures import Executor
 from typing import Any
 
 import kopf
 from kubetune.operator.api.common import GROUP, VERSION
-from kubetune.operator.api.finetunejob import PLURAL
-from kubetune.operator.kube import ApiError
-from kubetune.operator.metrics import RECONCILE_ERRORS, RECONCILE_SECONDS, RECONCILES
+from kubetune.operator.api.finetunejob import KIND, PLURAL
+from kubetune.operator.core.controller import Controller, ControllerSettings, Key
+from kubetune.operator.kube import Kube, selector
 from kubetune.operator.naming import JOB_LABEL, MANAGED_BY_LABEL, MANAGER, REPORT_LABEL
-from kubetune.operator.reconcile.finetunejob import FineTuneJobReconciler
-from kubetune.operator.requeue import Key, Requeuer
+from kubetune.operator.planning.finetunejob import ObservedRun
+from kubetune.operator.reconcile.finetunejob import (
+    Children,
+    Clock,
+    FineTuneJobReconciler,
+    SecretLookup,
+    observe_report,
+    observe_run,
+)
+from kubetune.operator.settings import Settings
+from kubetune.runtime.contract.report import RunReport
 
-log = logging.getLogger("kubetune.finetunejob")
-KIND_LABEL = "FineTuneJob"
-RETRY_SECONDS = 5.0
-
-
-class FineTuneJobController:
-    """Serialises reconciles per job and schedules the next look."""
-
-    def __init__(self, reconciler: FineTuneJobReconciler, requeuer_factory: Any) -> None:
-        self.reconciler = reconciler
-        self.requeuer: Requeuer = requeuer_factory(self.reconcile_key)
-        self._locks: dict[Key, threading.Lock] = {}
-        self._guard = threading.Lock()
-        self._written: dict[Key, str] = {}  # status resourceVersion we wrote last, per job
-
-    def _lock(self, key: Key) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(key, threading.Lock())
-
-    def is_own_write(self, key: Key, resource_version: str | None) -> bool:
-        return resource_version is not None and self._written.get(key) == resource_version
-
-    def forget(self, key: Key) -> None:
-        with self._guard:
-            self._locks.pop(key, None)
-            self._written.pop(key, None)
-
-    def reconcile_key(self, key: Key, body: Mapping[str, Any] | None = None) -> None:
-        namespace, name = key
-        started = time.perf_counter()
-        with self._lock(key):
-            try:
-                outcome = self.reconciler.reconcile(namespace, name, body=dict(body) if body is not None else None)
-            except ApiError as error:
-                RECONCILES.labels(KIND_LABEL, "error").inc()
-                RECONCILE_ERRORS.labels(KIND_LABEL, "conflict" if error.conflict else "api").inc()
-                log.info("reconcile of %s/%s will be retried: %s", namespace, name, error)
-                self.requeuer.after(key, 0.2 if error.conflict else RETRY_SECONDS)
-                return
-            except Exception:
-                RECONCILES.labels(KIND_LABEL, "error").inc()
-                RECONCILE_ERRORS.labels(KIND_LABEL, "unexpected").inc()
-                log.exception("reconcile of %s/%s failed; retrying", namespace, name)
-                self.requeuer.after(key, RETRY_SECONDS)
-                return
-            finally:
-                RECONCILE_SECONDS.labels(KIND_LABEL).observe(time.perf_counter() - started)
-            if outcome.resource_version:
-                self._written[key] = outcome.resource_version
-        RECONCILES.labels(KIND_LABEL, "ok").inc()
-        if outcome.requeue_after is not None:
-            self.requeuer.after(key, outcome.requeue_after)
+RAY_JOBS = ("ray.io", "v1", "rayjobs")
+CONFIG_MAPS = ("", "v1", "configmaps")
+# What kopf asks the API server for: the runs' RayJobs and report ConfigMaps, nothing else.
+# (Run config ConfigMaps are written once and never read back, so they are not watched.)
+LABEL_SELECTORS: dict[tuple[str, str, str], str] = {
+    RAY_JOBS: selector({MANAGED_BY_LABEL: MANAGER, JOB_LABEL: ""}),
+    CONFIG_MAPS: selector({MANAGED_BY_LABEL: MANAGER, REPORT_LABEL: "true", JOB_LABEL: ""}),
+}
+_RUNS: dict[str, Any] = {MANAGED_BY_LABEL: MANAGER, JOB_LABEL: kopf.PRESENT}
+_REPORTS: dict[str, Any] = {
+    MANAGED_BY_LABEL: MANAGER,
+    REPORT_LABEL: "true",
+    JOB_LABEL: kopf.PRESENT,
+}
 
 
-_controller: FineTuneJobController | None = None
+def configure(settings: kopf.OperatorSettings) -> None:
+    for resource, labels in LABEL_SELECTORS.items():
+        settings.watching.label_selectors[resource] = labels
 
 
-def install(controller: FineTuneJobController) -> None:
-    """Set the controller the kopf handlers below delegate to (done once at startup)."""
-    global _controller
-    _controller = controller
+def controller(
+    kube: Kube,
+    settings: Settings,
+    secrets: SecretLookup,
+    clock: Clock,
+    executor: Executor,
+    indices: Mapping[str, Any],
+) -> Controller[Children]:
+    """The FineTuneJob controller, reading children from the indexes below (on the event loop)."""
+    runs: kopf.Index[Key, ObservedRun] = indices["finetunejob_runs"]
+    reports: kopf.Index[Key, tuple[int, RunReport]] = indices["finetunejob_reports"]
+    by_secret: kopf.Index[Key, str] = indices["finetunejob_secrets"]
+
+    def children(key: Key) -> Children:
+        return Children(runs=tuple(runs.get(key, ())), reports=dict(reports.get(key, ())))
+
+    def secret_users(namespace: str, name: str) -> list[Key]:
+        return [(namespace, job) for job in by_secret.get((namespace, name), ())]
+
+    reconciler = FineTuneJobReconciler(kube, settings, secrets, clock)
+    return Controller(
+        KIND, children, reconciler.reconcile, executor, ControllerSettings.of(settings), secret_users=secret_users
+    )
 
 
-def _active() -> FineTuneJobController:
-    if _controller is None:
-        raise kopf.PermanentError("the FineTuneJob controller is not installed")
-    return _controller
+@kopf.index(*RAY_JOBS, labels=_RUNS)
+def finetunejob_runs(
+    namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
+) -> dict[Key, ObservedRun]:
+    run = observe_run(body)
+    return {(namespace or "", labels[JOB_LABEL]): run} if run is not None else {}
+
+
+@kopf.index(*CONFIG_MAPS, labels=_REPORTS)
+def finetunejob_reports(
+    namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
+) -> dict[Key, tuple[int, RunReport]]:
+    report = observe_report(body)
+    return {(namespace or "", labels[JOB_LABEL]): report} if report is not None else {}
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def finetunejob_secrets(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> dict[Key, str]:
+    """Which jobs name which Secret (by namespace and Secret name)."""
+    secret = ((spec.get("storage") or {}).get("credentialsSecret") or {}).get("name")
+    return {(namespace or "", secret): name} if isinstance(secret, str) else {}
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def on_job_event(event: kopf.RawEvent, namespace: str | None, name: str, **_: Any) -> None:
-    controller = _active()
-    key = (namespace or "", name)
-    if event.get("type") == "DELETED":
-        controller.forget(key)
-        return
-    body: Mapping[str, Any] = event.get("object") or {}
-    if controller.is_own_write(key, body.get("metadata", {}).get("resourceVersion")):
-        return
-    controller.reconcile_key(key, body)
+async def on_job_event(event: kopf.RawEvent, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    version = ((event.get("object") or {}).get("metadata") or {}).get("resourceVersion")
+    memo.finetunejobs.enqueue((namespace or "", name), version)
 
 
-@kopf.on.event("ray.io", "v1", "rayjobs", labels={MANAGED_BY_LABEL: MANAGER, JOB_LABEL: kopf.PRESENT})
-def on_ray_job_event(event: kopf.RawEvent, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    # A RayJob without status yet is one we just created: nothing new to observe.
-    body: Mapping[str, Any] = event.get("object") or {}
-    if event.get("type") == "DELETED" or body.get("status"):
-        _active().reconcile_key((namespace or "", labels[JOB_LABEL]))
+@kopf.on.event(*RAY_JOBS, labels=_RUNS)
+async def on_ray_job_event(
+    event: kopf.RawEvent, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any
+) -> None:
+    # A RayJob without status is one we just created: nothing new to observe.
+    if event.get("type") == "DELETED" or (event.get("object") or {}).get("status"):
+        memo.finetunejobs.enqueue((namespace or "", labels[JOB_LABEL]))
 
 
-@kopf.on.event(
-    "", "v1", "configmaps", labels={MANAGED_BY_LABEL: MANAGER, REPORT_LABEL: "true", JOB_LABEL: kopf.PRESENT}
-)
-def on_report_event(event: kopf.RawEvent, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    # Only the runs' report ConfigMaps are watched: they carry progress; run configs never change.
-    if event.get("type") == "MODIFIED":
-        _active().reconcile_key((namespace or "", labels[JOB_LABEL]))
+@kopf.on.event(*CONFIG_MAPS, labels=_REPORTS)
+async def on_report_event(
+    event: kopf.RawEvent, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any
+) -> None:
+    # A report changes when the run writes progress; it is created empty with the run.
+    if event.get("type") in ("MODIFIED", "DELETED"):
+        memo.finetunejobs.enqueue((namespace or "", labels[JOB_LABEL]))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -34,10 +34,11 @@ from kubetune.operator.naming import run_name
 from kubetune.operator.status.finetunejob import gate, ray_job_outcome, ray_job_state, trim_history, with_report
 from kubetune.runtime.contract.report import RunReport, Stage
 
+REPLACED = "replaced by a newer trigger (concurrencyPolicy Replace)"
 # Spec fields that do not change what a run does: editing them starts no run.
 NOT_RUN_RELEVANT = frozenset({"schedule", "timeZone", "concurrencyPolicy", "suspend", "historyLimit", "promotion"})
 # A safety net only: RayJob and report changes reach the operator as watch events.
-ACTIVE_REQUEUE_SECONDS = 300.0
+RECHECK_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,27 @@ class Event:
     message: str
 
 
-@dataclass
+@dataclass(frozen=True)
+class Handled:
+    """The latest retrain annotation value and scheduled time that started (or were skipped for) a run."""
+
+    retrain: str | None
+    last_schedule_time: datetime | None
+
+    def including(self, triggers: list[tuple[Trigger, str]]) -> Handled:
+        handled = self
+        for trigger, detail in triggers:
+            if trigger == Trigger.ANNOTATION:
+                handled = replace(handled, retrain=detail)
+            elif trigger == Trigger.SCHEDULE:
+                handled = replace(handled, last_schedule_time=datetime.fromisoformat(detail))
+        return handled
+
+
+@dataclass(frozen=True)
 class Plan:
+    """What to do now: the run to create, the RayJobs to stop, the runs to forget, and the new records."""
+
     records: list[RunRecord]
     create: RunRequest | None = None
     stop: list[str] = field(default_factory=list)
@@ -71,6 +91,19 @@ class Plan:
     last_schedule_time: datetime | None = None
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
+    # Runs that finished in this pass (their gate verdict included): what the run metrics count.
+    finished: list[RunRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Decision:
+    """What the concurrency policy makes of the pending triggers."""
+
+    records: list[RunRecord]
+    handled: Handled
+    create: RunRequest | None = None
+    stop: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
 
 
 def run_spec_hash(job: FineTuneJob) -> str:
@@ -98,10 +131,8 @@ def next_due(job: FineTuneJob, now: datetime) -> datetime | None:
 
 
 def _finish(job: FineTuneJob, record: RunRecord, now: datetime, report: RunReport | None) -> RunRecord:
-    promotable, message = gate(job, record, report)
-    return record.model_copy(
-        update={"completion_time": record.completion_time or now, "promotable": promotable, "gate_message": message}
-    )
+    finished = record.model_copy(update={"completion_time": record.completion_time or now})
+    return finished.judged(gate(job, finished, report))
 
 
 def merge_observations(
@@ -170,8 +201,8 @@ def _transition_event(record: RunRecord) -> Event:
     message = f"run {record.number} ({record.ray_job_name}) is {record.phase.value}"
     if record.message:
         message += f": {record.message}"
-    if record.phase == JobPhase.SUCCEEDED and record.gate_message:
-        message += f"; gate: {'passed' if record.promotable else 'not passed'} ({record.gate_message})"
+    if record.phase == JobPhase.SUCCEEDED and record.gate is not None:
+        message += f"; gate: {'passed' if record.gate.passed else 'not passed'} ({record.gate.message})"
     return Event(kind, reason, message)
 
 
@@ -184,12 +215,12 @@ def plan(
     observed: list[ObservedRun],
     reports: Mapping[int, RunReport],
     now: datetime,
+    recheck_seconds: float = RECHECK_SECONDS,
 ) -> Plan:
     """What to do now, given everything observed."""
     records, events = merge_observations(job, observed, reports, now)
     status = job.status
-    handled_retrain = status.handled_retrain if status else None
-    last_schedule = status.last_schedule_time if status else None
+    handled = Handled(status.handled_retrain if status else None, status.last_schedule_time if status else None)
     spec_hash = run_spec_hash(job)
 
     pending: list[tuple[Trigger, str]] = []
@@ -198,93 +229,95 @@ def plan(
         pending.append((Trigger.SPEC_CHANGE, f"generation {generation}"))
     triggers: list[tuple[Trigger, str]] = []
     retrain = annotations.get(RETRAIN_ANNOTATION, "").strip()
-    if retrain and retrain != handled_retrain:
+    if retrain and retrain != handled.retrain:
         triggers.append((Trigger.ANNOTATION, retrain))
-    due = latest_due(job, max(filter(None, [last_schedule, created])), now)
+    due = latest_due(job, max(filter(None, [handled.last_schedule_time, created])), now)
     if due is not None:
         triggers.append((Trigger.SCHEDULE, due.isoformat()))
     ran = {(r.trigger, r.trigger_detail) for r in records}
     pending += [trigger for trigger in triggers if trigger not in ran]
-
-    result = Plan(records=records, events=events, handled_retrain=handled_retrain, last_schedule_time=last_schedule)
     # A trigger whose run exists was handled: the run was created just before a crash.
-    _mark_handled(result, [trigger for trigger in triggers if trigger in ran])
-    upcoming = next_due(job, now)
-    active = [r for r in records if r.phase in ACTIVE_PHASES]
+    decision = _Decision(records, handled.including([trigger for trigger in triggers if trigger in ran]))
     if pending and not job.spec.suspend:
-        _decide(job, result, pending, active, generation, spec_hash, now)
-    kept, dropped = trim_history(result.records, job.spec.history_limit)
-    result.records, result.forget = kept, dropped
-    waits = [ACTIVE_REQUEUE_SECONDS] if any(r.phase in ACTIVE_PHASES for r in result.records) else []
+        active = [r for r in records if r.phase in ACTIVE_PHASES]
+        decision = _decide(job, decision, pending, active, generation, spec_hash, now)
+    kept, dropped = trim_history(decision.records, job.spec.history_limit)
+    waits = [recheck_seconds] if any(r.phase in ACTIVE_PHASES for r in kept) else []
+    upcoming = next_due(job, now)
     if upcoming is not None:
         waits.append(max(1.0, (upcoming - now).total_seconds()))
-    result.requeue_after = min(waits) if waits else None
-    return result
-
-
-def _mark_handled(result: Plan, pending: list[tuple[Trigger, str]]) -> None:
-    for trigger, detail in pending:
-        if trigger == Trigger.ANNOTATION:
-            result.handled_retrain = detail
-        elif trigger == Trigger.SCHEDULE:
-            result.last_schedule_time = datetime.fromisoformat(detail)
+    before = {r.number: r.phase for r in (status.runs if status and status.runs else [])}
+    return Plan(
+        records=kept,
+        create=decision.create,
+        stop=decision.stop,
+        forget=dropped,
+        handled_retrain=decision.handled.retrain,
+        last_schedule_time=decision.handled.last_schedule_time,
+        events=events + decision.events,
+        requeue_after=min(waits) if waits else None,
+        finished=[
+            r for r in decision.records if r.phase in FINISHED_PHASES and before.get(r.number) not in FINISHED_PHASES
+        ],
+    )
 
 
 def _decide(
     job: FineTuneJob,
-    result: Plan,
+    decision: _Decision,
     pending: list[tuple[Trigger, str]],
     active: list[RunRecord],
     generation: int,
     spec_hash: str,
     now: datetime,
-) -> None:
+) -> _Decision:
     policy = job.spec.concurrency_policy
     if active and policy == ConcurrencyPolicy.FORBID:
         # A spec change waits (the spec is desired state); other triggers are dropped.
         dropped: list[tuple[Trigger, str]] = [(t, d) for t, d in pending if t != Trigger.SPEC_CHANGE]
-        _mark_handled(result, dropped)
-        for trigger, detail in dropped:
-            result.events.append(
-                Event(
-                    "Normal",
-                    Reason.TRIGGER_SKIPPED,
-                    f"{trigger.value} trigger {detail} skipped: run {active[-1].number} is active "
-                    "and concurrencyPolicy is Forbid",
-                )
+        skipped = [
+            Event(
+                "Normal",
+                Reason.TRIGGER_SKIPPED,
+                f"{trigger.value} trigger {detail} skipped: run {active[-1].number} is active "
+                "and concurrencyPolicy is Forbid",
             )
-        return
+            for trigger, detail in dropped
+        ]
+        return replace(decision, handled=decision.handled.including(dropped), events=skipped)
     if active and policy == ConcurrencyPolicy.QUEUE:
-        return  # the triggers stay pending until the active run finishes
-    if active:  # Replace
-        for record in active:
-            result.stop.append(record.ray_job_name)
-            replaced = record.model_copy(
-                update={"phase": JobPhase.FAILED, "message": "replaced by a newer trigger (concurrencyPolicy Replace)"}
-            )
-            result.records[result.records.index(record)] = _finish(job, replaced, now, None)
-            result.events.append(Event("Normal", Reason.RUN_REPLACED, f"run {record.number} stopped: replaced"))
+        return decision  # the triggers stay pending until the active run finishes
+    stopped = {r.number for r in active}  # Replace stops the active runs
+    records = [
+        _finish(job, r.model_copy(update={"phase": JobPhase.FAILED, "message": REPLACED}), now, None)
+        if r.number in stopped
+        else r
+        for r in decision.records
+    ]
+    events = [Event("Normal", Reason.RUN_REPLACED, f"run {r.number} stopped: replaced") for r in active]
     trigger, detail = pending[0]
-    number = max((r.number for r in result.records), default=0) + 1
-    request = RunRequest(
-        number=number, trigger=trigger, trigger_detail=detail, spec_generation=generation, spec_hash=spec_hash
-    )
-    _mark_handled(result, pending)
+    number = max((r.number for r in records), default=0) + 1
     name = run_name(job.metadata["name"], number)
-    result.create = request
-    result.records.append(
-        RunRecord(
-            number=number,
-            ray_job_name=name,
-            trigger=trigger,
-            trigger_detail=detail,
-            spec_generation=generation,
-            spec_hash=spec_hash,
-            phase=JobPhase.PENDING,
-            message="RayJob created",
-            start_time=now,
-        )
+    record = RunRecord(
+        number=number,
+        ray_job_name=name,
+        trigger=trigger,
+        trigger_detail=detail,
+        spec_generation=generation,
+        spec_hash=spec_hash,
+        phase=JobPhase.PENDING,
+        message="RayJob created",
+        start_time=now,
     )
-    result.events.append(
-        Event("Normal", Reason.RUN_CREATED, f"run {number} ({name}) started: {trigger.value} {detail}")
+    return _Decision(
+        records=[*records, record],
+        handled=decision.handled.including(pending),
+        create=RunRequest(
+            number=number, trigger=trigger, trigger_detail=detail, spec_generation=generation, spec_hash=spec_hash
+        ),
+        stop=[r.ray_job_name for r in active],
+        events=[
+            *events,
+            Event("Normal", Reason.RUN_CREATED, f"run {number} ({name}) started: {trigger.value} {detail}"),
+        ],
     )

@@ -1,17 +1,18 @@
 """Reconcile one FineTuneJob: observe, plan (pure), act, write the computed status.
 
-Level-based and idempotent: it reads everything it needs each time, so it may run
-any number of times, after any crash, and reaches the same state.
+Level-based and idempotent: it reads the job and takes its runs from the caches
+each time, so it may run any number of times, after any crash, and reaches the
+same state. It runs in a worker thread of the controller core (blocking API calls).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from kubetune.operator.api.common import API_VERSION
 from kubetune.operator.api.finetunejob import (
@@ -19,12 +20,12 @@ from kubetune.operator.api.finetunejob import (
     KIND,
     FineTuneJob,
     FineTuneJobStatus,
-    JobPhase,
     RunRecord,
     Trigger,
 )
 from kubetune.operator.builders.finetunejob import build_run
 from kubetune.operator.conditions import Reason
+from kubetune.operator.core.controller import Key, Outcome
 from kubetune.operator.kube import ApiError, Kube, ObjectRef
 from kubetune.operator.metrics import PROMOTIONS, RUNS_FINISHED, RUNS_STARTED
 from kubetune.operator.naming import (
@@ -35,69 +36,70 @@ from kubetune.operator.naming import (
     TRIGGER_DETAIL_ANNOTATION,
     config_map_name,
     report_name,
-    run_name,
     runner_name,
 )
 from kubetune.operator.planning.finetunejob import Event, ObservedRun, plan
 from kubetune.operator.settings import Settings
-from kubetune.operator.status.finetunejob import compute_status
+from kubetune.operator.status.finetunejob import Problem, compute_status
 from kubetune.runtime.contract.errors import describe
 from kubetune.runtime.contract.report import REPORT_KEY, RunReport
 from pydantic import ValidationError
 
 log = logging.getLogger("kubetune.finetunejob")
 Manifest = dict[str, Any]
+Clock = Callable[[], datetime]
+
+
+class SecretLookup(Protocol):
+    def exists(self, namespace: str, name: str) -> bool: ...
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """What one reconcile did: the status version it wrote and when to look again."""
+class Children:
+    """A job's runs as the watch-fed caches hold them, taken when the pass starts."""
 
-    resource_version: str | None
-    requeue_after: float | None
+    runs: tuple[ObservedRun, ...] = ()
+    reports: Mapping[int, RunReport] = field(default_factory=dict)
 
 
 def parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
 
-def observe_runs(rayjobs: list[Manifest]) -> list[ObservedRun]:
-    runs = []
-    for item in rayjobs:
-        meta = item["metadata"]
-        annotations = meta.get("annotations") or {}
-        try:
-            number = int(meta["labels"][RUN_LABEL])
-            trigger = Trigger(annotations[TRIGGER_ANNOTATION])
-        except (KeyError, ValueError):
-            log.warning("ignoring RayJob %s: it lacks kubetune's run label or trigger", meta.get("name"))
-            continue
-        runs.append(
-            ObservedRun(
-                number=number,
-                name=meta["name"],
-                trigger=trigger,
-                trigger_detail=annotations.get(TRIGGER_DETAIL_ANNOTATION, ""),
-                spec_generation=int(annotations.get(GENERATION_ANNOTATION, "0")),
-                spec_hash=annotations.get(SPEC_HASH_ANNOTATION),
-                created=parse_time(meta.get("creationTimestamp")),
-                status=item.get("status"),
-            )
-        )
-    return runs
+def observe_run(ray_job: Mapping[str, Any]) -> ObservedRun | None:
+    """What the planner needs of a run's RayJob; None for a RayJob that is not a kubetune run."""
+    meta = ray_job["metadata"]
+    annotations = meta.get("annotations") or {}
+    try:
+        number = int((meta.get("labels") or {})[RUN_LABEL])
+        trigger = Trigger(annotations[TRIGGER_ANNOTATION])
+        generation = int(annotations.get(GENERATION_ANNOTATION, "0"))
+    except (KeyError, ValueError):
+        log.warning("ignoring RayJob %s: it lacks kubetune's run label or trigger", meta.get("name"))
+        return None
+    return ObservedRun(
+        number=number,
+        name=meta["name"],
+        trigger=trigger,
+        trigger_detail=annotations.get(TRIGGER_DETAIL_ANNOTATION, ""),
+        spec_generation=generation,
+        spec_hash=annotations.get(SPEC_HASH_ANNOTATION),
+        created=parse_time(meta.get("creationTimestamp")),
+        status=dict(ray_job.get("status") or {}) or None,
+    )
 
 
-def observe_reports(config_maps: list[Manifest]) -> dict[int, RunReport]:
-    reports = {}
-    for item in config_maps:
-        text = (item.get("data") or {}).get(REPORT_KEY)
-        if not text:
-            continue
-        try:
-            reports[int(item["metadata"]["labels"][RUN_LABEL])] = RunReport.model_validate_json(text)
-        except (KeyError, ValueError) as error:  # a malformed report never breaks the job's status
-            log.warning("ignoring malformed report %s: %s", item["metadata"].get("name"), error)
-    return reports
+def observe_report(config_map: Mapping[str, Any]) -> tuple[int, RunReport] | None:
+    """A run's report (run number and RunReport); None while the run has written nothing."""
+    meta = config_map["metadata"]
+    text = (config_map.get("data") or {}).get(REPORT_KEY)
+    if not text:
+        return None
+    try:  # a malformed report never breaks the job's status
+        return int((meta.get("labels") or {})[RUN_LABEL]), RunReport.model_validate_json(text)
+    except (KeyError, ValueError) as error:
+        log.warning("ignoring malformed report %s: %s", meta.get("name"), error)
+        return None
 
 
 def status_patch(previous: Manifest, current: Manifest) -> Manifest:
@@ -110,39 +112,41 @@ def utc_now() -> datetime:
 
 
 class FineTuneJobReconciler:
-    def __init__(self, kube: Kube, settings: Settings, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(self, kube: Kube, settings: Settings, secrets: SecretLookup, clock: Clock = utc_now) -> None:
         self.kube = kube
         self.settings = settings
+        self.secrets = secrets
         self.clock = clock  # schedules and timestamps read this clock; tests inject their own
 
-    def reconcile(
-        self, namespace: str, name: str, now: datetime | None = None, body: Manifest | None = None
-    ) -> Outcome:
-        """Reconcile one job; `body` is the job as a watch event just delivered it (else it is read)."""
-        now = now or self.clock()
+    def reconcile(self, key: Key, children: Children) -> Outcome:
+        namespace, name = key
+        now = self.clock()
+        body = self.kube.get(API_VERSION, KIND, namespace, name)
         if body is None:
-            body = self.kube.get(API_VERSION, KIND, namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return Outcome(None, None)
-        meta = body["metadata"]
-        generation = int(meta.get("generation", 1))
+            return Outcome(gone=True)
+        if body["metadata"].get("deletionTimestamp"):
+            return Outcome()
+        generation = int(body["metadata"].get("generation", 1))
+        previous = _previous_status(body)
         try:
-            job = FineTuneJob.model_validate(body)
+            job = FineTuneJob.model_validate({**body, "status": None})
         except ValidationError as error:
-            return self._invalid(body, "; ".join(describe(error)), generation, now, requeue=None)
-        problem = self._missing_references(job)
-        if problem is not None:
-            return self._invalid(body, problem, generation, now, requeue=30.0, reason=Reason.SECRET_NOT_FOUND)
-        ray_jobs, report_maps = self._observe(job)
-        observed, reports = observe_runs(ray_jobs), observe_reports(report_maps)
+            problem = Problem(Reason.INVALID_SPEC, "; ".join(describe(error)))
+            return self._stopped(body, previous, problem, generation, now, requeue=None)
+        job.status = previous
+        missing = self._missing_secret(job)
+        if missing is not None:
+            problem = Problem(Reason.SECRET_NOT_FOUND, missing)
+            return self._stopped(body, previous, problem, generation, now, requeue=self.settings.recheck_seconds)
         decision = plan(
             job,
             generation=generation,
-            annotations=meta.get("annotations") or {},
-            created=parse_time(meta.get("creationTimestamp")) or now,
-            observed=observed,
-            reports=reports,
+            annotations=body["metadata"].get("annotations") or {},
+            created=parse_time(body["metadata"].get("creationTimestamp")) or now,
+            observed=self._with_unlisted_runs(job, children.runs),
+            reports=children.reports,
             now=now,
+            recheck_seconds=self.settings.recheck_seconds,
         )
         for ray_job in decision.stop:
             self.kube.delete(ObjectRef("ray.io/v1", "RayJob", namespace, ray_job))
@@ -156,54 +160,51 @@ class FineTuneJobReconciler:
             decision.records,
             suspended=job.spec.suspend,
             generation=generation,
-            previous=job.status,
+            previous=previous,
             now=now,
             last_schedule_time=decision.last_schedule_time,
             handled_retrain=decision.handled_retrain,
         )
         version = self._write_status(body, status.to_wire())
+        for record in decision.finished:  # counted once: a pass whose write failed is repeated
+            RUNS_FINISHED.labels(record.phase.value).inc()
+            if record.gate is not None and record.gate.passed:
+                PROMOTIONS.inc()
         self._post(body, decision.events, now)
         return Outcome(version, decision.requeue_after)
 
-    def _observe(self, job: FineTuneJob) -> tuple[list[Manifest], list[Manifest]]:
-        """The RayJobs and report ConfigMaps of the runs that may still change, read by name.
+    def _with_unlisted_runs(self, job: FineTuneJob, runs: tuple[ObservedRun, ...]) -> list[ObservedRun]:
+        """The cached runs, plus active runs of the status that the cache does not hold (yet).
 
-        Finished runs are final in our status and need no reading. Runs are numbered
-        without gaps, so a run created just before a crash (before its status was
-        written) is the one after the newest recorded run.
+        A RayJob created moments ago may not have reached the cache: it is read before
+        the run is declared lost.
         """
-        namespace, name = job.metadata["namespace"], job.metadata["name"]
-        records = list(job.status.runs or []) if job.status else []
-        runs = [record.ray_job_name for record in records if record.phase in ACTIVE_PHASES]
-        ray_jobs = [found for run in runs if (found := self.kube.get("ray.io/v1", "RayJob", namespace, run))]
-        number = max((record.number for record in records), default=0) + 1
-        while found := self.kube.get("ray.io/v1", "RayJob", namespace, run_name(name, number)):
-            ray_jobs.append(found)
-            runs.append(found["metadata"]["name"])
-            number += 1
-        reports = [found for run in runs if (found := self.kube.get("v1", "ConfigMap", namespace, report_name(run)))]
-        return ray_jobs, reports
+        listed = {run.name for run in runs}
+        records = (job.status.runs if job.status else None) or []
+        unlisted = [r.ray_job_name for r in records if r.phase in ACTIVE_PHASES and r.ray_job_name not in listed]
+        found = [self.kube.get("ray.io/v1", "RayJob", job.metadata["namespace"], run) for run in unlisted]
+        return [*runs, *(run for body in found if body is not None and (run := observe_run(body)) is not None)]
 
-    def _missing_references(self, job: FineTuneJob) -> str | None:
+    def _missing_secret(self, job: FineTuneJob) -> str | None:
         storage = job.spec.storage
         if storage is None or storage.credentials_secret is None:
             return None
         secret = storage.credentials_secret.name
-        if self.kube.get("v1", "Secret", job.metadata["namespace"], secret) is None:
-            return f"spec.storage.credentialsSecret.name: Secret {secret!r} not found"
-        return None
+        if self.secrets.exists(job.metadata["namespace"], secret):
+            return None
+        return f"spec.storage.credentialsSecret.name: Secret {secret!r} not found"
 
-    def _invalid(
+    def _stopped(
         self,
         body: Manifest,
-        message: str,
+        previous: FineTuneJobStatus,
+        problem: Problem,
         generation: int,
         now: datetime,
         *,
         requeue: float | None,
-        reason: Reason = Reason.INVALID_SPEC,
     ) -> Outcome:
-        previous = FineTuneJobStatus.model_validate(body.get("status") or {})
+        """Status for a job that cannot run now (the problem names the field); its runs are kept."""
         status = compute_status(
             list(previous.runs or []),
             suspended=False,
@@ -212,16 +213,13 @@ class FineTuneJobReconciler:
             now=now,
             last_schedule_time=previous.last_schedule_time,
             handled_retrain=previous.handled_retrain,
-            invalid=message,
+            problem=problem,
         )
         wire = status.to_wire()
-        for item in wire.get("conditions", []):
-            if item["reason"] == Reason.INVALID_SPEC.value:
-                item["reason"] = reason.value
         changed = (body.get("status") or {}).get("conditions") != wire.get("conditions")
         version = self._write_status(body, wire)
         if changed:
-            self._post(body, [Event("Warning", reason, message)], now)
+            self._post(body, [Event("Warning", problem.reason, problem.message)], now)
         return Outcome(version, requeue)
 
     def _delete_run(self, namespace: str, record: RunRecord) -> None:
@@ -249,12 +247,6 @@ class FineTuneJobReconciler:
 
     def _post(self, body: Manifest, events: list[Event], now: datetime) -> None:
         for event in events:
-            if event.reason == Reason.RUN_SUCCEEDED:
-                RUNS_FINISHED.labels(JobPhase.SUCCEEDED.value).inc()
-                if "gate: passed" in event.message:
-                    PROMOTIONS.inc()
-            elif event.reason in (Reason.RUN_FAILED, Reason.RUN_STOPPED):
-                RUNS_FINISHED.labels(JobPhase.FAILED.value).inc()
             try:
                 self.kube.event(body, event.type, event.reason.value, event.message, now)
             except ApiError as error:  # an event is worth less than the reconcile that records it
@@ -262,3 +254,12 @@ class FineTuneJobReconciler:
             log.info(
                 json.dumps({"object": body["metadata"]["name"], "reason": event.reason.value, "message": event.message})
             )
+
+
+def _previous_status(body: Manifest) -> FineTuneJobStatus:
+    """The status as last written; one this version cannot read starts afresh rather than wedging the job."""
+    try:
+        return FineTuneJobStatus.model_validate(body.get("status") or {})
+    except ValidationError as error:
+        log.warning("ignoring the unreadable status of %s: %s", body["metadata"]["name"], error)
+        return FineTuneJobStatus()

@@ -16,6 +16,8 @@ from kubetune.operator.api.finetunejob import (
     ACTIVE_PHASES,
     FineTuneJob,
     FineTuneJobStatus,
+    GateReason,
+    GateResult,
     JobPhase,
     RayJobState,
     RunRecord,
@@ -23,6 +25,7 @@ from kubetune.operator.api.finetunejob import (
 from kubetune.operator.conditions import ConditionType, Reason, condition, merge_conditions
 from kubetune.runtime.contract.report import MESSAGE_MAX_LENGTH, RunProgress, RunReport, Stage
 from kubetune.runtime.contract.search import METRIC_MODE, Metric, Mode
+from kubetune.runtime.contract.serving import Variant
 
 # KubeRay's jobDeploymentStatus values that decide the phase by themselves.
 _DEPLOYMENT_PHASES: dict[str, tuple[JobPhase, Reason]] = {
@@ -109,44 +112,84 @@ def with_report(record: RunRecord, report: RunReport | None) -> RunRecord:
     return record.model_copy(update=update)
 
 
-def gate(job: FineTuneJob, record: RunRecord, report: RunReport | None = None) -> tuple[bool, str]:
+def gate(job: FineTuneJob, record: RunRecord, report: RunReport | None = None) -> GateResult:
     """Whether a finished run may be promoted, and why."""
     promotion = job.spec.promotion
     if record.phase != JobPhase.SUCCEEDED:
-        return False, f"run {record.number} did not succeed"
+        return GateResult(
+            passed=False, reason=GateReason.RUN_NOT_SUCCEEDED, message=f"run {record.number} did not succeed"
+        )
     if not promotion.enabled:
-        return False, "promotion is disabled"
+        return GateResult(passed=False, reason=GateReason.PROMOTION_DISABLED, message="promotion is disabled")
     metric: Metric = promotion.metric or job.spec.search_metric
     before = (record.metrics_before or {}).get(metric.value)
     after = (record.metrics_after or {}).get(metric.value)
+    measured = {"metric": metric, "value": after, "baseline": before}
     if after is None:
-        return False, f"run {record.number} reported no {metric.value}"
+        return GateResult(
+            passed=False,
+            reason=GateReason.METRIC_MISSING,
+            message=f"run {record.number} reported no {metric.value}",
+            **measured,
+        )
     maximise = METRIC_MODE[metric] == Mode.MAX
     if before is not None:
         improvement = after - before if maximise else before - after
         if improvement < promotion.min_improvement:
-            return False, (
-                f"{metric.value} improved by {improvement:.4g}, "
-                f"less than promotion.minImprovement {promotion.min_improvement:g}"
+            return GateResult(
+                passed=False,
+                reason=GateReason.IMPROVEMENT_TOO_SMALL,
+                message=f"{metric.value} improved by {improvement:.4g}, "
+                f"less than promotion.minImprovement {promotion.min_improvement:g}",
+                **measured,
             )
     if promotion.min_value is not None and (after < promotion.min_value if maximise else after > promotion.min_value):
         bound = "at least" if maximise else "at most"
-        return False, f"{metric.value} {after:.4g} is not {bound} promotion.minValue {promotion.min_value:g}"
+        return GateResult(
+            passed=False,
+            reason=GateReason.OUT_OF_BOUND,
+            message=f"{metric.value} {after:.4g} is not {bound} promotion.minValue {promotion.min_value:g}",
+            **measured,
+        )
     if promotion.require_compressed:
         variants = (report.variants if report else None) or {}
-        if not any(v.accepted for name, v in variants.items() if name not in ("full", "merged")):
-            return False, "no compressed variant within compression.maxAccuracyDrop"
-    return True, f"{metric.value} {after:.4g}" + (f" (base {before:.4g})" if before is not None else "")
+        if not any(v.accepted for name, v in variants.items() if name not in (Variant.FULL, Variant.MERGED)):
+            return GateResult(
+                passed=False,
+                reason=GateReason.NO_COMPRESSED_VARIANT,
+                message="no compressed variant within compression.maxAccuracyDrop",
+                **measured,
+            )
+    message = f"{metric.value} {after:.4g}" + (f" (base {before:.4g})" if before is not None else "")
+    return GateResult(passed=True, reason=GateReason.PASSED, message=message, **measured)
+
+
+def best_metric(verdict: GateResult | None) -> str | None:
+    """What the printer column Best shows of a promoted run, e.g. `accuracy=0.91`."""
+    if verdict is None or verdict.metric is None or verdict.value is None:
+        return None
+    return f"{verdict.metric.value}={verdict.value:.4g}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why the job cannot run at all (an invalid spec, a missing Secret), with the field named."""
+
+    reason: Reason
+    message: str
 
 
 def _conditions(
-    records: list[RunRecord], promoted: RunRecord | None, suspended: bool, generation: int | None, invalid: str | None
+    records: list[RunRecord],
+    promoted: RunRecord | None,
+    suspended: bool,
+    generation: int | None,
+    problem: Problem | None,
 ) -> list[Condition]:
-    if invalid is not None:
+    if problem is not None:
         return [
-            condition(ConditionType.READY, False, Reason.INVALID_SPEC, invalid, generation),
-            condition(ConditionType.PROGRESSING, False, Reason.INVALID_SPEC, invalid, generation),
-            condition(ConditionType.DEGRADED, True, Reason.INVALID_SPEC, invalid, generation),
+            condition(kind, kind == ConditionType.DEGRADED, problem.reason, problem.message, generation)
+            for kind in (ConditionType.READY, ConditionType.PROGRESSING, ConditionType.DEGRADED)
         ]
     active = next((r for r in reversed(records) if r.phase in ACTIVE_PHASES), None)
     finished = [r for r in records if r.phase not in ACTIVE_PHASES]
@@ -158,7 +201,7 @@ def _conditions(
                 ConditionType.READY,
                 True,
                 Reason.PROMOTED,
-                f"run {promoted.number} is promoted: {promoted.gate_message}",
+                f"run {promoted.number} is promoted: {promoted.gate.message if promoted.gate else ''}",
                 generation,
             )
         )
@@ -168,7 +211,7 @@ def _conditions(
                 ConditionType.READY,
                 False,
                 Reason.GATE_NOT_PASSED,
-                latest.gate_message or latest.message or "no run passed the gate",
+                (latest.gate.message if latest.gate else None) or latest.message or "no run passed the gate",
                 generation,
             )
         )
@@ -251,13 +294,13 @@ def compute_status(
     now: datetime,
     last_schedule_time: datetime | None = None,
     handled_retrain: str | None = None,
-    invalid: str | None = None,
+    problem: Problem | None = None,
 ) -> FineTuneJobStatus:
     """The whole status from the run records (already merged with observations and trimmed)."""
     records = sorted(records, key=lambda r: r.number)
-    promoted = next((r for r in reversed(records) if r.promotable), None)
+    promoted = next((r for r in reversed(records) if r.gate is not None and r.gate.passed), None)
     active = next((r for r in reversed(records) if r.phase in ACTIVE_PHASES), None)
-    if invalid is not None:
+    if problem is not None:
         phase: JobPhase | None = JobPhase.INVALID
     elif active is not None:
         phase = active.phase
@@ -265,11 +308,8 @@ def compute_status(
         phase = records[-1].phase
     else:
         phase = JobPhase.PENDING
-    best = None
-    if promoted is not None and promoted.gate_message:
-        best = promoted.gate_message.split(" (")[0].replace(" ", "=")
     conditions = merge_conditions(
-        previous.conditions if previous else None, _conditions(records, promoted, suspended, generation, invalid), now
+        previous.conditions if previous else None, _conditions(records, promoted, suspended, generation, problem), now
     )
     return FineTuneJobStatus(
         observed_generation=generation,
@@ -278,7 +318,7 @@ def compute_status(
         current_run=active.number if active else None,
         runs=records or None,
         promoted_run=promoted.number if promoted else None,
-        best_metric=best,
+        best_metric=best_metric(promoted.gate) if promoted else None,
         last_schedule_time=last_schedule_time,
         handled_retrain=handled_retrain,
     )

@@ -102,6 +102,17 @@ class ContractModel(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+class WireModel(ContractModel):
+    """Base of what one side writes and the other reads: the run config, the report, the status.
+
+    Unknown fields are ignored rather than rejected, so that an operator and a runtime
+    (or two operator versions) of different releases keep reading each other's output.
+    User specs stay strict (`ContractModel`).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+
 def cel_rule(rule: str, message: str, field_path: str | None = None) -> dict[str, Any]:
     """One CRD `x-kubernetes-validations` entry (checked by the API server at admission)."""
     entry: dict[str, Any] = {"rule": rule, "message": message}

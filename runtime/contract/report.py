@@ -13,9 +13,11 @@ from typing import Any
 
 from pydantic import Field
 
-from .common import ContractModel
+from .common import WireModel
 
 REPORT_KEY = "report.json"
+# Written into every report; readers accept any version and ignore fields they do not know.
+REPORT_SCHEMA_VERSION = 1
 
 
 # Longest progress message a report (and the status mirroring it) carries.
@@ -34,7 +36,7 @@ class Stage(StrEnum):
     FAILED = "failed"
 
 
-class VariantReport(ContractModel):
+class VariantReport(WireModel):
     """One exported variant and its measurements."""
 
     uri: str = Field(description="Where the variant's Hugging Face directory was written.")
@@ -45,7 +47,7 @@ class VariantReport(ContractModel):
     reason: str | None = Field(default=None, description="Why the variant was rejected, when it was.")
 
 
-class RunProgress(ContractModel):
+class RunProgress(WireModel):
     """How far a run is: what the operator shows of a running job."""
 
     stage: Stage | None = Field(
@@ -64,6 +66,9 @@ class RunProgress(ContractModel):
 class RunReport(RunProgress):
     """Progress and result of one run, as the runtime last wrote them."""
 
+    schema_version: int = Field(
+        default=REPORT_SCHEMA_VERSION, ge=1, description="Version of the report format the writer used."
+    )
     stage: Stage = Field(description="The pipeline stage the run is in.")
     metrics_before: dict[str, float] | None = Field(default=None, description="Base-model test metrics.")
     metrics_after: dict[str, float] | None = Field(default=None, description="Fine-tuned test metrics.")

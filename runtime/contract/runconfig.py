@@ -3,19 +3,28 @@
 The operator writes this (camelCase JSON) into the run's ConfigMap; the entry point
 `python -m kubetune.runtime.finetune --config run.json` reads it. A bare RunSpec is
 accepted too (one worker, no identity).
+
+Operator and runtime may come from different releases (`spec.resources.image`), so
+the reader tolerates what it does not know: unknown envelope fields are ignored, and
+spec fields a newer operator added are dropped and listed in `ignored_fields`, for
+the run to warn about. Anything else wrong in the spec is still an error.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr, ValidationError
 
-from .common import ContractModel
+from .common import WireModel
 from .run import RunSpec
 
+# Written into every run config; readers accept any version.
+RUN_CONFIG_SCHEMA_VERSION = 1
 
-class RunIdentity(ContractModel):
+
+class RunIdentity(WireModel):
     """Which job and run this is; copied into the manifest and progress reports."""
 
     job_name: str | None = Field(default=None, max_length=253, description="Name of the FineTuneJob.")
@@ -29,7 +38,7 @@ class RunIdentity(ContractModel):
     )
 
 
-class WorkerResources(ContractModel):
+class WorkerResources(WireModel):
     """Ray Train workers of the run."""
 
     workers: int = Field(default=1, ge=1, le=1024, description="Training workers (Ray Train num_workers).")
@@ -42,16 +51,53 @@ class WorkerResources(ContractModel):
     gpus_per_worker: int = Field(default=0, ge=0, le=16, description="GPUs per worker; 0 trains on CPU.")
 
 
-class RunConfig(ContractModel):
+class RunConfig(WireModel):
     """Everything the run entry point reads."""
 
+    schema_version: int = Field(
+        default=RUN_CONFIG_SCHEMA_VERSION, ge=1, description="Version of the run config format the writer used."
+    )
     spec: RunSpec = Field(description="What to fine-tune and how.")
     run: RunIdentity = Field(default_factory=RunIdentity, description="Which job and run this is.")
     resources: WorkerResources = Field(default_factory=WorkerResources, description="Training workers.")
+    _ignored_fields: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        """Spec fields this runtime does not know and left out (e.g. `spec.method.newOption`)."""
+        return list(self._ignored_fields)
 
     @classmethod
     def from_document(cls, document: Any) -> RunConfig:
         """A RunConfig from its JSON form, or from a bare RunSpec document."""
-        if isinstance(document, dict) and "spec" in document:
-            return cls.model_validate(document)
-        return cls(spec=RunSpec.model_validate(document))
+        if not (isinstance(document, dict) and "spec" in document):
+            return cls(spec=RunSpec.model_validate(document))
+        document = copy.deepcopy(document)
+        ignored: list[str] = []
+        while True:
+            try:
+                config = cls.model_validate(document)
+            except ValidationError as error:
+                unknown = [e["loc"] for e in error.errors() if e["type"] == "extra_forbidden"]
+                only_unknown = bool(unknown) and len(unknown) == error.error_count()
+                if not only_unknown or not all(_drop(document, loc) for loc in unknown):
+                    raise
+                ignored += [".".join(str(part) for part in loc) for loc in unknown]
+                continue
+            config._ignored_fields = ignored
+            return config
+
+
+def _drop(document: Any, location: tuple[int | str, ...]) -> bool:
+    """Remove the field at `location` (a pydantic error location) from the document."""
+    node = document
+    for part in location[:-1]:
+        in_dict = isinstance(node, dict) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if not (in_dict or in_list):
+            return False  # a location through a union member or a validator, not a plain path
+        node = node[part]
+    if isinstance(node, dict) and location[-1] in node:
+        del node[location[-1]]
+        return True
+    return False

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from kubetune.operator.kube import Kube, ObjectRef
+from kubetune.operator.settings import Settings
 
 from ..controlplane import process_cpu_seconds
 
@@ -59,22 +60,33 @@ class MovableClock:
 
 
 class InProcessOperator:
-    """`kubetune operator` running in a thread of the test process."""
+    """`kubetune operator` running in a thread of the test process.
 
-    def __init__(self, kubeconfig: Path, clock: Callable[[], datetime]) -> None:
+    With the default settings, nothing is looked at again without an event for
+    10 minutes, so the tests show that watches, not polling, move every job.
+    """
+
+    def __init__(
+        self,
+        kubeconfig: Path,
+        clock: Callable[[], datetime],
+        settings: Settings | None = None,
+        namespaces: list[str] | None = None,
+    ) -> None:
         self.kubeconfig, self.clock = kubeconfig, clock
+        self.settings = settings or Settings(metrics_port=0, recheck_seconds=600)
+        self.namespaces = namespaces or []
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         from kubetune.operator import main
 
-        os.environ["KUBECONFIG"] = str(self.kubeconfig)
         self._stop, ready = threading.Event(), threading.Event()
         self._thread = threading.Thread(
             target=main.run,
-            args=([], None),
-            kwargs={"stop": self._stop, "ready": ready, "clock": self.clock},
+            args=(self.namespaces, self.settings),
+            kwargs={"stop": self._stop, "ready": ready, "clock": self.clock, "kubeconfig": str(self.kubeconfig)},
             name="kubetune-operator",
             daemon=True,
         )

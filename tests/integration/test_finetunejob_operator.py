@@ -348,8 +348,7 @@ def test_the_runtime_reporter_writes_progress_with_the_runs_token(
         f"/api/v1/namespaces/{namespace}/serviceaccounts/tickets-r1-runner/token",
         body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}},
     )["status"]["token"]
-    connection = kube.connection
-    patcher = ConfigMapPatcher(connection.server, token, connection.ca_file)
+    patcher = ConfigMapPatcher(kube.server, token, kube.configuration.ssl_ca_cert)
     assert identity.report_config_map and identity.namespace
     reporter = ConfigMapReporter(patcher, identity.report_config_map, identity.namespace, min_interval_s=0)
     reporter.stage_started(Stage.TRAIN, "training on 2 workers")

@@ -6,10 +6,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from kubetune.operator.api.finetunejob import FineTuneJob, FineTuneJobStatus, JobPhase, RunRecord, Trigger
+from kubetune.operator.api.finetunejob import (
+    FineTuneJob,
+    FineTuneJobStatus,
+    GateReason,
+    GateResult,
+    JobPhase,
+    RunRecord,
+    Trigger,
+)
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.conditions import ConditionType, Reason
 from kubetune.operator.status.finetunejob import (
+    Problem,
+    best_metric,
     compute_status,
     gate,
     ray_job_outcome,
@@ -18,6 +28,7 @@ from kubetune.operator.status.finetunejob import (
     with_report,
 )
 from kubetune.runtime.contract.report import RunReport, Stage, VariantReport
+from kubetune.runtime.contract.search import Metric
 
 from ..conftest import mutated
 
@@ -112,33 +123,42 @@ def job(minimal_job: dict[str, Any]) -> FineTuneJob:
 
 
 GATE_CASES = [
-    # (promotion spec, before, after, passes, message fragment)
-    ({}, 0.25, 0.9, True, "accuracy 0.9 (base 0.25)"),
-    ({}, 0.9, 0.85, False, "improved by -0.05"),
-    ({"minImprovement": 0.1}, 0.8, 0.85, False, "less than promotion.minImprovement 0.1"),
-    ({"minValue": 0.95}, 0.5, 0.9, False, "is not at least promotion.minValue 0.95"),
-    ({"metric": "loss"}, 1.2, 0.4, True, "loss 0.4"),
-    ({"metric": "loss", "minValue": 0.3}, 1.2, 0.4, False, "is not at most"),
-    ({"enabled": False}, 0.2, 0.9, False, "promotion is disabled"),
+    # (promotion spec, before, after, verdict, message fragment)
+    ({}, 0.25, 0.9, GateReason.PASSED, "accuracy 0.9 (base 0.25)"),
+    ({}, 0.9, 0.85, GateReason.IMPROVEMENT_TOO_SMALL, "improved by -0.05"),
+    ({"minImprovement": 0.1}, 0.8, 0.85, GateReason.IMPROVEMENT_TOO_SMALL, "less than promotion.minImprovement 0.1"),
+    ({"minValue": 0.95}, 0.5, 0.9, GateReason.OUT_OF_BOUND, "is not at least promotion.minValue 0.95"),
+    ({"metric": "loss"}, 1.2, 0.4, GateReason.PASSED, "loss 0.4"),
+    ({"metric": "loss", "minValue": 0.3}, 1.2, 0.4, GateReason.OUT_OF_BOUND, "is not at most"),
+    ({"enabled": False}, 0.2, 0.9, GateReason.PROMOTION_DISABLED, "promotion is disabled"),
 ]
 
 
-@pytest.mark.parametrize(("promotion", "before", "after", "passes", "fragment"), GATE_CASES)
+@pytest.mark.parametrize(("promotion", "before", "after", "reason", "fragment"), GATE_CASES)
 def test_gate(
-    minimal_job: dict[str, Any], promotion: dict[str, Any], before: float, after: float, passes: bool, fragment: str
+    minimal_job: dict[str, Any],
+    promotion: dict[str, Any],
+    before: float,
+    after: float,
+    reason: GateReason,
+    fragment: str,
 ) -> None:
     job = parse(mutated(minimal_job, "spec.promotion", promotion))
     assert isinstance(job, FineTuneJob)
     metric = promotion.get("metric", "accuracy")
     run = record(1, JobPhase.SUCCEEDED, metrics_before={metric: before}, metrics_after={metric: after})
-    result, message = gate(job, run)
-    assert result is passes
-    assert fragment in message
+    verdict = gate(job, run)
+    assert (verdict.passed, verdict.reason) == (reason == GateReason.PASSED, reason)
+    assert fragment in verdict.message
+    if reason != GateReason.PROMOTION_DISABLED:  # the numbers the verdict rests on travel as data
+        assert (verdict.metric, verdict.value, verdict.baseline) == (Metric(metric), after, before)
 
 
 def test_gate_rejects_failed_runs_and_missing_metrics(job: FineTuneJob) -> None:
-    assert gate(job, record(1, JobPhase.FAILED))[0] is False
-    assert "reported no accuracy" in gate(job, record(1, JobPhase.SUCCEEDED))[1]
+    assert gate(job, record(1, JobPhase.FAILED)).reason == GateReason.RUN_NOT_SUCCEEDED
+    missing = gate(job, record(1, JobPhase.SUCCEEDED))
+    assert (missing.passed, missing.reason, missing.value) == (False, GateReason.METRIC_MISSING, None)
+    assert "reported no accuracy" in missing.message
 
 
 def test_gate_can_require_a_compressed_variant(minimal_job: dict[str, Any]) -> None:
@@ -150,8 +170,10 @@ def test_gate_can_require_a_compressed_variant(minimal_job: dict[str, Any]) -> N
         variants={"full": VariantReport(uri="s3://b/full"), "int8": VariantReport(uri="s3://b/int8", accepted=False)},
     )
     accepted = RunReport(stage=Stage.DONE, variants={"int8": VariantReport(uri="s3://b/int8")})
-    assert gate(job, run, rejected) == (False, "no compressed variant within compression.maxAccuracyDrop")
-    assert gate(job, run, accepted)[0] is True
+    verdict = gate(job, run, rejected)
+    assert (verdict.passed, verdict.reason) == (False, GateReason.NO_COMPRESSED_VARIANT)
+    assert verdict.message == "no compressed variant within compression.maxAccuracyDrop"
+    assert gate(job, run, accepted).passed is True
 
 
 def test_report_is_mirrored_into_the_record() -> None:
@@ -188,7 +210,7 @@ def test_conditions_while_running(job: FineTuneJob) -> None:
 
 
 def test_conditions_after_success_and_promotion(job: FineTuneJob) -> None:
-    done = record(1, JobPhase.SUCCEEDED, promotable=True, gate_message="accuracy 0.9 (base 0.3)")
+    done = record(1, JobPhase.SUCCEEDED).judged(passed("accuracy", 0.9, 0.3))
     status = compute_status([done], suspended=job.spec.suspend, generation=3, previous=None, now=NOW)
     conditions = {c.type: (c.status.value, c.reason) for c in status.conditions or []}
     assert conditions[ConditionType.READY] == ("True", "Promoted")
@@ -200,7 +222,7 @@ def test_conditions_after_success_and_promotion(job: FineTuneJob) -> None:
 
 def test_a_failed_retrain_keeps_the_promoted_run(job: FineTuneJob) -> None:
     records = [
-        record(1, JobPhase.SUCCEEDED, promotable=True, gate_message="accuracy 0.9"),
+        record(1, JobPhase.SUCCEEDED).judged(passed("accuracy", 0.9, None)),
         record(2, JobPhase.FAILED, message="AppFailed"),
     ]
     status = compute_status(records, suspended=job.spec.suspend, generation=3, previous=None, now=NOW)
@@ -210,9 +232,22 @@ def test_a_failed_retrain_keeps_the_promoted_run(job: FineTuneJob) -> None:
     assert (status.phase, status.promoted_run) == (JobPhase.FAILED, 1)
 
 
-def test_invalid_spec(job: FineTuneJob) -> None:
-    conditions = conditions_of(job, [], invalid="spec.storage.credentialsSecret.name: Secret 'x' not found")
-    assert conditions[ConditionType.READY] == ("False", "InvalidSpec")
+def passed(metric: str, value: float, baseline: float | None) -> GateResult:
+    return GateResult(passed=True, reason=GateReason.PASSED, metric=Metric(metric), value=value, baseline=baseline)
+
+
+def test_best_metric_comes_from_the_verdict_not_its_message() -> None:
+    verdict = passed("accuracy", 0.91234, 0.5).model_copy(update={"message": "anything (at all)"})
+    assert best_metric(verdict) == "accuracy=0.9123"
+    assert best_metric(None) is None
+
+
+@pytest.mark.parametrize("reason", [Reason.INVALID_SPEC, Reason.SECRET_NOT_FOUND])
+def test_a_job_that_cannot_run_says_why(job: FineTuneJob, reason: Reason) -> None:
+    problem = Problem(reason, "spec.storage.credentialsSecret.name: Secret 'x' not found")
+    conditions = conditions_of(job, [], problem=problem)
+    assert conditions[ConditionType.READY] == ("False", reason.value)
+    assert conditions[ConditionType.DEGRADED] == ("True", reason.value)
 
 
 def test_transition_time_changes_only_with_status(job: FineTuneJob) -> None:
