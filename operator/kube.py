@@ -3,17 +3,17 @@
 Where the server is and who we are come from the `kubernetes` package's configuration
 loading: the pod's service account (its projected token re-read as it rotates), or
 the kubeconfig with every `KUBECONFIG` path merged, exec credential plugins and OIDC.
-Requests go through a thin JSON layer over urllib3 fed by that configuration
-(`bench/kube_client.py` measures it against the package's own ApiClient): objects are
+Requests go through a thin JSON layer over http.client fed by that configuration
+(`bench/kube_client.py` measures it against urllib3 and the package's ApiClient): objects are
 plain dicts (manifests), so builders stay pure and nothing here knows about kubetune's
 kinds beyond where each kind lives in the API.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
-import ssl
 import threading
 import urllib.parse
 from collections.abc import Iterator, Mapping
@@ -23,11 +23,12 @@ from typing import Any
 
 import kubernetes.client
 import kubernetes.config
-import urllib3
+from kubetune.operator.kubehttp import Connections, Endpoint, Stream
 
 Manifest = dict[str, Any]
 FIELD_MANAGER = "kubetune"
-REQUEST_TIMEOUT = urllib3.Timeout(connect=10.0, read=60.0)
+REQUEST_TIMEOUT = 60.0  # seconds a request may take to connect, and then between bytes of its answer
+WATCH_GRACE_SECONDS = 30
 # Longest message an Event carries (the API server allows 1 KiB more; the rest is noise).
 EVENT_MESSAGE_MAX_LENGTH = 1024
 # Objects as PartialObjectMetadata: names, labels and owners, never a Secret's data.
@@ -125,18 +126,6 @@ def load_configuration(kubeconfig: str | None = None) -> kubernetes.client.Confi
     return configuration
 
 
-@dataclass(frozen=True)
-class _Tls:
-    """What a connection pool is built from; renewed plugin credentials may change it."""
-
-    ca_file: str | None
-    cert_file: str | None
-    key_file: str | None
-    verify: bool
-    server_name: str | None
-    proxy: str | None
-
-
 class Kube:
     """Blocking calls to the API server; safe to share between threads."""
 
@@ -146,8 +135,7 @@ class Kube:
     def __init__(self, configuration: kubernetes.client.Configuration) -> None:
         self.configuration = configuration
         self._lock = threading.Lock()
-        self._tls: _Tls | None = None
-        self._pool: urllib3.PoolManager | None = None
+        self._connections: Connections | None = None
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None) -> Kube:
@@ -164,18 +152,22 @@ class Kube:
             value = self.configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
         return str(value) if value else None
 
-    def _connection(self) -> tuple[urllib3.PoolManager, dict[str, str]]:
+    def _connection(self) -> tuple[Connections, dict[str, str]]:
+        """The connections to use now and the auth headers (both renewed with the credentials)."""
         authorization = self.authorization()
         config = self.configuration
-        tls = _Tls(
-            config.ssl_ca_cert, config.cert_file, config.key_file, bool(config.verify_ssl),
+        endpoint = Endpoint(
+            self.server, config.ssl_ca_cert, config.cert_file, config.key_file, bool(config.verify_ssl),
             config.tls_server_name, config.proxy,
         )  # fmt: skip
         with self._lock:
-            if self._pool is None or tls != self._tls:  # new certificates from a credential plugin
-                self._pool, self._tls = _new_pool(tls, self.POOL_SIZE), tls
-            pool = self._pool
-        return pool, ({"Authorization": authorization} if authorization else {})
+            stale = self._connections if self._connections and self._connections.endpoint != endpoint else None
+            if self._connections is None or stale is not None:  # new certificates from a credential plugin
+                self._connections = Connections(endpoint, self.POOL_SIZE, REQUEST_TIMEOUT)
+            connections = self._connections
+        if stale is not None:
+            stale.close()
+        return connections, ({"Authorization": authorization} if authorization else {})
 
     def request(
         self,
@@ -186,20 +178,13 @@ class Kube:
         content_type: str = "application/json",
         accept: str = "application/json",
     ) -> Manifest:
-        pool, auth = self._connection()
-        url = f"{self.server}{path}"
+        connections, auth = self._connection()
         if query:
-            url += "?" + urllib.parse.urlencode(query)
+            path += "?" + urllib.parse.urlencode(query)
+        data = None if body is None else json.dumps(body).encode()
         try:
-            response = pool.request(
-                method,
-                url,
-                body=None if body is None else json.dumps(body).encode(),
-                headers={**_headers(content_type, accept), **auth},
-                timeout=REQUEST_TIMEOUT,
-                retries=False,
-            )
-        except urllib3.exceptions.HTTPError as error:
+            response = connections.request(method, path, data, {**_headers(content_type, accept), **auth})
+        except (OSError, http.client.HTTPException) as error:
             raise ApiError(0, "Unreachable", f"{method} {path}: {error}") from None
         if response.status >= 400:
             raise _api_error(response.status, response.data, response.headers.get("Retry-After"))
@@ -215,33 +200,34 @@ class Kube:
         resource_version: str | None = None,
         label_selector: str | None = None,
         metadata_only: bool = False,
-        stream: list[urllib3.BaseHTTPResponse] | None = None,
+        streams: list[Stream] | None = None,
     ) -> Iterator[tuple[str, Manifest]]:
         """Stream (type, object) events of a kind until the server ends the watch.
 
         From `resource_version` when given (bookmarks included), else from now on.
-        An expired version raises ApiError 410. `stream`, when given, receives the open
-        response, so that another thread may end the watch with `shutdown()`.
+        An expired version raises ApiError 410. `streams`, when given, receives the open
+        stream, so that another thread may end the watch with `close()`.
         """
-        pool, auth = self._connection()
+        connections, auth = self._connection()
         query = {"watch": "true", "timeoutSeconds": str(timeout_seconds)}
         if resource_version is not None:
             query |= {"resourceVersion": resource_version, "allowWatchBookmarks": "true"}
         if label_selector:
             query["labelSelector"] = label_selector
-        url = f"{self.server}{collection_path(api_version, kind, namespace)}?{urllib.parse.urlencode(query)}"
+        path = f"{collection_path(api_version, kind, namespace)}?{urllib.parse.urlencode(query)}"
         headers = {**_headers("application/json", METADATA_ONLY if metadata_only else "application/json"), **auth}
-        try:
-            response = pool.request("GET", url, headers=headers, preload_content=False, retries=False, timeout=None)
-        except urllib3.exceptions.HTTPError as error:
+        try:  # a silent connection is given up a while after the server should have ended the watch
+            stream = connections.stream("GET", path, headers, read_timeout=timeout_seconds + WATCH_GRACE_SECONDS)
+        except (OSError, http.client.HTTPException) as error:
             raise ApiError(0, "Unreachable", f"watch {kind}: {error}") from None
-        if stream is not None:
-            stream.append(response)
+        if streams is not None:
+            streams.append(stream)
+        response = stream.response
         try:
             if response.status >= 400:
                 raise _api_error(response.status, response.read(), response.headers.get("Retry-After"))
             buffer = b""
-            for chunk in response.stream(64 * 1024):
+            while chunk := stream.read():
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
@@ -252,10 +238,10 @@ class Kube:
                             code, reason = int(status.get("code", 0)), status.get("reason", "")
                             raise ApiError(code, reason, status.get("message", ""))
                         yield event["type"], event["object"]
-        except (urllib3.exceptions.HTTPError, OSError) as error:
+        except (OSError, http.client.HTTPException) as error:
             raise ApiError(0, "Unreachable", f"watch {kind}: {error}") from None
         finally:
-            response.release_conn()
+            stream.close()
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> Manifest | None:
         try:
@@ -361,21 +347,6 @@ class Kube:
 def selector(labels: Mapping[str, str]) -> str:
     """A label selector requiring each label to have its value (an empty value: the label exists)."""
     return ",".join(f"{key}={value}" if value else key for key, value in labels.items())
-
-
-def _new_pool(tls: _Tls, size: int) -> urllib3.PoolManager:
-    context = ssl.create_default_context(cafile=tls.ca_file)
-    if not tls.verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if tls.cert_file and tls.key_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    options: dict[str, Any] = {"num_pools": 4, "maxsize": size, "block": False, "ssl_context": context}
-    if tls.server_name:
-        options["server_hostname"] = tls.server_name
-    if tls.proxy:
-        return urllib3.ProxyManager(tls.proxy, **options)
-    return urllib3.PoolManager(**options)
 
 
 def _headers(content_type: str, accept: str) -> dict[str, str]:

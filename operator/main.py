@@ -16,40 +16,55 @@ from typing import Any
 
 import kopf
 from kubetune.operator import metrics
-from kubetune.operator.core.secrets import SecretNames
-from kubetune.operator.handlers import finetunejob as finetunejob_handlers
+from kubetune.operator.core.informer import Informer, Source
+from kubetune.operator.handlers.finetunejob import FineTuneJobs
 from kubetune.operator.kube import Kube
 from kubetune.operator.reconcile.finetunejob import utc_now
 from kubetune.operator.settings import Settings
 
 log = logging.getLogger("kubetune.operator")
+# Which Secrets exist, read as metadata only: the specs name them, the operator never reads their data.
+SECRETS = Source("v1", "Secret", metadata_only=True)
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kubetune registers no create/update handlers, so kopf needs no copy of each object's essence.
+
+    (kopf builds one for every event by default: a deep copy of the whole body.)
+    """
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
 
 
 @kopf.on.startup()
-async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # kubetune posts its own events (with run details) and keeps no kopf state on objects.
     settings.posting.enabled = False
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    finetunejob_handlers.configure(settings)
+    # kopf would log every handler call; the reconciles log what they do.
+    if logging.getLogger("kopf.objects").level == logging.NOTSET:
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     options: Settings = memo.get("settings") or Settings.from_environment()
     memo.settings = options
     if options.metrics_port:
         metrics.serve(options.metrics_port)
     kube = _client(memo)
-    loop = asyncio.get_running_loop()
+    namespaces = memo.get("namespaces") or None
     executor = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="kubetune-reconcile")
-    clock: Callable[[], datetime] = memo.get("clock") or utc_now
-    secrets = SecretNames(kube, memo.get("namespaces") or None, lambda ns, name: _secret_changed(memo, ns, name), loop)
-    indices = {name: index for name, index in kwargs.items() if isinstance(index, kopf.Index)}
-    memo.finetunejobs = finetunejob_handlers.controller(kube, options, secrets, clock, executor, indices)
-    memo.executor, memo.secrets = executor, secrets
-    secrets.start()
-    memo.finetunejobs.start(caches_synced=secrets.synced)
-
-
-def _secret_changed(memo: kopf.Memo, namespace: str, name: str) -> None:
-    memo.finetunejobs.secret_changed(namespace, name)
+    secrets: Informer[bool] = Informer(kube, SECRETS, namespaces, lambda _: True)
+    jobs = FineTuneJobs(kube, options, secrets, memo.get("clock") or utc_now, executor, namespaces)
+    memo.executor, memo.secrets, memo.finetunejobs = executor, secrets, jobs
+    secrets.start(lambda change: jobs.controller.secret_changed(change.namespace, change.name))
+    jobs.start()
 
 
 def _client(memo: kopf.Memo) -> Kube:

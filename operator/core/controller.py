@@ -1,12 +1,12 @@
 """The controller core shared by every kind: a work queue of keys, workers, retries, metrics.
 
-kopf handlers only hand keys to `Controller.enqueue`. Workers (coroutines on kopf's
-event loop) take keys from the queue, read what the kind needs from the watch-fed
-caches on the loop (`snapshot`, cheap and consistent), and run the kind's blocking
-`reconcile` in a thread pool, at most `workers` at once and one per key. The result
-is an `Outcome`: the status version the pass wrote (its watch event is no change)
-and when to look again. Failures are retried with per-key exponential backoff;
-a 429's Retry-After is honoured.
+kopf handlers and the informers' change callbacks only hand keys to
+`Controller.enqueue`. Workers (coroutines on kopf's event loop) take keys from the
+queue once the caches are filled, and run the kind's blocking `reconcile` in a
+thread pool: at most `workers` at once, one per key. A pass returns an `Outcome`:
+the status version it wrote (its watch event is no change), when to look again,
+and which Secrets the object names (a change to one wakes it). Failures are
+retried with per-key exponential backoff; a 429's Retry-After is honoured.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
 
 from kubetune.operator.core.workqueue import Backoff, QueueShutDownError, WorkQueue
 from kubetune.operator.kube import ApiError
@@ -31,7 +30,6 @@ from kubetune.operator.metrics import (
 from kubetune.operator.settings import Settings as OperatorSettings
 
 Key = tuple[str, str]  # (namespace, name)
-S = TypeVar("S")
 log = logging.getLogger("kubetune.controller")
 
 
@@ -42,6 +40,7 @@ class Outcome:
     written_version: str | None = None
     requeue_after: float | None = None
     gone: bool = False  # the object no longer exists: forget its key
+    secrets: frozenset[str] = frozenset()  # Secrets in the object's namespace that its spec names
 
 
 @dataclass(frozen=True)
@@ -60,22 +59,20 @@ class ControllerSettings:
         )
 
 
-class Controller(Generic[S]):
+class Controller:
     """Reconciles the objects of one kind, each key by one worker at a time."""
 
     def __init__(
         self,
         kind: str,
-        snapshot: Callable[[Key], S],
-        reconcile: Callable[[Key, S], Outcome],
+        reconcile: Callable[[Key], Outcome],
         executor: Executor,
-        settings: ControllerSettings = ControllerSettings(),
-        secret_users: Callable[[str, str], Iterable[Key]] = lambda namespace, name: (),
+        settings: ControllerSettings | None = None,
     ) -> None:
-        """`secret_users(namespace, name)`: the keys of the objects that name that Secret."""
+        settings = settings or ControllerSettings()
         self.kind = kind
-        self._secret_users = secret_users
-        self._snapshot, self._reconcile, self._executor = snapshot, reconcile, executor
+        self._reconcile, self._executor = reconcile, executor
+        self._secrets: dict[Key, frozenset[str]] = {}  # what each object's last pass said it names
         self.settings = settings
         self.queue: WorkQueue[Key] = WorkQueue(settings.backoff, settings.min_interval)
         self._written: dict[Key, str] = {}  # the status resourceVersion each key's last pass wrote
@@ -97,15 +94,12 @@ class Controller(Generic[S]):
 
     def secret_changed(self, namespace: str, name: str) -> None:
         """A Secret appeared or disappeared: look again at the objects that name it."""
-        for key in self._secret_users(namespace, name):
+        for key in [key for key, names in self._secrets.items() if key[0] == namespace and name in names]:
             self.enqueue(key)
 
-    def start(self, caches_synced: asyncio.Event | None = None) -> None:
-        """Start the workers; they wait for `caches_synced` before their first pass."""
-        if caches_synced is None:
-            self._ready.set()
-        else:
-            self._tasks.append(asyncio.create_task(self._await_caches(caches_synced)))
+    def start(self, caches_synced: Iterable[asyncio.Event] = ()) -> None:
+        """Start the workers; they wait until every cache is filled before their first pass."""
+        self._tasks.append(asyncio.create_task(self._await_caches(list(caches_synced))))
         self._tasks += [
             asyncio.create_task(self._work(), name=f"kubetune-{self.kind}-{n}") for n in range(self.settings.workers)
         ]
@@ -117,8 +111,9 @@ class Controller(Generic[S]):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
-    async def _await_caches(self, synced: asyncio.Event) -> None:
-        await synced.wait()
+    async def _await_caches(self, synced: list[asyncio.Event]) -> None:
+        for event in synced:
+            await event.wait()
         self._ready.set()
 
     async def _work(self) -> None:
@@ -130,24 +125,19 @@ class Controller(Generic[S]):
             except QueueShutDownError:
                 return
             QUEUE_DEPTH.labels(self.kind).set(len(self.queue))
+            started = time.perf_counter()
+            written = None
             try:
-                snapshot = self._snapshot(key)
-                started = time.perf_counter()
-                try:
-                    outcome = await loop.run_in_executor(self._executor, self._reconcile, key, snapshot)
-                finally:
-                    RECONCILE_SECONDS.labels(self.kind).observe(time.perf_counter() - started)
-            except Exception as error:
-                written = None
+                outcome = await loop.run_in_executor(self._executor, self._reconcile, key)
+            except Exception as error:  # every failure is retried with backoff
                 self._failed(key, error)
             else:
                 written = outcome.written_version
                 self._succeeded(key, outcome)
-            finally:
-                seen = self._seen_during_pass.pop(key, set()) - {written}
-                if seen:
-                    self.queue.add_event(key)  # someone else changed the object meanwhile
-                self.queue.done(key)
+            RECONCILE_SECONDS.labels(self.kind).observe(time.perf_counter() - started)
+            if self._seen_during_pass.pop(key, set()) - {written}:
+                self.queue.add_event(key)  # someone else changed the object meanwhile
+            self.queue.done(key)
 
     def _succeeded(self, key: Key, outcome: Outcome) -> None:
         RECONCILES.labels(self.kind, "ok").inc()
@@ -155,7 +145,12 @@ class Controller(Generic[S]):
         if outcome.gone:
             self.queue.drop(key)
             self._written.pop(key, None)
+            self._secrets.pop(key, None)
             return
+        if outcome.secrets:
+            self._secrets[key] = outcome.secrets
+        else:
+            self._secrets.pop(key, None)
         if outcome.written_version is not None:
             self._written[key] = outcome.written_version
         if outcome.requeue_after is not None:

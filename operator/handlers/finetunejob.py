@@ -1,15 +1,15 @@
-"""kopf wiring for FineTuneJob: watches, indexes, and handlers that only hand keys to the controller.
+"""FineTuneJob wiring: the kopf handler, the caches of its runs, and the events that wake a job.
 
-kopf watches FineTuneJobs, their runs' RayJobs and their report ConfigMaps, the
-latter two with server-side label selectors, so the operator never receives
-objects that are not its own. Indexes keep each job's runs and reports (parsed
-once, when they change) and which jobs name which Secret; kopf fills them from
-its initial listing before any handler runs, so the first pass of every job sees
-all of its runs. Handlers enqueue the job's key; the controller does the rest.
+kopf watches FineTuneJobs; its handler only enqueues the job's key. The runs'
+RayJobs and report ConfigMaps are held by informers with server-side label
+selectors (the operator never receives objects that are not its own), kept as the
+planner's view of each RayJob and the parsed report, indexed by job. A change
+that matters to a job enqueues it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from typing import Any
@@ -18,108 +18,70 @@ import kopf
 from kubetune.operator.api.common import GROUP, VERSION
 from kubetune.operator.api.finetunejob import KIND, PLURAL
 from kubetune.operator.core.controller import Controller, ControllerSettings, Key
+from kubetune.operator.core.informer import Change, Informer, Source
 from kubetune.operator.kube import Kube, selector
 from kubetune.operator.naming import JOB_LABEL, MANAGED_BY_LABEL, MANAGER, REPORT_LABEL
 from kubetune.operator.planning.finetunejob import ObservedRun
 from kubetune.operator.reconcile.finetunejob import (
-    Children,
     Clock,
     FineTuneJobReconciler,
-    SecretLookup,
+    Report,
     observe_report,
     observe_run,
 )
 from kubetune.operator.settings import Settings
-from kubetune.runtime.contract.report import RunReport
 
-RAY_JOBS = ("ray.io", "v1", "rayjobs")
-CONFIG_MAPS = ("", "v1", "configmaps")
-# What kopf asks the API server for: the runs' RayJobs and report ConfigMaps, nothing else.
-# (Run config ConfigMaps are written once and never read back, so they are not watched.)
-LABEL_SELECTORS: dict[tuple[str, str, str], str] = {
-    RAY_JOBS: selector({MANAGED_BY_LABEL: MANAGER, JOB_LABEL: ""}),
-    CONFIG_MAPS: selector({MANAGED_BY_LABEL: MANAGER, REPORT_LABEL: "true", JOB_LABEL: ""}),
-}
-_RUNS: dict[str, Any] = {MANAGED_BY_LABEL: MANAGER, JOB_LABEL: kopf.PRESENT}
-_REPORTS: dict[str, Any] = {
-    MANAGED_BY_LABEL: MANAGER,
-    REPORT_LABEL: "true",
-    JOB_LABEL: kopf.PRESENT,
-}
+# The runs' RayJobs and report ConfigMaps, nothing else. (Run config ConfigMaps are
+# written once and never read back, so they are not watched.)
+RUNS = Source("ray.io/v1", "RayJob", selector({MANAGED_BY_LABEL: MANAGER, JOB_LABEL: ""}))
+REPORTS = Source("v1", "ConfigMap", selector({MANAGED_BY_LABEL: MANAGER, REPORT_LABEL: "true", JOB_LABEL: ""}))
 
 
-def configure(settings: kopf.OperatorSettings) -> None:
-    for resource, labels in LABEL_SELECTORS.items():
-        settings.watching.label_selectors[resource] = labels
+def job_of(child: Mapping[str, Any]) -> Key | None:
+    meta = child["metadata"]
+    job = (meta.get("labels") or {}).get(JOB_LABEL)
+    return (meta.get("namespace") or "", job) if job else None
 
 
-def controller(
-    kube: Kube,
-    settings: Settings,
-    secrets: SecretLookup,
-    clock: Clock,
-    executor: Executor,
-    indices: Mapping[str, Any],
-) -> Controller[Children]:
-    """The FineTuneJob controller, reading children from the indexes below (on the event loop)."""
-    runs: kopf.Index[Key, ObservedRun] = indices["finetunejob_runs"]
-    reports: kopf.Index[Key, tuple[int, RunReport]] = indices["finetunejob_reports"]
-    by_secret: kopf.Index[Key, str] = indices["finetunejob_secrets"]
+class FineTuneJobs:
+    """The FineTuneJob controller and the caches it reads."""
 
-    def children(key: Key) -> Children:
-        return Children(runs=tuple(runs.get(key, ())), reports=dict(reports.get(key, ())))
+    def __init__(
+        self,
+        kube: Kube,
+        settings: Settings,
+        secrets: Informer[bool],
+        clock: Clock,
+        executor: Executor,
+        namespaces: list[str] | None,
+    ) -> None:
+        self.runs: Informer[ObservedRun] = Informer(kube, RUNS, namespaces, observe_run, job_of)
+        self.reports: Informer[Report] = Informer(kube, REPORTS, namespaces, observe_report, job_of)
+        reconciler = FineTuneJobReconciler(kube, settings, self.runs, self.reports, secrets, clock)
+        self.controller = Controller(KIND, reconciler.reconcile, executor, ControllerSettings.of(settings))
+        self.secrets = secrets
 
-    def secret_users(namespace: str, name: str) -> list[Key]:
-        return [(namespace, job) for job in by_secret.get((namespace, name), ())]
+    def start(self) -> None:
+        self.runs.start(self._run_changed)
+        self.reports.start(self._report_changed)
+        self.controller.start([self.runs.synced, self.reports.synced, self.secrets.synced])
 
-    reconciler = FineTuneJobReconciler(kube, settings, secrets, clock)
-    return Controller(
-        KIND, children, reconciler.reconcile, executor, ControllerSettings.of(settings), secret_users=secret_users
-    )
+    async def stop(self) -> None:
+        await self.controller.stop()
+        for informer in (self.runs, self.reports):
+            await asyncio.to_thread(informer.stop)
 
+    def _run_changed(self, change: Change[ObservedRun]) -> None:
+        # A RayJob without status is one we just created: nothing new to observe.
+        if change.owner is not None and (change.value is None or change.value.status):
+            self.controller.enqueue(change.owner)
 
-@kopf.index(*RAY_JOBS, labels=_RUNS)
-def finetunejob_runs(
-    namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
-) -> dict[Key, ObservedRun]:
-    run = observe_run(body)
-    return {(namespace or "", labels[JOB_LABEL]): run} if run is not None else {}
-
-
-@kopf.index(*CONFIG_MAPS, labels=_REPORTS)
-def finetunejob_reports(
-    namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
-) -> dict[Key, tuple[int, RunReport]]:
-    report = observe_report(body)
-    return {(namespace or "", labels[JOB_LABEL]): report} if report is not None else {}
-
-
-@kopf.index(GROUP, VERSION, PLURAL)
-def finetunejob_secrets(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> dict[Key, str]:
-    """Which jobs name which Secret (by namespace and Secret name)."""
-    secret = ((spec.get("storage") or {}).get("credentialsSecret") or {}).get("name")
-    return {(namespace or "", secret): name} if isinstance(secret, str) else {}
+    def _report_changed(self, change: Change[Report]) -> None:
+        if change.owner is not None:
+            self.controller.enqueue(change.owner)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def on_job_event(event: kopf.RawEvent, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
     version = ((event.get("object") or {}).get("metadata") or {}).get("resourceVersion")
-    memo.finetunejobs.enqueue((namespace or "", name), version)
-
-
-@kopf.on.event(*RAY_JOBS, labels=_RUNS)
-async def on_ray_job_event(
-    event: kopf.RawEvent, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any
-) -> None:
-    # A RayJob without status is one we just created: nothing new to observe.
-    if event.get("type") == "DELETED" or (event.get("object") or {}).get("status"):
-        memo.finetunejobs.enqueue((namespace or "", labels[JOB_LABEL]))
-
-
-@kopf.on.event(*CONFIG_MAPS, labels=_REPORTS)
-async def on_report_event(
-    event: kopf.RawEvent, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any
-) -> None:
-    # A report changes when the run writes progress; it is created empty with the run.
-    if event.get("type") in ("MODIFIED", "DELETED"):
-        memo.finetunejobs.enqueue((namespace or "", labels[JOB_LABEL]))
+    memo.finetunejobs.controller.enqueue((namespace or "", name), version)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from kubetune.operator.api.common import API_VERSION
 from kubetune.operator.api.finetunejob import (
@@ -26,6 +26,7 @@ from kubetune.operator.api.finetunejob import (
 from kubetune.operator.builders.finetunejob import build_run
 from kubetune.operator.conditions import Reason
 from kubetune.operator.core.controller import Key, Outcome
+from kubetune.operator.core.informer import Informer
 from kubetune.operator.kube import ApiError, Kube, ObjectRef
 from kubetune.operator.metrics import PROMOTIONS, RUNS_FINISHED, RUNS_STARTED
 from kubetune.operator.naming import (
@@ -50,16 +51,7 @@ Manifest = dict[str, Any]
 Clock = Callable[[], datetime]
 
 
-class SecretLookup(Protocol):
-    def exists(self, namespace: str, name: str) -> bool: ...
-
-
-@dataclass(frozen=True)
-class Children:
-    """A job's runs as the watch-fed caches hold them, taken when the pass starts."""
-
-    runs: tuple[ObservedRun, ...] = ()
-    reports: Mapping[int, RunReport] = field(default_factory=dict)
+Report = tuple[int, RunReport]  # a run's number and its latest report
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -89,7 +81,7 @@ def observe_run(ray_job: Mapping[str, Any]) -> ObservedRun | None:
     )
 
 
-def observe_report(config_map: Mapping[str, Any]) -> tuple[int, RunReport] | None:
+def observe_report(config_map: Mapping[str, Any]) -> Report | None:
     """A run's report (run number and RunReport); None while the run has written nothing."""
     meta = config_map["metadata"]
     text = (config_map.get("data") or {}).get(REPORT_KEY)
@@ -112,15 +104,25 @@ def utc_now() -> datetime:
 
 
 class FineTuneJobReconciler:
-    def __init__(self, kube: Kube, settings: Settings, secrets: SecretLookup, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        settings: Settings,
+        runs: Informer[ObservedRun],
+        reports: Informer[Report],
+        secrets: Informer[bool],
+        clock: Clock = utc_now,
+    ) -> None:
+        """Reads the job from the API server; its runs, reports and Secrets from the caches."""
         self.kube = kube
         self.settings = settings
-        self.secrets = secrets
+        self.runs, self.reports, self.secrets = runs, reports, secrets
         self.clock = clock  # schedules and timestamps read this clock; tests inject their own
 
-    def reconcile(self, key: Key, children: Children) -> Outcome:
+    def reconcile(self, key: Key) -> Outcome:
         namespace, name = key
         now = self.clock()
+        runs, reports = self.runs.owned_by(key), dict(self.reports.owned_by(key))
         body = self.kube.get(API_VERSION, KIND, namespace, name)
         if body is None:
             return Outcome(gone=True)
@@ -134,17 +136,21 @@ class FineTuneJobReconciler:
             problem = Problem(Reason.INVALID_SPEC, "; ".join(describe(error)))
             return self._stopped(body, previous, problem, generation, now, requeue=None)
         job.status = previous
-        missing = self._missing_secret(job)
-        if missing is not None:
-            problem = Problem(Reason.SECRET_NOT_FOUND, missing)
-            return self._stopped(body, previous, problem, generation, now, requeue=self.settings.recheck_seconds)
+        storage = job.spec.storage
+        secrets = frozenset([storage.credentials_secret.name] if storage and storage.credentials_secret else [])
+        missing = [secret for secret in sorted(secrets) if self.secrets.get(namespace, secret) is None]
+        if missing:
+            message = f"spec.storage.credentialsSecret.name: Secret {missing[0]!r} not found"
+            problem = Problem(Reason.SECRET_NOT_FOUND, message)
+            outcome = self._stopped(body, previous, problem, generation, now, requeue=self.settings.recheck_seconds)
+            return replace(outcome, secrets=secrets)
         decision = plan(
             job,
             generation=generation,
             annotations=body["metadata"].get("annotations") or {},
             created=parse_time(body["metadata"].get("creationTimestamp")) or now,
-            observed=self._with_unlisted_runs(job, children.runs),
-            reports=children.reports,
+            observed=self._with_unlisted_runs(job, runs),
+            reports=reports,
             now=now,
             recheck_seconds=self.settings.recheck_seconds,
         )
@@ -171,9 +177,9 @@ class FineTuneJobReconciler:
             if record.gate is not None and record.gate.passed:
                 PROMOTIONS.inc()
         self._post(body, decision.events, now)
-        return Outcome(version, decision.requeue_after)
+        return Outcome(version, decision.requeue_after, secrets=secrets)
 
-    def _with_unlisted_runs(self, job: FineTuneJob, runs: tuple[ObservedRun, ...]) -> list[ObservedRun]:
+    def _with_unlisted_runs(self, job: FineTuneJob, runs: list[ObservedRun]) -> list[ObservedRun]:
         """The cached runs, plus active runs of the status that the cache does not hold (yet).
 
         A RayJob created moments ago may not have reached the cache: it is read before
@@ -184,15 +190,6 @@ class FineTuneJobReconciler:
         unlisted = [r.ray_job_name for r in records if r.phase in ACTIVE_PHASES and r.ray_job_name not in listed]
         found = [self.kube.get("ray.io/v1", "RayJob", job.metadata["namespace"], run) for run in unlisted]
         return [*runs, *(run for body in found if body is not None and (run := observe_run(body)) is not None)]
-
-    def _missing_secret(self, job: FineTuneJob) -> str | None:
-        storage = job.spec.storage
-        if storage is None or storage.credentials_secret is None:
-            return None
-        secret = storage.credentials_secret.name
-        if self.secrets.exists(job.metadata["namespace"], secret):
-            return None
-        return f"spec.storage.credentialsSecret.name: Secret {secret!r} not found"
 
     def _stopped(
         self,
