@@ -75,6 +75,7 @@ def thin_cycle(kube: Kube) -> Cycle:
 
 def urllib3_cycle(configuration: kubernetes.client.Configuration) -> Cycle:
     context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+    assert configuration.cert_file is not None and configuration.key_file is not None
     context.load_cert_chain(configuration.cert_file, configuration.key_file)
     pool = urllib3.PoolManager(maxsize=4, ssl_context=context).connection_from_url(configuration.host)
     path = f"/api/v1/namespaces/{NAMESPACE}/configmaps"
@@ -109,7 +110,7 @@ def dict_cycle(client: kubernetes.client.ApiClient) -> Cycle:
             auth_settings=["BearerToken"],
         )
         response = client.call_api(*request)
-        response.read()
+        response.read()  # type: ignore[no-untyped-call]
         return client.response_deserialize(response, {"200": "object", "201": "object"}).data
 
     def cycle(name: str) -> None:
@@ -125,7 +126,7 @@ def model_cycle(client: kubernetes.client.ApiClient) -> Cycle:
     api = kubernetes.client.CoreV1Api(client)
 
     def cycle(name: str) -> None:
-        api.create_namespaced_config_map(NAMESPACE, manifest(name))
+        api.create_namespaced_config_map(NAMESPACE, manifest(name))  # type: ignore[arg-type]  # dicts serialize too
         api.read_namespaced_config_map(name, NAMESPACE)
         api.patch_namespaced_config_map(name, NAMESPACE, {"metadata": {"labels": {"step": "patched"}}})
         api.delete_namespaced_config_map(name, NAMESPACE, propagation_policy="Background")

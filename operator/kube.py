@@ -206,7 +206,7 @@ class Kube:
 
         From `resource_version` when given (bookmarks included), else from now on.
         An expired version raises ApiError 410. `streams`, when given, receives the open
-        stream, so that another thread may end the watch with `close()`.
+        stream, so that another thread may end the watch with `interrupt()`.
         """
         connections, auth = self._connection()
         query = {"watch": "true", "timeoutSeconds": str(timeout_seconds)}
@@ -238,8 +238,8 @@ class Kube:
                             code, reason = int(status.get("code", 0)), status.get("reason", "")
                             raise ApiError(code, reason, status.get("message", ""))
                         yield event["type"], event["object"]
-        except (OSError, http.client.HTTPException) as error:
-            raise ApiError(0, "Unreachable", f"watch {kind}: {error}") from None
+        except (OSError, http.client.HTTPException, ValueError) as error:  # cut off, or not a watch stream
+            raise ApiError(0, "Unreachable", f"watch {kind}: {error!r}") from None
         finally:
             stream.close()
 

@@ -55,7 +55,7 @@ class _TlsConnection(http.client.HTTPSConnection):
 
 
 class Stream:
-    """A long-lived response (a watch) on a connection of its own; `close` may be called from any thread."""
+    """A long-lived response (a watch) on a connection of its own; `interrupt` may be called from any thread."""
 
     def __init__(self, connection: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
         self._connection, self.response = connection, response
@@ -64,11 +64,14 @@ class Stream:
         """What has arrived (up to `size` bytes), waiting for at least one; b"" at the end."""
         return self.response.read1(size)
 
-    def close(self) -> None:
+    def interrupt(self) -> None:
+        """End the stream from another thread: its reader wakes up to an error (the reader closes it)."""
         sock = self._connection.sock
         if sock is not None:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading it
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
         self._connection.close()
 
 

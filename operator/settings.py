@@ -30,7 +30,10 @@ class Settings:
     workers: int = 16  # reconciles running at once, over all objects (one at a time per object)
     backoff_base_seconds: float = 0.2  # first retry of a failed reconcile; doubles with each failure
     backoff_max_seconds: float = 300.0
-    min_interval_seconds: float = 0.5  # passes of one object caused by events start at least this far apart
+    # Events for an object that is being (or was just) reconciled wait until they have stopped for this long,
+    # but no longer than coalesce_max_seconds: a burst of changes makes two passes, not one per change.
+    coalesce_seconds: float = 0.5
+    coalesce_max_seconds: float = 5.0
     # An object that waits (an active run, a missing Secret) is looked at again this often without any event.
     # A safety net only: watches deliver the changes.
     recheck_seconds: float = 300.0

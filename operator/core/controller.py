@@ -47,15 +47,17 @@ class Outcome:
 class ControllerSettings:
     workers: int = 16
     backoff: Backoff = field(default_factory=Backoff)
-    # Passes of one key started by events are at least this far apart (bursts coalesce).
-    min_interval: float = 0.5
+    # Events for a key being processed (or just processed) wait until they have stopped for this long.
+    coalesce: float = 0.5
+    coalesce_max: float = 5.0
 
     @classmethod
     def of(cls, settings: OperatorSettings) -> ControllerSettings:
         return cls(
             workers=settings.workers,
             backoff=Backoff(settings.backoff_base_seconds, settings.backoff_max_seconds),
-            min_interval=settings.min_interval_seconds,
+            coalesce=settings.coalesce_seconds,
+            coalesce_max=settings.coalesce_max_seconds,
         )
 
 
@@ -73,8 +75,12 @@ class Controller:
         self.kind = kind
         self._reconcile, self._executor = reconcile, executor
         self._secrets: dict[Key, frozenset[str]] = {}  # what each object's last pass said it names
+        # When each Secret last changed (a count of changes), so a pass can tell whether one of
+        # the Secrets it names changed while it ran: then it did not see that change.
+        self._secret_changes: dict[tuple[str, str], int] = {}
+        self._changes = 0
         self.settings = settings
-        self.queue: WorkQueue[Key] = WorkQueue(settings.backoff, settings.min_interval)
+        self.queue: WorkQueue[Key] = WorkQueue(settings.backoff, settings.coalesce, settings.coalesce_max)
         self._written: dict[Key, str] = {}  # the status resourceVersion each key's last pass wrote
         self._seen_during_pass: dict[Key, set[str]] = {}  # versions of the object that arrived mid-pass
         self._ready = asyncio.Event()
@@ -94,6 +100,8 @@ class Controller:
 
     def secret_changed(self, namespace: str, name: str) -> None:
         """A Secret appeared or disappeared: look again at the objects that name it."""
+        self._changes += 1
+        self._secret_changes[(namespace, name)] = self._changes
         for key in [key for key, names in self._secrets.items() if key[0] == namespace and name in names]:
             self.enqueue(key)
 
@@ -125,19 +133,23 @@ class Controller:
             except QueueShutDownError:
                 return
             QUEUE_DEPTH.labels(self.kind).set(len(self.queue))
-            started = time.perf_counter()
-            written = None
+            started, changes = time.perf_counter(), self._changes
+            written, missed = None, False
             try:
                 outcome = await loop.run_in_executor(self._executor, self._reconcile, key)
             except Exception as error:  # every failure is retried with backoff
                 self._failed(key, error)
             else:
                 written = outcome.written_version
+                missed = any(self._secret_changes.get((key[0], s), 0) > changes for s in outcome.secrets)
                 self._succeeded(key, outcome)
             RECONCILE_SECONDS.labels(self.kind).observe(time.perf_counter() - started)
-            if self._seen_during_pass.pop(key, set()) - {written}:
-                self.queue.add_event(key)  # someone else changed the object meanwhile
+            changed = self._seen_during_pass.pop(key, set()) - {written}
+            if missed or changed:
+                self.queue.add_event(key)  # the object, or a Secret it names, changed meanwhile
             self.queue.done(key)
+            if not self.queue.in_progress:
+                self._secret_changes.clear()  # no pass can have missed these
 
     def _succeeded(self, key: Key, outcome: Outcome) -> None:
         RECONCILES.labels(self.kind, "ok").inc()

@@ -97,7 +97,7 @@ class Informer(Generic[V]):
         with self._lock:
             streams = [stream for open_streams in self._streams.values() for stream in open_streams]
         for stream in streams:  # ends a watch blocked on the socket
-            stream.close()
+            stream.interrupt()
         for thread in self._threads:
             thread.join(timeout=5)
 

@@ -4,8 +4,10 @@
   it is taken give one pass.
 - A key is processed by one worker at a time: adds while it is processed mark it
   dirty, and it comes back once, after `done`.
-- Passes of one key started by events are at least `min_interval` apart: a burst
-  of events gives one pass now and at most one more when the interval is over.
+- Events coalesce: an event for a key that is quiet is processed at once; events
+  for a key that is being processed, or was moments ago, wait until they have
+  stopped for `coalesce` seconds (at most `coalesce_max`), so a burst of events
+  gives one pass at its start and one after it.
 - `add_after` (requeue-after, Retry-After) and `add_rate_limited` (exponential
   backoff per key, capped; `forget` resets it) add the key later; the earliest
   requested time wins.
@@ -44,11 +46,12 @@ class WorkQueue(Generic[K]):
     def __init__(
         self,
         backoff: Backoff = Backoff(),
-        min_interval: float = 0.0,
+        coalesce: float = 0.0,
+        coalesce_max: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backoff = backoff
-        self.min_interval = min_interval
+        self.coalesce, self.coalesce_max = coalesce, coalesce_max
         self._clock = clock
         self._ready: deque[K] = deque()
         self._dirty: set[K] = set()
@@ -56,6 +59,7 @@ class WorkQueue(Generic[K]):
         self._timers: dict[K, tuple[float, asyncio.TimerHandle]] = {}
         self._failures: dict[K, int] = {}
         self._started: dict[K, float] = {}  # when each key's latest pass started
+        self._settling: dict[K, tuple[float, asyncio.TimerHandle]] = {}  # coalescing keys: first event, timer
         self._wake = asyncio.Event()
         self._shut_down = False
 
@@ -77,13 +81,23 @@ class WorkQueue(Generic[K]):
             self._wake.set()
 
     def add_event(self, key: K) -> None:
-        """Process the key for an event: now, unless its last pass started within `min_interval`."""
+        """Process the key for an event: now if it is quiet, else once its events have settled."""
+        if self._shut_down:
+            return
+        now = self._clock()
         started = self._started.get(key)
-        wait = 0.0 if started is None else started + self.min_interval - self._clock()
-        if wait > 0:
-            self.add_after(key, wait)
-        else:
+        busy = key in self._processing or (started is not None and now - started < self.coalesce)
+        settling = self._settling.pop(key, None)
+        if settling is None and not busy:
             self.add(key)
+            return
+        first = now
+        if settling is not None:
+            first = settling[0]
+            settling[1].cancel()
+        delay = max(0.0, min(self.coalesce, first + self.coalesce_max - now))
+        handle = asyncio.get_running_loop().call_later(delay, self._settled, key)
+        self._settling[key] = (first, handle)
 
     def add_after(self, key: K, seconds: float) -> None:
         """Process the key in `seconds`, unless an earlier time is already set."""
@@ -112,6 +126,11 @@ class WorkQueue(Generic[K]):
     def processing(self, key: K) -> bool:
         return key in self._processing
 
+    @property
+    def in_progress(self) -> int:
+        """Keys being processed now."""
+        return len(self._processing)
+
     def failures(self, key: K) -> int:
         return self._failures.get(key, 0)
 
@@ -123,9 +142,10 @@ class WorkQueue(Generic[K]):
         """The object is gone: forget everything about the key (a pass in progress still ends with `done`)."""
         self.forget(key)
         self._started.pop(key, None)
-        timer = self._timers.pop(key, None)
-        if timer is not None:
-            timer[1].cancel()
+        for timers in (self._timers, self._settling):
+            timer = timers.pop(key, None)
+            if timer is not None:
+                timer[1].cancel()
 
     async def get(self) -> K:
         """The next key to process; the caller must call `done(key)` when the pass is over."""
@@ -152,11 +172,16 @@ class WorkQueue(Generic[K]):
 
     def shut_down(self) -> None:
         self._shut_down = True
-        for _, handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
+        for timers in (self._timers, self._settling):
+            for _, handle in timers.values():
+                handle.cancel()
+            timers.clear()
         self._wake.set()
 
     def _fire(self, key: K) -> None:
         self._timers.pop(key, None)
+        self.add(key)
+
+    def _settled(self, key: K) -> None:
+        self._settling.pop(key, None)
         self.add(key)

@@ -308,6 +308,7 @@ def _decide(
         phase=JobPhase.PENDING,
         message="RayJob created",
         start_time=now,
+        ray_job=ray_job_state(name, None),  # what observing the new RayJob gives: no status yet
     )
     return _Decision(
         records=[*records, record],

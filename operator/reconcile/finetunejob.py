@@ -233,14 +233,20 @@ class FineTuneJobReconciler:
             self.kube.delete(ref)
 
     def _write_status(self, body: Manifest, status: Manifest) -> str | None:
-        previous = body.get("status") or {}
-        patch = status_patch(previous, status)
-        if not patch:
-            return None
+        """Write the status computed from `body`; the version written, or None when nothing changed.
+
+        The write fails when the job changed since it was read. When what changed is
+        none of what the status was computed from (a label, say), it is written again
+        on the job as it is now; otherwise the conflict fails the pass, which is retried.
+        """
         ref = ObjectRef(API_VERSION, KIND, body["metadata"]["namespace"], body["metadata"]["name"])
-        written = self.kube.patch_status(ref, patch, resource_version=body["metadata"].get("resourceVersion"))
-        version: str | None = written.get("metadata", {}).get("resourceVersion")
-        return version
+        try:
+            return _patch_status(self.kube, ref, body, status)
+        except ApiError as error:
+            current = self.kube.get(ref.api_version, ref.kind, ref.namespace, ref.name) if error.conflict else None
+            if current is None or _inputs(current) != _inputs(body):
+                raise
+            return _patch_status(self.kube, ref, current, status)
 
     def _post(self, body: Manifest, events: list[Event], now: datetime) -> None:
         for event in events:
@@ -251,6 +257,21 @@ class FineTuneJobReconciler:
             log.info(
                 json.dumps({"object": body["metadata"]["name"], "reason": event.reason.value, "message": event.message})
             )
+
+
+def _patch_status(kube: Kube, ref: ObjectRef, body: Manifest, status: Manifest) -> str | None:
+    patch = status_patch(body.get("status") or {}, status)
+    if not patch:
+        return None
+    written = kube.patch_status(ref, patch, resource_version=body["metadata"].get("resourceVersion"))
+    version: str | None = written.get("metadata", {}).get("resourceVersion")
+    return version
+
+
+def _inputs(body: Manifest) -> tuple[Any, ...]:
+    """What a job's status is computed from: its spec (generation), annotations, deletion and status."""
+    meta = body["metadata"]
+    return meta.get("generation"), meta.get("annotations"), meta.get("deletionTimestamp"), body.get("status")
 
 
 def _previous_status(body: Manifest) -> FineTuneJobStatus:

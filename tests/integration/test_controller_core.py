@@ -1,0 +1,187 @@
+"""The controller core against the real API server, seen through a recording, fault-injecting proxy.
+
+The operator of these tests reaches the API server only through the proxy, so
+every request it makes is on record: one GET of the job per reconcile, and every
+list and watch with its label selector. The proxy also answers chosen requests
+with 409, 429 (Retry-After) or 500.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from kubetune.operator.kube import Kube, ObjectRef
+from kubetune.operator.settings import Settings
+from kubetune.runtime.contract.report import REPORT_KEY
+from prometheus_client import REGISTRY
+
+from ..controlplane import ControlPlane
+from .faultproxy import FaultProxy, Recorded
+from .harness import InProcessOperator, MovableClock, conditions, eventually
+from .test_finetunejob_operator import JOB, create_job, job, status, wait_phase, wait_ray_job
+
+# The operator's settings here: nothing is looked at again without an event for 10 minutes.
+SETTINGS = Settings(metrics_port=0, recheck_seconds=600, backoff_base_seconds=0.2, coalesce_seconds=0.5)
+
+
+@pytest.fixture
+def proxied(control_plane: ControlPlane, running_operator: InProcessOperator, tmp_path: Path) -> Iterator[FaultProxy]:
+    """An operator that reaches the API server only through a FaultProxy (the shared operator pauses)."""
+    running_operator.stop()
+    proxy = FaultProxy(control_plane.kubeconfig).start()
+    operator = InProcessOperator(proxy.write_kubeconfig(tmp_path / "kubeconfig"), MovableClock(), SETTINGS)
+    operator.start()
+    try:
+        yield proxy
+    finally:
+        operator.stop()
+        proxy.stop()
+        running_operator.start()
+
+
+def job_path(namespace: str, name: str = "tickets") -> str:
+    return f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs/{name}"
+
+
+def reconciles(proxy: FaultProxy, namespace: str, since: int = 0, name: str = "tickets") -> list[Recorded]:
+    """Each reconcile of a job reads the job once: its GETs are its reconciles."""
+    return [r for r in proxy.recorded(since) if r.method == "GET" and r.path == job_path(namespace, name)]
+
+
+def quiet(proxy: FaultProxy, namespace: str, seconds: float = 2.0) -> int:
+    """Wait until the operator has made no request about the namespace for `seconds`; the log's length then."""
+
+    def settled() -> int | None:
+        log = proxy.recorded()
+        about = [r for r in log if f"/namespaces/{namespace}/" in r.path]
+        last = about[-1].at if about else 0.0
+        return len(log) if time.monotonic() - last >= seconds else None
+
+    return eventually(settled, timeout=60, what="the operator to go quiet")
+
+
+def test_a_burst_of_events_for_one_job_gives_at_most_two_reconciles(
+    kube: Kube, namespace: str, proxied: FaultProxy
+) -> None:
+    create_job(kube, namespace)
+    wait_phase(kube, namespace, "Pending", run=1)
+    mark = quiet(proxied, namespace)
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=10) as pool:  # 50 changes as fast as the API server takes them
+        list(pool.map(lambda i: label(kube, namespace, f"change-{i}"), range(50)))
+    burst = time.monotonic() - started
+    eventually(lambda: job(kube, namespace)["metadata"]["labels"].get("burst"), what="the last change")
+    quiet(proxied, namespace)
+    passes = reconciles(proxied, namespace, since=mark)
+    for r in proxied.recorded(mark):
+        print("DEBUG", round(r.at - started, 3), r.method, r.status, r.path[-60:], r.query)
+    assert 1 <= len(passes) <= 2, f"{len(passes)} reconciles for 50 events in {burst:.2f} s"
+
+
+def label(kube: Kube, namespace: str, value: str) -> None:
+    kube.patch(ObjectRef(*JOB, namespace, "tickets"), {"metadata": {"labels": {"burst": value}}})
+
+
+def test_conflicts_throttling_and_server_errors_are_retried_with_backoff(
+    kube: Kube, namespace: str, proxied: FaultProxy
+) -> None:
+    statuses = [409, 409, 429, 500, 500]
+    fault = proxied.fail("PATCH", job_path(namespace) + "/status", statuses, retry_after=2)
+    errors_before = {kind: reconcile_errors(kind) for kind in ("conflict", "throttled", "api")}
+    create_job(kube, namespace)
+    current = wait_phase(kube, namespace, "Pending", run=1)
+    assert current["observedGeneration"] == 1 and fault.answered == statuses
+    writes = [r for r in proxied.recorded() if r.method == "PATCH" and r.path == job_path(namespace) + "/status"]
+    assert [w.status for w in writes] == [*statuses, 200]
+    gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(writes)]
+    # A conflict is written again at once on the re-read job when only its resourceVersion moved;
+    # a second one fails the pass. Backoff then doubles from 0.2 s per failure of the key, and the
+    # 429 asked for 2 s and got them.
+    assert gaps[0] < 1.0, gaps
+    assert gaps[1] >= 0.2 * 0.9 and gaps[2] >= 2.0 * 0.95, gaps
+    assert gaps[3] >= 0.8 * 0.9 and gaps[4] >= 1.6 * 0.9 and gaps[4] > gaps[3], gaps
+    for kind, count in (("conflict", 1), ("throttled", 1), ("api", 2)):
+        assert reconcile_errors(kind) - errors_before[kind] == count, kind
+    # The run was created once, whatever the retries did.
+    ray_jobs = [r for r in proxied.recorded() if r.method == "POST" and r.path.endswith("/rayjobs")]
+    assert [r.status for r in ray_jobs][:1] == [201] and all(r.status == 409 for r in ray_jobs[1:])
+
+
+def reconcile_errors(kind: str) -> float:
+    return REGISTRY.get_sample_value("kubetune_reconcile_errors_total", {"kind": "FineTuneJob", "error": kind}) or 0.0
+
+
+def test_a_secret_created_after_the_job_wakes_it_at_once(kube: Kube, namespace: str, proxied: FaultProxy) -> None:
+    create_job(kube, namespace, spec__storage={"credentialsSecret": {"name": "storage-keys"}})
+    eventually(
+        lambda: (c := conditions(job(kube, namespace)).get("Ready")) and c["reason"] == "SecretNotFound",
+        what="Ready=False SecretNotFound",
+    )
+    created = time.monotonic()
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "storage-keys", "namespace": namespace}}
+    kube.create({**secret, "stringData": {"AWS_ACCESS_KEY_ID": "id"}})
+    wait_ray_job(kube, namespace, "tickets-r1")
+    assert time.monotonic() - created < 15, "woken by the Secret's watch event, not by the 10-minute recheck"
+    # The operator knows the Secret by its metadata only: never a read of the Secret itself.
+    secrets = [r for r in proxied.recorded() if "/secrets" in r.path]
+    assert secrets and all(r.path == "/api/v1/secrets" and "as=PartialObjectMetadata" in r.accept for r in secrets)
+
+
+def test_lists_and_watches_ask_for_the_operators_objects_only(kube: Kube, namespace: str, proxied: FaultProxy) -> None:
+    create_job(kube, namespace)
+    wait_ray_job(kube, namespace, "tickets-r1")
+    collections = [r for r in proxied.recorded() if r.method == "GET" and is_collection(r.path)]
+    kinds = {r.path.rsplit("/", 1)[-1] for r in collections}
+    assert {"rayjobs", "configmaps", "secrets", "finetunejobs"} <= kinds
+    for request in collections:
+        kind = request.path.rsplit("/", 1)[-1]
+        selector = request.query.get("labelSelector", "")
+        if kind in ("rayjobs", "configmaps"):
+            assert "app.kubernetes.io/managed-by=kubetune" in selector.split(","), request
+            assert "kubetune.io/finetunejob" in selector.split(","), request
+        elif kind == "secrets":
+            assert "as=PartialObjectMetadata" in request.accept, request
+        else:  # kubetune's own kinds, and the CRDs kopf watches to find them
+            assert kind in ("finetunejobs", "modeldeployments", "customresourcedefinitions"), request
+
+
+def is_collection(path: str) -> bool:
+    """A list or watch path: /api/v1/<plural>, /apis/<group>/<version>/<plural>, or a namespace's."""
+    parts = path.strip("/").split("/")
+    if "namespaces" in parts:
+        return len(parts) - parts.index("namespaces") == 3
+    return len(parts) == (3 if parts[0] == "api" else 4)
+
+
+def test_a_report_from_another_runtime_version_is_read(kube: Kube, namespace: str, proxied: FaultProxy) -> None:
+    create_job(kube, namespace)
+    wait_ray_job(kube, namespace, "tickets-r1")
+    # A newer runtime: a higher schema version and fields this operator does not know.
+    newer = (
+        '{"schemaVersion": 2, "stage": "train", "step": 12, "totalSteps": 40, "loss": 0.5,'
+        ' "gpuMemoryPeakBytes": 123456, "variants": {"int4": {"uri": "s3://b/int4", "bitsPerWeight": 4}}}'
+    )
+    write_report(kube, namespace, newer)
+    progress = eventually(
+        lambda: (
+            ((status(kube, namespace).get("runs") or [{}])[-1].get("progress") or {}).get("step") == 12
+            and status(kube, namespace)["runs"][-1]
+        ),
+        what="the newer report in status",
+    )
+    assert progress["progress"]["totalSteps"] == 40 and progress["artifacts"] == {"int4": "s3://b/int4"}
+    # An older runtime: no schema version at all.
+    write_report(kube, namespace, '{"stage": "evaluate", "message": "evaluating"}')
+    eventually(
+        lambda: status(kube, namespace)["runs"][-1]["progress"].get("stage") == "evaluate",
+        what="the older report in status",
+    )
+
+
+def write_report(kube: Kube, namespace: str, text: str) -> None:
+    kube.patch(ObjectRef("v1", "ConfigMap", namespace, "tickets-r1-report"), {"data": {REPORT_KEY: text}})
