@@ -115,24 +115,28 @@ class Informer(Generic[V]):
             return len(self._values)
 
     def _run(self, scope: str | None) -> None:
-        failures = 0
+        """List, then watch from the list's version; a failed watch resumes where it was, an expired one lists."""
+        failures, version = 0, None
         while not self._stopping.is_set():
             try:
-                version = self._list(scope)
+                if version is None:
+                    version = self._list(scope)
+                version = self._watch(scope, version)
                 failures = 0
-                while not self._stopping.is_set():
-                    version = self._watch(scope, version)
             except ApiError as error:
                 if self._stopping.is_set():
                     return
-                if not error.expired:  # an expired version is listed again at once
-                    delay = RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)]
-                    failures += 1
-                    where = scope or "all namespaces"
-                    log.warning("watching %s in %s failed, again in %.0f s: %s", self.source.kind, where, delay, error)
-                    self._stopping.wait(delay)
-            except Exception:
+                if error.expired:
+                    version = None  # too old to resume from: list again, at once
+                    continue
+                delay = RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)]
+                failures += 1
+                where = scope or "all namespaces"
+                log.warning("watching %s in %s failed, again in %.0f s: %s", self.source.kind, where, delay, error)
+                self._stopping.wait(delay)
+            except Exception:  # the cache must outlive any one bad object or answer
                 log.exception("watching %s failed; listing again", self.source.kind)
+                version = None
                 self._stopping.wait(RETRY_SECONDS[-1])
 
     def _list(self, scope: str | None) -> str:

@@ -1,0 +1,212 @@
+"""The controller core with a scripted reconcile: concurrency, own writes, retries, Secrets, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from kubetune.operator.core.controller import Controller, ControllerSettings, Key, Outcome
+from kubetune.operator.core.workqueue import Backoff
+from kubetune.operator.kube import ApiError
+
+A, B = ("ns", "a"), ("ns", "b")
+FAST = ControllerSettings(workers=2, backoff=Backoff(base=0.05, cap=1.0), coalesce=0.05, coalesce_max=1.0)
+
+
+class Script:
+    """A reconcile that records each pass (key, start, end) and does what the test says for each key."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self.passes: list[tuple[Key, float, float]] = []
+        self.outcomes: dict[Key, list[Outcome | Exception]] = {}
+        self.during: Callable[[Key], None] | None = None  # runs inside the pass (in its thread)
+        self._lock = threading.Lock()
+
+    def __call__(self, key: Key) -> Outcome:
+        started = time.monotonic()
+        if self.during is not None:
+            self.during(key)
+        time.sleep(self.seconds)
+        with self._lock:
+            self.passes.append((key, started, time.monotonic()))
+            planned = self.outcomes.get(key) or []
+            result = planned.pop(0) if planned else Outcome()
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def count(self, key: Key) -> int:
+        return sum(1 for k, _, _ in self.passes if k == key)
+
+
+async def settle(seconds: float = 0.3) -> None:
+    await asyncio.sleep(seconds)
+
+
+def scenario(script: Script, body: Callable[[Controller], object], settings: ControllerSettings = FAST) -> None:
+    async def main() -> None:
+        with ThreadPoolExecutor(max_workers=settings.workers) as executor:
+            controller = Controller("Thing", script, executor, settings)
+            controller.start()
+            try:
+                result = body(controller)
+                if asyncio.iscoroutine(result):
+                    await result
+            finally:
+                await controller.stop()
+
+    asyncio.run(main())
+
+
+def test_at_most_workers_passes_run_at_once_and_never_two_for_one_key() -> None:
+    script = Script(seconds=0.1)
+    keys = [("ns", str(n)) for n in range(6)]
+
+    async def body(controller: Controller) -> None:
+        for key in keys:
+            controller.enqueue(key)
+        await settle(0.6)
+        controller.enqueue(keys[0])
+        await settle()
+
+    scenario(script, body)
+    spans = [(start, end) for _, start, end in script.passes]
+    most = max(sum(1 for s, e in spans if s <= moment < e) for moment, _ in spans)
+    assert most == FAST.workers
+    assert sorted(k for k, _, _ in script.passes) == sorted([*keys, keys[0]])
+
+
+def test_the_status_write_of_a_pass_does_not_cause_another() -> None:
+    script = Script()
+    script.outcomes[A] = [Outcome(written_version="41")]
+
+    async def body(controller: Controller) -> None:
+        controller.enqueue(A, "40")
+        await settle()
+        controller.enqueue(A, "41")  # the watch event of our own write
+        await settle()
+        controller.enqueue(A, "42")  # somebody else's change
+        await settle()
+
+    scenario(script, body)
+    assert script.count(A) == 2
+
+
+def test_versions_arriving_mid_pass_are_judged_when_it_ends() -> None:
+    script = Script(seconds=0.2)
+    script.outcomes[A] = [Outcome(written_version="7"), Outcome(written_version="9"), Outcome()]
+    arriving = {1: "7", 2: "8"}  # mid-pass events: pass 1 sees its own write, pass 2 somebody else's change
+    holder: list[tuple[asyncio.AbstractEventLoop, Controller]] = []
+
+    def during(key: Key) -> None:
+        version = arriving.get(len(script.passes) + 1)
+        if version is not None:  # delivered on the loop meanwhile, as kopf would
+            loop, controller = holder[0]
+            loop.call_soon_threadsafe(controller.enqueue, key, version)
+
+    script.during = during
+
+    async def body(controller: Controller) -> None:
+        holder.append((asyncio.get_running_loop(), controller))
+        controller.enqueue(A, "6")
+        await settle(0.6)
+        assert script.count(A) == 1  # its own write came back mid-pass: nothing more to do
+        controller.enqueue(A, "10")
+        await settle(1.0)
+
+    scenario(script, body)
+    assert script.count(A) == 3  # the change that came mid-pass 2 made pass 3
+
+
+def test_failures_are_retried_with_backoff_and_retry_after() -> None:
+    script = Script()
+    script.outcomes[A] = [
+        ApiError(409, "Conflict", "changed"),
+        ApiError(429, "TooManyRequests", "slow down", retry_after=0.3),
+        RuntimeError("a bug"),
+        Outcome(),
+    ]
+
+    async def body(controller: Controller) -> None:
+        controller.enqueue(A)
+        await settle(1.2)
+
+    scenario(script, body)
+    starts = [start for key, start, _ in script.passes if key == A]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    assert len(starts) == 4
+    assert gaps[0] >= 0.05 * 0.9 and gaps[1] >= 0.3 * 0.95 and gaps[2] >= 0.2 * 0.9, gaps
+
+
+def test_requeue_after_and_gone() -> None:
+    script = Script()
+    script.outcomes[A] = [Outcome(requeue_after=0.1), Outcome(gone=True)]
+
+    async def body(controller: Controller) -> None:
+        controller.enqueue(A)
+        await settle(0.5)
+
+    scenario(script, body)
+    assert script.count(A) == 2  # the requeue came; after "gone" nothing does
+
+
+def test_a_secret_change_wakes_the_objects_that_name_it() -> None:
+    script = Script()
+    script.outcomes[A] = [Outcome(secrets=frozenset({"keys"}))]
+    script.outcomes[B] = [Outcome(secrets=frozenset({"other"}))]
+
+    async def body(controller: Controller) -> None:
+        controller.enqueue(A)
+        controller.enqueue(B)
+        await settle()
+        controller.secret_changed("ns", "keys")
+        controller.secret_changed("elsewhere", "keys")
+        await settle()
+
+    scenario(script, body)
+    assert (script.count(A), script.count(B)) == (2, 1)
+
+
+def test_a_secret_that_changes_during_a_pass_wakes_it_again() -> None:
+    script = Script(seconds=0.2)
+    script.outcomes[A] = [Outcome(secrets=frozenset({"keys"})), Outcome(secrets=frozenset({"keys"}))]
+    holder: list[tuple[asyncio.AbstractEventLoop, Controller]] = []
+
+    def during(key: Key) -> None:
+        if not script.passes:  # the Secret appears while the first pass runs, after it looked
+            loop, controller = holder[0]
+            loop.call_soon_threadsafe(controller.secret_changed, "ns", "keys")
+
+    script.during = during
+
+    async def body(controller: Controller) -> None:
+        holder.append((asyncio.get_running_loop(), controller))
+        controller.enqueue(A)
+        await settle(1.0)
+
+    scenario(script, body)
+    assert script.count(A) == 2
+
+
+def test_workers_wait_for_the_caches() -> None:
+    script = Script()
+
+    async def main() -> None:
+        synced = asyncio.Event()
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            controller = Controller("Thing", script, executor, FAST)
+            controller.start([synced])
+            controller.enqueue(A)
+            await settle(0.2)
+            assert script.passes == []
+            synced.set()
+            await settle(0.2)
+            await controller.stop()
+
+    asyncio.run(main())
+    assert script.count(A) == 1
