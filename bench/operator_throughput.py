@@ -1,34 +1,38 @@
-"""How fast the operator turns FineTuneJobs into RayJobs, against creating the RayJobs directly.
+"""The operator's cost per run, and how fast it turns FineTuneJobs into RayJobs against creating RayJobs directly.
 
-    python bench/operator_throughput.py [--sizes 100,1000] [--workers 16]
+    python bench/operator_throughput.py [--sizes 1000] [--repeats 3] [--workers 16]
 
-For each N, on the test control plane (see tests/controlplane/):
+For each N, on the test control plane (see tests/controlplane/), in repeats that
+alternate the two sides:
 
 - baseline: the benchmark creates N RayJobs itself, one after another, with the
   operator's own API client (the same manifests the operator would build);
 - operator: the benchmark creates N FineTuneJobs the same way, and `kubetune
-  operator` (a separate process) creates every run's objects and status.
+  operator` (a separate process, started afresh each repeat) creates every run's
+  objects and writes every job's status.
 
-Both are timed from the first create until a watch has seen all N RayJobs. The
-ratio is the operator's rate over the baseline's (1.0: as fast as creating the
-RayJobs directly, although the operator writes about eight objects per run). The
-operator's peak resident memory is sampled throughout.
+Throughput is timed from the first create until a watch has seen all N RayJobs;
+its ratio is the operator's rate over the baseline's (1.0: as fast as creating the
+RayJobs directly, although the operator writes eight objects per run). On a
+machine where the API server shares a few cores with the operator, the API server
+bounds it, whatever the operator does.
 
-A second table says where the machine's CPU went in each phase, per job: the API
-server, etcd, the operator and the benchmark itself. When everything shares a few
-cores, the API server's work for a run's objects bounds the ratio whatever the
-operator does.
+The operator's cost per run is measured over the whole of its work, until every
+job's status is written and the operator is idle: CPU seconds of the operator and
+of the API server (from /proc) per run, their ratio, reconciles per run (the
+operator's own counter), and the operator's peak resident memory. The table gives
+the median of the repeats and their spread.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import statistics
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,24 +47,44 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from tests.conftest import load_example  # noqa: E402
-from tests.controlplane import ControlPlane  # noqa: E402
+from tests.controlplane import ControlPlane, kuberay_crds  # noqa: E402
 from tests.integration.harness import OperatorProcess  # noqa: E402
 
 CpuSeconds = dict[str, float]
 
 
 @dataclass
-class Result:
+class Repeat:
+    """One repeat at one size: both sides."""
+
     size: int
     baseline_seconds: float
-    operator_seconds: float
+    operator_seconds: float  # until the N-th RayJob was seen
+    reconciles: float
     peak_rss_mib: float
     baseline_cpu: CpuSeconds
-    operator_cpu: CpuSeconds
+    operator_cpu: CpuSeconds  # until every status was written and the operator was idle
 
     @property
-    def ratio(self) -> float:
+    def rate_ratio(self) -> float:
         return self.baseline_seconds / self.operator_seconds
+
+    def per_run_ms(self, process: str) -> float:
+        return self.operator_cpu.get(process, 0.0) * 1000 / self.size
+
+    @property
+    def cpu_ratio(self) -> float:
+        return self.per_run_ms("operator") / self.per_run_ms("kube-apiserver")
+
+
+@dataclass
+class Figures:
+    repeats: list[Repeat] = field(default_factory=list)
+
+    def of(self, measure: Any) -> tuple[float, float, float]:
+        """Median, minimum and maximum of a measure over the repeats."""
+        values = [measure(r) for r in self.repeats]
+        return statistics.median(values), min(values), max(values)
 
 
 class RayJobCounter:
@@ -106,9 +130,8 @@ def job_document(name: str, namespace: str) -> dict[str, Any]:
 
 
 def cpu_now(plane: ControlPlane, operator: OperatorProcess | None = None) -> CpuSeconds:
-    """CPU seconds used so far by the control plane's processes, this benchmark and the operator."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    used = {**plane.cpu_seconds(), "benchmark": own.ru_utime + own.ru_stime}
+    """CPU seconds used so far by the control plane's processes and the operator."""
+    used = dict(plane.cpu_seconds())
     if operator is not None:
         used["operator"] = operator.cpu_seconds()
     return used
@@ -118,8 +141,8 @@ def cpu_since(before: CpuSeconds, after: CpuSeconds) -> CpuSeconds:
     return {name: after[name] - before.get(name, 0.0) for name in after}
 
 
-def baseline(kube: Kube, plane: ControlPlane, size: int) -> tuple[float, CpuSeconds]:
-    namespace = new_namespace(kube, f"baseline-{size}")
+def baseline(kube: Kube, plane: ControlPlane, size: int, namespace: str) -> tuple[float, CpuSeconds]:
+    new_namespace(kube, namespace)
     manifests = []
     for i in range(size):
         document = job_document(f"job-{i:04d}", namespace)
@@ -136,10 +159,16 @@ def baseline(kube: Kube, plane: ControlPlane, size: int) -> tuple[float, CpuSeco
     return elapsed, cpu_since(cpu_before, cpu_now(plane))
 
 
+def metric(exposed: str, prefix: str) -> float:
+    """The sum of the samples whose line starts with `prefix` in Prometheus text."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in exposed.splitlines() if line.startswith(prefix))
+
+
 def with_operator(
-    kube: Kube, plane: ControlPlane, size: int, workers: int, log: Path
-) -> tuple[float, float, CpuSeconds]:
-    namespace = new_namespace(kube, f"operator-{size}")
+    kube: Kube, plane: ControlPlane, size: int, workers: int, namespace: str, log: Path
+) -> tuple[float, float, float, CpuSeconds]:
+    """(seconds to the N-th RayJob, reconciles, peak RSS MiB, CPU until idle)."""
+    new_namespace(kube, namespace)
     operator = OperatorProcess(plane.kubeconfig, log, metrics_port=_free_port(), workers=workers)
     operator.start()
     peak = operator.rss_bytes()
@@ -154,26 +183,35 @@ def with_operator(
         while not counter.done.wait(0.5):
             peak = max(peak, operator.rss_bytes())
         elapsed = counter.wait(0) - started
+        reconciles, peak = wait_idle(operator, size, peak)
         cpu = cpu_since(cpu_before, cpu_now(plane, operator))
-        exposed = operator.metrics() or ""
-        reconciles = _metric_sum(exposed, "kubetune_reconciles_total{")
-        seconds = _metric_sum(exposed, "kubetune_reconcile_duration_seconds_sum")
-        print(
-            f"  {size} jobs: {reconciles:.0f} reconciles ({seconds / max(reconciles, 1) * 1000:.0f} ms each),"
-            f" operator CPU {operator.cpu_seconds():.1f} s"
-        )
-        # Status writes lag the RayJobs a little; memory is sampled until they are done.
-        for _ in range(20):
-            peak = max(peak, operator.rss_bytes())
-            time.sleep(0.25)
     finally:
         operator.stop()
-    return elapsed, peak / 2**20, cpu
+    jobs = kube.list(*JOBS, namespace, {})
+    unwritten = [job["metadata"]["name"] for job in jobs if not (job.get("status") or {}).get("runs")]
+    if unwritten:
+        raise RuntimeError(f"{len(unwritten)} jobs have no status, e.g. {unwritten[:3]}")
+    return elapsed, reconciles, peak / 2**20, cpu
 
 
-def _metric_sum(exposed: str, prefix: str) -> float:
-    """The sum of the samples whose line starts with `prefix` in Prometheus text."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in exposed.splitlines() if line.startswith(prefix))
+JOBS = ("kubetune.io/v1alpha1", "FineTuneJob")
+
+
+def wait_idle(operator: OperatorProcess, size: int, peak: int) -> tuple[float, int]:
+    """Until the operator has reconciled every job and done nothing for a second; (reconciles, peak RSS)."""
+    last, quiet_since = -1.0, time.monotonic()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        peak = max(peak, operator.rss_bytes())
+        exposed = operator.metrics() or ""
+        reconciles = metric(exposed, "kubetune_reconciles_total{")
+        busy = metric(exposed, "kubetune_workqueue_depth{") > 0
+        if reconciles != last or busy or reconciles < size:
+            last, quiet_since = reconciles, time.monotonic()
+        elif time.monotonic() - quiet_since >= 1.0:
+            return reconciles, peak
+        time.sleep(0.25)
+    raise TimeoutError("the operator did not go idle within 600 s")
 
 
 def _free_port() -> int:
@@ -186,55 +224,79 @@ def _free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="100,1000", help="comma-separated numbers of FineTuneJobs")
+    parser.add_argument("--sizes", default="1000", help="comma-separated numbers of FineTuneJobs")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of both sides per size, interleaved")
     parser.add_argument("--workers", type=int, default=16, help="the operator's reconcile threads")
     args = parser.parse_args()
     console = Console()
-    results = []
+    figures: dict[int, Figures] = {}
+    # No controller manager: its garbage collector would compete for this machine's CPUs
+    # (on a real cluster it runs on the control plane's nodes), and the baseline's RayJobs
+    # name owners that do not exist.
+    for size in (int(s) for s in args.sizes.split(",")):
+        figures[size] = Figures()
+        for repeat in range(args.repeats):
+            figures[size].repeats.append(one_repeat(console, size, repeat, args))
+    console.print(cost_table(figures))
+    console.print(rate_table(figures))
+
+
+def one_repeat(console: Console, size: int, repeat: int, args: argparse.Namespace) -> Repeat:
+    """Both sides on a fresh control plane (a new operator would otherwise find the last repeat's objects)."""
     # No controller manager: its garbage collector would compete for this machine's CPUs
     # (on a real cluster it runs on the control plane's nodes), and the baseline's RayJobs
     # name owners that do not exist.
     with ControlPlane(controllers=False) as plane, tempfile.TemporaryDirectory() as scratch:
-        plane.apply_crds(sorted((REPO_ROOT / "crds").glob("*.yaml")))
-        from tests.controlplane import kuberay_crds
-
-        plane.apply_crds(kuberay_crds())
+        plane.apply_crds([*sorted((REPO_ROOT / "crds").glob("*.yaml")), *kuberay_crds()])
         kube = Kube.connect(str(plane.kubeconfig))
-        for size in (int(s) for s in args.sizes.split(",")):
-            console.print(f"N = {size}: baseline …")
-            base, base_cpu = baseline(kube, plane, size)
-            console.print(f"N = {size}: operator …")
-            elapsed, peak, cpu = with_operator(kube, plane, size, args.workers, Path(scratch) / f"op-{size}.log")
-            results.append(Result(size, base, elapsed, peak, base_cpu, cpu))
-    table = Table(title="FineTuneJob → RayJob throughput (ratio = operator rate / direct-create rate)")
-    for column in ("N", "baseline s", "baseline /s", "operator s", "operator /s", "ratio", "operator peak RSS MiB"):
+        console.print(f"N = {size}, repeat {repeat + 1}/{args.repeats}: baseline …")
+        base, base_cpu = baseline(kube, plane, size, "baseline")
+        console.print(f"N = {size}, repeat {repeat + 1}/{args.repeats}: operator …")
+        log = Path(scratch) / "operator.log"
+        elapsed, reconciles, peak, cpu = with_operator(kube, plane, size, args.workers, "operator", log)
+    return Repeat(size, base, elapsed, reconciles, peak, base_cpu, cpu)
+
+
+def spread(values: tuple[float, float, float], digits: int = 2) -> tuple[str, str]:
+    median, low, high = values
+    return f"{median:.{digits}f}", f"{low:.{digits}f}-{high:.{digits}f}"
+
+
+def cost_table(figures: dict[int, Figures]) -> Table:
+    table = Table(title="The operator's cost per run (median of the repeats, and their spread)")
+    columns = (
+        "N", "reconciles / run", "operator CPU ms / run", "API server CPU ms / run",
+        "CPU ratio operator / API server", "spread", "peak RSS MiB",
+    )  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="right")
-    for r in results:
+    for size, found in figures.items():
+        ratio, ratio_spread = spread(found.of(lambda r: r.cpu_ratio))
         table.add_row(
-            str(r.size),
-            f"{r.baseline_seconds:.2f}",
-            f"{r.size / r.baseline_seconds:.0f}",
-            f"{r.operator_seconds:.2f}",
-            f"{r.size / r.operator_seconds:.0f}",
-            f"{r.ratio:.2f}",
-            f"{r.peak_rss_mib:.0f}",
+            str(size),
+            spread(found.of(lambda r: r.reconciles / r.size))[0],
+            spread(found.of(lambda r: r.per_run_ms("operator")), 1)[0],
+            spread(found.of(lambda r: r.per_run_ms("kube-apiserver")), 1)[0],
+            ratio,
+            ratio_spread,
+            spread(found.of(lambda r: r.peak_rss_mib), 0)[0],
         )
-    console.print(table)
-    console.print(cpu_table(results))
+    return table
 
 
-def cpu_table(results: list[Result]) -> Table:
-    """Milliseconds of CPU per job, by process, in each phase (until all RayJobs existed)."""
-    table = Table(title="CPU per job, ms (the machine's cores are shared by all of these)")
-    names = sorted({name for r in results for name in (*r.baseline_cpu, *r.operator_cpu)})
-    for column in ("N", "phase", *names, "total"):
+def rate_table(figures: dict[int, Figures]) -> Table:
+    table = Table(title="FineTuneJob → RayJob throughput (ratio = operator rate / direct-create rate)")
+    for column in ("N", "baseline /s", "operator /s", "rate ratio", "spread"):
         table.add_column(column, justify="right")
-    for r in results:
-        for phase, cpu in (("baseline", r.baseline_cpu), ("operator", r.operator_cpu)):
-            per_job = {name: cpu.get(name, 0.0) * 1000 / r.size for name in names}
-            table.add_row(
-                str(r.size), phase, *(f"{per_job[name]:.1f}" for name in names), f"{sum(per_job.values()):.1f}"
-            )
+    for size, found in figures.items():
+        ratio, ratio_spread = spread(found.of(lambda r: r.rate_ratio))
+        table.add_row(
+            str(size),
+            spread(found.of(lambda r: r.size / r.baseline_seconds), 0)[0],
+            spread(found.of(lambda r: r.size / r.operator_seconds), 0)[0],
+            ratio,
+            ratio_spread,
+        )
     return table
 
 
