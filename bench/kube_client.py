@@ -73,20 +73,12 @@ def thin_cycle(kube: Kube) -> Cycle:
     return cycle
 
 
-def urllib3_cycle(configuration: kubernetes.client.Configuration) -> Cycle:
-    context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
-    assert configuration.cert_file is not None and configuration.key_file is not None
-    context.load_cert_chain(configuration.cert_file, configuration.key_file)
-    pool = urllib3.PoolManager(maxsize=4, ssl_context=context).connection_from_url(configuration.host)
-    path = f"/api/v1/namespaces/{NAMESPACE}/configmaps"
+Call = Callable[..., Any]  # (method, path, body=None, content_type="application/json") -> the answer
 
-    def call(method: str, url: str, body: Any = None, content_type: str = "application/json") -> Any:
-        headers = {"Accept": "application/json", "Content-Type": content_type, "User-Agent": "kubetune"}
-        data = None if body is None else json.dumps(body).encode()
-        response = pool.urlopen(method, url, body=data, headers=headers, retries=False, timeout=60.0)
-        if response.status >= 400:
-            raise RuntimeError(f"{method} {url}: {response.status}")
-        return json.loads(response.data)
+
+def generic_cycle(call: Call) -> Cycle:
+    """The cycle as generic calls on the ConfigMaps' path."""
+    path = f"/api/v1/namespaces/{NAMESPACE}/configmaps"
 
     def cycle(name: str) -> None:
         call("POST", path, manifest(name))
@@ -97,9 +89,25 @@ def urllib3_cycle(configuration: kubernetes.client.Configuration) -> Cycle:
     return cycle
 
 
+def urllib3_cycle(configuration: kubernetes.client.Configuration) -> Cycle:
+    context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+    assert configuration.cert_file is not None and configuration.key_file is not None
+    context.load_cert_chain(configuration.cert_file, configuration.key_file)
+    pool = urllib3.PoolManager(maxsize=4, ssl_context=context).connection_from_url(configuration.host)
+
+    def call(method: str, url: str, body: Any = None, content_type: str = "application/json") -> Any:
+        headers = {"Accept": "application/json", "Content-Type": content_type, "User-Agent": "kubetune"}
+        data = None if body is None else json.dumps(body).encode()
+        response = pool.urlopen(method, url, body=data, headers=headers, retries=False, timeout=60.0)
+        if response.status >= 400:
+            raise RuntimeError(f"{method} {url}: {response.status}")
+        return json.loads(response.data)
+
+    return generic_cycle(call)
+
+
 def dict_cycle(client: kubernetes.client.ApiClient) -> Cycle:
     """The generic calls CustomObjectsApi makes, on the core API path, answers as dicts."""
-    path = f"/api/v1/namespaces/{NAMESPACE}/configmaps"
 
     def call(method: str, resource_path: str, body: Any = None, content_type: str = "application/json") -> Any:
         request = client.param_serialize(
@@ -113,13 +121,7 @@ def dict_cycle(client: kubernetes.client.ApiClient) -> Cycle:
         response.read()  # type: ignore[no-untyped-call]
         return client.response_deserialize(response, {"200": "object", "201": "object"}).data
 
-    def cycle(name: str) -> None:
-        call("POST", path, manifest(name))
-        call("GET", f"{path}/{name}")
-        call("PATCH", f"{path}/{name}", {"metadata": {"labels": {"step": "patched"}}}, "application/merge-patch+json")
-        call("DELETE", f"{path}/{name}", {"propagationPolicy": "Background"})
-
-    return cycle
+    return generic_cycle(call)
 
 
 def model_cycle(client: kubernetes.client.ApiClient) -> Cycle:

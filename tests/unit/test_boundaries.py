@@ -67,6 +67,38 @@ def test_operator_never_imports_the_training_stack() -> None:
     assert offending("operator", lambda n: top(n) not in TRAINING_STACK) == []
 
 
+# The layers of the operator that are pure (no I/O, no kopf, no API client), and the kind-agnostic core.
+PURE_LAYERS = ["operator/builders", "operator/planning", "operator/status"]
+KIND_LAYERS = ("api", "builders", "planning", "status", "reconcile", "handlers")
+
+
+@pytest.mark.parametrize("folder", PURE_LAYERS)
+def test_builders_planning_and_status_are_pure(folder: str) -> None:
+    impure = tuple(f"kubetune.operator.{name}" for name in ("kube", "core", "handlers", "reconcile", "main"))
+    clients = ("kopf", "kubernetes", "urllib3")
+    assert offending(folder, lambda n: top(n) not in clients and not n.startswith(impure)) == []
+
+
+def test_the_controller_core_knows_no_kind_and_no_kopf() -> None:
+    kinds = tuple(f"kubetune.operator.{layer}" for layer in KIND_LAYERS)
+    assert offending("operator/core", lambda n: top(n) != "kopf" and not n.startswith(kinds)) == []
+
+
+def test_only_kube_and_its_connections_talk_to_the_api_server() -> None:
+    clients = {"kubernetes", "urllib3", "http.client", "aiohttp", "kopf"}
+    talkers = {"operator/kube.py", "operator/kubehttp.py", "operator/main.py"}  # main: kopf's login and startup
+    allowed_kopf = {"operator/handlers/finetunejob.py"}  # handlers: kopf's decorators, no requests
+    found = [
+        f"{path.relative_to(REPO_ROOT)} imports {name}"
+        for path in sources("operator")
+        for name in imports_of(path)
+        if (name in clients or top(name) in clients)
+        and str(path.relative_to(REPO_ROOT)) not in talkers
+        and not (top(name) == "kopf" and str(path.relative_to(REPO_ROOT)) in allowed_kopf)
+    ]
+    assert found == []
+
+
 @pytest.mark.parametrize("folder", ["runtime/contract", "operator/api"])
 def test_api_models_import_only_pydantic_stdlib_and_the_contract(folder: str) -> None:
     def allowed(name: str) -> bool:
