@@ -6,7 +6,12 @@ from enum import StrEnum
 
 from pydantic import Field
 
-from .common import ContractModel
+from .common import ContractModel, Uri, WireModel
+from .model import Task
+
+# The Serve application: `import_path` of a Serve config, with ServeAppArgs as its `args`.
+SERVE_IMPORT_PATH = "kubetune.runtime.serving.app:build"
+SERVE_ARGS_SCHEMA_VERSION = 1
 
 
 class Variant(StrEnum):
@@ -43,4 +48,54 @@ class ServingArgs(ContractModel):
     )
     route_prefix: str = Field(
         default="/", pattern=r"^/[-A-Za-z0-9_./]*$", max_length=253, description="HTTP path prefix of the endpoint."
+    )
+
+
+class ServeAppArgs(WireModel):
+    """The arguments of kubetune's Ray Serve application (a Serve config's `args`).
+
+    The operator writes them into a RayService's Serve config; `kubetune serve` and the
+    local run build them too. Unknown fields are ignored, so an older runtime image
+    serves a config written by a newer operator.
+    """
+
+    schema_version: int = Field(
+        default=SERVE_ARGS_SCHEMA_VERSION, ge=1, description="Version of this format the writer used."
+    )
+    model_uri: Uri = Field(
+        description=(
+            "What to serve: a variant's Hugging Face folder, or a run's output folder (with kubetune.json), "
+            "whose `variant` is served. file://, pvc://, s3:// or a path."
+        )
+    )
+    variant: Variant = Field(
+        default=Variant.BEST, description="The variant of a run's output folder to serve (best: the run's choice)."
+    )
+    task: Task | None = Field(
+        default=None, description="The model's task; read from kubetune.json or the model's config when omitted."
+    )
+    model_name: str | None = Field(
+        default=None,
+        max_length=253,
+        description="The model's name in /v1/models and in answers; the folder's name when omitted.",
+    )
+    batching: Batching = Field(default_factory=Batching, description="Request batching.")
+    max_new_tokens: int = Field(
+        default=128, ge=1, le=32768, description="Upper bound on generated tokens per completion (causal-lm)."
+    )
+    max_inputs_per_request: int = Field(
+        default=64, ge=1, le=4096, description="Most inputs (texts, images, prompts) one request may carry."
+    )
+    max_input_chars: int = Field(
+        default=16384, ge=1, le=10_000_000, description="Longest input, in characters (base64 characters for images)."
+    )
+    auth_token_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Z_][A-Z0-9_]*$",
+        max_length=128,
+        description="Environment variable holding the bearer token clients must send; open when omitted.",
+    )
+    compile: bool = Field(
+        default=False,
+        description="Run the model through torch.compile (warmed up before the endpoint reports healthy).",
     )

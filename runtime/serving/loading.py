@@ -1,0 +1,132 @@
+"""What a serving replica serves: an exported variant, found, loaded through the runtime's loader, warmed up.
+
+`model_uri` is a variant's Hugging Face folder, or a run's output folder with
+kubetune.json, whose variant is chosen by name (`best`: the run's own choice). The
+task comes from the arguments, the manifest, or the model's config, in that order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from kubetune.runtime.compress import load_variant
+from kubetune.runtime.contract import Task
+from kubetune.runtime.contract.serving import ServeAppArgs, Variant
+from kubetune.runtime.errors import ModelError
+from kubetune.runtime.export import MANIFEST_FILE, VARIANTS_FOLDER
+from kubetune.runtime.settings import RuntimeSettings
+from kubetune.runtime.storage import fetch
+from torch import nn
+
+LOGGER = logging.getLogger(__name__)
+# Suffixes of transformers' architecture names, per task.
+_ARCHITECTURES = {
+    "ForSequenceClassification": Task.TEXT_CLASSIFICATION,
+    "ForImageClassification": Task.IMAGE_CLASSIFICATION,
+    "ForCausalLM": Task.CAUSAL_LM,
+}
+# Texts longer than this many tokens are cut (the model's own limit when it is lower).
+MAX_TEXT_TOKENS = 512
+
+
+@dataclass
+class Loaded:
+    """A model ready to answer: the module, its tokenizer or image processor, and what it is."""
+
+    name: str
+    task: Task
+    model: nn.Module
+    processor: Any
+    labels: list[str]  # class names in label-id order (classifiers)
+    folder: Path
+    max_length: int  # tokens of one input (text tasks)
+
+
+def variant_folder(root: Path, variant: Variant) -> tuple[Path, dict[str, Any] | None]:
+    """The folder to load and the run's manifest, when `root` is a run's output."""
+    manifest_path = root / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return root, None
+    manifest: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
+    name = manifest.get("bestVariant") if variant == Variant.BEST else variant.value
+    entries: dict[str, Any] = manifest.get("variants") or {}
+    if not name or name not in entries:
+        known = ", ".join(sorted(entries)) or "none"
+        raise ModelError("variant", f"the run at {root} has no variant {name or variant.value!r} (it has {known})")
+    return root / (entries[name].get("path") or f"{VARIANTS_FOLDER}/{name}"), manifest
+
+
+def detect_task(folder: Path, manifest: dict[str, Any] | None) -> Task:
+    if manifest and manifest.get("task"):
+        return Task(manifest["task"])
+    config = _config(folder)
+    for architecture in config.get("architectures") or []:
+        for suffix, task in _ARCHITECTURES.items():
+            if str(architecture).endswith(suffix):
+                return task
+    raise ModelError("task", f"cannot tell the task of the model in {folder}: set it explicitly")
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    for name in ("config.json", "adapter_config.json"):
+        if (folder / name).is_file():
+            config: dict[str, Any] = json.loads((folder / name).read_text(encoding="utf-8"))
+            return config
+    raise ModelError("modelUri", f"{folder} is not a Hugging Face model folder (no config.json)")
+
+
+def load_processor(folder: Path, task: Task) -> Any:
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    if task == Task.IMAGE_CLASSIFICATION:
+        return AutoImageProcessor.from_pretrained(folder)  # type: ignore[no-untyped-call]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if task == Task.CAUSAL_LM:
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"  # a batch of prompts ends where generation starts
+    return tokenizer
+
+
+def load(args: ServeAppArgs, settings: RuntimeSettings) -> Loaded:
+    """The model `args` name, loaded (downloading s3:// first), compiled when asked, and warmed up."""
+    root = fetch(args.model_uri, settings)
+    folder, manifest = variant_folder(root, args.variant)
+    task = args.task or detect_task(folder, manifest)
+    model = load_variant(folder, task)
+    processor = load_processor(folder, task)
+    config = getattr(model, "config", None)
+    labels = [str(label) for _, label in sorted((getattr(config, "id2label", None) or {}).items())]
+    positions = int(getattr(config, "max_position_embeddings", 0) or MAX_TEXT_TOKENS)
+    loaded = Loaded(
+        name=args.model_name or (manifest or {}).get("run", {}).get("jobName") or root.name,
+        task=task,
+        model=model,
+        processor=processor,
+        labels=labels if task != Task.CAUSAL_LM else [],
+        folder=folder,
+        max_length=min(positions, MAX_TEXT_TOKENS),
+    )
+    if args.compile and task != Task.CAUSAL_LM:  # generation's changing shapes would recompile all along
+        loaded.model = torch.compile(model)  # type: ignore[assignment]
+    warm_up(loaded)
+    LOGGER.info("serving %s (%s) from %s", loaded.name, task.value, folder)
+    return loaded
+
+
+def warm_up(loaded: Loaded) -> None:
+    """One answer of each kind before the replica takes requests (and, when compiled, the compile)."""
+    from kubetune.runtime.serving import predict
+
+    if loaded.task == Task.CAUSAL_LM:
+        predict.complete(loaded, ["warm up"], predict.Sampling(max_tokens=2))
+    elif loaded.task == Task.IMAGE_CLASSIFICATION:
+        predict.classify(loaded, [predict.blank_image()])
+    else:
+        for size in (1, 2):  # compiled models specialise on the batch dimension once
+            predict.classify(loaded, ["warm up"] * size)
