@@ -37,6 +37,17 @@ class Reason(StrEnum):
     NO_RUN_YET = "NoRunYet"
     IDLE = "Idle"
     JOB_SUSPENDED = "JobSuspended"
+    # ModelDeployment
+    NO_MODEL_YET = "NoModelYet"
+    FINE_TUNE_JOB_NOT_FOUND = "FineTuneJobNotFound"
+    RUN_NOT_SERVABLE = "RunNotServable"
+    ROLLOUT_STARTED = "RolloutStarted"
+    DEPLOYING = "Deploying"
+    SERVING = "Serving"
+    ROLLOUT_SUCCEEDED = "RolloutSucceeded"
+    ROLLED_BACK = "RolledBack"
+    ROLLOUT_FAILED = "RolloutFailed"
+    APPLICATION_UNHEALTHY = "ApplicationUnhealthy"
 
 
 def condition(kind: ConditionType, status: bool, reason: Reason, message: str, generation: int | None) -> Condition:

@@ -18,6 +18,7 @@ import kopf
 from kubetune.operator import metrics
 from kubetune.operator.core.informer import Informer, Source
 from kubetune.operator.handlers.finetunejob import FineTuneJobs
+from kubetune.operator.handlers.modeldeployment import ModelDeployments
 from kubetune.operator.kube import Kube
 from kubetune.operator.reconcile.finetunejob import utc_now
 from kubetune.operator.settings import Settings
@@ -61,10 +62,21 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     namespaces = memo.get("namespaces") or None
     executor = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="kubetune-reconcile")
     secrets: Informer[bool] = Informer(kube, SECRETS, namespaces, lambda _: True)
-    jobs = FineTuneJobs(kube, options, secrets, memo.get("clock") or utc_now, executor, namespaces)
-    memo.executor, memo.secrets, memo.finetunejobs = executor, secrets, jobs
-    secrets.start(lambda change: jobs.controller.secret_changed(change.namespace, change.name))
+    clock = memo.get("clock") or utc_now
+    jobs = FineTuneJobs(kube, options, secrets, clock, executor, namespaces)
+    deployments = ModelDeployments(kube, options, secrets, clock, executor, namespaces)
+    controllers = [jobs.controller, deployments.controller]
+
+    def changed(kind: str, namespace: str, name: str) -> None:
+        """An object others may depend on changed (a Secret, a FineTuneJob): every kind hears of it."""
+        for controller in controllers:
+            controller.dependency_changed(kind, namespace, name)
+
+    memo.executor, memo.secrets, memo.finetunejobs, memo.modeldeployments = executor, secrets, jobs, deployments
+    memo.changed = changed
+    secrets.start(lambda change: changed("Secret", change.namespace, change.name))
     jobs.start()
+    deployments.start()
 
 
 def _client(memo: kopf.Memo) -> Kube:
@@ -97,8 +109,9 @@ def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> kopf.Co
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    if memo.get("finetunejobs") is not None:
-        await memo.finetunejobs.stop()
+    for kind in ("finetunejobs", "modeldeployments"):
+        if memo.get(kind) is not None:
+            await memo[kind].stop()
     if memo.get("secrets") is not None:
         await asyncio.to_thread(memo.secrets.stop)
     if memo.get("executor") is not None:

@@ -253,6 +253,9 @@ class RunRecord(WireModel):
     metrics_before: dict[str, float] | None = Field(default=None, description="Base-model test metrics.")
     metrics_after: dict[str, float] | None = Field(default=None, description="Fine-tuned test metrics.")
     artifacts: dict[str, str] | None = Field(default=None, description="Exported variant name to URI.")
+    best_variant: str | None = Field(
+        default=None, description="The variant the run chose to serve (what `best` resolves to)."
+    )
     manifest_uri: str | None = Field(default=None, description="URI of the run's kubetune.json manifest.")
     best_hyperparameters: dict[str, Any] | None = Field(
         default=None,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from kubetune.runtime.contract import Batching, Variant
+from kubetune.runtime.contract import Batching, Task, Variant
 from kubetune.runtime.contract.common import ContractModel, KubernetesName, Quantity, Uri, WireModel, cel_rule, with_cel
 from pydantic import Field, model_validator
 
@@ -101,6 +102,15 @@ class ModelDeploymentSpec(ContractModel):
     max_new_tokens: int = Field(default=128, ge=1, le=32768, description="Generation limit per request (causal-lm).")
     auth: Auth | None = Field(default=None, description="Require a bearer token; open when omitted.")
     storage: StorageAccess | None = Field(default=None, description="Access to s3:// and hf:// model locations.")
+    route_prefix: str = Field(
+        default="/", pattern=r"^/[-A-Za-z0-9_./]*$", max_length=253, description="HTTP path prefix of the endpoint."
+    )
+    rollout_deadline_seconds: int = Field(
+        default=900,
+        ge=30,
+        le=86400,
+        description="A new model still deploying after this long is rolled back, as one that failed.",
+    )
 
 
 class DeploymentPhase(StrEnum):
@@ -119,6 +129,15 @@ class ServedModel(WireModel):
     fine_tune_job: str | None = Field(default=None, description="FineTuneJob it came from.")
     run: int | None = Field(default=None, description="Run number it came from.")
     variant: str | None = Field(default=None, description="Variant name.")
+    task: Task | None = Field(default=None, description="The model's task, when its FineTuneJob says it.")
+
+
+class RejectedModel(WireModel):
+    """An artifact whose rollout failed: it is not tried again until another run is promoted."""
+
+    uri: str = Field(description="URI of the artifact.")
+    run: int | None = Field(default=None, description="Run number it came from.")
+    reason: str = Field(default="", max_length=1024, description="Why the rollout failed.")
 
 
 class ModelDeploymentStatus(WireModel):
@@ -136,9 +155,18 @@ class ModelDeploymentStatus(WireModel):
     )
     endpoint: str | None = Field(default=None, description="In-cluster URL of the endpoint.")
     ray_service_name: str | None = Field(default=None, description="Name of the RayService.")
-    serving: ServedModel | None = Field(default=None, description="The artifact being served.")
+    serving: ServedModel | None = Field(
+        default=None, description="The artifact being served (or rolled out, while Progressing)."
+    )
     previous: ServedModel | None = Field(default=None, description="The artifact served before, for rollback.")
-    ready_replicas: int | None = Field(default=None, description="Serving replicas that are ready.")
+    rejected: RejectedModel | None = Field(default=None, description="The latest artifact whose rollout failed.")
+    rollout_start_time: datetime | None = Field(default=None, description="When the current rollout started.")
+    application_status: str | None = Field(
+        default=None, description="The Serve application's status: DEPLOYING, RUNNING, DEPLOY_FAILED, UNHEALTHY, ..."
+    )
+    ready_replicas: int | None = Field(
+        default=None, description="Pods serving the endpoint (KubeRay's serve endpoints)."
+    )
 
 
 class ModelDeployment(ContractModel):

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.operator.api.common import API_VERSION
-from kubetune.operator.api.finetunejob import KIND, FineTuneJob, Resources, Trigger
+from kubetune.operator.api.finetunejob import KIND, FineTuneJob, Trigger
+from kubetune.operator.builders import pods
 from kubetune.operator.naming import (
     GENERATION_ANNOTATION,
     KUEUE_QUEUE_LABEL,
@@ -30,8 +31,6 @@ from kubetune.runtime.contract.report import REPORT_KEY
 from kubetune.runtime.contract.runconfig import RunConfig, RunIdentity, WorkerResources
 
 Manifest = dict[str, Any]
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 ENTRYPOINT_MODULE = "kubetune.runtime.finetune"
 CONFIG_KEY = "run.json"
 
@@ -92,82 +91,27 @@ def _report_metadata(job: FineTuneJob, name: str, request: RunRequest) -> Manife
 def pvc_claims(job: FineTuneJob) -> list[str]:
     """Claims named by pvc:// URIs anywhere in the run, each once, in order of appearance."""
     spec = job.spec
-    uris = [spec.model.uri, spec.data.train, spec.data.validation, spec.data.test, spec.output.uri]
-    claims: list[str] = []
-    for uri in uris:
-        if uri and uri.startswith("pvc://"):
-            claim = uri.removeprefix("pvc://").split("/", 1)[0]
-            if claim not in claims:
-                claims.append(claim)
-    return claims
-
-
-def _environment(job: FineTuneJob, settings: Settings) -> tuple[list[Manifest], list[Manifest]]:
-    env = [
-        {"name": "KUBETUNE_RUN_CONFIG", "value": f"{settings.config_mount_path}/{CONFIG_KEY}"},
-        {"name": "KUBETUNE_PVC_ROOT", "value": settings.pvc_mount_root},
-    ]
-    env_from: list[Manifest] = []
-    storage = job.spec.storage
-    if storage is not None:
-        if storage.s3_endpoint:
-            env.append({"name": "AWS_ENDPOINT_URL", "value": storage.s3_endpoint})
-        if storage.s3_region:
-            env.append({"name": "AWS_DEFAULT_REGION", "value": storage.s3_region})
-        if storage.credentials_secret is not None:
-            # Referenced, never copied: the values stay in the Secret.
-            env_from.append({"secretRef": {"name": storage.credentials_secret.name}})
-    return env, env_from
-
-
-def _placement(resources: Resources, gpu_node: bool) -> Manifest:
-    pod: Manifest = {}
-    selector = dict(resources.node_selector or {})
-    if gpu_node and resources.gpu_type:
-        selector[GPU_PRODUCT_LABEL] = resources.gpu_type
-    if selector:
-        pod["nodeSelector"] = selector
-    if resources.tolerations:
-        pod["tolerations"] = [t.to_wire() for t in resources.tolerations]
-    if resources.affinity:
-        pod["affinity"] = resources.affinity
-    if resources.priority_class_name:
-        pod["priorityClassName"] = resources.priority_class_name
-    return pod
+    return pods.pvc_claims([spec.model.uri, spec.data.train, spec.data.validation, spec.data.test, spec.output.uri])
 
 
 def _pod_template(
     job: FineTuneJob, settings: Settings, *, container: str, cpu: str, memory: str, gpus: int, config: str | None
 ) -> Manifest:
     """A Ray pod; the head (the one given `config`) mounts the run config, workers get the GPUs."""
-    run = job.spec.resources
-    env, env_from = _environment(job, settings)
-    limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
-    if gpus:
-        limits[GPU_RESOURCE] = gpus
-    mounts: list[Manifest] = [
-        {"name": f"pvc-{claim}", "mountPath": f"{settings.pvc_mount_root}/{claim}"} for claim in pvc_claims(job)
-    ]
-    volumes: list[Manifest] = [
-        {"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim}} for claim in pvc_claims(job)
-    ]
-    if config is not None:
-        mounts.append({"name": "run-config", "mountPath": settings.config_mount_path, "readOnly": True})
-        volumes.append({"name": "run-config", "configMap": {"name": config}})
-    main: Manifest = {
-        "name": container,
-        "image": run.image or settings.runtime_image,
-        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": limits},
-        "env": env,
-    }
-    if env_from:
-        main["envFrom"] = env_from
-    if mounts:
-        main["volumeMounts"] = mounts
-    spec: Manifest = {"containers": [main], **_placement(run, gpu_node=gpus > 0)}
-    if volumes:
-        spec["volumes"] = volumes
-    return {"spec": spec}
+    env, env_from = pods.storage_environment(job.spec.storage)
+    pod = pods.RayPod(
+        container=container,
+        cpu=cpu,
+        memory=memory,
+        gpus=gpus,
+        placement=job.spec.resources,
+        env=[{"name": "KUBETUNE_RUN_CONFIG", "value": f"{settings.config_mount_path}/{CONFIG_KEY}"}, *env],
+        env_from=env_from,
+        claims=pvc_claims(job),
+        mounts=[{"name": "run-config", "mountPath": settings.config_mount_path, "readOnly": True}] if config else [],
+        volumes=[{"name": "run-config", "configMap": {"name": config}}] if config else [],
+    )
+    return pod.template(settings)
 
 
 def _ray_cluster_spec(job: FineTuneJob, settings: Settings, service_account: str, config: str) -> Manifest:

@@ -5,7 +5,8 @@ kopf handlers and the informers' change callbacks only hand keys to
 queue once the caches are filled, and run the kind's blocking `reconcile` in a
 thread pool: at most `workers` at once, one per key. A pass returns an `Outcome`:
 the status version it wrote (its watch event is no change), when to look again,
-and which Secrets the object names (a change to one wakes it). Failures are
+and which other objects it depends on (a Secret it names, the FineTuneJob it
+follows): a change to one of them wakes it. Failures are
 retried with per-key exponential backoff; a 429's Retry-After is honoured.
 """
 
@@ -30,6 +31,7 @@ from kubetune.operator.metrics import (
 from kubetune.operator.settings import Settings as OperatorSettings
 
 Key = tuple[str, str]  # (namespace, name)
+Dependency = tuple[str, str]  # (kind, name) of an object in the same namespace
 log = logging.getLogger("kubetune.controller")
 
 
@@ -40,7 +42,7 @@ class Outcome:
     written_version: str | None = None
     requeue_after: float | None = None
     gone: bool = False  # the object no longer exists: forget its key
-    secrets: frozenset[str] = frozenset()  # Secrets in the object's namespace that its spec names
+    depends_on: frozenset[Dependency] = frozenset()  # objects in its namespace whose changes it must see
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,10 @@ class Controller:
         settings = settings or ControllerSettings()
         self.kind = kind
         self._reconcile, self._executor = reconcile, executor
-        self._secrets: dict[Key, frozenset[str]] = {}  # what each object's last pass said it names
-        # When each Secret last changed (a count of changes), so a pass can tell whether one of
-        # the Secrets it names changed while it ran: then it did not see that change.
-        self._secret_changes: dict[tuple[str, str], int] = {}
+        self._depends_on: dict[Key, frozenset[Dependency]] = {}  # what each object's last pass said
+        # When each dependency last changed (a count of changes), so a pass can tell whether one it
+        # depends on changed while it ran: then it did not see that change.
+        self._dependency_changes: dict[tuple[str, str, str], int] = {}
         self._changes = 0
         self.settings = settings
         self.queue: WorkQueue[Key] = WorkQueue(settings.backoff, settings.coalesce, settings.coalesce_max)
@@ -98,11 +100,12 @@ class Controller:
         self.queue.add_event(key)
         QUEUE_DEPTH.labels(self.kind).set(len(self.queue))
 
-    def secret_changed(self, namespace: str, name: str) -> None:
-        """A Secret appeared or disappeared: look again at the objects that name it."""
+    def dependency_changed(self, kind: str, namespace: str, name: str) -> None:
+        """An object others may depend on changed: look again at the ones that do."""
         self._changes += 1
-        self._secret_changes[(namespace, name)] = self._changes
-        for key in [key for key, names in self._secrets.items() if key[0] == namespace and name in names]:
+        self._dependency_changes[(kind, namespace, name)] = self._changes
+        needed = (kind, name)
+        for key in [key for key, needs in self._depends_on.items() if key[0] == namespace and needed in needs]:
             self.enqueue(key)
 
     def start(self, caches_synced: Iterable[asyncio.Event] = ()) -> None:
@@ -141,15 +144,17 @@ class Controller:
                 self._failed(key, error)
             else:
                 written = outcome.written_version
-                missed = any(self._secret_changes.get((key[0], s), 0) > changes for s in outcome.secrets)
+                missed = any(
+                    self._dependency_changes.get((kind, key[0], name), 0) > changes for kind, name in outcome.depends_on
+                )
                 self._succeeded(key, outcome)
             RECONCILE_SECONDS.labels(self.kind).observe(time.perf_counter() - started)
             changed = self._seen_during_pass.pop(key, set()) - {written}
             if missed or changed:
-                self.queue.add_event(key)  # the object, or a Secret it names, changed meanwhile
+                self.queue.add_event(key)  # the object, or one it depends on, changed meanwhile
             self.queue.done(key)
             if not self.queue.in_progress:
-                self._secret_changes.clear()  # no pass can have missed these
+                self._dependency_changes.clear()  # no pass can have missed these
 
     def _succeeded(self, key: Key, outcome: Outcome) -> None:
         RECONCILES.labels(self.kind, "ok").inc()
@@ -157,12 +162,12 @@ class Controller:
         if outcome.gone:
             self.queue.drop(key)
             self._written.pop(key, None)
-            self._secrets.pop(key, None)
+            self._depends_on.pop(key, None)
             return
-        if outcome.secrets:
-            self._secrets[key] = outcome.secrets
+        if outcome.depends_on:
+            self._depends_on[key] = outcome.depends_on
         else:
-            self._secrets.pop(key, None)
+            self._depends_on.pop(key, None)
         if outcome.written_version is not None:
             self._written[key] = outcome.written_version
         if outcome.requeue_after is not None:

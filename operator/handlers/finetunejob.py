@@ -85,3 +85,4 @@ class FineTuneJobs:
 async def on_job_event(event: kopf.RawEvent, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
     version = ((event.get("object") or {}).get("metadata") or {}).get("resourceVersion")
     memo.finetunejobs.controller.enqueue((namespace or "", name), version)
+    memo.changed(KIND, namespace or "", name)  # the deployments that follow the job look again

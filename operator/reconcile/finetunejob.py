@@ -143,7 +143,7 @@ class FineTuneJobReconciler:
             message = f"spec.storage.credentialsSecret.name: Secret {missing[0]!r} not found"
             problem = Problem(Reason.SECRET_NOT_FOUND, message)
             outcome = self._stopped(body, previous, problem, generation, now, requeue=self.settings.recheck_seconds)
-            return replace(outcome, secrets=secrets)
+            return replace(outcome, depends_on=frozenset(("Secret", secret) for secret in secrets))
         decision = plan(
             job,
             generation=generation,
@@ -177,7 +177,7 @@ class FineTuneJobReconciler:
             if record.gate is not None and record.gate.passed:
                 PROMOTIONS.inc()
         self._post(body, decision.events, now)
-        return Outcome(version, decision.requeue_after, secrets=secrets)
+        return Outcome(version, decision.requeue_after, depends_on=frozenset(("Secret", s) for s in secrets))
 
     def _with_unlisted_runs(self, job: FineTuneJob, runs: list[ObservedRun]) -> list[ObservedRun]:
         """The cached runs, plus active runs of the status that the cache does not hold (yet).

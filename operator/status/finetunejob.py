@@ -105,6 +105,8 @@ def with_report(record: RunRecord, report: RunReport | None) -> RunRecord:
         update["metrics_after"] = report.metrics_after
     if report.variants:
         update["artifacts"] = {name: variant.uri for name, variant in report.variants.items()}
+    if report.best_variant:
+        update["best_variant"] = report.best_variant
     if report.manifest_uri:
         update["manifest_uri"] = report.manifest_uri
     if report.best_hyperparameters is not None:

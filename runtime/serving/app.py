@@ -9,9 +9,9 @@ ServeAppArgs (camelCase). Routes, below the application's route prefix:
 - `GET /v1/models`, and `GET /healthz` (open, also with auth: the replica exists only
   once its model is loaded and warmed up).
 
-Requests wait for a batch up to `batching.batchWaitTimeoutMs` and run together, up to
-`batching.maxBatchSize` inputs, in a worker thread: the replica keeps taking requests
-while the model runs.
+Requests are batched (see batching.py): a batch runs as soon as the model is free, with
+the requests that waited meanwhile, up to `batching.maxBatchSize` inputs; a request
+that finds the model idle waits up to `batching.batchWaitTimeoutMs` for company.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations as objects,
@@ -21,10 +21,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,6 +32,7 @@ from kubetune.runtime.contract import Task
 from kubetune.runtime.contract.serving import ServeAppArgs
 from kubetune.runtime.serving import api, predict
 from kubetune.runtime.serving.api import RequestError
+from kubetune.runtime.serving.batching import Batcher
 from kubetune.runtime.serving.loading import Loaded, load
 from kubetune.runtime.settings import RuntimeSettings
 from ray import serve
@@ -74,21 +74,6 @@ web.add_exception_handler(RequestValidationError, _invalid)
 web.add_exception_handler(Exception, _failed)
 
 
-@dataclass(frozen=True)
-class Batched(Generic[T]):
-    """One request's answer from a batch, or the error it caused, and how many inputs that batch had."""
-
-    value: T | None
-    size: int
-    error: Exception | None = None
-
-    def result(self) -> T:
-        if self.error is not None:
-            raise self.error
-        assert self.value is not None
-        return self.value
-
-
 def answered(body: dict[str, Any], batch_size: int) -> JSONResponse:
     """The answer, with the size of the batch it ran in (`X-Batch-Size`: what batching achieved)."""
     return JSONResponse(body, headers={BATCH_SIZE_HEADER: str(batch_size)})
@@ -104,13 +89,20 @@ class ModelServer:
         self.limits = api.Limits.of(self.args)
         self.created = int(time.time())
         self._token = self._read_token()
-        # One model call at a time: torch already uses every core for one batch.
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetune-model")
+        # One model call at a time, in a thread of its own: torch uses every core for one batch,
+        # and the event loop keeps taking requests meanwhile (they form the next batch).
+        model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetune-model")
         batching = self.args.batching
-        for method in (self._classify, self._complete):
-            batched: Any = method  # serve.batch's wrapper, with its setters
-            batched.set_max_batch_size(batching.max_batch_size)
-            batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_ms / 1000)
+        size, wait = batching.max_batch_size, batching.batch_wait_timeout_ms / 1000
+        loaded = self.loaded
+        self._classifier: Batcher[Any, predict.Prediction] = Batcher(
+            lambda _, inputs: predict.classify(loaded, inputs), model_thread, size, wait, self._sized
+        )
+
+        def generate(sampling: Any, prompts: list[str]) -> list[predict.Completion]:
+            return predict.complete(loaded, prompts, sampling)  # requests of a batch share their sampling
+
+        self._generator: Batcher[str, predict.Completion] = Batcher(generate, model_thread, size, wait, self._sized)
         self._requests = metrics.Counter(
             "kubetune_serve_requests",
             "Requests by route and status.",
@@ -143,63 +135,12 @@ class ModelServer:
         if self.loaded.task not in tasks:
             raise RequestError(404, f"this endpoint serves a {self.loaded.task.value} model", kind="not_found_error")
 
-    async def _run(self, call: Callable[..., T], *arguments: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, call, *arguments)
-
     def _record(self, route: str, status: int, started: float) -> None:
         self._requests.inc(tags={"route": route, "status": str(status)})
         self._latency.observe(time.perf_counter() - started, tags={"route": route})
 
     def _sized(self, size: int) -> None:
         self._batch_size.observe(size)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _classify(self, requests: list[list[str] | list[bytes]]) -> list[Batched[list[predict.Prediction]]]:
-        flat: list[Any] = [item for request in requests for item in request]
-        size = len(flat)
-        self._sized(size)
-        try:
-            answers = await self._run(predict.classify, self.loaded, flat)
-        except Exception:
-            if len(requests) == 1:
-                raise
-            return [await self._alone(predict.classify, request, size) for request in requests]
-        out, start = [], 0
-        for request in requests:
-            out.append(Batched(answers[start : start + len(request)], size))
-            start += len(request)
-        return out
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _complete(self, requests: list[tuple[str, predict.Sampling]]) -> list[Batched[predict.Completion]]:
-        """Prompts that share their sampling are generated together."""
-        size = len(requests)
-        self._sized(size)
-        groups: dict[predict.Sampling, list[int]] = {}
-        for index, (_, sampling) in enumerate(requests):
-            groups.setdefault(sampling, []).append(index)
-        answers: dict[int, Batched[predict.Completion]] = {}
-        for sampling, indices in groups.items():
-            prompts = [requests[i][0] for i in indices]
-            try:
-                completions = await self._run(predict.complete, self.loaded, prompts, sampling)
-            except Exception:
-                if len(requests) == 1:
-                    raise
-                for i in indices:
-                    alone = await self._alone(predict.complete, [requests[i][0]], size, sampling)
-                    answers[i] = Batched(alone.value[0] if alone.value else None, size, alone.error)
-                continue
-            for index, completion in zip(indices, completions, strict=True):
-                answers[index] = Batched(completion, size)
-        return [answers[index] for index in range(len(requests))]
-
-    async def _alone(self, call: Callable[..., list[T]], inputs: list[Any], size: int, *rest: Any) -> Batched[list[T]]:
-        """One request of a failed batch on its own: its answers, or the error it causes."""
-        try:
-            return Batched(await self._run(call, self.loaded, inputs, *rest), size)
-        except Exception as error:
-            return Batched(None, size, error)
 
     @web.get("/healthz")
     async def healthz_route(self) -> dict[str, Any]:
@@ -219,10 +160,9 @@ class ModelServer:
         inputs: list[str] | list[bytes] = (
             api.decode_images(items) if self.loaded.task == Task.IMAGE_CLASSIFICATION else items
         )
-        batched = await self._classify(inputs)
-        predictions = batched.result()
+        predictions, size = await self._classifier.submit(inputs)
         self._record("/v1/predict", 200, started)
-        return answered(api.predictions_body(self.loaded.name, predictions), batched.size)
+        return answered(api.predictions_body(self.loaded.name, predictions), size)
 
     @web.post("/v1/completions")
     async def completions_route(self, request: Request, body: api.CompletionRequest) -> Any:
@@ -240,10 +180,9 @@ class ModelServer:
                 for text, finish in predict.stream(self.loaded, prompts[0], sampling)
             )
             return self._events(chunks, "/v1/completions", started)
-        batched = await asyncio.gather(*(self._complete((prompt, sampling)) for prompt in prompts))
-        completions = [one.result() for one in batched]
+        completions, size = await self._generator.submit(prompts, sampling)
         self._record("/v1/completions", 200, started)
-        return answered(api.completion_body(self.loaded.name, completions), max(one.size for one in batched))
+        return answered(api.completion_body(self.loaded.name, completions), size)
 
     @web.post("/v1/chat/completions")
     async def chat_route(self, request: Request, body: api.ChatRequest) -> Any:
@@ -263,10 +202,9 @@ class ModelServer:
                     yield api.chat_chunk(identity, self.loaded.name, {"content": text} if text else {}, finish)
 
             return self._events(chunks(), "/v1/chat/completions", started)
-        batched = await self._complete((prompt, sampling))
-        completion = batched.result()
+        completions, size = await self._generator.submit([prompt], sampling)
         self._record("/v1/chat/completions", 200, started)
-        return answered(api.chat_body(self.loaded.name, completion), batched.size)
+        return answered(api.chat_body(self.loaded.name, completions[0]), size)
 
     def _events(self, chunks: Iterator[dict[str, Any]], route: str, started: float) -> StreamingResponse:
         """Server-sent events: one `data:` line per chunk, then `data: [DONE]`."""
@@ -301,7 +239,7 @@ def application(
     this is for running Serve from Python, e.g. `kubetune serve`.
     """
     # A replica holds enough requests to fill two batches: one running, one gathering.
-    options: dict[str, Any] = {"max_ongoing_requests": max(8, 2 * args.batching.max_batch_size)}
+    options: dict[str, Any] = {"max_ongoing_requests": max(32, 2 * args.batching.max_batch_size)}
     actor: dict[str, Any] = {}
     if num_cpus is not None:
         actor["num_cpus"] = num_cpus

@@ -157,15 +157,15 @@ def test_requeue_after_and_gone() -> None:
 
 def test_a_secret_change_wakes_the_objects_that_name_it() -> None:
     script = Script()
-    script.outcomes[A] = [Outcome(secrets=frozenset({"keys"}))]
-    script.outcomes[B] = [Outcome(secrets=frozenset({"other"}))]
+    script.outcomes[A] = [Outcome(depends_on=frozenset({("Secret", "keys")}))]
+    script.outcomes[B] = [Outcome(depends_on=frozenset({("Secret", "other")}))]
 
     async def body(controller: Controller) -> None:
         controller.enqueue(A)
         controller.enqueue(B)
         await settle()
-        controller.secret_changed("ns", "keys")
-        controller.secret_changed("elsewhere", "keys")
+        controller.dependency_changed("Secret", "ns", "keys")
+        controller.dependency_changed("Secret", "elsewhere", "keys")
         await settle()
 
     scenario(script, body)
@@ -174,13 +174,16 @@ def test_a_secret_change_wakes_the_objects_that_name_it() -> None:
 
 def test_a_secret_that_changes_during_a_pass_wakes_it_again() -> None:
     script = Script(seconds=0.2)
-    script.outcomes[A] = [Outcome(secrets=frozenset({"keys"})), Outcome(secrets=frozenset({"keys"}))]
+    script.outcomes[A] = [
+        Outcome(depends_on=frozenset({("Secret", "keys")})),
+        Outcome(depends_on=frozenset({("Secret", "keys")})),
+    ]
     holder: list[tuple[asyncio.AbstractEventLoop, Controller]] = []
 
     def during(key: Key) -> None:
         if not script.passes:  # the Secret appears while the first pass runs, after it looked
             loop, controller = holder[0]
-            loop.call_soon_threadsafe(controller.secret_changed, "ns", "keys")
+            loop.call_soon_threadsafe(controller.dependency_changed, "Secret", "ns", "keys")
 
     script.during = during
 

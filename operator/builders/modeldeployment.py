@@ -1,0 +1,189 @@
+"""ModelDeployment → its RayService: a Ray cluster that autoscales, running kubetune's Serve application.
+
+Pure: no I/O, no clock, no kopf. The Serve config names the application and its
+arguments (the artifact being served among them), the deployment's autoscaling and
+each replica's resources. A new artifact changes only the Serve config, so KubeRay
+updates the application in place on the same cluster; anything else in the spec
+changes the cluster, which KubeRay replaces without downtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from typing import Any
+
+import yaml
+from kubetune.operator.api.common import API_VERSION
+from kubetune.operator.api.modeldeployment import KIND, ModelDeployment, ServedModel
+from kubetune.operator.builders import pods
+from kubetune.operator.naming import DEPLOYMENT_LABEL, MANAGED_BY_LABEL, MANAGER, SPEC_HASH_ANNOTATION, fit
+from kubetune.operator.settings import Settings
+from kubetune.runtime.contract.serving import SERVE_IMPORT_PATH, ServeAppArgs, Variant
+
+Manifest = dict[str, Any]
+APPLICATION = "model"  # the Serve application's name in the config
+DEPLOYMENT = "ModelServer"  # the Serve deployment's name (the class in kubetune.runtime.serving.app)
+SERVE_PORT = 8000
+TOKEN_VARIABLE = "KUBETUNE_ENDPOINT_TOKEN"
+# The head runs Ray's control processes and Serve's controller, and takes no replicas.
+HEAD_CPU, HEAD_MEMORY = "1", "2Gi"
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([a-zA-Z]*)$")
+_UNITS = {
+    "": 1.0, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+
+
+def quantity(value: str) -> float:
+    """A Kubernetes quantity as a number ("500m" → 0.5, "2Gi" → 2147483648)."""
+    match = _QUANTITY.match(str(value))
+    if match is None or match.group(2) not in _UNITS:
+        raise ValueError(f"{value!r} is not a resource quantity")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def ray_service_name(deployment: ModelDeployment) -> str:
+    return fit(deployment.metadata["name"])
+
+
+def endpoint(deployment: ModelDeployment) -> str:
+    """The in-cluster URL clients use (KubeRay's Serve service of the RayService)."""
+    service = f"{ray_service_name(deployment)}-serve-svc"
+    return f"http://{service}.{deployment.metadata['namespace']}.svc:{SERVE_PORT}{deployment.spec.route_prefix}"
+
+
+def labels(deployment: ModelDeployment) -> dict[str, str]:
+    return {MANAGED_BY_LABEL: MANAGER, DEPLOYMENT_LABEL: deployment.metadata["name"]}
+
+
+def serve_args(deployment: ModelDeployment, served: ServedModel) -> ServeAppArgs:
+    """The application's arguments: the artifact, the task when known, and the spec's serving settings."""
+    spec = deployment.spec
+    return ServeAppArgs(
+        model_uri=served.uri,
+        # A FineTuneJob's artifact is a variant's own folder; a URI may be a run's output folder.
+        variant=Variant(served.variant) if served.run is None and served.variant else Variant.BEST,
+        task=served.task,
+        model_name=deployment.metadata["name"],
+        batching=spec.batching,
+        max_new_tokens=spec.max_new_tokens,
+        auth_token_env=TOKEN_VARIABLE if spec.auth is not None else None,
+    )
+
+
+def serve_config(deployment: ModelDeployment, served: ServedModel) -> Manifest:
+    """The Serve config (KubeRay's serveConfigV2) of one application and its one deployment."""
+    spec = deployment.spec
+    scaling, resources = spec.autoscaling, spec.resources
+    actor: Manifest = {"num_cpus": quantity(resources.cpu)}
+    if resources.gpus:
+        actor["num_gpus"] = resources.gpus
+    return {
+        "applications": [
+            {
+                "name": APPLICATION,
+                "import_path": SERVE_IMPORT_PATH,
+                "route_prefix": spec.route_prefix,
+                "args": serve_args(deployment, served).to_wire(),
+                "deployments": [
+                    {
+                        "name": DEPLOYMENT,
+                        "max_ongoing_requests": max(32, 2 * spec.batching.max_batch_size),
+                        "autoscaling_config": {
+                            "min_replicas": scaling.min_replicas,
+                            "max_replicas": scaling.max_replicas,
+                            "target_ongoing_requests": scaling.target_ongoing_requests,
+                            "downscale_delay_s": scaling.downscale_delay_seconds,
+                        },
+                        "ray_actor_options": actor,
+                    }
+                ],
+            }
+        ]
+    }
+
+
+def _replica_environment(deployment: ModelDeployment) -> tuple[list[Manifest], list[Manifest]]:
+    env, env_from = pods.storage_environment(deployment.spec.storage)
+    auth = deployment.spec.auth
+    if auth is not None:  # the token reaches the replicas by reference, never copied
+        secret = {"name": auth.token_secret.name, "key": auth.token_secret.key}
+        env.append({"name": TOKEN_VARIABLE, "valueFrom": {"secretKeyRef": secret}})
+    return env, env_from
+
+
+def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, settings: Settings) -> Manifest:
+    """A Ray cluster whose worker pods each hold one replica; Ray's autoscaler adds pods as Serve adds replicas."""
+    spec = deployment.spec
+    resources = spec.resources
+    env, env_from = _replica_environment(deployment)
+    # Whole CPUs for Ray's scheduler; the replica asks for its share of them.
+    worker_cpus = max(1, math.ceil(quantity(resources.cpu)))
+    worker = pods.RayPod(
+        container="ray-worker",
+        cpu=str(worker_cpus),
+        memory=resources.memory,
+        gpus=resources.gpus,
+        placement=resources,
+        env=env,
+        env_from=env_from,
+        claims=pods.pvc_claims([served.uri]),
+    )
+    head = pods.RayPod(container="ray-head", cpu=HEAD_CPU, memory=HEAD_MEMORY, gpus=0, placement=resources)
+    worker_params = {"num-cpus": str(worker_cpus)}
+    if resources.gpus:
+        worker_params["num-gpus"] = str(resources.gpus)
+    return {
+        "rayVersion": settings.ray_version,
+        "enableInTreeAutoscaling": True,
+        "headGroupSpec": {
+            # No replicas on the head: it runs Serve's controller and the dashboard KubeRay talks to.
+            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+            "template": head.template(settings),
+        },
+        "workerGroupSpecs": [
+            {
+                "groupName": "replicas",
+                "replicas": spec.autoscaling.min_replicas,
+                "minReplicas": spec.autoscaling.min_replicas,
+                "maxReplicas": spec.autoscaling.max_replicas,
+                "rayStartParams": worker_params,
+                "template": worker.template(settings),
+            }
+        ],
+    }
+
+
+def build_ray_service(deployment: ModelDeployment, served: ServedModel, settings: Settings) -> Manifest:
+    """The RayService serving `served` as `deployment` says, owned by the deployment."""
+    meta = deployment.metadata
+    spec: Manifest = {
+        "serveConfigV2": yaml.safe_dump(serve_config(deployment, served), sort_keys=False),
+        "rayClusterConfig": ray_cluster_config(deployment, served, settings),
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {
+            "name": ray_service_name(deployment),
+            "namespace": meta["namespace"],
+            "labels": labels(deployment),
+            # What the operator last applied: the RayService is updated when, and only when, this changes.
+            "annotations": {SPEC_HASH_ANNOTATION: digest},
+            "ownerReferences": [
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": KIND,
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": spec,
+    }

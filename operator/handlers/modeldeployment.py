@@ -1,0 +1,69 @@
+"""ModelDeployment wiring: the kopf handler, the cache of RayServices, and the events that wake a deployment.
+
+kopf watches ModelDeployments; its handler only enqueues the key. The RayServices are
+held by an informer with a server-side label selector, kept as what the rollout
+needs of each. A FineTuneJob's or a Secret's change reaches the deployments that
+depend on it through the controller core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from typing import Any
+
+import kopf
+from kubetune.operator.api.common import GROUP, VERSION
+from kubetune.operator.api.modeldeployment import KIND, PLURAL
+from kubetune.operator.core.controller import Controller, ControllerSettings, Key
+from kubetune.operator.core.informer import Change, Informer, Source
+from kubetune.operator.kube import Kube, selector
+from kubetune.operator.naming import DEPLOYMENT_LABEL, MANAGED_BY_LABEL, MANAGER
+from kubetune.operator.planning.modeldeployment import ObservedService
+from kubetune.operator.reconcile.modeldeployment import Clock, ModelDeploymentReconciler, observe
+from kubetune.operator.settings import Settings
+
+SERVICES = Source("ray.io/v1", "RayService", selector({MANAGED_BY_LABEL: MANAGER, DEPLOYMENT_LABEL: ""}))
+
+
+def deployment_of(service: Mapping[str, Any]) -> Key | None:
+    meta = service["metadata"]
+    name = (meta.get("labels") or {}).get(DEPLOYMENT_LABEL)
+    return (meta.get("namespace") or "", name) if name else None
+
+
+class ModelDeployments:
+    """The ModelDeployment controller and the cache it reads."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        settings: Settings,
+        secrets: Informer[bool],
+        clock: Clock,
+        executor: Executor,
+        namespaces: list[str] | None,
+    ) -> None:
+        self.services: Informer[ObservedService] = Informer(kube, SERVICES, namespaces, observe, deployment_of)
+        reconciler = ModelDeploymentReconciler(kube, settings, self.services, secrets, clock)
+        self.controller = Controller(KIND, reconciler.reconcile, executor, ControllerSettings.of(settings))
+        self.secrets = secrets
+
+    def start(self) -> None:
+        self.services.start(self._service_changed)
+        self.controller.start([self.services.synced, self.secrets.synced])
+
+    async def stop(self) -> None:
+        await self.controller.stop()
+        await asyncio.to_thread(self.services.stop)
+
+    def _service_changed(self, change: Change[ObservedService]) -> None:
+        if change.owner is not None:
+            self.controller.enqueue(change.owner)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def on_deployment_event(event: kopf.RawEvent, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    version = ((event.get("object") or {}).get("metadata") or {}).get("resourceVersion")
+    memo.modeldeployments.controller.enqueue((namespace or "", name), version)

@@ -1,0 +1,200 @@
+"""Reconcile one ModelDeployment: resolve the artifact, plan the rollout (pure), apply the RayService, write status.
+
+Nothing here writes the spec of a ModelDeployment or a FineTuneJob: promotion moves
+through the FineTuneJob's status into the RayService's Serve config and this status.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from kubetune.operator.api.common import API_VERSION
+from kubetune.operator.api.finetunejob import KIND as JOB_KIND
+from kubetune.operator.api.finetunejob import FineTuneJob
+from kubetune.operator.api.modeldeployment import KIND, ModelDeployment, ModelDeploymentStatus, ServedModel
+from kubetune.operator.builders.modeldeployment import APPLICATION, build_ray_service, endpoint
+from kubetune.operator.conditions import Reason
+from kubetune.operator.core.controller import Dependency, Key, Outcome
+from kubetune.operator.core.informer import Informer
+from kubetune.operator.kube import ApiError, Kube, ObjectRef
+from kubetune.operator.naming import SPEC_HASH_ANNOTATION
+from kubetune.operator.planning.finetunejob import Event
+from kubetune.operator.planning.modeldeployment import (
+    ObservedService,
+    Rollout,
+    observe_service,
+    plan_rollout,
+    resolve,
+)
+from kubetune.operator.reconcile.finetunejob import status_patch
+from kubetune.operator.settings import Settings
+from kubetune.operator.status.finetunejob import Problem
+from kubetune.operator.status.modeldeployment import compute_status
+from kubetune.runtime.contract.errors import describe
+from pydantic import ValidationError
+
+log = logging.getLogger("kubetune.modeldeployment")
+Manifest = dict[str, Any]
+Clock = Callable[[], datetime]
+
+
+def observe(ray_service: Mapping[str, Any]) -> ObservedService:
+    return observe_service(ray_service, APPLICATION)
+
+
+class ModelDeploymentReconciler:
+    def __init__(
+        self,
+        kube: Kube,
+        settings: Settings,
+        services: Informer[ObservedService],
+        secrets: Informer[bool],
+        clock: Clock,
+    ) -> None:
+        """Reads the deployment and the FineTuneJob it follows from the API server; its RayService from a cache."""
+        self.kube, self.settings, self.clock = kube, settings, clock
+        self.services, self.secrets = services, secrets
+
+    def reconcile(self, key: Key) -> Outcome:
+        namespace, name = key
+        now = self.clock()
+        observed = self.services.owned_by(key)
+        body = self.kube.get(API_VERSION, KIND, namespace, name)
+        if body is None:
+            return Outcome(gone=True)
+        if body["metadata"].get("deletionTimestamp"):
+            return Outcome()
+        generation = int(body["metadata"].get("generation", 1))
+        previous = _previous_status(body)
+        service = observed[0] if observed else None
+        try:
+            deployment = ModelDeployment.model_validate({**body, "status": None})
+        except ValidationError as error:
+            problem = Problem(Reason.INVALID_SPEC, "; ".join(describe(error)))
+            return self._write(body, previous, problem, generation, service, now, set())
+        needs = _dependencies(deployment)
+        missing = [n for kind, n in sorted(needs) if kind == "Secret" and self.secrets.get(namespace, n) is None]
+        if missing:
+            problem = Problem(Reason.SECRET_NOT_FOUND, f"Secret {missing[0]!r} (named in the spec) not found")
+            return self._write(body, previous, problem, generation, service, now, needs)
+        reference = deployment.spec.model.from_fine_tune_job
+        job = self._job(namespace, reference.name) if reference else None
+        resolved = resolve(deployment, job)
+        desired = resolved if isinstance(resolved, ServedModel) else None
+        unresolved = resolved if isinstance(resolved, Problem) else None
+        current = previous.serving
+        rollout = plan_rollout(
+            previous,
+            desired,
+            service,
+            self._hash(deployment, current) if current else None,
+            deployment.spec.rollout_deadline_seconds,
+            now,
+        )
+        if rollout.serving is not None:
+            service = self._apply(deployment, rollout.serving, service) or service
+        status = compute_status(
+            rollout,
+            service,
+            generation=generation,
+            previous=previous,
+            now=now,
+            endpoint=endpoint(deployment),
+            problem=unresolved,
+        )
+        version = self._write_status(body, status)
+        self._post(body, rollout.events, now)
+        return Outcome(version, rollout.requeue_after or self.settings.recheck_seconds, depends_on=frozenset(needs))
+
+    def _job(self, namespace: str, name: str) -> FineTuneJob | None:
+        body = self.kube.get(API_VERSION, JOB_KIND, namespace, name)
+        if body is None:
+            return None
+        try:
+            return FineTuneJob.model_validate(body)
+        except ValidationError as error:
+            log.warning("cannot read FineTuneJob %s/%s: %s", namespace, name, error)
+            return None
+
+    def _hash(self, deployment: ModelDeployment, served: ServedModel) -> str:
+        manifest = build_ray_service(deployment, served, self.settings)
+        return str(manifest["metadata"]["annotations"][SPEC_HASH_ANNOTATION])
+
+    def _apply(
+        self, deployment: ModelDeployment, served: ServedModel, service: ObservedService | None
+    ) -> ObservedService | None:
+        """Create the RayService, or update it when what it should be changed; the service after, if written."""
+        manifest = build_ray_service(deployment, served, self.settings)
+        wanted = manifest["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+        if service is not None and service.spec_hash == wanted:
+            return None
+        if service is None:
+            created = self.kube.create(manifest)
+            if created is not None:
+                return observe(created)
+        ref = ObjectRef("ray.io/v1", "RayService", manifest["metadata"]["namespace"], manifest["metadata"]["name"])
+        patch = {"metadata": {"annotations": manifest["metadata"]["annotations"]}, "spec": manifest["spec"]}
+        return observe(self.kube.patch(ref, patch))
+
+    def _write(
+        self,
+        body: Manifest,
+        previous: ModelDeploymentStatus,
+        problem: Problem,
+        generation: int,
+        service: ObservedService | None,
+        now: datetime,
+        needs: set[Dependency],
+    ) -> Outcome:
+        """Status for a deployment whose spec cannot be served now; what is served stays."""
+        rollout = Rollout(previous.serving, previous.previous, previous.rejected, previous.rollout_start_time)
+        status = compute_status(
+            rollout, service, generation=generation, previous=previous, now=now, endpoint=previous.endpoint,
+            problem=problem,
+        )  # fmt: skip
+        changed = (body.get("status") or {}).get("conditions") != status.to_wire().get("conditions")
+        version = self._write_status(body, status)
+        if changed:
+            self._post(body, [Event("Warning", problem.reason, problem.message)], now)
+        return Outcome(version, self.settings.recheck_seconds, depends_on=frozenset(needs))
+
+    def _write_status(self, body: Manifest, status: ModelDeploymentStatus) -> str | None:
+        patch = status_patch(body.get("status") or {}, status.to_wire())
+        if not patch:
+            return None
+        ref = ObjectRef(API_VERSION, KIND, body["metadata"]["namespace"], body["metadata"]["name"])
+        written = self.kube.patch_status(ref, patch, resource_version=body["metadata"].get("resourceVersion"))
+        version: str | None = written.get("metadata", {}).get("resourceVersion")
+        return version
+
+    def _post(self, body: Manifest, events: list[Event], now: datetime) -> None:
+        for event in events:
+            try:
+                self.kube.event(body, event.type, event.reason.value, event.message, now)
+            except ApiError as error:  # an event is worth less than the reconcile that records it
+                log.warning("could not record event %s: %s", event.reason, error)
+            log.info("%s %s: %s", body["metadata"]["name"], event.reason.value, event.message)
+
+
+def _dependencies(deployment: ModelDeployment) -> set[Dependency]:
+    """The objects whose changes this deployment must see: its Secrets and the FineTuneJob it follows."""
+    spec = deployment.spec
+    needs: set[Dependency] = set()
+    if spec.auth is not None:
+        needs.add(("Secret", spec.auth.token_secret.name))
+    if spec.storage is not None and spec.storage.credentials_secret is not None:
+        needs.add(("Secret", spec.storage.credentials_secret.name))
+    if spec.model.from_fine_tune_job is not None:
+        needs.add((JOB_KIND, spec.model.from_fine_tune_job.name))
+    return needs
+
+
+def _previous_status(body: Manifest) -> ModelDeploymentStatus:
+    try:
+        return ModelDeploymentStatus.model_validate(body.get("status") or {})
+    except ValidationError as error:
+        log.warning("ignoring the unreadable status of %s: %s", body["metadata"]["name"], error)
+        return ModelDeploymentStatus()

@@ -1,0 +1,114 @@
+"""ModelDeployment → RayService (pure): the Serve config, the autoscaling cluster, secrets by reference."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import yaml
+from kubetune.operator.api.manifests import parse
+from kubetune.operator.api.modeldeployment import ModelDeployment, ServedModel
+from kubetune.operator.builders.modeldeployment import build_ray_service, endpoint, quantity
+from kubetune.operator.settings import Settings
+from kubetune.runtime.contract import Task
+
+from ..conftest import mutated
+
+RUN_2 = ServedModel(
+    uri="s3://out/runs/2/variants/int8", fine_tune_job="tickets", run=2, variant="int8", task=Task.TEXT_CLASSIFICATION
+)
+RUN_3 = RUN_2.model_copy(update={"uri": "s3://out/runs/3/variants/int8", "run": 3})
+
+
+def make(document: dict[str, Any]) -> ModelDeployment:
+    deployment = parse(mutated(mutated(document, "metadata.namespace", "ml"), "metadata.uid", "md-uid"))
+    assert isinstance(deployment, ModelDeployment)
+    return deployment
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("2", 2.0),
+        ("500m", 0.5),
+        ("1.5", 1.5),
+        ("2Gi", 2 * 2**30),
+        ("512Mi", 512 * 2**20),
+        ("1e3", 1000.0),
+        ("3k", 3000),
+    ],
+)
+def test_quantities(text: str, value: float) -> None:
+    assert quantity(text) == value
+
+
+def test_the_serve_config_names_the_application_and_its_arguments(deployment: dict[str, Any]) -> None:
+    service = build_ray_service(make(deployment), RUN_2, Settings())
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    [app] = config["applications"]
+    assert app["import_path"] == "kubetune.runtime.serving.app:build" and app["route_prefix"] == "/"
+    assert app["args"]["modelUri"] == RUN_2.uri and app["args"]["task"] == "text-classification"
+    assert app["args"]["batching"] == {"maxBatchSize": 16, "batchWaitTimeoutMs": 5.0}
+    assert app["args"]["authTokenEnv"] == "KUBETUNE_ENDPOINT_TOKEN"
+    [serve_deployment] = app["deployments"]
+    assert serve_deployment["autoscaling_config"] == {
+        "min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 4.0, "downscale_delay_s": 300,
+    }  # fmt: skip
+    assert serve_deployment["ray_actor_options"] == {"num_cpus": 2.0}
+
+
+def test_the_cluster_autoscales_one_replica_per_worker_pod(deployment: dict[str, Any]) -> None:
+    cluster = build_ray_service(make(deployment), RUN_2, Settings())["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    [workers] = cluster["workerGroupSpecs"]
+    assert (workers["minReplicas"], workers["maxReplicas"], workers["replicas"]) == (1, 8, 1)
+    container = workers["template"]["spec"]["containers"][0]
+    assert container["resources"]["requests"] == {"cpu": "2", "memory": "4Gi"}
+    assert workers["rayStartParams"] == {"num-cpus": "2"}
+
+
+def test_secrets_travel_by_reference_only(deployment: dict[str, Any]) -> None:
+    service = build_ray_service(make(deployment), RUN_2, Settings())
+    container = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    token = next(item for item in container["env"] if item["name"] == "KUBETUNE_ENDPOINT_TOKEN")
+    assert token["valueFrom"] == {"secretKeyRef": {"name": "support-tickets-endpoint", "key": "token"}}
+    assert container["envFrom"] == [{"secretRef": {"name": "training-storage"}}]
+    assert {"name": "AWS_ENDPOINT_URL", "value": "http://minio.storage.svc:9000"} in container["env"]
+
+
+def test_a_new_artifact_changes_only_the_serve_config(deployment: dict[str, Any]) -> None:
+    first, second = (build_ray_service(make(deployment), run, Settings()) for run in (RUN_2, RUN_3))
+    assert first["spec"]["rayClusterConfig"] == second["spec"]["rayClusterConfig"]  # an in-place Serve upgrade
+    assert first["spec"]["serveConfigV2"] != second["spec"]["serveConfigV2"]
+    hashes = {json.dumps(s["metadata"]["annotations"], sort_keys=True) for s in (first, second)}
+    assert len(hashes) == 2
+    again = build_ray_service(make(deployment), RUN_2, Settings())
+    assert again == first  # pure: the same inputs give the same manifest
+
+
+def test_the_service_is_owned_labelled_and_named_within_kuberays_limits(deployment: dict[str, Any]) -> None:
+    long_name = "a-very-long-model-deployment-name-that-goes-on-and-on-beyond-limits"
+    service = build_ray_service(make(mutated(deployment, "metadata.name", long_name)), RUN_2, Settings())
+    meta = service["metadata"]
+    assert len(meta["name"]) <= 47 and meta["labels"]["kubetune.io/modeldeployment"] == long_name
+    owner = meta["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("ModelDeployment", "md-uid", True)
+
+
+def test_the_endpoint_is_kuberays_serve_service(deployment: dict[str, Any]) -> None:
+    routed = make(mutated(deployment, "spec.routePrefix", "/tickets"))
+    assert endpoint(routed) == "http://support-tickets-serve-svc.ml.svc:8000/tickets"
+
+
+def test_gpu_replicas_ask_for_gpus_on_both_levels(deployment: dict[str, Any]) -> None:
+    gpu = make(mutated(deployment, "spec.resources", {"cpu": "4", "memory": "16Gi", "gpus": 1, "gpuType": "L4"}))
+    service = build_ray_service(gpu, RUN_2, Settings())
+    app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    assert app["deployments"][0]["ray_actor_options"] == {"num_cpus": 4.0, "num_gpus": 1}
+    workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert workers["rayStartParams"] == {"num-cpus": "4", "num-gpus": "1"}
+    pod = workers["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "L4"}
