@@ -47,7 +47,7 @@ def compute_status(
         phase = DeploymentPhase.DEGRADED
         ready = (False, Reason.APPLICATION_UNHEALTHY, f"the application is {app or 'not running'}")
     progressing = rollout.rollout_start_time is not None
-    if rollout.rejected is not None and not progressing:
+    if rollout.rejected is not None:  # rolled back (or rolling back): the newest artifact failed
         degraded = (True, Reason.ROLLED_BACK if not failed else Reason.ROLLOUT_FAILED, rollout.rejected.reason)
     elif problem is not None:
         degraded = (True, problem.reason, problem.message)

@@ -137,13 +137,14 @@ def test_lists_and_watches_ask_for_the_operators_objects_only(kube: Kube, namesp
     wait_ray_job(kube, namespace, "tickets-r1")
     collections = [r for r in proxied.recorded() if r.method == "GET" and is_collection(r.path)]
     kinds = {r.path.rsplit("/", 1)[-1] for r in collections}
-    assert {"rayjobs", "configmaps", "secrets", "finetunejobs"} <= kinds
+    assert {"rayjobs", "configmaps", "rayservices", "secrets", "finetunejobs", "modeldeployments"} <= kinds
     for request in collections:
         kind = request.path.rsplit("/", 1)[-1]
         selector = request.query.get("labelSelector", "")
-        if kind in ("rayjobs", "configmaps"):
+        if kind in ("rayjobs", "configmaps", "rayservices"):
             assert "app.kubernetes.io/managed-by=kubetune" in selector.split(","), request
-            assert "kubetune.io/finetunejob" in selector.split(","), request
+            owner = "kubetune.io/modeldeployment" if kind == "rayservices" else "kubetune.io/finetunejob"
+            assert owner in selector.split(","), request
         elif kind == "secrets":
             assert "as=PartialObjectMetadata" in request.accept, request
         else:  # kubetune's own kinds, and the CRDs kopf watches to find them
