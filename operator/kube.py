@@ -57,13 +57,26 @@ class ApiError(Exception):
     Status 0 means the server could not be reached.
     """
 
-    def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        retry_after: float | None = None,
+        causes: tuple[str, ...] = (),
+    ) -> None:
         self.status, self.reason, self.message, self.retry_after = status, reason, message, retry_after
+        self.causes = causes  # the reasons of the Status's details.causes
         super().__init__(f"{status} {reason}: {message}")
 
     @property
     def not_found(self) -> bool:
         return self.status == 404
+
+    @property
+    def namespace_terminating(self) -> bool:
+        """Refused because the namespace is being deleted: its objects are about to go too."""
+        return self.status == 403 and "NamespaceTerminating" in self.causes
 
     @property
     def conflict(self) -> bool:
@@ -355,12 +368,14 @@ def _headers(content_type: str, accept: str) -> dict[str, str]:
 
 def _api_error(status: int, data: bytes, retry_after: str | None = None) -> ApiError:
     reason, message = "", data.decode(errors="replace")
+    causes: tuple[str, ...] = ()
     try:
         payload = json.loads(data)
         reason, message = payload.get("reason", reason), payload.get("message", message)
+        causes = tuple(str(cause.get("reason", "")) for cause in (payload.get("details") or {}).get("causes") or ())
     except (ValueError, TypeError, AttributeError):
         pass
-    return ApiError(status, str(reason), str(message), _seconds(retry_after))
+    return ApiError(status, str(reason), str(message), _seconds(retry_after), causes)
 
 
 def _seconds(retry_after: str | None) -> float | None:

@@ -33,6 +33,8 @@ from kubetune.operator.settings import Settings as OperatorSettings
 Key = tuple[str, str]  # (namespace, name)
 Dependency = tuple[str, str]  # (kind, name) of an object in the same namespace
 log = logging.getLogger("kubetune.controller")
+# How soon an object whose namespace is being deleted is looked at again, if it is still there.
+TERMINATING_RECHECK_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -174,13 +176,21 @@ class Controller:
             self.queue.add_after(key, outcome.requeue_after)
 
     def _failed(self, key: Key, error: Exception) -> None:
+        namespace, name = key
+        if isinstance(error, ApiError) and error.namespace_terminating:
+            # Not a failure: deleting the namespace deletes the object, and that event ends the key.
+            # A slow look again covers a deletion that stalls; backoff would only add noise.
+            RECONCILES.labels(self.kind, "ok").inc()
+            self.queue.forget(key)
+            self.queue.add_after(key, TERMINATING_RECHECK_SECONDS)
+            log.info("%s %s/%s: its namespace is being deleted", self.kind, namespace, name)
+            return
         RECONCILES.labels(self.kind, "error").inc()
         kind = _error_kind(error)
         RECONCILE_ERRORS.labels(self.kind, kind).inc()
         QUEUE_RETRIES.labels(self.kind).inc()
         retry_after = error.retry_after if isinstance(error, ApiError) else None
         delay = self.queue.add_rate_limited(key, at_least=retry_after or 0.0)
-        namespace, name = key
         if kind == "unexpected":
             log.exception("reconcile of %s %s/%s failed; retrying in %.1f s", self.kind, namespace, name, delay)
         else:

@@ -53,6 +53,17 @@ class Source:
     metadata_only: bool = False
 
 
+def owner_label(label: str) -> Callable[[Manifest], Key | None]:
+    """An informer's `owner`: the object of the same namespace named by the child's `label`."""
+
+    def owner(child: Manifest) -> Key | None:
+        meta = child["metadata"]
+        name = (meta.get("labels") or {}).get(label)
+        return (meta.get("namespace") or "", name) if name else None
+
+    return owner
+
+
 class Informer(Generic[V]):
     def __init__(
         self,

@@ -10,18 +10,18 @@ that matters to a job enqueues it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from concurrent.futures import Executor
 from typing import Any
 
 import kopf
 from kubetune.operator.api.common import GROUP, VERSION
 from kubetune.operator.api.finetunejob import KIND, PLURAL
-from kubetune.operator.core.controller import Controller, ControllerSettings, Key
-from kubetune.operator.core.informer import Change, Informer, Source
+from kubetune.operator.core.controller import Controller, ControllerSettings
+from kubetune.operator.core.informer import Change, Informer, Source, owner_label
 from kubetune.operator.kube import Kube, selector
 from kubetune.operator.naming import JOB_LABEL, MANAGED_BY_LABEL, MANAGER, REPORT_LABEL
 from kubetune.operator.planning.finetunejob import ObservedRun
+from kubetune.operator.reconcile import ending_when_deleted
 from kubetune.operator.reconcile.finetunejob import (
     Clock,
     FineTuneJobReconciler,
@@ -37,10 +37,7 @@ RUNS = Source("ray.io/v1", "RayJob", selector({MANAGED_BY_LABEL: MANAGER, JOB_LA
 REPORTS = Source("v1", "ConfigMap", selector({MANAGED_BY_LABEL: MANAGER, REPORT_LABEL: "true", JOB_LABEL: ""}))
 
 
-def job_of(child: Mapping[str, Any]) -> Key | None:
-    meta = child["metadata"]
-    job = (meta.get("labels") or {}).get(JOB_LABEL)
-    return (meta.get("namespace") or "", job) if job else None
+job_of = owner_label(JOB_LABEL)
 
 
 class FineTuneJobs:
@@ -58,7 +55,9 @@ class FineTuneJobs:
         self.runs: Informer[ObservedRun] = Informer(kube, RUNS, namespaces, observe_run, job_of)
         self.reports: Informer[Report] = Informer(kube, REPORTS, namespaces, observe_report, job_of)
         reconciler = FineTuneJobReconciler(kube, settings, self.runs, self.reports, secrets, clock)
-        self.controller = Controller(KIND, reconciler.reconcile, executor, ControllerSettings.of(settings))
+        self.controller = Controller(
+            KIND, ending_when_deleted(kube, KIND, reconciler.reconcile), executor, ControllerSettings.of(settings)
+        )
         self.secrets = secrets
 
     def start(self) -> None:

@@ -9,28 +9,25 @@ depend on it through the controller core.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from concurrent.futures import Executor
 from typing import Any
 
 import kopf
 from kubetune.operator.api.common import GROUP, VERSION
 from kubetune.operator.api.modeldeployment import KIND, PLURAL
-from kubetune.operator.core.controller import Controller, ControllerSettings, Key
-from kubetune.operator.core.informer import Change, Informer, Source
+from kubetune.operator.core.controller import Controller, ControllerSettings
+from kubetune.operator.core.informer import Change, Informer, Source, owner_label
 from kubetune.operator.kube import Kube, selector
 from kubetune.operator.naming import DEPLOYMENT_LABEL, MANAGED_BY_LABEL, MANAGER
 from kubetune.operator.planning.modeldeployment import ObservedService
+from kubetune.operator.reconcile import ending_when_deleted
 from kubetune.operator.reconcile.modeldeployment import Clock, ModelDeploymentReconciler, observe
 from kubetune.operator.settings import Settings
 
 SERVICES = Source("ray.io/v1", "RayService", selector({MANAGED_BY_LABEL: MANAGER, DEPLOYMENT_LABEL: ""}))
 
 
-def deployment_of(service: Mapping[str, Any]) -> Key | None:
-    meta = service["metadata"]
-    name = (meta.get("labels") or {}).get(DEPLOYMENT_LABEL)
-    return (meta.get("namespace") or "", name) if name else None
+deployment_of = owner_label(DEPLOYMENT_LABEL)
 
 
 class ModelDeployments:
@@ -47,7 +44,9 @@ class ModelDeployments:
     ) -> None:
         self.services: Informer[ObservedService] = Informer(kube, SERVICES, namespaces, observe, deployment_of)
         reconciler = ModelDeploymentReconciler(kube, settings, self.services, secrets, clock)
-        self.controller = Controller(KIND, reconciler.reconcile, executor, ControllerSettings.of(settings))
+        self.controller = Controller(
+            KIND, ending_when_deleted(kube, KIND, reconciler.reconcile), executor, ControllerSettings.of(settings)
+        )
         self.secrets = secrets
 
     def start(self) -> None:

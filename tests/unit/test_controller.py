@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from kubetune.operator.core.controller import Controller, ControllerSettings, Key, Outcome
 from kubetune.operator.core.workqueue import Backoff
 from kubetune.operator.kube import ApiError
@@ -143,6 +144,31 @@ def test_failures_are_retried_with_backoff_and_retry_after() -> None:
     assert gaps[0] >= 0.05 * 0.9 and gaps[1] >= 0.3 * 0.95 and gaps[2] >= 0.2 * 0.9, gaps
 
 
+def test_a_namespace_being_deleted_is_no_failure_and_no_retry_storm() -> None:
+    """The API server's refusal names the cause; the object is about to go with its namespace."""
+    from kubetune.operator.kube import _api_error
+    from prometheus_client import REGISTRY
+
+    answer = (
+        b'{"kind":"Status","reason":"Forbidden","message":"namespace ns is being terminated","code":403,'
+        b'"details":{"causes":[{"reason":"NamespaceTerminating","field":"metadata.namespace"}]}}'
+    )
+    refused = _api_error(403, answer)
+    assert refused.namespace_terminating and not _api_error(403, b'{"reason":"Forbidden"}').namespace_terminating
+    script = Script()
+    script.outcomes[A] = [refused]
+    errors_before = REGISTRY.get_sample_value("kubetune_reconcile_errors_total", {"kind": "Thing", "error": "api"})
+
+    async def body(controller: Controller) -> None:
+        controller.enqueue(A)
+        await settle(0.5)
+
+    scenario(script, body)
+    assert script.count(A) == 1  # looked at again in 30 s, not retried with backoff
+    errors = REGISTRY.get_sample_value("kubetune_reconcile_errors_total", {"kind": "Thing", "error": "api"})
+    assert errors == errors_before
+
+
 def test_requeue_after_and_gone() -> None:
     script = Script()
     script.outcomes[A] = [Outcome(requeue_after=0.1), Outcome(gone=True)]
@@ -213,3 +239,26 @@ def test_workers_wait_for_the_caches() -> None:
 
     asyncio.run(main())
     assert script.count(A) == 1
+
+
+def test_a_pass_whose_object_was_deleted_meanwhile_ends_the_key() -> None:
+    from typing import Any, cast
+
+    from kubetune.operator.kube import Kube
+    from kubetune.operator.reconcile import ending_when_deleted
+
+    class Objects:
+        def __init__(self, present: bool) -> None:
+            self.present = present
+
+        def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+            return {"metadata": {"name": name}} if self.present else None
+
+    def writes_to_a_missing_object(key: Key) -> Outcome:
+        raise ApiError(404, "NotFound", "not found")
+
+    deleted = ending_when_deleted(cast(Kube, Objects(False)), "Thing", writes_to_a_missing_object)
+    assert deleted(A) == Outcome(gone=True)
+    still_there = ending_when_deleted(cast(Kube, Objects(True)), "Thing", writes_to_a_missing_object)
+    with pytest.raises(ApiError, match="404"):  # a kind that is not installed, say: an error to retry
+        still_there(A)
