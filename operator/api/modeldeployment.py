@@ -8,6 +8,7 @@ from typing import Any
 
 from kubetune.runtime.contract import Batching, Task, Variant
 from kubetune.runtime.contract.common import ContractModel, KubernetesName, Quantity, Uri, WireModel, cel_rule, with_cel
+from kubetune.runtime.contract.serving import COMPILE_DESCRIPTION
 from pydantic import Field, model_validator
 
 from .common import Condition, Placement, SecretKeyReference, StorageAccess
@@ -100,6 +101,7 @@ class ModelDeploymentSpec(ContractModel):
     resources: ReplicaResources = Field(default_factory=ReplicaResources, description="Per-replica resources.")
     batching: Batching = Field(default_factory=Batching, description="Dynamic request batching.")
     max_new_tokens: int = Field(default=128, ge=1, le=32768, description="Generation limit per request (causal-lm).")
+    compile: bool | None = Field(default=None, description=COMPILE_DESCRIPTION)
     auth: Auth | None = Field(default=None, description="Require a bearer token; open when omitted.")
     storage: StorageAccess | None = Field(default=None, description="Access to s3:// and hf:// model locations.")
     route_prefix: str = Field(

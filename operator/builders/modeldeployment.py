@@ -21,7 +21,14 @@ from kubetune.operator.api.modeldeployment import KIND, ModelDeployment, ServedM
 from kubetune.operator.builders import pods
 from kubetune.operator.naming import DEPLOYMENT_LABEL, MANAGED_BY_LABEL, MANAGER, SPEC_HASH_ANNOTATION, fit
 from kubetune.operator.settings import Settings
-from kubetune.runtime.contract.serving import SERVE_IMPORT_PATH, ServeAppArgs, Variant
+from kubetune.runtime.contract.serving import (
+    REPLICA_ENVIRONMENT,
+    SERVE_ENVIRONMENT,
+    SERVE_IMPORT_PATH,
+    SERVE_LOGGING,
+    ServeAppArgs,
+    Variant,
+)
 
 Manifest = dict[str, Any]
 APPLICATION = "model"  # the Serve application's name in the config
@@ -71,6 +78,7 @@ def serve_args(deployment: ModelDeployment, served: ServedModel) -> ServeAppArgs
         batching=spec.batching,
         max_new_tokens=spec.max_new_tokens,
         auth_token_env=TOKEN_VARIABLE if spec.auth is not None else None,
+        compile=spec.compile,
     )
 
 
@@ -81,7 +89,9 @@ def serve_config(deployment: ModelDeployment, served: ServedModel) -> Manifest:
     actor: Manifest = {"num_cpus": quantity(resources.cpu)}
     if resources.gpus:
         actor["num_gpus"] = resources.gpus
+    actor["runtime_env"] = {"env_vars": REPLICA_ENVIRONMENT}
     return {
+        "logging_config": SERVE_LOGGING,
         "applications": [
             {
                 "name": APPLICATION,
@@ -102,12 +112,17 @@ def serve_config(deployment: ModelDeployment, served: ServedModel) -> Manifest:
                     }
                 ],
             }
-        ]
+        ],
     }
+
+
+# How Serve runs, set on every Ray pod: Serve's proxy and controller read it where they start.
+SERVE_POD_ENVIRONMENT = [{"name": name, "value": value} for name, value in SERVE_ENVIRONMENT.items()]
 
 
 def _replica_environment(deployment: ModelDeployment) -> tuple[list[Manifest], list[Manifest]]:
     env, env_from = pods.storage_environment(deployment.spec.storage)
+    env = [*SERVE_POD_ENVIRONMENT, *env]
     auth = deployment.spec.auth
     if auth is not None:  # the token reaches the replicas by reference, never copied
         secret = {"name": auth.token_secret.name, "key": auth.token_secret.key}
@@ -132,7 +147,14 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
         env_from=env_from,
         claims=pods.pvc_claims([served.uri]),
     )
-    head = pods.RayPod(container="ray-head", cpu=HEAD_CPU, memory=HEAD_MEMORY, gpus=0, placement=resources)
+    head = pods.RayPod(
+        container="ray-head",
+        cpu=HEAD_CPU,
+        memory=HEAD_MEMORY,
+        gpus=0,
+        placement=resources,
+        env=SERVE_POD_ENVIRONMENT,
+    )
     worker_params = {"num-cpus": str(worker_cpus)}
     if resources.gpus:
         worker_params["num-gpus"] = str(resources.gpus)

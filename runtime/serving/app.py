@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from kubetune.runtime.contract import Task
-from kubetune.runtime.contract.serving import ServeAppArgs
+from kubetune.runtime.contract.serving import REPLICA_ENVIRONMENT, SERVE_LOGGING, ServeAppArgs
 from kubetune.runtime.serving import api, predict
 from kubetune.runtime.serving.api import RequestError
 from kubetune.runtime.serving.batching import Batcher
@@ -239,14 +239,15 @@ def application(
     this is for running Serve from Python, e.g. `kubetune serve`.
     """
     # A replica holds enough requests to fill two batches: one running, one gathering.
-    options: dict[str, Any] = {"max_ongoing_requests": max(32, 2 * args.batching.max_batch_size)}
+    options: dict[str, Any] = {
+        "max_ongoing_requests": max(32, 2 * args.batching.max_batch_size),
+        "logging_config": SERVE_LOGGING,
+    }
     actor: dict[str, Any] = {}
     if num_cpus is not None:
         actor["num_cpus"] = num_cpus
-    if env:
-        actor["runtime_env"] = {"env_vars": env}
-    if actor:
-        options["ray_actor_options"] = actor
+    actor["runtime_env"] = {"env_vars": {**REPLICA_ENVIRONMENT, **(env or {})}}
+    options["ray_actor_options"] = actor
     deployment: Any = ModelServer  # @serve.deployment made it a Deployment
     bound: serve.Application = deployment.options(**options).bind(args.to_wire())
     return bound

@@ -112,8 +112,9 @@ def load(args: ServeAppArgs, settings: RuntimeSettings) -> Loaded:
         folder=folder,
         max_length=min(positions, MAX_TEXT_TOKENS),
     )
-    if args.compile and task != Task.CAUSAL_LM:  # generation's changing shapes would recompile all along
-        loaded.model = torch.compile(model)  # type: ignore[assignment]
+    if args.compiles(task) and task != Task.CAUSAL_LM:  # generation's changing shapes would recompile all along
+        # Dynamic shapes: one compile serves every batch size and length, none happens under load.
+        loaded.model = torch.compile(model, dynamic=True)  # type: ignore[assignment]
     warm_up(loaded)
     LOGGER.info("serving %s (%s) from %s", loaded.name, task.value, folder)
     return loaded

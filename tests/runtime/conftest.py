@@ -37,7 +37,10 @@ def model_dir() -> Path:
 def ray_session() -> Iterator[str]:
     """One local Ray for the whole tier (starting Ray takes seconds); yields its address."""
     import ray
+    from kubetune.runtime.contract.serving import SERVE_ENVIRONMENT
 
+    # Serve in the tests runs as in a RayService's pods; Ray's processes inherit the environment.
+    os.environ.update(SERVE_ENVIRONMENT)
     ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield str(ray.get_runtime_context().gcs_address)

@@ -108,7 +108,7 @@ def served(ray_session: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         {"modelUri": str(folders["text"]), "modelName": "topics", "authTokenEnv": "KUBETUNE_TEST_ENDPOINT_TOKEN",
          "maxInputsPerRequest": 8, "maxInputChars": 200, "batching": {"maxBatchSize": 16, "batchWaitTimeoutMs": 20}}
     )  # fmt: skip
-    # Three replicas on the session's two CPUs.
+    # Three replicas on the session's two CPUs. The text classifier runs compiled (its default), the others eager.
     serve.run(application(text_args, num_cpus=0.5, env=ENV), name="text", route_prefix="/text")
     for name in ("lm", "image"):
         args = ServeAppArgs(model_uri=str(folders[name]), max_new_tokens=12)
@@ -149,7 +149,8 @@ def test_the_text_classifier_answers_as_the_exported_model_does(served: dict[str
         assert prediction["label"] == LABELS[max(range(4), key=scores.__getitem__)]
         assert [prediction["scores"][label] for label in LABELS] == pytest.approx(scores, abs=1e-4)
     status, _, single = text.call("POST", "/v1/predict", {"inputs": texts[0]})
-    assert status == 200 and single["predictions"][0] == body["predictions"][0]
+    assert status == 200 and single["predictions"][0]["label"] == body["predictions"][0]["label"]
+    assert single["predictions"][0]["scores"] == pytest.approx(body["predictions"][0]["scores"], abs=1e-4)
     status, _, models = text.call("GET", "/v1/models")
     assert status == 200 and [m["id"] for m in models["data"]] == ["topics"]
 
@@ -310,3 +311,28 @@ def test_the_image_classifier_answers_base64_images(served: dict[str, Any]) -> N
 def test_a_classifier_has_no_completions(served: dict[str, Any], text: Endpoint) -> None:
     status, _, body = text.call("POST", "/v1/completions", {"prompt": "hi"})
     assert status == 404 and "text-classification" in body["error"]["message"]
+
+
+def test_serve_accepts_the_config_the_operator_writes(served: dict[str, Any]) -> None:
+    """The RayService's serveConfigV2 is what Ray Serve's own schema accepts, and its args build the app."""
+    import yaml
+    from kubetune.operator.api.manifests import parse
+    from kubetune.operator.api.modeldeployment import ModelDeployment, ServedModel
+    from kubetune.operator.builders.modeldeployment import build_ray_service
+    from kubetune.operator.settings import Settings
+    from kubetune.runtime.serving.app import build
+    from ray.serve.schema import ServeDeploySchema
+
+    from ..conftest import REPO_ROOT
+
+    document = yaml.safe_load((REPO_ROOT / "examples" / "modeldeployment.yaml").read_text())
+    document["metadata"].update(namespace="ml", uid="md-uid")
+    deployment = parse(document)
+    assert isinstance(deployment, ModelDeployment)
+    served_model = ServedModel(uri=str(served["folders"]["text"]), fine_tune_job="tickets", run=2, variant="full")
+    config = yaml.safe_load(build_ray_service(deployment, served_model, Settings())["spec"]["serveConfigV2"])
+    schema = ServeDeploySchema.model_validate(config)
+    assert schema.logging_config is not None and schema.logging_config.enable_access_log is False
+    [app] = schema.applications
+    assert app.import_path == "kubetune.runtime.serving.app:build"
+    assert build(app.args) is not None

@@ -12,6 +12,7 @@ from kubetune.operator.api.modeldeployment import ModelDeployment, ServedModel
 from kubetune.operator.builders.modeldeployment import build_ray_service, endpoint, quantity
 from kubetune.operator.settings import Settings
 from kubetune.runtime.contract import Task
+from kubetune.runtime.contract.serving import ServeAppArgs
 
 from ..conftest import mutated
 
@@ -55,7 +56,9 @@ def test_the_serve_config_names_the_application_and_its_arguments(deployment: di
     assert serve_deployment["autoscaling_config"] == {
         "min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 4.0, "downscale_delay_s": 300,
     }  # fmt: skip
-    assert serve_deployment["ray_actor_options"] == {"num_cpus": 2.0}
+    assert serve_deployment["ray_actor_options"] == {
+        "num_cpus": 2.0, "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
+    }  # fmt: skip
 
 
 def test_the_cluster_autoscales_one_replica_per_worker_pod(deployment: dict[str, Any]) -> None:
@@ -67,6 +70,16 @@ def test_the_cluster_autoscales_one_replica_per_worker_pod(deployment: dict[str,
     container = workers["template"]["spec"]["containers"][0]
     assert container["resources"]["requests"] == {"cpu": "2", "memory": "4Gi"}
     assert workers["rayStartParams"] == {"num-cpus": "2"}
+
+
+def test_every_ray_pod_runs_serve_the_same_way(deployment: dict[str, Any]) -> None:
+    service = build_ray_service(make(deployment), RUN_2, Settings())
+    cluster = service["spec"]["rayClusterConfig"]
+    for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+        env = group["template"]["spec"]["containers"][0]["env"]
+        assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in env
+        assert {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"} in env
+    assert yaml.safe_load(service["spec"]["serveConfigV2"])["logging_config"] == {"enable_access_log": False}
 
 
 def test_secrets_travel_by_reference_only(deployment: dict[str, Any]) -> None:
@@ -106,9 +119,28 @@ def test_gpu_replicas_ask_for_gpus_on_both_levels(deployment: dict[str, Any]) ->
     gpu = make(mutated(deployment, "spec.resources", {"cpu": "4", "memory": "16Gi", "gpus": 1, "gpuType": "L4"}))
     service = build_ray_service(gpu, RUN_2, Settings())
     app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
-    assert app["deployments"][0]["ray_actor_options"] == {"num_cpus": 4.0, "num_gpus": 1}
+    assert app["deployments"][0]["ray_actor_options"]["num_gpus"] == 1
     workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     assert workers["rayStartParams"] == {"num-cpus": "4", "num-gpus": "1"}
     pod = workers["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "L4"}
+
+
+@pytest.mark.parametrize(
+    ("asked", "task", "compiled"),
+    [
+        (None, Task.TEXT_CLASSIFICATION, True),  # where bench/serving.py measured it faster
+        (None, Task.IMAGE_CLASSIFICATION, False),
+        (None, Task.CAUSAL_LM, False),
+        (False, Task.TEXT_CLASSIFICATION, False),
+        (True, Task.IMAGE_CLASSIFICATION, True),
+    ],
+)
+def test_torch_compile_is_on_where_it_pays_unless_the_spec_says(
+    deployment: dict[str, Any], asked: bool | None, task: Task, compiled: bool
+) -> None:
+    document = mutated(deployment, "spec.compile", asked) if asked is not None else deployment
+    service = build_ray_service(make(document), RUN_2, Settings())
+    args = ServeAppArgs.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"])
+    assert args.compile is asked and args.compiles(task) is compiled
