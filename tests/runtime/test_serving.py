@@ -313,6 +313,47 @@ def test_a_classifier_has_no_completions(served: dict[str, Any], text: Endpoint)
     assert status == 404 and "text-classification" in body["error"]["message"]
 
 
+def test_requests_latency_and_batch_sizes_are_prometheus_metrics(text: Endpoint) -> None:
+    """Through Ray Serve's metrics: Ray's metrics agent exports them in Prometheus's format."""
+    import ray
+
+    from ..integration.harness import eventually
+
+    for _ in range(3):
+        assert text.call("POST", "/v1/predict", {"inputs": "counted"})[0] == 200
+    port = next(node["MetricsExportPort"] for node in ray.nodes() if node["Alive"])  # type: ignore[no-untyped-call]
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    wanted = (
+        "kubetune_serve_requests_total",
+        "kubetune_serve_request_seconds_bucket",
+        "kubetune_serve_batch_size_bucket",
+    )
+
+    last: list[str] = []
+
+    def counted() -> bool:
+        """Every metric is there, and the answered requests are counted by route and status."""
+        try:
+            with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                lines = response.read().decode().splitlines()
+        except urllib.error.URLError as error:  # the agent starts its exporter a little after Ray
+            last[:] = [str(error)]
+            return False
+        last[:] = [line for line in lines if any(name in line for name in wanted)]
+        answered = [
+            float(line.rsplit(" ", 1)[1])
+            for line in last
+            if line.startswith("ray_kubetune_serve_requests_total") and 'route="/v1/predict"' in line
+            and 'status="200"' in line
+        ]  # fmt: skip
+        return all(any(name in line for line in last) for name in wanted) and sum(answered) >= 3
+
+    try:
+        eventually(counted, timeout=120, interval=2, what="kubetune's serving metrics at Ray's metrics port")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; the metrics' lines last seen: {last}") from None
+
+
 def test_serve_accepts_the_config_the_operator_writes(served: dict[str, Any]) -> None:
     """The RayService's serveConfigV2 is what Ray Serve's own schema accepts, and its args build the app."""
     import yaml
