@@ -7,7 +7,6 @@ same state. It runs in a worker thread of the controller core (blocking API call
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -40,6 +39,7 @@ from kubetune.operator.naming import (
     runner_name,
 )
 from kubetune.operator.planning.finetunejob import Event, ObservedRun, plan
+from kubetune.operator.reconcile import patch_status, post_events, previous_status
 from kubetune.operator.settings import Settings
 from kubetune.operator.status.finetunejob import Problem, compute_status
 from kubetune.runtime.contract.errors import describe
@@ -94,11 +94,6 @@ def observe_report(config_map: Mapping[str, Any]) -> Report | None:
         return None
 
 
-def status_patch(previous: Manifest, current: Manifest) -> Manifest:
-    """A merge patch that turns `previous` into `current` (removed keys become null)."""
-    return {key: current.get(key) for key in {*previous, *current} if previous.get(key) != current.get(key)}
-
-
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -129,7 +124,7 @@ class FineTuneJobReconciler:
         if body["metadata"].get("deletionTimestamp"):
             return Outcome()
         generation = int(body["metadata"].get("generation", 1))
-        previous = _previous_status(body)
+        previous = previous_status(body, FineTuneJobStatus, log)
         try:
             job = FineTuneJob.model_validate({**body, "status": None})
         except ValidationError as error:
@@ -176,7 +171,7 @@ class FineTuneJobReconciler:
             RUNS_FINISHED.labels(record.phase.value).inc()
             if record.gate is not None and record.gate.passed:
                 PROMOTIONS.inc()
-        self._post(body, decision.events, now)
+        post_events(self.kube, body, decision.events, now, log)
         return Outcome(version, decision.requeue_after, depends_on=frozenset(("Secret", s) for s in secrets))
 
     def _with_unlisted_runs(self, job: FineTuneJob, runs: list[ObservedRun]) -> list[ObservedRun]:
@@ -216,7 +211,7 @@ class FineTuneJobReconciler:
         changed = (body.get("status") or {}).get("conditions") != wire.get("conditions")
         version = self._write_status(body, wire)
         if changed:
-            self._post(body, [Event("Warning", problem.reason, problem.message)], now)
+            post_events(self.kube, body, [Event("Warning", problem.reason, problem.message)], now, log)
         return Outcome(version, requeue)
 
     def _delete_run(self, namespace: str, record: RunRecord) -> None:
@@ -241,43 +236,15 @@ class FineTuneJobReconciler:
         """
         ref = ObjectRef(API_VERSION, KIND, body["metadata"]["namespace"], body["metadata"]["name"])
         try:
-            return _patch_status(self.kube, ref, body, status)
+            return patch_status(self.kube, ref, body, status)
         except ApiError as error:
             current = self.kube.get(ref.api_version, ref.kind, ref.namespace, ref.name) if error.conflict else None
             if current is None or _inputs(current) != _inputs(body):
                 raise
-            return _patch_status(self.kube, ref, current, status)
-
-    def _post(self, body: Manifest, events: list[Event], now: datetime) -> None:
-        for event in events:
-            try:
-                self.kube.event(body, event.type, event.reason.value, event.message, now)
-            except ApiError as error:  # an event is worth less than the reconcile that records it
-                log.warning("could not record event %s: %s", event.reason, error)
-            log.info(
-                json.dumps({"object": body["metadata"]["name"], "reason": event.reason.value, "message": event.message})
-            )
-
-
-def _patch_status(kube: Kube, ref: ObjectRef, body: Manifest, status: Manifest) -> str | None:
-    patch = status_patch(body.get("status") or {}, status)
-    if not patch:
-        return None
-    written = kube.patch_status(ref, patch, resource_version=body["metadata"].get("resourceVersion"))
-    version: str | None = written.get("metadata", {}).get("resourceVersion")
-    return version
+            return patch_status(self.kube, ref, current, status)
 
 
 def _inputs(body: Manifest) -> tuple[Any, ...]:
     """What a job's status is computed from: its spec (generation), annotations, deletion and status."""
     meta = body["metadata"]
     return meta.get("generation"), meta.get("annotations"), meta.get("deletionTimestamp"), body.get("status")
-
-
-def _previous_status(body: Manifest) -> FineTuneJobStatus:
-    """The status as last written; one this version cannot read starts afresh rather than wedging the job."""
-    try:
-        return FineTuneJobStatus.model_validate(body.get("status") or {})
-    except ValidationError as error:
-        log.warning("ignoring the unreadable status of %s: %s", body["metadata"]["name"], error)
-        return FineTuneJobStatus()

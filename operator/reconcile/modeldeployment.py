@@ -19,7 +19,7 @@ from kubetune.operator.builders.modeldeployment import APPLICATION, build_ray_se
 from kubetune.operator.conditions import Reason
 from kubetune.operator.core.controller import Dependency, Key, Outcome
 from kubetune.operator.core.informer import Informer
-from kubetune.operator.kube import ApiError, Kube, ObjectRef
+from kubetune.operator.kube import Kube, ObjectRef
 from kubetune.operator.naming import SPEC_HASH_ANNOTATION
 from kubetune.operator.planning.finetunejob import Event
 from kubetune.operator.planning.modeldeployment import (
@@ -29,7 +29,7 @@ from kubetune.operator.planning.modeldeployment import (
     plan_rollout,
     resolve,
 )
-from kubetune.operator.reconcile.finetunejob import status_patch
+from kubetune.operator.reconcile import patch_status, post_events, previous_status
 from kubetune.operator.settings import Settings
 from kubetune.operator.status.finetunejob import Problem
 from kubetune.operator.status.modeldeployment import compute_status
@@ -68,7 +68,7 @@ class ModelDeploymentReconciler:
         if body["metadata"].get("deletionTimestamp"):
             return Outcome()
         generation = int(body["metadata"].get("generation", 1))
-        previous = _previous_status(body)
+        previous = previous_status(body, ModelDeploymentStatus, log)
         service = observed[0] if observed else None
         try:
             deployment = ModelDeployment.model_validate({**body, "status": None})
@@ -105,8 +105,8 @@ class ModelDeploymentReconciler:
             endpoint=endpoint(deployment),
             problem=unresolved,
         )
-        version = self._write_status(body, status)
-        self._post(body, rollout.events, now)
+        version = patch_status(self.kube, _ref(body), body, status.to_wire())
+        post_events(self.kube, body, rollout.events, now, log)
         return Outcome(version, rollout.requeue_after or self.settings.recheck_seconds, depends_on=frozenset(needs))
 
     def _job(self, namespace: str, name: str) -> FineTuneJob | None:
@@ -156,27 +156,10 @@ class ModelDeploymentReconciler:
             problem=problem,
         )  # fmt: skip
         changed = (body.get("status") or {}).get("conditions") != status.to_wire().get("conditions")
-        version = self._write_status(body, status)
+        version = patch_status(self.kube, _ref(body), body, status.to_wire())
         if changed:
-            self._post(body, [Event("Warning", problem.reason, problem.message)], now)
+            post_events(self.kube, body, [Event("Warning", problem.reason, problem.message)], now, log)
         return Outcome(version, self.settings.recheck_seconds, depends_on=frozenset(needs))
-
-    def _write_status(self, body: Manifest, status: ModelDeploymentStatus) -> str | None:
-        patch = status_patch(body.get("status") or {}, status.to_wire())
-        if not patch:
-            return None
-        ref = ObjectRef(API_VERSION, KIND, body["metadata"]["namespace"], body["metadata"]["name"])
-        written = self.kube.patch_status(ref, patch, resource_version=body["metadata"].get("resourceVersion"))
-        version: str | None = written.get("metadata", {}).get("resourceVersion")
-        return version
-
-    def _post(self, body: Manifest, events: list[Event], now: datetime) -> None:
-        for event in events:
-            try:
-                self.kube.event(body, event.type, event.reason.value, event.message, now)
-            except ApiError as error:  # an event is worth less than the reconcile that records it
-                log.warning("could not record event %s: %s", event.reason, error)
-            log.info("%s %s: %s", body["metadata"]["name"], event.reason.value, event.message)
 
 
 def _dependencies(deployment: ModelDeployment) -> set[Dependency]:
@@ -192,9 +175,5 @@ def _dependencies(deployment: ModelDeployment) -> set[Dependency]:
     return needs
 
 
-def _previous_status(body: Manifest) -> ModelDeploymentStatus:
-    try:
-        return ModelDeploymentStatus.model_validate(body.get("status") or {})
-    except ValidationError as error:
-        log.warning("ignoring the unreadable status of %s: %s", body["metadata"]["name"], error)
-        return ModelDeploymentStatus()
+def _ref(body: Manifest) -> ObjectRef:
+    return ObjectRef(API_VERSION, KIND, body["metadata"]["namespace"], body["metadata"]["name"])
