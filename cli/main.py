@@ -10,8 +10,9 @@ from typing import Any
 
 import yaml
 from kubetune.operator.api.finetunejob import FineTuneJob
-from kubetune.operator.api.manifests import Manifest, parse
+from kubetune.operator.api.manifests import Manifest
 from kubetune.runtime.contract.errors import SpecError
+from kubetune.runtime.contract.serving import Variant
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -81,6 +82,8 @@ def _report(where: str, error: SpecError) -> None:
 
 
 def validate(paths: list[Path]) -> int:
+    from kubetune.cli.validate import check
+
     failed = 0
     for path in paths:
         try:
@@ -94,7 +97,7 @@ def validate(paths: list[Path]) -> int:
         for index, document in enumerate(documents):
             where = str(path) if len(documents) == 1 else f"{path}#{index + 1}"
             try:
-                manifest = parse(document)
+                manifest = check(document)
             except SpecError as error:
                 failed += 1
                 _report(where, error)
@@ -138,6 +141,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="Prometheus /metrics port (0 disables); KUBETUNE_METRICS_PORT or 8080 by default",
     )
+    local = commands.add_parser(
+        "run", help="fine-tune, compress and serve a FineTuneJob manifest on this machine (no cluster)"
+    )
+    local.add_argument("path", type=Path, metavar="FILE", help="a FineTuneJob (and optionally a ModelDeployment)")
+    local.add_argument("--output", metavar="DIR", help="write results here instead of the job's spec.output.uri")
+    local.add_argument("--no-serve", action="store_true", help="stop after the results; do not serve")
+    local.add_argument("--port", type=int, default=8000, help="port of the local endpoint (default 8000)")
+    local.add_argument("--workers", type=int, help="training workers (default: the job's resources.workers)")
+    local.add_argument("-v", "--verbose", action="store_true", help="show Ray's and other libraries' logs")
+    serving = commands.add_parser("serve", help="serve an exported model or run output on this machine")
+    serving.add_argument("uri", metavar="PATH_OR_URI", help="a run's output folder or a variant's folder (path, s3://)")
+    serving.add_argument(
+        "--variant", default="best", choices=[v.value for v in Variant], help="variant of a run's output (best)"
+    )
+    serving.add_argument("--port", type=int, default=8000, help="port of the local endpoint (default 8000)")
+    serving.add_argument("--name", help="the model's name in answers (default: the job's or the folder's name)")
+    serving.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model"
+    )
+    serving.add_argument("-v", "--verbose", action="store_true", help="show Ray's and other libraries' logs")
     commands.add_parser("version", help="print the version")
     return parser
 
@@ -146,6 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "validate":
         return validate(args.paths)
+    if args.command == "run":
+        from .run import RunFlags, run_command
+
+        if args.workers is not None and args.workers < 1:
+            errors.print("[red]error:[/red] --workers must be at least 1")
+            return 2
+        flags = RunFlags(args.output, not args.no_serve, args.port, args.workers, args.verbose)
+        return run_command(args.path, flags)
+    if args.command == "serve":
+        from .serve import serve_command
+
+        return serve_command(args.uri, Variant(args.variant), args.port, args.name, args.compile, args.verbose)
     if args.command == "crds":
         return crds(args.directories)
     if args.command == "operator":

@@ -16,10 +16,11 @@ from pathlib import Path
 from pydantic import ValidationError
 from rich.console import Console
 
+from .console import ConsoleReporter
 from .contract import RunConfig
 from .contract.errors import SpecError
 from .errors import InvalidRunError
-from .reporting import ConsoleReporter, JsonLinesReporter, Reporter, Reporters
+from .reporting import JsonLinesReporter, Reporter, Reporters
 
 EXIT_OK = 0
 EXIT_FAILED = 1

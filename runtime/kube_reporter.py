@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .contract import RunIdentity
-from .contract.report import REPORT_KEY, RunReport, Stage
-from .reporting import TrainingProgress
+from .contract.report import REPORT_KEY, RunReport, Stage, VariantReport
+from .reporting import TrainingProgress, TrialBoard
 from .result import RunResult
 
 LOGGER = logging.getLogger(__name__)
@@ -76,9 +76,15 @@ class ConfigMapReporter:
         report.epoch, report.loss = max(progress.epoch, 0.0), progress.loss
         self._write(force=progress.step == progress.total_steps)
 
-    def trials(self, completed: int, total: int) -> None:
-        self.report.trials_completed, self.report.trials_total = completed, total
-        self._write(force=completed == total)
+    def trials(self, board: TrialBoard) -> None:
+        completed = board.completed
+        if (completed, board.total) == (self.report.trials_completed, self.report.trials_total):
+            return  # a trial started or reported: the counts the report carries are unchanged
+        self.report.trials_completed, self.report.trials_total = completed, board.total
+        self._write(force=completed == board.total)
+
+    def variant(self, name: str, report: VariantReport) -> None:
+        pass  # the result carries every variant
 
     def metrics(self, split: str, values: dict[str, float], step: int) -> None:
         if split == "test-before":

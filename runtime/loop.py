@@ -201,6 +201,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 position.step += 1
+                # Samples/s of the whole group: every worker trains as many examples as the first.
+                elapsed = position.train_seconds + time.perf_counter() - started
                 relay.send(
                     {
                         "kind": "progress",
@@ -209,8 +211,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "epoch": epoch + (batch_index + 1) / len(batches),
                         "loss": loss_value,
                         "learning_rate": scheduler.get_last_lr()[0],
+                        "epochs": hp.epochs,
+                        "epoch_steps": optimizer_steps,
+                        "samples_per_second": world * (position.train_samples + len(indices)) / max(elapsed, 1e-9),
                     },
-                    force=position.step == total_steps,
+                    # The last step of each epoch always goes out: it closes the epoch's bar.
+                    force=position.step % optimizer_steps == 0 or position.step == total_steps,
                 )
                 loss_value = 0.0
                 fault = plan.settings.fault_at_step

@@ -208,7 +208,9 @@ def _run(spec: RunSpec, options: RunOptions, root: Path, events: Reporters) -> R
     events.metrics("test-after", after, trained.position.step)
 
     events.stage_started(Stage.COMPRESS, "variants: " + ", ".join(planned_variants(effective)))
-    context = VariantContext(effective, data, after)
+    context = VariantContext(
+        effective, data, after, lambda variant: events.variant(variant.name, variant.report(str(variant.folder)))
+    )
     variants = build_variants(model, processor, root, context)
     reports = {variant.name: variant.report(_uri_of(spec, root, variant.folder)) for variant in variants}
     best = best_variant(reports, COMPRESSED)

@@ -10,14 +10,11 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
-
-from .contract.report import Stage
+from .contract.report import Stage, VariantReport
 from .result import RunResult
 
 
@@ -27,9 +24,57 @@ class TrainingProgress:
 
     step: int
     total_steps: int
-    epoch: float
+    epoch: float  # fractional: 1.5 is halfway through the second epoch
     loss: float
     learning_rate: float
+    epochs: int = 1
+    epoch_steps: int = 0  # optimizer steps per epoch (0: unknown)
+    samples_per_second: float | None = None  # training examples per second, all workers together
+
+    @property
+    def epoch_index(self) -> int:
+        """The epoch this step belongs to, from 0."""
+        if self.epoch_steps <= 0:
+            return max(0, min(self.epochs - 1, int(self.epoch)))
+        return max(0, (self.step - 1) // self.epoch_steps)
+
+    @property
+    def step_in_epoch(self) -> int:
+        if self.epoch_steps <= 0:
+            return self.step
+        return self.step - self.epoch_index * self.epoch_steps
+
+
+class TrialState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    STOPPED_EARLY = "stopped early"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One search trial as the search sees it."""
+
+    trial_id: str
+    state: TrialState
+    hyperparameters: dict[str, Any]
+    metric: float | None = None  # the latest validation value of the search metric
+    reports: int = 0  # validation reports so far
+
+
+@dataclass(frozen=True)
+class TrialBoard:
+    """Every trial of a search, in start order, and how many the search plans."""
+
+    metric: str
+    rows: list[TrialRow]
+    total: int
+
+    @property
+    def completed(self) -> int:
+        return sum(row.state not in (TrialState.PENDING, TrialState.RUNNING) for row in self.rows)
 
 
 class Reporter(Protocol):
@@ -39,11 +84,14 @@ class Reporter(Protocol):
     def progress(self, progress: TrainingProgress) -> None:
         """Training advanced by an optimizer step."""
 
-    def trials(self, completed: int, total: int) -> None:
-        """A search trial finished."""
+    def trials(self, board: TrialBoard) -> None:
+        """A search trial started, reported or ended."""
 
     def metrics(self, split: str, values: dict[str, float], step: int) -> None:
         """Metrics of a split (validation during training; test-before / test-after at the end)."""
+
+    def variant(self, name: str, report: VariantReport) -> None:
+        """A variant was exported and measured."""
 
     def result(self, result: RunResult) -> None:
         """The run finished and produced `result`."""
@@ -66,9 +114,13 @@ class Reporters:
         for reporter in self.reporters:
             reporter.progress(progress)
 
-    def trials(self, completed: int, total: int) -> None:
+    def trials(self, board: TrialBoard) -> None:
         for reporter in self.reporters:
-            reporter.trials(completed, total)
+            reporter.trials(board)
+
+    def variant(self, name: str, report: VariantReport) -> None:
+        for reporter in self.reporters:
+            reporter.variant(name, report)
 
     def metrics(self, split: str, values: dict[str, float], step: int) -> None:
         for reporter in self.reporters:
@@ -100,8 +152,11 @@ class JsonLinesReporter:
     def progress(self, progress: TrainingProgress) -> None:
         self._write("progress", **asdict(progress))
 
-    def trials(self, completed: int, total: int) -> None:
-        self._write("trials", completed=completed, total=total)
+    def trials(self, board: TrialBoard) -> None:
+        self._write("trials", completed=board.completed, total=board.total, rows=[asdict(row) for row in board.rows])
+
+    def variant(self, name: str, report: VariantReport) -> None:
+        self._write("variant", name=name, report=report.model_dump(mode="json", by_alias=True))
 
     def metrics(self, split: str, values: dict[str, float], step: int) -> None:
         self._write("metrics", split=split, values=values, step=step)
@@ -130,7 +185,10 @@ class TensorBoardReporter:
     def stage_started(self, stage: Stage, message: str = "") -> None:
         pass
 
-    def trials(self, completed: int, total: int) -> None:
+    def trials(self, board: TrialBoard) -> None:
+        pass
+
+    def variant(self, name: str, report: VariantReport) -> None:
         pass
 
     def progress(self, progress: TrainingProgress) -> None:
@@ -152,87 +210,3 @@ class TensorBoardReporter:
 
     def failed(self, message: str) -> None:
         self.close()
-
-
-def _format(value: float | None) -> str:
-    return "—" if value is None else f"{value:.4f}"
-
-
-def metrics_table(before: dict[str, float], after: dict[str, float]) -> Table:
-    table = Table(title="test metrics")
-    for column in ("metric", "base model", "fine-tuned", "change"):
-        table.add_column(column, justify="left" if column == "metric" else "right")
-    for name in sorted(set(before) | set(after)):
-        old, new = before.get(name), after.get(name)
-        change = f"{new - old:+.4f}" if old is not None and new is not None else "—"
-        table.add_row(name, _format(old), _format(new), change)
-    return table
-
-
-def variants_table(result: RunResult) -> Table:
-    table = Table(title="variants")
-    for column in ("variant", "size MB", "p50 ms", "metrics", "accepted"):
-        table.add_column(column, justify="left" if column in {"variant", "metrics", "accepted"} else "right")
-    for name, variant in result.variants.items():
-        size = "—" if variant.size_bytes is None else f"{variant.size_bytes / 1e6:.1f}"
-        latency = "—" if variant.latency_ms_p50 is None else f"{variant.latency_ms_p50:.1f}"
-        shown = ", ".join(f"{key} {value:.4f}" for key, value in sorted(variant.metrics.items()))
-        verdict = "yes" if variant.accepted else f"no: {variant.reason}"
-        marker = " (best)" if name == result.best_variant else ""
-        table.add_row(name + marker, size, latency, shown, verdict)
-    return table
-
-
-class ConsoleReporter:
-    """Progress bars while training, then a table of the base and fine-tuned metrics."""
-
-    def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console()
-        self._bar: Progress | None = None
-        self._task: TaskID | None = None
-
-    def _close_bar(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar, self._task = None, None
-
-    def stage_started(self, stage: Stage, message: str = "") -> None:
-        self._close_bar()
-        self.console.print(f"[bold cyan]{stage.value}[/bold cyan] {message}")
-
-    def trials(self, completed: int, total: int) -> None:
-        self.console.print(f"  search: {completed}/{total} trials done")
-
-    def progress(self, progress: TrainingProgress) -> None:
-        if self._bar is None:
-            self._bar = Progress(
-                TextColumn("training"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total} steps"),
-                TextColumn("{task.fields[status]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=self.console,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task("train", total=progress.total_steps, status="")
-        assert self._task is not None
-        status = f"epoch {progress.epoch:.2f} loss {progress.loss:.4f}"
-        self._bar.update(self._task, completed=progress.step, total=progress.total_steps, status=status)
-
-    def metrics(self, split: str, values: dict[str, float], step: int) -> None:
-        shown = ", ".join(f"{name} {value:.4f}" for name, value in sorted(values.items()))
-        self.console.print(f"  {split} (step {step}): {shown}")
-
-    def result(self, result: RunResult) -> None:
-        self._close_bar()
-        self.console.print(metrics_table(result.metrics_before, result.metrics_after))
-        if result.variants:
-            self.console.print(variants_table(result))
-        for variant, uri in sorted(result.artifacts.items()):
-            self.console.print(f"  [dim]{variant}[/dim] {uri}")
-        self.console.print(f"  [dim]manifest[/dim] {result.manifest_uri}")
-
-    def failed(self, message: str) -> None:
-        self._close_bar()
-        self.console.print(f"[red]run failed:[/red] {message}")

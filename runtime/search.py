@@ -18,7 +18,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from .checkpoints import TrainingState
 from .contract import Algorithm, ParameterType, Scheduler, SearchParameter, SearchSpec
 from .plan import TrainingPlan
-from .reporting import Reporter
+from .reporting import Reporter, TrialBoard, TrialRow, TrialState
 from .train import WorkerShape, build_trainer
 
 # What the trial function itself (not its training workers) asks Ray for: it only waits on the trainer.
@@ -150,7 +150,7 @@ def run_search(
             name=name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
-            callbacks=[_TrialCounter(reporter, trials_total)],
+            callbacks=[_TrialBoard(reporter, trials_total, metric)],
         ),
     )
     before = _placement_groups()
@@ -217,21 +217,60 @@ def _planned_trials(search: SearchSpec) -> int:
     return search.effective_trials * grid
 
 
-class _TrialCounter(ray.tune.Callback):
-    """Tells the reporter whenever a trial ends (completed, stopped early or failed)."""
+def _trial_state(trial: Any) -> TrialState:
+    status = str(getattr(trial, "status", ""))
+    if status == "RUNNING":
+        return TrialState.RUNNING
+    if status == "ERROR":
+        return TrialState.FAILED
+    if status == "TERMINATED":
+        # A trial that trains to its end reports `final`; one the scheduler stopped does not.
+        finished = bool((trial.last_result or {}).get("final"))
+        return TrialState.DONE if finished else TrialState.STOPPED_EARLY
+    return TrialState.PENDING
 
-    def __init__(self, reporter: Reporter, total: int) -> None:
+
+class _TrialBoard(ray.tune.Callback):
+    """Tells the reporter each trial's state, values and latest metric as the search goes."""
+
+    def __init__(self, reporter: Reporter, total: int, metric: str) -> None:
         self.reporter: Reporter | None = reporter
-        self.total, self.done = total, 0
+        self.total, self.metric = total, metric
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks into the experiment state; the reporter (files, threads) stays here.
         return {**self.__dict__, "reporter": None}
 
+    def _publish(self, trials: list[Any], ending: Any = None, ended: TrialState | None = None) -> None:
+        if self.reporter is None:
+            return
+        rows = []
+        for trial in trials:
+            last = trial.last_result or {}
+            metric = last.get(self.metric)
+            state = ended if trial is ending and ended is not None else _trial_state(trial)
+            row = TrialRow(
+                trial_id=str(trial.trial_id),
+                state=state,
+                hyperparameters={spec_key(key): value for key, value in (trial.config or {}).items()},
+                metric=float(metric) if isinstance(metric, int | float) else None,
+                reports=int(last.get("training_iteration", 0)),
+            )
+            rows.append(row)
+        self.reporter.trials(TrialBoard(self.metric.removeprefix("validation_"), rows, self.total))
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._publish(trials)
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
+        self._publish(trials)
+
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.done += 1
-        if self.reporter is not None:
-            self.reporter.trials(self.done, self.total)
+        # Called before Tune marks the trial terminated: its state is decided here.
+        finished = bool((trial.last_result or {}).get("final"))
+        self._publish(trials, trial, TrialState.DONE if finished else TrialState.STOPPED_EARLY)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.on_trial_complete(iteration, trials, trial, **info)
+        self._publish(trials, trial, TrialState.FAILED)

@@ -102,6 +102,9 @@ def _forward(event: dict[str, Any], reporter: Reporter) -> None:
                 epoch=event["epoch"],
                 loss=event["loss"],
                 learning_rate=event["learning_rate"],
+                epochs=event.get("epochs", 1),
+                epoch_steps=event.get("epoch_steps", 0),
+                samples_per_second=event.get("samples_per_second"),
             )
         )
     elif event.get("kind") == "metrics":

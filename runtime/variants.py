@@ -7,7 +7,8 @@ model (merged or full). Each is measured from what was written to disk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ class VariantContext:
     spec: RunSpec
     data: TaskData
     reference: dict[str, float]  # test metrics of the fine-tuned model
+    # Told about each variant once it is written and measured (the console shows compression as it goes).
+    measured: Callable[[ExportedVariant], None] = field(default=lambda variant: None)
 
 
 def test_metrics(model: nn.Module, processor: Any, spec: RunSpec, data: TaskData) -> dict[str, float]:
@@ -74,6 +77,7 @@ def _measure(
     if variant.name in COMPRESSED:
         verdict = judge(spec.model.task, context.reference, metrics, spec.compression.max_accuracy_drop)
         variant.accepted, variant.reason = verdict.accepted, verdict.reason
+    context.measured(variant)
 
 
 def _measure_reloaded(variant: ExportedVariant, processor: Any, context: VariantContext) -> None:

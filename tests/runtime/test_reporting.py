@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubetune.runtime.console import LINE_INTERVAL_S, ConsoleReporter
 from kubetune.runtime.contract import RunIdentity
 from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, VariantReport
 from kubetune.runtime.kube_reporter import ConfigMapReporter, kubernetes_reporter
-from kubetune.runtime.reporting import ConsoleReporter, TrainingProgress
+from kubetune.runtime.reporting import TrainingProgress, TrialBoard, TrialRow, TrialState
 from kubetune.runtime.result import RunResult
 from rich.console import Console
 
@@ -48,7 +49,18 @@ class Clock:
 
 
 def _progress(step: int, total: int = 10) -> TrainingProgress:
-    return TrainingProgress(step=step, total_steps=total, epoch=step / 5, loss=1.0 / step, learning_rate=1e-3)
+    return TrainingProgress(
+        step=step, total_steps=total, epoch=step / 5, loss=1.0 / step, learning_rate=1e-3,
+        epochs=2, epoch_steps=5, samples_per_second=12.5,
+    )  # fmt: skip
+
+
+def _board(done: int, total: int) -> TrialBoard:
+    rows = [
+        TrialRow(f"t{i}", TrialState.DONE if i < done else TrialState.RUNNING, {"learningRate": 0.001 * (i + 1)})
+        for i in range(total)
+    ]
+    return TrialBoard("accuracy", rows, total)
 
 
 def _result() -> RunResult:
@@ -101,7 +113,7 @@ def test_configmap_reporter_survives_api_errors_and_reports_failure() -> None:
     reporter = ConfigMapReporter(api, "r", "ns", min_interval_s=0.0)
     reporter.stage_started(Stage.LOAD)  # first attempt fails, the retry lands
     assert len(api.patches) == 1
-    reporter.trials(2, 4)
+    reporter.trials(_board(2, 4))
     reporter.failed("data.train: no examples in s3://b/x.jsonl")
     final = api.reports()[-1]
     assert final.stage == Stage.FAILED and final.error == "data.train: no examples in s3://b/x.jsonl"
@@ -114,18 +126,56 @@ def test_no_kubernetes_reporter_for_a_local_run() -> None:
 
 
 def test_console_reporter_shows_progress_and_the_result() -> None:
+    """Captured output (no terminal): a line per epoch, per trial change and per variant, then the table."""
     stream = StringIO()
-    reporter = ConsoleReporter(Console(file=stream, width=160, force_terminal=False))
+    clock = Clock()
+    reporter = ConsoleReporter(Console(file=stream, width=160, force_terminal=False), clock=clock)
     reporter.stage_started(Stage.TRAIN, "lora")
-    reporter.progress(_progress(3))
+    reporter.progress(_progress(3))  # mid-epoch, moments after the start: no line
+    clock.now += 1
+    reporter.progress(_progress(5))  # the epoch's last step
+    clock.now += 1
+    reporter.progress(_progress(6))
+    clock.now += LINE_INTERVAL_S + 1
+    reporter.progress(_progress(8))  # a long epoch: a line with its ETA
     reporter.progress(_progress(10))
-    reporter.trials(1, 2)
+    reporter.trials(_board(0, 2))
+    reporter.trials(_board(1, 2))
+    reporter.trials(_board(1, 2))  # nothing changed: no new line
+    reporter.variant("int8", _result().variants["int8"])
     reporter.result(_result())
     text = stream.getvalue()
-    assert "train" in text and "lora" in text and "1/2 trials" in text
-    assert "0.2500" in text and "0.9000" in text  # the before/after table
+    lines = text.splitlines()
+    assert "train" in text and "lora" in text
+    assert [line.strip() for line in lines if line.strip().startswith("epoch")] == [
+        "epoch 1/2: step 5/5, loss 0.2000, 12.5 samples/s, 1 s",
+        "epoch 2/2: step 3/5, loss 0.1250, 12.5 samples/s, ETA 11 s",
+        "epoch 2/2: step 5/5, loss 0.1000, 12.5 samples/s, 16 s",
+    ]
+    trial_lines = [line.strip() for line in lines if line.strip().startswith("trial")]
+    assert trial_lines == [
+        "trial t0 running (0/2 done): learningRate 0.001",
+        "trial t1 running (0/2 done): learningRate 0.002",
+        "trial t0 done (1/2 done): learningRate 0.001",
+    ]
+    assert "int8: 0.0 MB, p50 — ms, not accepted: too lossy" in text
+    assert "0.2500" in text and "0.9000" in text  # the base and fine-tuned rows
     assert "no: too lossy" in text and "full (best)" in text
     assert "s3://b/run/kubetune.json" in text
+
+
+def test_console_reporter_on_a_terminal_draws_bars_and_a_trial_table() -> None:
+    stream = StringIO()
+    reporter = ConsoleReporter(Console(file=stream, width=160, force_terminal=True, color_system=None))
+    reporter.progress(_progress(3))
+    reporter.progress(_progress(7))
+    reporter.metrics("validation", {"accuracy": 0.5}, 7)
+    reporter.trials(_board(1, 2))
+    reporter.result(_result())
+    text = stream.getvalue()
+    assert "epoch 1/2" in text and "epoch 2/2" in text and "12.5 samples/s" in text
+    assert "search: 1/2 trials done" in text and "learningRate 0.001" in text
+    assert "validation (step 7): accuracy 0.5000" in text
 
 
 def _entry_point(config: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,245 @@
+"""`kubetune validate` reports field errors and cross-field rules together, in one pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubetune.cli.main import main
+from kubetune.cli.validate import problems_of, rule_failures, schema_for, with_defaults
+from kubetune.operator.api.manifests import parse
+from kubetune.runtime.contract.errors import SpecError
+
+from ..conftest import EXAMPLES, load_example, mutated
+
+MANY_MISTAKES = Path(__file__).parent / "manifests" / "many-mistakes.yaml"
+
+# Every problem of the fixture: field errors, pydantic cross-field checks and CEL rules.
+EXPECTED_JOB = [
+    "spec.data.split: validationFraction + testFraction must be below 1 (got 0.6 + 0.5)",
+    "spec.hyperparameters.epochs: Input should be greater than or equal to 1",
+    "spec.hyperparameters.learningrate: unknown field",
+    "spec.hyperparameters.optimizer: Input should be 'adamw', 'adam' or 'sgd'",
+    "spec.hyperparameters.precision: precision fp16 needs GPUs: set resources.gpusPerWorker",
+    "spec.hyperparameters.warmupSteps: set warmupSteps or warmupRatio, not both",
+    "spec.method.lora: lora is set but type is 'full'; use lora, dora or qlora",
+    "spec.search.metric: search.metric does not apply to model.task",
+    "spec.search.space.learningRate.low: loguniform needs low > 0 (got 0.0)",
+]
+EXPECTED_DEPLOYMENT = [
+    "spec.autoscaling.minReplicas: minReplicas must not exceed maxReplicas",
+    "spec.autoscaling.targetOngoingRequests: Input should be greater than 0",
+    "spec.model: set exactly one of uri and fromFineTuneJob",
+]
+
+
+def _run(capsys: pytest.CaptureFixture[str], *paths: Path) -> tuple[int, str, str]:
+    code = main(["validate", *map(str, paths)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _write(tmp_path: Path, *documents: dict[str, Any]) -> Path:
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump_all(documents))
+    return path
+
+
+def _problem_lines(err: str) -> list[str]:
+    return [line.strip() for line in err.splitlines() if line.startswith("    ")]
+
+
+def test_every_mistake_is_reported_in_one_pass(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, MANY_MISTAKES)
+    assert code == 1
+    assert out == ""
+    assert f"✗ {MANY_MISTAKES}#1" in err
+    assert f"✗ {MANY_MISTAKES}#2" in err
+    lines = _problem_lines(err)
+    for expected in EXPECTED_JOB + EXPECTED_DEPLOYMENT:
+        assert any(line.startswith(expected) for line in lines), expected
+    assert len(lines) == len(EXPECTED_JOB) + len(EXPECTED_DEPLOYMENT)  # each once, mirrors merged
+    job, deployment = lines[: len(EXPECTED_JOB)], lines[len(EXPECTED_JOB) :]
+    assert [line.startswith(e) for line, e in zip(job, EXPECTED_JOB, strict=True)] == [True] * len(job)
+    assert deployment == EXPECTED_DEPLOYMENT  # sorted by path
+
+
+def test_the_console_script_reports_them_too() -> None:
+    import subprocess
+    import sys
+
+    kubetune = Path(sys.executable).parent / "kubetune"
+    result = subprocess.run([str(kubetune), "validate", str(MANY_MISTAKES)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "spec.search.space.learningRate.low: loguniform needs low > 0" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["finetunejob-complete.yaml", "modeldeployment.yaml", "finetunejob-minimal.yaml"])
+def test_valid_examples_still_pass(capsys: pytest.CaptureFixture[str], name: str) -> None:
+    code, out, err = _run(capsys, EXAMPLES / name)
+    assert code == 0, err
+    assert out.startswith(f"✓ {EXAMPLES / name}: ")
+    assert rule_failures(load_example(name)) == []
+
+
+def test_header_problems_come_with_the_spec_problems() -> None:
+    document = mutated(load_example("finetunejob-minimal.yaml"), "metadata.name", "Not_A_Name")
+    document = mutated(document, "spec.hyperparameters", {"epochs": 0})
+    assert [str(p) for p in problems_of(document)] == [
+        "metadata.name: expected a lowercase DNS name, got 'Not_A_Name'",
+        "spec.hyperparameters.epochs: Input should be greater than or equal to 1",
+    ]
+    assert [str(p) for p in problems_of({"kind": "Pod"})] == [
+        "apiVersion: expected kubetune.io/v1alpha1, got None",
+        "kind: expected one of FineTuneJob, ModelDeployment, got 'Pod'",
+        "metadata.name: expected a lowercase DNS name, got None",
+    ]
+
+
+def test_rules_see_the_schema_defaults(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    job = mutated(load_example("finetunejob-minimal.yaml"), "spec.data.split", {"validationFraction": 0.95})
+    defaulted = with_defaults(job, schema_for("FineTuneJob"))
+    assert defaulted["spec"]["data"]["split"] == {"validationFraction": 0.95, "testFraction": 0.1, "seed": 42}
+    assert defaulted["spec"]["model"]["task"] == "text-classification"
+    assert [(f.path, f.message) for f in rule_failures(job)] == [
+        ("spec.data.split", "validationFraction + testFraction must be below 1")
+    ]
+    deployment = mutated(load_example("modeldeployment.yaml"), "spec.autoscaling", {"minReplicas": 6})
+    assert [f.path for f in rule_failures(deployment)] == ["spec.autoscaling.minReplicas"]
+    code, _, err = _run(capsys, _write(tmp_path, job, deployment))
+    assert code == 1
+    assert _problem_lines(err) == [
+        "spec.data.split: validationFraction + testFraction must be below 1 (got 0.95 + 0.1)",
+        "spec.autoscaling.minReplicas: minReplicas (6) must not exceed maxReplicas (4)",
+    ]
+
+
+def test_unknown_fields_and_nulls_are_pruned_before_the_rules_run() -> None:
+    job = load_example("finetunejob-minimal.yaml")
+    job = mutated(job, "spec.method", {"type": "full", "lora": None, "lorra": {"rank": 4}})
+    assert [str(p) for p in problems_of(job)] == ["spec.method.lorra: unknown field"]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field_error"),
+    [
+        ("spec.data.split", {"validationFraction": "lots", "testFraction": 0.5}, "spec.data.split.validationFraction"),
+        ("spec.hyperparameters", {"warmupSteps": 10, "warmupRatio": "high"}, "spec.hyperparameters.warmupRatio"),
+        (
+            "spec.search",
+            {"space": {"learningRate": {"type": "loguniform", "low": "zero", "high": 0.1}}},
+            "spec.search.space.learningRate.low",
+        ),
+        ("spec.search", {"algorithm": "grid", "space": "all of them"}, "spec.search.space"),
+        ("spec.resources", {"gpusPerWorker": "one", "gpuType": "NVIDIA-H100"}, "spec.resources.gpusPerWorker"),
+    ],
+)
+def test_a_wrong_type_read_by_a_rule_gives_the_field_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, path: str, value: Any, field_error: str
+) -> None:
+    job = mutated(load_example("finetunejob-minimal.yaml"), path, value)
+    code, _, err = _run(capsys, _write(tmp_path, job))
+    assert code == 1
+    lines = _problem_lines(err)
+    assert len(lines) == 1, lines  # the field error, and no rule failure on the unusable value
+    assert lines[0].startswith(f"{field_error}: Input should be"), lines
+    assert all(line.startswith(("✗", "    ")) for line in err.splitlines()), err  # nothing else on stderr
+
+
+# Each pydantic cross-field check (a model validator's ValueError) and the CEL rule that mirrors it.
+JOB = "finetunejob-minimal.yaml"
+GPUS = ("spec.resources", {"gpusPerWorker": 1})
+CROSS_FIELD_CASES = [
+    (JOB, [("spec.method", {"type": "full", "lora": {"rank": 4}})], "lora is set", "spec.method.lora"),
+    (JOB, [("spec.method", {"type": "lora", "freeze": {}})], "freeze is set", "spec.method.freeze"),
+    (JOB, [("spec.method", {"type": "lora", "qlora": {}})], "qlora is set", "spec.method.qlora"),
+    (
+        JOB,
+        [("spec.search", {"space": {"learningRate": {"type": "loguniform", "low": 0, "high": 0.1}}})],
+        "loguniform needs low > 0",
+        "spec.search.space.learningRate.low",
+    ),
+    (
+        JOB,
+        [("spec.search", {"space": {"lora.rank": {"type": "uniform", "low": 16, "high": 8}}})],
+        "low (16.0) must be below high (8.0)",
+        "spec.search.space.lora.rank.low",
+    ),
+    (
+        JOB,
+        [("spec.search", {"algorithm": "grid", "space": {"epochs": {"type": "randint", "low": 1, "high": 4}}})],
+        "algorithm grid needs grid or choice",
+        "spec.search.space",
+    ),
+    (
+        JOB,
+        [("spec.search", {"algorithm": "tpe", "space": {"epochs": {"type": "grid", "values": [1, 2]}}})],
+        "algorithm tpe cannot take grid parameters",
+        "spec.search.space",
+    ),
+    (
+        JOB,
+        [("spec.search", {"asha": {}, "space": {"epochs": {"type": "choice", "values": [1, 2]}}})],
+        "asha is set but scheduler is not asha",
+        "spec.search.asha",
+    ),
+    (
+        JOB,
+        [("spec.search", {"metric": "perplexity", "space": {"epochs": {"type": "choice", "values": [1, 2]}}})],
+        "search.metric perplexity does not apply",
+        "spec.search.metric",
+    ),
+    (JOB, [("spec.data.format", "imagefolder")], "data.format imagefolder needs", "spec.data.format"),
+    (JOB, [("spec.hyperparameters", {"precision": "fp16"})], "fp16 needs GPUs", "spec.hyperparameters.precision"),
+    (JOB, [("spec.method", {"type": "qlora"})], "qlora needs GPUs", "spec.method.type"),
+    (JOB, [("spec.resources", {"gpuType": "NVIDIA-H100"})], "gpuType needs", "spec.resources.gpuType"),
+    (JOB, [("spec.promotion", {"metric": "perplexity"})], "promotion.metric perplexity", "spec.promotion.metric"),
+    (
+        JOB,
+        [("spec.hyperparameters", {"warmupSteps": 10, "warmupRatio": 0.1})],
+        "set warmupSteps or warmupRatio, not both",
+        "spec.hyperparameters.warmupSteps",
+    ),
+    (
+        JOB,
+        [("spec.data.split", {"validationFraction": 0.6, "testFraction": 0.5})],
+        "must be below 1",
+        "spec.data.split",
+    ),
+    (
+        "modeldeployment.yaml",
+        [("spec.autoscaling", {"minReplicas": 5, "maxReplicas": 2})],
+        "must not exceed maxReplicas",
+        "spec.autoscaling.minReplicas",
+    ),
+    (
+        "modeldeployment.yaml",
+        [("spec.model.uri", "s3://bucket/model")],
+        "set exactly one of uri and fromFineTuneJob",
+        "spec.model",
+    ),
+    ("modeldeployment.yaml", [("spec.model", {})], "set exactly one of uri and fromFineTuneJob", "spec.model"),
+    (
+        "modeldeployment.yaml",
+        [("spec.resources", {"gpuType": "NVIDIA-L4"})],
+        "gpuType needs gpus > 0",
+        "spec.resources.gpuType",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("example", "changes", "message", "rule_path"), CROSS_FIELD_CASES, ids=[case[3] for case in CROSS_FIELD_CASES]
+)
+def test_pydantic_and_cel_agree(example: str, changes: list[tuple[str, Any]], message: str, rule_path: str) -> None:
+    document = load_example(example)
+    for path, value in changes:
+        document = mutated(document, path, value)
+    with pytest.raises(SpecError) as rejected:
+        parse(document)
+    assert any(message in problem for problem in rejected.value.problems), rejected.value.problems
+    assert rule_path in [failure.path for failure in rule_failures(document)]
+    if GPUS[0] not in [path for path, _ in changes] and "GPUs" in message:
+        assert rule_failures(mutated(document, *GPUS)) == []  # with GPUs the rule holds again
