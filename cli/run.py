@@ -23,6 +23,7 @@ from kubetune.runtime.contract import RunIdentity, RunSpec, WorkerResources
 from kubetune.runtime.contract.errors import SpecError
 from kubetune.runtime.contract.report import RunReport, Stage
 from kubetune.runtime.contract.serving import ServeAppArgs, Variant
+from kubetune.runtime.result import RunResult
 from rich.console import Console
 from rich.markup import escape
 
@@ -116,11 +117,8 @@ def serve_args(run: LocalRun, output_uri: str) -> tuple[ServeAppArgs, str]:
     return args.model_copy(update=update), spec.route_prefix
 
 
-def judged(job: FineTuneJob, result: object) -> GateResult:
+def judged(job: FineTuneJob, result: RunResult) -> GateResult:
     """The job's promotion gate on the local run's result, as the operator judges a cluster run."""
-    from kubetune.runtime.result import RunResult
-
-    assert isinstance(result, RunResult)
     record = RunRecord(
         number=1,
         ray_job_name="local",

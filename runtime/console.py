@@ -119,6 +119,11 @@ class ConsoleReporter:
         self._stop_displays()
         self._print(f"[bold cyan]{stage.value}[/bold cyan] {escape(message)}")
 
+    def data(self, splits: dict[str, int], labels: list[str]) -> None:
+        sizes = " / ".join(f"{count} {split}" for split, count in splits.items())
+        shown = f"; {len(labels)} labels: {', '.join(labels)}" if labels else ""
+        self._print(f"  {sizes} examples{escape(shown)}")
+
     # Training: a bar per epoch on a terminal, a line per epoch otherwise.
 
     def progress(self, progress: TrainingProgress) -> None:

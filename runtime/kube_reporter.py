@@ -86,6 +86,9 @@ class ConfigMapReporter:
     def variant(self, name: str, report: VariantReport) -> None:
         pass  # the result carries every variant
 
+    def data(self, splits: dict[str, int], labels: list[str]) -> None:
+        pass  # the stage messages say the split sizes
+
     def metrics(self, split: str, values: dict[str, float], step: int) -> None:
         if split == "test-before":
             self.report.metrics_before = dict(values)

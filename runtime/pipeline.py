@@ -187,10 +187,11 @@ def _train_or_search(spec: RunSpec, data: TaskData, options: RunOptions, root: P
 def _run(spec: RunSpec, options: RunOptions, root: Path, events: Reporters) -> RunResult:
     events.stage_started(Stage.LOAD, f"data from {spec.data.train}")
     data = load_data(spec, options.settings)
+    events.data({"train": len(data.train), "validation": len(data.validation), "test": len(data.test)}, data.labels)
     events.stage_started(
         Stage.EVALUATE_BASE,
-        f"{len(data.train)} train / {len(data.validation)} validation / {len(data.test)} test examples"
-        + (f", {len(data.labels)} labels" if data.labels else ""),
+        f"base model on {len(data.test)} test examples (training: {len(data.train)}, validation: "
+        f"{len(data.validation)})",
     )
     before = _evaluate_base(spec, data, options)
     events.metrics("test-before", before, 0)

@@ -81,6 +81,9 @@ class Reporter(Protocol):
     def stage_started(self, stage: Stage, message: str = "") -> None:
         """A pipeline stage began."""
 
+    def data(self, splits: dict[str, int], labels: list[str]) -> None:
+        """The data is loaded: examples per split, and the class labels (none for causal LM)."""
+
     def progress(self, progress: TrainingProgress) -> None:
         """Training advanced by an optimizer step."""
 
@@ -109,6 +112,10 @@ class Reporters:
     def stage_started(self, stage: Stage, message: str = "") -> None:
         for reporter in self.reporters:
             reporter.stage_started(stage, message)
+
+    def data(self, splits: dict[str, int], labels: list[str]) -> None:
+        for reporter in self.reporters:
+            reporter.data(splits, labels)
 
     def progress(self, progress: TrainingProgress) -> None:
         for reporter in self.reporters:
@@ -149,6 +156,9 @@ class JsonLinesReporter:
     def stage_started(self, stage: Stage, message: str = "") -> None:
         self._write("stage", stage=stage.value, message=message)
 
+    def data(self, splits: dict[str, int], labels: list[str]) -> None:
+        self._write("data", splits=splits, labels=labels)
+
     def progress(self, progress: TrainingProgress) -> None:
         self._write("progress", **asdict(progress))
 
@@ -183,6 +193,9 @@ class TensorBoardReporter:
         self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def stage_started(self, stage: Stage, message: str = "") -> None:
+        pass
+
+    def data(self, splits: dict[str, int], labels: list[str]) -> None:
         pass
 
     def trials(self, board: TrialBoard) -> None:

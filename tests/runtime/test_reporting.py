@@ -231,4 +231,4 @@ def test_entry_point_runs_a_config_end_to_end(
     result = RunResult.model_validate_json((tmp_path / "result.json").read_text())
     manifest = json.loads(Path(result.manifest_uri).read_text())
     assert manifest["run"] == {"jobName": "topics", "runNumber": 3}
-    assert "test metrics" in finished.stdout
+    assert "results (test set)" in finished.stdout

@@ -76,8 +76,15 @@ def test_random_search_with_asha_reports_the_best_trial(
     assert all(1 <= trial["reports"] <= 4 for trial in trials)
     stages = [e["stage"] for e in events if e["event"] == "stage"]
     assert stages == ["load", "evaluate-base", "search", "evaluate", "compress", "export"]
-    counts = [e["completed"] for e in events if e["event"] == "trials"]
-    assert counts == [1, 2, 3, 4]
+    # The trial board: published as trials start, report and end; finished trials only add up.
+    boards = [e for e in events if e["event"] == "trials"]
+    counts = [board["completed"] for board in boards]
+    assert counts == sorted(counts) and set(counts) == {0, 1, 2, 3, 4}
+    final = boards[-1]["rows"]
+    assert len(final) == 4 and all(row["metric"] is not None for row in final)
+    # A trial that trained to its end made its final report; one ASHA stopped did not.
+    assert all((row["state"] == "done") == (row["reports"] == 4) for row in final), final
+    assert {row["state"] for row in final} <= {"done", "stopped early"}
     assert result.metrics_after["accuracy"] > 0
     _assert_cluster_is_free()
 
