@@ -158,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--port", type=int, default=8000, help="port of the local endpoint (default 8000)")
     serving.add_argument("--name", help="the model's name in answers (default: the job's or the folder's name)")
     serving.add_argument(
-        "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model"
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model (off by default here: it slows the start by 30-80 s on 2 cores)",
     )
     serving.add_argument("-v", "--verbose", action="store_true", help="show Ray's and other libraries' logs")
     commands.add_parser("version", help="print the version")

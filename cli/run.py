@@ -28,6 +28,15 @@ from rich.console import Console
 from rich.markup import escape
 
 from .capture import Consoles, libraries_logged_to
+from .serve import (
+    busy_ports,
+    interruptible,
+    last_line,
+    local_compile,
+    local_ray,
+    sample_of,
+    serve_until_stopped,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_NOT_PROMOTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 LOG_FILE = "kubetune.log"
@@ -105,12 +114,13 @@ def serve_args(run: LocalRun, output_uri: str) -> tuple[ServeAppArgs, str]:
         model_name=run.name,
         batching=serving.batching,
         max_new_tokens=serving.max_new_tokens,
+        compile=local_compile(None),
     )
     if run.deployment is None:
         return args, serving.route_prefix
     spec = run.deployment.spec
     reference = spec.model.from_fine_tune_job
-    update = {"batching": spec.batching, "max_new_tokens": spec.max_new_tokens, "compile": spec.compile}
+    update = {"batching": spec.batching, "max_new_tokens": spec.max_new_tokens, "compile": local_compile(spec.compile)}
     if reference is not None:
         update["variant"] = reference.variant
     update["model_name"] = run.deployment.metadata["name"]
@@ -170,9 +180,15 @@ def run_command(path: Path, flags: RunFlags) -> int:
     if missing is not None:
         errors.print(f"[red]error:[/red] {escape(missing)}", soft_wrap=True, highlight=False)
         return EXIT_INVALID
+    if flags.serve and (busy := busy_ports(flags.port)):
+        # Found now, not after the training: the endpoint could not start.
+        for problem in busy:
+            errors.print(f"[red]error:[/red] {escape(problem)}", soft_wrap=True, highlight=False)
+        return EXIT_INVALID
     spec = run_spec(local.job, flags.output)
     log_file = log_file_for(spec, local.name)
     log_file.unlink(missing_ok=True)
+    interruptible()
     with libraries_logged_to(None if flags.verbose else log_file) as consoles:
         return _run(local, spec, flags, consoles, log_file)
 
@@ -183,8 +199,6 @@ def _run(local: LocalRun, spec: RunSpec, flags: RunFlags, consoles: Consoles, lo
     from kubetune.runtime.pipeline import RunOptions, run_pipeline
     from kubetune.runtime.reporting import JsonLinesReporter, Reporters
     from kubetune.runtime.storage import anchored
-
-    from .serve import last_line, local_ray, sample_of, serve_until_stopped
 
     out, err = consoles.out, consoles.err
     workers = flags.workers or local.job.spec.resources.workers

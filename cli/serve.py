@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -99,12 +100,47 @@ def local_ray(cpus: int | None) -> Iterator[None]:
         yield
 
 
+def local_compile(asked: bool | None) -> bool:
+    """Whether the local endpoint compiles its model: only when asked.
+
+    A compile costs a replica 30 to 80 s of start on two cores, for about a quarter off one
+    request's latency: worth it for a cluster's long-lived replicas, not for a first answer here.
+    """
+    return bool(asked)
+
+
+def interruptible() -> None:
+    """Ctrl-C raises KeyboardInterrupt, even where the shell that started us ignores SIGINT (`cmd &`)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class _StopRequestedError(Exception):
     """SIGTERM, turned into the same clean stop as Ctrl-C."""
 
 
 def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise _StopRequestedError()
+
+
+def busy_ports(port: int) -> list[str]:
+    """Ports the local endpoint needs that something else holds: its own, and HAProxy's two fixed ones."""
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_METRICS_PORT, RAY_SERVE_HAPROXY_STATS_PORT
+
+    needed = {
+        port: "--port",
+        int(RAY_SERVE_HAPROXY_STATS_PORT): "HAProxy's stats page (RAY_SERVE_HAPROXY_STATS_PORT)",
+        int(RAY_SERVE_HAPROXY_METRICS_PORT): "HAProxy's metrics (RAY_SERVE_HAPROXY_METRICS_PORT)",
+    }
+    busy = []
+    for number, purpose in needed.items():
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("0.0.0.0", number))
+            except OSError:
+                busy.append(f"port {number} ({purpose}) is in use: is another endpoint running on this machine?")
+    return busy
 
 
 def start(args: ServeAppArgs, port: int, route_prefix: str = "/") -> str:
@@ -123,6 +159,7 @@ def serve_until_stopped(
     """Serve `args`, answer one example request, print it as curl, and wait for Ctrl-C or SIGTERM."""
 
     out.print(f"[bold cyan]serve[/bold cyan] {escape(args.model_uri)} ({args.variant.value}) on port {port}")
+    interruptible()  # Ray Train's fit() leaves its own SIGINT handler behind, aimed at a finished run
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_stop) if in_main_thread else None
     try:
@@ -191,13 +228,21 @@ def serve_command(uri: str, variant: Variant, port: int, name: str | None, compi
     from kubetune.runtime.storage import anchored, fetch
 
     errors = Console(stderr=True)
-    args = ServeAppArgs(model_uri=anchored(uri, Path.cwd()) or uri, variant=variant, model_name=name, compile=compile)
+    args = ServeAppArgs(
+        model_uri=anchored(uri, Path.cwd()) or uri, variant=variant, model_name=name, compile=local_compile(compile)
+    )
     try:
         folder, manifest = variant_folder(fetch(args.model_uri, RuntimeSettings.from_environment()), variant)
         task = detect_task(folder, manifest)
     except InvalidRunError as error:
         errors.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True, highlight=False)
         return 2
+    busy = busy_ports(port)
+    for problem in busy:
+        errors.print(f"[red]error:[/red] {escape(problem)}", soft_wrap=True, highlight=False)
+    if busy:
+        return 2
+    interruptible()
     log_file = SERVE_LOG.resolve()
     with libraries_logged_to(None if verbose else log_file) as consoles:
         if consoles.log_file is not None:

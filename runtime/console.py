@@ -87,7 +87,7 @@ def trials_table(board: TrialBoard) -> Table:
 
 
 class ConsoleReporter:
-    """Renders a run's events on `console`; `show_result=False` leaves the final table to the caller."""
+    """Renders a run's events on `console`; `show_result=False` leaves the final table and errors to the caller."""
 
     def __init__(
         self, console: Console | None = None, show_result: bool = True, clock: Callable[[], float] = time.monotonic
@@ -214,4 +214,5 @@ class ConsoleReporter:
 
     def failed(self, message: str) -> None:
         self._stop_displays()
-        self._print(f"[red]run failed:[/red] {escape(message)}")
+        if self.show_result:
+            self._print(f"[red]run failed:[/red] {escape(message)}")
