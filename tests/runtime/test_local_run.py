@@ -7,6 +7,7 @@ this environment's `kubetune`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from ..integration.test_operator_restarts import free_port
+from .s3server import s3_endpoint
 
 pytestmark = pytest.mark.runtime
+__all__ = ["s3_endpoint"]  # a fixture, used by name
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBETUNE = Path(sys.executable).with_name("kubetune")
@@ -99,10 +103,15 @@ class Process:
 
 @pytest.fixture
 def processes() -> Iterator[list[Process]]:
+    """Processes a test starts; any still running at its end get Ctrl-C, then SIGKILL."""
     started: list[Process] = []
     yield started
     for process in started:
-        process.kill()
+        if process.popen.poll() is None:
+            try:
+                process.interrupt(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def readme_main_command() -> str:
@@ -139,22 +148,31 @@ def library_lines(lines: list[str]) -> list[str]:
     return [line for line in lines if LIBRARY_LINE.search(line) and not SETUP_LINE.match(line)]
 
 
-def processes_of(folder: Path) -> list[str]:
-    """Command lines of running processes started from `folder` (e.g. its venv's Ray)."""
-    found = []
+def processes_of(folder: Path) -> dict[int, str]:
+    """Running processes started from `folder` (e.g. its venv's Ray): pid to command line."""
+    found = {}
     for entry in Path("/proc").iterdir():
         try:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
+        except (OSError, ValueError):
             continue
-        if str(folder) in command:
-            found.append(command)
+        if entry.name.isdigit() and str(folder) in command:
+            found[int(entry.name)] = command
     return found
 
 
 def test_readme_main_command_fine_tunes_and_serves_the_example(tmp_path: Path, processes: list[Process]) -> None:
     """A new user's first command: its own venv, the example trained and served, a clean console, Ctrl-C."""
     clone = tracked_copy(tmp_path / "kubetune")
+    try:
+        _run_the_main_command(clone, tmp_path, processes)
+    finally:
+        for pid in processes_of(clone):  # e.g. Serve's HAProxy, if the command was killed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _run_the_main_command(clone: Path, tmp_path: Path, processes: list[Process]) -> None:
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith(("KUBETUNE_", "VIRTUAL_ENV"))}
     env["HF_HOME"] = str(tmp_path / "hf")  # an empty Hugging Face cache: the command fills it
@@ -168,8 +186,14 @@ def test_readme_main_command_fine_tunes_and_serves_the_example(tmp_path: Path, p
     assert url == f"http://127.0.0.1:{port}/v1/predict"
     print(f"from start (with the venv) to served: {time.monotonic() - started:.0f} s")
 
-    answer = post(url, {"inputs": ["I was charged twice for my subscription this month, please refund one of them"]})
-    assert answer["predictions"][0]["label"] == "billing", answer
+    tickets = {
+        "Why was I billed twice on my credit card this month?": "billing",
+        "My parcel never arrived": "delivery",
+        "I forgot my password and can't log in": "account",
+        "The app crashes every time I open it": "technical",
+    }
+    answer = post(url, {"inputs": list(tickets)})
+    assert [p["label"] for p in answer["predictions"]] == list(tickets.values()), answer
     assert process.interrupt() == 0, process.text()
 
     out = process.out
@@ -181,7 +205,11 @@ def test_readme_main_command_fine_tunes_and_serves_the_example(tmp_path: Path, p
     assert library_lines(out + process.err) == [], process.text()
     log = (clone / "kubetune-output" / "text-classification" / "kubetune.log").read_text(encoding="utf-8")
     assert library_lines(log.splitlines()), "the libraries' output went to the log file"
-    assert processes_of(clone / ".venv") == [], "Ray stopped with the command"
+    assert processes_of(clone / ".venv") == {}, "Ray stopped with the command"
+
+
+def _documents_of(path: Path) -> list[dict[str, Any]]:
+    return list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
 
 
 def _examples_folder(tmp_path: Path) -> Path:
@@ -271,3 +299,30 @@ def test_a_busy_port_is_reported_before_any_training(tmp_path: Path) -> None:
     assert result.returncode == 2, result
     assert f"port {port} (--port) is in use" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_local_run_reads_and_writes_s3_with_credentials_from_the_environment(
+    s3_endpoint: str, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket="tickets")
+    client.upload_file(str(ROOT / "examples" / "text-classification" / "tickets.jsonl"), "tickets", "data/train.jsonl")
+    job = _documents_of(ROOT / "examples" / "text-classification" / "finetunejob.yaml")[0]
+    job["spec"]["model"]["uri"] = str(tiny_bert_dir)  # fast: the point here is where data and results live
+    job["spec"]["data"]["train"] = "s3://tickets/data/train.jsonl"
+    job["spec"]["hyperparameters"]["epochs"] = 1
+    job["spec"]["promotion"] = {"minImprovement": -1.0}
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(job), encoding="utf-8")
+    result = subprocess.run(
+        [str(KUBETUNE), "run", str(manifest), "--no-serve", "--workers", "1", "--output", "s3://tickets/runs/one"],
+        cwd=tmp_path, env={**os.environ, **_local_env()}, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    keys = {item["Key"] for item in client.list_objects_v2(Bucket="tickets", Prefix="runs/one/")["Contents"]}
+    assert {"runs/one/kubetune.json", "runs/one/variants/merged/config.json"} <= keys
+    assert "s3://tickets/runs/one" in result.stdout
+    # The output is remote, so the libraries' log stays on this machine, named after the job.
+    assert library_lines((tmp_path / "kubetune-output" / "support-tickets.log").read_text().splitlines())
