@@ -11,15 +11,14 @@ import pytest
 import yaml
 from kubetune.cli.main import main
 from kubetune.operator.api.manifests import parse
-from kubetune.runtime.contract import RunConfig
 
 from ..conftest import EXAMPLES, REPO_ROOT
 
-EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
+EXAMPLE_FILES = sorted(EXAMPLES.rglob("*.yaml"))
 
 
 def test_there_are_examples_of_each_kind() -> None:
-    kinds = {yaml.safe_load(path.read_text())["kind"] for path in EXAMPLE_FILES}
+    kinds = {document["kind"] for path in EXAMPLE_FILES for document in yaml.safe_load_all(path.read_text())}
     assert kinds == {"FineTuneJob", "ModelDeployment"}
     assert len(EXAMPLE_FILES) >= 3
 
@@ -80,9 +79,10 @@ def test_console_script_runs() -> None:
     assert result.stdout.strip() == "0.1.0"
 
 
-def test_the_local_example_is_a_valid_run_config() -> None:
-    config = RunConfig.from_document(json.loads((EXAMPLES / "local" / "run.json").read_text()))
-    train = REPO_ROOT / config.spec.data.train
-    labels = {json.loads(line)["label"] for line in train.read_text().splitlines()}
-    assert labels == {"cooking", "finance", "sports", "weather"}
-    assert config.resources.workers == 2
+def test_the_quick_start_example_names_its_data_and_every_label_in_it() -> None:
+    job = next(yaml.safe_load_all((EXAMPLES / "text-classification" / "finetunejob.yaml").read_text()))
+    train = REPO_ROOT / job["spec"]["data"]["train"]
+    records = [json.loads(line) for line in train.read_text().splitlines()]
+    assert {record["label"] for record in records} == set(job["spec"]["model"]["labels"])
+    assert len({record["text"] for record in records}) == len(records) == 300  # no duplicates
+    assert job["spec"]["resources"]["workers"] == 2
