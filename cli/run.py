@@ -211,7 +211,8 @@ def _run(local: LocalRun, spec: RunSpec, flags: RunFlags, consoles: Consoles, lo
         out.print(f"  [dim]library logs: {escape(str(log_file))} (-v shows them here)[/dim]", highlight=False)
     for note in local.notes:
         out.print(f"  [dim]{escape(note)}[/dim]", highlight=False)
-    events_file = log_file.with_name(EVENTS_FILE)
+    # Beside the log; named after the job too when the log sits in a shared folder (remote outputs).
+    events_file = log_file.with_name(EVENTS_FILE if log_file.name == LOG_FILE else f"{log_file.stem}.{EVENTS_FILE}")
     events_file.unlink(missing_ok=True)
     reporter = Reporters([ConsoleReporter(out, show_result=False), JsonLinesReporter(events_file)])
     identity = RunIdentity(job_name=local.name, run_name=local.name)
