@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from kubetune.operator.api.finetunejob import FineTuneJob, GateResult, JobPhase, RunRecord, Trigger
 from kubetune.operator.api.modeldeployment import ModelDeployment
-from kubetune.operator.status.finetunejob import gate
+from kubetune.operator.status.finetunejob import finite_metrics, gate
 from kubetune.runtime.contract import RunIdentity, RunSpec, WorkerResources
 from kubetune.runtime.contract.errors import SpecError
 from kubetune.runtime.contract.report import RunReport, Stage
@@ -135,8 +135,7 @@ def judged(job: FineTuneJob, result: RunResult) -> GateResult:
         trigger=Trigger.SPEC_CHANGE,
         spec_generation=0,
         phase=JobPhase.SUCCEEDED,
-        metrics_before=result.metrics_before,
-        metrics_after=result.metrics_after,
+        **finite_metrics(dict(result.metrics_before), dict(result.metrics_after)),
     )
     return gate(job, record, RunReport(stage=Stage.DONE, variants=dict(result.variants)))
 

@@ -20,6 +20,7 @@ class Reason(StrEnum):
     """Reasons of conditions and events."""
 
     INVALID_SPEC = "InvalidSpec"
+    RECONCILE_FAILED = "ReconcileFailed"  # a pass failed unexpectedly; it is retried with backoff
     SECRET_NOT_FOUND = "SecretNotFound"
     RUN_CREATED = "RunCreated"
     RUN_PENDING = "RunPending"
@@ -31,6 +32,7 @@ class Reason(StrEnum):
     RUN_FAILED = "RunFailed"
     RUN_STOPPED = "RunStopped"
     RUN_REPLACED = "RunReplaced"
+    NAME_CONFLICT = "NameConflict"
     TRIGGER_SKIPPED = "TriggerSkipped"
     PROMOTED = "Promoted"
     GATE_NOT_PASSED = "GateNotPassed"

@@ -307,10 +307,16 @@ class Kube:
                 return None
             raise
 
-    def delete(self, ref: ObjectRef) -> bool:
-        """Delete in the background (dependents are collected); False when it was already gone."""
+    def delete(self, ref: ObjectRef, uid: str | None = None) -> bool:
+        """Delete in the background (dependents are collected); False when it was already gone.
+
+        With `uid`, only that object: not one made since under the same name (a 409 Conflict then).
+        """
+        body: dict[str, Any] = {"propagationPolicy": "Background"}
+        if uid is not None:
+            body["preconditions"] = {"uid": uid}
         try:
-            self.request("DELETE", ref.path, body={"propagationPolicy": "Background"})
+            self.request("DELETE", ref.path, body=body)
         except ApiError as error:
             if error.not_found:
                 return False

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from typing import Any
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGER = "kubetune"
@@ -51,3 +53,11 @@ def runner_name(run: str) -> str:
 
 def run_labels(job: str, number: int) -> dict[str, str]:
     return {MANAGED_BY_LABEL: MANAGER, JOB_LABEL: job, RUN_LABEL: str(number)}
+
+
+def controller_uid(manifest: Mapping[str, Any]) -> str | None:
+    """The UID in the object's controller owner reference: who it belongs to (None: nobody)."""
+    for reference in manifest.get("metadata", {}).get("ownerReferences") or []:
+        if reference.get("controller"):
+            return str(reference.get("uid") or "") or None
+    return None

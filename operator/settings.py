@@ -37,6 +37,18 @@ class Settings:
     # An object that waits (an active run, a missing Secret) is looked at again this often without any event.
     # A safety net only: watches deliver the changes.
     recheck_seconds: float = 300.0
+    # What specs may ask for, comma-separated; empty allows anything. Images are glob patterns
+    # (e.g. "registry.example.com/kubetune/*"); priority classes are names.
+    allowed_images: str = ""
+    allowed_priority_classes: str = ""
+
+    @property
+    def allowed_image_patterns(self) -> tuple[str, ...]:
+        return _items(self.allowed_images)
+
+    @property
+    def allowed_priority_class_names(self) -> tuple[str, ...]:
+        return _items(self.allowed_priority_classes)
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str] | None = None) -> Settings:
@@ -56,3 +68,7 @@ class Settings:
                 raise SettingsError(f"{variable}={raw!r}: must be {'positive' if item.name == 'workers' else '>= 0'}")
             values[item.name] = value
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _items(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())

@@ -78,7 +78,8 @@ class TrainingState:
 
     @classmethod
     def load(cls, folder: Path) -> TrainingState:
-        payload = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint folder may come from shared storage; unpickling it must not run code.
+        payload = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         return cls(
             weights=payload["weights"],
             best_weights=payload["best_weights"],

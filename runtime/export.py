@@ -22,6 +22,7 @@ from torch import nn
 from .contract import MethodType, RunIdentity, RunSpec
 from .contract.method import ADAPTER_METHODS
 from .contract.report import VariantReport
+from .storage import output_path
 
 MANIFEST_FILE = "kubetune.json"
 MANIFEST_VERSION = 1
@@ -86,6 +87,11 @@ def _save(model: Any, processor: Any, folder: Path) -> None:
     processor.save_pretrained(str(folder))
 
 
+def variant_folder(root: Path, name: str, output_uri: str) -> Path:
+    """The folder of variant `name` under the output `root`; refused if a symlink there leads out of it."""
+    return output_path(root, f"{VARIANTS_FOLDER}/{name}", output_uri)
+
+
 def merged_copy(model: nn.Module) -> nn.Module:
     """The adapter model with its adapters folded into the base weights (a plain transformers model)."""
     import copy
@@ -98,13 +104,13 @@ def export_variants(
     model: nn.Module, tokenizer: Any, spec: RunSpec, root: Path, merged: nn.Module | None = None
 ) -> list[ExportedVariant]:
     """Write every variant of the fine-tuned `model` under `root/variants/<name>`."""
-    base = root / VARIANTS_FOLDER
     is_adapter = spec.method.type in ADAPTER_METHODS
-    full = ExportedVariant("full", base / "full", VariantFormat.PEFT_ADAPTER if is_adapter else VariantFormat.HF)
+    full_format = VariantFormat.PEFT_ADAPTER if is_adapter else VariantFormat.HF
+    full = ExportedVariant("full", variant_folder(root, "full", spec.output.uri), full_format)
     _save(model, tokenizer, full.folder)
     variants = [full]
     if merged is not None:
-        variant = ExportedVariant("merged", base / "merged", VariantFormat.HF)
+        variant = ExportedVariant("merged", variant_folder(root, "merged", spec.output.uri), VariantFormat.HF)
         _save(merged, tokenizer, variant.folder)
         variants.append(variant)
     return variants
@@ -157,6 +163,6 @@ def write_manifest(root: Path, inputs: ManifestInputs, variants: list[ExportedVa
         "variants": {variant.name: variant.describe(root) for variant in variants},
         "bestVariant": inputs.best_variant,
     }
-    path = root / MANIFEST_FILE
+    path = output_path(root, MANIFEST_FILE, inputs.output_uri)
     path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return path

@@ -102,7 +102,7 @@ class ConfigMapReporter:
         report = self.report
         report.stage = Stage.DONE
         report.message = None
-        report.metrics_before, report.metrics_after = result.metrics_before, result.metrics_after
+        report.metrics_before, report.metrics_after = dict(result.metrics_before), dict(result.metrics_after)
         report.variants = dict(result.variants) or None
         report.best_variant = result.best_variant
         report.manifest_uri = result.manifest_uri

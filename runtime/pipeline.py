@@ -19,13 +19,13 @@ from .contract import Method, MethodType, Precision, RunIdentity, RunSpec, Task,
 from .contract.report import Stage
 from .data import TaskData, load_data
 from .errors import DataError, InvalidRunError
-from .export import ManifestInputs, spec_hash, write_manifest
+from .export import MANIFEST_FILE, VARIANTS_FOLDER, ManifestInputs, spec_hash, write_manifest
 from .models import build_model, check_method_fits_machine
 from .plan import TrainingPlan, with_overrides
 from .reporting import Reporter, Reporters, TensorBoardReporter
 from .result import RunResult
 from .settings import RuntimeSettings
-from .storage import anchored, cache_folder, join_uri, local_path, parse_uri, upload_directory
+from .storage import anchored, cache_folder, join_uri, local_path, output_path, parse_uri, upload_directory
 from .train import cluster_cpus, train, worker_shape
 from .variants import COMPRESSED, VariantContext, build_variants, planned_variants, test_metrics
 
@@ -69,7 +69,7 @@ def _checkpoint_storage(spec: RunSpec, root: Path) -> tuple[str, Any]:
     """Ray Train storage for checkpoints: inside the output (on S3 directly for s3:// outputs)."""
     parsed = parse_uri(spec.output.uri)
     if parsed.scheme != "s3":
-        return str((root / CHECKPOINTS_FOLDER).resolve()), None
+        return str(output_path(root, CHECKPOINTS_FOLDER, spec.output.uri).resolve()), None
     from .s3fs import arrow_s3_filesystem
 
     return join_uri(parsed.location, CHECKPOINTS_FOLDER), arrow_s3_filesystem()
@@ -111,7 +111,8 @@ def run_pipeline(spec: RunSpec, options: RunOptions | None = None, reporter: Rep
     check_runnable(spec, options.resources)
     root = _staging_root(spec, options)
     root.mkdir(parents=True, exist_ok=True)
-    tensorboard = TensorBoardReporter(root / TENSORBOARD_FOLDER)
+    _check_output_paths(root, spec.output.uri)
+    tensorboard = TensorBoardReporter(output_path(root, TENSORBOARD_FOLDER, spec.output.uri))
     events = Reporters([tensorboard, *([reporter] if reporter else [])])
     try:
         result = _run(spec, options, root, events)
@@ -124,6 +125,12 @@ def run_pipeline(spec: RunSpec, options: RunOptions | None = None, reporter: Rep
         raise
     events.result(result)
     return result
+
+
+def _check_output_paths(root: Path, uri: str) -> None:
+    """Refuse an output folder whose symlinks lead elsewhere now, before training, not when exporting."""
+    for name in (VARIANTS_FOLDER, MANIFEST_FILE, CHECKPOINTS_FOLDER):
+        output_path(root, name, uri)
 
 
 def _with_absolute_paths(spec: RunSpec, base: Path) -> RunSpec:

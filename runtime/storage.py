@@ -11,7 +11,7 @@ import hashlib
 import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .contract.common import URI_SCHEMES
@@ -50,14 +50,77 @@ def parse_uri(uri: str) -> ParsedUri:
 
 
 def local_path(uri: str, settings: RuntimeSettings) -> Path:
-    """The filesystem path of a file://, pvc:// or plain-path URI."""
+    """The filesystem path of a file://, pvc:// or plain-path URI; a pvc:// path never leaves its claim."""
     parsed = parse_uri(uri)
     if parsed.scheme == "pvc":
         claim, _, path = parsed.location.partition("/")
-        return settings.pvc_root / claim / path
+        if claim in {"", ".", ".."}:
+            raise StorageError(uri, "pvc:// needs a claim name: pvc://<claim>/<path>")
+        return inside(settings.pvc_root / claim, path, uri)
     if parsed.scheme in LOCAL_SCHEMES:
         return Path(parsed.location)
     raise StorageError(uri, f"{parsed.scheme}:// is not a local location")
+
+
+def _lexical_parts(relative: str, uri: str) -> tuple[str, ...]:
+    """The segments of `relative` with `.` and `..` resolved on paper; refused when absolute or climbing out."""
+    if relative.startswith("/"):
+        raise StorageError(uri, f"{relative!r} is an absolute path where a relative one belongs")
+    parts: list[str] = []
+    for segment in relative.split("/"):
+        if segment in {"", "."}:
+            continue
+        if segment == "..":
+            if not parts:
+                raise StorageError(uri, f"{relative!r} leads outside its folder")
+            parts.pop()
+        else:
+            parts.append(segment)
+    return tuple(parts)
+
+
+def _leaves(real_root: Path, path: Path) -> bool:
+    return not path.resolve().is_relative_to(real_root)
+
+
+def inside(root: Path, relative: str | PurePosixPath, uri: str) -> Path:
+    """`root/relative`, refused (StorageError naming `uri`) where it would land outside `root`.
+
+    `relative` is resolved lexically first; then no existing component of the result
+    may be a symlink whose target lies outside `root`.
+    """
+    parts = _lexical_parts(str(relative), uri)
+    real_root = root.resolve()
+    path = root
+    for part in parts:
+        path = path / part
+        if path.is_symlink() and _leaves(real_root, path):
+            raise StorageError(uri, f"{path} is a symlink that leads outside {root}")
+    return path
+
+
+def _escaping_link(folder: Path, real_root: Path) -> Path | None:
+    """The first symlink anywhere under `folder` (not followed) whose target lies outside `real_root`."""
+    for current, folders, files in os.walk(folder, followlinks=False):
+        for name in (*folders, *files):
+            entry = Path(current) / name
+            if entry.is_symlink() and _leaves(real_root, entry):
+                return entry
+    return None
+
+
+def output_path(root: Path, relative: str, uri: str) -> Path:
+    """Where an output under `root` is written: `inside` it, and nothing already there links out of it.
+
+    Writers follow symlinks (save_pretrained, Ray Train, open()), so an existing link to elsewhere
+    would let a run overwrite files outside the output of `uri`.
+    """
+    path = inside(root, relative, uri)
+    if path.is_dir():
+        escaping = _escaping_link(path, root.resolve())
+        if escaping is not None:
+            raise StorageError(uri, f"{escaping} is a symlink that leads outside the output folder {root}")
+    return path
 
 
 def anchored(uri: str | None, base: Path) -> str | None:
@@ -114,19 +177,32 @@ def _download(parsed: ParsedUri, target: Path) -> Path:
         if not keys:
             raise StorageError(uri, "no objects at this location")
         if keys == [key]:
-            local = target / Path(key).name
-            local.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(parsed.bucket, key, str(local))
-            return local
+            return _download_object(client, parsed, key, _cache_child(target, PurePosixPath(key).name, key, uri))
         for item in keys:
-            local = target / item[len(key) :].lstrip("/")
-            local.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(parsed.bucket, item, str(local))
+            # Keys are listed under `key + "/"`: drop exactly that separator, so "prefix//x" stays absolute-looking.
+            _download_object(client, parsed, item, _cache_child(target, item[len(key) :][1:], item, uri))
         return target
     except StorageError:
         raise
     except Exception as error:  # botocore raises many unrelated types; all mean "cannot read"
         raise StorageError(uri, f"cannot download: {error}") from error
+
+
+def _cache_child(target: Path, relative: str, key: str, uri: str) -> Path:
+    """The cache file of object `key`; a key that would land outside the cache folder is refused."""
+    try:
+        local = inside(target, relative, uri)
+    except StorageError as error:
+        raise StorageError(uri, f"object key {key!r} leads outside the download folder ({error.problem})") from None
+    if local == target:
+        raise StorageError(uri, f"object key {key!r} names no file inside the download folder")
+    return local
+
+
+def _download_object(client: Any, parsed: ParsedUri, key: str, local: Path) -> Path:
+    local.parent.mkdir(parents=True, exist_ok=True)
+    client.download_file(parsed.bucket, key, str(local))
+    return local
 
 
 def _is_object(client: Any, bucket: str, key: str) -> bool:
@@ -150,7 +226,10 @@ def fetch(uri: str, settings: RuntimeSettings) -> Path:
 
 
 def upload_directory(local: Path, uri: str) -> None:
-    """Copy a local folder to an s3:// prefix, keeping relative paths."""
+    """Copy a local folder to an s3:// prefix, keeping relative paths; no symlink may lead out of it."""
+    escaping = _escaping_link(local, local.resolve())
+    if escaping is not None:
+        raise StorageError(uri, f"cannot upload: {escaping} is a symlink that leads outside {local}")
     parsed = parse_uri(uri)
     client = s3_client()
     prefix = parsed.key.rstrip("/")

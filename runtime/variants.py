@@ -25,7 +25,7 @@ from .compress import (
 from .contract import MethodType, PruningMethod, QuantizationMethod, RunSpec
 from .data import TaskData
 from .evaluate import evaluate_task
-from .export import VARIANTS_FOLDER, ExportedVariant, VariantFormat, export_variants, merged_copy, wants_merged
+from .export import ExportedVariant, VariantFormat, export_variants, merged_copy, variant_folder, wants_merged
 
 EVALUATION_BATCH_SIZE = 32
 COMPRESSED = frozenset({"int8", "pruned"})
@@ -98,14 +98,13 @@ def build_variants(model: nn.Module, processor: Any, root: Path, context: Varian
     if merged is not None:
         plain = variants[1]
         _measure_reloaded(plain, processor, context)
-    base = root / VARIANTS_FOLDER
     if "int8" in planned:
-        int8 = ExportedVariant("int8", base / "int8", VariantFormat.TORCHAO)
+        int8 = ExportedVariant("int8", variant_folder(root, "int8", spec.output.uri), VariantFormat.TORCHAO)
         quantize_folder(plain.folder, int8.folder, spec.model.task, spec.compression)
         _measure_reloaded(int8, processor, context)
         variants.append(int8)
     if "pruned" in planned:
-        pruned = ExportedVariant("pruned", base / "pruned", VariantFormat.HF)
+        pruned = ExportedVariant("pruned", variant_folder(root, "pruned", spec.output.uri), VariantFormat.HF)
         prune_folder(plain.folder, pruned.folder, spec.model.task, spec.compression.pruning.amount)
         _measure_reloaded(pruned, processor, context)
         variants.append(pruned)

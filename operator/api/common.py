@@ -10,7 +10,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from kubetune.runtime.contract.common import ContractModel, KubernetesName, WireModel
+from kubetune.runtime.contract.common import ContractModel, KubernetesName, Message, WireModel
 from pydantic import Field, field_validator
 
 GROUP = "kubetune.io"
@@ -173,7 +173,7 @@ class Condition(WireModel):
     type: str = Field(max_length=316, description="Condition type, e.g. Ready.")
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(max_length=1024, description="CamelCase reason for the last transition.")
-    message: str = Field(default="", max_length=32768, description="Human-readable details.")
+    message: Message = Field(default="", description="Human-readable details.")
     observed_generation: int | None = Field(
         default=None, ge=0, description="metadata.generation the condition was computed for."
     )

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import zoneinfo
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from croniter import CroniterBadCronError, CroniterBadDateError, croniter
 from kubetune.runtime.contract import MethodType, Metric, Precision, RunSpec, Task
-from kubetune.runtime.contract.common import ContractModel, KubernetesName, Quantity, WireModel, cel_rule, with_cel
+from kubetune.runtime.contract.common import (
+    URI_MAX_LENGTH,
+    ContractModel,
+    FiniteOrNull,
+    JsonObject,
+    KubernetesName,
+    Message,
+    Quantity,
+    ShortText,
+    WireModel,
+    cel_rule,
+    with_cel,
+)
 from kubetune.runtime.contract.report import RunProgress
 from kubetune.runtime.contract.run import CAUSAL_LM_METRICS, CLASSIFICATION_METRICS, RUN_SPEC_RULES
 from pydantic import Field, field_validator, model_validator
@@ -20,6 +33,9 @@ PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAMES = ("ftj",)
 RETRAIN_ANNOTATION = "kubetune.io/retrain"
+# Most exported variants a run record lists (a run makes at most a handful), and most metrics per model.
+MAX_ARTIFACTS = 16
+MAX_METRICS = 32
 
 
 class HeadResources(ContractModel):
@@ -98,10 +114,36 @@ _GPU_RULES = (
 )
 
 
+def schedule_fires(expression: str) -> str:
+    """The cron expression, if it names a time that exists (not 31 February), as the operator's croniter reads it."""
+    try:
+        croniter(expression, datetime(2000, 1, 1, tzinfo=UTC)).get_next(datetime)
+    except (CroniterBadCronError, CroniterBadDateError, ValueError) as error:
+        raise ValueError(f"cron schedule {expression!r} never fires ({error})") from None
+    return expression
+
+
+# A day of month that no month of the schedule has (31 February, 31 April): the common way to write a
+# schedule that never fires. (The pydantic model checks every schedule by computing its next time.)
+_NO_SUCH_DAY = (
+    "^[^ ]+ [^ ]+ 3[01](,3[01])* (2|[Ff][Ee][Bb]) [*?]$",
+    "^[^ ]+ [^ ]+ 31(,31)* (4|6|9|11|[Aa][Pp][Rr]|[Jj][Uu][Nn]|[Ss][Ee][Pp]|[Nn][Oo][Vv])"
+    "(,(4|6|9|11|[Aa][Pp][Rr]|[Jj][Uu][Nn]|[Ss][Ee][Pp]|[Nn][Oo][Vv]))* [*?]$",
+)
+_SCHEDULE_RULES = tuple(
+    cel_rule(
+        f"!has(self.schedule) || !self.schedule.matches('{pattern}')",
+        "schedule never fires: no month it names has that day",
+        ".schedule",
+    )
+    for pattern in _NO_SUCH_DAY
+)
+
+
 class FineTuneJobSpec(RunSpec):
     """A fine-tuning job: what to train (the run contract) and how to run it on the cluster."""
 
-    model_config = with_cel(*RUN_SPEC_RULES, *_GPU_RULES)
+    model_config = with_cel(*RUN_SPEC_RULES, *_GPU_RULES, *_SCHEDULE_RULES)
 
     resources: Resources = Field(default_factory=Resources, description="Workers, GPUs and placement of the run.")
     storage: StorageAccess | None = Field(default=None, description="Access to s3:// and hf:// locations.")
@@ -143,7 +185,7 @@ class FineTuneJobSpec(RunSpec):
     @field_validator("schedule")
     @classmethod
     def _valid_cron(cls, value: str | None) -> str | None:
-        return None if value is None else check_cron(value)
+        return None if value is None else schedule_fires(check_cron(value))
 
     @field_validator("time_zone")
     @classmethod
@@ -196,6 +238,12 @@ class Trigger(StrEnum):
     ANNOTATION = "Annotation"
 
 
+class RunFailure(StrEnum):
+    """Why kubetune itself failed a run (rather than Ray or KubeRay)."""
+
+    NAME_CONFLICT = "NameConflict"  # an object with a name the run needs exists and is not the job's
+
+
 class GateReason(StrEnum):
     """Why a finished run passed the promotion gate or not."""
 
@@ -203,6 +251,7 @@ class GateReason(StrEnum):
     RUN_NOT_SUCCEEDED = "RunNotSucceeded"
     PROMOTION_DISABLED = "PromotionDisabled"
     METRIC_MISSING = "MetricMissing"
+    METRIC_NOT_FINITE = "MetricNotFinite"
     IMPROVEMENT_TOO_SMALL = "ImprovementTooSmall"
     OUT_OF_BOUND = "OutOfBound"
     NO_COMPRESSED_VARIANT = "NoCompressedVariant"
@@ -214,23 +263,23 @@ class GateResult(WireModel):
     passed: bool = Field(description="Whether the run may be promoted.")
     reason: GateReason = Field(description="Why it passed or not (Passed, ImprovementTooSmall, OutOfBound, ...).")
     metric: Metric | None = Field(default=None, description="The test metric the gate checked.")
-    value: float | None = Field(default=None, description="The fine-tuned model's value of the metric.")
-    baseline: float | None = Field(default=None, description="The base model's value of the metric.")
-    message: str = Field(default="", max_length=1024, description="The verdict in words.")
+    value: FiniteOrNull = Field(default=None, description="The fine-tuned model's value of the metric.")
+    baseline: FiniteOrNull = Field(default=None, description="The base model's value of the metric.")
+    message: Message = Field(default="", description="The verdict in words.")
 
 
 class RayJobState(WireModel):
     """The last observed status of the run's RayJob, kept because KubeRay may delete it."""
 
-    name: str = Field(description="Name of the RayJob.")
-    job_status: str | None = Field(
+    name: ShortText = Field(description="Name of the RayJob.")
+    job_status: ShortText | None = Field(
         default=None, description="RayJob status.jobStatus (PENDING, RUNNING, SUCCEEDED, ...)."
     )
-    job_deployment_status: str | None = Field(
+    job_deployment_status: ShortText | None = Field(
         default=None, description="RayJob status.jobDeploymentStatus (Initializing, Running, Complete, ...)."
     )
-    reason: str | None = Field(default=None, description="RayJob status.reason.")
-    message: str | None = Field(default=None, description="RayJob status.message.")
+    reason: ShortText | None = Field(default=None, description="RayJob status.reason.")
+    message: Message | None = Field(default=None, description="RayJob status.message (cut: Ray puts driver logs here).")
     failed: int | None = Field(default=None, description="Failed attempts (RayJob status.failed).")
     succeeded: int | None = Field(default=None, description="Succeeded attempts (RayJob status.succeeded).")
 
@@ -239,25 +288,39 @@ class RunRecord(WireModel):
     """One run of the job: why it started, how it went, what it produced."""
 
     number: int = Field(ge=1, description="Run number, counting from 1.")
-    ray_job_name: str = Field(description="Name of the run's RayJob.")
+    ray_job_name: ShortText = Field(description="Name of the run's RayJob.")
     trigger: Trigger = Field(description="SpecChange, Schedule or Annotation.")
-    trigger_detail: str | None = Field(default=None, description="The generation, scheduled time or annotation value.")
+    trigger_detail: ShortText | None = Field(
+        default=None, description="The generation, scheduled time or annotation value."
+    )
     spec_generation: int = Field(ge=0, description="metadata.generation of the spec the run uses.")
-    spec_hash: str | None = Field(default=None, description="Hash of the run-relevant part of that spec.")
+    spec_hash: ShortText | None = Field(default=None, description="Hash of the run-relevant part of that spec.")
     phase: JobPhase = Field(description="Pending, Running, Retrying, Waiting, Suspended, Succeeded or Failed.")
-    message: str | None = Field(default=None, description="Why the run is in this phase.")
+    message: Message | None = Field(default=None, description="Why the run is in this phase.")
+    failure: RunFailure | None = Field(
+        default=None, description="Why kubetune failed the run itself (NameConflict), when it did."
+    )
     start_time: datetime | None = Field(default=None, description="When the run was created.")
     completion_time: datetime | None = Field(default=None, description="When the run finished.")
     ray_job: RayJobState | None = Field(default=None, description="Last observed RayJob status.")
     progress: RunProgress | None = Field(default=None, description="Latest progress report.")
     metrics_before: dict[str, float] | None = Field(default=None, description="Base-model test metrics.")
     metrics_after: dict[str, float] | None = Field(default=None, description="Fine-tuned test metrics.")
-    artifacts: dict[str, str] | None = Field(default=None, description="Exported variant name to URI.")
-    best_variant: str | None = Field(
+    not_finite: list[ShortText] | None = Field(
+        default=None,
+        max_length=2 * MAX_METRICS,
+        description="Metrics the run reported as NaN or infinite, e.g. metricsAfter.loss (JSON cannot hold them).",
+    )
+    artifacts: dict[str, str] | None = Field(
+        default=None, max_length=MAX_ARTIFACTS, description="Exported variant name to URI."
+    )
+    best_variant: ShortText | None = Field(
         default=None, description="The variant the run chose to serve (what `best` resolves to)."
     )
-    manifest_uri: str | None = Field(default=None, description="URI of the run's kubetune.json manifest.")
-    best_hyperparameters: dict[str, Any] | None = Field(
+    manifest_uri: str | None = Field(
+        default=None, max_length=URI_MAX_LENGTH, description="URI of the run's kubetune.json manifest."
+    )
+    best_hyperparameters: JsonObject | None = Field(
         default=None,
         description="Hyperparameters of the best search trial.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
@@ -286,9 +349,11 @@ class FineTuneJobStatus(WireModel):
     current_run: int | None = Field(default=None, description="Number of the active run, if any.")
     runs: list[RunRecord] | None = Field(default=None, max_length=100, description="Recent runs, newest last.")
     promoted_run: int | None = Field(default=None, description="Number of the latest run that passed the gate.")
-    best_metric: str | None = Field(default=None, description="The promoted run's gate metric, e.g. 'accuracy=0.91'.")
+    best_metric: ShortText | None = Field(
+        default=None, description="The promoted run's gate metric, e.g. 'accuracy=0.91'."
+    )
     last_schedule_time: datetime | None = Field(default=None, description="Latest scheduled time that started a run.")
-    handled_retrain: str | None = Field(
+    handled_retrain: ShortText | None = Field(
         default=None, description=f"Latest value of the {RETRAIN_ANNOTATION} annotation that started a run."
     )
 

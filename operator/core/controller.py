@@ -47,6 +47,17 @@ class Outcome:
     depends_on: frozenset[Dependency] = frozenset()  # objects in its namespace whose changes it must see
 
 
+class PassFailedError(Exception):
+    """A pass failed, and the failure was written onto the object's status: the version that write made.
+
+    The controller retries the original error with backoff; the write's own watch event is not a change.
+    """
+
+    def __init__(self, error: Exception, written_version: str | None) -> None:
+        super().__init__(str(error))
+        self.error, self.written_version = error, written_version
+
+
 @dataclass(frozen=True)
 class ControllerSettings:
     workers: int = 16
@@ -143,6 +154,10 @@ class Controller:
             try:
                 outcome = await loop.run_in_executor(self._executor, self._reconcile, key)
             except Exception as error:  # every failure is retried with backoff
+                if isinstance(error, PassFailedError):
+                    written, error = error.written_version, error.error
+                    if written is not None:
+                        self._written[key] = written
                 self._failed(key, error)
             else:
                 written = outcome.written_version

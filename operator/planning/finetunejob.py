@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 from kubetune.operator.api.finetunejob import (
     ACTIVE_PHASES,
     FINISHED_PHASES,
@@ -25,13 +25,22 @@ from kubetune.operator.api.finetunejob import (
     ConcurrencyPolicy,
     FineTuneJob,
     JobPhase,
+    RunFailure,
     RunRecord,
     Trigger,
 )
 from kubetune.operator.builders.finetunejob import RunRequest
 from kubetune.operator.conditions import Reason
 from kubetune.operator.naming import run_name
-from kubetune.operator.status.finetunejob import gate, ray_job_outcome, ray_job_state, trim_history, with_report
+from kubetune.operator.status.finetunejob import (
+    fit_history,
+    gate,
+    ray_job_outcome,
+    ray_job_state,
+    trim_history,
+    with_report,
+)
+from kubetune.runtime.contract.common import SHORT_TEXT_MAX_LENGTH
 from kubetune.runtime.contract.report import RunReport, Stage
 
 REPLACED = "replaced by a newer trigger (concurrencyPolicy Replace)"
@@ -53,6 +62,7 @@ class ObservedRun:
     spec_hash: str | None
     created: datetime | None
     status: Mapping[str, Any] | None
+    owner_uid: str | None = None  # of its controller owner reference: the job it belongs to
 
 
 @dataclass(frozen=True)
@@ -112,22 +122,38 @@ def run_spec_hash(job: FineTuneJob) -> str:
     return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def latest_due(job: FineTuneJob, after: datetime, now: datetime) -> datetime | None:
-    """The latest scheduled time in (after, now], if any."""
+def retrain_token(value: str) -> str:
+    """The retrain annotation's value as runs record it: a long value by its digest, so records stay small."""
+    value = value.strip()
+    if len(value) <= SHORT_TEXT_MAX_LENGTH:
+        return value
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+
+
+class ScheduleError(ValueError):
+    """The job's schedule has no time to compute (a day no month has): the spec can never work."""
+
+
+def _scheduled(job: FineTuneJob, now: datetime, backwards: bool) -> datetime | None:
     if not job.spec.schedule:
         return None
     zone = ZoneInfo(job.spec.time_zone or "UTC")
-    previous: datetime = croniter(job.spec.schedule, now.astimezone(zone)).get_prev(datetime)
-    previous = previous.astimezone(UTC)
-    return previous if previous > after else None
+    try:
+        schedule = croniter(job.spec.schedule, now.astimezone(zone))
+        found: datetime = schedule.get_prev(datetime) if backwards else schedule.get_next(datetime)
+    except CroniterError as error:
+        raise ScheduleError(f"spec.schedule: {job.spec.schedule!r} never fires ({error})") from None
+    return found.astimezone(UTC)
+
+
+def latest_due(job: FineTuneJob, after: datetime, now: datetime) -> datetime | None:
+    """The latest scheduled time in (after, now], if any."""
+    previous = _scheduled(job, now, backwards=True)
+    return previous if previous is not None and previous > after else None
 
 
 def next_due(job: FineTuneJob, now: datetime) -> datetime | None:
-    if not job.spec.schedule:
-        return None
-    zone = ZoneInfo(job.spec.time_zone or "UTC")
-    upcoming: datetime = croniter(job.spec.schedule, now.astimezone(zone)).get_next(datetime)
-    return upcoming.astimezone(UTC)
+    return _scheduled(job, now, backwards=False)
 
 
 def _finish(job: FineTuneJob, record: RunRecord, now: datetime, report: RunReport | None) -> RunRecord:
@@ -228,7 +254,7 @@ def plan(
     if latest is None or latest.spec_hash != spec_hash:
         pending.append((Trigger.SPEC_CHANGE, f"generation {generation}"))
     triggers: list[tuple[Trigger, str]] = []
-    retrain = annotations.get(RETRAIN_ANNOTATION, "").strip()
+    retrain = retrain_token(annotations.get(RETRAIN_ANNOTATION, ""))
     if retrain and retrain != handled.retrain:
         triggers.append((Trigger.ANNOTATION, retrain))
     due = latest_due(job, max(filter(None, [handled.last_schedule_time, created])), now)
@@ -242,6 +268,7 @@ def plan(
         active = [r for r in records if r.phase in ACTIVE_PHASES]
         decision = _decide(job, decision, pending, active, generation, spec_hash, now)
     kept, dropped = trim_history(decision.records, job.spec.history_limit)
+    kept, over_budget = fit_history(kept)
     waits = [recheck_seconds] if any(r.phase in ACTIVE_PHASES for r in kept) else []
     upcoming = next_due(job, now)
     if upcoming is not None:
@@ -251,7 +278,7 @@ def plan(
         records=kept,
         create=decision.create,
         stop=decision.stop,
-        forget=dropped,
+        forget=dropped + over_budget,
         handled_retrain=decision.handled.retrain,
         last_schedule_time=decision.handled.last_schedule_time,
         events=events + decision.events,
@@ -259,6 +286,36 @@ def plan(
         finished=[
             r for r in decision.records if r.phase in FINISHED_PHASES and before.get(r.number) not in FINISHED_PHASES
         ],
+    )
+
+
+def name_conflict(job: FineTuneJob, decision: Plan, message: str, now: datetime) -> Plan:
+    """The plan after the run it creates found one of its names taken by an object that is not the job's.
+
+    The run fails (nothing of the other object is read, so nothing is promoted) and says why.
+    """
+    if decision.create is None:
+        return decision
+    number = decision.create.number
+    records = [
+        _finish(
+            job,
+            r.model_copy(update={"phase": JobPhase.FAILED, "failure": RunFailure.NAME_CONFLICT, "message": message}),
+            now,
+            None,
+        )
+        if r.number == number
+        else r
+        for r in decision.records
+    ]
+    events = [e for e in decision.events if e.reason != Reason.RUN_CREATED]
+    warning = Event("Warning", Reason.NAME_CONFLICT, f"run {number} not started: {message}")
+    return replace(
+        decision,
+        records=records,
+        create=None,
+        events=[*events, warning],
+        finished=[*decision.finished, *(r for r in records if r.number == number)],
     )
 
 

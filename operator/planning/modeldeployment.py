@@ -19,6 +19,7 @@ from typing import Any
 from kubetune.operator.api.finetunejob import FineTuneJob, JobPhase, RunRecord
 from kubetune.operator.api.modeldeployment import ModelDeployment, ModelDeploymentStatus, RejectedModel, ServedModel
 from kubetune.operator.conditions import Reason
+from kubetune.operator.naming import controller_uid
 from kubetune.operator.planning.finetunejob import Event
 from kubetune.operator.status.finetunejob import Problem
 from kubetune.runtime.contract.serving import Variant
@@ -41,6 +42,7 @@ class ObservedService:
     application_status: str | None  # of kubetune's application, on the cluster that serves
     application_message: str
     endpoints: int  # KubeRay's numServeEndpoints
+    owner_uid: str | None = None  # of its controller owner reference: the deployment it belongs to
 
     @property
     def current(self) -> bool:
@@ -64,6 +66,7 @@ def observe_service(body: Mapping[str, Any], application: str) -> ObservedServic
         application_status=app.get("status") or None,
         application_message=str(app.get("message") or ""),
         endpoints=int(status.get("numServeEndpoints") or 0),
+        owner_uid=controller_uid(body),
     )
 
 

@@ -8,8 +8,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from kubetune.operator.api.common import API_VERSION
-from kubetune.operator.core.controller import Key, Outcome
+from kubetune.operator.api.common import API_VERSION, Condition
+from kubetune.operator.conditions import ConditionType, Reason, condition, merge_conditions
+from kubetune.operator.core.controller import Key, Outcome, PassFailedError
 from kubetune.operator.kube import ApiError, Kube, ObjectRef
 from kubetune.operator.planning.finetunejob import Event
 from pydantic import BaseModel, ValidationError
@@ -28,8 +29,9 @@ def ending_when_deleted(kube: Kube, kind: str, reconcile: Callable[[Key], Outcom
     def guarded(key: Key) -> Outcome:
         try:
             return reconcile(key)
-        except ApiError as error:
-            if error.not_found and kube.get(API_VERSION, kind, *key) is None:
+        except Exception as error:
+            cause = error.error if isinstance(error, PassFailedError) else error
+            if isinstance(cause, ApiError) and cause.not_found and kube.get(API_VERSION, kind, *key) is None:
                 return Outcome(gone=True)
             raise
 
@@ -69,3 +71,50 @@ def post_events(kube: Kube, body: Manifest, events: list[Event], now: datetime, 
             log.warning("could not record event %s: %s", event.reason, error)
         record = {"object": body["metadata"]["name"], "reason": event.reason.value, "message": event.message}
         log.info(json.dumps(record))
+
+
+def record_failure(kube: Kube, ref: ObjectRef, error: Exception, now: datetime, log: logging.Logger) -> str | None:
+    """Show on the object that its pass failed and is retried (Degraded, ReconcileFailed), keeping the rest.
+
+    Best effort: the failure is retried with backoff whether this write works or not. Conflicts,
+    throttling and a deleted object or namespace are part of normal work, not failures to show.
+    Returns the status version written, if any.
+    """
+    if isinstance(error, ApiError) and (
+        error.conflict or error.throttled or error.not_found or error.namespace_terminating
+    ):
+        return None
+    try:
+        body = kube.get(ref.api_version, ref.kind, ref.namespace, ref.name)
+        if body is None:
+            return None
+        status = dict(body.get("status") or {})
+        generation = body["metadata"].get("generation")
+        message = f"retrying after an error: {type(error).__name__}: {error}"
+        failed = condition(ConditionType.DEGRADED, True, Reason.RECONCILE_FAILED, message, generation)
+        try:
+            previous = [Condition.model_validate(item) for item in status.get("conditions") or []]
+        except ValidationError:
+            previous = []
+        kept = [c for c in previous if c.type != ConditionType.DEGRADED]
+        merged = merge_conditions(previous, [failed], now)
+        status["conditions"] = [c.to_wire() for c in [*kept, *merged]]
+        return patch_status(kube, ref, body, status)
+    except Exception as write_error:  # the original error is what gets retried and logged
+        log.warning("could not record the failure on %s %s/%s: %s", ref.kind, ref.namespace, ref.name, write_error)
+        return None
+
+
+def recording_failures(
+    kube: Kube, kind: str, reconcile: Callable[[Key], Outcome], clock: Callable[[], datetime], log: logging.Logger
+) -> Callable[[Key], Outcome]:
+    """`reconcile`, writing any failure onto its object's status (see record_failure) before it is retried."""
+
+    def recorded(key: Key) -> Outcome:
+        try:
+            return reconcile(key)
+        except Exception as error:
+            version = record_failure(kube, ObjectRef(API_VERSION, kind, *key), error, clock(), log)
+            raise PassFailedError(error, version) from error
+
+    return recorded

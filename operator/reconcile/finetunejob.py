@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +22,7 @@ from kubetune.operator.api.finetunejob import (
     RunRecord,
     Trigger,
 )
-from kubetune.operator.builders.finetunejob import build_run
+from kubetune.operator.builders.finetunejob import RunRequest, build_run
 from kubetune.operator.conditions import Reason
 from kubetune.operator.core.controller import Key, Outcome
 from kubetune.operator.core.informer import Informer
@@ -35,10 +35,12 @@ from kubetune.operator.naming import (
     TRIGGER_ANNOTATION,
     TRIGGER_DETAIL_ANNOTATION,
     config_map_name,
+    controller_uid,
     report_name,
     runner_name,
 )
-from kubetune.operator.planning.finetunejob import Event, ObservedRun, plan
+from kubetune.operator.planning.finetunejob import Event, ObservedRun, Plan, ScheduleError, name_conflict, plan
+from kubetune.operator.policy import placement_violation
 from kubetune.operator.reconcile import patch_status, post_events, previous_status
 from kubetune.operator.settings import Settings
 from kubetune.operator.status.finetunejob import Problem, compute_status
@@ -51,7 +53,13 @@ Manifest = dict[str, Any]
 Clock = Callable[[], datetime]
 
 
-Report = tuple[int, RunReport]  # a run's number and its latest report
+@dataclass(frozen=True)
+class Report:
+    """A run's latest report, its run number, and the UID of the job its ConfigMap belongs to."""
+
+    number: int
+    owner_uid: str | None
+    report: RunReport
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -78,6 +86,7 @@ def observe_run(ray_job: Mapping[str, Any]) -> ObservedRun | None:
         spec_hash=annotations.get(SPEC_HASH_ANNOTATION),
         created=parse_time(meta.get("creationTimestamp")),
         status=dict(ray_job.get("status") or {}) or None,
+        owner_uid=controller_uid(ray_job),
     )
 
 
@@ -88,7 +97,8 @@ def observe_report(config_map: Mapping[str, Any]) -> Report | None:
     if not text:
         return None
     try:  # a malformed report never breaks the job's status
-        return int((meta.get("labels") or {})[RUN_LABEL]), RunReport.model_validate_json(text)
+        number = int((meta.get("labels") or {})[RUN_LABEL])
+        return Report(number, controller_uid(config_map), RunReport.model_validate_json(text))
     except (KeyError, ValueError) as error:
         log.warning("ignoring malformed report %s: %s", meta.get("name"), error)
         return None
@@ -117,10 +127,15 @@ class FineTuneJobReconciler:
     def reconcile(self, key: Key) -> Outcome:
         namespace, name = key
         now = self.clock()
-        runs, reports = self.runs.owned_by(key), dict(self.reports.owned_by(key))
+        runs, reports = self.runs.owned_by(key), self.reports.owned_by(key)
         body = self.kube.get(API_VERSION, KIND, namespace, name)
         if body is None:
             return Outcome(gone=True)
+        # Only what carries this job's UID is its own: not an orphan of an earlier job of the same
+        # name, nor an object someone else made with its labels.
+        uid = body["metadata"].get("uid")
+        runs = [run for run in runs if run.owner_uid == uid]
+        own_reports = {seen.number: seen.report for seen in reports if seen.owner_uid == uid}
         if body["metadata"].get("deletionTimestamp"):
             return Outcome()
         generation = int(body["metadata"].get("generation", 1))
@@ -131,6 +146,9 @@ class FineTuneJobReconciler:
             problem = Problem(Reason.INVALID_SPEC, "; ".join(describe(error)))
             return self._stopped(body, previous, problem, generation, now, requeue=None)
         job.status = previous
+        violation = placement_violation(job.spec.resources, "spec.resources", self.settings)
+        if violation is not None:
+            return self._stopped(body, previous, Problem(Reason.INVALID_SPEC, violation), generation, now, requeue=None)
         storage = job.spec.storage
         secrets = frozenset([storage.credentials_secret.name] if storage and storage.credentials_secret else [])
         missing = [secret for secret in sorted(secrets) if self.secrets.get(namespace, secret) is None]
@@ -139,24 +157,21 @@ class FineTuneJobReconciler:
             problem = Problem(Reason.SECRET_NOT_FOUND, message)
             outcome = self._stopped(body, previous, problem, generation, now, requeue=self.settings.recheck_seconds)
             return replace(outcome, depends_on=frozenset(("Secret", secret) for secret in secrets))
-        decision = plan(
-            job,
-            generation=generation,
-            annotations=body["metadata"].get("annotations") or {},
-            created=parse_time(body["metadata"].get("creationTimestamp")) or now,
-            observed=self._with_unlisted_runs(job, runs),
-            reports=reports,
-            now=now,
-            recheck_seconds=self.settings.recheck_seconds,
-        )
+        try:
+            decision = self._plan(job, body, runs, own_reports, generation, now)
+        except ScheduleError as error:  # the admission checks missed it (another croniter, say)
+            problem = Problem(Reason.INVALID_SPEC, str(error))
+            return self._stopped(body, previous, problem, generation, now, requeue=None)
         for ray_job in decision.stop:
-            self.kube.delete(ObjectRef("ray.io/v1", "RayJob", namespace, ray_job))
+            self._delete_owned(ObjectRef("ray.io/v1", "RayJob", namespace, ray_job), uid)
         if decision.create is not None:
-            for manifest in build_run(job, decision.create, self.settings).in_order():
-                self.kube.create(manifest)
-            RUNS_STARTED.labels(decision.create.trigger.value).inc()
+            conflict = self._create_run(job, decision.create)
+            if conflict is None:
+                RUNS_STARTED.labels(decision.create.trigger.value).inc()
+            else:
+                decision = name_conflict(job, decision, conflict, now)
         for record in decision.forget:
-            self._delete_run(namespace, record)
+            self._delete_run(namespace, record, uid)
         status = compute_status(
             decision.records,
             suspended=job.spec.suspend,
@@ -174,6 +189,26 @@ class FineTuneJobReconciler:
         post_events(self.kube, body, decision.events, now, log)
         return Outcome(version, decision.requeue_after, depends_on=frozenset(("Secret", s) for s in secrets))
 
+    def _plan(
+        self,
+        job: FineTuneJob,
+        body: Manifest,
+        runs: list[ObservedRun],
+        reports: Mapping[int, RunReport],
+        generation: int,
+        now: datetime,
+    ) -> Plan:
+        return plan(
+            job,
+            generation=generation,
+            annotations=body["metadata"].get("annotations") or {},
+            created=parse_time(body["metadata"].get("creationTimestamp")) or now,
+            observed=self._with_unlisted_runs(job, runs),
+            reports=reports,
+            now=now,
+            recheck_seconds=self.settings.recheck_seconds,
+        )
+
     def _with_unlisted_runs(self, job: FineTuneJob, runs: list[ObservedRun]) -> list[ObservedRun]:
         """The cached runs, plus active runs of the status that the cache does not hold (yet).
 
@@ -184,7 +219,30 @@ class FineTuneJobReconciler:
         records = (job.status.runs if job.status else None) or []
         unlisted = [r.ray_job_name for r in records if r.phase in ACTIVE_PHASES and r.ray_job_name not in listed]
         found = [self.kube.get("ray.io/v1", "RayJob", job.metadata["namespace"], run) for run in unlisted]
-        return [*runs, *(run for body in found if body is not None and (run := observe_run(body)) is not None)]
+        owned = [body for body in found if body is not None and controller_uid(body) == job.metadata.get("uid")]
+        return [*runs, *(run for body in owned if (run := observe_run(body)) is not None)]
+
+    def _create_run(self, job: FineTuneJob, request: RunRequest) -> str | None:
+        """Create the run's objects in order; None, or why not: a name taken by an object not the job's.
+
+        An object that exists and belongs to the job was made by an earlier pass that did not finish.
+        """
+        for manifest in build_run(job, request, self.settings).in_order():
+            if self.kube.create(manifest) is not None:
+                continue
+            ref = ObjectRef.of(manifest)
+            existing = self.kube.get(ref.api_version, ref.kind, ref.namespace, ref.name)
+            if existing is None and self.kube.create(manifest) is not None:
+                continue  # deleted in between: made now
+            if existing is None or controller_uid(existing) != job.metadata.get("uid"):
+                return f"{ref.kind} {ref.name} already exists and does not belong to this FineTuneJob"
+        return None
+
+    def _delete_owned(self, ref: ObjectRef, owner_uid: str | None) -> None:
+        """Delete the object if it belongs to `owner_uid`; never one that someone else made with its name."""
+        existing = self.kube.get(ref.api_version, ref.kind, ref.namespace, ref.name)
+        if existing is not None and owner_uid is not None and controller_uid(existing) == owner_uid:
+            self.kube.delete(ref, uid=existing["metadata"].get("uid"))
 
     def _stopped(
         self,
@@ -214,7 +272,7 @@ class FineTuneJobReconciler:
             post_events(self.kube, body, [Event("Warning", problem.reason, problem.message)], now, log)
         return Outcome(version, requeue)
 
-    def _delete_run(self, namespace: str, record: RunRecord) -> None:
+    def _delete_run(self, namespace: str, record: RunRecord, owner_uid: str | None) -> None:
         run = record.ray_job_name
         refs = [
             ObjectRef("ray.io/v1", "RayJob", namespace, run),
@@ -225,7 +283,7 @@ class FineTuneJobReconciler:
             ObjectRef("v1", "ServiceAccount", namespace, runner_name(run)),
         ]
         for ref in refs:
-            self.kube.delete(ref)
+            self._delete_owned(ref, owner_uid)
 
     def _write_status(self, body: Manifest, status: Manifest) -> str | None:
         """Write the status computed from `body`; the version written, or None when nothing changed.

@@ -20,7 +20,7 @@ from kubetune.operator.conditions import Reason
 from kubetune.operator.core.controller import Dependency, Key, Outcome
 from kubetune.operator.core.informer import Informer
 from kubetune.operator.kube import Kube, ObjectRef
-from kubetune.operator.naming import SPEC_HASH_ANNOTATION
+from kubetune.operator.naming import SPEC_HASH_ANNOTATION, controller_uid
 from kubetune.operator.planning.finetunejob import Event
 from kubetune.operator.planning.modeldeployment import (
     ObservedService,
@@ -29,6 +29,7 @@ from kubetune.operator.planning.modeldeployment import (
     plan_rollout,
     resolve,
 )
+from kubetune.operator.policy import placement_violation
 from kubetune.operator.reconcile import patch_status, post_events, previous_status
 from kubetune.operator.settings import Settings
 from kubetune.operator.status.finetunejob import Problem
@@ -39,6 +40,10 @@ from pydantic import ValidationError
 log = logging.getLogger("kubetune.modeldeployment")
 Manifest = dict[str, Any]
 Clock = Callable[[], datetime]
+
+
+class NameTakenError(Exception):
+    """The RayService's name is taken by an object that is not the deployment's: nothing is written to it."""
 
 
 def observe(ray_service: Mapping[str, Any]) -> ObservedService:
@@ -69,12 +74,16 @@ class ModelDeploymentReconciler:
             return Outcome()
         generation = int(body["metadata"].get("generation", 1))
         previous = previous_status(body, ModelDeploymentStatus, log)
-        service = observed[0] if observed else None
+        # Only a RayService that carries this deployment's UID is its own (not an orphan, not a look-alike).
+        service = next((s for s in observed if s.owner_uid == body["metadata"].get("uid")), None)
         try:
             deployment = ModelDeployment.model_validate({**body, "status": None})
         except ValidationError as error:
             problem = Problem(Reason.INVALID_SPEC, "; ".join(describe(error)))
             return self._write(body, previous, problem, generation, service, now, set())
+        violation = placement_violation(deployment.spec.resources, "spec.resources", self.settings)
+        if violation is not None:
+            return self._write(body, previous, Problem(Reason.INVALID_SPEC, violation), generation, service, now, set())
         needs = _dependencies(deployment)
         missing = [n for kind, n in sorted(needs) if kind == "Secret" and self.secrets.get(namespace, n) is None]
         if missing:
@@ -95,7 +104,11 @@ class ModelDeploymentReconciler:
             now,
         )
         if rollout.serving is not None:
-            service = self._apply(deployment, rollout.serving, service) or service
+            try:
+                service = self._apply(deployment, rollout.serving, service) or service
+            except NameTakenError as error:
+                conflict = Problem(Reason.NAME_CONFLICT, str(error))
+                return self._write(body, previous, conflict, generation, None, now, needs)
         status = compute_status(
             rollout,
             service,
@@ -131,11 +144,14 @@ class ModelDeploymentReconciler:
         wanted = manifest["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
         if service is not None and service.spec_hash == wanted:
             return None
+        ref = ObjectRef("ray.io/v1", "RayService", manifest["metadata"]["namespace"], manifest["metadata"]["name"])
         if service is None:
             created = self.kube.create(manifest)
             if created is not None:
                 return observe(created)
-        ref = ObjectRef("ray.io/v1", "RayService", manifest["metadata"]["namespace"], manifest["metadata"]["name"])
+            existing = self.kube.get(ref.api_version, ref.kind, ref.namespace, ref.name)
+            if existing is not None and controller_uid(existing) != deployment.metadata.get("uid"):
+                raise NameTakenError(f"RayService {ref.name} exists and does not belong to this ModelDeployment")
         patch = {"metadata": {"annotations": manifest["metadata"]["annotations"]}, "spec": manifest["spec"]}
         return observe(self.kube.patch(ref, patch))
 

@@ -6,6 +6,7 @@ progress and results; a pure gate decides which run may be promoted.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,6 +15,8 @@ from typing import Any
 from kubetune.operator.api.common import Condition
 from kubetune.operator.api.finetunejob import (
     ACTIVE_PHASES,
+    MAX_ARTIFACTS,
+    MAX_METRICS,
     FineTuneJob,
     FineTuneJobStatus,
     GateReason,
@@ -23,9 +26,18 @@ from kubetune.operator.api.finetunejob import (
     RunRecord,
 )
 from kubetune.operator.conditions import ConditionType, Reason, condition, merge_conditions
-from kubetune.runtime.contract.report import MESSAGE_MAX_LENGTH, RunProgress, RunReport, Stage
+from kubetune.runtime.contract.common import MESSAGE_MAX_LENGTH, SHORT_TEXT_MAX_LENGTH, URI_MAX_LENGTH, Metrics
+from kubetune.runtime.contract.report import RunProgress, RunReport, Stage
 from kubetune.runtime.contract.search import METRIC_MODE, Metric, Mode
 from kubetune.runtime.contract.serving import Variant
+
+# The whole status as JSON stays under this many bytes (etcd holds at most 1.5 MiB per object, spec
+# included): older runs are summarised, then forgotten, to fit; never the promoted or an active one.
+STATUS_MAX_BYTES = 256 * 1024
+# What the run history may take of it; conditions and the other fields fit in the rest.
+RUNS_MAX_BYTES = STATUS_MAX_BYTES - 32 * 1024
+# What a run record keeps of a report's hyperparameters: small ones only.
+HYPERPARAMETERS_MAX_BYTES = 4096
 
 # KubeRay's jobDeploymentStatus values that decide the phase by themselves.
 _DEPLOYMENT_PHASES: dict[str, tuple[JobPhase, Reason]] = {
@@ -99,19 +111,84 @@ def with_report(record: RunRecord, report: RunReport | None) -> RunRecord:
         fields["message"] = report.error[:MESSAGE_MAX_LENGTH] if report.error else None
     progress = RunProgress.model_validate(fields)
     update: dict[str, Any] = {"progress": progress}
-    if report.metrics_before is not None:
-        update["metrics_before"] = report.metrics_before
-    if report.metrics_after is not None:
-        update["metrics_after"] = report.metrics_after
+    # The report is written by the run's pod: what it holds is bounded before it reaches the status.
+    update.update(finite_metrics(report.metrics_before, report.metrics_after))
     if report.variants:
-        update["artifacts"] = {name: variant.uri for name, variant in report.variants.items()}
+        update["artifacts"] = bounded_artifacts({name: variant.uri for name, variant in report.variants.items()})
     if report.best_variant:
         update["best_variant"] = report.best_variant
-    if report.manifest_uri:
+    if report.manifest_uri and len(report.manifest_uri) <= URI_MAX_LENGTH:
         update["manifest_uri"] = report.manifest_uri
-    if report.best_hyperparameters is not None:
-        update["best_hyperparameters"] = report.best_hyperparameters
+    hyperparameters = report.best_hyperparameters
+    if hyperparameters is not None and len(json.dumps(hyperparameters)) <= HYPERPARAMETERS_MAX_BYTES:
+        update["best_hyperparameters"] = hyperparameters
     return record.model_copy(update=update)
+
+
+def finite_metrics(before: Metrics | None, after: Metrics | None) -> dict[str, Any]:
+    """A run record's metrics fields from reported ones: finite values, and which were not (NaN, infinite).
+
+    At most MAX_METRICS metrics per model with short names, kubetune's own (accuracy, loss, ...) first.
+    """
+    known = {metric.value for metric in Metric}
+    fields: dict[str, Any] = {}
+    not_finite: list[str] = []
+    for field, wire, metrics in (("metrics_before", "metricsBefore", before), ("metrics_after", "metricsAfter", after)):
+        if metrics is None:
+            continue
+        names = sorted((n for n in metrics if len(n) <= SHORT_TEXT_MAX_LENGTH), key=lambda n: (n not in known, n))
+        kept = {name: metrics[name] for name in names[:MAX_METRICS]}
+        fields[field] = {name: value for name, value in kept.items() if value is not None}
+        not_finite += [f"{wire}.{name}" for name, value in kept.items() if value is None]
+    if not_finite:
+        fields["not_finite"] = not_finite
+    return fields
+
+
+def bounded_artifacts(artifacts: Mapping[str, str]) -> dict[str, str]:
+    """At most MAX_ARTIFACTS variants with short names and URIs that fit a URI field, by name."""
+    fitting = sorted(
+        (name, uri)
+        for name, uri in artifacts.items()
+        if len(name) <= SHORT_TEXT_MAX_LENGTH and len(uri) <= URI_MAX_LENGTH
+    )
+    return dict(fitting[:MAX_ARTIFACTS])
+
+
+def record_bytes(record: RunRecord) -> int:
+    """Size of a run record in the status, as JSON."""
+    return len(json.dumps(record.to_wire()))  # with json.dumps' spaces: a little over what is sent
+
+
+def summarised(record: RunRecord) -> RunRecord:
+    """What is kept of an older run when the history is over its budget: the outcome, not the details."""
+    return record.model_copy(update={"progress": None, "ray_job": None, "best_hyperparameters": None})
+
+
+def fit_history(records: list[RunRecord], budget: int = RUNS_MAX_BYTES) -> tuple[list[RunRecord], list[RunRecord]]:
+    """Keep the run history under `budget` bytes of JSON; return (kept, dropped).
+
+    Oldest first, finished runs are summarised, then forgotten, until it fits. The promoted
+    run and active runs are kept whole: what they hold is bounded field by field.
+    """
+    promoted = next((r.number for r in reversed(records) if r.gate is not None and r.gate.passed), None)
+    protected = {r.number for r in records if r.phase in ACTIVE_PHASES or r.number == promoted}
+    kept = list(records)
+    sizes = [record_bytes(r) for r in kept]
+    for index, record in enumerate(kept):
+        if sum(sizes) <= budget:
+            return kept, []
+        if record.number not in protected:
+            kept[index] = summarised(record)
+            sizes[index] = record_bytes(kept[index])
+    dropped: set[int] = set()
+    for index, record in enumerate(kept):
+        if sum(sizes) <= budget:
+            break
+        if record.number not in protected:
+            dropped.add(record.number)
+            sizes[index] = 0
+    return [r for r in kept if r.number not in dropped], [r for r in records if r.number in dropped]
 
 
 def gate(job: FineTuneJob, record: RunRecord, report: RunReport | None = None) -> GateResult:
@@ -127,6 +204,15 @@ def gate(job: FineTuneJob, record: RunRecord, report: RunReport | None = None) -
     before = (record.metrics_before or {}).get(metric.value)
     after = (record.metrics_after or {}).get(metric.value)
     measured = {"metric": metric, "value": after, "baseline": before}
+    # A metric that was NaN or infinite (a diverged run, say) leaves nothing to compare.
+    for model, field in (("fine-tuned", "metricsAfter"), ("base", "metricsBefore")):
+        if f"{field}.{metric.value}" in (record.not_finite or []):
+            return GateResult(
+                passed=False,
+                reason=GateReason.METRIC_NOT_FINITE,
+                message=f"run {record.number}: the {model} model's {metric.value} is not a finite number",
+                **measured,
+            )
     if after is None:
         return GateResult(
             passed=False,
@@ -248,11 +334,12 @@ def _conditions(
     else:
         result.append(condition(ConditionType.PROGRESSING, False, Reason.IDLE, "no run is active", generation))
     failed = latest is not None and latest.phase == JobPhase.FAILED
+    failure = Reason(latest.failure.value) if latest is not None and latest.failure else Reason.RUN_FAILED
     result.append(
         condition(
             ConditionType.DEGRADED,
             failed,
-            Reason.RUN_FAILED if failed else Reason.IDLE,
+            failure if failed else Reason.IDLE,
             (latest.message or "") if failed and latest else "",
             generation,
         )
@@ -272,7 +359,7 @@ def _conditions(
             condition(
                 ConditionType.FAILED,
                 not succeeded,
-                Reason.RUN_FAILED if not succeeded else Reason.RUN_SUCCEEDED,
+                failure if not succeeded else Reason.RUN_SUCCEEDED,
                 f"run {latest.number}: {latest.message or latest.phase.value}",
                 generation,
             )

@@ -6,7 +6,9 @@ these models in its CRDs and must not pull in the training stack.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
@@ -25,7 +27,7 @@ URI_PATTERN = (
 )
 URI_SCHEMES = ("file", "pvc", "s3", "hf")
 _URI_RE = re.compile(URI_PATTERN)
-_URI_MAX_LENGTH = 2048
+URI_MAX_LENGTH = 2048
 
 
 def _check_uri(value: str) -> str:
@@ -47,13 +49,14 @@ def _check_uri(value: str) -> str:
 Uri = Annotated[
     str,
     # The pattern goes to the CRD only; locally the validator gives a clearer message.
-    Field(min_length=1, max_length=_URI_MAX_LENGTH, json_schema_extra={"pattern": URI_PATTERN}),
+    Field(min_length=1, max_length=URI_MAX_LENGTH, json_schema_extra={"pattern": URI_PATTERN}),
     AfterValidator(_check_uri),
 ]
 
-# Kubernetes resource quantity (e.g. "500m", "2", "16Gi"); integers are accepted too.
+# A Kubernetes resource quantity greater than zero (e.g. "500m", "2", "16Gi"); integers are accepted too.
+# Everything kubetune requests (CPU, memory) must be positive: "0" or "-2" would schedule nothing useful.
 QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"^\+?(([0-9]*[1-9][0-9]*(\.[0-9]*)?)|([0-9]*\.[0-9]*[1-9][0-9]*))"
     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
@@ -64,7 +67,7 @@ def _check_quantity(value: Any) -> str:
         raise ValueError(f"expected a resource quantity such as '2', '500m' or '16Gi', got {value!r}")
     text = str(value)
     if not _QUANTITY_RE.fullmatch(text):
-        raise ValueError(f"{text!r} is not a resource quantity (e.g. '2', '500m', '16Gi')")
+        raise ValueError(f"{text!r} is not a positive resource quantity (e.g. '2', '500m', '16Gi')")
     return text
 
 
@@ -76,6 +79,10 @@ Quantity = Annotated[
             "anyOf": [{"type": "integer"}, {"type": "string"}],
             "pattern": QUANTITY_PATTERN,
             "x-kubernetes-int-or-string": True,
+            # The pattern applies to strings only: an integer must be positive too.
+            "x-kubernetes-validations": [
+                {"rule": "type(self) != int || self > 0", "message": "must be a positive resource quantity"}
+            ],
         }
     ),
 ]
@@ -95,11 +102,58 @@ class ContractModel(BaseModel):
         validate_assignment=True,
         use_enum_values=False,
         use_attribute_docstrings=False,
+        # JSON has no NaN or infinity: the API server rejects them, so user specs never hold them.
+        allow_inf_nan=False,
     )
 
     def to_wire(self) -> dict[str, Any]:
         """The camelCase JSON form, without unset optional fields."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# Longest message a status or report carries (runs, conditions, gate verdicts); longer ones are cut.
+MESSAGE_MAX_LENGTH = 1024
+# Longest short text (a reason, a name, a trigger detail) they carry.
+SHORT_TEXT_MAX_LENGTH = 256
+# Longest error text a report carries (the status shows its first MESSAGE_MAX_LENGTH characters).
+ERROR_MAX_LENGTH = 8192
+
+
+def _cut_to(limit: int) -> Callable[[Any], Any]:
+    """A validator that cuts text longer than `limit` (ending it with "…") instead of refusing it."""
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, str) and len(value) > limit:
+            return value[: limit - 1] + "…"
+        return value
+
+    return cut
+
+
+# Text written between runtime and operator and into statuses: cut rather than refused, so that a long
+# message (a driver log, say) never costs the rest of a report or a status write.
+Message = Annotated[str, BeforeValidator(_cut_to(MESSAGE_MAX_LENGTH)), Field(max_length=MESSAGE_MAX_LENGTH)]
+ShortText = Annotated[str, BeforeValidator(_cut_to(SHORT_TEXT_MAX_LENGTH)), Field(max_length=SHORT_TEXT_MAX_LENGTH)]
+ErrorText = Annotated[str, BeforeValidator(_cut_to(ERROR_MAX_LENGTH)), Field(max_length=ERROR_MAX_LENGTH)]
+
+
+def _finite_or_none(value: Any) -> Any:
+    """NaN and infinities become None (JSON null), recursively; everything else is kept as it is."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+# A measured number as written between runtime and operator: NaN and infinities (a diverged loss, say)
+# become null, since JSON cannot carry them; a reader tells "not finite" (null) from "not reported" (absent).
+FiniteOrNull = Annotated[float | None, BeforeValidator(_finite_or_none)]
+Metrics = dict[str, FiniteOrNull]
+# Free-form JSON values (hyperparameters, say), with any non-finite number inside made null.
+JsonObject = Annotated[dict[str, Any], BeforeValidator(_finite_or_none)]
 
 
 class WireModel(ContractModel):

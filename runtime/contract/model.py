@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 from pydantic import Field, model_validator
 
-from .common import ContractModel, Uri
+from .common import ContractModel, Uri, cel_rule, with_cel
 
 
 class Task(StrEnum):
@@ -16,10 +17,26 @@ class Task(StrEnum):
 
 
 CLASSIFICATION_TASKS = frozenset({Task.TEXT_CLASSIFICATION, Task.IMAGE_CLASSIFICATION})
+# A full git commit id: a branch or tag would run whatever code is pushed to it later.
+COMMIT_HASH_PATTERN = r"^[0-9a-f]{40}$"
+_COMMIT_HASH_RE = re.compile(COMMIT_HASH_PATTERN)
+PINNED_REVISION_MESSAGE = (
+    "model.trustRemoteCode needs model.revision to be a full 40-character commit hash (lowercase hex), "
+    "not a branch or tag, so the model's code cannot change under the run"
+)
 
 
 class ModelSource(ContractModel):
     """The base model: where its Hugging Face files live and what it is fine-tuned for."""
+
+    model_config = with_cel(
+        cel_rule(
+            "!(has(self.trustRemoteCode) && self.trustRemoteCode && self.uri.startsWith('hf://'))"
+            f" || (has(self.revision) && self.revision.matches('{COMMIT_HASH_PATTERN}'))",
+            PINNED_REVISION_MESSAGE,
+            ".revision",
+        )
+    )
 
     uri: Uri = Field(
         description=(
@@ -34,7 +51,10 @@ class ModelSource(ContractModel):
     revision: str | None = Field(
         default=None,
         max_length=255,
-        description="Revision (branch, tag or commit) of an hf:// model; ignored for other schemes.",
+        description=(
+            "Revision (branch, tag or commit) of an hf:// model; ignored for other schemes. "
+            "With trustRemoteCode it must be a full 40-character commit hash."
+        ),
     )
     labels: list[str] | None = Field(
         default=None,
@@ -47,8 +67,19 @@ class ModelSource(ContractModel):
     )
     trust_remote_code: bool = Field(
         default=False,
-        description="Allow the model repository's own Python code to run when loading it.",
+        description=(
+            "Allow the model repository's own Python code to run when loading it. "
+            "For an hf:// model this needs revision pinned to a full commit hash."
+        ),
     )
+
+    @model_validator(mode="after")
+    def _remote_code_is_pinned(self) -> ModelSource:
+        # Only hf:// resolves `revision`; other schemes load whatever files the location holds.
+        pinned = self.revision is not None and _COMMIT_HASH_RE.fullmatch(self.revision) is not None
+        if self.trust_remote_code and self.uri.startswith("hf://") and not pinned:
+            raise ValueError(f"{PINNED_REVISION_MESSAGE} (got {self.revision!r})")
+        return self
 
     @model_validator(mode="after")
     def _labels_only_for_classification(self) -> ModelSource:

@@ -9,19 +9,14 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
 
 from pydantic import Field
 
-from .common import WireModel
+from .common import ErrorText, FiniteOrNull, JsonObject, Message, Metrics, ShortText, WireModel
 
 REPORT_KEY = "report.json"
 # Written into every report; readers accept any version and ignore fields they do not know.
 REPORT_SCHEMA_VERSION = 1
-
-
-# Longest progress message a report (and the status mirroring it) carries.
-MESSAGE_MAX_LENGTH = 4096
 
 
 class Stage(StrEnum):
@@ -41,10 +36,12 @@ class VariantReport(WireModel):
 
     uri: str = Field(description="Where the variant's Hugging Face directory was written.")
     size_bytes: int | None = Field(default=None, ge=0, description="Size of the weights on disk.")
-    latency_ms_p50: float | None = Field(default=None, ge=0, description="CPU latency, median over a fixed batch.")
-    metrics: dict[str, float] = Field(default_factory=dict, description="Test metrics of this variant.")
+    latency_ms_p50: FiniteOrNull = Field(default=None, ge=0, description="CPU latency, median over a fixed batch.")
+    metrics: Metrics = Field(
+        default_factory=dict, description="Test metrics of this variant (null: not a finite number)."
+    )
     accepted: bool = Field(default=True, description="Within compression.maxAccuracyDrop of the fine-tuned model.")
-    reason: str | None = Field(default=None, description="Why the variant was rejected, when it was.")
+    reason: Message | None = Field(default=None, description="Why the variant was rejected, when it was.")
 
 
 class RunProgress(WireModel):
@@ -55,11 +52,11 @@ class RunProgress(WireModel):
     )
     step: int | None = Field(default=None, ge=0, description="Optimizer steps done.")
     total_steps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
-    epoch: float | None = Field(default=None, ge=0, description="Epochs done (fractional).")
-    loss: float | None = Field(default=None, description="Latest training loss.")
+    epoch: FiniteOrNull = Field(default=None, ge=0, description="Epochs done (fractional).")
+    loss: FiniteOrNull = Field(default=None, description="Latest training loss (null when not a finite number).")
     trials_completed: int | None = Field(default=None, ge=0, description="Search trials finished.")
     trials_total: int | None = Field(default=None, ge=0, description="Search trials planned.")
-    message: str | None = Field(default=None, max_length=MESSAGE_MAX_LENGTH, description="Latest progress message.")
+    message: Message | None = Field(default=None, description="Latest progress message.")
     updated_at: datetime | None = Field(default=None, description="When the report was written.")
 
 
@@ -70,10 +67,14 @@ class RunReport(RunProgress):
         default=REPORT_SCHEMA_VERSION, ge=1, description="Version of the report format the writer used."
     )
     stage: Stage = Field(description="The pipeline stage the run is in.")
-    metrics_before: dict[str, float] | None = Field(default=None, description="Base-model test metrics.")
-    metrics_after: dict[str, float] | None = Field(default=None, description="Fine-tuned test metrics.")
+    metrics_before: Metrics | None = Field(
+        default=None, description="Base-model test metrics (null: not a finite number)."
+    )
+    metrics_after: Metrics | None = Field(
+        default=None, description="Fine-tuned test metrics (null: not a finite number)."
+    )
     variants: dict[str, VariantReport] | None = Field(default=None, description="Exported variants by name.")
-    best_variant: str | None = Field(default=None, description="The variant `best` resolves to.")
+    best_variant: ShortText | None = Field(default=None, description="The variant `best` resolves to.")
     manifest_uri: str | None = Field(default=None, description="URI of the kubetune.json manifest.")
-    best_hyperparameters: dict[str, Any] | None = Field(default=None, description="Best search trial's settings.")
-    error: str | None = Field(default=None, max_length=8192, description="Why the run failed (stage failed).")
+    best_hyperparameters: JsonObject | None = Field(default=None, description="Best search trial's settings.")
+    error: ErrorText | None = Field(default=None, description="Why the run failed (stage failed).")

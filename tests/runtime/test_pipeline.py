@@ -95,7 +95,9 @@ def test_int8_variant_is_small_and_judged_by_its_accuracy(lora_run: FinishedRun)
     # Linear and embedding weights in int8: about a quarter of fp32.
     assert int8.size_bytes <= 0.35 * merged.size_bytes
     assert int8.latency_ms_p50 is not None and int8.latency_ms_p50 > 0
-    drop = lora_run.result.metrics_after["accuracy"] - int8.metrics["accuracy"]
+    int8_accuracy = int8.metrics["accuracy"]
+    assert int8_accuracy is not None
+    drop = lora_run.result.metrics_after["accuracy"] - int8_accuracy
     assert int8.accepted == (drop <= 0.01 + 1e-9), (drop, int8.reason)
     assert merged.latency_ms_p50 is not None
     deployable = int8.accepted and int8.latency_ms_p50 <= MAX_SLOWDOWN * merged.latency_ms_p50

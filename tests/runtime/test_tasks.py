@@ -80,7 +80,9 @@ def test_causal_lm_sft_lowers_perplexity(chat: bool, ray_session: str, tiny_llam
     model = AutoModelForCausalLM.from_pretrained(result.artifacts[plain])
     assert model.config.model_type == "llama"
     int8 = result.variants["int8"]
-    growth = int8.metrics["perplexity"] / after["perplexity"] - 1
+    int8_perplexity = int8.metrics["perplexity"]
+    assert int8_perplexity is not None
+    growth = int8_perplexity / after["perplexity"] - 1
     assert int8.accepted == (growth <= spec.compression.max_accuracy_drop)
 
 

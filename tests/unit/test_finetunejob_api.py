@@ -181,3 +181,29 @@ def test_qlora_with_gpus_is_accepted(minimal_job: dict[str, Any]) -> None:
     )
     job = parse(document)
     assert job.spec.method.type == MethodType.QLORA  # type: ignore[union-attr]
+
+
+FULL_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize("revision", [None, "main", "v1.0", "0123abc", FULL_COMMIT.upper(), FULL_COMMIT + "8"])
+def test_remote_code_needs_a_pinned_commit(minimal_job: dict[str, Any], revision: str | None) -> None:
+    # A branch, a tag or a short hash would run whatever code is pushed to the model repository later.
+    document = mutated(minimal_job, "spec.model.trustRemoteCode", True)
+    if revision is not None:
+        document = mutated(document, "spec.model.revision", revision)
+    problems = problems_of(document)
+    assert any(p.startswith("spec.model:") and "model.revision" in p and "commit hash" in p for p in problems), problems
+
+
+def test_remote_code_at_a_full_commit_is_accepted(minimal_job: dict[str, Any]) -> None:
+    document = mutated(mutated(minimal_job, "spec.model.trustRemoteCode", True), "spec.model.revision", FULL_COMMIT)
+    job = parse(document)
+    assert isinstance(job, FineTuneJob)
+    assert job.spec.model.trust_remote_code and job.spec.model.revision == FULL_COMMIT
+
+
+def test_remote_code_of_a_local_model_needs_no_revision(minimal_job: dict[str, Any]) -> None:
+    # Only hf:// resolves a revision; a pvc:// or s3:// folder is what it is.
+    document = mutated(mutated(minimal_job, "spec.model.trustRemoteCode", True), "spec.model.uri", "pvc://models/x")
+    assert parse(document).spec.model.trust_remote_code  # type: ignore[union-attr]

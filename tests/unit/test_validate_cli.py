@@ -84,6 +84,13 @@ def test_valid_examples_still_pass(capsys: pytest.CaptureFixture[str], name: str
     assert rule_failures(load_example(name)) == []
 
 
+def test_remote_code_at_a_full_commit_passes_the_rules() -> None:
+    job = mutated(load_example("finetunejob-minimal.yaml"), "spec.model.trustRemoteCode", True)
+    pinned = mutated(job, "spec.model.revision", "0123456789abcdef0123456789abcdef01234567")
+    assert rule_failures(pinned) == []
+    assert rule_failures(mutated(job, "spec.model.uri", "pvc://models/x")) == []  # only hf:// has revisions
+
+
 def test_header_problems_come_with_the_spec_problems() -> None:
     document = mutated(load_example("finetunejob-minimal.yaml"), "metadata.name", "Not_A_Name")
     document = mutated(document, "spec.hyperparameters", {"epochs": 0})
@@ -192,6 +199,13 @@ CROSS_FIELD_CASES = [
         "spec.search.metric",
     ),
     (JOB, [("spec.data.format", "imagefolder")], "data.format imagefolder needs", "spec.data.format"),
+    (JOB, [("spec.model.trustRemoteCode", True)], "needs model.revision to be a full", "spec.model.revision"),
+    (
+        JOB,
+        [("spec.model.trustRemoteCode", True), ("spec.model.revision", "main")],
+        "needs model.revision to be a full",
+        "spec.model.revision",
+    ),
     (JOB, [("spec.hyperparameters", {"precision": "fp16"})], "fp16 needs GPUs", "spec.hyperparameters.precision"),
     (JOB, [("spec.method", {"type": "qlora"})], "qlora needs GPUs", "spec.method.type"),
     (JOB, [("spec.resources", {"gpuType": "NVIDIA-H100"})], "gpuType needs", "spec.resources.gpuType"),
