@@ -262,3 +262,84 @@ def test_a_pass_whose_object_was_deleted_meanwhile_ends_the_key() -> None:
     still_there = ending_when_deleted(cast(Kube, Objects(True)), "Thing", writes_to_a_missing_object)
     with pytest.raises(ApiError, match="404"):  # a kind that is not installed, say: an error to retry
         still_there(A)
+
+
+def test_a_recorded_failure_is_retried_with_backoff_and_its_write_is_no_change() -> None:
+    """The failure written onto the status comes back as a watch event: that is not a reason to run again."""
+    from kubetune.operator.core.controller import PassFailedError
+
+    script = Script()
+    script.outcomes[A] = [PassFailedError(RuntimeError("a bug"), "51"), Outcome()]
+
+    async def body(controller: Controller) -> None:
+        controller.enqueue(A, "50")
+        await settle(0.02)
+        controller.enqueue(A, "51")  # the failure's own status write
+        await settle(0.5)
+
+    scenario(script, body)
+    starts = [start for key, start, _ in script.passes if key == A]
+    assert len(starts) == 2 and starts[1] - starts[0] >= 0.05 * 0.9  # the retry waited for its backoff
+
+
+class StatusObjects:
+    """A stand-in for the API client: one object whose status patches are recorded."""
+
+    def __init__(self, status: dict[str, object] | None, fail: bool = False) -> None:
+        self.body: dict[str, object] = {
+            "metadata": {"name": "a", "namespace": "ns", "generation": 3, "resourceVersion": "9"},
+            "status": status or {},
+        }
+        self.patches: list[dict[str, object]] = []
+        self.fail = fail
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, object]:
+        return self.body
+
+    def patch_status(self, ref: object, status: dict[str, object], resource_version: str | None = None) -> dict:  # type: ignore[type-arg]
+        if self.fail:
+            raise ApiError(422, "Invalid", "status is invalid")
+        self.patches.append(status)
+        return {"metadata": {"resourceVersion": "10"}}
+
+
+def test_an_unexpected_failure_is_written_as_degraded_keeping_the_other_conditions() -> None:
+    import logging
+    from datetime import UTC, datetime
+    from typing import cast
+
+    from kubetune.operator.core.controller import PassFailedError
+    from kubetune.operator.kube import Kube
+    from kubetune.operator.reconcile import recording_failures
+
+    ready = {"type": "Ready", "status": "True", "reason": "Promoted", "message": "run 1", "observedGeneration": 2}
+    objects = StatusObjects({"phase": "Succeeded", "conditions": [ready]})
+    now = datetime(2026, 11, 28, tzinfo=UTC)
+
+    def broken(key: Key) -> Outcome:
+        raise KeyError("spec")
+
+    recorded = recording_failures(cast(Kube, objects), "Thing", broken, lambda: now, logging.getLogger("test"))
+    with pytest.raises(PassFailedError) as failure:
+        recorded(A)
+    assert isinstance(failure.value.error, KeyError) and failure.value.written_version == "10"
+    (patch,) = objects.patches
+    conditions = {c["type"]: c for c in patch["conditions"]}  # type: ignore[attr-defined]
+    assert conditions["Ready"]["reason"] == "Promoted"  # what was known stays
+    degraded = conditions["Degraded"]
+    assert (degraded["status"], degraded["reason"], degraded["observedGeneration"]) == ("True", "ReconcileFailed", 3)
+    assert degraded["message"] == "retrying after an error: KeyError: 'spec'"
+
+    # Conflicts are normal work, not failures to show; a failing write leaves the original error to retry.
+    def conflicted_write(key: Key) -> Outcome:
+        raise ApiError(409, "Conflict", "changed")
+
+    conflict = recording_failures(cast(Kube, objects), "Thing", conflicted_write, lambda: now, logging.getLogger("t"))
+    with pytest.raises(PassFailedError) as conflicted:
+        conflict(A)
+    assert conflicted.value.written_version is None and len(objects.patches) == 1
+    unwritable = StatusObjects(None, fail=True)
+    failing = recording_failures(cast(Kube, unwritable), "Thing", broken, lambda: now, logging.getLogger("test"))
+    with pytest.raises(PassFailedError) as unwritten:
+        failing(A)
+    assert isinstance(unwritten.value.error, KeyError) and unwritten.value.written_version is None

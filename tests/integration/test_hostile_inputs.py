@@ -1,0 +1,210 @@
+"""Reproductions of what broke the operator, against a real API server: NaN in a report, objects
+planted or orphaned under a run's names, and the largest status the budget allows."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from kubetune.operator.api.finetunejob import (
+    FineTuneJob,
+    GateReason,
+    GateResult,
+    JobPhase,
+    RayJobState,
+    RunRecord,
+    Trigger,
+)
+from kubetune.operator.api.manifests import parse
+from kubetune.operator.kube import Kube, ObjectRef
+from kubetune.operator.planning.finetunejob import run_spec_hash
+from kubetune.operator.status.finetunejob import STATUS_MAX_BYTES, compute_status, fit_history
+from kubetune.runtime.contract.common import MESSAGE_MAX_LENGTH, SHORT_TEXT_MAX_LENGTH, URI_MAX_LENGTH
+from kubetune.runtime.contract.report import REPORT_KEY, RunProgress, Stage
+
+from ..conftest import load_example, mutated
+from .harness import InProcessOperator, conditions, eventually, set_ray_job_status
+from .test_finetunejob_operator import RUNNING, SUCCEEDED, create_job, job, status, wait_event, wait_phase, wait_ray_job
+
+Manifest = dict[str, Any]
+ATTACKER_REPORT = json.dumps(
+    {
+        "stage": "done",
+        "metricsBefore": {"accuracy": 0.1},
+        "metricsAfter": {"accuracy": 0.99},
+        "variants": {"full": {"uri": "s3://attacker/model"}},
+        "bestVariant": "full",
+    }
+)
+
+
+def write_raw_report(kube: Kube, namespace: str, name: str, text: str) -> None:
+    kube.patch(ObjectRef("v1", "ConfigMap", namespace, name), {"data": {REPORT_KEY: text}})
+
+
+def test_nan_in_a_report_neither_freezes_the_status_nor_passes_the_gate(
+    kube: Kube, namespace: str, operator: InProcessOperator
+) -> None:
+    create_job(kube, namespace)
+    wait_ray_job(kube, namespace, "tickets-r1")
+    set_ray_job_status(kube, namespace, "tickets-r1", **RUNNING)
+    # What the runtime's json.dumps writes for a diverged loss (learning rate 1.0).
+    write_raw_report(kube, namespace, "tickets-r1-report", '{"stage": "train", "step": 5, "loss": NaN}')
+    eventually(
+        lambda: (status(kube, namespace).get("runs") or [{}])[-1].get("progress", {}).get("step") == 5,
+        what="progress step 5 in status",
+    )
+    done = '{"stage": "done", "metricsBefore": {"accuracy": 0.2}, "metricsAfter": {"accuracy": NaN, "loss": Infinity}}'
+    write_raw_report(kube, namespace, "tickets-r1-report", done)
+    set_ray_job_status(kube, namespace, "tickets-r1", **SUCCEEDED)
+    final = wait_phase(kube, namespace, "Succeeded")
+    run = final["runs"][-1]
+    assert run["notFinite"] == ["metricsAfter.accuracy", "metricsAfter.loss"]
+    assert run["gate"]["reason"] == GateReason.METRIC_NOT_FINITE and "promotedRun" not in final
+    assert conditions(job(kube, namespace))["Ready"]["status"] == "False"
+
+
+def plant(kube: Kube, namespace: str, job_name: str, *, ray_job: bool, report: bool) -> None:
+    """Objects under run 1's names, with the job's labels, made by someone else (no owner)."""
+    labels = {"app.kubernetes.io/managed-by": "kubetune", "kubetune.io/finetunejob": job_name, "kubetune.io/run": "1"}
+    if report:
+        kube.create(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": f"{job_name}-r1-report",
+                    "namespace": namespace,
+                    "labels": {**labels, "kubetune.io/report": "true"},
+                },
+                "data": {REPORT_KEY: ATTACKER_REPORT},
+            }
+        )
+    if ray_job:
+        annotations = {"kubetune.io/trigger": "SpecChange", "kubetune.io/trigger-detail": "generation 1"}
+        kube.create(
+            {
+                "apiVersion": "ray.io/v1",
+                "kind": "RayJob",
+                "metadata": {
+                    "name": f"{job_name}-r1",
+                    "namespace": namespace,
+                    "labels": labels,
+                    "annotations": annotations,
+                },
+                "spec": {"entrypoint": "python -c 'print(1)'"},
+            }
+        )
+        set_ray_job_status(kube, namespace, f"{job_name}-r1", **SUCCEEDED)
+
+
+def assert_name_conflict(kube: Kube, namespace: str, job_name: str, taken: str) -> None:
+    final = wait_phase(kube, namespace, "Failed", name=job_name)
+    (run,) = final["runs"]
+    assert run["failure"] == "NameConflict" and taken in run["message"]
+    assert "promotedRun" not in final and "artifacts" not in run and "metricsAfter" not in run
+    degraded = conditions(job(kube, namespace, job_name))["Degraded"]
+    assert (degraded["status"], degraded["reason"]) == ("True", "NameConflict")
+    assert "s3://attacker" not in json.dumps(final)
+
+
+def test_a_planted_rayjob_and_report_are_not_adopted(kube: Kube, namespace: str, operator: InProcessOperator) -> None:
+    """One reproduction turned these into a Succeeded, promoted run serving s3://attacker/model."""
+    plant(kube, namespace, "planted", ray_job=True, report=True)
+    plant(kube, namespace, "rayjob-only", ray_job=True, report=False)
+    create_job(kube, namespace, name="planted")
+    create_job(kube, namespace, name="rayjob-only")
+    assert_name_conflict(kube, namespace, "planted", "ConfigMap planted-r1-report")
+    assert_name_conflict(kube, namespace, "rayjob-only", "RayJob rayjob-only-r1")
+    assert "run 1 not started" in wait_event(kube, namespace, "NameConflict")
+    for name in ("planted-r1", "rayjob-only-r1"):  # left as they were: not taken over, not deleted
+        planted = kube.get("ray.io/v1", "RayJob", namespace, name)
+        assert planted is not None and not planted["metadata"].get("ownerReferences")
+    # What the job made of its own before the conflict (report, config) is its own.
+    config = kube.get("v1", "ConfigMap", namespace, "rayjob-only-r1-config")
+    assert config is not None and config["metadata"]["ownerReferences"][0]["name"] == "rayjob-only"
+
+
+def test_an_orphan_of_an_earlier_job_with_the_same_name_is_not_adopted(
+    kube: Kube, namespace: str, operator: InProcessOperator
+) -> None:
+    first = create_job(kube, namespace)
+    wait_ray_job(kube, namespace, "tickets-r1")
+    set_ray_job_status(kube, namespace, "tickets-r1", **SUCCEEDED)
+    write_raw_report(kube, namespace, "tickets-r1-report", ATTACKER_REPORT)
+    kube.request(
+        "DELETE",
+        ObjectRef(*("kubetune.io/v1alpha1", "FineTuneJob"), namespace, "tickets").path,
+        body={"propagationPolicy": "Orphan"},
+    )
+    eventually(lambda: kube.get("kubetune.io/v1alpha1", "FineTuneJob", namespace, "tickets") is None, what="job gone")
+    orphan = eventually(
+        lambda: (
+            (body := kube.get("ray.io/v1", "RayJob", namespace, "tickets-r1"))
+            and not body["metadata"].get("ownerReferences")
+            and body
+        ),
+        what="the RayJob orphaned by the garbage collector",
+    )
+    second = create_job(kube, namespace)
+    assert second["metadata"]["uid"] != first["metadata"]["uid"]
+    assert_name_conflict(kube, namespace, "tickets", "tickets-r1")
+    kept = kube.get("ray.io/v1", "RayJob", namespace, "tickets-r1")
+    assert kept is not None and kept["metadata"]["uid"] == orphan["metadata"]["uid"]
+
+
+def largest_record(number: int, spec_hash: str, promoted: bool = False) -> RunRecord:
+    """A run record with every bounded field at its bound."""
+    text, short = "m" * MESSAGE_MAX_LENGTH, "s" * SHORT_TEXT_MAX_LENGTH
+    metrics = {f"{n:03d}".ljust(SHORT_TEXT_MAX_LENGTH, "x"): 0.123456789012345 for n in range(32)}
+    return RunRecord(
+        number=number,
+        ray_job_name=f"big-r{number}",
+        trigger=Trigger.ANNOTATION,
+        trigger_detail=short,
+        spec_generation=1,
+        spec_hash=spec_hash,
+        phase=JobPhase.SUCCEEDED if promoted else JobPhase.FAILED,
+        message=text,
+        ray_job=RayJobState(name=short, job_status=short, job_deployment_status=short, reason=short, message=text),
+        progress=RunProgress(stage=Stage.EXPORT, message=text, step=10**9, total_steps=10**9, loss=1e300),
+        metrics_before=metrics,
+        metrics_after=metrics,
+        not_finite=[f"metricsAfter.{n}".ljust(SHORT_TEXT_MAX_LENGTH, "y") for n in range(64)],
+        artifacts={
+            f"{n:02d}".ljust(SHORT_TEXT_MAX_LENGTH, "v"): "s3://b/" + "k" * (URI_MAX_LENGTH - 7) for n in range(16)
+        },
+        best_variant=short,
+        manifest_uri="s3://b/" + "k" * (URI_MAX_LENGTH - 7),
+        best_hyperparameters={"note": "h" * 4000},
+        gate=GateResult(
+            passed=promoted, reason=GateReason.PASSED if promoted else GateReason.RUN_NOT_SUCCEEDED, message=text
+        ),
+        promotable=promoted,
+    )
+
+
+def test_the_largest_status_the_budget_allows_is_written_and_the_job_goes_on(
+    kube: Kube, namespace: str, operator: InProcessOperator
+) -> None:
+    create_job(kube, namespace, name="big", spec__historyLimit=100, spec__suspend=True)
+    parsed = parse(mutated(load_example("finetunejob-minimal.yaml"), "spec.historyLimit", 100))
+    assert isinstance(parsed, FineTuneJob)
+    records = [largest_record(n, run_spec_hash(parsed), promoted=n == 50) for n in range(1, 101)]
+    kept, dropped = fit_history(records)
+    largest = compute_status(kept, suspended=True, generation=1, previous=None, now=datetime.now(UTC)).to_wire()
+    size = len(json.dumps(largest))
+    # Records this large fill the budget within a few: the rest were summarised, then dropped.
+    assert STATUS_MAX_BYTES // 2 < size <= STATUS_MAX_BYTES and dropped
+    wait_phase(kube, namespace, "Pending", name="big")  # the operator's first status, before ours
+    ref = ObjectRef("kubetune.io/v1alpha1", "FineTuneJob", namespace, "big")
+    kube.patch_status(ref, largest)
+    assert len(status(kube, namespace, "big")["runs"]) == len(kept)
+    # The operator reads it back, starts a run on request and still writes its status within the budget.
+    kube.patch(ref, {"metadata": {"annotations": {"kubetune.io/retrain": "now"}}, "spec": {"suspend": False}})
+    after = eventually(
+        lambda: (current := status(kube, namespace, "big")).get("currentRun") == 101 and current,
+        what="run 101 in the status",
+    )
+    assert after["promotedRun"] == 50 and len(json.dumps(after)) <= STATUS_MAX_BYTES
