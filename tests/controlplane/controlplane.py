@@ -341,8 +341,16 @@ class ControlPlane:
             return []
         applied = self.kubectl("apply", "--server-side", "--force-conflicts", "-o", "name", *files, timeout=timeout)
         names = [f"crd/{line.split('/', 1)[1]}" for line in applied.stdout.split()]
-        self.kubectl("wait", "--for=condition=Established", f"--timeout={timeout}s", *names)
-        return names
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.kubectl("wait", "--for=condition=Established", f"--timeout={timeout}s", *names)
+                return names
+            except CommandError as error:
+                # kubectl wait fails, rather than waits, on a CRD whose status has no conditions yet.
+                if "accessor error" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def logs(self, lines: int = 50) -> str:
         """The last lines of the logs of etcd, kube-apiserver and kube-controller-manager."""

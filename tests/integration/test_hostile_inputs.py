@@ -208,3 +208,31 @@ def test_the_largest_status_the_budget_allows_is_written_and_the_job_goes_on(
         what="run 101 in the status",
     )
     assert after["promotedRun"] == 50 and len(json.dumps(after)) <= STATUS_MAX_BYTES
+
+
+def test_a_rayservice_made_by_someone_else_is_not_taken_over(
+    kube: Kube, namespace: str, operator: InProcessOperator
+) -> None:
+    from .test_modeldeployment_operator import create_deployment, deployment, finish_run, secrets
+
+    secrets(kube, namespace)
+    planted = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": "support-tickets", "namespace": namespace, "labels": {"team": "other"}},
+        "spec": {"serveConfigV2": "applications: []", "rayClusterConfig": {"headGroupSpec": {"template": {}}}},
+    }
+    before = kube.create(planted)
+    assert before is not None
+    create_job(kube, namespace)
+    create_deployment(kube, namespace)
+    finish_run(kube, namespace, 1, accuracy=0.9)
+    eventually(
+        lambda: (c := conditions(deployment(kube, namespace)).get("Ready")) and c["reason"] == "NameConflict",
+        what="the deployment's Ready=False, reason NameConflict",
+    )
+    message = conditions(deployment(kube, namespace))["Ready"]["message"]
+    assert message == "RayService support-tickets exists and does not belong to this ModelDeployment"
+    after = kube.get("ray.io/v1", "RayService", namespace, "support-tickets")
+    assert after is not None and after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert "serving" not in (deployment(kube, namespace).get("status") or {})
