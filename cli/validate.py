@@ -20,7 +20,7 @@ from celpy import celtypes
 from celpy.evaluation import CELEvalError
 from kubetune.operator import crdgen
 from kubetune.operator.api.common import API_VERSION, SUBDOMAIN_PATTERN
-from kubetune.operator.api.manifests import MODELS, Manifest
+from kubetune.operator.api.manifests import MODELS, Manifest, out_of_range_integers, validate_as_admitted
 from kubetune.runtime.contract.errors import SpecError, describe, field_path
 from pydantic import ValidationError
 
@@ -54,7 +54,7 @@ def check(document: Any) -> Manifest:
     problems = problems_of(document)
     if problems:
         raise SpecError([str(problem) for problem in problems])
-    return MODELS[document["kind"]].model_validate(document)
+    return validate_as_admitted(document["kind"], document)
 
 
 def problems_of(document: Any) -> list[Problem]:
@@ -86,8 +86,11 @@ def _header_problems(document: dict[str, Any]) -> list[Problem]:
 
 def field_problems(document: dict[str, Any]) -> list[Problem]:
     """What pydantic reports (field errors, and the cross-field checks it gets to)."""
+    too_large = [Problem(path, "must fit in a 64-bit integer") for path in out_of_range_integers(document)]
+    if too_large:
+        return too_large
     try:
-        MODELS[document["kind"]].model_validate(document)
+        validate_as_admitted(document["kind"], document)
     except ValidationError as error:
         return [Problem(path, message) for path, _, message in (line.partition(": ") for line in describe(error))]
     return []

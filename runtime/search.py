@@ -45,9 +45,9 @@ def _domain(parameter: SearchParameter, algorithm: Algorithm) -> Any:
     """The Tune domain of one searched setting; with algorithm grid every value is enumerated."""
     kind = parameter.type
     if _enumerated(parameter, algorithm):
-        return ray.tune.grid_search(list(parameter.values or []))
+        return ray.tune.grid_search(parameter.choices)
     if kind == ParameterType.CHOICE:
-        return ray.tune.choice(list(parameter.values or []))
+        return ray.tune.choice(parameter.choices)
     assert parameter.low is not None and parameter.high is not None  # the contract guarantees both
     if kind == ParameterType.UNIFORM:
         return ray.tune.uniform(parameter.low, parameter.high)
@@ -213,7 +213,7 @@ def _planned_trials(search: SearchSpec) -> int:
     grid = 1
     for parameter in search.space.values():
         if _enumerated(parameter, search.algorithm):
-            grid *= len(parameter.values or [])
+            grid *= len(parameter.choices)
     return search.effective_trials * grid
 
 

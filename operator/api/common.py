@@ -25,15 +25,39 @@ LABEL_KEY_PATTERN = (
 )
 IMAGE_PATTERN = r"^[^\s]+$"
 SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-_CRON_FIELD = r"(\*|\?|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?(,(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?)*"
-CRON_PATTERN = rf"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|{_CRON_FIELD}( {_CRON_FIELD}){{4}})$"
-_CRON_RE = re.compile(CRON_PATTERN)
-_CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
-_CRON_FIELD_NAMES = ("minute", "hour", "day of month", "month", "day of week")
 _CRON_NAMES = {
     3: ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"),
     4: ("sun", "mon", "tue", "wed", "thu", "fri", "sat"),
 }
+_CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+_CRON_FIELD_NAMES = ("minute", "hour", "day of month", "month", "day of week")
+
+
+def _any_case(word: str) -> str:
+    """`jan` as `[Jj][Aa][Nn]`: case-insensitive in the API server's regular expressions too."""
+    return "".join(f"[{c.upper()}{c}]" for c in word)
+
+
+def _cron_field(index: int) -> str:
+    """The exact grammar of one cron field: values in range, ranges, lists and positive steps."""
+    numbers = (
+        r"[0-5]?[0-9]",
+        r"[01]?[0-9]|2[0-3]",
+        r"0?[1-9]|[12][0-9]|3[01]",
+        r"0?[1-9]|1[0-2]",
+        r"0?[0-7]",
+    )[index]
+    value = "|".join([numbers, *(_any_case(name) for name in _CRON_NAMES.get(index, ()))])
+    item = rf"(\*|({value})(-({value}))?)(/0*[1-9][0-9]{{0,3}})?"
+    if index in (2, 4):  # "?" (no specific value) is for the day fields only, and alone
+        item = rf"(\?|{item})"
+    return rf"{item}(,{item})*"
+
+
+_CRON_FIELDS = tuple(re.compile(_cron_field(index)) for index in range(5))
+CRON_MACROS = ("yearly", "annually", "monthly", "weekly", "daily", "midnight", "hourly")
+# Five fields separated by single spaces, or a macro: what the schedule's croniter reads, as one pattern.
+CRON_PATTERN = rf"^(@({'|'.join(CRON_MACROS)})|" + " ".join(f"({_cron_field(index)})" for index in range(5)) + ")$"
 
 
 def _cron_value(token: str, index: int) -> int:
@@ -49,26 +73,27 @@ def _cron_value(token: str, index: int) -> int:
 
 
 def check_cron(expression: str) -> str:
-    """Validate a 5-field cron expression (or a macro such as @daily) with clear messages."""
-    expression = " ".join(expression.split())
-    if not _CRON_RE.fullmatch(expression):
+    """Validate a 5-field cron expression (or a macro such as @daily) with clear messages.
+
+    Exactly what CRON_PATTERN admits. A reversed range (22-2) wraps around, as croniter reads it.
+    """
+    if expression.startswith("@") and expression[1:] in CRON_MACROS:
+        return expression
+    fields = expression.split(" ")
+    if len(fields) != 5 or not all(fields):
         raise ValueError(
-            f"{expression!r} is not a cron expression: expected 5 fields "
+            f"{expression!r} is not a cron expression: expected 5 fields separated by single spaces "
             "(minute hour day-of-month month day-of-week) or a macro such as @daily"
         )
-    if expression.startswith("@"):
-        return expression
-    for index, field in enumerate(expression.split(" ")):
+    for index, field in enumerate(fields):
         for part in field.split(","):
             base, _, step = part.partition("/")
-            if step and int(step) == 0:
+            if step.isdigit() and int(step) == 0:
                 raise ValueError(f"cron {_CRON_FIELD_NAMES[index]} step must be positive")
-            if base in ("*", "?"):
-                continue
-            first, _, last = base.partition("-")
-            if last and _cron_value(first, index) > _cron_value(last, index):
-                raise ValueError(f"cron {_CRON_FIELD_NAMES[index]} range {base} is reversed")
-            _cron_value(first, index)
+            for token in base.split("-") if base not in ("*", "?") else ():
+                _cron_value(token, index)
+        if not _CRON_FIELDS[index].fullmatch(field):
+            raise ValueError(f"cron {_CRON_FIELD_NAMES[index]} field {field!r} is not valid")
     return expression
 
 
@@ -134,7 +159,17 @@ class Placement(ContractModel):
         description="GPU model, matched against the node label nvidia.com/gpu.product (e.g. NVIDIA-H100-80GB-HBM3).",
     )
     node_selector: dict[str, str] | None = Field(
-        default=None, max_length=64, description="Node labels the pods require."
+        default=None,
+        max_length=64,
+        description="Node labels the pods require.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"self.all(k, k.matches('{LABEL_KEY_PATTERN.replace(chr(92) + '.', '[.]')}'))",
+                    "message": "every key must be a valid label key (prefix/name)",
+                }
+            ]
+        },
     )
     tolerations: list[Toleration] | None = Field(default=None, max_length=64, description="Tolerated node taints.")
     affinity: dict[str, Any] | None = Field(

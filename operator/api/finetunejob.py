@@ -5,6 +5,7 @@ from __future__ import annotations
 import zoneinfo
 from datetime import UTC, datetime
 from enum import StrEnum
+from importlib.resources import files
 from typing import Any
 
 from croniter import CroniterBadCronError, CroniterBadDateError, croniter
@@ -33,6 +34,8 @@ PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAMES = ("ftj",)
 RETRAIN_ANNOTATION = "kubetune.io/retrain"
+# The IANA time zones of the pinned tzdata package: the CRD lists them, so admission knows them too.
+TIME_ZONES = tuple(sorted(files("tzdata").joinpath("zones").read_text(encoding="utf-8").split()))
 # Most exported variants a run record lists (a run makes at most a handful), and most metrics per model.
 MAX_ARTIFACTS = 16
 MAX_METRICS = 32
@@ -125,10 +128,11 @@ def schedule_fires(expression: str) -> str:
 
 # A day of month that no month of the schedule has (31 February, 31 April): the common way to write a
 # schedule that never fires. (The pydantic model checks every schedule by computing its next time.)
+_FEBRUARY = "0?2|[Ff][Ee][Bb]"
+_THIRTY_DAYS = "0?[2469]|11|[Ff][Ee][Bb]|[Aa][Pp][Rr]|[Jj][Uu][Nn]|[Ss][Ee][Pp]|[Nn][Oo][Vv]"
 _NO_SUCH_DAY = (
-    "^[^ ]+ [^ ]+ 3[01](,3[01])* (2|[Ff][Ee][Bb]) [*?]$",
-    "^[^ ]+ [^ ]+ 31(,31)* (4|6|9|11|[Aa][Pp][Rr]|[Jj][Uu][Nn]|[Ss][Ee][Pp]|[Nn][Oo][Vv])"
-    "(,(4|6|9|11|[Aa][Pp][Rr]|[Jj][Uu][Nn]|[Ss][Ee][Pp]|[Nn][Oo][Vv]))* [*?]$",
+    f"^[^ ]+ [^ ]+ 3[01](,3[01])* ({_FEBRUARY})(,({_FEBRUARY}))* [*?]$",
+    f"^[^ ]+ [^ ]+ 31(,31)* ({_THIRTY_DAYS})(,({_THIRTY_DAYS}))* [*?]$",
 )
 _SCHEDULE_RULES = tuple(
     cel_rule(
@@ -171,6 +175,7 @@ class FineTuneJobSpec(RunSpec):
         max_length=64,
         pattern=r"^[A-Za-z0-9_+/-]+$",
         description="IANA time zone of the schedule (e.g. Europe/Berlin); UTC when omitted.",
+        json_schema_extra={"enum": list(TIME_ZONES)},
     )
     concurrency_policy: ConcurrencyPolicy = Field(
         default=ConcurrencyPolicy.FORBID,
@@ -192,6 +197,8 @@ class FineTuneJobSpec(RunSpec):
     def _known_zone(cls, value: str | None) -> str | None:
         if value is not None:
             try:
+                if value not in TIME_ZONES:
+                    raise ValueError(value)
                 zoneinfo.ZoneInfo(value)
             except (zoneinfo.ZoneInfoNotFoundError, ValueError):
                 raise ValueError(f"unknown time zone {value!r}") from None

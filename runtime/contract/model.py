@@ -35,7 +35,14 @@ class ModelSource(ContractModel):
             f" || (has(self.revision) && self.revision.matches('{COMMIT_HASH_PATTERN}'))",
             PINNED_REVISION_MESSAGE,
             ".revision",
-        )
+        ),
+        cel_rule(
+            "!has(self.labels) || self.task in ["
+            + ", ".join(f"'{task.value}'" for task in sorted(CLASSIFICATION_TASKS))
+            + "]",
+            "labels are only valid for classification tasks",
+            ".labels",
+        ),
     )
 
     uri: Uri = Field(
@@ -61,9 +68,10 @@ class ModelSource(ContractModel):
         min_length=2,
         max_length=10000,
         description=(
-            "Class names for classification tasks, in label-id order. "
+            "Class names for classification tasks, in label-id order, each once. "
             "When omitted they are taken from the training data, sorted."
         ),
+        json_schema_extra={"x-kubernetes-list-type": "set"},  # the API server refuses duplicates
     )
     trust_remote_code: bool = Field(
         default=False,

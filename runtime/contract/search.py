@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from .common import ContractModel, cel_rule, with_cel
 from .hyperparameters import Hyperparameters
@@ -51,7 +53,8 @@ _NESTED_SEARCHABLE: dict[str, tuple[type[ContractModel], str]] = {
     "lora.dropout": (LoraOptions, "dropout"),
     "freeze.trainableLayers": (FreezeOptions, "trainableLayers"),
 }
-_NOT_SEARCHABLE = {"earlyStopping"}
+# Not searched: early stopping is an object, and memory-saving switches do not change what is learned.
+_NOT_SEARCHABLE = {"earlyStopping", "gradientCheckpointing"}
 
 
 def searchable_parameters() -> dict[str, tuple[type[ContractModel], str]]:
@@ -71,8 +74,7 @@ SEARCHABLE_KEYS: tuple[str, ...] = tuple(searchable_parameters())
 class SearchParameter(ContractModel):
     """The distribution of one searched setting."""
 
-    # `values` holds values of any type, which CEL cannot see: the model checks it (and the
-    # operator reports a violation as InvalidSpec); admission checks the bounds.
+    # Numbers and names are separate typed lists, so that admission (CEL) checks every candidate too.
     model_config = with_cel(
         cel_rule(
             "self.type in ['choice', 'grid'] ? !has(self.low) && !has(self.high)"
@@ -81,14 +83,32 @@ class SearchParameter(ContractModel):
             ".low",
         ),
         cel_rule("self.type != 'loguniform' || self.low > 0.0", "loguniform needs low > 0", ".low"),
+        cel_rule(
+            "self.type in ['choice', 'grid'] ? has(self.values) != has(self.options)"
+            " : !has(self.values) && !has(self.options)",
+            "choice and grid take values (numbers) or options (names); uniform, loguniform and randint neither",
+            ".values",
+        ),
+        cel_rule(
+            "self.type != 'randint' || (self.low == double(int(self.low)) && self.high == double(int(self.high)))",
+            "randint needs integer low and high",
+            ".low",
+        ),
     )
 
     type: ParameterType = Field(description="choice, grid, uniform, loguniform or randint.")
-    values: list[Any] | None = Field(
+    values: list[int | float] | None = Field(
         default=None,
         min_length=1,
         max_length=256,
-        description="Candidate values for choice and grid.",
+        description="Candidate numbers for choice and grid, for a numeric setting (e.g. learningRate, lora.rank).",
+        json_schema_extra={"items": {"type": "number"}},
+    )
+    options: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Candidate names for choice and grid, for a named setting (optimizer, lrSchedule, precision).",
     )
     low: float | None = Field(default=None, description="Lower bound (inclusive) for uniform, loguniform and randint.")
     high: float | None = Field(
@@ -98,13 +118,13 @@ class SearchParameter(ContractModel):
     @model_validator(mode="after")
     def _shape_matches_type(self) -> SearchParameter:
         if self.type in DISCRETE_TYPES:
-            if not self.values:
-                raise ValueError(f"type {self.type.value} needs a non-empty list of values")
+            if (self.values is None) == (self.options is None):
+                raise ValueError(f"type {self.type.value} needs values (numbers) or options (names), one of them")
             if self.low is not None or self.high is not None:
-                raise ValueError(f"type {self.type.value} takes values, not low/high")
+                raise ValueError(f"type {self.type.value} takes values or options, not low/high")
             return self
-        if self.values is not None:
-            raise ValueError(f"type {self.type.value} takes low and high, not values")
+        if self.values is not None or self.options is not None:
+            raise ValueError(f"type {self.type.value} takes low and high, not values or options")
         if self.low is None or self.high is None:
             raise ValueError(f"type {self.type.value} needs both low and high")
         if not self.low < self.high:
@@ -115,10 +135,15 @@ class SearchParameter(ContractModel):
             raise ValueError("randint needs integer low and high")
         return self
 
+    @property
+    def choices(self) -> list[Any]:
+        """The candidates of choice and grid: the numbers or the names."""
+        return list(self.values if self.values is not None else self.options or [])
+
     def candidate_values(self) -> list[Any]:
         """Values to type-check against the searched setting."""
-        if self.values is not None:
-            return list(self.values)
+        if self.type in DISCRETE_TYPES:
+            return self.choices
         assert self.low is not None and self.high is not None  # guaranteed by the validator
         if self.type == ParameterType.RANDINT:
             return [int(self.low), int(self.high) - 1]
@@ -152,6 +177,90 @@ def _searchable_keys_rule() -> str:
     return f"self.all(k, k in [{keys}])"
 
 
+def _bounds(field: FieldInfo, number: str) -> str:
+    """CEL: the double `number` within the bounds pydantic puts on `field` ("true" when it has none)."""
+    operators = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    conditions = [
+        f"{number} {symbol} {float(bound)!r}"
+        for item in field.metadata
+        for name, symbol in operators.items()
+        if (bound := getattr(item, name, None)) is not None
+    ]
+    return " && ".join(conditions) or "true"
+
+
+def _kind(field: FieldInfo) -> type | None:
+    """The type of a searchable field's values, without None."""
+    kinds = [kind for kind in get_args(field.annotation) or (field.annotation,) if kind is not type(None)]
+    return kinds[0] if len(kinds) == 1 and isinstance(kinds[0], type) else None
+
+
+def _values_rule(key: str, field: FieldInfo) -> str | None:
+    """CEL, on the space: what is searched for `key` is what its field takes (kind of list, type, range).
+
+    The same verdict as SearchSpec's check of each candidate against the field.
+    """
+    kind = _kind(field)
+    entry = "self[k]"
+    if kind is not None and issubclass(kind, StrEnum):
+        names = ", ".join(f"'{member.value}'" for member in kind)
+        listed = f"!has({entry}.values) && (!has({entry}.options) || {entry}.options.all(v, v in [{names}]))"
+        span = "false"
+    elif kind in (int, float):
+        whole = " && v == double(int(v))" if kind is int else ""
+        listed = (
+            f"!has({entry}.options) && (!has({entry}.values) || {entry}.values.all(v, {_bounds(field, 'v')}{whole}))"
+        )
+        top = f"({entry}.type == 'randint' ? {entry}.high - 1.0 : {entry}.high)"
+        span = f"{_bounds(field, f'{entry}.low')} && {_bounds(field, top)}"
+        if kind is int:  # Tune samples floats from uniform and loguniform
+            span = f"{entry}.type == 'randint' && {span}"
+    else:
+        return None
+    # A parameter that is ill-formed in itself (low >= high, say) is the parameter's own rules' to report.
+    ill_formed = (
+        f"!has({entry}.low) || !has({entry}.high) || {entry}.low >= {entry}.high"
+        f" || ({entry}.type == 'loguniform' && {entry}.low <= 0.0)"
+        f" || ({entry}.type == 'randint' && ({entry}.low != double(int({entry}.low))"
+        f" || {entry}.high != double(int({entry}.high))))"
+    )
+    return f"self.all(k, k != '{key}' || ({entry}.type in ['choice', 'grid'] ? ({listed}) : {ill_formed} || ({span})))"
+
+
+def _field(model: type[ContractModel], alias: str) -> FieldInfo:
+    return next(field for name, field in model.model_fields.items() if (field.alias or name) == alias)
+
+
+def _typed(key: str, parameter: SearchParameter, field: FieldInfo) -> SearchParameter:
+    """The parameter with the kind of list its setting takes: options for names, whole numbers for counts."""
+    kind = _kind(field)
+    named = kind is not None and issubclass(kind, StrEnum)
+    if named and (parameter.values is not None or parameter.type not in DISCRETE_TYPES):
+        raise ValueError(f"space.{key}: a named setting takes choice or grid with options, not numbers")
+    if not named and parameter.options is not None:
+        raise ValueError(f"space.{key}: a numeric setting takes values (numbers), not options")
+    if kind is int and parameter.values is not None:
+        if not all(float(v).is_integer() for v in parameter.values):
+            raise ValueError(f"space.{key}: values must be whole numbers")
+        return parameter.model_copy(update={"values": [int(v) for v in parameter.values]})
+    if kind is int and parameter.type in (ParameterType.UNIFORM, ParameterType.LOGUNIFORM):
+        raise ValueError(
+            f"space.{key}: a whole-number setting takes randint, choice or grid, not {parameter.type.value}"
+        )
+    return parameter
+
+
+def _values_rules() -> list[dict[str, Any]]:
+    rules = []
+    for key, (model, alias) in searchable_parameters().items():
+        rule = _values_rule(key, _field(model, alias))
+        if rule is not None:
+            field_path = f".{key}" if "." not in key else f"['{key}']"
+            message = f"a value searched for {key} is not one {key} takes (type or range)"
+            rules.append(cel_rule(rule, message, field_path))
+    return rules
+
+
 class SearchSpec(ContractModel):
     """Hyperparameter search with Ray Tune. Each trial is a full training run."""
 
@@ -167,6 +276,13 @@ class SearchSpec(ContractModel):
             ".space",
         ),
         cel_rule("!has(self.asha) || self.scheduler == 'asha'", "asha options need scheduler asha", ".asha"),
+        cel_rule(
+            "!has(self.mode) || !has(self.metric) || self.mode == (self.metric in ["
+            + ", ".join(f"'{metric.value}'" for metric, mode in METRIC_MODE.items() if mode == Mode.MIN)
+            + "] ? 'min' : 'max')",
+            "mode contradicts the metric's direction (accuracy and f1: max; loss and perplexity: min)",
+            ".mode",
+        ),
     )
 
     metric: Metric | None = Field(
@@ -188,7 +304,8 @@ class SearchSpec(ContractModel):
         ),
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel_rule(_searchable_keys_rule(), "unknown search parameter; see the field description for the names")
+                cel_rule(_searchable_keys_rule(), "unknown search parameter; see the field description for the names"),
+                *_values_rules(),
             ]
         },
     )
@@ -214,9 +331,10 @@ class SearchSpec(ContractModel):
             if key not in known:
                 raise ValueError(f"space: unknown parameter {key!r}; searchable: {', '.join(known)}")
             model, alias = known[key]
+            self.space[key] = parameter = _typed(key, parameter, _field(model, alias))
             for value in parameter.candidate_values():
-                try:
-                    model.model_validate({alias: value})
+                try:  # as JSON, strictly: as the API server sees the value ("3" is not 3)
+                    model.model_validate_json(json.dumps({alias: value}), strict=True)
                 except ValidationError as error:
                     reason = error.errors()[0]["msg"]
                     raise ValueError(f"space.{key}: value {value!r} is invalid: {reason}") from None

@@ -7,6 +7,7 @@ along by patching its status the way KubeRay would.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -198,3 +199,48 @@ def set_ray_job_status(kube: Kube, namespace: str, name: str, **status: Any) -> 
 
 def conditions(body: Manifest | None) -> dict[str, Manifest]:
     return {item["type"]: item for item in ((body or {}).get("status") or {}).get("conditions", [])}
+
+
+class CapturedLogs(logging.Handler):
+    """Every log record of this process while attached, the in-process operator's included.
+
+    `levels` lowers the named loggers' levels for the while (restored on exit), so that
+    their INFO or DEBUG records are kept too.
+    """
+
+    def __init__(self, levels: dict[str, int] | None = None) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._levels = levels or {}
+        self._saved: dict[str, int] = {}
+        self._lock_records = threading.Lock()
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._lock_records:
+            self.records.append(record)
+
+    def __enter__(self) -> CapturedLogs:
+        for name, level in self._levels.items():
+            self._saved[name] = logging.getLogger(name).level
+            logging.getLogger(name).setLevel(level)
+        logging.getLogger().addHandler(self)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        logging.getLogger().removeHandler(self)
+        for name, level in self._saved.items():
+            logging.getLogger(name).setLevel(level)
+
+    def lines(self) -> list[str]:
+        """Every record as the operator's log would show it, tracebacks included."""
+        with self._lock_records:
+            records = list(self.records)
+        return [self.format(record) for record in records]
+
+    def unhandled(self, *mentioning: str) -> list[str]:
+        """ERROR records with a traceback (an exception nobody handled) that mention any of `mentioning`."""
+        with self._lock_records:
+            records = [r for r in self.records if r.levelno >= logging.ERROR and r.exc_info]
+        formatted = [self.format(record) for record in records]
+        return [line for line in formatted if not mentioning or any(text in line for text in mentioning)]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import UTC, datetime, timedelta
+import re
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -303,4 +304,49 @@ def test_the_gate_keeps_missing_and_not_finite_apart(minimal_job: dict[str, Any]
         number=1, ray_job_name="r1", trigger=Trigger.SPEC_CHANGE, spec_generation=1, phase=JobPhase.SUCCEEDED
     )
     assert gate(job_of(minimal_job), record).reason == GateReason.METRIC_MISSING
-    _ = timedelta  # (kept for symmetry with the planning tests' clocks)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("spec.hyperparameters.epochs", "3", "spec.hyperparameters.epochs: Input should be a valid integer"),
+        ("spec.suspend", "true", "spec.suspend: Input should be a valid boolean"),
+        (
+            "spec.hyperparameters.learningRate",
+            "0.001",
+            "spec.hyperparameters.learningRate: Input should be a valid number",
+        ),
+        ("spec.resources.tolerations", [{"tolerationSeconds": 2**63}], "must fit in a 64-bit integer"),
+    ],
+)
+def test_types_are_checked_as_the_api_server_checks_them(
+    minimal_job: dict[str, Any], path: str, value: Any, message: str
+) -> None:
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse(mutated(minimal_job, path, value))
+
+
+def test_nulls_and_whole_decimals_read_as_the_api_server_reads_them(minimal_job: dict[str, Any]) -> None:
+    job = parse(mutated(mutated(minimal_job, "spec.method", None), "spec.hyperparameters.epochs", 2.0))
+    assert isinstance(job, FineTuneJob)
+    assert job.spec.hyperparameters.epochs == 2 and job.spec.method.type.value == "lora"  # the default method
+
+
+def test_named_settings_are_searched_with_options_and_counts_with_whole_numbers(minimal_job: dict[str, Any]) -> None:
+    space = {
+        "optimizer": {"type": "choice", "options": ["adamw", "sgd"]},
+        "batchSize": {"type": "grid", "values": [8.0, 16]},
+    }
+    job = parse(mutated(minimal_job, "spec.search", {"space": space}))
+    assert isinstance(job, FineTuneJob) and job.spec.search is not None
+    assert job.spec.search.space["optimizer"].choices == ["adamw", "sgd"]
+    assert job.spec.search.space["batchSize"].choices == [8, 16]
+    assert all(type(v) is int for v in job.spec.search.space["batchSize"].choices)
+    for wrong, message in [
+        ({"optimizer": {"type": "choice", "values": [1]}}, "a named setting takes choice or grid with options"),
+        ({"batchSize": {"type": "choice", "options": ["8"]}}, "a numeric setting takes values (numbers)"),
+        ({"batchSize": {"type": "choice", "values": [8.5]}}, "values must be whole numbers"),
+        ({"batchSize": {"type": "uniform", "low": 8, "high": 32}}, "takes randint, choice or grid, not uniform"),
+    ]:
+        with pytest.raises(SpecError, match=re.escape(message)):
+            parse(mutated(minimal_job, "spec.search", {"space": wrong}))
