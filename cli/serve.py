@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from kubetune.runtime.contract import Task
 from kubetune.runtime.contract.serving import SERVE_ENVIRONMENT, ServeAppArgs, Variant
@@ -180,7 +180,8 @@ def serve_until_stopped(
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        _shut_down_serve()
+        if not _shut_down_serve():
+            _leave_now(out)
     out.print("stopped", highlight=False)
 
 
@@ -190,8 +191,11 @@ def last_line(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _shut_down_serve() -> None:
-    """Stop Serve's replicas and proxy, waiting a bounded time: whoever killed us may have killed Ray too."""
+def _shut_down_serve() -> bool:
+    """Stop Serve's replicas and proxy, waiting a bounded time: whoever killed us may have killed Ray too.
+
+    Whether Serve stopped within the time.
+    """
     from ray import serve
 
     def shut_down() -> None:
@@ -201,6 +205,25 @@ def _shut_down_serve() -> None:
     stopper = threading.Thread(target=shut_down, name="kubetune-serve-shutdown", daemon=True)
     stopper.start()
     stopper.join(SHUTDOWN_TIMEOUT_S)
+    return not stopper.is_alive()
+
+
+def _leave_now(out: Console) -> NoReturn:
+    """Exit at once, after ending the Ray processes this command started.
+
+    Serve's shutdown is stuck (Ctrl-C reached Ray's processes too). Ray's own shutdown would
+    abort the process (exit 1) when the stuck thread next touches Ray, so it is skipped.
+    """
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(children, timeout=10)
+    out.print("stopped", highlight=False)
+    out.file.flush()
+    os._exit(0)
 
 
 def sample_of(uri: str | None, task: Task) -> str | None:
