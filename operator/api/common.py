@@ -33,7 +33,7 @@ _CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
 _CRON_FIELD_NAMES = ("minute", "hour", "day of month", "month", "day of week")
 
 
-def _any_case(word: str) -> str:
+def any_case(word: str) -> str:
     """`jan` as `[Jj][Aa][Nn]`: case-insensitive in the API server's regular expressions too."""
     return "".join(f"[{c.upper()}{c}]" for c in word)
 
@@ -47,7 +47,7 @@ def _cron_field(index: int) -> str:
         r"0?[1-9]|1[0-2]",
         r"0?[0-7]",
     )[index]
-    value = "|".join([numbers, *(_any_case(name) for name in _CRON_NAMES.get(index, ()))])
+    value = "|".join([numbers, *(any_case(name) for name in _CRON_NAMES.get(index, ()))])
     item = rf"(\*|({value})(-({value}))?)(/0*[1-9][0-9]{{0,3}})?"
     if index in (2, 4):  # "?" (no specific value) is for the day fields only, and alone
         item = rf"(\?|{item})"

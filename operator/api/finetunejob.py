@@ -27,7 +27,7 @@ from kubetune.runtime.contract.report import RunProgress
 from kubetune.runtime.contract.run import CAUSAL_LM_METRICS, CLASSIFICATION_METRICS, RUN_SPEC_RULES
 from pydantic import Field, field_validator, model_validator
 
-from .common import CRON_PATTERN, Condition, Placement, StorageAccess, check_cron
+from .common import CRON_PATTERN, Condition, Placement, StorageAccess, any_case, check_cron
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
@@ -128,8 +128,8 @@ def schedule_fires(expression: str) -> str:
 
 # A day of month that no month of the schedule has (31 February, 31 April): the common way to write a
 # schedule that never fires. (The pydantic model checks every schedule by computing its next time.)
-_FEBRUARY = "0?2|[Ff][Ee][Bb]"
-_THIRTY_DAYS = "0?[2469]|11|[Ff][Ee][Bb]|[Aa][Pp][Rr]|[Jj][Uu][Nn]|[Ss][Ee][Pp]|[Nn][Oo][Vv]"
+_FEBRUARY = f"0?2|{any_case('feb')}"
+_THIRTY_DAYS = "|".join(["0?[2469]", "11", *(any_case(month) for month in ("feb", "apr", "jun", "sep", "nov"))])
 _NO_SUCH_DAY = (
     f"^[^ ]+ [^ ]+ 3[01](,3[01])* ({_FEBRUARY})(,({_FEBRUARY}))* [*?]$",
     f"^[^ ]+ [^ ]+ 31(,31)* ({_THIRTY_DAYS})(,({_THIRTY_DAYS}))* [*?]$",

@@ -28,7 +28,7 @@ def as_admitted(value: Any) -> Any:
         return {key: as_admitted(item) for key, item in value.items() if item is not None}
     if isinstance(value, list):
         return [as_admitted(item) for item in value]
-    if isinstance(value, float) and value.is_integer() and -(2**63) <= value < 2**63:
+    if isinstance(value, float) and value.is_integer() and INT64.start <= value < INT64.stop:
         return int(value)
     return value
 

@@ -10,7 +10,6 @@ that matters to a job enqueues it.
 from __future__ import annotations
 
 import asyncio
-import logging
 from concurrent.futures import Executor
 from typing import Any
 
@@ -22,7 +21,7 @@ from kubetune.operator.core.informer import Change, Informer, Source, owner_labe
 from kubetune.operator.kube import Kube, selector
 from kubetune.operator.naming import JOB_LABEL, MANAGED_BY_LABEL, MANAGER, REPORT_LABEL
 from kubetune.operator.planning.finetunejob import ObservedRun
-from kubetune.operator.reconcile import ending_when_deleted, recording_failures
+from kubetune.operator.reconcile import reconciling
 from kubetune.operator.reconcile.finetunejob import (
     Clock,
     FineTuneJobReconciler,
@@ -36,8 +35,6 @@ from kubetune.operator.settings import Settings
 # written once and never read back, so they are not watched.)
 RUNS = Source("ray.io/v1", "RayJob", selector({MANAGED_BY_LABEL: MANAGER, JOB_LABEL: ""}))
 REPORTS = Source("v1", "ConfigMap", selector({MANAGED_BY_LABEL: MANAGER, REPORT_LABEL: "true", JOB_LABEL: ""}))
-
-log = logging.getLogger("kubetune.finetunejob")
 
 
 job_of = owner_label(JOB_LABEL)
@@ -59,10 +56,7 @@ class FineTuneJobs:
         self.reports: Informer[Report] = Informer(kube, REPORTS, namespaces, observe_report, job_of)
         reconciler = FineTuneJobReconciler(kube, settings, self.runs, self.reports, secrets, clock)
         self.controller = Controller(
-            KIND,
-            ending_when_deleted(kube, KIND, recording_failures(kube, KIND, reconciler.reconcile, clock, log)),
-            executor,
-            ControllerSettings.of(settings),
+            KIND, reconciling(kube, KIND, reconciler.reconcile, clock), executor, ControllerSettings.of(settings)
         )
         self.secrets = secrets
 

@@ -9,7 +9,6 @@ depend on it through the controller core.
 from __future__ import annotations
 
 import asyncio
-import logging
 from concurrent.futures import Executor
 from typing import Any
 
@@ -21,13 +20,11 @@ from kubetune.operator.core.informer import Change, Informer, Source, owner_labe
 from kubetune.operator.kube import Kube, selector
 from kubetune.operator.naming import DEPLOYMENT_LABEL, MANAGED_BY_LABEL, MANAGER
 from kubetune.operator.planning.modeldeployment import ObservedService
-from kubetune.operator.reconcile import ending_when_deleted, recording_failures
+from kubetune.operator.reconcile import reconciling
 from kubetune.operator.reconcile.modeldeployment import Clock, ModelDeploymentReconciler, observe
 from kubetune.operator.settings import Settings
 
 SERVICES = Source("ray.io/v1", "RayService", selector({MANAGED_BY_LABEL: MANAGER, DEPLOYMENT_LABEL: ""}))
-
-log = logging.getLogger("kubetune.modeldeployment")
 
 
 deployment_of = owner_label(DEPLOYMENT_LABEL)
@@ -48,10 +45,7 @@ class ModelDeployments:
         self.services: Informer[ObservedService] = Informer(kube, SERVICES, namespaces, observe, deployment_of)
         reconciler = ModelDeploymentReconciler(kube, settings, self.services, secrets, clock)
         self.controller = Controller(
-            KIND,
-            ending_when_deleted(kube, KIND, recording_failures(kube, KIND, reconciler.reconcile, clock, log)),
-            executor,
-            ControllerSettings.of(settings),
+            KIND, reconciling(kube, KIND, reconciler.reconcile, clock), executor, ControllerSettings.of(settings)
         )
         self.secrets = secrets
 

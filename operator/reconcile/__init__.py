@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 Manifest = dict[str, Any]
 S = TypeVar("S", bound=BaseModel)
+LOG = logging.getLogger("kubetune.reconcile")
 
 
 def ending_when_deleted(kube: Kube, kind: str, reconcile: Callable[[Key], Outcome]) -> Callable[[Key], Outcome]:
@@ -29,9 +30,8 @@ def ending_when_deleted(kube: Kube, kind: str, reconcile: Callable[[Key], Outcom
     def guarded(key: Key) -> Outcome:
         try:
             return reconcile(key)
-        except Exception as error:
-            cause = error.error if isinstance(error, PassFailedError) else error
-            if isinstance(cause, ApiError) and cause.not_found and kube.get(API_VERSION, kind, *key) is None:
+        except ApiError as error:
+            if error.not_found and kube.get(API_VERSION, kind, *key) is None:
                 return Outcome(gone=True)
             raise
 
@@ -118,3 +118,11 @@ def recording_failures(
             raise PassFailedError(error, version) from error
 
     return recorded
+
+
+def reconciling(
+    kube: Kube, kind: str, reconcile: Callable[[Key], Outcome], clock: Callable[[], datetime]
+) -> Callable[[Key], Outcome]:
+    """A kind's pass as the controller runs it: ended quietly when its object is gone, any other
+    failure written onto the object's status before it is retried."""
+    return recording_failures(kube, kind, ending_when_deleted(kube, kind, reconcile), clock, LOG)

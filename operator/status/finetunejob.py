@@ -175,19 +175,21 @@ def fit_history(records: list[RunRecord], budget: int = RUNS_MAX_BYTES) -> tuple
     protected = {r.number for r in records if r.phase in ACTIVE_PHASES or r.number == promoted}
     kept = list(records)
     sizes = [record_bytes(r) for r in kept]
+    total = sum(sizes)
     for index, record in enumerate(kept):
-        if sum(sizes) <= budget:
+        if total <= budget:
             return kept, []
         if record.number not in protected:
             kept[index] = summarised(record)
-            sizes[index] = record_bytes(kept[index])
+            size = record_bytes(kept[index])
+            total, sizes[index] = total + size - sizes[index], size
     dropped: set[int] = set()
     for index, record in enumerate(kept):
-        if sum(sizes) <= budget:
+        if total <= budget:
             break
         if record.number not in protected:
             dropped.add(record.number)
-            sizes[index] = 0
+            total -= sizes[index]
     return [r for r in kept if r.number not in dropped], [r for r in records if r.number in dropped]
 
 

@@ -152,6 +152,16 @@ def test_success_with_a_report_is_mirrored_and_promoted(
     assert current["runs"][-1]["rayJob"]["jobDeploymentStatus"] == "Complete"
 
 
+def runner_token(kube: Kube, namespace: str, run: str) -> str:
+    """What a run's pod would mount: a token of the run's own ServiceAccount."""
+    answer = kube.request(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/serviceaccounts/{run}-runner/token",
+        body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}},
+    )
+    return str(answer["status"]["token"])
+
+
 def write_report(kube: Kube, namespace: str, name: str, report: RunReport) -> None:
     kube.patch(ObjectRef("v1", "ConfigMap", namespace, name), {"data": {REPORT_KEY: report.model_dump_json()}})
 
@@ -342,12 +352,7 @@ def test_the_runtime_reporter_writes_progress_with_the_runs_token(
     config_map = kube.get("v1", "ConfigMap", namespace, "tickets-r1-config")
     assert config_map is not None
     identity = RunConfig.model_validate_json(config_map["data"]["run.json"]).run
-    # What the pod would mount: a token of the run's own ServiceAccount.
-    token = kube.request(
-        "POST",
-        f"/api/v1/namespaces/{namespace}/serviceaccounts/tickets-r1-runner/token",
-        body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}},
-    )["status"]["token"]
+    token = runner_token(kube, namespace, "tickets-r1")
     patcher = ConfigMapPatcher(kube.server, token, kube.configuration.ssl_ca_cert)
     assert identity.report_config_map and identity.namespace
     reporter = ConfigMapReporter(patcher, identity.report_config_map, identity.namespace, min_interval_s=0)

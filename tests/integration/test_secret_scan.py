@@ -31,7 +31,7 @@ from kubetune.runtime.reporting import TrainingProgress
 from kubetune.runtime.result import RunResult
 
 from .harness import CapturedLogs, InProcessOperator, set_ray_job_status
-from .test_finetunejob_operator import SUCCEEDED, create_job, wait_phase, wait_ray_job
+from .test_finetunejob_operator import SUCCEEDED, create_job, runner_token, wait_phase, wait_ray_job
 from .test_modeldeployment_operator import create_deployment, phase, play_kuberay, ray_service
 
 Manifest = dict[str, Any]
@@ -86,11 +86,7 @@ def everything_but_secrets(kube: Kube, namespace: str) -> dict[str, list[Manifes
 
 def report_as_the_runtime_does(kube: Kube, namespace: str, run: str) -> None:
     """The runtime's ConfigMapReporter, with the run's own token, writes progress and the result."""
-    token = kube.request(
-        "POST",
-        f"/api/v1/namespaces/{namespace}/serviceaccounts/{run}-runner/token",
-        body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}},
-    )["status"]["token"]
+    token = runner_token(kube, namespace, run)
     patcher = ConfigMapPatcher(kube.server, token, kube.configuration.ssl_ca_cert)
     reporter = ConfigMapReporter(patcher, f"{run}-report", namespace, min_interval_s=0)
     reporter.stage_started(Stage.TRAIN, "training on 1 worker")
