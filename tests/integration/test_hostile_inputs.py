@@ -19,12 +19,14 @@ from kubetune.operator.api.finetunejob import (
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.kube import Kube, ObjectRef
 from kubetune.operator.planning.finetunejob import run_spec_hash
+from kubetune.operator.settings import Settings
 from kubetune.operator.status.finetunejob import STATUS_MAX_BYTES, compute_status, fit_history
 from kubetune.runtime.contract.common import MESSAGE_MAX_LENGTH, SHORT_TEXT_MAX_LENGTH, URI_MAX_LENGTH
 from kubetune.runtime.contract.report import REPORT_KEY, RunProgress, Stage
 
 from ..conftest import load_example, mutated
-from .harness import InProcessOperator, conditions, eventually, set_ray_job_status
+from ..controlplane import ControlPlane
+from .harness import InProcessOperator, MovableClock, conditions, eventually, set_ray_job_status
 from .test_finetunejob_operator import RUNNING, SUCCEEDED, create_job, job, status, wait_event, wait_phase, wait_ray_job
 
 Manifest = dict[str, Any]
@@ -138,13 +140,20 @@ def test_an_orphan_of_an_earlier_job_with_the_same_name_is_not_adopted(
         ObjectRef(*("kubetune.io/v1alpha1", "FineTuneJob"), namespace, "tickets").path,
         body={"propagationPolicy": "Orphan"},
     )
-    eventually(lambda: kube.get("kubetune.io/v1alpha1", "FineTuneJob", namespace, "tickets") is None, what="job gone")
+    # The garbage collector orphans the children; right after the control plane starts it may not know
+    # the FineTuneJob kind yet (it rediscovers kinds every 30 s).
+    eventually(
+        lambda: kube.get("kubetune.io/v1alpha1", "FineTuneJob", namespace, "tickets") is None,
+        timeout=120,
+        what="job gone",
+    )
     orphan = eventually(
         lambda: (
             (body := kube.get("ray.io/v1", "RayJob", namespace, "tickets-r1"))
             and not body["metadata"].get("ownerReferences")
             and body
         ),
+        timeout=120,
         what="the RayJob orphaned by the garbage collector",
     )
     second = create_job(kube, namespace)
@@ -236,3 +245,44 @@ def test_a_rayservice_made_by_someone_else_is_not_taken_over(
     after = kube.get("ray.io/v1", "RayService", namespace, "support-tickets")
     assert after is not None and after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
     assert "serving" not in (deployment(kube, namespace).get("status") or {})
+
+
+def test_images_and_priority_classes_outside_the_operators_settings_are_invalid(
+    control_plane: ControlPlane, kube: Kube, namespace: str, running_operator: InProcessOperator
+) -> None:
+    from .test_modeldeployment_operator import deployment
+
+    settings = Settings(
+        metrics_port=0,
+        recheck_seconds=600,
+        allowed_images="registry.example.com/kubetune/*",
+        allowed_priority_classes="batch",
+    )
+    running_operator.stop()
+    restricted = InProcessOperator(control_plane.kubeconfig, MovableClock(), settings)
+    restricted.start()
+    try:
+        create_job(kube, namespace, spec__resources={"image": "evil.example/miner:1"})
+        kube.create(
+            {
+                **mutated(
+                    load_example("modeldeployment.yaml"), "spec.resources.priorityClassName", "system-cluster-critical"
+                ),
+                "metadata": {"name": "support-tickets", "namespace": namespace},
+            }
+        )
+        ready = eventually(
+            lambda: (c := conditions(job(kube, namespace)).get("Ready")) and c["reason"] == "InvalidSpec" and c,
+            what="the job's Ready=False, reason InvalidSpec",
+        )
+        assert ready["message"].startswith("spec.resources.image: 'evil.example/miner:1' is not allowed here")
+        served = eventually(
+            lambda: (c := conditions(deployment(kube, namespace)).get("Ready")) and c["reason"] == "InvalidSpec" and c,
+            what="the deployment's Ready=False, reason InvalidSpec",
+        )
+        assert served["message"].startswith("spec.resources.priorityClassName: 'system-cluster-critical'")
+        assert kube.list("ray.io/v1", "RayJob", namespace, {}) == []
+        assert kube.list("ray.io/v1", "RayService", namespace, {}) == []
+    finally:
+        restricted.stop()
+        running_operator.start()
