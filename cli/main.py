@@ -81,7 +81,7 @@ def _report(where: str, error: SpecError) -> None:
         errors.print(f"    {escape(problem)}", soft_wrap=True)
 
 
-def validate(paths: list[Path]) -> int:
+def validate(paths: list[Path], *, local: bool = False) -> int:
     from kubetune.cli.validate import check
 
     failed = 0
@@ -97,7 +97,7 @@ def validate(paths: list[Path]) -> int:
         for index, document in enumerate(documents):
             where = str(path) if len(documents) == 1 else f"{path}#{index + 1}"
             try:
-                manifest = check(document)
+                manifest = check(document, local=local)
             except SpecError as error:
                 failed += 1
                 _report(where, error)
@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("validate", help="validate FineTuneJob and ModelDeployment manifests")
     check.add_argument("paths", nargs="+", type=Path, metavar="FILE")
+    check.add_argument(
+        "--local",
+        action="store_true",
+        help="check for `kubetune run` on this machine (local output paths allowed), not for a cluster",
+    )
     generate = commands.add_parser("crds", help="write the CRDs into directories (stdout when none)")
     generate.add_argument("directories", nargs="*", type=Path, metavar="DIR")
     operator = commands.add_parser("operator", help="run the operator against the current cluster")
@@ -171,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "validate":
-        return validate(args.paths)
+        return validate(args.paths, local=args.local)
     if args.command == "run":
         from .run import RunFlags, run_command
 

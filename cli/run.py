@@ -72,7 +72,7 @@ def read_local_run(path: Path) -> LocalRun:
     for index, document in enumerate(documents):
         where = f"{path}" if len(documents) == 1 else f"{path}#{index + 1}"
         try:
-            manifests.append(check(document))
+            manifests.append(check(document, local=True))
         except SpecError as error:
             problems.extend(f"{where}: {problem}" for problem in error.problems)
     jobs = [m for m in manifests if isinstance(m, FineTuneJob)]

@@ -19,7 +19,8 @@ import celpy
 from celpy import celtypes
 from celpy.evaluation import CELEvalError
 from kubetune.operator import crdgen
-from kubetune.operator.api.common import API_VERSION, SUBDOMAIN_PATTERN
+from kubetune.operator.api.common import API_VERSION, object_name_problem
+from kubetune.operator.api.finetunejob import CLUSTER_OUTPUT_MESSAGE
 from kubetune.operator.api.manifests import MODELS, Manifest, out_of_range_integers, validate_as_admitted
 from kubetune.runtime.contract.errors import SpecError, describe, field_path
 from pydantic import ValidationError
@@ -49,16 +50,22 @@ class RuleFailure:
     field: str  # the rule's fieldPath without the leading dot; empty when the rule has none
 
 
-def check(document: Any) -> Manifest:
-    """The validated manifest, or a SpecError listing every problem, sorted by path."""
-    problems = problems_of(document)
+def check(document: Any, *, local: bool = False) -> Manifest:
+    """The validated manifest, or a SpecError listing every problem, sorted by path.
+
+    `local`: checked for `kubetune run` on this machine, where outputs may be local paths.
+    """
+    problems = problems_of(document, local=local)
     if problems:
         raise SpecError([str(problem) for problem in problems])
     return validate_as_admitted(document["kind"], document)
 
 
-def problems_of(document: Any) -> list[Problem]:
-    """Header, field and cross-field problems of one manifest, de-duplicated and sorted by path."""
+def problems_of(document: Any, *, local: bool = False) -> list[Problem]:
+    """Header, field and cross-field problems of one manifest, de-duplicated and sorted by path.
+
+    `local` leaves out what only a cluster run needs (an s3:// or pvc:// output).
+    """
     if not isinstance(document, dict):
         return [Problem("(root)", f"expected a mapping, got {type(document).__name__}")]
     header = _header_problems(document)
@@ -66,8 +73,13 @@ def problems_of(document: Any) -> list[Problem]:
     if kind not in MODELS:
         return header
     taken = {problem.path for problem in header}
+    if "metadata.name" in taken:
+        taken.add("metadata")  # the name's problem, as pydantic reports it on the metadata
     fields = [problem for problem in field_problems(document) if problem.path not in taken]
-    return sorted(set(header) | _merge(fields, rule_failures(document)), key=_order)
+    failures = rule_failures(document)
+    if local:
+        failures = [failure for failure in failures if failure.message != CLUSTER_OUTPUT_MESSAGE]
+    return sorted(set(header) | _merge(fields, failures), key=_order)
 
 
 def _header_problems(document: dict[str, Any]) -> list[Problem]:
@@ -79,8 +91,9 @@ def _header_problems(document: dict[str, Any]) -> list[Problem]:
         problems.append(Problem("kind", f"expected one of {', '.join(MODELS)}, got {kind!r}"))
     metadata = document.get("metadata")
     name = metadata.get("name") if isinstance(metadata, dict) else None
-    if not isinstance(name, str) or not re.fullmatch(SUBDOMAIN_PATTERN, name) or len(name) > 253:
-        problems.append(Problem("metadata.name", f"expected a lowercase DNS name, got {name!r}"))
+    name_problem = object_name_problem(name)
+    if name_problem is not None:
+        problems.append(Problem("metadata.name", name_problem))
     return problems
 
 

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel
 
 from .api import finetunejob, modeldeployment
-from .api.common import CATEGORY, GROUP, VERSION
+from .api.common import CATEGORY, GROUP, OBJECT_NAME_MAX_LENGTH, OBJECT_NAME_PATTERN, VERSION
 
 _SCALARS = (str, int, float, bool)
 HEADER = "---\n# Generated from kubetune's API models by `kubetune crds`. Do not edit.\n"
@@ -154,7 +154,19 @@ def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
     schema = model.model_json_schema(by_alias=True, mode="validation")
     converter = _Converter(schema.pop("$defs", {}))
     result = converter.convert(schema)
-    result["properties"]["metadata"] = {"type": "object"}
+    # The one part of metadata a CRD may restrict: names that KubeRay and label values accept.
+    result["properties"]["metadata"] = {
+        "type": "object",
+        "properties": {
+            "name": {
+                "description": "Name of the object: a DNS-1035 label of at most 63 characters (KubeRay names "
+                "its RayJobs and RayServices after it).",
+                "type": "string",
+                "maxLength": OBJECT_NAME_MAX_LENGTH,
+                "pattern": OBJECT_NAME_PATTERN,
+            }
+        },
+    }
     for field in ("apiVersion", "kind"):
         result["properties"][field].pop("default", None)
     result["required"] = ["spec"]

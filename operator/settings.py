@@ -7,7 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from importlib.metadata import version
 
+# The Ray of the runtime extra (pyproject pins it; a unit test keeps the two equal): the runtime image of
+# this release is built on it, so the image setting and this version always go together.
 RAY_VERSION = "2.60.0"
+RUNTIME_IMAGE_REPOSITORY = "ghcr.io/kubetune/kubetune-runtime"
+DAY_SECONDS = 24 * 60 * 60
 ENV_PREFIX = "KUBETUNE_"
 
 
@@ -19,12 +23,27 @@ class SettingsError(ValueError):
 class Settings:
     """Every field can be set from the environment as KUBETUNE_<FIELD NAME IN CAPITALS>."""
 
-    # What the builders use when a spec leaves it open.
-    runtime_image: str = f"kubetune/runtime:{version('kubetune')}"
-    ray_version: str = RAY_VERSION
+    # What the builders use when a spec leaves it open. The runtime image must be one of this release
+    # (it carries RAY_VERSION); a spec that names another image says its Ray version (resources.rayVersion).
+    runtime_image: str = f"{RUNTIME_IMAGE_REPOSITORY}:{version('kubetune')}-gpu"
+    # Pull secrets every Ray pod gets, comma-separated (the runs' own ServiceAccounts carry none).
+    image_pull_secrets: str = ""
     finished_cluster_ttl_seconds: int = 300
+    # A run without spec.activeDeadlineSeconds is stopped after this long.
+    default_active_deadline_seconds: int = 7 * DAY_SECONDS
     pvc_mount_root: str = "/mnt/pvc"
     config_mount_path: str = "/etc/kubetune/run"
+    # Where the pods' writable caches live (an emptyDir; the root filesystem is read-only), and the user and
+    # group the Ray image runs as.
+    cache_mount_path: str = "/home/ray/.cache"
+    pod_user_id: int = 1000
+    pod_group_id: int = 100
+    # KubeRay 1.5.1 and later: Ray's token authentication through the RayCluster's authOptions. (Older
+    # KubeRay cannot talk to a Ray that asks for a token; a NetworkPolicy closes each Ray cluster either way.)
+    kuberay_auth_options: bool = False
+    # Labels of the KubeRay operator's pods (key=value, comma-separated): the NetworkPolicies let them
+    # reach the Ray dashboard, which KubeRay polls for job and Serve status.
+    kuberay_operator_labels: str = "app.kubernetes.io/name=kuberay-operator"
     # How the operator works.
     metrics_port: int = 8080  # Prometheus /metrics; 0 serves none
     workers: int = 16  # reconciles running at once, over all objects (one at a time per object)
@@ -41,6 +60,20 @@ class Settings:
     # (e.g. "registry.example.com/kubetune/*"); priority classes are names.
     allowed_images: str = ""
     allowed_priority_classes: str = ""
+
+    @property
+    def ray_version(self) -> str:
+        """The Ray version of the runtime image."""
+        return RAY_VERSION
+
+    @property
+    def pull_secret_names(self) -> tuple[str, ...]:
+        return _items(self.image_pull_secrets)
+
+    @property
+    def kuberay_operator_selector(self) -> dict[str, str]:
+        pairs = (item.partition("=") for item in _items(self.kuberay_operator_labels))
+        return {key.strip(): value.strip() for key, _, value in pairs}
 
     @property
     def allowed_image_patterns(self) -> tuple[str, ...]:
@@ -61,13 +94,21 @@ class Settings:
                 continue
             kind = type(getattr(cls, item.name))
             try:
-                value = kind(raw)
+                value = _boolean(raw) if kind is bool else kind(raw)
             except ValueError:
                 raise SettingsError(f"{variable}={raw!r}: expected {kind.__name__}") from None
             if isinstance(value, (int, float)) and (value <= 0 if item.name == "workers" else value < 0):
                 raise SettingsError(f"{variable}={raw!r}: must be {'positive' if item.name == 'workers' else '>= 0'}")
             values[item.name] = value
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _boolean(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
 
 
 def _items(value: str) -> tuple[str, ...]:

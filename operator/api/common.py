@@ -10,8 +10,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from kubetune.runtime.contract.common import ContractModel, KubernetesName, Message, WireModel
-from pydantic import Field, field_validator
+from kubetune.runtime.contract.common import ContractModel, KubernetesName, Message, WireModel, cel_rule, with_cel
+from pydantic import Field, field_validator, model_validator
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -24,7 +24,12 @@ LABEL_KEY_PATTERN = (
     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 )
 IMAGE_PATTERN = r"^[^\s]+$"
+RAY_VERSION_PATTERN = r"^[0-9]+\.[0-9]+\.[0-9]+([-.+][0-9A-Za-z.]+)?$"
 SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# Names of FineTuneJobs and ModelDeployments: DNS-1035 labels, as KubeRay requires of the RayJobs and
+# RayServices named after them (no dot, no leading digit), and short enough to be a label value.
+OBJECT_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+OBJECT_NAME_MAX_LENGTH = 63
 _CRON_NAMES = {
     3: ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"),
     4: ("sun", "mon", "tue", "wed", "thu", "fri", "sat"),
@@ -97,6 +102,29 @@ def check_cron(expression: str) -> str:
     return expression
 
 
+def object_name_problem(name: object) -> str | None:
+    """Why `name` cannot name a FineTuneJob or ModelDeployment; None when it can."""
+    if not isinstance(name, str) or not name:
+        return f"expected a name, got {name!r}"
+    if len(name) > OBJECT_NAME_MAX_LENGTH:
+        return f"{name!r} is longer than {OBJECT_NAME_MAX_LENGTH} characters"
+    if not re.fullmatch(OBJECT_NAME_PATTERN, name):
+        return (
+            f"{name!r} is not a DNS-1035 label (lowercase letters, digits and '-', starting with a letter, "
+            "no dots), which KubeRay requires of the objects named after it"
+        )
+    return None
+
+
+def check_object_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Object metadata whose name (when present) is one KubeRay and labels accept."""
+    if "name" in metadata:
+        problem = object_name_problem(metadata["name"])
+        if problem is not None:
+            raise ValueError(f"name: {problem}")
+    return metadata
+
+
 class SecretReference(ContractModel):
     """A Secret in the same namespace. Its values are never copied into other objects."""
 
@@ -149,15 +177,9 @@ class Toleration(ContractModel):
     toleration_seconds: int | None = Field(default=None, ge=0, description="How long a NoExecute taint is tolerated.")
 
 
-class Placement(ContractModel):
-    """Where pods may run: node selection, tolerations, affinity and priority."""
+class NodePlacement(ContractModel):
+    """Which nodes pods may run on: node selection, tolerations and affinity."""
 
-    gpu_type: str | None = Field(
-        default=None,
-        max_length=63,
-        pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
-        description="GPU model, matched against the node label nvidia.com/gpu.product (e.g. NVIDIA-H100-80GB-HBM3).",
-    )
     node_selector: dict[str, str] | None = Field(
         default=None,
         max_length=64,
@@ -177,6 +199,33 @@ class Placement(ContractModel):
         description="Pod affinity and anti-affinity (core/v1 Affinity), passed through unchanged.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
+
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for key in value or {}:
+            if not re.fullmatch(LABEL_KEY_PATTERN, key):
+                raise ValueError(f"{key!r} is not a valid label key")
+        return value
+
+
+# Every model that extends Placement and sets its own CEL rules adds these.
+PLACEMENT_RULES = (
+    cel_rule("!has(self.rayVersion) || has(self.image)", "rayVersion describes image: set image too", ".rayVersion"),
+)
+
+
+class Placement(NodePlacement):
+    """Where pods may run (node selection, tolerations, affinity, priority) and which image they run."""
+
+    model_config = with_cel(*PLACEMENT_RULES)
+
+    gpu_type: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        description="GPU model, matched against the node label nvidia.com/gpu.product (e.g. NVIDIA-H100-80GB-HBM3).",
+    )
     priority_class_name: str | None = Field(
         default=None, max_length=253, pattern=SUBDOMAIN_PATTERN, description="PriorityClass of the pods."
     )
@@ -186,14 +235,29 @@ class Placement(ContractModel):
         pattern=IMAGE_PATTERN,
         description="Container image with kubetune's runtime; the operator's default when omitted.",
     )
+    ray_version: str | None = Field(
+        default=None,
+        max_length=32,
+        pattern=RAY_VERSION_PATTERN,
+        description=(
+            "Ray version inside `image` (KubeRay's rayVersion); the operator's runtime Ray version when omitted. "
+            "Set it when the image carries another Ray than the operator's runtime image."
+        ),
+    )
+    image_pull_secrets: list[KubernetesName] | None = Field(
+        default=None,
+        max_length=16,
+        description=(
+            "Secrets in the namespace with the credentials to pull the image, besides the operator's default ones "
+            "(the pods run under their own ServiceAccount, so the namespace default's pull secrets do not apply)."
+        ),
+    )
 
-    @field_validator("node_selector")
-    @classmethod
-    def _label_keys(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        for key in value or {}:
-            if not re.fullmatch(LABEL_KEY_PATTERN, key):
-                raise ValueError(f"{key!r} is not a valid label key")
-        return value
+    @model_validator(mode="after")
+    def _version_with_image(self) -> Placement:
+        if self.ray_version is not None and self.image is None:
+            raise ValueError("rayVersion describes image: set image too")
+        return self
 
 
 class ConditionStatus(StrEnum):

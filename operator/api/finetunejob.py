@@ -27,7 +27,16 @@ from kubetune.runtime.contract.report import RunProgress
 from kubetune.runtime.contract.run import CAUSAL_LM_METRICS, CLASSIFICATION_METRICS, RUN_SPEC_RULES
 from pydantic import Field, field_validator, model_validator
 
-from .common import CRON_PATTERN, Condition, Placement, StorageAccess, any_case, check_cron
+from .common import (
+    CRON_PATTERN,
+    Condition,
+    NodePlacement,
+    Placement,
+    StorageAccess,
+    any_case,
+    check_cron,
+    check_object_metadata,
+)
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
@@ -41,20 +50,34 @@ MAX_ARTIFACTS = 16
 MAX_METRICS = 32
 
 
-class HeadResources(ContractModel):
-    """The Ray head pod, which coordinates the run and does not train."""
+class HeadResources(NodePlacement):
+    """The Ray head pod, which runs the driver and Ray's control processes: no training, no GPU.
+
+    Its placement is its own: the workers' node selector, tolerations and GPU type do not apply to it.
+    """
 
     cpu: Quantity = Field(default="1", description="CPU request and limit of the head.")
     memory: Quantity = Field(default="4Gi", description="Memory request and limit of the head.")
+    ephemeral_storage: Quantity = Field(
+        default="10Gi", description="Ephemeral storage requested for the head (caches, /tmp, Ray's logs)."
+    )
 
 
 class Resources(Placement):
     """Ray workers that train (one training process each) and where they run."""
 
-    workers: int = Field(default=1, ge=1, le=1024, description="Training workers (Ray Train num_workers).")
-    gpus_per_worker: int = Field(default=0, ge=0, le=16, description="GPUs per worker (nvidia.com/gpu).")
+    workers: int = Field(default=1, ge=1, le=1024, description="Ray worker pods that train.")
+    gpus_per_worker: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="GPUs per worker pod (nvidia.com/gpu); each runs one training process per GPU.",
+    )
     cpu_per_worker: Quantity = Field(default="2", description="CPU request and limit per worker.")
     memory_per_worker: Quantity = Field(default="8Gi", description="Memory request and limit per worker.")
+    ephemeral_storage_per_worker: Quantity = Field(
+        default="20Gi", description="Ephemeral storage requested per worker (model and data caches, /tmp)."
+    )
     head: HeadResources = Field(default_factory=HeadResources, description="Resources of the Ray head.")
 
 
@@ -134,6 +157,25 @@ _NO_SUCH_DAY = (
     f"^[^ ]+ [^ ]+ 3[01](,3[01])* ({_FEBRUARY})(,({_FEBRUARY}))* [*?]$",
     f"^[^ ]+ [^ ]+ 31(,31)* ({_THIRTY_DAYS})(,({_THIRTY_DAYS}))* [*?]$",
 )
+# A cluster run writes its outputs where they outlive its pods. (Admission only: `kubetune run` takes a
+# local path, and the operator checks it again before it starts a run.)
+CLUSTER_OUTPUT_SCHEMES = ("s3://", "pvc://")
+CLUSTER_OUTPUT_MESSAGE = (
+    "output.uri must be s3:// or pvc:// on a cluster: a local path would be written to the Ray head's disk "
+    "and lost with it"
+)
+CLUSTER_OUTPUT_RULE = cel_rule(
+    " || ".join(f"self.output.uri.startsWith('{scheme}')" for scheme in CLUSTER_OUTPUT_SCHEMES),
+    CLUSTER_OUTPUT_MESSAGE,
+    ".output.uri",
+)
+
+
+def cluster_output_problem(uri: str) -> str | None:
+    """Why a run on the cluster cannot write to `uri` (the admission rule, checked again); None when it can."""
+    return None if uri.startswith(CLUSTER_OUTPUT_SCHEMES) else f"spec.output.uri: {CLUSTER_OUTPUT_MESSAGE}"
+
+
 _SCHEDULE_RULES = tuple(
     cel_rule(
         f"!has(self.schedule) || !self.schedule.matches('{pattern}')",
@@ -147,7 +189,7 @@ _SCHEDULE_RULES = tuple(
 class FineTuneJobSpec(RunSpec):
     """A fine-tuning job: what to train (the run contract) and how to run it on the cluster."""
 
-    model_config = with_cel(*RUN_SPEC_RULES, *_GPU_RULES, *_SCHEDULE_RULES)
+    model_config = with_cel(*RUN_SPEC_RULES, *_GPU_RULES, *_SCHEDULE_RULES, CLUSTER_OUTPUT_RULE)
 
     resources: Resources = Field(default_factory=Resources, description="Workers, GPUs and placement of the run.")
     storage: StorageAccess | None = Field(default=None, description="Access to s3:// and hf:// locations.")
@@ -162,7 +204,10 @@ class FineTuneJobSpec(RunSpec):
         description="Retries of a failed run (RayJob backoffLimit); each resumes from the latest checkpoint.",
     )
     active_deadline_seconds: int | None = Field(
-        default=None, ge=1, description="Fail a run that takes longer than this."
+        default=None,
+        ge=1,
+        description="Fail a run that takes longer than this (RayJob activeDeadlineSeconds); the operator's default "
+        "(7 days unless its settings say otherwise) when omitted.",
     )
     schedule: str | None = Field(
         default=None,
@@ -373,3 +418,8 @@ class FineTuneJob(ContractModel):
     metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
     spec: FineTuneJobSpec = Field(description="What to fine-tune and how to run it.")
     status: FineTuneJobStatus | None = Field(default=None, description="Observed state (written by the operator).")
+
+    @field_validator("metadata")
+    @classmethod
+    def _valid_name(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_object_metadata(value)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from kubetune.runtime.contract.errors import SpecError
 from pydantic import ValidationError
 
-from .common import API_VERSION, SUBDOMAIN_PATTERN
+from .common import API_VERSION, object_name_problem
 from .finetunejob import FineTuneJob
 from .modeldeployment import ModelDeployment
 
@@ -66,8 +65,9 @@ def parse(document: Any) -> Manifest:
         problems.append(f"kind: expected one of {', '.join(MODELS)}, got {kind!r}")
     metadata = document.get("metadata")
     name = metadata.get("name") if isinstance(metadata, dict) else None
-    if not isinstance(name, str) or not re.fullmatch(SUBDOMAIN_PATTERN, name) or len(name) > 253:
-        problems.append(f"metadata.name: expected a lowercase DNS name, got {name!r}")
+    name_problem = object_name_problem(name)
+    if name_problem is not None:
+        problems.append(f"metadata.name: {name_problem}")
     problems += [f"{path}: must fit in a 64-bit integer" for path in out_of_range_integers(document)]
     if problems:
         raise SpecError(problems)

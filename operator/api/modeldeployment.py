@@ -9,9 +9,9 @@ from typing import Any
 from kubetune.runtime.contract import Batching, Task, Variant
 from kubetune.runtime.contract.common import ContractModel, KubernetesName, Quantity, Uri, WireModel, cel_rule, with_cel
 from kubetune.runtime.contract.serving import COMPILE_DESCRIPTION
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from .common import Condition, Placement, SecretKeyReference, StorageAccess
+from .common import PLACEMENT_RULES, Condition, Placement, SecretKeyReference, StorageAccess, check_object_metadata
 
 KIND = "ModelDeployment"
 PLURAL = "modeldeployments"
@@ -74,10 +74,15 @@ class Autoscaling(ContractModel):
 class ReplicaResources(Placement):
     """Resources of each serving replica and where replicas run."""
 
-    model_config = with_cel(cel_rule("!has(self.gpuType) || self.gpus > 0", "gpuType needs gpus > 0", ".gpuType"))
+    model_config = with_cel(
+        *PLACEMENT_RULES, cel_rule("!has(self.gpuType) || self.gpus > 0", "gpuType needs gpus > 0", ".gpuType")
+    )
 
     cpu: Quantity = Field(default="1", description="CPU per replica.")
     memory: Quantity = Field(default="2Gi", description="Memory per replica.")
+    ephemeral_storage: Quantity = Field(
+        default="10Gi", description="Ephemeral storage requested per replica pod (model cache, /tmp)."
+    )
     gpus: int = Field(default=0, ge=0, le=16, description="GPUs per replica.")
 
     @model_validator(mode="after")
@@ -179,3 +184,8 @@ class ModelDeployment(ContractModel):
     metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
     spec: ModelDeploymentSpec = Field(description="What to serve and how.")
     status: ModelDeploymentStatus | None = Field(default=None, description="Observed state (written by the operator).")
+
+    @field_validator("metadata")
+    @classmethod
+    def _valid_name(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_object_metadata(value)

@@ -33,6 +33,8 @@ from kubetune.runtime.contract.runconfig import RunConfig, RunIdentity, WorkerRe
 Manifest = dict[str, Any]
 ENTRYPOINT_MODULE = "kubetune.runtime.finetune"
 CONFIG_KEY = "run.json"
+# `ray job submit` waits for the job and streams its logs: a small pod.
+SUBMITTER_CPU, SUBMITTER_MEMORY = "500m", "512Mi"
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,19 @@ class RunManifests:
     role_binding: Manifest
     report: Manifest
     config: Manifest
+    network_policy: Manifest
     ray_job: Manifest
 
     def in_order(self) -> list[Manifest]:
-        return [self.service_account, self.role, self.role_binding, self.report, self.config, self.ray_job]
+        return [
+            self.service_account,
+            self.role,
+            self.role_binding,
+            self.report,
+            self.config,
+            self.network_policy,
+            self.ray_job,
+        ]
 
 
 def owner_reference(job: FineTuneJob) -> Manifest:
@@ -94,52 +105,84 @@ def pvc_claims(job: FineTuneJob) -> list[str]:
     return pods.pvc_claims([spec.model.uri, spec.data.train, spec.data.validation, spec.data.test, spec.output.uri])
 
 
-def _pod_template(
-    job: FineTuneJob, settings: Settings, *, container: str, cpu: str, memory: str, gpus: int, config: str | None
-) -> Manifest:
-    """A Ray pod; the head (the one given `config`) mounts the run config, workers get the GPUs."""
+def _ray_pod(
+    job: FineTuneJob, request: RunRequest, settings: Settings, service_account: str, *, head: bool, config: str
+) -> pods.RayPod:
+    """The head (runs the driver, mounts the run config, reports with the run's token) or a worker (trains)."""
     env, env_from = pods.storage_environment(job.spec.storage)
-    pod = pods.RayPod(
-        container=container,
-        cpu=cpu,
-        memory=memory,
-        gpus=gpus,
-        placement=job.spec.resources,
-        env=[{"name": "KUBETUNE_RUN_CONFIG", "value": f"{settings.config_mount_path}/{CONFIG_KEY}"}, *env],
-        env_from=env_from,
-        claims=pvc_claims(job),
-        mounts=[{"name": "run-config", "mountPath": settings.config_mount_path, "readOnly": True}] if config else [],
-        volumes=[{"name": "run-config", "configMap": {"name": config}}] if config else [],
-    )
-    return pod.template(settings)
-
-
-def _ray_cluster_spec(job: FineTuneJob, settings: Settings, service_account: str, config: str) -> Manifest:
     resources = job.spec.resources
-    head = _pod_template(
-        job,
-        settings,
+    common: dict[str, Any] = {
+        "placement": resources,
+        "labels": run_labels(job.metadata["name"], request.number),
+        "service_account": service_account,
+        "env_from": env_from,
+        "claims": pvc_claims(job),
+    }
+    if not head:
+        return pods.RayPod(
+            container="ray-worker",
+            cpu=resources.cpu_per_worker,
+            memory=resources.memory_per_worker,
+            ephemeral_storage=resources.ephemeral_storage_per_worker,
+            gpus=resources.gpus_per_worker,
+            env=env,
+            **common,
+        )
+    return pods.RayPod(
         container="ray-head",
         cpu=resources.head.cpu,
         memory=resources.head.memory,
+        ephemeral_storage=resources.head.ephemeral_storage,
         gpus=0,
-        config=config,
+        nodes=resources.head,
+        mount_token=True,
+        env=[{"name": "KUBETUNE_RUN_CONFIG", "value": f"{settings.config_mount_path}/{CONFIG_KEY}"}, *env],
+        mounts=[{"name": "run-config", "mountPath": settings.config_mount_path, "readOnly": True}],
+        volumes=[{"name": "run-config", "configMap": {"name": config}}],
+        **common,
     )
-    worker = _pod_template(
-        job,
-        settings,
-        container="ray-worker",
-        cpu=resources.cpu_per_worker,
-        memory=resources.memory_per_worker,
-        gpus=resources.gpus_per_worker,
-        config=None,
-    )
-    for template in (head, worker):
-        template["spec"]["serviceAccountName"] = service_account
+
+
+def _submitter_template(job: FineTuneJob, request: RunRequest, settings: Settings) -> Manifest:
+    """The pod that submits the entry point (`ray job submit`): placed like the head, pulled like the Ray pods."""
+    resources = job.spec.resources
+    volumes, mounts, env = pods.writable_volumes(settings)
+    spec: Manifest = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "securityContext": pods.pod_security(settings),
+        "containers": [
+            {
+                "name": "ray-job-submitter",
+                "image": pods.image_of(resources, settings)[0],
+                "resources": {
+                    "requests": {"cpu": SUBMITTER_CPU, "memory": SUBMITTER_MEMORY},
+                    "limits": {"cpu": SUBMITTER_CPU, "memory": SUBMITTER_MEMORY},
+                },
+                "env": env,
+                "securityContext": pods.container_security(),
+                "volumeMounts": mounts,
+            }
+        ],
+        "volumes": volumes,
+        **pods.placement(resources.head, resources.priority_class_name, None, 0),
+    }
+    secrets = pods.pull_secrets(resources, settings)
+    if secrets:
+        spec["imagePullSecrets"] = secrets
+    return {"metadata": {"labels": run_labels(job.metadata["name"], request.number)}, "spec": spec}
+
+
+def _ray_cluster_spec(
+    job: FineTuneJob, request: RunRequest, settings: Settings, service_account: str, config: str
+) -> Manifest:
+    resources = job.spec.resources
+    head = _ray_pod(job, request, settings, service_account, head=True, config=config).template(settings)
+    worker = _ray_pod(job, request, settings, service_account, head=False, config=config).template(settings)
     worker_params = {"num-gpus": str(resources.gpus_per_worker)} if resources.gpus_per_worker else {}
-    return {
-        "rayVersion": settings.ray_version,
-        # The head coordinates; training runs on the workers only.
+    cluster: Manifest = {
+        "rayVersion": pods.image_of(resources, settings)[1],
+        # The head runs the driver only: training, evaluation and compression run on the workers.
         "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": head},
         "workerGroupSpecs": [
             {
@@ -152,6 +195,9 @@ def _ray_cluster_spec(job: FineTuneJob, settings: Settings, service_account: str
             }
         ],
     }
+    if settings.kuberay_auth_options:
+        cluster["authOptions"] = {"mode": "token"}
+    return cluster
 
 
 def run_config(job: FineTuneJob, request: RunRequest) -> RunConfig:
@@ -188,10 +234,10 @@ def build_run(job: FineTuneJob, request: RunRequest, settings: Settings) -> RunM
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": settings.finished_cluster_ttl_seconds,
         "backoffLimit": spec.backoff_limit,
-        "rayClusterSpec": _ray_cluster_spec(job, settings, runner, config),
+        "activeDeadlineSeconds": spec.active_deadline_seconds or settings.default_active_deadline_seconds,
+        "rayClusterSpec": _ray_cluster_spec(job, request, settings, runner, config),
+        "submitterPodTemplate": _submitter_template(job, request, settings),
     }
-    if spec.active_deadline_seconds is not None:
-        ray_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     if spec.queue_name:
         ray_metadata["labels"][KUEUE_QUEUE_LABEL] = spec.queue_name
         ray_spec["suspend"] = True  # Kueue unsuspends the RayJob when it admits it.
@@ -230,5 +276,8 @@ def build_run(job: FineTuneJob, request: RunRequest, settings: Settings) -> RunM
             "metadata": _metadata(job, config, request),
             "data": {CONFIG_KEY: config_json},
         },
+        network_policy=pods.network_policy(
+            _metadata(job, run, request), run_labels(job.metadata["name"], request.number), settings
+        ),
         ray_job={"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": ray_metadata, "spec": ray_spec},
     )

@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 import yaml
-from kubetune.operator.api.common import API_VERSION
+from kubetune.operator.api.common import API_VERSION, NodePlacement
 from kubetune.operator.api.modeldeployment import KIND, ModelDeployment, ServedModel
 from kubetune.operator.builders import pods
 from kubetune.operator.naming import DEPLOYMENT_LABEL, MANAGED_BY_LABEL, MANAGER, SPEC_HASH_ANNOTATION, fit
@@ -36,7 +36,7 @@ DEPLOYMENT = "ModelServer"  # the Serve deployment's name (the class in kubetune
 SERVE_PORT = 8000
 TOKEN_VARIABLE = "KUBETUNE_ENDPOINT_TOKEN"
 # The head runs Ray's control processes and Serve's controller, and takes no replicas.
-HEAD_CPU, HEAD_MEMORY = "1", "2Gi"
+HEAD_CPU, HEAD_MEMORY, HEAD_EPHEMERAL_STORAGE = "1", "2Gi", "10Gi"
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([a-zA-Z]*)$")
 _UNITS = {
     "": 1.0, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
@@ -141,8 +141,10 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
         container="ray-worker",
         cpu=str(worker_cpus),
         memory=resources.memory,
+        ephemeral_storage=resources.ephemeral_storage,
         gpus=resources.gpus,
         placement=resources,
+        labels=labels(deployment),
         env=env,
         env_from=env_from,
         claims=pods.pvc_claims([served.uri]),
@@ -151,15 +153,19 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
         container="ray-head",
         cpu=HEAD_CPU,
         memory=HEAD_MEMORY,
+        ephemeral_storage=HEAD_EPHEMERAL_STORAGE,
         gpus=0,
         placement=resources,
+        # The replicas' node placement (GPU pools) is theirs: the head needs no GPU node.
+        nodes=NodePlacement(),
+        labels=labels(deployment),
         env=SERVE_POD_ENVIRONMENT,
     )
     worker_params = {"num-cpus": str(worker_cpus)}
     if resources.gpus:
         worker_params["num-gpus"] = str(resources.gpus)
     return {
-        "rayVersion": settings.ray_version,
+        "rayVersion": pods.image_of(resources, settings)[1],
         "enableInTreeAutoscaling": True,
         "headGroupSpec": {
             # No replicas on the head: it runs Serve's controller and the dashboard KubeRay talks to.
@@ -179,6 +185,29 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
     }
 
 
+def owner_reference(deployment: ModelDeployment) -> Manifest:
+    meta = deployment.metadata
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def build_network_policy(deployment: ModelDeployment, settings: Settings) -> Manifest:
+    """Only the endpoint's own pods reach its Ray cluster; clients reach Serve's HTTP port."""
+    metadata = {
+        "name": ray_service_name(deployment),
+        "namespace": deployment.metadata["namespace"],
+        "labels": labels(deployment),
+        "ownerReferences": [owner_reference(deployment)],
+    }
+    return pods.network_policy(metadata, labels(deployment), settings, open_ports=[SERVE_PORT])
+
+
 def build_ray_service(deployment: ModelDeployment, served: ServedModel, settings: Settings) -> Manifest:
     """The RayService serving `served` as `deployment` says, owned by the deployment."""
     meta = deployment.metadata
@@ -196,16 +225,7 @@ def build_ray_service(deployment: ModelDeployment, served: ServedModel, settings
             "labels": labels(deployment),
             # What the operator last applied: the RayService is updated when, and only when, this changes.
             "annotations": {SPEC_HASH_ANNOTATION: digest},
-            "ownerReferences": [
-                {
-                    "apiVersion": API_VERSION,
-                    "kind": KIND,
-                    "name": meta["name"],
-                    "uid": meta["uid"],
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "ownerReferences": [owner_reference(deployment)],
         },
         "spec": spec,
     }

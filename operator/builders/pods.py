@@ -1,21 +1,30 @@
-"""Pieces of the Ray pods every kind builds: image, resources, storage access, volumes, placement.
+"""Pieces of the Ray pods every kind builds: image, resources, storage access, volumes, placement, security.
 
 Pure: no I/O, no clock, no kopf. Runs (RayJob) and endpoints (RayService) share them,
-so a model is trained and served with the same image, credentials and placement rules.
+so a model is trained and served with the same image, credentials, placement and
+security rules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.operator.api.common import Placement, StorageAccess
+from kubetune.operator.api.common import NodePlacement, Placement, StorageAccess
+from kubetune.operator.naming import fit
 from kubetune.operator.settings import Settings
 
 Manifest = dict[str, Any]
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+# The taint GPU node pools commonly carry (the NVIDIA GPU operator's and the cloud providers' convention).
+GPU_TOLERATION: Manifest = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+# Ray's ports: the dashboard (job submission, KubeRay's status polls), the dashboard agent, Serve's HTTP proxy.
+DASHBOARD_PORT = 8265
+DASHBOARD_AGENT_PORT = 52365
+# Writable places on a read-only root filesystem: Ray's session files and logs live under /tmp.
+TMP_VOLUME, CACHE_VOLUME, SHM_VOLUME = "tmp", "cache", "shm"
 
 
 def pvc_claims(uris: Iterable[str | None]) -> list[str]:
@@ -27,6 +36,11 @@ def pvc_claims(uris: Iterable[str | None]) -> list[str]:
             if claim not in claims:
                 claims.append(claim)
     return claims
+
+
+def claim_volume_name(claim: str) -> str:
+    """A volume name (DNS-1123 label, ≤ 63) for any claim name (a subdomain: dots, up to 253)."""
+    return fit(f"pvc-{claim.replace('.', '-')}", limit=63)
 
 
 def storage_environment(storage: StorageAccess | None) -> tuple[list[Manifest], list[Manifest]]:
@@ -44,62 +58,169 @@ def storage_environment(storage: StorageAccess | None) -> tuple[list[Manifest], 
     return env, env_from
 
 
-def placement(resources: Placement, gpu_node: bool) -> Manifest:
+def placement(nodes: NodePlacement, priority_class: str | None, gpu_type: str | None, gpus: int) -> Manifest:
     """Node selection, tolerations, affinity and priority of a pod (GPU pods also select the GPU model)."""
     pod: Manifest = {}
-    selector = dict(resources.node_selector or {})
-    if gpu_node and resources.gpu_type:
-        selector[GPU_PRODUCT_LABEL] = resources.gpu_type
+    selector = dict(nodes.node_selector or {})
+    if gpus and gpu_type:
+        selector[GPU_PRODUCT_LABEL] = gpu_type
     if selector:
         pod["nodeSelector"] = selector
-    if resources.tolerations:
-        pod["tolerations"] = [t.to_wire() for t in resources.tolerations]
-    if resources.affinity:
-        pod["affinity"] = resources.affinity
-    if resources.priority_class_name:
-        pod["priorityClassName"] = resources.priority_class_name
+    tolerations = [t.to_wire() for t in nodes.tolerations or []]
+    if gpus and GPU_TOLERATION not in tolerations:
+        tolerations.append(dict(GPU_TOLERATION))
+    if tolerations:
+        pod["tolerations"] = tolerations
+    if nodes.affinity:
+        pod["affinity"] = nodes.affinity
+    if priority_class:
+        pod["priorityClassName"] = priority_class
     return pod
+
+
+def image_of(spec: Placement, settings: Settings) -> tuple[str, str]:
+    """The runtime image of the pods and the Ray version it carries."""
+    if spec.image is None:
+        return settings.runtime_image, settings.ray_version
+    return spec.image, spec.ray_version or settings.ray_version
+
+
+def pull_secrets(spec: Placement, settings: Settings) -> list[Manifest]:
+    names = [*settings.pull_secret_names, *(spec.image_pull_secrets or [])]
+    return [{"name": name} for name in dict.fromkeys(names)]
+
+
+def pod_security(settings: Settings) -> Manifest:
+    """The restricted Pod Security level, as the Ray image's user."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": settings.pod_user_id,
+        "runAsGroup": settings.pod_group_id,
+        "fsGroup": settings.pod_group_id,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security() -> Manifest:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+    }
+
+
+def writable_volumes(settings: Settings) -> tuple[list[Manifest], list[Manifest], list[Manifest]]:
+    """(volumes, mounts, env) of the writable places: /tmp, the caches, and shared memory for Ray's object store."""
+    volumes = [
+        {"name": TMP_VOLUME, "emptyDir": {}},
+        {"name": CACHE_VOLUME, "emptyDir": {}},
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts = [
+        {"name": TMP_VOLUME, "mountPath": "/tmp"},
+        {"name": CACHE_VOLUME, "mountPath": settings.cache_mount_path},
+        {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
+    ]
+    env = [
+        {"name": "XDG_CACHE_HOME", "value": settings.cache_mount_path},
+        {"name": "HF_HOME", "value": f"{settings.cache_mount_path}/huggingface"},
+    ]
+    return volumes, mounts, env
 
 
 @dataclass(frozen=True)
 class RayPod:
-    """One Ray pod template: its container, resources, environment, volumes and placement."""
+    """One Ray pod template: its container, resources, environment, volumes, placement and security."""
 
     container: str
     cpu: str
     memory: str
     gpus: int
-    placement: Placement
+    placement: Placement  # image, pull secrets, priority, GPU type (and node placement unless `nodes` is given)
+    ephemeral_storage: str | None = None
+    nodes: NodePlacement | None = None  # the head's own node placement
+    labels: Mapping[str, str] = field(default_factory=dict)
+    service_account: str | None = None
+    # Only the pod that reports to the operator mounts its ServiceAccount token.
+    mount_token: bool = False
     env: Sequence[Manifest] = ()
     env_from: Sequence[Manifest] = ()
     claims: Sequence[str] = ()
-    mounts: Sequence[Manifest] = field(default=())  # besides the claims'
+    mounts: Sequence[Manifest] = field(default=())  # besides the claims' and the writable places'
     volumes: Sequence[Manifest] = field(default=())
 
     def template(self, settings: Settings) -> Manifest:
         limits: dict[str, Any] = {"cpu": self.cpu, "memory": self.memory}
+        requests: dict[str, Any] = {"cpu": self.cpu, "memory": self.memory}
+        if self.ephemeral_storage:
+            requests["ephemeral-storage"] = self.ephemeral_storage
         if self.gpus:
             limits[GPU_RESOURCE] = self.gpus
-        env = [{"name": "KUBETUNE_PVC_ROOT", "value": settings.pvc_mount_root}, *self.env]
+        scratch_volumes, scratch_mounts, scratch_env = writable_volumes(settings)
+        env = [{"name": "KUBETUNE_PVC_ROOT", "value": settings.pvc_mount_root}, *scratch_env, *self.env]
         mounts = [
-            *({"name": f"pvc-{claim}", "mountPath": f"{settings.pvc_mount_root}/{claim}"} for claim in self.claims),
+            *scratch_mounts,
+            *(
+                {"name": claim_volume_name(claim), "mountPath": f"{settings.pvc_mount_root}/{claim}"}
+                for claim in self.claims
+            ),
             *self.mounts,
         ]
         volumes = [
-            *({"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim}} for claim in self.claims),
+            *scratch_volumes,
+            *(
+                {"name": claim_volume_name(claim), "persistentVolumeClaim": {"claimName": claim}}
+                for claim in self.claims
+            ),
             *self.volumes,
         ]
         main: Manifest = {
             "name": self.container,
-            "image": self.placement.image or settings.runtime_image,
-            "resources": {"requests": {"cpu": self.cpu, "memory": self.memory}, "limits": limits},
+            "image": image_of(self.placement, settings)[0],
+            "resources": {"requests": requests, "limits": limits},
             "env": env,
+            "securityContext": container_security(),
+            "volumeMounts": mounts,
         }
         if self.env_from:
             main["envFrom"] = list(self.env_from)
-        if mounts:
-            main["volumeMounts"] = mounts
-        spec: Manifest = {"containers": [main], **placement(self.placement, gpu_node=self.gpus > 0)}
-        if volumes:
-            spec["volumes"] = volumes
-        return {"spec": spec}
+        spec: Manifest = {
+            "containers": [main],
+            "volumes": volumes,
+            "securityContext": pod_security(settings),
+            "automountServiceAccountToken": self.mount_token,
+            **placement(
+                self.nodes or self.placement, self.placement.priority_class_name, self.placement.gpu_type, self.gpus
+            ),
+        }
+        if self.service_account:
+            spec["serviceAccountName"] = self.service_account
+        secrets = pull_secrets(self.placement, settings)
+        if secrets:
+            spec["imagePullSecrets"] = secrets
+        return {"metadata": {"labels": dict(self.labels)}, "spec": spec}
+
+
+def network_policy(
+    metadata: Manifest, pod_labels: Mapping[str, str], settings: Settings, open_ports: Sequence[int] = ()
+) -> Manifest:
+    """Closes a Ray cluster to everything but its own pods, the KubeRay operator's dashboard polls,
+    and `open_ports` (a Serve endpoint's) from anywhere. Egress stays open (storage, hubs)."""
+    ingress: list[Manifest] = [{"from": [{"podSelector": {"matchLabels": dict(pod_labels)}}]}]
+    operator_labels = settings.kuberay_operator_selector
+    if operator_labels:
+        ingress.append(
+            {
+                "from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": operator_labels}}],
+                "ports": [{"protocol": "TCP", "port": port} for port in (DASHBOARD_PORT, DASHBOARD_AGENT_PORT)],
+            }
+        )
+    if open_ports:
+        ingress.append({"ports": [{"protocol": "TCP", "port": port} for port in open_ports]})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata,
+        "spec": {"podSelector": {"matchLabels": dict(pod_labels)}, "policyTypes": ["Ingress"], "ingress": ingress},
+    }

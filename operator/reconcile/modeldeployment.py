@@ -15,7 +15,7 @@ from kubetune.operator.api.common import API_VERSION
 from kubetune.operator.api.finetunejob import KIND as JOB_KIND
 from kubetune.operator.api.finetunejob import FineTuneJob
 from kubetune.operator.api.modeldeployment import KIND, ModelDeployment, ModelDeploymentStatus, ServedModel
-from kubetune.operator.builders.modeldeployment import APPLICATION, build_ray_service, endpoint
+from kubetune.operator.builders.modeldeployment import APPLICATION, build_network_policy, build_ray_service, endpoint
 from kubetune.operator.conditions import Reason
 from kubetune.operator.core.controller import Dependency, Key, Outcome
 from kubetune.operator.core.informer import Informer
@@ -146,6 +146,7 @@ class ModelDeploymentReconciler:
             return None
         ref = ObjectRef("ray.io/v1", "RayService", manifest["metadata"]["namespace"], manifest["metadata"]["name"])
         if service is None:
+            self._ensure_network_policy(deployment)
             created = self.kube.create(manifest)
             if created is not None:
                 return observe(created)
@@ -154,6 +155,16 @@ class ModelDeploymentReconciler:
                 raise NameTakenError(f"RayService {ref.name} exists and does not belong to this ModelDeployment")
         patch = {"metadata": {"annotations": manifest["metadata"]["annotations"]}, "spec": manifest["spec"]}
         return observe(self.kube.patch(ref, patch))
+
+    def _ensure_network_policy(self, deployment: ModelDeployment) -> None:
+        """Close the endpoint's Ray cluster before it starts (an earlier pass may have made the policy)."""
+        policy = build_network_policy(deployment, self.settings)
+        if self.kube.create(policy) is not None:
+            return
+        ref = ObjectRef.of(policy)
+        existing = self.kube.get(ref.api_version, ref.kind, ref.namespace, ref.name)
+        if existing is not None and controller_uid(existing) != deployment.metadata.get("uid"):
+            raise NameTakenError(f"NetworkPolicy {ref.name} exists and does not belong to this ModelDeployment")
 
     def _write(
         self,

@@ -29,9 +29,22 @@ def test_example_is_valid(path: Path) -> None:
         parse(document)
 
 
+# The examples for the cluster (examples/*.yaml) and those for `kubetune run`, one folder each, which
+# write their outputs to local paths.
+CLUSTER_EXAMPLES = sorted(EXAMPLES.glob("*.yaml"))
+LOCAL_EXAMPLES = sorted(path for path in EXAMPLE_FILES if path.parent != EXAMPLES)
+
+
 def test_validate_accepts_the_examples(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["validate", *map(str, EXAMPLE_FILES)]) == 0
+    assert main(["validate", *map(str, CLUSTER_EXAMPLES)]) == 0
     assert "FineTuneJob support-tickets" in capsys.readouterr().out
+    assert main(["validate", "--local", *map(str, LOCAL_EXAMPLES)]) == 0
+
+
+@pytest.mark.parametrize("path", LOCAL_EXAMPLES, ids=lambda p: p.parent.name)
+def test_a_local_output_is_refused_for_the_cluster(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(path)]) == 1
+    assert "spec.output.uri: output.uri must be s3:// or pvc://" in capsys.readouterr().err
 
 
 def test_validate_names_the_bad_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

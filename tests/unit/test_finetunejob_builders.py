@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import tomllib
+from importlib.metadata import version
 from typing import Any
 
 import pytest
@@ -10,10 +13,10 @@ from kubetune.operator.api.finetunejob import FineTuneJob, Trigger
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.builders.finetunejob import RunManifests, RunRequest, build_run
 from kubetune.operator.naming import MAX_RAY_NAME_LENGTH, run_name
-from kubetune.operator.settings import Settings
+from kubetune.operator.settings import RAY_VERSION, Settings, SettingsError
 from kubetune.runtime.contract import RunConfig
 
-from ..conftest import mutated
+from ..conftest import REPO_ROOT, mutated
 
 SETTINGS = Settings(runtime_image="registry.example/kubetune-runtime:1", finished_cluster_ttl_seconds=120)
 REQUEST = RunRequest(
@@ -35,6 +38,11 @@ def head(manifests: RunManifests) -> dict[str, Any]:
     return spec
 
 
+def submitter(manifests: RunManifests) -> dict[str, Any]:
+    spec: dict[str, Any] = manifests.ray_job["spec"]["submitterPodTemplate"]["spec"]
+    return spec
+
+
 def workers(manifests: RunManifests) -> dict[str, Any]:
     group: dict[str, Any] = manifests.ray_job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     return group
@@ -49,13 +57,14 @@ def test_minimal_run(minimal_job: dict[str, Any]) -> None:
     spec = ray_job["spec"]
     assert spec["submissionMode"] == "K8sJobMode" and spec["shutdownAfterJobFinishes"] is True
     assert spec["ttlSecondsAfterFinished"] == 120 and spec["backoffLimit"] == 2
-    assert "suspend" not in spec and "activeDeadlineSeconds" not in spec
+    assert "suspend" not in spec and spec["activeDeadlineSeconds"] == SETTINGS.default_active_deadline_seconds
     assert spec["entrypoint"] == "python -m kubetune.runtime.finetune --config /etc/kubetune/run/run.json"
     worker = workers(manifests)
     assert (worker["replicas"], worker["minReplicas"], worker["maxReplicas"]) == (1, 1, 1)
     container = worker["template"]["spec"]["containers"][0]
     assert container["image"] == SETTINGS.runtime_image
     assert container["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
+    assert container["resources"]["requests"] == {"cpu": "2", "memory": "8Gi", "ephemeral-storage": "20Gi"}
     assert "nodeSelector" not in worker["template"]["spec"]
     assert head(manifests)["serviceAccountName"] == "support-tickets-r3-runner"
 
@@ -170,14 +179,108 @@ def test_pvc_volumes(minimal_job: dict[str, Any]) -> None:
     assert config_volume["configMap"]["name"] == "support-tickets-r3-config"
 
 
-def test_placement(complete_job: dict[str, Any]) -> None:
+def test_placement_of_the_workers_is_not_the_heads(complete_job: dict[str, Any]) -> None:
     manifests = build(complete_job, ("spec.resources.affinity", {"podAntiAffinity": {"x": 1}}))
-    for spec in (head(manifests), workers(manifests)["template"]["spec"]):
-        assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    worker = workers(manifests)["template"]["spec"]
+    assert worker["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert worker["affinity"] == {"podAntiAffinity": {"x": 1}}
+    assert worker["nodeSelector"] == {"node-pool": "gpu", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    for spec in (head(manifests), worker, submitter(manifests)):
         assert spec["priorityClassName"] == "training-low"
-        assert spec["affinity"] == {"podAntiAffinity": {"x": 1}}
-    assert head(manifests)["nodeSelector"] == {"node-pool": "gpu"}
+    for spec in (head(manifests), submitter(manifests)):  # no GPU: none of the GPU pool's placement
+        assert spec["nodeSelector"] == {"node-pool": "cpu"} and not {"tolerations", "affinity"} & set(spec)
     assert manifests.ray_job["spec"]["activeDeadlineSeconds"] == 21600
+
+
+def test_the_head_has_a_placement_of_its_own(minimal_job: dict[str, Any]) -> None:
+    own = {"nodeSelector": {"pool": "cpu"}, "tolerations": [{"key": "spot", "operator": "Exists"}]}
+    manifests = build(minimal_job, ("spec.resources.head", own), ("spec.resources.nodeSelector", {"pool": "big"}))
+    for spec in (head(manifests), submitter(manifests)):
+        assert spec["nodeSelector"] == {"pool": "cpu"} and spec["tolerations"] == [
+            {"key": "spot", "operator": "Exists"}
+        ]
+    assert workers(manifests)["template"]["spec"]["nodeSelector"] == {"pool": "big"}
+
+
+def pod_specs(manifests: RunManifests) -> list[dict[str, Any]]:
+    return [head(manifests), workers(manifests)["template"]["spec"], submitter(manifests)]
+
+
+def test_every_pod_meets_the_restricted_pod_security_level(complete_job: dict[str, Any]) -> None:
+    for spec in pod_specs(build(complete_job)):
+        security = spec["securityContext"]
+        assert security["runAsNonRoot"] is True and security["runAsUser"] == 1000
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+        (container,) = spec["containers"]
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+        }
+        writable = {m["mountPath"] for m in container["volumeMounts"]}
+        assert {"/tmp", "/home/ray/.cache", "/dev/shm"} <= writable
+
+
+def test_only_the_head_mounts_the_runs_token(complete_job: dict[str, Any]) -> None:
+    head_spec, worker_spec, submitter_spec = pod_specs(build(complete_job))
+    assert head_spec["automountServiceAccountToken"] is True
+    assert worker_spec["automountServiceAccountToken"] is False
+    assert submitter_spec["automountServiceAccountToken"] is False and "serviceAccountName" not in submitter_spec
+
+
+def test_pull_secrets_of_the_settings_and_the_spec(minimal_job: dict[str, Any]) -> None:
+    settings = Settings(image_pull_secrets="org-registry, mirror")
+    job = parse(mutated(mutated(minimal_job, "metadata.namespace", "ml"), "metadata.uid", "u"))
+    assert isinstance(job, FineTuneJob)
+    job.spec.resources.image_pull_secrets = ["team-registry", "mirror"]
+    for spec in pod_specs(build_run(job, REQUEST, settings)):
+        assert spec["imagePullSecrets"] == [{"name": "org-registry"}, {"name": "mirror"}, {"name": "team-registry"}]
+    assert all("imagePullSecrets" not in spec for spec in pod_specs(build(minimal_job)))
+
+
+def test_the_ray_cluster_is_closed_to_other_pods(minimal_job: dict[str, Any]) -> None:
+    manifests = build(minimal_job)
+    policy = manifests.network_policy["spec"]
+    run_pods = {"app.kubernetes.io/managed-by": "kubetune", "kubetune.io/finetunejob": "support-tickets",
+                "kubetune.io/run": "3"}  # fmt: skip
+    assert policy["podSelector"] == {"matchLabels": run_pods} and policy["policyTypes"] == ["Ingress"]
+    own, kuberay = policy["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": run_pods}}]}
+    assert kuberay["from"][0]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+    assert {port["port"] for port in kuberay["ports"]} == {8265, 52365}
+    for spec in (manifests.ray_job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"],
+                 workers(manifests)["template"], manifests.ray_job["spec"]["submitterPodTemplate"]):  # fmt: skip
+        assert spec["metadata"]["labels"] == run_pods  # the policy selects every pod of the run
+    assert manifests.in_order().index(manifests.network_policy) < manifests.in_order().index(manifests.ray_job)
+
+
+@pytest.mark.parametrize(("auth_options", "expected"), [(False, None), (True, {"mode": "token"})])
+def test_ray_token_authentication_with_kuberays_auth_options(
+    minimal_job: dict[str, Any], auth_options: bool, expected: dict[str, str] | None
+) -> None:
+    job = parse(mutated(mutated(minimal_job, "metadata.namespace", "ml"), "metadata.uid", "u"))
+    assert isinstance(job, FineTuneJob)
+    cluster = build_run(job, REQUEST, Settings(kuberay_auth_options=auth_options)).ray_job["spec"]["rayClusterSpec"]
+    assert cluster.get("authOptions") == expected
+
+
+def test_the_runtime_image_carries_its_ray_version(minimal_job: dict[str, Any]) -> None:
+    default = build(minimal_job).ray_job["spec"]["rayClusterSpec"]
+    assert default["rayVersion"] == SETTINGS.ray_version
+    custom = build(
+        minimal_job, ("spec.resources.image", "mirror.local/runtime:2"), ("spec.resources.rayVersion", "2.61.0")
+    )
+    assert custom.ray_job["spec"]["rayClusterSpec"]["rayVersion"] == "2.61.0"
+    assert submitter(custom)["containers"][0]["image"] == "mirror.local/runtime:2"
+
+
+def test_claim_volume_names_are_always_valid(minimal_job: dict[str, Any]) -> None:
+    claim = "shared-datasets-" + "x" * 200
+    manifests = build(minimal_job, ("spec.data.train", f"pvc://{claim}/train.jsonl"))
+    (volume,) = [v for v in head(manifests)["volumes"] if "persistentVolumeClaim" in v]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim
+    assert len(volume["name"]) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", volume["name"])
 
 
 def test_image_override(minimal_job: dict[str, Any]) -> None:
@@ -193,3 +296,21 @@ def test_long_names_fit_kuberay_limits() -> None:
 
 def test_the_same_inputs_give_the_same_manifests(complete_job: dict[str, Any]) -> None:
     assert build(complete_job).in_order() == build(complete_job).in_order()
+
+
+def test_the_runtime_ray_version_is_the_pinned_one() -> None:
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    pins = [p for p in pyproject["project"]["optional-dependencies"]["runtime"] if p.startswith("ray[")]
+    assert [pin.partition("==")[2] for pin in pins] == [RAY_VERSION]
+    assert Settings().runtime_image.endswith(f":{version('kubetune')}-gpu")
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("true", True), ("1", True), ("no", False), ("False", False)])
+def test_switches_read_from_the_environment(raw: str, expected: bool) -> None:
+    settings = Settings.from_environment({"KUBETUNE_KUBERAY_AUTH_OPTIONS": raw})
+    assert settings.kuberay_auth_options is expected
+
+
+def test_a_switch_that_is_not_one_is_refused() -> None:
+    with pytest.raises(SettingsError, match="KUBETUNE_KUBERAY_AUTH_OPTIONS='maybe'"):
+        Settings.from_environment({"KUBETUNE_KUBERAY_AUTH_OPTIONS": "maybe"})

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.api.modeldeployment import ModelDeployment, ServedModel
-from kubetune.operator.builders.modeldeployment import build_ray_service, endpoint, quantity
+from kubetune.operator.builders.modeldeployment import build_network_policy, build_ray_service, endpoint, quantity
 from kubetune.operator.settings import Settings
 from kubetune.runtime.contract import Task
 from kubetune.runtime.contract.serving import ServeAppArgs
@@ -68,7 +68,7 @@ def test_the_cluster_autoscales_one_replica_per_worker_pod(deployment: dict[str,
     [workers] = cluster["workerGroupSpecs"]
     assert (workers["minReplicas"], workers["maxReplicas"], workers["replicas"]) == (1, 8, 1)
     container = workers["template"]["spec"]["containers"][0]
-    assert container["resources"]["requests"] == {"cpu": "2", "memory": "4Gi"}
+    assert container["resources"]["requests"] == {"cpu": "2", "memory": "4Gi", "ephemeral-storage": "10Gi"}
     assert workers["rayStartParams"] == {"num-cpus": "2"}
 
 
@@ -102,7 +102,7 @@ def test_a_new_artifact_changes_only_the_serve_config(deployment: dict[str, Any]
 
 
 def test_the_service_is_owned_labelled_and_named_within_kuberays_limits(deployment: dict[str, Any]) -> None:
-    long_name = "a-very-long-model-deployment-name-that-goes-on-and-on-beyond-limits"
+    long_name = "a-very-long-model-deployment-name-that-goes-right-to-the-limits"  # 63 characters
     service = build_ray_service(make(mutated(deployment, "metadata.name", long_name)), RUN_2, Settings())
     meta = service["metadata"]
     assert len(meta["name"]) <= 47 and meta["labels"]["kubetune.io/modeldeployment"] == long_name
@@ -144,3 +144,31 @@ def test_torch_compile_is_on_where_it_pays_unless_the_spec_says(
     service = build_ray_service(make(document), RUN_2, Settings())
     args = ServeAppArgs.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"])
     assert args.compile is asked and args.compiles(task) is compiled
+
+
+def test_the_endpoint_is_open_on_serves_port_only(deployment: dict[str, Any]) -> None:
+    model = make(deployment)
+    policy = build_network_policy(model, Settings())
+    assert policy["metadata"]["name"] == build_ray_service(model, RUN_2, Settings())["metadata"]["name"]
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == "md-uid"
+    pods = {"app.kubernetes.io/managed-by": "kubetune", "kubetune.io/modeldeployment": "support-tickets"}
+    assert policy["spec"]["podSelector"] == {"matchLabels": pods}
+    own, kuberay, clients = policy["spec"]["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": pods}}]}
+    assert {port["port"] for port in kuberay["ports"]} == {8265, 52365}
+    assert clients == {"ports": [{"protocol": "TCP", "port": 8000}]}  # from anywhere
+    cluster = build_ray_service(model, RUN_2, Settings())["spec"]["rayClusterConfig"]
+    for template in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
+        assert template["metadata"]["labels"] == pods
+        assert template["spec"]["automountServiceAccountToken"] is False
+        assert template["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_gpu_placement_is_the_replicas_not_the_heads(deployment: dict[str, Any]) -> None:
+    resources = {"cpu": "4", "memory": "16Gi", "gpus": 1, "gpuType": "L4", "nodeSelector": {"pool": "gpu"}}
+    cluster = build_ray_service(make(mutated(deployment, "spec.resources", resources)), RUN_2, Settings())
+    head = cluster["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    worker = cluster["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert not {"nodeSelector", "tolerations"} & set(head)
+    assert worker["nodeSelector"] == {"pool": "gpu", "nvidia.com/gpu.product": "L4"}
+    assert worker["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]

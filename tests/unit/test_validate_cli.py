@@ -95,13 +95,14 @@ def test_header_problems_come_with_the_spec_problems() -> None:
     document = mutated(load_example("finetunejob-minimal.yaml"), "metadata.name", "Not_A_Name")
     document = mutated(document, "spec.hyperparameters", {"epochs": 0})
     assert [str(p) for p in problems_of(document)] == [
-        "metadata.name: expected a lowercase DNS name, got 'Not_A_Name'",
+        "metadata.name: 'Not_A_Name' is not a DNS-1035 label (lowercase letters, digits and '-', starting with a "
+        "letter, no dots), which KubeRay requires of the objects named after it",
         "spec.hyperparameters.epochs: Input should be greater than or equal to 1",
     ]
     assert [str(p) for p in problems_of({"kind": "Pod"})] == [
         "apiVersion: expected kubetune.io/v1alpha1, got None",
         "kind: expected one of FineTuneJob, ModelDeployment, got 'Pod'",
-        "metadata.name: expected a lowercase DNS name, got None",
+        "metadata.name: expected a name, got None",
     ]
 
 
@@ -257,3 +258,17 @@ def test_pydantic_and_cel_agree(example: str, changes: list[tuple[str, Any]], me
     assert rule_path in [failure.path for failure in rule_failures(document)]
     if GPUS[0] not in [path for path, _ in changes] and "GPUs" in message:
         assert rule_failures(mutated(document, *GPUS)) == []  # with GPUs the rule holds again
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("support.tickets", "is not a DNS-1035 label"),
+        ("7-tickets", "is not a DNS-1035 label"),
+        ("t" * 64, "is longer than 63 characters"),
+    ],
+)
+def test_names_kuberay_would_refuse_are_named(name: str, expected: str) -> None:
+    for example in ("finetunejob-minimal.yaml", "modeldeployment.yaml"):
+        problems = [str(p) for p in problems_of(mutated(load_example(example), "metadata.name", name))]
+        assert len(problems) == 1 and problems[0].startswith("metadata.name: ") and expected in problems[0]
