@@ -294,6 +294,19 @@ class RunFailure(StrEnum):
     """Why kubetune itself failed a run (rather than Ray or KubeRay)."""
 
     NAME_CONFLICT = "NameConflict"  # an object with a name the run needs exists and is not the job's
+    INVALID_SPEC = "InvalidSpec"  # the run found the spec cannot work (its report names the field): no retries
+    DEADLINE_EXCEEDED = "DeadlineExceeded"  # activeDeadlineSeconds passed (KubeRay stopped it)
+    SUBMISSION_FAILED = "SubmissionFailed"  # KubeRay could not submit the job to its Ray cluster
+    RAY_JOB_REJECTED = "RayJobRejected"  # KubeRay refused the RayJob (ValidationFailed)
+
+
+class WaitReason(StrEnum):
+    """Why an active run makes no progress: what it waits for."""
+
+    UNSCHEDULABLE = "Unschedulable"  # a pod fits no node (GPU type, resources, taints)
+    IMAGE_PULL_FAILED = "ImagePullFailed"  # a pod cannot pull its image
+    POD_CONFIG_ERROR = "PodConfigError"  # a pod cannot start its container (a missing Secret or key)
+    QUEUED = "Queued"  # suspended until Kueue admits it
 
 
 class GateReason(StrEnum):
@@ -350,7 +363,12 @@ class RunRecord(WireModel):
     phase: JobPhase = Field(description="Pending, Running, Retrying, Waiting, Suspended, Succeeded or Failed.")
     message: Message | None = Field(default=None, description="Why the run is in this phase.")
     failure: RunFailure | None = Field(
-        default=None, description="Why kubetune failed the run itself (NameConflict), when it did."
+        default=None,
+        description="Why the run failed, when kubetune or KubeRay says more than RunFailed (e.g. DeadlineExceeded).",
+    )
+    waiting: WaitReason | None = Field(
+        default=None,
+        description="What an active run waits for (Unschedulable, ImagePullFailed, PodConfigError, Queued).",
     )
     start_time: datetime | None = Field(default=None, description="When the run was created.")
     completion_time: datetime | None = Field(default=None, description="When the run finished.")

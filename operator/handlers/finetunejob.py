@@ -25,7 +25,9 @@ from kubetune.operator.reconcile import reconciling
 from kubetune.operator.reconcile.finetunejob import (
     Clock,
     FineTuneJobReconciler,
+    PodState,
     Report,
+    observe_pod,
     observe_report,
     observe_run,
 )
@@ -35,6 +37,8 @@ from kubetune.operator.settings import Settings
 # written once and never read back, so they are not watched.)
 RUNS = Source("ray.io/v1", "RayJob", selector({MANAGED_BY_LABEL: MANAGER, JOB_LABEL: ""}))
 REPORTS = Source("v1", "ConfigMap", selector({MANAGED_BY_LABEL: MANAGER, REPORT_LABEL: "true", JOB_LABEL: ""}))
+# The runs' pods (KubeRay gives them the labels of our pod templates): why a run waits.
+PODS = Source("v1", "Pod", selector({MANAGED_BY_LABEL: MANAGER, JOB_LABEL: ""}))
 
 
 job_of = owner_label(JOB_LABEL)
@@ -54,7 +58,8 @@ class FineTuneJobs:
     ) -> None:
         self.runs: Informer[ObservedRun] = Informer(kube, RUNS, namespaces, observe_run, job_of)
         self.reports: Informer[Report] = Informer(kube, REPORTS, namespaces, observe_report, job_of)
-        reconciler = FineTuneJobReconciler(kube, settings, self.runs, self.reports, secrets, clock)
+        self.pods: Informer[PodState] = Informer(kube, PODS, namespaces, observe_pod, job_of)
+        reconciler = FineTuneJobReconciler(kube, settings, self.runs, self.reports, secrets, clock, self.pods)
         self.controller = Controller(
             KIND, reconciling(kube, KIND, reconciler.reconcile, clock), executor, ControllerSettings.of(settings)
         )
@@ -63,11 +68,12 @@ class FineTuneJobs:
     def start(self) -> None:
         self.runs.start(self._run_changed)
         self.reports.start(self._report_changed)
-        self.controller.start([self.runs.synced, self.reports.synced, self.secrets.synced])
+        self.pods.start(self._report_changed)  # any change of a run's pod may change why it waits
+        self.controller.start([self.runs.synced, self.reports.synced, self.pods.synced, self.secrets.synced])
 
     async def stop(self) -> None:
         await self.controller.stop()
-        for informer in (self.runs, self.reports):
+        for informer in (self.runs, self.reports, self.pods):
             await asyncio.to_thread(informer.stop)
 
     def _run_changed(self, change: Change[ObservedRun]) -> None:
@@ -75,7 +81,7 @@ class FineTuneJobs:
         if change.owner is not None and (change.value is None or change.value.status):
             self.controller.enqueue(change.owner)
 
-    def _report_changed(self, change: Change[Report]) -> None:
+    def _report_changed(self, change: Change[Report] | Change[PodState]) -> None:
         if change.owner is not None:
             self.controller.enqueue(change.owner)
 

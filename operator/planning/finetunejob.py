@@ -28,6 +28,7 @@ from kubetune.operator.api.finetunejob import (
     RunFailure,
     RunRecord,
     Trigger,
+    WaitReason,
 )
 from kubetune.operator.builders.finetunejob import RunRequest
 from kubetune.operator.conditions import Reason
@@ -63,6 +64,15 @@ class ObservedRun:
     created: datetime | None
     status: Mapping[str, Any] | None
     owner_uid: str | None = None  # of its controller owner reference: the job it belongs to
+    queue: str | None = None  # the Kueue LocalQueue it was submitted through
+
+
+@dataclass(frozen=True)
+class PodWait:
+    """Why a pod of a run cannot run: the run waits for it."""
+
+    reason: WaitReason
+    message: str
 
 
 @dataclass(frozen=True)
@@ -161,10 +171,22 @@ def _finish(job: FineTuneJob, record: RunRecord, now: datetime, report: RunRepor
     return finished.judged(gate(job, finished, report))
 
 
+def queued_message(queue: str) -> str:
+    return (
+        f"suspended until Kueue admits it through LocalQueue {queue!r} "
+        "(Kueue must be installed and the queue defined in this namespace)"
+    )
+
+
 def merge_observations(
-    job: FineTuneJob, observed: list[ObservedRun], reports: Mapping[int, RunReport], now: datetime
+    job: FineTuneJob,
+    observed: list[ObservedRun],
+    reports: Mapping[int, RunReport],
+    now: datetime,
+    waits: Mapping[int, PodWait] | None = None,
 ) -> tuple[list[RunRecord], list[Event]]:
-    """Run records from the last status updated with the RayJobs and reports seen now."""
+    """Run records from the last status updated with the RayJobs, reports and waiting pods seen now."""
+    waits = waits or {}
     previous = {r.number: r for r in (job.status.runs if job.status and job.status.runs else [])}
     records = dict(previous)
     events: list[Event] = []
@@ -185,11 +207,25 @@ def merge_observations(
             records[run.number] = with_report(record, reports.get(run.number)) if not record.progress else record
             continue
         outcome = ray_job_outcome(run.status)
-        record = record.model_copy(
-            update={"phase": outcome.phase, "message": outcome.message, "ray_job": ray_job_state(run.name, run.status)}
-        )
-        record = with_report(record, reports.get(run.number))
-        if outcome.phase in FINISHED_PHASES:
+        update: dict[str, Any] = {
+            "phase": outcome.phase,
+            "message": outcome.message,
+            "failure": outcome.failure,
+            "waiting": None,
+            "ray_job": ray_job_state(run.name, run.status),
+        }
+        report = reports.get(run.number)
+        if report is not None and report.stage == Stage.FAILED and report.invalid_field:
+            # The run checked its spec and found it cannot work: stopped, not retried by KubeRay.
+            message = f"spec.{report.invalid_field}: {report.error or 'the run cannot work as specified'}"
+            update.update(phase=JobPhase.FAILED, failure=RunFailure.INVALID_SPEC, message=message)
+        elif outcome.phase == JobPhase.SUSPENDED and run.queue:
+            update.update(waiting=WaitReason.QUEUED, message=queued_message(run.queue))
+        elif outcome.phase in ACTIVE_PHASES and run.number in waits:
+            wait = waits[run.number]
+            update.update(waiting=wait.reason, message=wait.message)
+        record = with_report(record.model_copy(update=update), report)
+        if outcome.phase in FINISHED_PHASES or record.phase in FINISHED_PHASES:
             record = _finish(job, record, now, reports.get(run.number))
         records[run.number] = record
     for number, record in previous.items():
@@ -242,9 +278,13 @@ def plan(
     reports: Mapping[int, RunReport],
     now: datetime,
     recheck_seconds: float = RECHECK_SECONDS,
+    pod_waits: Mapping[int, PodWait] | None = None,
 ) -> Plan:
-    """What to do now, given everything observed."""
-    records, events = merge_observations(job, observed, reports, now)
+    """What to do now, given everything observed (`pod_waits`: why a run's pods cannot run, by run number)."""
+    records, events = merge_observations(job, observed, reports, now, pod_waits)
+    # A run that failed its own checks is stopped now: KubeRay would retry it backoffLimit times.
+    invalid = {r.number for r in records if r.failure == RunFailure.INVALID_SPEC}
+    stop_invalid = [run.name for run in observed if run.number in invalid]
     status = job.status
     handled = Handled(status.handled_retrain if status else None, status.last_schedule_time if status else None)
     spec_hash = run_spec_hash(job)
@@ -277,7 +317,7 @@ def plan(
     return Plan(
         records=kept,
         create=decision.create,
-        stop=decision.stop,
+        stop=[*stop_invalid, *(name for name in decision.stop if name not in stop_invalid)],
         forget=dropped + over_budget,
         handled_retrain=decision.handled.retrain,
         last_schedule_time=decision.handled.last_schedule_time,

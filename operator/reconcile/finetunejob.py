@@ -21,6 +21,8 @@ from kubetune.operator.api.finetunejob import (
     FineTuneJobStatus,
     RunRecord,
     Trigger,
+    WaitReason,
+    cluster_output_problem,
 )
 from kubetune.operator.builders.finetunejob import RunRequest, build_run
 from kubetune.operator.conditions import Reason
@@ -30,6 +32,7 @@ from kubetune.operator.kube import ApiError, Kube, ObjectRef
 from kubetune.operator.metrics import PROMOTIONS, RUNS_FINISHED, RUNS_STARTED
 from kubetune.operator.naming import (
     GENERATION_ANNOTATION,
+    KUEUE_QUEUE_LABEL,
     RUN_LABEL,
     SPEC_HASH_ANNOTATION,
     TRIGGER_ANNOTATION,
@@ -39,7 +42,15 @@ from kubetune.operator.naming import (
     report_name,
     runner_name,
 )
-from kubetune.operator.planning.finetunejob import Event, ObservedRun, Plan, ScheduleError, name_conflict, plan
+from kubetune.operator.planning.finetunejob import (
+    Event,
+    ObservedRun,
+    Plan,
+    PodWait,
+    ScheduleError,
+    name_conflict,
+    plan,
+)
 from kubetune.operator.policy import placement_violation
 from kubetune.operator.reconcile import patch_status, post_events, previous_status
 from kubetune.operator.settings import Settings
@@ -87,7 +98,53 @@ def observe_run(ray_job: Mapping[str, Any]) -> ObservedRun | None:
         created=parse_time(meta.get("creationTimestamp")),
         status=dict(ray_job.get("status") or {}) or None,
         owner_uid=controller_uid(ray_job),
+        queue=(meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL),
     )
+
+
+@dataclass(frozen=True)
+class PodState:
+    """A pod of a run: which run, and why it cannot run (None: it can, or it already does)."""
+
+    number: int
+    name: str
+    wait: PodWait | None
+
+
+_IMAGE_PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+_CONFIG_FAILURES = ("CreateContainerConfigError", "CreateContainerError")
+
+
+def pod_wait(pod: Mapping[str, Any]) -> PodWait | None:
+    """Why the pod cannot run, from its conditions and container states; None when nothing holds it up."""
+    name = pod["metadata"]["name"]
+    status = pod.get("status") or {}
+    for item in status.get("conditions") or []:
+        unschedulable = (item.get("type"), item.get("status"), item.get("reason")) == (
+            "PodScheduled",
+            "False",
+            "Unschedulable",
+        )
+        if unschedulable:
+            return PodWait(WaitReason.UNSCHEDULABLE, f"pod {name} cannot be scheduled: {item.get('message') or ''}")
+    for container in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        detail = f"pod {name} container {container.get('name')}: {reason}: {waiting.get('message') or ''}"
+        if reason in _IMAGE_PULL_FAILURES:
+            return PodWait(WaitReason.IMAGE_PULL_FAILED, detail)
+        if reason in _CONFIG_FAILURES:
+            return PodWait(WaitReason.POD_CONFIG_ERROR, detail)
+    return None
+
+
+def observe_pod(pod: Mapping[str, Any]) -> PodState | None:
+    """A run's pod and what holds it up; None for a pod without kubetune's run label."""
+    try:
+        number = int((pod["metadata"].get("labels") or {})[RUN_LABEL])
+    except (KeyError, ValueError):
+        return None
+    return PodState(number, pod["metadata"]["name"], pod_wait(pod))
 
 
 def observe_report(config_map: Mapping[str, Any]) -> Report | None:
@@ -117,11 +174,12 @@ class FineTuneJobReconciler:
         reports: Informer[Report],
         secrets: Informer[bool],
         clock: Clock = utc_now,
+        pods: Informer[PodState] | None = None,
     ) -> None:
-        """Reads the job from the API server; its runs, reports and Secrets from the caches."""
+        """Reads the job from the API server; its runs, reports, pods and Secrets from the caches."""
         self.kube = kube
         self.settings = settings
-        self.runs, self.reports, self.secrets = runs, reports, secrets
+        self.runs, self.reports, self.secrets, self.pods = runs, reports, secrets, pods
         self.clock = clock  # schedules and timestamps read this clock; tests inject their own
 
     def reconcile(self, key: Key) -> Outcome:
@@ -147,6 +205,7 @@ class FineTuneJobReconciler:
             return self._stopped(body, previous, problem, generation, now, requeue=None)
         job.status = previous
         violation = placement_violation(job.spec.resources, "spec.resources", self.settings)
+        violation = violation or cluster_output_problem(job.spec.output.uri)
         if violation is not None:
             return self._stopped(body, previous, Problem(Reason.INVALID_SPEC, violation), generation, now, requeue=None)
         storage = job.spec.storage
@@ -207,7 +266,17 @@ class FineTuneJobReconciler:
             reports=reports,
             now=now,
             recheck_seconds=self.settings.recheck_seconds,
+            pod_waits=self._pod_waits((job.metadata["namespace"], job.metadata["name"])),
         )
+
+    def _pod_waits(self, key: Key) -> dict[int, PodWait]:
+        """Per run, the first of its pods (by name) that cannot run, and why."""
+        states = sorted(self.pods.owned_by(key), key=lambda state: state.name) if self.pods else []
+        waits: dict[int, PodWait] = {}
+        for state in states:
+            if state.wait is not None:
+                waits.setdefault(state.number, state.wait)
+        return waits
 
     def _with_unlisted_runs(self, job: FineTuneJob, runs: list[ObservedRun]) -> list[ObservedRun]:
         """The cached runs, plus active runs of the status that the cache does not hold (yet).

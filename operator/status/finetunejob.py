@@ -23,6 +23,7 @@ from kubetune.operator.api.finetunejob import (
     GateResult,
     JobPhase,
     RayJobState,
+    RunFailure,
     RunRecord,
 )
 from kubetune.operator.conditions import ConditionType, Reason, condition, merge_conditions
@@ -53,11 +54,20 @@ _DEPLOYMENT_PHASES: dict[str, tuple[JobPhase, Reason]] = {
 }
 
 
+# KubeRay's RayJob status.reason values that say more than "failed".
+_FAILURE_REASONS = {
+    "DeadlineExceeded": RunFailure.DEADLINE_EXCEEDED,
+    "SubmissionFailed": RunFailure.SUBMISSION_FAILED,
+    "ValidationFailed": RunFailure.RAY_JOB_REJECTED,
+}
+
+
 @dataclass(frozen=True)
 class RunOutcome:
     phase: JobPhase
     reason: Reason
     message: str
+    failure: RunFailure | None = None
 
 
 def ray_job_outcome(status: Mapping[str, Any] | None) -> RunOutcome:
@@ -82,9 +92,14 @@ def ray_job_outcome(status: Mapping[str, Any] | None) -> RunOutcome:
     if deployment in _DEPLOYMENT_PHASES:
         phase, reason = _DEPLOYMENT_PHASES[deployment]
         default = f"RayJob {deployment or 'created'}" + (f", job {job_status}" if job_status else "")
-        if deployment == "ValidationFailed":
+        failure = None
+        if phase == JobPhase.FAILED:
+            failure = _FAILURE_REASONS.get(str(status.get("reason") or "")) or _FAILURE_REASONS.get(deployment)
+        if failure == RunFailure.RAY_JOB_REJECTED:
             default = "KubeRay rejected the RayJob"
-        return RunOutcome(phase, reason, detail or default)
+        elif failure == RunFailure.DEADLINE_EXCEEDED:
+            default = "the run took longer than its activeDeadlineSeconds"
+        return RunOutcome(phase, reason, detail or default, failure)
     return RunOutcome(JobPhase.RUNNING, Reason.RUN_RUNNING, detail or f"RayJob {deployment}")
 
 
@@ -314,6 +329,8 @@ def _conditions(
             JobPhase.WAITING: Reason.RUN_WAITING,
             JobPhase.SUSPENDED: Reason.RUN_SUSPENDED,
         }.get(active.phase, Reason.RUN_RUNNING)
+        if active.waiting is not None:  # what holds it up says more than its phase
+            reason = Reason(active.waiting.value)
         result.append(
             condition(
                 ConditionType.PROGRESSING,

@@ -78,3 +78,10 @@ class RunReport(RunProgress):
     manifest_uri: str | None = Field(default=None, description="URI of the kubetune.json manifest.")
     best_hyperparameters: JsonObject | None = Field(default=None, description="Best search trial's settings.")
     error: ErrorText | None = Field(default=None, description="Why the run failed (stage failed).")
+    invalid_field: ShortText | None = Field(
+        default=None,
+        description=(
+            "The spec field that makes the run impossible (e.g. resources.gpusPerWorker), when the run failed "
+            "its own checks: trying again cannot help, so the run is not retried."
+        ),
+    )

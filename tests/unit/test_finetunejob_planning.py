@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from kubetune.operator.api.finetunejob import FineTuneJob, FineTuneJobStatus, JobPhase, RunRecord, Trigger
+from kubetune.operator.api.finetunejob import (
+    FineTuneJob,
+    FineTuneJobStatus,
+    JobPhase,
+    RunFailure,
+    RunRecord,
+    Trigger,
+    WaitReason,
+)
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.conditions import Reason
-from kubetune.operator.planning.finetunejob import ObservedRun, Plan, plan, run_spec_hash
+from kubetune.operator.planning.finetunejob import ObservedRun, Plan, PodWait, plan, run_spec_hash
+from kubetune.operator.status.finetunejob import compute_status
 from kubetune.runtime.contract.report import RunReport, Stage
 
 from ..conftest import mutated
@@ -226,3 +236,73 @@ def test_history_is_bounded_and_old_runs_are_forgotten(minimal_job: dict[str, An
     result = decide(job, runs)
     assert [r.number for r in result.records] == [3, 4]
     assert [r.number for r in result.forget] == [1, 2]
+
+
+def status_of(job: FineTuneJob, decision: Plan) -> dict[str, tuple[str, str, str]]:
+    result = compute_status(decision.records, suspended=False, generation=1, previous=None, now=NOW)
+    return {c.type: (c.status.value, c.reason, c.message) for c in result.conditions or []}
+
+
+FAILURES = [
+    ({"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}, RunFailure.DEADLINE_EXCEEDED, "Deadline"),
+    ({"jobDeploymentStatus": "Failed", "reason": "SubmissionFailed"}, RunFailure.SUBMISSION_FAILED, "Submission"),
+    (
+        {"jobDeploymentStatus": "ValidationFailed", "reason": "ValidationFailed"},
+        RunFailure.RAY_JOB_REJECTED,
+        "Rejected",
+    ),
+    ({"jobDeploymentStatus": "Failed", "reason": "AppFailed"}, None, "RunFailed"),
+]
+
+
+@pytest.mark.parametrize(("status", "failure", "reason"), FAILURES)
+def test_kuberays_failure_reasons_stay_apart(
+    minimal_job: dict[str, Any], status: dict[str, str], failure: RunFailure | None, reason: str
+) -> None:
+    job = make_job(minimal_job)
+    decision = decide(job, [observed(job, 1, status)])
+    (run,) = decision.records
+    assert run.phase == JobPhase.FAILED and run.failure == failure
+    degraded = status_of(job, decision)["Degraded"]
+    assert degraded[0] == "True" and reason in degraded[1]
+
+
+def test_a_run_that_fails_its_own_checks_is_stopped_not_retried(minimal_job: dict[str, Any]) -> None:
+    job = make_job(minimal_job)
+    report = RunReport(
+        stage=Stage.FAILED,
+        error="GPUs were requested but this node has no CUDA GPU",
+        invalid_field="resources.gpusPerWorker",
+    )
+    retrying = {"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED"}
+    decision = decide(job, [observed(job, 1, retrying)], reports={1: report})
+    (run,) = decision.records
+    assert (run.phase, run.failure) == (JobPhase.FAILED, RunFailure.INVALID_SPEC)
+    assert run.message == "spec.resources.gpusPerWorker: GPUs were requested but this node has no CUDA GPU"
+    assert decision.stop == ["support-tickets-r1"]  # KubeRay would start it again
+    assert status_of(job, decision)["Degraded"][:2] == ("True", "InvalidSpec")
+    assert decision.create is None  # the same spec would fail the same way
+
+
+def test_a_suspended_run_names_its_kueue_queue(minimal_job: dict[str, Any]) -> None:
+    job = make_job(mutated(minimal_job, "spec.queueName", "team-a"))
+    run = replace(observed(job, 1, {"jobDeploymentStatus": "Suspended"}), queue="team-a")
+    decision = decide(job, [run])
+    assert decision.records[0].waiting == WaitReason.QUEUED
+    progressing = status_of(job, decision)["Progressing"]
+    assert progressing[:2] == ("True", "Queued") and "LocalQueue 'team-a'" in progressing[2]
+
+
+def test_a_run_waiting_for_its_pods_says_which_and_why(minimal_job: dict[str, Any]) -> None:
+    job = make_job(minimal_job)
+    wait = PodWait(WaitReason.UNSCHEDULABLE, "pod support-tickets-r1-workers-x cannot be scheduled: 0/4 nodes ...")
+    initializing = {"jobDeploymentStatus": "Initializing"}
+    decision = plan(
+        job, generation=1, annotations={}, created=CREATED, observed=[observed(job, 1, initializing)],
+        reports={}, now=NOW, pod_waits={1: wait},
+    )  # fmt: skip
+    (run,) = decision.records
+    assert (run.phase, run.waiting, run.message) == (JobPhase.PENDING, WaitReason.UNSCHEDULABLE, wait.message)
+    assert status_of(job, decision)["Progressing"][:2] == ("True", "Unschedulable")
+    later = decide(job, [observed(job, 1, RUNNING)])  # nothing holds it up any more
+    assert later.records[0].waiting is None and later.records[0].message != wait.message

@@ -14,9 +14,11 @@ from kubetune.operator.api.finetunejob import (
     JobPhase,
     RunRecord,
     Trigger,
+    WaitReason,
 )
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.conditions import ConditionType, Reason
+from kubetune.operator.reconcile.finetunejob import pod_wait
 from kubetune.operator.status.finetunejob import (
     Problem,
     best_metric,
@@ -268,3 +270,30 @@ def test_history_keeps_active_runs_and_the_newest_finished() -> None:
     kept, dropped = trim_history(records, 2)
     assert [r.number for r in kept] == [4, 5, 6]
     assert [r.number for r in dropped] == [1, 2, 3]
+
+
+def pod(conditions: tuple[dict[str, str], ...] = (), waiting: dict[str, str] | None = None) -> dict[str, Any]:
+    statuses = [{"name": "ray-worker", "state": {"waiting": waiting}}] if waiting else []
+    return {"metadata": {"name": "p-1"}, "status": {"conditions": list(conditions), "containerStatuses": statuses}}
+
+
+UNSCHEDULABLE = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/4 nodes fit"}
+POD_WAITS = [
+    (pod((UNSCHEDULABLE,)), WaitReason.UNSCHEDULABLE, "pod p-1 cannot be scheduled: 0/4 nodes fit"),
+    (pod(waiting={"reason": "ImagePullBackOff", "message": "back-off"}), WaitReason.IMAGE_PULL_FAILED, "back-off"),
+    (pod(waiting={"reason": "ErrImagePull", "message": "not found"}), WaitReason.IMAGE_PULL_FAILED, "ErrImagePull"),
+    (
+        pod(waiting={"reason": "CreateContainerConfigError", "message": 'secret "s3" not found'}),
+        WaitReason.POD_CONFIG_ERROR,
+        'secret "s3" not found',
+    ),
+    (pod(waiting={"reason": "ContainerCreating"}), None, ""),
+    (pod(({"type": "PodScheduled", "status": "True"},)), None, ""),
+]
+
+
+@pytest.mark.parametrize(("body", "reason", "words"), POD_WAITS)
+def test_why_a_pod_waits(body: dict[str, Any], reason: WaitReason | None, words: str) -> None:
+    wait = pod_wait(body)
+    assert (wait.reason if wait else None) == reason
+    assert wait is None or words in wait.message
