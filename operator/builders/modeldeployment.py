@@ -167,6 +167,11 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
     return {
         "rayVersion": pods.image_of(resources, settings)[1],
         "enableInTreeAutoscaling": True,
+        # KubeRay adds the autoscaler as a second container of the head: restricted like the rest.
+        "autoscalerOptions": {
+            "securityContext": pods.container_security(),
+            "volumeMounts": [{"name": pods.TMP_VOLUME, "mountPath": "/tmp"}],
+        },
         "headGroupSpec": {
             # No replicas on the head: it runs Serve's controller and the dashboard KubeRay talks to.
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},

@@ -6,6 +6,14 @@
 #   <root>/controlplane/<key>/bin/{etcd,kube-apiserver,kube-controller-manager,kubectl,helm}
 #   <root>/controlplane/crds/kuberay-<version>/ray.io_{rayjobs,rayservices,rayclusters}.yaml
 #
+# With --sim it builds what turns the control plane into a simulated cluster
+# instead, each from a Go module of its own into an entry of its own (so that
+# none of them touches the control plane's key):
+#
+#   <root>/controlplane/kube-scheduler-<k8s version>_<hash>/bin/kube-scheduler
+#   <root>/controlplane/kwok-<version>_<hash>/{bin/kwok,stages/*.yaml}
+#   <root>/controlplane/kuberay-<version>_<hash>/bin/kuberay-operator
+#
 # <root> is $KUBETUNE_CACHE_DIR, else ${XDG_CACHE_HOME:-$HOME/.cache}/kubetune;
 # <key> names the pinned versions plus a hash of everything that shapes the
 # build. Each entry is made in a temporary directory and renamed into place
@@ -15,14 +23,17 @@
 # Usage: build.sh          prints the CRD directory, then the bin directory
 #                          (last line)
 #        build.sh --crds   only the KubeRay CRDs; prints their directory
+#        build.sh --sim    kube-scheduler, kwok, KubeRay operator; prints their
+#                          three entry directories, in that order
 set -euo pipefail
 
 KUBERAY_MODULE=github.com/ray-project/kuberay/ray-operator
-KUBERAY_VERSION=v1.5.0
 KUBERAY_CRDS=(rayjobs rayservices rayclusters)
 # Bump when the build below changes in a way that the hashed inputs (go.mod,
 # go.sum, sources, link flags) do not show.
 BUILD_REVISION=1
+# The same for the --sim entries.
+SIM_BUILD_REVISION=1
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="${KUBETUNE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kubetune}/controlplane"
@@ -31,7 +42,8 @@ mode=all
 case "${1:-}" in
   "") ;;
   --crds) mode=crds ;;
-  *) echo "usage: $0 [--crds]" >&2; exit 2 ;;
+  --sim) mode=sim ;;
+  *) echo "usage: $0 [--crds | --sim]" >&2; exit 2 ;;
 esac
 
 log() { echo "build.sh: $*" >&2; }
@@ -48,6 +60,10 @@ sha256() {
 k8s_version="$(required "$here/kube/go.mod" k8s.io/kubernetes)"
 helm_version="$(required "$here/kube/go.mod" helm.sh/helm/v3)"
 etcd_version="$(required "$here/etcd/go.mod" go.etcd.io/etcd/server/v3)"
+# The CRDs come from the KubeRay release that kuberay/go.mod pins for the operator.
+KUBERAY_VERSION="$(required "$here/kuberay/go.mod" "$KUBERAY_MODULE")"
+kwok_version="$(required "$here/kwok/go.mod" sigs.k8s.io/kwok)"
+scheduler_k8s_version="$(required "$here/scheduler/go.mod" k8s.io/kubernetes)"
 
 # Version stamps as the upstream release builds set them, so that
 # `kubectl version` and `helm version` report the pinned releases.
@@ -73,8 +89,37 @@ hash="$(
 bin_dir="$root/k8s-${k8s_version}_etcd-${etcd_version}_helm-${helm_version}_${hash}/bin"
 crd_dir="$root/crds/kuberay-$KUBERAY_VERSION"
 
-ready() { [[ -d $crd_dir ]] && { [[ $mode == crds ]] || [[ -d $bin_dir ]]; }; }
-report() { echo "$crd_dir"; if [[ $mode == all ]]; then echo "$bin_dir"; fi; }
+# Version stamps of kube-scheduler, as for the control plane's binaries.
+scheduler_minor="${scheduler_k8s_version#v1.}"
+scheduler_minor="${scheduler_minor%%.*}"
+scheduler_ldflags="-s -w"
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  scheduler_ldflags+=" -X $pkg.gitVersion=$scheduler_k8s_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$scheduler_minor"
+  scheduler_ldflags+=" -X $pkg.gitCommit= -X $pkg.gitTreeState=clean"
+done
+
+# The key of a --sim entry: its module's go.mod and go.sum and its link flags.
+sim_hash() {
+  { echo "$SIM_BUILD_REVISION $2"; uname -sm; cat "$here/$1/go.mod" "$here/$1/go.sum"; } | sha256 | cut -c1-12
+}
+scheduler_entry="$root/kube-scheduler-${scheduler_k8s_version}_$(sim_hash scheduler "$scheduler_ldflags")"
+kwok_entry="$root/kwok-${kwok_version}_$(sim_hash kwok "-s -w")"
+kuberay_entry="$root/kuberay-${KUBERAY_VERSION}_$(sim_hash kuberay "-s -w")"
+
+ready() {
+  case $mode in
+    crds) [[ -d $crd_dir ]] ;;
+    all) [[ -d $crd_dir && -d $bin_dir ]] ;;
+    sim) [[ -d $scheduler_entry && -d $kwok_entry && -d $kuberay_entry ]] ;;
+  esac
+}
+report() {
+  case $mode in
+    crds) echo "$crd_dir" ;;
+    all) echo "$crd_dir"; echo "$bin_dir" ;;
+    sim) echo "$scheduler_entry"; echo "$kwok_entry"; echo "$kuberay_entry" ;;
+  esac
+}
 
 if ready; then report; exit 0; fi
 
@@ -92,8 +137,9 @@ tmp="$(mktemp -d "$root/.build.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 export GOWORK=off GOFLAGS="-mod=readonly -buildvcs=false" CGO_ENABLED=0
 
-if [[ ! -d $crd_dir ]]; then
-  mod_dir="$(cd "$tmp" && go mod download -json "$KUBERAY_MODULE@$KUBERAY_VERSION" |
+if [[ $mode != sim && ! -d $crd_dir ]]; then
+  # In kuberay/, so that the download is checked against its go.sum.
+  mod_dir="$(cd "$here/kuberay" && go mod download -json "$KUBERAY_MODULE@$KUBERAY_VERSION" |
     sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')"
   [[ -n $mod_dir ]] || { log "could not download $KUBERAY_MODULE@$KUBERAY_VERSION"; exit 1; }
   mkdir -m 0755 "$tmp/crds"
@@ -125,6 +171,40 @@ if [[ $mode == all && ! -d $bin_dir ]]; then
     k8s.io/kubernetes/cmd/kubectl helm.sh/helm/v3/cmd/helm)
   log "kube-apiserver, kube-controller-manager, kubectl and helm built ($((SECONDS - start)) s)"
   mv "$out" "$(dirname "$bin_dir")"
+fi
+
+# One --sim entry: build <package> of the module in <module dir> as
+# bin/<name>, then rename the whole entry into place.
+build_entry() {
+  local entry=$1 module_dir=$2 ldflags=$3 name=$4 package=$5
+  [[ -d $entry ]] && return
+  log "building $entry (one time; takes a few minutes)"
+  local start=$SECONDS out="$tmp/$name"
+  mkdir -p "$out/bin"
+  chmod 0755 "$out"
+  (cd "$here/$module_dir" && go build -trimpath -ldflags "$ldflags" -o "$out/bin/$name" "$package")
+  if [[ $name == kwok ]]; then
+    # kwok v0.8 has no built-in stages: the release's "fast" node and pod
+    # stages (node Ready; pod Running; Job pod Succeeded; deleted pod gone).
+    local stages
+    stages="$(cd "$here/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)/kustomize/stage"
+    mkdir -m 0755 "$out/stages"
+    install -m 0644 "$stages/node/fast/node-initialize.yaml" "$stages/pod/fast/pod-ready.yaml" \
+      "$stages/pod/fast/pod-complete.yaml" "$stages/pod/fast/pod-delete.yaml" "$out/stages/"
+  fi
+  mv "$out" "$entry"
+  log "$name built ($((SECONDS - start)) s)"
+}
+
+if [[ $mode == sim ]]; then
+  k8s_date="$(cd "$here/scheduler" &&
+    go list -m -f '{{.Time.UTC.Format "2006-01-02T15:04:05Z"}}' k8s.io/kubernetes)"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    scheduler_ldflags+=" -X $pkg.buildDate=$k8s_date"
+  done
+  build_entry "$scheduler_entry" scheduler "$scheduler_ldflags" kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler
+  build_entry "$kwok_entry" kwok "-s -w" kwok sigs.k8s.io/kwok/cmd/kwok
+  build_entry "$kuberay_entry" kuberay "-s -w" kuberay-operator "$KUBERAY_MODULE"
 fi
 
 report

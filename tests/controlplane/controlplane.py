@@ -4,8 +4,10 @@ No container runtime is needed: the binaries come from ``build.sh`` (built once
 from pinned Go modules and cached), or from ``KUBEBUILDER_ASSETS`` (the envtest
 convention), and an existing cluster can be used instead through
 ``KUBETUNE_TEST_KUBECONFIG``. There are no nodes; of the controllers only the
-garbage collector and the namespace controller run (when a kube-controller-manager
-binary is there): objects are stored, validated and collected, nothing runs them.
+garbage collector, the namespace controller and the Job controller run (when a
+kube-controller-manager binary is there): objects are stored, validated and
+collected, nothing runs them (``cluster_sim.py`` adds a scheduler, simulated
+nodes and KubeRay).
 
 Certificates and the service-account key come from the ``openssl`` command:
 a throwaway CA signs the API server's serving certificate and an admin client
@@ -26,11 +28,16 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "build.sh"
+# What kube-controller-manager runs by default: the garbage collector (owner
+# references) and the namespace controller (namespace deletion), which kubetune
+# relies on, and the Job controller, which makes the pods of KubeRay's submitter
+# Jobs when the real KubeRay runs (cluster_sim.py); without Jobs it is idle.
+DEFAULT_CONTROLLERS = ("garbagecollector", "namespace", "job")
 
 _OPENSSL_CONFIG = """\
 [req]
@@ -110,10 +117,13 @@ class ControlPlane:
     also runs at interpreter exit.
     """
 
-    def __init__(self, *, ready_timeout: float = 60.0, controllers: bool = True) -> None:
+    def __init__(self, *, ready_timeout: float = 60.0, controllers: bool | Sequence[str] = True) -> None:
         self.ready_timeout = ready_timeout
-        # Whether to run kube-controller-manager (garbage collector, namespace controller).
-        self.controllers = controllers
+        # The controllers kube-controller-manager runs: True for DEFAULT_CONTROLLERS, False
+        # (or none) for no controller manager at all.
+        if isinstance(controllers, bool):
+            controllers = DEFAULT_CONTROLLERS if controllers else ()
+        self.controllers: tuple[str, ...] = tuple(controllers)
         self.startup_seconds: float = 0.0
         self.external = bool(os.environ.get("KUBETUNE_TEST_KUBECONFIG"))
         self.bin_dir: Path | None = None
@@ -214,22 +224,21 @@ class ControlPlane:
         return self
 
     def _start_controller_manager(self) -> None:
-        # Only the garbage collector (owner references) and the namespace controller
-        # (namespace deletion): kubetune relies on both, and there are no nodes to manage.
-        # envtest's assets have no controller manager; without one nothing is collected.
+        # Only the controllers asked for (see DEFAULT_CONTROLLERS): there are no nodes to
+        # manage. envtest's assets have no controller manager; without one nothing is collected.
         if not self.controllers or not self._has_binary("kube-controller-manager"):
             return
         self._spawn(
             "kube-controller-manager",
             [
                 f"--kubeconfig={self.kubeconfig}",
-                "--controllers=garbagecollector,namespace",
+                f"--controllers={','.join(self.controllers)}",
                 "--leader-elect=false",
                 "--secure-port=0",
                 "--concurrent-gc-syncs=5",
             ],
         )
-        self.garbage_collection = True
+        self.garbage_collection = "garbagecollector" in self.controllers
 
     def cpu_seconds(self) -> dict[str, float]:
         """User plus system CPU time each local process (etcd, kube-apiserver, …) has used; empty when external."""

@@ -95,3 +95,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if plane is not None:
         source = "existing cluster" if plane.external else str(plane.bin_dir)
         terminalreporter.write_line(f"control plane ({source}) ready in {plane.startup_seconds:.1f} s")
+
+
+# The real KubeRay operator, kube-scheduler and kwok nodes, for the modules that ask for them.
+from .kuberay_sim import cluster_sim, create, kuberay_namespace, ray_pods, wait_for  # noqa: E402, F401

@@ -121,6 +121,15 @@ def overlap(a: FieldPath, b: FieldPath) -> bool:
     return a[:shorter] == b[:shorter]
 
 
+def for_the_cluster(document: dict[str, Any]) -> dict[str, Any]:
+    """A local example as it would be applied to a cluster: its local output moved to a claim."""
+    output = document["spec"]["output"]["uri"]
+    return {
+        **document,
+        "spec": {**document["spec"], "output": {**document["spec"]["output"], "uri": f"pvc://runs/{output}"}},
+    }
+
+
 @cache
 def bases() -> tuple[Base, ...]:
     """Every FineTuneJob and ModelDeployment of the examples (valid) and of the unit tests' mistakes (invalid)."""
@@ -134,6 +143,8 @@ def bases() -> tuple[Base, ...]:
         for index, document in enumerate(yaml.safe_load_all(path.read_text())):
             if isinstance(document, dict) and document.get("kind") in CATALOGUE:
                 name = f"{path.relative_to(REPO_ROOT)}#{index + 1}"
+                if path.parent != EXAMPLES and document["kind"] == "FineTuneJob":
+                    document = for_the_cluster(document)
                 found.append(Base(name, document, "valid" if intent == "valid" else "invalid"))
     return tuple(found)
 

@@ -148,11 +148,11 @@ def test_lists_and_watches_ask_for_the_operators_objects_only(kube: Kube, namesp
     wait_ray_job(kube, namespace, "tickets-r1")
     collections = [r for r in proxied.recorded() if r.method == "GET" and is_collection(r.path)]
     kinds = {r.path.rsplit("/", 1)[-1] for r in collections}
-    assert {"rayjobs", "configmaps", "rayservices", "secrets", "finetunejobs", "modeldeployments"} <= kinds
+    assert {"rayjobs", "configmaps", "rayservices", "pods", "secrets", "finetunejobs", "modeldeployments"} <= kinds
     for request in collections:
         kind = request.path.rsplit("/", 1)[-1]
         selector = request.query.get("labelSelector", "")
-        if kind in ("rayjobs", "configmaps", "rayservices"):
+        if kind in ("rayjobs", "configmaps", "rayservices", "pods"):
             assert "app.kubernetes.io/managed-by=kubetune" in selector.split(","), request
             owner = "kubetune.io/modeldeployment" if kind == "rayservices" else "kubetune.io/finetunejob"
             assert owner in selector.split(","), request

@@ -158,6 +158,7 @@ def test_the_endpoint_is_open_on_serves_port_only(deployment: dict[str, Any]) ->
     assert {port["port"] for port in kuberay["ports"]} == {8265, 52365}
     assert clients == {"ports": [{"protocol": "TCP", "port": 8000}]}  # from anywhere
     cluster = build_ray_service(model, RUN_2, Settings())["spec"]["rayClusterConfig"]
+    assert cluster["autoscalerOptions"]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     for template in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
         assert template["metadata"]["labels"] == pods
         assert template["spec"]["automountServiceAccountToken"] is False
