@@ -130,6 +130,28 @@ def test_bad_modeldeployment_is_refused_naming_the_field(
     assert expected in message, message
 
 
+# Names KubeRay would refuse for the RayJobs and RayServices named after them, and a local output.
+CLUSTER_CASES: list[tuple[str, str, Any, str]] = [
+    ("finetunejob-minimal.yaml", "metadata.name", "t" * 64, "metadata.name: Too long"),
+    ("finetunejob-minimal.yaml", "metadata.name", "support.tickets", "metadata.name: Invalid value"),
+    ("finetunejob-minimal.yaml", "metadata.name", "7-tickets", "metadata.name: Invalid value"),
+    ("modeldeployment.yaml", "metadata.name", "support.tickets", "metadata.name: Invalid value"),
+    ("finetunejob-minimal.yaml", "spec.output.uri", "kubetune-output/run", "spec.output.uri"),
+    ("finetunejob-minimal.yaml", "spec.output.uri", "file:///data/out", "must be s3:// or pvc://"),
+    ("finetunejob-minimal.yaml", "spec.resources.rayVersion", "2.61.0", "spec.resources.rayVersion"),
+]
+
+
+@pytest.mark.parametrize(
+    ("example", "path", "value", "expected"), CLUSTER_CASES, ids=[f"{c[1]}={c[2]}"[:60] for c in CLUSTER_CASES]
+)
+def test_what_a_cluster_cannot_run_is_refused_naming_the_field(
+    kube: Kube, namespace: str, example: str, path: str, value: Any, expected: str
+) -> None:
+    message = refusal(kube, namespace, mutated(load_example(example), path, value))
+    assert expected in message, message
+
+
 def test_corpus_is_large_enough() -> None:
     assert len(JOB_CASES) + len(DEPLOYMENT_CASES) >= 25
 
