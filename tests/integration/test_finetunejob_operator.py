@@ -193,6 +193,36 @@ def test_failures_and_retries_show_in_status(kube: Kube, namespace: str, operato
     wait_phase(kube, namespace, "Succeeded", name="flaky")
 
 
+def test_a_run_that_fails_its_own_checks_is_not_retried(
+    kube: Kube, namespace: str, operator: InProcessOperator
+) -> None:
+    create_job(kube, namespace, name="gpu-less")
+    create_job(kube, namespace, name="slow")
+    wait_ray_job(kube, namespace, "gpu-less-r1")
+    wait_ray_job(kube, namespace, "slow-r1")
+    report = RunReport(
+        stage=Stage.FAILED,
+        error="GPUs were requested but this node has no CUDA GPU",
+        invalid_field="resources.gpusPerWorker",
+    )
+    write_report(kube, namespace, "gpu-less-r1-report", report)
+    set_ray_job_status(kube, namespace, "gpu-less-r1", jobStatus="FAILED", jobDeploymentStatus="Retrying", failed=1)
+    failed = wait_phase(kube, namespace, "Failed", name="gpu-less")
+    assert failed["runs"][-1]["failure"] == "InvalidSpec"
+    assert failed["runs"][-1]["message"].startswith("spec.resources.gpusPerWorker: GPUs were requested")
+    # Stopped, so that KubeRay does not start it again backoffLimit times.
+    eventually(lambda: "gpu-less-r1" not in ray_jobs(kube, namespace), what="the RayJob deleted")
+    assert conditions(job(kube, namespace, "gpu-less"))["Degraded"]["reason"] == "InvalidSpec"
+    set_ray_job_status(
+        kube, namespace, "slow-r1", jobDeploymentStatus="Failed", reason="DeadlineExceeded",
+        message="The RayJob has passed the activeDeadlineSeconds.",
+    )  # fmt: skip
+    slow = wait_phase(kube, namespace, "Failed", name="slow")
+    assert slow["runs"][-1]["failure"] == "DeadlineExceeded"
+    assert conditions(job(kube, namespace, "slow"))["Degraded"]["reason"] == "DeadlineExceeded"
+    assert "slow-r1" in ray_jobs(kube, namespace)  # KubeRay's own failure: nothing to stop
+
+
 def test_spec_edit_starts_a_new_run(kube: Kube, namespace: str, operator: InProcessOperator) -> None:
     create_job(kube, namespace)
     wait_ray_job(kube, namespace, "tickets-r1")
