@@ -14,6 +14,12 @@
 #   <root>/controlplane/kwok-<version>_<hash>/{bin/kwok,stages/*.yaml}
 #   <root>/controlplane/kuberay-<version>_<hash>/bin/kuberay-operator
 #
+# With --kstatus it builds, the same way, the small program of the unit tests
+# that runs kstatus (sigs.k8s.io/cli-utils), the status library of Flux, on one
+# object:
+#
+#   <root>/controlplane/kstatus-<cli-utils version>_<hash>/bin/kstatus
+#
 # <root> is $KUBETUNE_CACHE_DIR, else ${XDG_CACHE_HOME:-$HOME/.cache}/kubetune;
 # <key> names the pinned versions plus a hash of everything that shapes the
 # build. Each entry is made in a temporary directory and renamed into place
@@ -25,6 +31,7 @@
 #        build.sh --crds   only the KubeRay CRDs; prints their directory
 #        build.sh --sim    kube-scheduler, kwok, KubeRay operator; prints their
 #                          three entry directories, in that order
+#        build.sh --kstatus  the kstatus program; prints its entry directory
 set -euo pipefail
 
 KUBERAY_MODULE=github.com/ray-project/kuberay/ray-operator
@@ -43,7 +50,8 @@ case "${1:-}" in
   "") ;;
   --crds) mode=crds ;;
   --sim) mode=sim ;;
-  *) echo "usage: $0 [--crds | --sim]" >&2; exit 2 ;;
+  --kstatus) mode=kstatus ;;
+  *) echo "usage: $0 [--crds | --sim | --kstatus]" >&2; exit 2 ;;
 esac
 
 log() { echo "build.sh: $*" >&2; }
@@ -64,6 +72,7 @@ etcd_version="$(required "$here/etcd/go.mod" go.etcd.io/etcd/server/v3)"
 KUBERAY_VERSION="$(required "$here/kuberay/go.mod" "$KUBERAY_MODULE")"
 kwok_version="$(required "$here/kwok/go.mod" sigs.k8s.io/kwok)"
 scheduler_k8s_version="$(required "$here/scheduler/go.mod" k8s.io/kubernetes)"
+cli_utils_version="$(required "$here/kstatus/go.mod" sigs.k8s.io/cli-utils)"
 
 # Version stamps as the upstream release builds set them, so that
 # `kubectl version` and `helm version` report the pinned releases.
@@ -105,12 +114,18 @@ sim_hash() {
 scheduler_entry="$root/kube-scheduler-${scheduler_k8s_version}_$(sim_hash scheduler "$scheduler_ldflags")"
 kwok_entry="$root/kwok-${kwok_version}_$(sim_hash kwok "-s -w")"
 kuberay_entry="$root/kuberay-${KUBERAY_VERSION}_$(sim_hash kuberay "-s -w")"
+# The kstatus program is our own source too: its main.go is part of its key.
+kstatus_entry="$root/kstatus-${cli_utils_version}_$(
+  { echo "$SIM_BUILD_REVISION -s -w"; uname -sm; cat "$here/kstatus/go.mod" "$here/kstatus/go.sum" "$here/kstatus/main.go"; } |
+    sha256 | cut -c1-12
+)"
 
 ready() {
   case $mode in
     crds) [[ -d $crd_dir ]] ;;
     all) [[ -d $crd_dir && -d $bin_dir ]] ;;
     sim) [[ -d $scheduler_entry && -d $kwok_entry && -d $kuberay_entry ]] ;;
+    kstatus) [[ -d $kstatus_entry ]] ;;
   esac
 }
 report() {
@@ -118,6 +133,7 @@ report() {
     crds) echo "$crd_dir" ;;
     all) echo "$crd_dir"; echo "$bin_dir" ;;
     sim) echo "$scheduler_entry"; echo "$kwok_entry"; echo "$kuberay_entry" ;;
+    kstatus) echo "$kstatus_entry" ;;
   esac
 }
 
@@ -137,7 +153,7 @@ tmp="$(mktemp -d "$root/.build.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 export GOWORK=off GOFLAGS="-mod=readonly -buildvcs=false" CGO_ENABLED=0
 
-if [[ $mode != sim && ! -d $crd_dir ]]; then
+if [[ $mode != sim && $mode != kstatus && ! -d $crd_dir ]]; then
   # In kuberay/, so that the download is checked against its go.sum.
   mod_dir="$(cd "$here/kuberay" && go mod download -json "$KUBERAY_MODULE@$KUBERAY_VERSION" |
     sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')"
@@ -205,6 +221,9 @@ if [[ $mode == sim ]]; then
   build_entry "$scheduler_entry" scheduler "$scheduler_ldflags" kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler
   build_entry "$kwok_entry" kwok "-s -w" kwok sigs.k8s.io/kwok/cmd/kwok
   build_entry "$kuberay_entry" kuberay "-s -w" kuberay-operator "$KUBERAY_MODULE"
+fi
+if [[ $mode == kstatus ]]; then
+  build_entry "$kstatus_entry" kstatus "-s -w" kstatus .
 fi
 
 report
