@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="Prometheus /metrics port (0 disables); KUBETUNE_METRICS_PORT or 8080 by default",
     )
+    operator.add_argument(
+        "--liveness",
+        metavar="URL",
+        help="serve kopf's health endpoint for probes at this URL (e.g. http://0.0.0.0:8081/healthz)",
+    )
     local = commands.add_parser(
         "run", help="fine-tune, compress and serve a FineTuneJob manifest on this machine (no cluster)"
     )
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.metrics_port is not None:
             settings = replace(settings, metrics_port=args.metrics_port)
-        run(args.namespace, settings)
+        run(args.namespace, settings, liveness=args.liveness)
         return 0
     console.print(version("kubetune"))
     return 0

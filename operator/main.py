@@ -126,11 +126,13 @@ def run(
     ready: threading.Event | None = None,
     clock: Callable[[], datetime] = utc_now,
     kubeconfig: str | None = None,
+    liveness: str | None = None,
 ) -> None:
     """Run the operator until stopped (blocking). No namespaces means all namespaces.
 
     `settings` default to the environment's; `clock` is what schedules are read
-    against (tests pass a clock they can move); `kubeconfig` overrides the usual lookup.
+    against (tests pass a clock they can move); `kubeconfig` overrides the usual lookup;
+    `liveness` is where kopf serves its health endpoint (e.g. http://0.0.0.0:8081/healthz).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     memo = kopf.Memo(
@@ -147,5 +149,6 @@ def run(
             stop_flag=stop,
             ready_flag=ready,
             memo=memo,
+            liveness_endpoint=liveness,
         )
     )

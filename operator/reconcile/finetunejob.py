@@ -345,6 +345,7 @@ class FineTuneJobReconciler:
         run = record.ray_job_name
         refs = [
             ObjectRef("ray.io/v1", "RayJob", namespace, run),
+            ObjectRef("networking.k8s.io/v1", "NetworkPolicy", namespace, run),
             ObjectRef("v1", "ConfigMap", namespace, config_map_name(run)),
             ObjectRef("v1", "ConfigMap", namespace, report_name(run)),
             ObjectRef("rbac.authorization.k8s.io/v1", "RoleBinding", namespace, runner_name(run)),

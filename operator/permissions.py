@@ -1,0 +1,126 @@
+"""What the operator may do in the API: the one declaration the chart's RBAC is generated from.
+
+Each permission names the code that needs it. Nothing here is granted "just in case": a
+verb the operator does not call is not declared (the escalation verbs below are the one
+kind of exception, and they say why). `rules()` renders the declaration as the rules of a
+ClusterRole (cluster-wide mode) or of a Role per watched namespace plus a ClusterRole for
+the cluster-scoped remainder (namespaced mode); `python -m kubetune.operator.rbacgen`
+writes them into the chart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from kubetune.operator.api.common import GROUP
+
+# Read verbs first, then writes: the order rules are written in (stable, so the chart does not drift).
+VERBS = ("get", "list", "watch", "create", "update", "patch", "delete")
+
+
+class Scope(StrEnum):
+    # Granted in each watched namespace (or cluster-wide when all namespaces are watched).
+    NAMESPACED = "namespaced"
+    # Cluster-scoped objects: always a ClusterRole.
+    CLUSTER = "cluster"
+
+
+@dataclass(frozen=True)
+class Permission:
+    """Verbs on one resource (`kind/subresource` for a subresource) of one API group ("" is core)."""
+
+    api_group: str
+    resource: str
+    verbs: tuple[str, ...]
+    why: str
+    scope: Scope = Scope.NAMESPACED
+
+    def __post_init__(self) -> None:
+        unknown = [verb for verb in self.verbs if verb not in VERBS]
+        if unknown or not self.verbs or "*" in self.resource or not self.why.strip():
+            raise ValueError(f"{self.api_group}/{self.resource}: verbs from {VERBS} and a reason are required")
+
+    def rule(self) -> dict[str, Any]:
+        verbs = [verb for verb in VERBS if verb in self.verbs]
+        return {"apiGroups": [self.api_group], "resources": [self.resource], "verbs": verbs}
+
+
+RAY = "ray.io"
+RBAC = "rbac.authorization.k8s.io"
+NETWORKING = "networking.k8s.io"
+APIEXTENSIONS = "apiextensions.k8s.io"
+
+PERMISSIONS: tuple[Permission, ...] = (
+    # kubetune's own kinds.
+    Permission(GROUP, "finetunejobs", ("list", "watch"),
+               "kopf watches FineTuneJobs and enqueues them (handlers/finetunejob.py on_job_event)"),
+    Permission(GROUP, "finetunejobs", ("get",),
+               "each pass reads its job, and a deployment the job it follows (reconcile/*.py)"),
+    Permission(GROUP, "finetunejobs/status", ("patch",),
+               "status is written as a merge patch of the status subresource (reconcile patch_status)"),
+    Permission(GROUP, "modeldeployments", ("list", "watch"),
+               "kopf watches ModelDeployments and enqueues them (handlers/modeldeployment.py)"),
+    Permission(GROUP, "modeldeployments", ("get",),
+               "each pass reads its deployment (reconcile/modeldeployment.py)"),
+    Permission(GROUP, "modeldeployments/status", ("patch",),
+               "status is written as a merge patch of the status subresource (reconcile patch_status)"),
+    # Training runs.
+    Permission(RAY, "rayjobs", ("list", "watch"),
+               "the runs' cache: an informer selected by kubetune's labels (handlers/finetunejob.py RUNS)"),
+    Permission(RAY, "rayjobs", ("get", "create", "delete"),
+               "a run's RayJob is created, read when not cached yet or its name is taken, and deleted "
+               "when the run is stopped or leaves the history (reconcile/finetunejob.py)"),
+    Permission("", "configmaps", ("list", "watch"),
+               "the runs' reports: an informer selected by kubetune's labels (handlers/finetunejob.py REPORTS)"),
+    Permission("", "configmaps", ("get", "create", "delete"),
+               "a run's config and report ConfigMaps are created, checked when their name is taken, and "
+               "deleted with the run (reconcile/finetunejob.py)"),
+    Permission("", "configmaps", ("get", "patch", "update"),
+               "granted to each run's Role on its report (builders/finetunejob.py): Kubernetes lets a "
+               "Role or RoleBinding grant only what its creator holds, so the operator holds these verbs "
+               "itself, though it never patches or updates a ConfigMap"),
+    Permission("", "serviceaccounts", ("get", "create", "delete"),
+               "each run's own ServiceAccount, the identity of the pod that reports (reconcile/finetunejob.py)"),
+    Permission(RBAC, "roles", ("get", "create", "delete"),
+               "each run's Role: write access to its own report only (reconcile/finetunejob.py)"),
+    Permission(RBAC, "rolebindings", ("get", "create", "delete"),
+               "binds each run's Role to its ServiceAccount (reconcile/finetunejob.py)"),
+    Permission("", "pods", ("list", "watch"),
+               "why a run waits (unschedulable, image pull): an informer of the runs' pods selected by "
+               "kubetune's labels (handlers/finetunejob.py PODS)"),
+    # Serving.
+    Permission(RAY, "rayservices", ("list", "watch"),
+               "the endpoints' cache: an informer selected by kubetune's labels (handlers/modeldeployment.py)"),
+    Permission(RAY, "rayservices", ("get", "create", "patch"),
+               "an endpoint's RayService is created, checked when its name is taken, and patched to roll "
+               "out a new model (reconcile/modeldeployment.py)"),
+    Permission(NETWORKING, "networkpolicies", ("get", "create", "delete"),
+               "closes each run's and each endpoint's Ray cluster to other pods; checked when its name is "
+               "taken (reconcile/*.py); deleted with a run the history forgets"),
+    # Shared.
+    Permission("", "secrets", ("list", "watch"),
+               "which Secrets the specs name exist, read as metadata only (main.py SECRETS). RBAC cannot "
+               "limit a list to metadata; no get is granted and the operator never reads a Secret's data"),
+    Permission("", "events", ("create",),
+               "every transition is recorded as an Event on its object (kube.py Kube.event)"),
+    # kopf.
+    Permission(APIEXTENSIONS, "customresourcedefinitions", ("list", "watch"),
+               "kopf follows the CRDs of the kinds it serves (discovery itself needs no grant)", Scope.CLUSTER),
+)  # fmt: skip
+# Not declared, on purpose: `namespaces` (with named namespaces kopf falls back to the names given when it
+# may not list them) and kopf's peering objects (the operator runs standalone: one replica).
+
+
+def rules(scope: Scope, permissions: tuple[Permission, ...] = PERMISSIONS) -> list[dict[str, Any]]:
+    """The RBAC rules of one scope, one per permission, in declaration order."""
+    return [permission.rule() for permission in permissions if permission.scope == scope]
+
+
+def verbs_by_resource(permissions: tuple[Permission, ...] = PERMISSIONS) -> dict[tuple[str, str], set[str]]:
+    """(API group, resource) → every verb granted on it, over all permissions."""
+    granted: dict[tuple[str, str], set[str]] = {}
+    for permission in permissions:
+        granted.setdefault((permission.api_group, permission.resource), set()).update(permission.verbs)
+    return granted

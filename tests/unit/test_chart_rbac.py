@@ -1,0 +1,131 @@
+"""The operator's permissions: one declaration, rendered into the chart's RBAC, and nothing more than it uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubetune.operator import rbacgen
+from kubetune.operator.api.finetunejob import FineTuneJob, Trigger
+from kubetune.operator.api.manifests import parse
+from kubetune.operator.builders.finetunejob import RunRequest, build_run
+from kubetune.operator.kube import PLURALS
+from kubetune.operator.permissions import PERMISSIONS, Permission, Scope, rules, verbs_by_resource
+from kubetune.operator.settings import Settings
+
+from ..conftest import REPO_ROOT, mutated
+
+CHART = REPO_ROOT / "charts" / "kubetune"
+GRANTED = verbs_by_resource()
+
+
+def group_of(api_version: str) -> str:
+    return api_version.rpartition("/")[0]
+
+
+def run_objects(document: dict[str, Any]) -> list[dict[str, Any]]:
+    job = parse(mutated(mutated(document, "metadata.namespace", "ml"), "metadata.uid", "uid-1"))
+    assert isinstance(job, FineTuneJob)
+    request = RunRequest(number=1, trigger=Trigger.SPEC_CHANGE, trigger_detail="", spec_generation=1, spec_hash="h")
+    return build_run(job, request, Settings()).in_order()
+
+
+def test_the_declaration_renders_as_rules() -> None:
+    namespaced = rules(Scope.NAMESPACED)
+    assert namespaced[0] == {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"], "verbs": ["list", "watch"]}
+    assert len(namespaced) + len(rules(Scope.CLUSTER)) == len(PERMISSIONS)
+    assert rules(Scope.CLUSTER) == [
+        {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]}
+    ]
+    # Verbs come out in one order, whatever order they were declared in.
+    rule = Permission("", "configmaps", ("patch", "get"), "a reason").rule()
+    assert rule["verbs"] == ["get", "patch"]
+
+
+def test_the_chart_holds_the_generated_rules() -> None:
+    committed = (CHART / rbacgen.FILE).read_text()
+    assert committed == rbacgen.rendered(), "regenerate with: python -m kubetune.operator.rbacgen charts/kubetune"
+
+
+def test_the_generated_templates_are_the_rules() -> None:
+    text = rbacgen.rendered()
+    for scope, name in rbacgen.TEMPLATE_NAMES.items():
+        body = text.split(f'{{{{- define "{name}" -}}}}\n', 1)[1].split("{{- end }}", 1)[0]
+        assert yaml.safe_load(body) == rules(scope)
+        # Every rule is preceded by its reason.
+        lines = body.splitlines()
+        assert all(lines[i - 1].startswith("# ") for i, line in enumerate(lines) if line.startswith("- "))
+
+
+def test_the_generator_writes_into_a_chart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert rbacgen.main([str(tmp_path)]) == 0
+    assert (tmp_path / rbacgen.FILE).read_text() == rbacgen.rendered()
+    assert rbacgen.main([]) == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_every_permission_has_a_reason() -> None:
+    for permission in PERMISSIONS:
+        assert len(permission.why.split()) >= 5, f"{permission.resource}: say why"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"verbs": ("*",)},
+        {"verbs": ("escalate",)},
+        {"verbs": ()},
+        {"resource": "*"},
+        {"why": " "},
+    ],
+)
+def test_a_permission_must_be_narrow_and_explained(bad: dict[str, Any]) -> None:
+    fields: dict[str, Any] = {"api_group": "", "resource": "pods", "verbs": ("get",), "why": "a reason"} | bad
+    with pytest.raises(ValueError, match="reason"):
+        Permission(**fields)
+
+
+def test_no_wildcards() -> None:
+    for rule in [*rules(Scope.NAMESPACED), *rules(Scope.CLUSTER)]:
+        assert "*" not in [*rule["apiGroups"], *rule["resources"], *rule["verbs"]], rule
+
+
+def test_secrets_are_listed_as_metadata_never_read() -> None:
+    assert GRANTED[("", "secrets")] == {"list", "watch"}
+
+
+def test_every_kind_the_operator_addresses_is_declared_and_no_other() -> None:
+    addressed = {(group_of(api_version), plural) for (api_version, _kind), plural in PLURALS.items()}
+    declared = {key for key in GRANTED if "/" not in key[1] and key[1] != "customresourcedefinitions"}
+    assert declared == addressed
+
+
+def test_status_is_written_through_the_subresource_only() -> None:
+    for plural in ("finetunejobs", "modeldeployments"):
+        assert GRANTED[("kubetune.io", f"{plural}/status")] == {"patch"}
+        assert GRANTED[("kubetune.io", plural)] == {"get", "list", "watch"}
+
+
+def test_the_operator_can_create_every_object_of_a_run(minimal_job: dict[str, Any]) -> None:
+    for manifest in run_objects(minimal_job):
+        plural = PLURALS[(manifest["apiVersion"], manifest["kind"])]
+        assert {"create", "get"} <= GRANTED[(group_of(manifest["apiVersion"]), plural)], manifest["kind"]
+
+
+def test_the_operator_holds_what_it_grants_a_run(minimal_job: dict[str, Any]) -> None:
+    # Kubernetes refuses a Role (or a RoleBinding to it) that grants more than its creator holds.
+    role = next(m for m in run_objects(minimal_job) if m["kind"] == "Role")
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                assert set(rule["verbs"]) <= GRANTED[(group, resource)], (group, resource)
+
+
+def test_the_generated_rules_module_is_the_one_declaration() -> None:
+    # Nothing else in the chart declares RBAC rules by hand.
+    templates = list((CHART / "templates").glob("*.yaml"))
+    assert templates
+    for path in templates:
+        assert "verbs:" not in path.read_text(), f"{path.name} declares rules by hand"
