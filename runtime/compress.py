@@ -1,7 +1,7 @@
 """Compressed variants of the fine-tuned model: int8 (torchao), magnitude pruning; and how to measure one.
 
 Every variant is written as a Hugging Face folder and measured from what was written:
-size on disk, CPU latency (median over a fixed batch) and the test metrics of the
+size on disk, latency on CPU as served (median over a fixed batch) and the test metrics of the
 reloaded model. A variant is accepted only within `compression.maxAccuracyDrop`.
 """
 
@@ -144,15 +144,26 @@ def load_variant(folder: Path, task: Task) -> nn.Module:
 
 @torch.no_grad()
 def latency_ms_p50(model: nn.Module, processor: Any, task: Task, examples: Examples, max_length: int) -> float:
-    """Median CPU milliseconds of one forward pass over the fixed batch."""
-    inputs = task_ops(task, 2).encode(processor, latency_batch(examples), max_length)
+    """Median milliseconds of one forward pass over the fixed batch, on the model's device.
+
+    That is the CPU, as served, for every variant but a QLoRA adapter, whose 4-bit base stays on its GPU.
+    """
+    device = next(model.parameters()).device
+    encoded = task_ops(task, 2).encode(processor, latency_batch(examples), max_length)
+    inputs = {name: value.to(device) for name, value in encoded.items()}
     model.eval()
-    for _ in range(LATENCY_WARMUP):
+
+    def forward() -> None:
         forward_logits(model, inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # CUDA runs asynchronously: time the work, not its launch
+
+    for _ in range(LATENCY_WARMUP):
+        forward()
     timings = []
     for _ in range(LATENCY_RUNS):
         start = time.perf_counter()
-        forward_logits(model, inputs)
+        forward()
         timings.append((time.perf_counter() - start) * 1000)
     return statistics.median(timings)
 

@@ -212,7 +212,7 @@ class ConsoleReporter:
             self._print(f"  [dim]{variant}[/dim] {escape(uri)}")
         self._print(f"  [dim]manifest[/dim] {escape(result.manifest_uri)}")
 
-    def failed(self, message: str) -> None:
+    def failed(self, message: str, invalid_field: str | None = None) -> None:
         self._stop_displays()
         if self.show_result:
             self._print(f"[red]run failed:[/red] {escape(message)}")

@@ -2,7 +2,9 @@
 
 The config is a RunConfig (a RunSpec with run identity and workers) or a bare RunSpec,
 in camelCase JSON. Exit status: 0 success, 2 invalid spec or data (the message names
-the field), 1 any other failure.
+the field; also when a Ray worker finds it, e.g. a GPU node without CUDA), 1 any other
+failure. In a cluster this is the RayJob's entry point on the Ray head, which needs no
+GPU: training and the stages that hold the model run on the workers (see `stages`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .contract import RunIdentity
+from .contract.common import SHORT_TEXT_MAX_LENGTH
 from .contract.report import REPORT_KEY, RunReport, Stage, VariantReport
 from .reporting import TrainingProgress, TrialBoard
 from .result import RunResult
@@ -110,9 +111,11 @@ class ConfigMapReporter:
         report.step = result.steps
         self._write(force=True)
 
-    def failed(self, message: str) -> None:
+    def failed(self, message: str, invalid_field: str | None = None) -> None:
         self.report.stage = Stage.FAILED
         self.report.error = message[:8192]
+        # The operator stops a run that cannot work rather than let KubeRay retry it.
+        self.report.invalid_field = invalid_field[:SHORT_TEXT_MAX_LENGTH] if invalid_field else None
         self._write(force=True)
 
 

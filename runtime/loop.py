@@ -2,7 +2,8 @@
 
 Rank 0 sends progress through a relay queue to the driver's reporters, writes the
 checkpoints, and all ranks agree on validation metrics through an all-reduce, so
-early stopping stops every worker at the same step.
+early stopping stops every worker at the same step. Workers given GPUs (one each) are
+checked for CUDA by `check_worker_cuda` before Ray Train starts NCCL on them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.utils.data import DistributedSampler
 
 from .checkpoints import TrainingPosition, TrainingState, load_trainable_state, trainable_state
 from .contract import Hyperparameters, Mode, Precision
+from .devices import require_cuda
 from .evaluate import forward_logits, run_evaluation
 from .models import build_model
 from .optim import build_optimizer, build_scheduler
@@ -122,6 +124,15 @@ def _no_sync(model: nn.Module, skip_sync: bool) -> contextlib.AbstractContextMan
         context: contextlib.AbstractContextManager[Any] = no_sync()
         return context
     return contextlib.nullcontext()
+
+
+def check_worker_cuda() -> None:
+    """On a Ray Train worker given a GPU: refuse the run (InvalidRunError) when torch sees no CUDA device.
+
+    Ray Train runs this on every worker before the NCCL process group, which needs CUDA and
+    would otherwise fail first, before `train_loop_per_worker` could say why.
+    """
+    require_cuda("a Ray Train worker")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -1,33 +1,44 @@
 """The run pipeline: load, evaluate the base, train (or search), evaluate, compress, export.
 
 `run_pipeline` is the Python API; `kubetune.runtime.finetune` is the command around it.
+This is the driver: it loads the data, trains through Ray Train and reports. The stages
+that hold the whole model run where `stages.stage_placement` says (on GPU nodes in a
+cluster; see `stages`); the driver itself never needs a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .checkpoints import TrainingPosition, TrainingState, load_trainable_state
+from .checkpoints import TrainingPosition, TrainingState
 from .cluster import ray_cluster
-from .compress import best_variant
-from .contract import Method, MethodType, Precision, RunIdentity, RunSpec, Task, WorkerResources
+from .contract import Precision, RunIdentity, RunSpec, WorkerResources
 from .contract.report import Stage
 from .data import TaskData, load_data
-from .errors import DataError, InvalidRunError
-from .export import MANIFEST_FILE, VARIANTS_FOLDER, ManifestInputs, spec_hash, write_manifest
-from .models import build_model, check_method_fits_machine
+from .errors import InvalidRunError, invalid_run_cause
+from .export import MANIFEST_FILE, VARIANTS_FOLDER, spec_hash
+from .models import check_method_fits_machine
 from .plan import TrainingPlan, with_overrides
 from .reporting import Reporter, Reporters, TensorBoardReporter
 from .result import RunResult
 from .settings import RuntimeSettings
+from .stages import (
+    FineTunedJob,
+    StagePlacement,
+    check_gpus_exist,
+    finish,
+    output_uri,
+    remote_output,
+    run_base_evaluation,
+    stage_placement,
+)
 from .storage import anchored, cache_folder, join_uri, local_path, output_path, parse_uri, upload_directory
-from .train import cluster_cpus, train, worker_shape
-from .variants import COMPRESSED, VariantContext, build_variants, planned_variants, test_metrics
+from .train import cluster_cpus, train, training_processes, worker_shape
 
 TENSORBOARD_FOLDER = "tensorboard"
 CHECKPOINTS_FOLDER = "checkpoints"
@@ -45,24 +56,23 @@ class RunOptions:
 
 
 def check_runnable(spec: RunSpec, resources: WorkerResources) -> None:
-    """Refuse, before any work, what this runtime or machine cannot do."""
-    use_gpu = resources.gpus_per_worker > 0
-    check_method_fits_machine(spec.method, use_gpu)
-    if spec.hyperparameters.precision == Precision.FP16 and not (use_gpu and torch.cuda.is_available()):
+    """Refuse, before any work, what the spec cannot do on the workers it asks for.
+
+    Only what the spec decides: whether CUDA works is checked where CUDA is used (Ray Train
+    workers, GPU stages), never here, since the driver runs on the Ray head, which has no GPU.
+    """
+    if resources.gpus_per_worker > 0:
+        return
+    check_method_fits_machine(spec.method, use_gpu=False)
+    if spec.hyperparameters.precision == Precision.FP16:
         raise InvalidRunError("hyperparameters.precision", "fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
-    if use_gpu and not torch.cuda.is_available():
-        raise InvalidRunError("resources.gpusPerWorker", "GPUs were requested but this machine has no CUDA GPU")
 
 
 def _staging_root(spec: RunSpec, options: RunOptions) -> Path:
     """Local folder the results are written to (the output itself unless it is remote)."""
-    if _remote_output(spec):
+    if remote_output(spec):
         return cache_folder(spec.output.uri, options.settings, "outputs")
     return local_path(spec.output.uri, options.settings)
-
-
-def _remote_output(spec: RunSpec) -> bool:
-    return parse_uri(spec.output.uri).scheme == "s3"
 
 
 def _checkpoint_storage(spec: RunSpec, root: Path) -> tuple[str, Any]:
@@ -75,53 +85,51 @@ def _checkpoint_storage(spec: RunSpec, root: Path) -> tuple[str, Any]:
     return join_uri(parsed.location, CHECKPOINTS_FOLDER), arrow_s3_filesystem()
 
 
-def _check_chat_template(processor: Any, data: TaskData) -> None:
-    uses_chat = any(isinstance(item, dict) and "messages" in item for item in data.train.inputs[:1])
-    if uses_chat and not getattr(processor, "chat_template", None):
-        raise DataError(
-            "data.fields.messages",
-            "the data holds chat messages but the model's tokenizer has no chat template; "
-            "use prompt/completion fields or a model with a chat template",
-        )
-
-
-def _evaluate_base(spec: RunSpec, data: TaskData, options: RunOptions) -> dict[str, float]:
-    """Test metrics of the base model (for classification with a freshly initialised, seeded head)."""
-    as_is = Method(type=MethodType.FULL)  # loaded as training loads it, with nothing applied
-    model, processor = build_model(spec.model, as_is, data.labels, spec.hyperparameters.seed, options.settings)
-    if spec.model.task == Task.CAUSAL_LM:
-        _check_chat_template(processor, data)
-    metrics = test_metrics(model, processor, spec, data)
-    del model
-    return metrics
-
-
-def _uri_of(spec: RunSpec, root: Path, path: Path) -> str:
-    """Where `path` (inside the staging root) ends up in the output."""
-    relative = path.relative_to(root).as_posix()
-    if _remote_output(spec):
-        return join_uri(spec.output.uri, relative)
-    return str(path.resolve())
-
-
 def run_pipeline(spec: RunSpec, options: RunOptions | None = None, reporter: Reporter | None = None) -> RunResult:
     """Fine-tune `spec` end to end; raises InvalidRunError for a spec or data that cannot work."""
     options = options or RunOptions()
-    spec = _with_absolute_paths(spec, Path.cwd())
-    check_runnable(spec, options.resources)
+    try:
+        spec = _with_absolute_paths(spec, Path.cwd())
+        check_runnable(spec, options.resources)
+        ray_address = os.environ.get("RAY_ADDRESS")
+        placement = stage_placement(options.resources, ray_address)
+    except BaseException as error:  # before any other reporter exists
+        if reporter is not None:
+            report_failure(reporter, error)
+        raise
+    # Stages in Ray need Ray from the start; a local CPU run starts it for training only, as it always did.
+    with ray_cluster(options.local_cpus) if placement.remote else contextlib.nullcontext():
+        if placement.remote:
+            try:
+                check_gpus_exist(options.resources, ray_address)
+            except BaseException as error:
+                if reporter is not None:
+                    report_failure(reporter, error)
+                raise
+        return _run_here(spec, options, placement, reporter)
+
+
+def report_failure(events: Reporter | Reporters, error: BaseException) -> None:
+    """Tell the reporters the run failed; for a run that cannot work, which spec field says why."""
+    invalid = invalid_run_cause(error)
+    events.failed(str(error) or type(error).__name__, invalid_field=invalid.where if invalid else None)
+
+
+def _run_here(spec: RunSpec, options: RunOptions, placement: StagePlacement, reporter: Reporter | None) -> RunResult:
     root = _staging_root(spec, options)
     root.mkdir(parents=True, exist_ok=True)
     _check_output_paths(root, spec.output.uri)
     tensorboard = TensorBoardReporter(output_path(root, TENSORBOARD_FOLDER, spec.output.uri))
     events = Reporters([tensorboard, *([reporter] if reporter else [])])
     try:
-        result = _run(spec, options, root, events)
+        result = _run(spec, options, placement, root, events)
         tensorboard.close()
-        if _remote_output(spec):
+        if remote_output(spec):
+            # Disjoint from a stage's own upload (variants, manifest): that stage wrote elsewhere.
             upload_directory(root, spec.output.uri)
             shutil.rmtree(root, ignore_errors=True)
     except BaseException as error:
-        events.failed(str(error) or type(error).__name__)
+        report_failure(events, error)
         raise
     events.result(result)
     return result
@@ -170,9 +178,7 @@ def _train_or_search(spec: RunSpec, data: TaskData, options: RunOptions, root: P
     name = options.identity.run_name or "train"
     with ray_cluster(options.local_cpus):
         if spec.search is None:
-            events.stage_started(
-                Stage.TRAIN, f"{spec.method.type.value} on {options.resources.workers} Ray Train worker(s)"
-            )
+            events.stage_started(Stage.TRAIN, f"{spec.method.type.value} on {_workers_text(options.resources)}")
             outcome = train(plan, options.resources, storage_path, name, events, storage_filesystem=filesystem)
             return _Trained(spec, outcome.state)
         from .search import run_search
@@ -191,7 +197,15 @@ def _train_or_search(spec: RunSpec, data: TaskData, options: RunOptions, root: P
     return _Trained(with_overrides(spec, found.overrides), found.state, summary)
 
 
-def _run(spec: RunSpec, options: RunOptions, root: Path, events: Reporters) -> RunResult:
+def _workers_text(resources: WorkerResources) -> str:
+    """Who trains: on GPUs, the worker pods and the Ray Train workers (one per GPU) they run."""
+    processes = training_processes(resources)
+    if resources.gpus_per_worker == 0:
+        return f"{processes} Ray Train worker(s)"
+    return f"{resources.workers} worker(s) x {resources.gpus_per_worker} GPU(s): {processes} Ray Train worker(s)"
+
+
+def _run(spec: RunSpec, options: RunOptions, placement: StagePlacement, root: Path, events: Reporters) -> RunResult:
     events.stage_started(Stage.LOAD, f"data from {spec.data.train}")
     data = load_data(spec, options.settings)
     events.data({"train": len(data.train), "validation": len(data.validation), "test": len(data.test)}, data.labels)
@@ -200,41 +214,21 @@ def _run(spec: RunSpec, options: RunOptions, root: Path, events: Reporters) -> R
         f"base model on {len(data.test)} test examples (training: {len(data.train)}, validation: "
         f"{len(data.validation)})",
     )
-    before = _evaluate_base(spec, data, options)
+    before = run_base_evaluation(spec, options.settings, placement, data)
     events.metrics("test-before", before, 0)
 
     trained = _train_or_search(spec, data, options, root, events)
-    effective = trained.spec
-    hp = effective.hyperparameters
-
-    events.stage_started(Stage.EVALUATE, "fine-tuned model on the test set")
-    # The base evaluation has just fetched the model: an s3:// download is reused, not repeated.
-    settings = replace(options.settings, reuse_downloads=True)
-    model, processor = build_model(effective.model, effective.method, data.labels, hp.seed, settings)
-    load_trainable_state(model, trained.state.weights)
-    after = test_metrics(model, processor, effective, data)
-    events.metrics("test-after", after, trained.position.step)
-
-    events.stage_started(Stage.COMPRESS, "variants: " + ", ".join(planned_variants(effective)))
-    context = VariantContext(
-        effective, data, after, lambda variant: events.variant(variant.name, variant.report(str(variant.folder)))
-    )
-    variants = build_variants(model, processor, root, context)
-    reports = {variant.name: variant.report(_uri_of(spec, root, variant.folder)) for variant in variants}
-    best = best_variant(reports, COMPRESSED)
-
-    events.stage_started(Stage.EXPORT, f"to {spec.output.uri}")
-    inputs = _manifest_inputs(spec, options, data, before, after, trained, best)
-    manifest = write_manifest(root, inputs, variants)
-    result = RunResult(
+    job = _fine_tuned_job(spec, options, data, before, trained)
+    finished = finish(job, trained.state.weights, placement, events, trained.position.step, data, root)
+    return RunResult(
         metrics_before=before,
-        metrics_after=after,
+        metrics_after=finished.metrics,
         validation=trained.position.best_metrics,
-        artifacts={name: report.uri for name, report in reports.items()},
-        variants=reports,
-        best_variant=best,
-        manifest_uri=_uri_of(spec, root, manifest),
-        tensorboard_uri=_uri_of(spec, root, root / TENSORBOARD_FOLDER),
+        artifacts={name: report.uri for name, report in finished.variants.items()},
+        variants=finished.variants,
+        best_variant=finished.best,
+        manifest_uri=finished.manifest_uri,
+        tensorboard_uri=output_uri(spec, root, root / TENSORBOARD_FOLDER),
         spec_hash=spec_hash(spec),
         steps=trained.position.step,
         epochs=trained.position.epochs_done,
@@ -243,38 +237,32 @@ def _run(spec: RunSpec, options: RunOptions, root: Path, events: Reporters) -> R
         trials=trained.search["trials"] if trained.search else None,
         best_hyperparameters=trained.search["bestHyperparameters"] if trained.search else None,
     )
-    return result
 
 
-def _manifest_inputs(
-    spec: RunSpec,
-    options: RunOptions,
-    data: TaskData,
-    before: dict[str, float],
-    after: dict[str, float],
-    trained: _Trained,
-    best: str,
-) -> ManifestInputs:
+def _fine_tuned_job(
+    spec: RunSpec, options: RunOptions, data: TaskData, before: dict[str, float], trained: _Trained
+) -> FineTunedJob:
     position = trained.position
-    return ManifestInputs(
+    resources = options.resources
+    training = {
+        "steps": position.step,
+        "bestStep": position.best_step,
+        "stoppedEarly": position.stopped_early,
+        "resumedFromStep": position.resumed_from_step,
+        # Of one Ray Train worker (a training process: one per GPU on GPUs).
+        "samplesPerSecondPerWorker": position.samples_per_second,
+        "workers": resources.workers,
+        "examples": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)},
+    }
+    if resources.gpus_per_worker > 0:
+        training |= {"gpusPerWorker": resources.gpus_per_worker, "rayTrainWorkers": training_processes(resources)}
+    return FineTunedJob(
         spec=spec,
-        identity=options.identity,
-        data_sources=data.sources,
-        labels=data.labels,
-        metrics_before=before,
-        metrics_after=after,
-        validation=position.best_metrics,
-        training={
-            "steps": position.step,
-            "bestStep": position.best_step,
-            "stoppedEarly": position.stopped_early,
-            "resumedFromStep": position.resumed_from_step,
-            "samplesPerSecondPerWorker": position.samples_per_second,
-            "workers": options.resources.workers,
-            "examples": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)},
-        },
-        output_uri=spec.output.uri,
-        best_variant=best,
-        search=trained.search,
         effective=trained.spec,
+        identity=options.identity,
+        settings=options.settings,
+        metrics_before=before,
+        validation=position.best_metrics,
+        training=training,
+        search=trained.search,
     )

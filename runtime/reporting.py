@@ -99,8 +99,8 @@ class Reporter(Protocol):
     def result(self, result: RunResult) -> None:
         """The run finished and produced `result`."""
 
-    def failed(self, message: str) -> None:
-        """The run failed; `message` says why."""
+    def failed(self, message: str, invalid_field: str | None = None) -> None:
+        """The run failed; `message` says why. `invalid_field`: the spec field that makes it impossible."""
 
 
 class Reporters:
@@ -137,9 +137,9 @@ class Reporters:
         for reporter in self.reporters:
             reporter.result(result)
 
-    def failed(self, message: str) -> None:
+    def failed(self, message: str, invalid_field: str | None = None) -> None:
         for reporter in self.reporters:
-            reporter.failed(message)
+            reporter.failed(message, invalid_field)
 
 
 class JsonLinesReporter:
@@ -174,8 +174,8 @@ class JsonLinesReporter:
     def result(self, result: RunResult) -> None:
         self._write("result", result=result.model_dump(mode="json", by_alias=True))
 
-    def failed(self, message: str) -> None:
-        self._write("failed", message=message)
+    def failed(self, message: str, invalid_field: str | None = None) -> None:
+        self._write("failed", message=message, invalidField=invalid_field)
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
@@ -221,5 +221,5 @@ class TensorBoardReporter:
     def result(self, result: RunResult) -> None:
         self.close()
 
-    def failed(self, message: str) -> None:
+    def failed(self, message: str, invalid_field: str | None = None) -> None:
         self.close()

@@ -2,7 +2,8 @@
 
 Ray Train V2 composes with Tune by running the TorchTrainer inside a Tune function; the
 trainer's reports reach Tune (and its ASHA scheduler) through `TuneReportCallback`.
-Trials are bounded by `maxConcurrentTrials` and by what the cluster can place.
+Trials are bounded by `maxConcurrentTrials` and by what the cluster can place; each
+trial trains on as many Ray Train workers as a plain run (one per GPU on GPUs).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 
 from .checkpoints import TrainingState
 from .contract import Algorithm, ParameterType, Scheduler, SearchParameter, SearchSpec
+from .errors import invalid_run_cause
 from .plan import TrainingPlan
 from .reporting import Reporter, TrialBoard, TrialRow, TrialState
-from .train import WorkerShape, build_trainer
+from .train import WorkerShape, build_trainer, placement_groups, remove_leftover_placement_groups
 
 # What the trial function itself (not its training workers) asks Ray for: it only waits on the trainer.
 TRIAL_DRIVER_CPUS = 0.1
@@ -153,11 +155,16 @@ def run_search(
             callbacks=[_TrialBoard(reporter, trials_total, metric)],
         ),
     )
-    before = _placement_groups()
+    before = placement_groups()
     try:
         results = tuner.fit()
     finally:
-        _remove_leftover_placement_groups(before)
+        # Trials that ASHA stops die with their TorchTrainer's controller, leaving their workers' groups.
+        remove_leftover_placement_groups(before)
+    # A trial that failed because the run cannot work (no CUDA on a GPU worker) makes the run invalid.
+    invalid = next(filter(None, map(invalid_run_cause, results.errors)), None)
+    if invalid is not None:
+        raise invalid
     # "last": a finished trial's last report repeats its best validation metrics with its best weights.
     best = results.get_best_result(metric=metric, mode=mode, scope="last")
     if best.config is None or not best.metrics or CHECKPOINT_PATH_KEY not in best.metrics:
@@ -168,30 +175,6 @@ def run_search(
     summary = _summary(best)
     trials = [_summary(results[i]) for i in range(len(results))]
     return SearchOutcome(summary["hyperparameters"], summary["validation"], state, trials)
-
-
-def _placement_groups() -> set[str]:
-    from ray.util.placement_group import placement_group_table
-
-    return set(placement_group_table())
-
-
-def _remove_leftover_placement_groups(before: set[str]) -> None:
-    """Free what trials stopped by the scheduler left reserved.
-
-    A trial that ASHA stops dies with its TorchTrainer's controller mid-run; Ray Train's own
-    cleaner needs the state API (the dashboard), which a lean cluster lacks, so the workers'
-    placement group would stay reserved and starve every later training. Only groups this
-    job created during the search are removed.
-    """
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
-
-    job = ray.get_runtime_context().get_job_id()
-    for group_id, info in placement_group_table().items():
-        # A placement group id ends with the id of the job that created it.
-        if group_id in before or not group_id.endswith(job) or info.get("state") == "REMOVED":
-            continue
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
 
 
 def _summary(result: Any) -> dict[str, Any]:

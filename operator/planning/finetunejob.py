@@ -217,7 +217,8 @@ def merge_observations(
         report = reports.get(run.number)
         if report is not None and report.stage == Stage.FAILED and report.invalid_field:
             # The run checked its spec and found it cannot work: stopped, not retried by KubeRay.
-            message = f"spec.{report.invalid_field}: {report.error or 'the run cannot work as specified'}"
+            detail = (report.error or "the run cannot work as specified").removeprefix(f"{report.invalid_field}: ")
+            message = f"spec.{report.invalid_field}: {detail}"
             update.update(phase=JobPhase.FAILED, failure=RunFailure.INVALID_SPEC, message=message)
         elif outcome.phase == JobPhase.SUSPENDED and run.queue:
             update.update(waiting=WaitReason.QUEUED, message=queued_message(run.queue))

@@ -39,16 +39,24 @@ class RunIdentity(WireModel):
 
 
 class WorkerResources(WireModel):
-    """Ray Train workers of the run."""
+    """Training workers of the run (in a cluster: worker pods)."""
 
-    workers: int = Field(default=1, ge=1, le=1024, description="Training workers (Ray Train num_workers).")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Training workers (in a cluster: pods); each runs one Ray Train worker, or one per GPU.",
+    )
     cpus_per_worker: float | None = Field(
         default=None,
         gt=0.0,
         le=1024.0,
-        description="Ray CPUs each worker takes; when omitted the workers share this machine's CPUs.",
+        description="Ray CPUs each worker takes (shared by its GPUs' Ray Train workers); when omitted the "
+        "workers share this machine's CPUs.",
     )
-    gpus_per_worker: int = Field(default=0, ge=0, le=16, description="GPUs per worker; 0 trains on CPU.")
+    gpus_per_worker: int = Field(
+        default=0, ge=0, le=16, description="GPUs per worker, all used (a Ray Train worker each); 0 trains on CPU."
+    )
 
 
 class RunConfig(WireModel):

@@ -22,6 +22,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RAY_CPUS = 2
+# Logical GPUs: Ray places GPU tasks and workers on them while torch sees no CUDA, which shows
+# what each part of a run asks Ray for and where the CUDA checks happen.
+RAY_GPUS = 4
 
 
 def minilm_dir() -> Path:
@@ -41,7 +44,7 @@ def ray_session() -> Iterator[str]:
 
     # Serve in the tests runs as in a RayService's pods; Ray's processes inherit the environment.
     os.environ.update(SERVE_ENVIRONMENT)
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(num_cpus=RAY_CPUS, num_gpus=RAY_GPUS, include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield str(ray.get_runtime_context().gcs_address)
     finally:

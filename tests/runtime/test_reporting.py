@@ -13,12 +13,21 @@ import pytest
 from kubetune.runtime.console import LINE_INTERVAL_S, ConsoleReporter
 from kubetune.runtime.contract import RunIdentity
 from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, VariantReport
+from kubetune.runtime.errors import InvalidRunError
 from kubetune.runtime.kube_reporter import ConfigMapReporter, kubernetes_reporter
-from kubetune.runtime.reporting import TrainingProgress, TrialBoard, TrialRow, TrialState
+from kubetune.runtime.pipeline import run_pipeline
+from kubetune.runtime.reporting import (
+    JsonLinesReporter,
+    TrainingProgress,
+    TrialBoard,
+    TrialRow,
+    TrialState,
+    read_events,
+)
 from kubetune.runtime.result import RunResult
 from rich.console import Console
 
-from .conftest import spec_document
+from .conftest import fast_options, make_spec, spec_document
 
 pytestmark = pytest.mark.runtime
 
@@ -232,3 +241,17 @@ def test_entry_point_runs_a_config_end_to_end(
     manifest = json.loads(Path(result.manifest_uri).read_text())
     assert manifest["run"] == {"jobName": "topics", "runNumber": 3}
     assert "results (test set)" in finished.stdout
+
+
+def test_a_run_that_cannot_work_reports_which_field(tmp_path: Path, model_dir: Path, topics_jsonl: Path) -> None:
+    """The report names the field, so the operator stops the run instead of letting KubeRay retry it."""
+    spec = make_spec(model_dir, topics_jsonl, tmp_path / "out", method={"type": "qlora"})
+    events_file = tmp_path / "events.jsonl"
+    with pytest.raises(InvalidRunError):
+        run_pipeline(spec, fast_options(tmp_path / "out"), JsonLinesReporter(events_file))
+    (failed,) = [event for event in read_events(events_file) if event["event"] == "failed"]
+    assert failed["invalidField"] == "method.type" and "qlora needs a CUDA GPU" in failed["message"]
+    api = FakeCoreV1()
+    reporter = ConfigMapReporter(api, "r", "ns", min_interval_s=0.0)
+    reporter.failed(failed["message"], failed["invalidField"])
+    assert api.reports()[-1].invalid_field == "method.type"
