@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import zoneinfo
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
-from importlib.resources import files
 from typing import Any
 
-from croniter import CroniterBadCronError, CroniterBadDateError, croniter
 from kubetune.runtime.contract import MethodType, Metric, Precision, RunSpec, Task
 from kubetune.runtime.contract.common import (
     URI_MAX_LENGTH,
@@ -33,18 +30,16 @@ from .common import (
     NodePlacement,
     Placement,
     StorageAccess,
-    any_case,
     check_cron,
     check_object_metadata,
 )
+from .schedule import SCHEDULE_RULES, TIME_ZONES, check_time_zone, schedule_fires
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAMES = ("ftj",)
 RETRAIN_ANNOTATION = "kubetune.io/retrain"
-# The IANA time zones of the pinned tzdata package: the CRD lists them, so admission knows them too.
-TIME_ZONES = tuple(sorted(files("tzdata").joinpath("zones").read_text(encoding="utf-8").split()))
 # Most exported variants a run record lists (a run makes at most a handful), and most metrics per model.
 MAX_ARTIFACTS = 16
 MAX_METRICS = 32
@@ -140,23 +135,6 @@ _GPU_RULES = (
 )
 
 
-def schedule_fires(expression: str) -> str:
-    """The cron expression, if it names a time that exists (not 31 February), as the operator's croniter reads it."""
-    try:
-        croniter(expression, datetime(2000, 1, 1, tzinfo=UTC)).get_next(datetime)
-    except (CroniterBadCronError, CroniterBadDateError, ValueError) as error:
-        raise ValueError(f"cron schedule {expression!r} never fires ({error})") from None
-    return expression
-
-
-# A day of month that no month of the schedule has (31 February, 31 April): the common way to write a
-# schedule that never fires. (The pydantic model checks every schedule by computing its next time.)
-_FEBRUARY = f"0?2|{any_case('feb')}"
-_THIRTY_DAYS = "|".join(["0?[2469]", "11", *(any_case(month) for month in ("feb", "apr", "jun", "sep", "nov"))])
-_NO_SUCH_DAY = (
-    f"^[^ ]+ [^ ]+ 3[01](,3[01])* ({_FEBRUARY})(,({_FEBRUARY}))* [*?]$",
-    f"^[^ ]+ [^ ]+ 31(,31)* ({_THIRTY_DAYS})(,({_THIRTY_DAYS}))* [*?]$",
-)
 # A cluster run writes its outputs where they outlive its pods. (Admission only: `kubetune run` takes a
 # local path, and the operator checks it again before it starts a run.)
 CLUSTER_OUTPUT_SCHEMES = ("s3://", "pvc://")
@@ -176,20 +154,10 @@ def cluster_output_problem(uri: str) -> str | None:
     return None if uri.startswith(CLUSTER_OUTPUT_SCHEMES) else f"spec.output.uri: {CLUSTER_OUTPUT_MESSAGE}"
 
 
-_SCHEDULE_RULES = tuple(
-    cel_rule(
-        f"!has(self.schedule) || !self.schedule.matches('{pattern}')",
-        "schedule never fires: no month it names has that day",
-        ".schedule",
-    )
-    for pattern in _NO_SUCH_DAY
-)
-
-
 class FineTuneJobSpec(RunSpec):
     """A fine-tuning job: what to train (the run contract) and how to run it on the cluster."""
 
-    model_config = with_cel(*RUN_SPEC_RULES, *_GPU_RULES, *_SCHEDULE_RULES, CLUSTER_OUTPUT_RULE)
+    model_config = with_cel(*RUN_SPEC_RULES, *_GPU_RULES, *SCHEDULE_RULES, CLUSTER_OUTPUT_RULE)
 
     resources: Resources = Field(default_factory=Resources, description="Workers, GPUs and placement of the run.")
     storage: StorageAccess | None = Field(default=None, description="Access to s3:// and hf:// locations.")
@@ -241,12 +209,7 @@ class FineTuneJobSpec(RunSpec):
     @classmethod
     def _known_zone(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                if value not in TIME_ZONES:
-                    raise ValueError(value)
-                zoneinfo.ZoneInfo(value)
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-                raise ValueError(f"unknown time zone {value!r}") from None
+            check_time_zone(value)
         return value
 
     @model_validator(mode="after")

@@ -13,11 +13,9 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
-from croniter import CroniterError, croniter
 from kubetune.operator.api.finetunejob import (
     ACTIVE_PHASES,
     FINISHED_PHASES,
@@ -43,6 +41,9 @@ from kubetune.operator.status.finetunejob import (
 )
 from kubetune.runtime.contract.common import SHORT_TEXT_MAX_LENGTH
 from kubetune.runtime.contract.report import RunReport, Stage
+
+from .schedule import ScheduleError as ScheduleError  # re-exported: the reconciler reports it
+from .schedule import latest_due, next_due
 
 REPLACED = "replaced by a newer trigger (concurrencyPolicy Replace)"
 # Spec fields that do not change what a run does: editing them starts no run.
@@ -138,32 +139,6 @@ def retrain_token(value: str) -> str:
     if len(value) <= SHORT_TEXT_MAX_LENGTH:
         return value
     return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
-
-
-class ScheduleError(ValueError):
-    """The job's schedule has no time to compute (a day no month has): the spec can never work."""
-
-
-def _scheduled(job: FineTuneJob, now: datetime, backwards: bool) -> datetime | None:
-    if not job.spec.schedule:
-        return None
-    zone = ZoneInfo(job.spec.time_zone or "UTC")
-    try:
-        schedule = croniter(job.spec.schedule, now.astimezone(zone))
-        found: datetime = schedule.get_prev(datetime) if backwards else schedule.get_next(datetime)
-    except CroniterError as error:
-        raise ScheduleError(f"spec.schedule: {job.spec.schedule!r} never fires ({error})") from None
-    return found.astimezone(UTC)
-
-
-def latest_due(job: FineTuneJob, after: datetime, now: datetime) -> datetime | None:
-    """The latest scheduled time in (after, now], if any."""
-    previous = _scheduled(job, now, backwards=True)
-    return previous if previous is not None and previous > after else None
-
-
-def next_due(job: FineTuneJob, now: datetime) -> datetime | None:
-    return _scheduled(job, now, backwards=False)
 
 
 def _finish(job: FineTuneJob, record: RunRecord, now: datetime, report: RunReport | None) -> RunRecord:

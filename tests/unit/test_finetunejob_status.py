@@ -21,7 +21,6 @@ from kubetune.operator.conditions import ConditionType, Reason
 from kubetune.operator.reconcile.finetunejob import pod_wait
 from kubetune.operator.status.finetunejob import (
     Problem,
-    best_metric,
     compute_status,
     gate,
     ray_job_outcome,
@@ -29,6 +28,7 @@ from kubetune.operator.status.finetunejob import (
     trim_history,
     with_report,
 )
+from kubetune.operator.status.gate import best_metric
 from kubetune.runtime.contract.report import RunReport, Stage, VariantReport
 from kubetune.runtime.contract.search import Metric
 

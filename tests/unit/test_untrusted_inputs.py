@@ -27,7 +27,8 @@ from kubetune.operator.api.finetunejob import (
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.api.modeldeployment import ModelDeployment
 from kubetune.operator.conditions import Reason
-from kubetune.operator.planning.finetunejob import ScheduleError, name_conflict, next_due, plan, retrain_token
+from kubetune.operator.planning.finetunejob import ScheduleError, name_conflict, plan, retrain_token
+from kubetune.operator.planning.schedule import next_due
 from kubetune.operator.policy import placement_violation
 from kubetune.operator.reconcile.finetunejob import observe_report
 from kubetune.operator.settings import Settings

@@ -1,0 +1,76 @@
+"""The promotion gate of a FineTuneJob: whether a finished run may be promoted, and why. Pure."""
+
+from __future__ import annotations
+
+from kubetune.operator.api.finetunejob import FineTuneJob, GateReason, GateResult, JobPhase, RunRecord
+from kubetune.runtime.contract.report import RunReport
+from kubetune.runtime.contract.search import METRIC_MODE, Metric, Mode
+from kubetune.runtime.contract.serving import Variant
+
+
+def gate(job: FineTuneJob, record: RunRecord, report: RunReport | None = None) -> GateResult:
+    """Whether a finished run may be promoted, and why."""
+    promotion = job.spec.promotion
+    if record.phase != JobPhase.SUCCEEDED:
+        return GateResult(
+            passed=False, reason=GateReason.RUN_NOT_SUCCEEDED, message=f"run {record.number} did not succeed"
+        )
+    if not promotion.enabled:
+        return GateResult(passed=False, reason=GateReason.PROMOTION_DISABLED, message="promotion is disabled")
+    metric: Metric = promotion.metric or job.spec.search_metric
+    before = (record.metrics_before or {}).get(metric.value)
+    after = (record.metrics_after or {}).get(metric.value)
+    measured = {"metric": metric, "value": after, "baseline": before}
+    # A metric that was NaN or infinite (a diverged run, say) leaves nothing to compare.
+    for model, field in (("fine-tuned", "metricsAfter"), ("base", "metricsBefore")):
+        if f"{field}.{metric.value}" in (record.not_finite or []):
+            return GateResult(
+                passed=False,
+                reason=GateReason.METRIC_NOT_FINITE,
+                message=f"run {record.number}: the {model} model's {metric.value} is not a finite number",
+                **measured,
+            )
+    if after is None:
+        return GateResult(
+            passed=False,
+            reason=GateReason.METRIC_MISSING,
+            message=f"run {record.number} reported no {metric.value}",
+            **measured,
+        )
+    maximise = METRIC_MODE[metric] == Mode.MAX
+    if before is not None:
+        improvement = after - before if maximise else before - after
+        if improvement < promotion.min_improvement:
+            return GateResult(
+                passed=False,
+                reason=GateReason.IMPROVEMENT_TOO_SMALL,
+                message=f"{metric.value} improved by {improvement:.4g}, "
+                f"less than promotion.minImprovement {promotion.min_improvement:g}",
+                **measured,
+            )
+    if promotion.min_value is not None and (after < promotion.min_value if maximise else after > promotion.min_value):
+        bound = "at least" if maximise else "at most"
+        return GateResult(
+            passed=False,
+            reason=GateReason.OUT_OF_BOUND,
+            message=f"{metric.value} {after:.4g} is not {bound} promotion.minValue {promotion.min_value:g}",
+            **measured,
+        )
+    if promotion.require_compressed:
+        variants = (report.variants if report else None) or {}
+        if not any(v.accepted for name, v in variants.items() if name not in (Variant.FULL, Variant.MERGED)):
+            return GateResult(
+                passed=False,
+                reason=GateReason.NO_COMPRESSED_VARIANT,
+                message="no compressed variant within compression.maxAccuracyDrop",
+                **measured,
+            )
+    message = f"{metric.value} {after:.4g}" + (f" (base {before:.4g})" if before is not None else "")
+    return GateResult(passed=True, reason=GateReason.PASSED, message=message, **measured)
+
+
+def best_metric(verdict: GateResult | None) -> str | None:
+    """What the printer column Best shows of a promoted run, e.g. `accuracy=0.91`."""
+    if verdict is None or verdict.metric is None or verdict.value is None:
+        return None
+    return f"{verdict.metric.value}={verdict.value:.4g}"
