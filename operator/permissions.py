@@ -51,6 +51,7 @@ RAY = "ray.io"
 RBAC = "rbac.authorization.k8s.io"
 NETWORKING = "networking.k8s.io"
 APIEXTENSIONS = "apiextensions.k8s.io"
+KOPF = "kopf.dev"
 
 PERMISSIONS: tuple[Permission, ...] = (
     # kubetune's own kinds.
@@ -108,9 +109,20 @@ PERMISSIONS: tuple[Permission, ...] = (
     # kopf.
     Permission(APIEXTENSIONS, "customresourcedefinitions", ("list", "watch"),
                "kopf follows the CRDs of the kinds it serves (discovery itself needs no grant)", Scope.CLUSTER),
+    Permission(KOPF, "kopfpeerings", ("list", "watch", "patch"),
+               "with `--peering` in namespaced mode, kopf watches the KopfPeering of each watched namespace "
+               "and patches its keep-alive into the status (kopf's peering engine)"),
+    Permission(KOPF, "kopfpeerings", ("get",),
+               "the peering gate reads the peers' records before starting the controllers (main.py PeeringGate)"),
+    Permission(KOPF, "clusterkopfpeerings", ("list", "watch", "patch"),
+               "with `--peering` in cluster-wide mode, the same on the ClusterKopfPeering (kopf's peering engine)",
+               Scope.CLUSTER),
+    Permission(KOPF, "clusterkopfpeerings", ("get",),
+               "the peering gate reads the peers' records in cluster-wide mode (main.py PeeringGate)",
+               Scope.CLUSTER),
 )  # fmt: skip
 # Not declared, on purpose: `namespaces` (with named namespaces kopf falls back to the names given when it
-# may not list them) and kopf's peering objects (the operator runs standalone: one replica).
+# may not list them).
 
 
 def rules(scope: Scope, permissions: tuple[Permission, ...] = PERMISSIONS) -> list[dict[str, Any]]:

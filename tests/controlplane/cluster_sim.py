@@ -23,7 +23,6 @@ import contextlib
 import http.client
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -35,7 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .controlplane import BUILD_SCRIPT, CommandError, ControlPlane
+from .controlplane import BUILD_SCRIPT, CommandError, ControlPlane, stop_process_group
 
 # kwok manages the nodes that carry this annotation, and only those.
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
@@ -373,17 +372,8 @@ class ClusterSim:
         atexit.unregister(self.stop)
         for name in self.PROCESSES:
             proc = self._procs.pop(name, None)
-            if proc is None:
-                continue
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, sig)
-                try:
-                    proc.wait(timeout)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            proc.wait()
+            if proc is not None:
+                stop_process_group(proc, timeout)
         if self._nodes_created and self.plane.workdir is not None:
             with contextlib.suppress(CommandError):  # the control plane may be gone already
                 self.plane.kubectl("delete", "nodes", *self.node_pools, "--ignore-not-found", "--wait=false")

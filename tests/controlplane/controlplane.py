@@ -4,10 +4,10 @@ No container runtime is needed: the binaries come from ``build.sh`` (built once
 from pinned Go modules and cached), or from ``KUBEBUILDER_ASSETS`` (the envtest
 convention), and an existing cluster can be used instead through
 ``KUBETUNE_TEST_KUBECONFIG``. There are no nodes; of the controllers only the
-garbage collector, the namespace controller and the Job controller run (when a
-kube-controller-manager binary is there): objects are stored, validated and
-collected, nothing runs them (``cluster_sim.py`` adds a scheduler, simulated
-nodes and KubeRay).
+garbage collector, the namespace controller, the Job controller and ClusterRole
+aggregation run (when a kube-controller-manager binary is there): objects are
+stored, validated and collected, nothing runs them (``cluster_sim.py`` adds a
+scheduler, simulated nodes and KubeRay).
 
 Certificates and the service-account key come from the ``openssl`` command:
 a throwaway CA signs the API server's serving certificate and an admin client
@@ -36,8 +36,10 @@ BUILD_SCRIPT = HERE / "build.sh"
 # What kube-controller-manager runs by default: the garbage collector (owner
 # references) and the namespace controller (namespace deletion), which kubetune
 # relies on, and the Job controller, which makes the pods of KubeRay's submitter
-# Jobs when the real KubeRay runs (cluster_sim.py); without Jobs it is idle.
-DEFAULT_CONTROLLERS = ("garbagecollector", "namespace", "job")
+# Jobs when the real KubeRay runs (cluster_sim.py); without Jobs it is idle. The
+# ClusterRole aggregation controller fills the built-in view/edit/admin roles with
+# the chart's user roles, so that the tests can check what those roles grant.
+DEFAULT_CONTROLLERS = ("garbagecollector", "namespace", "job", "clusterrole-aggregation")
 
 _OPENSSL_CONFIG = """\
 [req]
@@ -110,6 +112,19 @@ def _tail(path: Path, lines: int) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def stop_process_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM the process's group, SIGKILL it after `timeout` s, and reap the process."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+
+
 class ControlPlane:
     """etcd and kube-apiserver on 127.0.0.1, or an existing cluster.
 
@@ -117,8 +132,13 @@ class ControlPlane:
     also runs at interpreter exit.
     """
 
-    def __init__(self, *, ready_timeout: float = 60.0, controllers: bool | Sequence[str] = True) -> None:
+    def __init__(
+        self, *, ready_timeout: float = 60.0, controllers: bool | Sequence[str] = True, audit: bool = False
+    ) -> None:
         self.ready_timeout = ready_timeout
+        # Whether kube-apiserver logs every request (Metadata level) to `audit_log`, for the
+        # tests that compare what a client calls with what it is granted.
+        self.audit = audit
         # The controllers kube-controller-manager runs: True for DEFAULT_CONTROLLERS, False
         # (or none) for no controller manager at all.
         if isinstance(controllers, bool):
@@ -135,6 +155,8 @@ class ControlPlane:
         # Whether owner references and namespace deletion are acted on (a controller
         # manager runs, or the external cluster has one).
         self.garbage_collection = self.external
+        # Whether ClusterRoles with an aggregationRule (view, edit, admin) are filled in.
+        self.role_aggregation = self.external
 
     def __enter__(self) -> ControlPlane:
         return self.start()
@@ -210,6 +232,7 @@ class ControlPlane:
                     "--endpoint-reconciler-type=none",
                     "--allow-privileged=true",
                     "--disable-admission-plugins=ServiceAccount",
+                    *self._audit_flags(work),
                 ],
             )
             self._kubeconfig = self._write_kubeconfig(work / "kubeconfig", pki)
@@ -239,6 +262,22 @@ class ControlPlane:
             ],
         )
         self.garbage_collection = "garbagecollector" in self.controllers
+        self.role_aggregation = "clusterrole-aggregation" in self.controllers
+
+    @property
+    def audit_log(self) -> Path:
+        """kube-apiserver's audit log (JSON lines), when started with ``audit=True``."""
+        if not self.audit or self.workdir is None:
+            raise RuntimeError("the control plane is not started with audit=True")
+        return self.workdir / "audit.log"
+
+    def _audit_flags(self, work: Path) -> list[str]:
+        if not self.audit:
+            return []
+        # Metadata: who did what to which resource, without request or response bodies.
+        policy = work / "audit-policy.yaml"
+        policy.write_text("apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n")
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={work / 'audit.log'}"]
 
     def cpu_seconds(self) -> dict[str, float]:
         """User plus system CPU time each local process (etcd, kube-apiserver, …) has used; empty when external."""
@@ -376,17 +415,8 @@ class ControlPlane:
         atexit.unregister(self.stop)
         for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
             proc = self._procs.pop(name, None)
-            if proc is None:
-                continue
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, sig)
-                try:
-                    proc.wait(timeout)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            proc.wait()
+            if proc is not None:
+                stop_process_group(proc, timeout)
         if self.workdir is not None:
             self._final_logs = self.logs()
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -30,9 +30,14 @@ Manifest = dict[str, Any]
 
 
 def eventually(
-    probe: Callable[[], T | Literal[False] | None], *, timeout: float = 30.0, interval: float = 0.1, what: str = ""
+    probe: Callable[[], T | Literal[False] | None],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.1,
+    what: str = "",
+    diagnose: Callable[[], str] | None = None,
 ) -> T:
-    """Poll `probe` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    """Poll `probe` until it returns something truthy; fail with `what` (and `diagnose()`) after `timeout` s."""
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
@@ -41,7 +46,8 @@ def eventually(
             return value
         last = value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what or probe}; last value: {last!r}")
+    details = f"\n{diagnose()}" if diagnose is not None else ""
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or probe}; last value: {last!r}{details}")
 
 
 class MovableClock:
@@ -109,11 +115,19 @@ class OperatorProcess:
     """`kubetune operator` as a separate process, which a test may kill like a crashed pod."""
 
     def __init__(
-        self, kubeconfig: Path, log_path: Path, metrics_port: int, workers: int = 16, *, kopf_run: bool = False
+        self,
+        kubeconfig: Path,
+        log_path: Path,
+        metrics_port: int,
+        workers: int = 16,
+        *,
+        kopf_run: bool = False,
+        args: Sequence[str] = (),
     ) -> None:
         self.kubeconfig, self.log_path, self.metrics_port, self.workers = kubeconfig, log_path, metrics_port, workers
         # `kopf run -m kubetune.operator.main` instead of `kubetune operator`.
         self.kopf_run = kopf_run
+        self.args = list(args)  # more flags of `kubetune operator`
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> None:
@@ -127,7 +141,7 @@ class OperatorProcess:
         command = (
             ["-m", "kopf", "run", "--standalone", "--all-namespaces", "-m", "kubetune.operator.main"]
             if self.kopf_run
-            else ["-m", "kubetune.cli.main", "operator", f"--metrics-port={self.metrics_port}"]
+            else ["-m", "kubetune.cli.main", "operator", f"--metrics-port={self.metrics_port}", *self.args]
         )
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

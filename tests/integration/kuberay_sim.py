@@ -30,6 +30,7 @@ from ..controlplane.cluster_sim import (
     POOL_LABEL,
     ClusterSim,
 )
+from .harness import eventually
 
 T = TypeVar("T")
 Manifest = dict[str, Any]
@@ -149,17 +150,12 @@ def wait_for(kube: Kube, kuberay_namespace: str, cluster_sim: ClusterSim) -> Wai
     """Poll `probe` until it returns something truthy (and return that); fail with diagnostics after `timeout` s."""
 
     def wait(probe: Callable[[], T | Literal[False] | None], *, what: str, timeout: float = 30.0) -> T:
-        deadline = time.monotonic() + timeout
-        last: object = None
-        while time.monotonic() < deadline:
-            value = probe()
-            if value:
-                return value
-            last = value
-            time.sleep(0.2)
-        raise AssertionError(
-            f"timed out after {timeout} s waiting for {what}; last value: {last!r}\n"
-            f"{describe(kube, kuberay_namespace, cluster_sim)}"
+        return eventually(
+            probe,
+            timeout=timeout,
+            interval=0.2,
+            what=what,
+            diagnose=lambda: describe(kube, kuberay_namespace, cluster_sim),
         )
 
     return wait

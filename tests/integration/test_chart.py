@@ -44,7 +44,12 @@ def render(plane: ControlPlane, namespace: str, *args: str) -> list[dict[str, An
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [doc for doc in docs if doc["kind"] == kind]
+    """The documents of `kind`, leaving out the user roles (for people, not for the operator)."""
+    return [doc for doc in docs if doc["kind"] == kind and not is_user_role(doc)]
+
+
+def is_user_role(doc: dict[str, Any]) -> bool:
+    return (doc["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "user-roles"
 
 
 def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -72,8 +77,12 @@ def test_the_chart_lints_with_default_and_non_default_values(control_plane: Cont
 def test_default_values_render_a_restricted_cluster_wide_operator(control_plane: ControlPlane) -> None:
     docs = render(control_plane, "ops")
     assert sorted(doc["kind"] for doc in docs) == [
-        "ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount",
+        "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount",
     ]  # fmt: skip
+    assert sorted(doc["metadata"]["name"] for doc in docs if is_user_role(doc)) == [
+        "kt-kubetune-edit",
+        "kt-kubetune-view",
+    ]
     [role] = by_kind(docs, "ClusterRole")
     assert role["rules"] == rules(Scope.NAMESPACED) + rules(Scope.CLUSTER)
     [binding] = by_kind(docs, "ClusterRoleBinding")
@@ -131,6 +140,25 @@ def test_namespaced_mode_grants_a_role_per_namespace(control_plane: ControlPlane
     assert policy["spec"]["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
 
 
+def test_peering_runs_replicas_side_by_side(control_plane: ControlPlane) -> None:
+    args = ["--set", "peering.enabled=true", "--set", "replicaCount=2"]
+    [deployment] = by_kind(render(control_plane, "ops", *args), "Deployment")
+    assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
+    operator = container(render(control_plane, "ops", *args))
+    assert operator["args"][-2:] == ["--peering=kt-kubetune", "--peering-lifetime=10"]
+    assert operator["env"][0] == {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+    [peering] = by_kind(render(control_plane, "ops", *args), "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "kt-kubetune"
+    namespaced = render(control_plane, "ops", *args, "--set", "watchNamespaces={team-a,team-b}")
+    peerings = by_kind(namespaced, "KopfPeering")
+    assert [(p["metadata"]["namespace"], p["metadata"]["name"]) for p in peerings] == [
+        ("team-a", "kt-kubetune"), ("team-b", "kt-kubetune"),
+    ]  # fmt: skip
+    assert by_kind(namespaced, "ClusterKopfPeering") == []
+    # Without peering, nothing of it.
+    assert by_kind(render(control_plane, "ops"), "ClusterKopfPeering") == []
+
+
 def test_a_service_monitor_needs_metrics(control_plane: ControlPlane) -> None:
     with pytest.raises(CommandError, match=r"serviceMonitor\.enabled needs metrics\.enabled"):
         render(control_plane, "ops", "--set", "serviceMonitor.enabled=true", "--set", "metrics.enabled=false")
@@ -154,6 +182,10 @@ BAD_VALUES: list[tuple[str, list[str], str, str]] = [
     ("/image/pullSecrets/*", ["image.pullSecrets[0].nam=x"], "/image/pullSecrets/0", "missing property 'name'"),
     ("/image/pullSecrets/*/name", ["image.pullSecrets[0].name=Bad_Name"], "/image/pullSecrets/0/name", "pattern"),
     ("/replicaCount", ["replicaCount=2"], "/replicaCount", "maximum: got 2, want 1"),
+    ("/peering", ["peering.leaderElection=true"], "/peering", "additional properties 'leaderElection'"),
+    ("/peering/enabled", ["peering.enabled=yes"], "/peering/enabled", "want boolean"),
+    ("/peering/name", ["peering.name=Bad_Name"], "/peering/name", "does not match pattern"),
+    ("/peering/lifetimeSeconds", ["peering.lifetimeSeconds=1"], "/peering/lifetimeSeconds", "minimum: got 1, want 2"),
     ("/nameOverride", ["nameOverride=1"], "/nameOverride", "want string"),
     ("/fullnameOverride", ["fullnameOverride=1"], "/fullnameOverride", "want string"),
     ("/watchNamespaces", ["watchNamespaces={a,a}"], "/watchNamespaces", "items at 0 and 1 are equal"),
@@ -282,6 +314,8 @@ def applied(plane: ControlPlane, docs: list[dict[str, Any]]) -> Iterator[None]:
 
 
 def test_the_api_server_accepts_the_cluster_wide_chart(control_plane: ControlPlane, namespace: str) -> None:
+    # As `helm install` does: the chart's CRDs first (kubectl resolves kopf.dev's kinds through discovery).
+    control_plane.apply_crds([CHART / "crds" / "kopf-peering.yaml"])
     docs = render(control_plane, namespace)
     with applied(control_plane, docs):
         user = f"system:serviceaccount:{namespace}:{RELEASE}-kubetune"

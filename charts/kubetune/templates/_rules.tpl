@@ -88,10 +88,27 @@
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# with `--peering` in namespaced mode, kopf watches the KopfPeering of each watched namespace and
+# patches its keep-alive into the status (kopf's peering engine)
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["list", "watch", "patch"]
+# the peering gate reads the peers' records before starting the controllers (main.py PeeringGate)
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["get"]
 {{- end }}
 {{- define "kubetune.rules.cluster" -}}
 # kopf follows the CRDs of the kinds it serves (discovery itself needs no grant)
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
+# with `--peering` in cluster-wide mode, the same on the ClusterKopfPeering (kopf's peering engine)
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings"]
+  verbs: ["list", "watch", "patch"]
+# the peering gate reads the peers' records in cluster-wide mode (main.py PeeringGate)
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings"]
+  verbs: ["get"]
 {{- end }}
