@@ -234,5 +234,14 @@ def test_kuberay_serves_a_model_deployment_where_the_spec_says(
         spec = pod_body(kube, restricted, placement)["spec"]
         assert spec["imagePullSecrets"] == [{"name": PULL_SECRET}]
         assert spec["securityContext"]["runAsNonRoot"] is True and spec["automountServiceAccountToken"] is False
+        assert all(c["securityContext"]["allowPrivilegeEscalation"] is False for c in spec["containers"])
+    replica = pod_body(kube, restricted, next(p for p in placed if p.node_type == "worker"))["spec"]
+    (server,) = replica["containers"]
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert replica["nodeSelector"]["nvidia.com/gpu.product"] == GPU_PRODUCT
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in replica["tolerations"]
+    assert server["envFrom"] == [{"secretRef": {"name": "training-storage"}}]
+    token = next(e for e in server["env"] if e["name"] == "KUBETUNE_ENDPOINT_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "support-tickets-endpoint", "key": "token"}
     policy = kube.get("networking.k8s.io/v1", "NetworkPolicy", restricted, name)
     assert policy is not None and {"ports": [{"protocol": "TCP", "port": 8000}]} in policy["spec"]["ingress"]
