@@ -55,6 +55,18 @@ def run_labels(job: str, number: int) -> dict[str, str]:
     return {MANAGED_BY_LABEL: MANAGER, JOB_LABEL: job, RUN_LABEL: str(number)}
 
 
+def controller_reference(api_version: str, kind: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The owner reference that makes the object with `metadata` the controller of a child (collected with it)."""
+    return {
+        "apiVersion": api_version,
+        "kind": kind,
+        "name": metadata["name"],
+        "uid": metadata["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
 def controller_uid(manifest: Mapping[str, Any]) -> str | None:
     """The UID in the object's controller owner reference: who it belongs to (None: nobody)."""
     for reference in manifest.get("metadata", {}).get("ownerReferences") or []:

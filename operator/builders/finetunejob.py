@@ -20,6 +20,7 @@ from kubetune.operator.naming import (
     TRIGGER_ANNOTATION,
     TRIGGER_DETAIL_ANNOTATION,
     config_map_name,
+    controller_reference,
     report_name,
     run_labels,
     run_name,
@@ -72,23 +73,12 @@ class RunManifests:
         ]
 
 
-def owner_reference(job: FineTuneJob) -> Manifest:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "name": job.metadata["name"],
-        "uid": job.metadata["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
 def _metadata(job: FineTuneJob, name: str, request: RunRequest, **extra: Any) -> Manifest:
     return {
         "name": name,
         "namespace": job.metadata["namespace"],
         "labels": run_labels(job.metadata["name"], request.number),
-        "ownerReferences": [owner_reference(job)],
+        "ownerReferences": [controller_reference(API_VERSION, KIND, job.metadata)],
         **extra,
     }
 

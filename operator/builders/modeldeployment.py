@@ -19,7 +19,14 @@ import yaml
 from kubetune.operator.api.common import API_VERSION, NodePlacement
 from kubetune.operator.api.modeldeployment import KIND, ModelDeployment, ServedModel
 from kubetune.operator.builders import pods
-from kubetune.operator.naming import DEPLOYMENT_LABEL, MANAGED_BY_LABEL, MANAGER, SPEC_HASH_ANNOTATION, fit
+from kubetune.operator.naming import (
+    DEPLOYMENT_LABEL,
+    MANAGED_BY_LABEL,
+    MANAGER,
+    SPEC_HASH_ANNOTATION,
+    controller_reference,
+    fit,
+)
 from kubetune.operator.settings import Settings
 from kubetune.runtime.contract.serving import (
     REPLICA_ENVIRONMENT,
@@ -190,25 +197,13 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
     }
 
 
-def owner_reference(deployment: ModelDeployment) -> Manifest:
-    meta = deployment.metadata
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
 def build_network_policy(deployment: ModelDeployment, settings: Settings) -> Manifest:
     """Only the endpoint's own pods reach its Ray cluster; clients reach Serve's HTTP port."""
     metadata = {
         "name": ray_service_name(deployment),
         "namespace": deployment.metadata["namespace"],
         "labels": labels(deployment),
-        "ownerReferences": [owner_reference(deployment)],
+        "ownerReferences": [controller_reference(API_VERSION, KIND, deployment.metadata)],
     }
     return pods.network_policy(metadata, labels(deployment), settings, open_ports=[SERVE_PORT])
 
@@ -230,7 +225,7 @@ def build_ray_service(deployment: ModelDeployment, served: ServedModel, settings
             "labels": labels(deployment),
             # What the operator last applied: the RayService is updated when, and only when, this changes.
             "annotations": {SPEC_HASH_ANNOTATION: digest},
-            "ownerReferences": [owner_reference(deployment)],
+            "ownerReferences": [controller_reference(API_VERSION, KIND, deployment.metadata)],
         },
         "spec": spec,
     }
