@@ -14,6 +14,13 @@
 #   <root>/controlplane/kwok-<version>_<hash>/{bin/kwok,stages/*.yaml}
 #   <root>/controlplane/kuberay-<version>_<hash>/bin/kuberay-operator
 #
+# With --node it builds what runs one real node (the node tier, and
+# scripts/cluster): kubelet and kube-proxy of the control plane's Kubernetes
+# release, and CoreDNS with only the plugins the cluster's DNS needs, into one
+# entry:
+#
+#   <root>/controlplane/node-<k8s version>_coredns-<version>_<hash>/bin/{kubelet,kube-proxy,coredns}
+#
 # With --kstatus it builds, the same way, the small program of the unit tests
 # that runs kstatus (sigs.k8s.io/cli-utils), the status library of Flux, on one
 # object:
@@ -31,6 +38,8 @@
 #        build.sh --crds   only the KubeRay CRDs; prints their directory
 #        build.sh --sim    kube-scheduler, kwok, KubeRay operator; prints their
 #                          three entry directories, in that order
+#        build.sh --node   kubelet, kube-proxy, CoreDNS; prints their entry
+#                          directory
 #        build.sh --kstatus  the kstatus program; prints its entry directory
 set -euo pipefail
 
@@ -50,8 +59,9 @@ case "${1:-}" in
   "") ;;
   --crds) mode=crds ;;
   --sim) mode=sim ;;
+  --node) mode=node ;;
   --kstatus) mode=kstatus ;;
-  *) echo "usage: $0 [--crds | --sim | --kstatus]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--crds | --sim | --node | --kstatus]" >&2; exit 2 ;;
 esac
 
 log() { echo "build.sh: $*" >&2; }
@@ -73,6 +83,8 @@ KUBERAY_VERSION="$(required "$here/kuberay/go.mod" "$KUBERAY_MODULE")"
 kwok_version="$(required "$here/kwok/go.mod" sigs.k8s.io/kwok)"
 scheduler_k8s_version="$(required "$here/scheduler/go.mod" k8s.io/kubernetes)"
 cli_utils_version="$(required "$here/kstatus/go.mod" sigs.k8s.io/cli-utils)"
+node_k8s_version="$(required "$here/node/go.mod" k8s.io/kubernetes)"
+coredns_version="$(required "$here/coredns/go.mod" github.com/coredns/coredns)"
 
 # Version stamps as the upstream release builds set them, so that
 # `kubectl version` and `helm version` report the pinned releases.
@@ -120,11 +132,24 @@ kstatus_entry="$root/kstatus-${cli_utils_version}_$(
     sha256 | cut -c1-12
 )"
 
+# The node entry: kubelet and kube-proxy stamped like the control plane, and our CoreDNS main package.
+node_ldflags="-s -w"
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  node_ldflags+=" -X $pkg.gitVersion=$node_k8s_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$k8s_minor"
+  node_ldflags+=" -X $pkg.gitCommit= -X $pkg.gitTreeState=clean"
+done
+node_entry="$root/node-${node_k8s_version}_coredns-${coredns_version}_$(
+  { echo "$SIM_BUILD_REVISION $node_ldflags"; uname -sm
+    cat "$here/node/go.mod" "$here/node/go.sum" "$here/coredns/go.mod" "$here/coredns/go.sum" "$here/coredns/main.go"; } |
+    sha256 | cut -c1-12
+)"
+
 ready() {
   case $mode in
     crds) [[ -d $crd_dir ]] ;;
     all) [[ -d $crd_dir && -d $bin_dir ]] ;;
     sim) [[ -d $scheduler_entry && -d $kwok_entry && -d $kuberay_entry ]] ;;
+    node) [[ -d $node_entry ]] ;;
     kstatus) [[ -d $kstatus_entry ]] ;;
   esac
 }
@@ -133,6 +158,7 @@ report() {
     crds) echo "$crd_dir" ;;
     all) echo "$crd_dir"; echo "$bin_dir" ;;
     sim) echo "$scheduler_entry"; echo "$kwok_entry"; echo "$kuberay_entry" ;;
+    node) echo "$node_entry" ;;
     kstatus) echo "$kstatus_entry" ;;
   esac
 }
@@ -153,7 +179,7 @@ tmp="$(mktemp -d "$root/.build.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 export GOWORK=off GOFLAGS="-mod=readonly -buildvcs=false" CGO_ENABLED=0
 
-if [[ $mode != sim && $mode != kstatus && ! -d $crd_dir ]]; then
+if [[ ($mode == all || $mode == crds) && ! -d $crd_dir ]]; then
   # In kuberay/, so that the download is checked against its go.sum.
   mod_dir="$(cd "$here/kuberay" && go mod download -json "$KUBERAY_MODULE@$KUBERAY_VERSION" |
     sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')"
@@ -221,6 +247,19 @@ if [[ $mode == sim ]]; then
   build_entry "$scheduler_entry" scheduler "$scheduler_ldflags" kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler
   build_entry "$kwok_entry" kwok "-s -w" kwok sigs.k8s.io/kwok/cmd/kwok
   build_entry "$kuberay_entry" kuberay "-s -w" kuberay-operator "$KUBERAY_MODULE"
+fi
+if [[ $mode == node ]]; then
+  log "building $node_entry (one time; takes several minutes)"
+  start=$SECONDS
+  out="$tmp/node"
+  mkdir -p "$out/bin"
+  chmod 0755 "$out"
+  (cd "$here/node" && go build -trimpath -ldflags "$node_ldflags" -o "$out/bin/" \
+    k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy)
+  log "kubelet and kube-proxy built ($((SECONDS - start)) s)"
+  (cd "$here/coredns" && go build -trimpath -ldflags "-s -w" -o "$out/bin/coredns" .)
+  mv "$out" "$node_entry"
+  log "coredns built ($((SECONDS - start)) s)"
 fi
 if [[ $mode == kstatus ]]; then
   build_entry "$kstatus_entry" kstatus "-s -w" kstatus .

@@ -31,6 +31,8 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from .pki import ServingCertificate, make_pki, write_kubeconfig
+
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "build.sh"
 # What kube-controller-manager runs by default: the garbage collector (owner
@@ -40,26 +42,6 @@ BUILD_SCRIPT = HERE / "build.sh"
 # ClusterRole aggregation controller fills the built-in view/edit/admin roles with
 # the chart's user roles, so that the tests can check what those roles grant.
 DEFAULT_CONTROLLERS = ("garbagecollector", "namespace", "job", "clusterrole-aggregation")
-
-_OPENSSL_CONFIG = """\
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = kubetune
-[ca]
-basicConstraints = critical,CA:TRUE
-keyUsage = critical,keyCertSign,cRLSign
-[server]
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature,keyEncipherment
-extendedKeyUsage = serverAuth
-subjectAltName = IP:127.0.0.1,DNS:localhost
-[admin]
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature,keyEncipherment
-extendedKeyUsage = clientAuth
-"""
 
 
 class CommandError(RuntimeError):
@@ -211,7 +193,11 @@ class ControlPlane:
                     "--unsafe-no-fsync",
                 ],
             )
-            pki = self._make_pki(work / "pki")
+            pki = make_pki(
+                work / "pki",
+                {"server": ServingCertificate("/CN=kube-apiserver")},
+                {"admin": "/O=system:masters/CN=kubetune-admin"},
+            )
             self._wait_ok(f"{etcd_url}/health", None)
             self.server = f"https://127.0.0.1:{api_port}"
             self._spawn(
@@ -235,7 +221,7 @@ class ControlPlane:
                     *self._audit_flags(work),
                 ],
             )
-            self._kubeconfig = self._write_kubeconfig(work / "kubeconfig", pki)
+            self._kubeconfig = write_kubeconfig(work / "kubeconfig", self.server, pki, "admin")
             context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
             context.load_cert_chain(pki / "admin.crt", pki / "admin.key")
             self._wait_ok(f"{self.server}/readyz", context)
@@ -301,46 +287,6 @@ class ControlPlane:
                 cwd=self.workdir,
                 start_new_session=True,
             )
-
-    def _make_pki(self, pki: Path) -> Path:
-        pki.mkdir(mode=0o700)
-        (pki / "openssl.cnf").write_text(_OPENSSL_CONFIG)
-        new_key = "-config openssl.cnf -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
-        _run(
-            f"openssl req -x509 {new_key} -extensions ca -keyout ca.key -out ca.crt"
-            " -subj /CN=kubetune-test-ca -days 7".split(),
-            cwd=pki,
-        )
-        for name, subject in [
-            ("server", "/CN=kube-apiserver"),
-            ("admin", "/O=system:masters/CN=kubetune-admin"),
-        ]:
-            serial = int.from_bytes(os.urandom(8))
-            _run(
-                f"openssl req -new {new_key} -keyout {name}.key -out {name}.csr -subj {subject}".split(),
-                cwd=pki,
-            )
-            _run(
-                f"openssl x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -days 7"
-                f" -set_serial {serial} -extfile openssl.cnf -extensions {name}"
-                f" -out {name}.crt".split(),
-                cwd=pki,
-            )
-        _run(["openssl", "genrsa", "-out", "sa.key", "2048"], cwd=pki)
-        return pki
-
-    def _write_kubeconfig(self, path: Path, pki: Path) -> Path:
-        path.write_text(
-            "apiVersion: v1\nkind: Config\n"
-            f"clusters:\n- name: kubetune\n  cluster:\n    server: {self.server}\n"
-            f"    certificate-authority: {pki / 'ca.crt'}\n"
-            "users:\n- name: kubetune-admin\n  user:\n"
-            f"    client-certificate: {pki / 'admin.crt'}\n    client-key: {pki / 'admin.key'}\n"
-            "contexts:\n- name: kubetune\n  context:\n    cluster: kubetune\n"
-            "    user: kubetune-admin\ncurrent-context: kubetune\n"
-        )
-        path.chmod(0o600)
-        return path
 
     def _wait_ok(self, url: str, context: ssl.SSLContext | None) -> None:
         deadline = time.monotonic() + self.ready_timeout
