@@ -1,0 +1,3 @@
+module kubetune.io/tests/controlplane/pause
+
+go 1.26.0
