@@ -1,4 +1,4 @@
-"""Fixtures of the runtime tier: the MiniLM model shipped on PyPI, generated data, one Ray for the session."""
+"""Fixtures of the runtime tier: the MiniLM model shipped on PyPI, generated data, one Ray for the tier."""
 
 from __future__ import annotations
 
@@ -36,9 +36,13 @@ def model_dir() -> Path:
     return minilm_dir()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_session() -> Iterator[str]:
-    """One local Ray for the whole tier (starting Ray takes seconds); yields its address."""
+    """One local Ray for the tier's tests (starting Ray takes seconds); yields its address.
+
+    Stopped after the tier's last test, before the next tier's first: a Ray kept for the whole
+    session would go on printing its workers' output into what the later tests capture.
+    """
     import ray
     from kubetune.runtime.contract.serving import SERVE_ENVIRONMENT
 
