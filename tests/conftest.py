@@ -9,9 +9,16 @@ from typing import Any
 import pytest
 import yaml
 
+from .ray_guard import install
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "examples"
 DELETE = object()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every tier: a Ray left running by one test prints into what later tests capture.
+    install(config)
 
 
 def load_example(name: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Fixtures of the runtime tier: the MiniLM model shipped on PyPI, generated data, one Ray for the session."""
+"""Fixtures of the runtime tier: the MiniLM model shipped on PyPI, generated data, one Ray for the tier."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from kubetune.runtime.contract import RunSpec
 
+from ..ray_guard import shared_ray
 from .topics import make_examples, write_jsonl
 
 # Runs here must never reach a model hub.
@@ -36,19 +37,24 @@ def model_dir() -> Path:
     return minilm_dir()
 
 
-@pytest.fixture(scope="session")
-def ray_session() -> Iterator[str]:
-    """One local Ray for the whole tier (starting Ray takes seconds); yields its address."""
+@pytest.fixture(scope="package")
+def ray_session(request: pytest.FixtureRequest) -> Iterator[str]:
+    """One local Ray for the tier's tests (starting Ray takes seconds); yields its address.
+
+    Stopped after the tier's last test, before the next tier's first: a Ray kept for the whole
+    session would go on printing its workers' output into what the later tests capture.
+    """
     import ray
     from kubetune.runtime.contract.serving import SERVE_ENVIRONMENT
 
     # Serve in the tests runs as in a RayService's pods; Ray's processes inherit the environment.
     os.environ.update(SERVE_ENVIRONMENT)
-    ray.init(num_cpus=RAY_CPUS, num_gpus=RAY_GPUS, include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        yield str(ray.get_runtime_context().gcs_address)
-    finally:
-        ray.shutdown()
+    with shared_ray(request):
+        ray.init(num_cpus=RAY_CPUS, num_gpus=RAY_GPUS, include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            yield str(ray.get_runtime_context().gcs_address)
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="session")

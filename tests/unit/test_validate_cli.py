@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from kubetune.operator.api.manifests import parse
 from kubetune.runtime.contract.errors import SpecError
 
 from ..conftest import EXAMPLES, load_example, mutated
+from ..thread_output import output_of_this_thread
 
 MANY_MISTAKES = Path(__file__).parent / "manifests" / "many-mistakes.yaml"
 
@@ -35,10 +38,11 @@ EXPECTED_DEPLOYMENT = [
 ]
 
 
-def _run(capsys: pytest.CaptureFixture[str], *paths: Path) -> tuple[int, str, str]:
-    code = main(["validate", *map(str, paths)])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+def _run(*paths: Path) -> tuple[int, str, str]:
+    """`kubetune validate`'s exit code and its whole output (only its own: not other threads')."""
+    with output_of_this_thread() as output:
+        code = main(["validate", *map(str, paths)])
+    return code, output.out, output.err
 
 
 def _write(tmp_path: Path, *documents: dict[str, Any]) -> Path:
@@ -51,8 +55,8 @@ def _problem_lines(err: str) -> list[str]:
     return [line.strip() for line in err.splitlines() if line.startswith("    ")]
 
 
-def test_every_mistake_is_reported_in_one_pass(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = _run(capsys, MANY_MISTAKES)
+def test_every_mistake_is_reported_in_one_pass() -> None:
+    code, out, err = _run(MANY_MISTAKES)
     assert code == 1
     assert out == ""
     assert f"✗ {MANY_MISTAKES}#1" in err
@@ -77,11 +81,29 @@ def test_the_console_script_reports_them_too() -> None:
 
 
 @pytest.mark.parametrize("name", ["finetunejob-complete.yaml", "modeldeployment.yaml", "finetunejob-minimal.yaml"])
-def test_valid_examples_still_pass(capsys: pytest.CaptureFixture[str], name: str) -> None:
-    code, out, err = _run(capsys, EXAMPLES / name)
+def test_valid_examples_still_pass(name: str) -> None:
+    code, out, err = _run(EXAMPLES / name)
     assert code == 0, err
     assert out.startswith(f"✓ {EXAMPLES / name}: ")
     assert rule_failures(load_example(name)) == []
+
+
+def test_what_other_threads_print_meanwhile_is_not_the_clis() -> None:
+    """A library's thread (Ray's driver prints its workers' logs from one) writing during a run stays out."""
+
+    def print_a_worker_log() -> None:
+        print("(PlacementGroupCleaner pid=1) Failed to query Ray Train Controller actor state.", file=sys.stderr)
+        print("(PlacementGroupCleaner pid=1) a worker's print")
+
+    with output_of_this_thread() as output:
+        stray = threading.Thread(target=print_a_worker_log)
+        stray.start()
+        stray.join()
+        code = main(["validate", str(EXAMPLES / "finetunejob-minimal.yaml")])
+    assert code == 0
+    assert output.err == ""
+    assert output.out.startswith(f"✓ {EXAMPLES / 'finetunejob-minimal.yaml'}: "), output.out
+    assert "pid=1" not in output.out
 
 
 def test_remote_code_at_a_full_commit_passes_the_rules() -> None:
@@ -106,7 +128,7 @@ def test_header_problems_come_with_the_spec_problems() -> None:
     ]
 
 
-def test_rules_see_the_schema_defaults(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_rules_see_the_schema_defaults(tmp_path: Path) -> None:
     job = mutated(load_example("finetunejob-minimal.yaml"), "spec.data.split", {"validationFraction": 0.95})
     defaulted = with_defaults(job, schema_for("FineTuneJob"))
     assert defaulted["spec"]["data"]["split"] == {"validationFraction": 0.95, "testFraction": 0.1, "seed": 42}
@@ -116,7 +138,7 @@ def test_rules_see_the_schema_defaults(capsys: pytest.CaptureFixture[str], tmp_p
     ]
     deployment = mutated(load_example("modeldeployment.yaml"), "spec.autoscaling", {"minReplicas": 6})
     assert [f.path for f in rule_failures(deployment)] == ["spec.autoscaling.minReplicas"]
-    code, _, err = _run(capsys, _write(tmp_path, job, deployment))
+    code, _, err = _run(_write(tmp_path, job, deployment))
     assert code == 1
     assert _problem_lines(err) == [
         "spec.data.split: validationFraction + testFraction must be below 1 (got 0.95 + 0.1)",
@@ -145,10 +167,10 @@ def test_unknown_fields_and_nulls_are_pruned_before_the_rules_run() -> None:
     ],
 )
 def test_a_wrong_type_read_by_a_rule_gives_the_field_error(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, path: str, value: Any, field_error: str
+    tmp_path: Path, path: str, value: Any, field_error: str
 ) -> None:
     job = mutated(load_example("finetunejob-minimal.yaml"), path, value)
-    code, _, err = _run(capsys, _write(tmp_path, job))
+    code, _, err = _run(_write(tmp_path, job))
     assert code == 1
     lines = _problem_lines(err)
     assert len(lines) == 1, lines  # the field error, and no rule failure on the unusable value
