@@ -11,7 +11,15 @@ from kubetune.runtime.contract.common import ContractModel, KubernetesName, Quan
 from kubetune.runtime.contract.serving import COMPILE_DESCRIPTION
 from pydantic import Field, field_validator, model_validator
 
-from .common import PLACEMENT_RULES, Condition, Placement, SecretKeyReference, StorageAccess, check_object_metadata
+from .common import (
+    PLACEMENT_RULES,
+    Condition,
+    HeadResources,
+    Placement,
+    SecretKeyReference,
+    StorageAccess,
+    check_object_metadata,
+)
 
 KIND = "ModelDeployment"
 PLURAL = "modeldeployments"
@@ -71,19 +79,49 @@ class Autoscaling(ContractModel):
         return self
 
 
+class ServingHeadResources(HeadResources):
+    """The Ray head pod of the endpoint: Ray's control processes, Serve's controller and an HTTP proxy; no replica.
+
+    Its placement is its own: the replicas' node selector, tolerations and GPU type do not apply to it.
+    """
+
+    memory: Quantity = Field(default="2Gi", description="Memory request and limit of the head.")
+
+
+class AutoscalerResources(ContractModel):
+    """Ray's autoscaler: a second container of the head pod that adds and removes replica pods."""
+
+    cpu: Quantity = Field(default="500m", description="CPU request and limit of the autoscaler container.")
+    memory: Quantity = Field(default="512Mi", description="Memory request and limit of the autoscaler container.")
+
+
 class ReplicaResources(Placement):
-    """Resources of each serving replica and where replicas run."""
+    """Resources of each serving replica and where replicas run, and of the head pod that runs the cluster."""
 
     model_config = with_cel(
         *PLACEMENT_RULES, cel_rule("!has(self.gpuType) || self.gpus > 0", "gpuType needs gpus > 0", ".gpuType")
     )
 
-    cpu: Quantity = Field(default="1", description="CPU per replica.")
+    cpu: Quantity = Field(
+        default="1",
+        description=(
+            "CPU per replica: what each replica pod requests from Kubernetes (e.g. 500m). Ray counts the pod as"
+            " this many CPUs rounded up to a whole number, and the replica takes all of them: one replica per pod."
+        ),
+    )
     memory: Quantity = Field(default="2Gi", description="Memory per replica.")
     ephemeral_storage: Quantity = Field(
         default="10Gi", description="Ephemeral storage requested per replica pod (model cache, /tmp)."
     )
     gpus: int = Field(default=0, ge=0, le=16, description="GPUs per replica.")
+    head: ServingHeadResources = Field(
+        default_factory=ServingHeadResources,
+        description="The head pod (one per endpoint), which takes no replica: its resources and placement.",
+    )
+    autoscaler: AutoscalerResources = Field(
+        default_factory=AutoscalerResources,
+        description="The autoscaler container KubeRay adds to the head pod (it needs these besides the head's own).",
+    )
 
     @model_validator(mode="after")
     def _gpu_type_needs_gpus(self) -> ReplicaResources:
