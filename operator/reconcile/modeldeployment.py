@@ -150,7 +150,7 @@ class ModelDeploymentReconciler:
             generation=generation,
             previous=previous,
             now=now,
-            endpoint=endpoint(deployment),
+            endpoint=endpoint(served_with(deployment, rollout.serving) if rollout.serving else deployment),
             problem=unresolved,
             waiting=waiting,
         )
