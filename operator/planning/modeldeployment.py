@@ -79,17 +79,15 @@ def _cut(text: str, limit: int, *, keep_end: bool = False) -> str:
 
 
 def failing_deployment(application: Mapping[str, Any]) -> str:
-    """The first Serve deployment of the application that is not healthy and says why, with its message's end."""
-    deployments = application.get("serveDeploymentStatuses") or {}
-    troubled = [
-        (name, str(item.get("message") or ""))
-        for name, item in sorted(deployments.items(), key=lambda entry: (entry[1].get("status") not in FAILED_STATUSES,
-                                                                          entry[0]))
+    """The Serve deployment of the application that fails (a failed one first), with its message's end."""
+    troubled = sorted(
+        (item.get("status") not in FAILED_STATUSES, name, str(item["message"]))
+        for name, item in (application.get("serveDeploymentStatuses") or {}).items()
         if item.get("status") != "HEALTHY" and item.get("message")
-    ]  # fmt: skip
+    )
     if not troubled:
         return ""
-    name, message = troubled[0]
+    _, name, message = troubled[0]
     return f"{name}: {_cut(message, DEPLOYMENT_MESSAGE_MAX_LENGTH, keep_end=True)}"
 
 
