@@ -73,7 +73,12 @@ KINDS: tuple[KindInfo, ...] = (
         model=modeldeployment.ModelDeployment,
         printer_columns=(
             _column("Ready", '.status.conditions[?(@.type=="Ready")].status', "Whether the endpoint serves."),
-            _column("Replicas", ".status.readyReplicas", "Pods serving the endpoint.", "integer"),
+            _column(
+                "Serving Pods",
+                ".status.servingPods",
+                "Ray pods whose Serve proxy takes the endpoint's traffic, the head's included (not model replicas).",
+                "integer",
+            ),
             _column("Run", ".status.serving.run", "The FineTuneJob run being served.", "integer"),
             _column("Endpoint", ".status.endpoint", "In-cluster URL."),
             _column("Phase", ".status.phase", "Pending, Deploying, Ready, Degraded, Failed or Invalid.", priority=1),

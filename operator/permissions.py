@@ -89,8 +89,9 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission(RBAC, "rolebindings", ("get", "create", "delete"),
                "binds each run's Role to its ServiceAccount (reconcile/finetunejob.py)"),
     Permission("", "pods", ("list", "watch"),
-               "why a run waits (unschedulable, image pull): an informer of the runs' pods selected by "
-               "kubetune's labels (handlers/finetunejob.py PODS)"),
+               "why a run or an endpoint waits (unschedulable, image pull): informers of the runs' and the "
+               "endpoints' pods selected by kubetune's labels (handlers/finetunejob.py, handlers/modeldeployment.py "
+               "PODS)"),
     # Serving.
     Permission(RAY, "rayservices", ("list", "watch"),
                "the endpoints' cache: an informer selected by kubetune's labels (handlers/modeldeployment.py)"),

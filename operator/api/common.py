@@ -10,7 +10,15 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from kubetune.runtime.contract.common import ContractModel, KubernetesName, Message, WireModel, cel_rule, with_cel
+from kubetune.runtime.contract.common import (
+    ContractModel,
+    KubernetesName,
+    Message,
+    Quantity,
+    WireModel,
+    cel_rule,
+    with_cel,
+)
 from pydantic import Field, field_validator, model_validator
 
 GROUP = "kubetune.io"
@@ -207,6 +215,19 @@ class NodePlacement(ContractModel):
             if not re.fullmatch(LABEL_KEY_PATTERN, key):
                 raise ValueError(f"{key!r} is not a valid label key")
         return value
+
+
+class HeadResources(NodePlacement):
+    """The Ray head pod, which runs the driver and Ray's control processes: no training, no GPU.
+
+    Its placement is its own: the workers' node selector, tolerations and GPU type do not apply to it.
+    """
+
+    cpu: Quantity = Field(default="1", description="CPU request and limit of the head.")
+    memory: Quantity = Field(default="4Gi", description="Memory request and limit of the head.")
+    ephemeral_storage: Quantity = Field(
+        default="10Gi", description="Ephemeral storage requested for the head (caches, /tmp, Ray's logs)."
+    )
 
 
 # Every model that extends Placement and sets its own CEL rules adds these.

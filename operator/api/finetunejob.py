@@ -27,7 +27,7 @@ from pydantic import Field, field_validator, model_validator
 from .common import (
     CRON_PATTERN,
     Condition,
-    NodePlacement,
+    HeadResources,
     Placement,
     StorageAccess,
     check_cron,
@@ -43,19 +43,6 @@ RETRAIN_ANNOTATION = "kubetune.io/retrain"
 # Most exported variants a run record lists (a run makes at most a handful), and most metrics per model.
 MAX_ARTIFACTS = 16
 MAX_METRICS = 32
-
-
-class HeadResources(NodePlacement):
-    """The Ray head pod, which runs the driver and Ray's control processes: no training, no GPU.
-
-    Its placement is its own: the workers' node selector, tolerations and GPU type do not apply to it.
-    """
-
-    cpu: Quantity = Field(default="1", description="CPU request and limit of the head.")
-    memory: Quantity = Field(default="4Gi", description="Memory request and limit of the head.")
-    ephemeral_storage: Quantity = Field(
-        default="10Gi", description="Ephemeral storage requested for the head (caches, /tmp, Ray's logs)."
-    )
 
 
 class Resources(Placement):

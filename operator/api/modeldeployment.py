@@ -7,11 +7,28 @@ from enum import StrEnum
 from typing import Any
 
 from kubetune.runtime.contract import Batching, Task, Variant
-from kubetune.runtime.contract.common import ContractModel, KubernetesName, Quantity, Uri, WireModel, cel_rule, with_cel
+from kubetune.runtime.contract.common import (
+    ContractModel,
+    JsonObject,
+    KubernetesName,
+    Quantity,
+    Uri,
+    WireModel,
+    cel_rule,
+    with_cel,
+)
 from kubetune.runtime.contract.serving import COMPILE_DESCRIPTION
 from pydantic import Field, field_validator, model_validator
 
-from .common import PLACEMENT_RULES, Condition, Placement, SecretKeyReference, StorageAccess, check_object_metadata
+from .common import (
+    PLACEMENT_RULES,
+    Condition,
+    HeadResources,
+    Placement,
+    SecretKeyReference,
+    StorageAccess,
+    check_object_metadata,
+)
 
 KIND = "ModelDeployment"
 PLURAL = "modeldeployments"
@@ -71,19 +88,49 @@ class Autoscaling(ContractModel):
         return self
 
 
+class ServingHeadResources(HeadResources):
+    """The Ray head pod of the endpoint: Ray's control processes, Serve's controller and an HTTP proxy; no replica.
+
+    Its placement is its own: the replicas' node selector, tolerations and GPU type do not apply to it.
+    """
+
+    memory: Quantity = Field(default="2Gi", description="Memory request and limit of the head.")
+
+
+class AutoscalerResources(ContractModel):
+    """Ray's autoscaler: a second container of the head pod that adds and removes replica pods."""
+
+    cpu: Quantity = Field(default="500m", description="CPU request and limit of the autoscaler container.")
+    memory: Quantity = Field(default="512Mi", description="Memory request and limit of the autoscaler container.")
+
+
 class ReplicaResources(Placement):
-    """Resources of each serving replica and where replicas run."""
+    """Resources of each serving replica and where replicas run, and of the head pod that runs the cluster."""
 
     model_config = with_cel(
         *PLACEMENT_RULES, cel_rule("!has(self.gpuType) || self.gpus > 0", "gpuType needs gpus > 0", ".gpuType")
     )
 
-    cpu: Quantity = Field(default="1", description="CPU per replica.")
+    cpu: Quantity = Field(
+        default="1",
+        description=(
+            "CPU per replica: what each replica pod requests from Kubernetes (e.g. 500m). Ray counts the pod as"
+            " this many CPUs rounded up to a whole number, and the replica takes all of them: one replica per pod."
+        ),
+    )
     memory: Quantity = Field(default="2Gi", description="Memory per replica.")
     ephemeral_storage: Quantity = Field(
         default="10Gi", description="Ephemeral storage requested per replica pod (model cache, /tmp)."
     )
     gpus: int = Field(default=0, ge=0, le=16, description="GPUs per replica.")
+    head: ServingHeadResources = Field(
+        default_factory=ServingHeadResources,
+        description="The head pod (one per endpoint), which takes no replica: its resources and placement.",
+    )
+    autoscaler: AutoscalerResources = Field(
+        default_factory=AutoscalerResources,
+        description="The autoscaler container KubeRay adds to the head pod (it needs these besides the head's own).",
+    )
 
     @model_validator(mode="after")
     def _gpu_type_needs_gpus(self) -> ReplicaResources:
@@ -130,20 +177,36 @@ class DeploymentPhase(StrEnum):
 
 
 class ServedModel(WireModel):
-    """An artifact the endpoint serves (or served)."""
+    """An artifact the endpoint serves (or served), and the spec its RayService is built from."""
 
     uri: str = Field(description="URI of the exported variant.")
     fine_tune_job: str | None = Field(default=None, description="FineTuneJob it came from.")
     run: int | None = Field(default=None, description="Run number it came from.")
     variant: str | None = Field(default=None, description="Variant name.")
     task: Task | None = Field(default=None, description="The model's task, when its FineTuneJob says it.")
+    generation: int | None = Field(
+        default=None, description="metadata.generation of the spec it is served with (`spec` below)."
+    )
+    spec: JsonObject | None = Field(
+        default=None,
+        description=(
+            "The ModelDeployment spec it is served with, as the operator read it: a rollout that fails"
+            " returns to the artifact and the spec served before it."
+        ),
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
 
 
 class RejectedModel(WireModel):
-    """An artifact whose rollout failed: it is not tried again until another run is promoted."""
+    """A rollout that failed. Its artifact is not tried again until another run is promoted; its spec (when
+    only the spec changed) not until the spec changes."""
 
-    uri: str = Field(description="URI of the artifact.")
-    run: int | None = Field(default=None, description="Run number it came from.")
+    uri: str | None = Field(default=None, description="URI of the artifact, when the rollout brought a new one.")
+    run: int | None = Field(default=None, description="Run number the artifact came from.")
+    generation: int | None = Field(
+        default=None,
+        description="metadata.generation of the spec, when the rollout changed only the spec (not the artifact).",
+    )
     reason: str = Field(default="", max_length=1024, description="Why the rollout failed.")
 
 
@@ -166,13 +229,21 @@ class ModelDeploymentStatus(WireModel):
         default=None, description="The artifact being served (or rolled out, while Progressing)."
     )
     previous: ServedModel | None = Field(default=None, description="The artifact served before, for rollback.")
-    rejected: RejectedModel | None = Field(default=None, description="The latest artifact whose rollout failed.")
+    rejected: RejectedModel | None = Field(default=None, description="The latest rollout that failed.")
     rollout_start_time: datetime | None = Field(default=None, description="When the current rollout started.")
     application_status: str | None = Field(
-        default=None, description="The Serve application's status: DEPLOYING, RUNNING, DEPLOY_FAILED, UNHEALTHY, ..."
+        default=None,
+        description=(
+            "The Serve application's status (DEPLOYING, RUNNING, DEPLOY_FAILED, UNHEALTHY, ...), on the Ray"
+            " cluster KubeRay is bringing up while it replaces the cluster, else on the one that serves."
+        ),
     )
-    ready_replicas: int | None = Field(
-        default=None, description="Pods serving the endpoint (KubeRay's serve endpoints)."
+    serving_pods: int | None = Field(
+        default=None,
+        description=(
+            "Ray pods whose Serve proxy takes the endpoint's traffic, the head's included (KubeRay's"
+            " numServeEndpoints). Not a count of model replicas, which KubeRay does not report."
+        ),
     )
 
 

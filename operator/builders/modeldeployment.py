@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 import yaml
-from kubetune.operator.api.common import API_VERSION, NodePlacement
+from kubetune.operator.api.common import API_VERSION
 from kubetune.operator.api.modeldeployment import KIND, ModelDeployment, ServedModel
 from kubetune.operator.builders import pods
 from kubetune.operator.naming import (
@@ -42,8 +42,8 @@ APPLICATION = "model"  # the Serve application's name in the config
 DEPLOYMENT = "ModelServer"  # the Serve deployment's name (the class in kubetune.runtime.serving.app)
 SERVE_PORT = 8000
 TOKEN_VARIABLE = "KUBETUNE_ENDPOINT_TOKEN"
-# The head runs Ray's control processes and Serve's controller, and takes no replicas.
-HEAD_CPU, HEAD_MEMORY, HEAD_EPHEMERAL_STORAGE = "1", "2Gi", "10Gi"
+# The autoscaler container's own ServiceAccount token (the head's Ray container has none).
+AUTOSCALER_TOKEN_VOLUME = "autoscaler-token"
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([a-zA-Z]*)$")
 _UNITS = {
     "": 1.0, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
@@ -89,11 +89,20 @@ def serve_args(deployment: ModelDeployment, served: ServedModel) -> ServeAppArgs
     )
 
 
+def replica_cpus(deployment: ModelDeployment) -> int:
+    """The CPUs Ray counts in a replica pod, all of them the replica's: `resources.cpu` rounded up to a whole number.
+
+    Kubernetes is asked for exactly `resources.cpu` (500m, say); Ray's count only places the
+    replica, and taking the whole pod keeps one replica per pod (two 500m replicas never share one).
+    """
+    return max(1, math.ceil(quantity(deployment.spec.resources.cpu)))
+
+
 def serve_config(deployment: ModelDeployment, served: ServedModel) -> Manifest:
     """The Serve config (KubeRay's serveConfigV2) of one application and its one deployment."""
     spec = deployment.spec
     scaling, resources = spec.autoscaling, spec.resources
-    actor: Manifest = {"num_cpus": quantity(resources.cpu)}
+    actor: Manifest = {"num_cpus": float(replica_cpus(deployment))}
     if resources.gpus:
         actor["num_gpus"] = resources.gpus
     actor["runtime_env"] = {"env_vars": REPLICA_ENVIRONMENT}
@@ -142,11 +151,9 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
     spec = deployment.spec
     resources = spec.resources
     env, env_from = _replica_environment(deployment)
-    # Whole CPUs for Ray's scheduler; the replica asks for its share of them.
-    worker_cpus = max(1, math.ceil(quantity(resources.cpu)))
     worker = pods.RayPod(
         container="ray-worker",
-        cpu=str(worker_cpus),
+        cpu=resources.cpu,
         memory=resources.memory,
         ephemeral_storage=resources.ephemeral_storage,
         gpus=resources.gpus,
@@ -158,26 +165,36 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
     )
     head = pods.RayPod(
         container="ray-head",
-        cpu=HEAD_CPU,
-        memory=HEAD_MEMORY,
-        ephemeral_storage=HEAD_EPHEMERAL_STORAGE,
+        cpu=resources.head.cpu,
+        memory=resources.head.memory,
+        ephemeral_storage=resources.head.ephemeral_storage,
         gpus=0,
         placement=resources,
-        # The replicas' node placement (GPU pools) is theirs: the head needs no GPU node.
-        nodes=NodePlacement(),
+        # The replicas' node placement (GPU pools) is theirs: the head has its own.
+        nodes=resources.head,
         labels=labels(deployment),
         env=SERVE_POD_ENVIRONMENT,
+        # KubeRay names the head's ServiceAccount (one it makes, with the autoscaler's RBAC), and
+        # the pod mounts no token: only the autoscaler container gets one, through this volume.
+        volumes=[pods.service_account_token_volume(AUTOSCALER_TOKEN_VOLUME)],
     )
-    worker_params = {"num-cpus": str(worker_cpus)}
+    worker_params = {"num-cpus": str(replica_cpus(deployment))}
     if resources.gpus:
         worker_params["num-gpus"] = str(resources.gpus)
+    autoscaler = {"cpu": resources.autoscaler.cpu, "memory": resources.autoscaler.memory}
     return {
         "rayVersion": pods.image_of(resources, settings)[1],
         "enableInTreeAutoscaling": True,
-        # KubeRay adds the autoscaler as a second container of the head: restricted like the rest.
+        # KubeRay adds the autoscaler as a second container of the head: restricted like the rest,
+        # sized by the spec (these replace KubeRay's 500m/512Mi), and the one container that talks
+        # to the API server (it watches and scales the RayCluster) with the ServiceAccount's token.
         "autoscalerOptions": {
+            "resources": {"requests": dict(autoscaler), "limits": dict(autoscaler)},
             "securityContext": pods.container_security(),
-            "volumeMounts": [{"name": pods.TMP_VOLUME, "mountPath": "/tmp"}],
+            "volumeMounts": [
+                {"name": pods.TMP_VOLUME, "mountPath": "/tmp"},
+                {"name": AUTOSCALER_TOKEN_VOLUME, "mountPath": pods.SERVICE_ACCOUNT_PATH, "readOnly": True},
+            ],
         },
         "headGroupSpec": {
             # No replicas on the head: it runs Serve's controller and the dashboard KubeRay talks to.

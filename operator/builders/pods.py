@@ -25,6 +25,10 @@ DASHBOARD_PORT = 8265
 DASHBOARD_AGENT_PORT = 52365
 # Writable places on a read-only root filesystem: Ray's session files and logs live under /tmp.
 TMP_VOLUME, CACHE_VOLUME, SHM_VOLUME = "tmp", "cache", "shm"
+# Where Kubernetes clients look for the pod's ServiceAccount credentials (token, CA bundle, namespace).
+SERVICE_ACCOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+# The token Kubernetes itself projects lives this long; the API server extends it, and kubelet renews it.
+SERVICE_ACCOUNT_TOKEN_SECONDS = 3607
 
 
 def pvc_claims(uris: Iterable[str | None]) -> list[str]:
@@ -127,6 +131,26 @@ def writable_volumes(settings: Settings) -> tuple[list[Manifest], list[Manifest]
         {"name": "HF_HOME", "value": f"{settings.cache_mount_path}/huggingface"},
     ]
     return volumes, mounts, env
+
+
+def service_account_token_volume(name: str) -> Manifest:
+    """The pod's ServiceAccount credentials as Kubernetes projects them when it mounts a token itself.
+
+    For a pod that mounts no token (automountServiceAccountToken: false) but has one container that
+    needs the API: mounted at SERVICE_ACCOUNT_PATH in that container only.
+    """
+    namespace = {"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}
+    return {
+        "name": name,
+        "projected": {
+            "defaultMode": 0o644,
+            "sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": SERVICE_ACCOUNT_TOKEN_SECONDS}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [namespace]}},
+            ],
+        },
+    }
 
 
 @dataclass(frozen=True)

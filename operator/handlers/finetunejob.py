@@ -25,8 +25,8 @@ from kubetune.operator.reconcile import reconciling
 from kubetune.operator.reconcile.finetunejob import (
     Clock,
     FineTuneJobReconciler,
-    PodState,
     Report,
+    RunPod,
     observe_pod,
     observe_report,
     observe_run,
@@ -58,7 +58,7 @@ class FineTuneJobs:
     ) -> None:
         self.runs: Informer[ObservedRun] = Informer(kube, RUNS, namespaces, observe_run, job_of)
         self.reports: Informer[Report] = Informer(kube, REPORTS, namespaces, observe_report, job_of)
-        self.pods: Informer[PodState] = Informer(kube, PODS, namespaces, observe_pod, job_of)
+        self.pods: Informer[RunPod] = Informer(kube, PODS, namespaces, observe_pod, job_of)
         reconciler = FineTuneJobReconciler(kube, settings, self.runs, self.reports, secrets, clock, self.pods)
         self.controller = Controller(
             KIND, reconciling(kube, KIND, reconciler.reconcile, clock), executor, ControllerSettings.of(settings)
@@ -81,7 +81,7 @@ class FineTuneJobs:
         if change.owner is not None and (change.value is None or change.value.status):
             self.controller.enqueue(change.owner)
 
-    def _report_changed(self, change: Change[Report] | Change[PodState]) -> None:
+    def _report_changed(self, change: Change[Report] | Change[RunPod]) -> None:
         if change.owner is not None:
             self.controller.enqueue(change.owner)
 

@@ -1,9 +1,9 @@
 """ModelDeployment wiring: the kopf handler, the cache of RayServices, and the events that wake a deployment.
 
-kopf watches ModelDeployments; its handler only enqueues the key. The RayServices are
-held by an informer with a server-side label selector, kept as what the rollout
-needs of each. A FineTuneJob's or a Secret's change reaches the deployments that
-depend on it through the controller core.
+kopf watches ModelDeployments; its handler only enqueues the key. The RayServices and
+the endpoints' pods are held by informers with server-side label selectors, kept as
+what the rollout needs of each (of a pod: why it cannot run). A FineTuneJob's or a
+Secret's change reaches the deployments that depend on it through the controller core.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ from kubetune.operator.core.informer import Change, Informer, Source, owner_labe
 from kubetune.operator.kube import Kube, selector
 from kubetune.operator.naming import DEPLOYMENT_LABEL, MANAGED_BY_LABEL, MANAGER
 from kubetune.operator.planning.modeldeployment import ObservedService
+from kubetune.operator.planning.pods import PodState
 from kubetune.operator.reconcile import reconciling
-from kubetune.operator.reconcile.modeldeployment import Clock, ModelDeploymentReconciler, observe
+from kubetune.operator.reconcile.modeldeployment import Clock, ModelDeploymentReconciler, observe, observe_pod
 from kubetune.operator.settings import Settings
 
 SERVICES = Source("ray.io/v1", "RayService", selector({MANAGED_BY_LABEL: MANAGER, DEPLOYMENT_LABEL: ""}))
+# The endpoints' Ray pods (KubeRay gives them the labels of our pod templates): why an endpoint waits.
+PODS = Source("v1", "Pod", selector({MANAGED_BY_LABEL: MANAGER, DEPLOYMENT_LABEL: ""}))
 
 
 deployment_of = owner_label(DEPLOYMENT_LABEL)
@@ -43,7 +46,8 @@ class ModelDeployments:
         namespaces: list[str] | None,
     ) -> None:
         self.services: Informer[ObservedService] = Informer(kube, SERVICES, namespaces, observe, deployment_of)
-        reconciler = ModelDeploymentReconciler(kube, settings, self.services, secrets, clock)
+        self.pods: Informer[PodState] = Informer(kube, PODS, namespaces, observe_pod, deployment_of)
+        reconciler = ModelDeploymentReconciler(kube, settings, self.services, secrets, clock, self.pods)
         self.controller = Controller(
             KIND, reconciling(kube, KIND, reconciler.reconcile, clock), executor, ControllerSettings.of(settings)
         )
@@ -51,11 +55,17 @@ class ModelDeployments:
 
     def start(self) -> None:
         self.services.start(self._service_changed)
-        self.controller.start([self.services.synced, self.secrets.synced])
+        self.pods.start(self._pod_changed)
+        self.controller.start([self.services.synced, self.pods.synced, self.secrets.synced])
 
     async def stop(self) -> None:
         await self.controller.stop()
-        await asyncio.to_thread(self.services.stop)
+        for informer in (self.services, self.pods):
+            await asyncio.to_thread(informer.stop)
+
+    def _pod_changed(self, change: Change[PodState]) -> None:
+        if change.owner is not None:  # any change of a pod may change why the endpoint waits
+            self.controller.enqueue(change.owner)
 
     def _service_changed(self, change: Change[ObservedService]) -> None:
         if change.owner is not None:

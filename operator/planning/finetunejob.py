@@ -31,6 +31,7 @@ from kubetune.operator.api.finetunejob import (
 from kubetune.operator.builders.finetunejob import RunRequest
 from kubetune.operator.conditions import Reason
 from kubetune.operator.naming import run_name
+from kubetune.operator.planning.pods import PodWait
 from kubetune.operator.status.finetunejob import (
     fit_history,
     gate,
@@ -66,14 +67,6 @@ class ObservedRun:
     status: Mapping[str, Any] | None
     owner_uid: str | None = None  # of its controller owner reference: the job it belongs to
     queue: str | None = None  # the Kueue LocalQueue it was submitted through
-
-
-@dataclass(frozen=True)
-class PodWait:
-    """Why a pod of a run cannot run: the run waits for it."""
-
-    reason: WaitReason
-    message: str
 
 
 @dataclass(frozen=True)

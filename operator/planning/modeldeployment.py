@@ -1,12 +1,15 @@
 """Decide what a ModelDeployment serves next: roll out, keep, or roll back. Pure (time is passed in).
 
 The artifact to serve is resolved from the spec (a URI, or a FineTuneJob's promoted or
-pinned run) and compared with what the status says is served. A new artifact starts
-a rollout: the RayService gets it in its Serve config, and the rollout ends when
-KubeRay reports the application RUNNING on the new config. If it goes DEPLOY_FAILED
-or UNHEALTHY, or is still deploying at the deadline, the deployment returns to the
-artifact it served before and records the failed one, which is not tried again
-until a different artifact is promoted.
+pinned run) and compared with what the status says is served, together with the spec it
+is served with. A new artifact starts a rollout, and so does a spec that changes the
+RayService (its Ray cluster or its Serve config). KubeRay updates a Serve config in place
+and replaces a changed cluster by a new one, which serves once it is ready. The rollout
+ends when KubeRay reports the application RUNNING on the new spec, on the new cluster
+when there is one, and no longer upgrading. If it goes DEPLOY_FAILED or UNHEALTHY, or is
+still deploying at the deadline, the deployment returns to the artifact and the spec it
+served before and records the failed rollout: a failed artifact is not tried again until
+a different one is promoted, a failed spec not until the spec changes.
 """
 
 from __future__ import annotations
@@ -21,13 +24,20 @@ from kubetune.operator.api.modeldeployment import ModelDeployment, ModelDeployme
 from kubetune.operator.conditions import Reason
 from kubetune.operator.naming import controller_uid
 from kubetune.operator.planning.finetunejob import Event
+from kubetune.operator.planning.pods import PodWait
 from kubetune.operator.status.finetunejob import Problem
 from kubetune.runtime.contract.serving import Variant
 
 RUNNING, DEPLOYING = "RUNNING", "DEPLOYING"
 FAILED_STATUSES = frozenset({"DEPLOY_FAILED", "UNHEALTHY"})
+# KubeRay's condition while it brings up a new Ray cluster to replace the one that serves.
+UPGRADE_IN_PROGRESS = "UpgradeInProgress"
 # How soon to look again at a rollout in progress when no event comes (a safety net).
 ROLLOUT_RECHECK_SECONDS = 30.0
+# What the status keeps of Serve's messages: the application's beginning, a failing deployment's end
+# (a traceback, whose last line is the error). Together they fit a condition's 1024 characters.
+APPLICATION_MESSAGE_MAX_LENGTH = 256
+DEPLOYMENT_MESSAGE_MAX_LENGTH = 640
 
 
 @dataclass(frozen=True)
@@ -38,25 +48,60 @@ class ObservedService:
     spec_hash: str | None  # the kubetune.io/spec-hash annotation: what the operator last applied
     generation: int
     observed_generation: int  # KubeRay's: the spec it has acted on
-    ready: bool  # condition Ready
-    application_status: str | None  # of kubetune's application, on the cluster that serves
+    ready: bool  # condition Ready: the serve Service has endpoints
+    # Kubetune's application where the latest spec goes: on the pending Ray cluster while KubeRay brings
+    # one up (DEPLOYING until it reports one), else on the active cluster.
+    application_status: str | None
     application_message: str
     endpoints: int  # KubeRay's numServeEndpoints
     owner_uid: str | None = None  # of its controller owner reference: the deployment it belongs to
+    upgrading: bool = False  # UpgradeInProgress: a new cluster is coming up; the active one still serves
+    serving_status: str | None = None  # the application on the active cluster: what answers requests now
+    deployment_message: str = ""  # the Serve deployment that fails, with the end of its message
 
     @property
     def current(self) -> bool:
         """KubeRay has acted on the latest spec (its application status is about that spec)."""
         return self.observed_generation >= self.generation
 
+    @property
+    def problem(self) -> str:
+        """The application's status with what Serve says of it, for messages."""
+        details = "; ".join(text for text in (self.application_message, self.deployment_message) if text)
+        return f"the application is {self.application_status or 'not running'}" + (f": {details}" if details else "")
+
+
+def _cut(text: str, limit: int, *, keep_end: bool = False) -> str:
+    text = text.strip()
+    if len(text) <= limit:
+        return text
+    return "…" + text[-(limit - 1) :] if keep_end else text[: limit - 1] + "…"
+
+
+def failing_deployment(application: Mapping[str, Any]) -> str:
+    """The Serve deployment of the application that fails (a failed one first), with its message's end."""
+    troubled = sorted(
+        (item.get("status") not in FAILED_STATUSES, name, str(item["message"]))
+        for name, item in (application.get("serveDeploymentStatuses") or {}).items()
+        if item.get("status") != "HEALTHY" and item.get("message")
+    )
+    if not troubled:
+        return ""
+    _, name, message = troubled[0]
+    return f"{name}: {_cut(message, DEPLOYMENT_MESSAGE_MAX_LENGTH, keep_end=True)}"
+
 
 def observe_service(body: Mapping[str, Any], application: str) -> ObservedService:
     meta, status = body["metadata"], body.get("status") or {}
     conditions = {item.get("type"): item for item in status.get("conditions") or []}
-    # While KubeRay brings up a new cluster, the application there is the one deploying.
-    pending = ((status.get("pendingServiceStatus") or {}).get("applicationStatuses") or {}).get(application)
-    active = ((status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}).get(application)
-    app = pending or active or {}
+    pending = status.get("pendingServiceStatus") or {}
+    active = ((status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}).get(application) or {}
+    # While KubeRay brings up a new cluster, the latest spec goes there: only its application tells
+    # how the rollout goes (the active one still runs what was served before).
+    if pending.get("rayClusterName"):
+        app = (pending.get("applicationStatuses") or {}).get(application) or {"status": DEPLOYING}
+    else:
+        app = active
     return ObservedService(
         name=meta["name"],
         spec_hash=(meta.get("annotations") or {}).get("kubetune.io/spec-hash"),
@@ -64,9 +109,12 @@ def observe_service(body: Mapping[str, Any], application: str) -> ObservedServic
         observed_generation=int(status.get("observedGeneration") or 0),
         ready=(conditions.get("Ready") or {}).get("status") == "True",
         application_status=app.get("status") or None,
-        application_message=str(app.get("message") or ""),
+        application_message=_cut(str(app.get("message") or ""), APPLICATION_MESSAGE_MAX_LENGTH),
         endpoints=int(status.get("numServeEndpoints") or 0),
         owner_uid=controller_uid(body),
+        upgrading=(conditions.get(UPGRADE_IN_PROGRESS) or {}).get("status") == "True",
+        serving_status=active.get("status") or None,
+        deployment_message=failing_deployment(app),
     )
 
 
@@ -108,6 +156,17 @@ def _artifact(job_name: str, record: RunRecord, variant: Variant, job: FineTuneJ
 
 
 @dataclass(frozen=True)
+class Asked:
+    """What the deployment asks for in this pass."""
+
+    artifact: ServedModel | None  # resolved from the spec; None: none can be resolved (what is served stays)
+    generation: int  # metadata.generation of the spec
+    spec: Mapping[str, Any]  # the spec in wire form, recorded with what is rolled out
+    # The spec hash of the RayService this spec builds for the artifact served now (None: nothing is served).
+    service_hash: str | None
+
+
+@dataclass(frozen=True)
 class Rollout:
     """The next state of what is served, and what to tell about it."""
 
@@ -118,62 +177,127 @@ class Rollout:
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
 
+    @property
+    def failed(self) -> bool:
+        """What is served is what failed to roll out, with nothing to return to."""
+        serving, rejected = self.serving, self.rejected
+        if serving is None or rejected is None:
+            return False
+        if rejected.uri is not None:
+            return rejected.uri == serving.uri
+        return rejected.generation is not None and rejected.generation == serving.generation
+
 
 def _describe(served: ServedModel) -> str:
     return f"run {served.run} ({served.variant}, {served.uri})" if served.run is not None else served.uri
 
 
+def _with_spec(artifact: ServedModel, generation: int | None, spec: Mapping[str, Any] | None) -> ServedModel:
+    return artifact.model_copy(update={"generation": generation, "spec": dict(spec) if spec is not None else None})
+
+
 def plan_rollout(
     status: ModelDeploymentStatus,
-    desired: ServedModel | None,
+    asked: Asked,
     service: ObservedService | None,
     service_hash: str | None,
     deadline_seconds: int,
     now: datetime,
+    waiting: PodWait | None = None,
 ) -> Rollout:
-    """What to serve next, given the artifact asked for (None: none can be resolved, keep what is served).
+    """What to serve next: roll out a new artifact or a new spec, keep what is served, or return to what was.
 
-    `service_hash` is the spec hash of the RayService the status's artifact gives: the
-    service shows the rollout's outcome once it carries that hash and KubeRay has acted on it.
+    `service_hash` is the spec hash of the RayService that the status's artifact and its spec give:
+    the service shows the rollout's outcome once it carries that hash, KubeRay has acted on it, and
+    no new Ray cluster is still coming up. `waiting` is why a pod of the endpoint cannot run, if one cannot.
     """
     state = Rollout(status.serving, status.previous, status.rejected, status.rollout_start_time)
-    rejected_uri = status.rejected.uri if status.rejected else None
-    if (
-        desired is not None
-        and desired.uri != rejected_uri
-        and (state.serving is None or state.serving.uri != desired.uri)
-    ):
-        in_progress = state.rollout_start_time is not None
+    rejected = status.rejected
+    in_progress = state.rollout_start_time is not None
+    spec_rejected = rejected is not None and rejected.generation == asked.generation
+    desired = asked.artifact
+    new_artifact = desired is not None and (state.serving is None or state.serving.uri != desired.uri)
+    if desired is not None and new_artifact and desired.uri != (rejected.uri if rejected else None):
+        # A spec that failed to roll out is not the one a new artifact comes with: what serves now is.
+        source = state.serving if spec_rejected and state.serving is not None else None
+        target = (
+            _with_spec(desired, source.generation, source.spec)
+            if source is not None
+            else _with_spec(desired, asked.generation, asked.spec)
+        )
         return Rollout(
-            serving=desired,
+            serving=target,
             # A rollout replaced midway keeps the artifact that was last known to work.
             previous=state.previous if in_progress else state.serving,
-            rejected=None,
+            rejected=rejected if spec_rejected else None,  # a rejected spec stays rejected while it is the spec
             rollout_start_time=now,
             events=[Event("Normal", Reason.ROLLOUT_STARTED, f"rolling out {_describe(desired)}")],
             requeue_after=ROLLOUT_RECHECK_SECONDS,
         )
-    if state.rollout_start_time is None or state.serving is None:
+    serving = state.serving
+    if serving is None:
         return state
+    if serving.spec is None:
+        # Served before the spec was recorded with it: taken as served with this spec.
+        state = replace(state, serving=_with_spec(serving, asked.generation, asked.spec))
+    elif asked.service_hash is not None and asked.service_hash != service_hash and not spec_rejected:
+        # The spec changed what the RayService is (its cluster or its Serve config): a rollout too.
+        message = f"rolling out the spec of generation {asked.generation} ({_describe(serving)})"
+        return Rollout(
+            serving=_with_spec(serving, asked.generation, asked.spec),
+            previous=state.previous if in_progress else serving,
+            # A rejected artifact stays rejected; a rejected spec is replaced by this one.
+            rejected=rejected if rejected is not None and rejected.uri is not None else None,
+            rollout_start_time=now,
+            events=[Event("Normal", Reason.ROLLOUT_STARTED, message)],
+            requeue_after=ROLLOUT_RECHECK_SECONDS,
+        )
+    if state.rollout_start_time is None:
+        return state
+    return _outcome(state, service, service_hash, deadline_seconds, now, waiting)
+
+
+def _outcome(
+    state: Rollout,
+    service: ObservedService | None,
+    service_hash: str | None,
+    deadline_seconds: int,
+    now: datetime,
+    waiting: PodWait | None,
+) -> Rollout:
+    """A rollout in progress: done, still going, or failed (and then back to what was served before)."""
+    assert state.serving is not None and state.rollout_start_time is not None
     observed = service is not None and service.spec_hash == service_hash and service.current
-    if observed and service is not None and service.application_status == RUNNING and service.ready:
+    running = observed and service is not None and service.application_status == RUNNING and service.ready
+    if running and service is not None and not service.upgrading:
         message = f"serving {_describe(state.serving)}"
         return replace(state, rollout_start_time=None, events=[Event("Normal", Reason.ROLLOUT_SUCCEEDED, message)])
     reason = None
     if observed and service is not None and service.application_status in FAILED_STATUSES:
-        reason = f"the application is {service.application_status}: {service.application_message}".rstrip(": ")
+        reason = service.problem
     elif now - state.rollout_start_time > timedelta(seconds=deadline_seconds):
         reason = f"still not running after {deadline_seconds} s (spec.rolloutDeadlineSeconds)"
+        if waiting is not None:
+            reason += f": {waiting.message}"
+        elif service is not None and service.upgrading:
+            reason += ": KubeRay's new Ray cluster is not ready"
     if reason is None:
         waited = (now - state.rollout_start_time).total_seconds()
         return replace(state, requeue_after=max(1.0, min(ROLLOUT_RECHECK_SECONDS, deadline_seconds - waited)))
-    rejected = RejectedModel(uri=state.serving.uri, run=state.serving.run, reason=reason[:1024])
-    if state.previous is None:
-        message = f"{_describe(state.serving)} failed and there is nothing to return to: {reason}"
+    previous = state.previous
+    only_spec = previous is not None and previous.uri == state.serving.uri
+    if only_spec:
+        rejected = RejectedModel(generation=state.serving.generation, reason=reason[:1024])
+    else:
+        rejected = RejectedModel(uri=state.serving.uri, run=state.serving.run, reason=reason[:1024])
+    what = f"the spec of generation {state.serving.generation}" if only_spec else _describe(state.serving)
+    if previous is None:
+        message = f"{what} failed and there is nothing to return to: {reason}"
         return Rollout(state.serving, None, rejected, None, events=[Event("Warning", Reason.ROLLOUT_FAILED, message)])
-    message = f"{_describe(state.serving)} failed ({reason}); back to {_describe(state.previous)}"
+    back = f"generation {previous.generation}'s spec" if only_spec else _describe(previous)
+    message = f"{what} failed ({reason}); back to {back}"
     return Rollout(
-        serving=state.previous,
+        serving=previous,
         previous=None,
         rejected=rejected,
         rollout_start_time=now,  # the way back is a rollout too

@@ -39,8 +39,21 @@ def ending_when_deleted(kube: Kube, kind: str, reconcile: Callable[[Key], Outcom
 
 
 def status_patch(previous: Manifest, current: Manifest) -> Manifest:
-    """A merge patch that turns `previous` into `current` (removed keys become null)."""
-    return {key: current.get(key) for key in {*previous, *current} if previous.get(key) != current.get(key)}
+    """A merge patch that turns `previous` into `current`: removed keys become null, at any depth.
+
+    A merge patch merges objects key by key, so a key that an object inside no longer has
+    (a field of a recorded spec, say) must be nulled there too, or the old value stays.
+    """
+    patch: Manifest = {}
+    for key in {*previous, *current}:
+        before, after = previous.get(key), current.get(key)
+        if before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            patch[key] = status_patch(before, after)
+        else:
+            patch[key] = after
+    return patch
 
 
 def patch_status(kube: Kube, ref: ObjectRef, body: Manifest, status: Manifest) -> str | None:

@@ -21,7 +21,6 @@ from kubetune.operator.api.finetunejob import (
     FineTuneJobStatus,
     RunRecord,
     Trigger,
-    WaitReason,
     cluster_output_problem,
 )
 from kubetune.operator.builders.finetunejob import RunRequest, build_run
@@ -46,11 +45,11 @@ from kubetune.operator.planning.finetunejob import (
     Event,
     ObservedRun,
     Plan,
-    PodWait,
     ScheduleError,
     name_conflict,
     plan,
 )
+from kubetune.operator.planning.pods import PodState, PodWait, first_wait, pod_wait
 from kubetune.operator.policy import placement_violation
 from kubetune.operator.reconcile import patch_status, post_events, previous_status
 from kubetune.operator.settings import Settings
@@ -103,48 +102,19 @@ def observe_run(ray_job: Mapping[str, Any]) -> ObservedRun | None:
 
 
 @dataclass(frozen=True)
-class PodState:
-    """A pod of a run: which run, and why it cannot run (None: it can, or it already does)."""
+class RunPod(PodState):
+    """A pod of a run: which run, its name, and why it cannot run (None: it can, or it already does)."""
 
     number: int
-    name: str
-    wait: PodWait | None
 
 
-_IMAGE_PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
-_CONFIG_FAILURES = ("CreateContainerConfigError", "CreateContainerError")
-
-
-def pod_wait(pod: Mapping[str, Any]) -> PodWait | None:
-    """Why the pod cannot run, from its conditions and container states; None when nothing holds it up."""
-    name = pod["metadata"]["name"]
-    status = pod.get("status") or {}
-    for item in status.get("conditions") or []:
-        unschedulable = (item.get("type"), item.get("status"), item.get("reason")) == (
-            "PodScheduled",
-            "False",
-            "Unschedulable",
-        )
-        if unschedulable:
-            return PodWait(WaitReason.UNSCHEDULABLE, f"pod {name} cannot be scheduled: {item.get('message') or ''}")
-    for container in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
-        waiting = (container.get("state") or {}).get("waiting") or {}
-        reason = waiting.get("reason")
-        detail = f"pod {name} container {container.get('name')}: {reason}: {waiting.get('message') or ''}"
-        if reason in _IMAGE_PULL_FAILURES:
-            return PodWait(WaitReason.IMAGE_PULL_FAILED, detail)
-        if reason in _CONFIG_FAILURES:
-            return PodWait(WaitReason.POD_CONFIG_ERROR, detail)
-    return None
-
-
-def observe_pod(pod: Mapping[str, Any]) -> PodState | None:
+def observe_pod(pod: Mapping[str, Any]) -> RunPod | None:
     """A run's pod and what holds it up; None for a pod without kubetune's run label."""
     try:
         number = int((pod["metadata"].get("labels") or {})[RUN_LABEL])
     except (KeyError, ValueError):
         return None
-    return PodState(number, pod["metadata"]["name"], pod_wait(pod))
+    return RunPod(pod["metadata"]["name"], pod_wait(pod), number)
 
 
 def observe_report(config_map: Mapping[str, Any]) -> Report | None:
@@ -174,7 +144,7 @@ class FineTuneJobReconciler:
         reports: Informer[Report],
         secrets: Informer[bool],
         clock: Clock = utc_now,
-        pods: Informer[PodState] | None = None,
+        pods: Informer[RunPod] | None = None,
     ) -> None:
         """Reads the job from the API server; its runs, reports, pods and Secrets from the caches."""
         self.kube = kube
@@ -271,12 +241,9 @@ class FineTuneJobReconciler:
 
     def _pod_waits(self, key: Key) -> dict[int, PodWait]:
         """Per run, the first of its pods (by name) that cannot run, and why."""
-        states = sorted(self.pods.owned_by(key), key=lambda state: state.name) if self.pods else []
-        waits: dict[int, PodWait] = {}
-        for state in states:
-            if state.wait is not None:
-                waits.setdefault(state.number, state.wait)
-        return waits
+        pods = self.pods.owned_by(key) if self.pods else []
+        waits = {number: first_wait(pod for pod in pods if pod.number == number) for number in {p.number for p in pods}}
+        return {number: wait for number, wait in waits.items() if wait is not None}
 
     def _with_unlisted_runs(self, job: FineTuneJob, runs: list[ObservedRun]) -> list[ObservedRun]:
         """The cached runs, plus active runs of the status that the cache does not hold (yet).

@@ -14,7 +14,13 @@ from typing import Any
 from kubetune.operator.api.common import API_VERSION
 from kubetune.operator.api.finetunejob import KIND as JOB_KIND
 from kubetune.operator.api.finetunejob import FineTuneJob
-from kubetune.operator.api.modeldeployment import KIND, ModelDeployment, ModelDeploymentStatus, ServedModel
+from kubetune.operator.api.modeldeployment import (
+    KIND,
+    ModelDeployment,
+    ModelDeploymentSpec,
+    ModelDeploymentStatus,
+    ServedModel,
+)
 from kubetune.operator.builders.modeldeployment import APPLICATION, build_network_policy, build_ray_service, endpoint
 from kubetune.operator.conditions import Reason
 from kubetune.operator.core.controller import Dependency, Key, Outcome
@@ -23,17 +29,19 @@ from kubetune.operator.kube import Kube, ObjectRef
 from kubetune.operator.naming import SPEC_HASH_ANNOTATION, controller_uid
 from kubetune.operator.planning.finetunejob import Event
 from kubetune.operator.planning.modeldeployment import (
+    Asked,
     ObservedService,
     Rollout,
     observe_service,
     plan_rollout,
     resolve,
 )
+from kubetune.operator.planning.pods import PodState, first_wait, pod_wait
 from kubetune.operator.policy import placement_violation
 from kubetune.operator.reconcile import patch_status, post_events, previous_status
 from kubetune.operator.settings import Settings
 from kubetune.operator.status.finetunejob import Problem
-from kubetune.operator.status.modeldeployment import compute_status
+from kubetune.operator.status.modeldeployment import compute_status, wait_events
 from kubetune.runtime.contract.errors import describe
 from pydantic import ValidationError
 
@@ -50,6 +58,23 @@ def observe(ray_service: Mapping[str, Any]) -> ObservedService:
     return observe_service(ray_service, APPLICATION)
 
 
+def observe_pod(pod: Mapping[str, Any]) -> PodState:
+    """An endpoint's pod (of any of its Ray clusters) and what holds it up."""
+    return PodState(pod["metadata"]["name"], pod_wait(pod))
+
+
+def served_with(deployment: ModelDeployment, served: ServedModel) -> ModelDeployment:
+    """The deployment as `served` is served: with the spec recorded with it (the current one when none is)."""
+    if served.spec is None:
+        return deployment
+    try:
+        spec = ModelDeploymentSpec.model_validate(served.spec)
+    except ValidationError as error:  # written by a version that read specs otherwise
+        log.warning("serving %s with the current spec: its recorded spec is unreadable: %s", served.uri, error)
+        return deployment
+    return deployment.model_copy(update={"spec": spec})
+
+
 class ModelDeploymentReconciler:
     def __init__(
         self,
@@ -58,10 +83,12 @@ class ModelDeploymentReconciler:
         services: Informer[ObservedService],
         secrets: Informer[bool],
         clock: Clock,
+        pods: Informer[PodState] | None = None,
     ) -> None:
-        """Reads the deployment and the FineTuneJob it follows from the API server; its RayService from a cache."""
+        """Reads the deployment and the FineTuneJob it follows from the API server; its RayService and
+        its pods from caches."""
         self.kube, self.settings, self.clock = kube, settings, clock
-        self.services, self.secrets = services, secrets
+        self.services, self.secrets, self.pods = services, secrets, pods
 
     def reconcile(self, key: Key) -> Outcome:
         namespace, name = key
@@ -95,17 +122,25 @@ class ModelDeploymentReconciler:
         desired = resolved if isinstance(resolved, ServedModel) else None
         unresolved = resolved if isinstance(resolved, Problem) else None
         current = previous.serving
+        asked = Asked(
+            artifact=desired,
+            generation=generation,
+            spec=deployment.spec.to_wire(),
+            service_hash=self._hash(deployment, current) if current else None,
+        )
+        waiting = first_wait(self.pods.owned_by(key)) if self.pods else None
         rollout = plan_rollout(
             previous,
-            desired,
+            asked,
             service,
-            self._hash(deployment, current) if current else None,
+            self._hash(served_with(deployment, current), current) if current else None,
             deployment.spec.rollout_deadline_seconds,
             now,
+            waiting,
         )
         if rollout.serving is not None:
             try:
-                service = self._apply(deployment, rollout.serving, service) or service
+                service = self._apply(served_with(deployment, rollout.serving), rollout.serving, service) or service
             except NameTakenError as error:
                 conflict = Problem(Reason.NAME_CONFLICT, str(error))
                 return self._write(body, previous, conflict, generation, None, now, needs)
@@ -115,11 +150,12 @@ class ModelDeploymentReconciler:
             generation=generation,
             previous=previous,
             now=now,
-            endpoint=endpoint(deployment),
+            endpoint=endpoint(served_with(deployment, rollout.serving) if rollout.serving else deployment),
             problem=unresolved,
+            waiting=waiting,
         )
         version = patch_status(self.kube, _ref(body), body, status.to_wire())
-        post_events(self.kube, body, rollout.events, now, log)
+        post_events(self.kube, body, [*rollout.events, *wait_events(previous, status)], now, log)
         return Outcome(version, rollout.requeue_after or self.settings.recheck_seconds, depends_on=frozenset(needs))
 
     def _job(self, namespace: str, name: str) -> FineTuneJob | None:

@@ -1,8 +1,11 @@
 """ModelDeployment status, computed from the rollout state and the RayService as KubeRay reports it. Pure.
 
 KubeRay's semantics: the RayService's `Ready` condition (serve endpoints exist), its
-application status (DEPLOYING, RUNNING, DEPLOY_FAILED, UNHEALTHY, ...) and its
-observedGeneration (whether those describe the latest spec).
+application status (DEPLOYING, RUNNING, DEPLOY_FAILED, UNHEALTHY, ...) on the active
+cluster and, while it brings up a new one, on the pending cluster, and its
+observedGeneration (whether those describe the latest spec). A pod of the endpoint that
+cannot run (unschedulable, its image not pulled, its configuration broken) is why a
+rollout, or an endpoint that does not run, makes no progress.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from datetime import datetime
 
 from kubetune.operator.api.modeldeployment import DeploymentPhase, ModelDeploymentStatus
 from kubetune.operator.conditions import ConditionType, Reason, condition, merge_conditions
+from kubetune.operator.planning.finetunejob import Event
 from kubetune.operator.planning.modeldeployment import RUNNING, ObservedService, Rollout
+from kubetune.operator.planning.pods import PodWait
 from kubetune.operator.status.finetunejob import Problem
 
 
@@ -24,11 +29,14 @@ def compute_status(
     now: datetime,
     endpoint: str | None,
     problem: Problem | None = None,
+    waiting: PodWait | None = None,
 ) -> ModelDeploymentStatus:
-    """The whole status. `problem` is why the spec cannot be served as asked (what is served stays)."""
+    """The whole status. `problem` is why the spec cannot be served as asked (what is served stays);
+    `waiting` why a pod of the endpoint cannot run."""
     serving = rollout.serving
-    failed = serving is not None and rollout.rejected is not None and rollout.rejected.uri == serving.uri
-    running = service is not None and service.ready and service.application_status == RUNNING
+    failed = rollout.failed
+    running = service is not None and service.ready and service.serving_status == RUNNING
+    wait = (Reason(waiting.reason.value), waiting.message) if waiting is not None else None
     if problem is not None and (serving is None or problem.reason in (Reason.INVALID_SPEC, Reason.SECRET_NOT_FOUND)):
         phase = DeploymentPhase.INVALID if problem.reason == Reason.INVALID_SPEC else DeploymentPhase.PENDING
         ready = (False, problem.reason, problem.message)
@@ -38,32 +46,31 @@ def compute_status(
         reason = rollout.rejected.reason if rollout.rejected else ""
         phase, ready = DeploymentPhase.FAILED, (False, Reason.ROLLOUT_FAILED, reason)
     elif rollout.rollout_start_time is not None:
-        phase, ready = DeploymentPhase.DEPLOYING, (False, Reason.DEPLOYING, f"rolling out {serving.uri}")
+        phase = DeploymentPhase.DEPLOYING
+        ready = (False, *wait) if wait else (False, Reason.DEPLOYING, f"rolling out {serving.uri}")
     elif running:
         phase = DeploymentPhase.DEGRADED if rollout.rejected or problem else DeploymentPhase.READY
         ready = (True, Reason.SERVING, f"serving {serving.uri}")
     else:
-        app = service.application_status if service else None
         phase = DeploymentPhase.DEGRADED
-        ready = (False, Reason.APPLICATION_UNHEALTHY, f"the application is {app or 'not running'}")
+        unhealthy = service.problem if service else "the application is not running"
+        ready = (False, *wait) if wait else (False, Reason.APPLICATION_UNHEALTHY, unhealthy)
     progressing = rollout.rollout_start_time is not None
-    if rollout.rejected is not None:  # rolled back (or rolling back): the newest artifact failed
+    if rollout.rejected is not None:  # rolled back (or rolling back): the newest rollout failed
         degraded = (True, Reason.ROLLED_BACK if not failed else Reason.ROLLOUT_FAILED, rollout.rejected.reason)
     elif problem is not None:
         degraded = (True, problem.reason, problem.message)
     elif phase == DeploymentPhase.DEGRADED:
-        degraded = (True, Reason.APPLICATION_UNHEALTHY, ready[2])
+        degraded = (True, ready[1], ready[2])
     else:
         degraded = (False, Reason.SERVING if running else Reason.IDLE, "")
+    if progressing and serving is not None:
+        moving = (True, *wait) if wait else (True, Reason.DEPLOYING, f"rolling out {serving.uri}")
+    else:
+        moving = (False, Reason.IDLE, "")
     conditions = [
         condition(ConditionType.READY, ready[0], ready[1], ready[2], generation),
-        condition(
-            ConditionType.PROGRESSING,
-            progressing,
-            Reason.DEPLOYING if progressing else Reason.IDLE,
-            f"rolling out {serving.uri}" if progressing and serving else "",
-            generation,
-        ),
+        condition(ConditionType.PROGRESSING, moving[0], moving[1], moving[2], generation),
         condition(ConditionType.DEGRADED, degraded[0], degraded[1], degraded[2], generation),
     ]
     return ModelDeploymentStatus(
@@ -77,5 +84,15 @@ def compute_status(
         rejected=rollout.rejected,
         rollout_start_time=rollout.rollout_start_time,
         application_status=service.application_status if service else None,
-        ready_replicas=service.endpoints if service else None,
+        serving_pods=service.endpoints if service else None,
     )
+
+
+def wait_events(previous: ModelDeploymentStatus | None, status: ModelDeploymentStatus) -> list[Event]:
+    """A Warning event when a pod's wait becomes the reason of a condition (once, not on every pass)."""
+    waits = {Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_FAILED, Reason.POD_CONFIG_ERROR}
+    before = {(c.type, c.reason, c.message) for c in (previous.conditions if previous else None) or []}
+    for item in status.conditions or []:
+        if item.reason in waits and (item.type, item.reason, item.message) not in before:
+            return [Event("Warning", Reason(item.reason), item.message)]
+    return []

@@ -30,8 +30,10 @@ SERVE_ARGS_SCHEMA_VERSION = 1
 COMPILED_BY_DEFAULT = frozenset({Task.TEXT_CLASSIFICATION})
 COMPILE_DESCRIPTION = (
     "Run the model through torch.compile (dynamic shapes), compiled and warmed up before the endpoint reports"
-    " healthy; it costs about half a minute of start-up per replica on CPU. Unset: on for text classifiers, off"
-    " otherwise. Causal LMs are never compiled."
+    " healthy; it costs about half a minute of start-up per replica on CPU and needs a C++ compiler (g++) in"
+    " the image. Unset: on for text classifiers, off otherwise, and eager (with a warning in the replica's"
+    " log) where the image has no working compiler. true fails the replica where it has none. Causal LMs are"
+    " never compiled."
 )
 
 

@@ -113,11 +113,57 @@ def load(args: ServeAppArgs, settings: RuntimeSettings) -> Loaded:
         max_length=min(positions, MAX_TEXT_TOKENS),
     )
     if args.compiles(task) and task != Task.CAUSAL_LM:  # generation's changing shapes would recompile all along
-        # Dynamic shapes: one compile serves every batch size and length, none happens under load.
-        loaded.model = torch.compile(model, dynamic=True)  # type: ignore[assignment]
-    warm_up(loaded)
+        _compile_and_warm_up(loaded, asked=args.compile is True)
+    else:
+        warm_up(loaded)
     LOGGER.info("serving %s (%s) from %s", loaded.name, task.value, folder)
     return loaded
+
+
+def compiler_problem() -> str | None:
+    """Why torch.compile cannot build CPU kernels here (no working C++ compiler); None when it can.
+
+    The check is inductor's own (the compiler answers `--version`), done once per process.
+    Ray's CPU images ship no compiler.
+    """
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler as error:
+        return str(error)
+    return None
+
+
+def _compile_and_warm_up(loaded: Loaded, *, asked: bool) -> None:
+    """Compile the model and warm it up; eager, with a warning, when the compile was a default that cannot work.
+
+    `asked`: the spec set compile: true, so a compile that cannot work fails the replica instead.
+    """
+    problem = compiler_problem()
+    if problem is not None:
+        if asked:
+            raise ModelError(
+                "compile",
+                f"torch.compile needs a working C++ compiler (such as g++) in the image, and there is none "
+                f"({problem}): install one, or set compile: false",
+            )
+        LOGGER.warning("serving %s eager, not compiled: %s (set compile: false to say so)", loaded.name, problem)
+        warm_up(loaded)
+        return
+    from torch._dynamo.exc import TorchDynamoException
+
+    eager = loaded.model
+    # Dynamic shapes: one compile serves every batch size and length, none happens under load.
+    loaded.model = torch.compile(eager, dynamic=True)  # type: ignore[assignment]
+    try:
+        warm_up(loaded)  # the compile happens here
+    except TorchDynamoException as error:
+        if asked:
+            raise
+        LOGGER.warning("serving %s eager, not compiled: torch.compile failed: %s", loaded.name, error)
+        loaded.model = eager
+        warm_up(loaded)
 
 
 def warm_up(loaded: Loaded) -> None:

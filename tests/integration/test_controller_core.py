@@ -149,17 +149,23 @@ def test_lists_and_watches_ask_for_the_operators_objects_only(kube: Kube, namesp
     collections = [r for r in proxied.recorded() if r.method == "GET" and is_collection(r.path)]
     kinds = {r.path.rsplit("/", 1)[-1] for r in collections}
     assert {"rayjobs", "configmaps", "rayservices", "pods", "secrets", "finetunejobs", "modeldeployments"} <= kinds
+    owners = {"rayjobs": {"finetunejob"}, "configmaps": {"finetunejob"}, "rayservices": {"modeldeployment"},
+              "pods": {"finetunejob", "modeldeployment"}}  # fmt: skip
+    pod_owners = set()
     for request in collections:
         kind = request.path.rsplit("/", 1)[-1]
         selector = request.query.get("labelSelector", "")
-        if kind in ("rayjobs", "configmaps", "rayservices", "pods"):
+        if kind in owners:
             assert "app.kubernetes.io/managed-by=kubetune" in selector.split(","), request
-            owner = "kubetune.io/modeldeployment" if kind == "rayservices" else "kubetune.io/finetunejob"
-            assert owner in selector.split(","), request
+            owner = {o for o in owners[kind] if f"kubetune.io/{o}" in selector.split(",")}
+            assert len(owner) == 1, request
+            if kind == "pods":
+                pod_owners |= owner
         elif kind == "secrets":
             assert "as=PartialObjectMetadata" in request.accept, request
         else:  # kubetune's own kinds, and the CRDs kopf watches to find them
             assert kind in ("finetunejobs", "modeldeployments", "customresourcedefinitions"), request
+    assert pod_owners == {"finetunejob", "modeldeployment"}  # the runs' pods and the endpoints' pods
 
 
 def is_collection(path: str) -> bool:

@@ -208,7 +208,14 @@ def test_kuberay_serves_a_model_deployment_where_the_spec_says(
 ) -> None:
     deployment = copy.deepcopy(example("modeldeployment.yaml", "ModelDeployment"))
     deployment["spec"]["model"] = {"uri": "s3://kubetune-examples/runs/support-tickets/variants/int8"}
-    deployment["spec"]["resources"].update(gpus=1, gpuType=GPU_PRODUCT, imagePullSecrets=[PULL_SECRET])
+    deployment["spec"]["resources"].update(
+        cpu="500m",
+        gpus=1,
+        gpuType=GPU_PRODUCT,
+        imagePullSecrets=[PULL_SECRET],
+        head={"cpu": "250m", "memory": "1Gi"},
+        autoscaler={"cpu": "100m", "memory": "256Mi"},
+    )
     create(deployment)
     name = deployment["metadata"]["name"]
     service_path = f"{collection_path('ray.io/v1', 'RayService', restricted)}/{name}"
@@ -238,6 +245,22 @@ def test_kuberay_serves_a_model_deployment_where_the_spec_says(
     replica = pod_body(kube, restricted, next(p for p in placed if p.node_type == "worker"))["spec"]
     (server,) = replica["containers"]
     assert server["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert server["resources"]["requests"]["cpu"] == "500m"  # what the spec says, not rounded up
+    head = pod_body(kube, restricted, next(p for p in placed if p.node_type == "head"))["spec"]
+    containers = {c["name"]: c for c in head["containers"]}
+    assert set(containers) == {"ray-head", "autoscaler"}
+    assert containers["ray-head"]["resources"]["requests"]["cpu"] == "250m"
+    assert containers["autoscaler"]["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
+    # The autoscaler, and no other container, has the ServiceAccount token (it scales the RayCluster
+    # through the API); the pod mounts none, and its ServiceAccount is the one KubeRay made for it.
+    token_path = "/var/run/secrets/kubernetes.io/serviceaccount"
+    mounts = {name: {m["mountPath"] for m in c.get("volumeMounts", [])} for name, c in containers.items()}
+    assert [name for name, paths in mounts.items() if token_path in paths] == ["autoscaler"]
+    token = next(v for v in head["volumes"] if v["name"] == "autoscaler-token")
+    assert {"serviceAccountToken", "configMap", "downwardAPI"} == {k for s in token["projected"]["sources"] for k in s}
+    assert head["serviceAccountName"] == cluster
+    account = kube.get("v1", "ServiceAccount", restricted, cluster)
+    assert account is not None and account["metadata"]["ownerReferences"][0]["kind"] == "RayCluster"
     assert replica["nodeSelector"]["nvidia.com/gpu.product"] == GPU_PRODUCT
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in replica["tolerations"]
     assert server["envFrom"] == [{"secretRef": {"name": "training-storage"}}]

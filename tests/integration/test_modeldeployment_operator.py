@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, Varia
 
 from ..conftest import load_example, mutated
 from ..controlplane import ControlPlane
-from .harness import InProcessOperator, conditions, eventually, set_ray_job_status
+from .harness import InProcessOperator, MovableClock, conditions, eventually, set_ray_job_status
 from .test_finetunejob_operator import JOB, SUCCEEDED, create_job, events, wait_event, wait_phase, wait_ray_job
 
 DEPLOYMENT = ("kubetune.io/v1alpha1", "ModelDeployment")
@@ -93,10 +94,31 @@ def wait_serving(kube: Kube, namespace: str, uri: str) -> dict[str, Any]:
     )
 
 
-def play_kuberay(kube: Kube, namespace: str, application: str, ready: bool = True) -> None:
-    """What KubeRay writes once it acted on the current spec: the application's status, Ready, endpoints."""
+def play_kuberay(
+    kube: Kube,
+    namespace: str,
+    application: str,
+    ready: bool = True,
+    *,
+    pending: str | None = None,
+    deployment_message: str = "",
+) -> None:
+    """What KubeRay writes once it acted on the current spec: the application's status, Ready, endpoints.
+
+    `application` is the status on the active cluster. With `pending`, KubeRay is bringing up a new
+    cluster (an upgrade in progress) whose application has that status ("" for none yet); without,
+    there is none. `deployment_message` is what Serve says of the ModelServer deployment.
+    """
     service = kube.get(*RAY_SERVICE, namespace, "support-tickets")
     assert service is not None
+
+    def applications(status: str) -> dict[str, Any]:
+        app: dict[str, Any] = {"status": status, "message": "as told"}
+        if deployment_message:
+            app["serveDeploymentStatuses"] = {"ModelServer": {"status": status, "message": deployment_message}}
+        return {"model": app}
+
+    upgrading = pending is not None
     status = {
         "observedGeneration": service["metadata"]["generation"],
         "numServeEndpoints": 2 if ready else 0,
@@ -108,9 +130,25 @@ def play_kuberay(kube: Kube, namespace: str, application: str, ready: bool = Tru
                 "message": "",
                 "lastTransitionTime": "2026-11-29T12:00:00Z",
             },
+            {
+                "type": "UpgradeInProgress",
+                "status": "True" if upgrading else "False",
+                "reason": "BothActivePendingClustersExist" if upgrading else "NoPendingCluster",
+                "message": "",
+                "lastTransitionTime": "2026-11-29T12:00:00Z",
+            },
         ],
-        "activeServiceStatus": {"applicationStatuses": {"model": {"status": application, "message": "as told"}}},
+        "activeServiceStatus": {
+            "rayClusterName": "support-tickets-a",
+            "applicationStatuses": applications(application),
+        },
+        # A merge patch: null removes the pending cluster KubeRay has promoted (or never had).
+        "pendingServiceStatus": None,
     }
+    if pending is not None:
+        status["pendingServiceStatus"] = {"rayClusterName": "support-tickets-b"}
+        if pending:
+            status["pendingServiceStatus"]["applicationStatuses"] = applications(pending)
     kube.patch_status(ObjectRef(*RAY_SERVICE, namespace, "support-tickets"), status)
 
 
@@ -148,7 +186,7 @@ def test_a_deployment_serves_the_promoted_run_on_a_ray_service(kube: Kube, names
     assert status["serving"]["run"] == 1 and status["serving"]["variant"] == "int8"
     play_kuberay(kube, namespace, "RUNNING")
     ready = phase(kube, namespace, "Ready")
-    assert ready["readyReplicas"] == 2
+    assert ready["servingPods"] == 2
     assert ready["endpoint"] == f"http://support-tickets-serve-svc.{namespace}.svc:8000/"
     assert conditions(deployment(kube, namespace))["Ready"]["status"] == "True"
     assert "rolling out run 1" in wait_event(kube, namespace, "RolloutStarted")
@@ -200,16 +238,21 @@ def test_a_failed_rollout_rolls_back_and_is_not_retried(kube: Kube, namespace: s
     retrain(kube, namespace, "second")
     finish_run(kube, namespace, 2, accuracy=0.9)
     wait_serving(kube, namespace, "s3://out/tickets/2/variants/int8")
-    play_kuberay(kube, namespace, "DEPLOY_FAILED", ready=True)
+    traceback = "Traceback (most recent call last):\n" + "  File ...\n" * 300 + "InvalidCxxCompiler: no g++"
+    play_kuberay(kube, namespace, "DEPLOY_FAILED", ready=True, deployment_message=traceback)
     wait_serving(kube, namespace, promoted)  # back to run 1's artifact
     status = eventually(
         lambda: (s := deployment(kube, namespace)["status"]).get("rejected") and s, what="run 2 rejected"
     )
     assert status["rejected"]["run"] == 2 and "DEPLOY_FAILED" in status["rejected"]["reason"]
+    # What Serve said of the deployment, not only of the application: the end, where the error is.
+    reason = status["rejected"]["reason"]
+    assert "ModelServer: …" in reason and "InvalidCxxCompiler: no g++" in reason
     assert status["serving"]["run"] == 1
     degraded = conditions(deployment(kube, namespace))["Degraded"]
     assert degraded["status"] == "True" and degraded["reason"] == "RolledBack"
-    assert "back to run 1" in wait_event(kube, namespace, "RolledBack")
+    rolled_back = wait_event(kube, namespace, "RolledBack")
+    assert "back to run 1" in rolled_back and "InvalidCxxCompiler: no g++" in rolled_back
     play_kuberay(kube, namespace, "RUNNING")
     phase(kube, namespace, "Degraded")
     # Whatever wakes the deployment, run 2 is not tried again.
@@ -254,3 +297,130 @@ def test_deleting_the_deployment_removes_its_ray_service(
     wait_serving(kube, namespace, promoted)
     kube.delete(ObjectRef(*DEPLOYMENT, namespace, "support-tickets"))
     eventually(lambda: kube.get(*RAY_SERVICE, namespace, "support-tickets") is None, timeout=60, what="gone")
+
+
+def replica_cpu(service: dict[str, Any]) -> str:
+    container = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    cpu: str = container["resources"]["requests"]["cpu"]
+    return cpu
+
+
+def ray_pod(kube: Kube, namespace: str, name: str) -> ObjectRef:
+    """A pod of the endpoint's Ray cluster, as KubeRay makes it from our template (labels included)."""
+    labels = {"app.kubernetes.io/managed-by": "kubetune", "kubetune.io/modeldeployment": "support-tickets"}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {"containers": [{"name": "ray-head", "image": "kubetune-runtime:test"}]},
+    }
+    assert kube.create(pod) is not None
+    return ObjectRef("v1", "Pod", namespace, name)
+
+
+UNSCHEDULABLE = {
+    "type": "PodScheduled",
+    "status": "False",
+    "reason": "Unschedulable",
+    "message": "0/1 nodes are available: 1 Insufficient cpu.",
+    "lastTransitionTime": "2026-12-06T12:00:00Z",
+}
+
+
+def condition_reason(kube: Kube, namespace: str, kind: str, reason: str) -> dict[str, Any]:
+    return eventually(
+        lambda: (c := conditions(deployment(kube, namespace)).get(kind)) and c["reason"] == reason and c,
+        what=f"{kind} {reason}",
+    )
+
+
+def test_a_deployment_says_which_pod_holds_it_up_and_why(kube: Kube, namespace: str, promoted: str) -> None:
+    create_deployment(kube, namespace)
+    wait_serving(kube, namespace, promoted)
+    phase(kube, namespace, "Deploying")
+    head = ray_pod(kube, namespace, "support-tickets-a-head-x7k2p")
+    kube.patch_status(head, {"conditions": [UNSCHEDULABLE]})
+    progressing = condition_reason(kube, namespace, "Progressing", "Unschedulable")
+    assert progressing["status"] == "True"
+    assert "support-tickets-a-head-x7k2p" in progressing["message"] and "Insufficient cpu" in progressing["message"]
+    assert condition_reason(kube, namespace, "Ready", "Unschedulable")["status"] == "False"
+    assert "Insufficient cpu" in wait_event(kube, namespace, "Unschedulable")
+    waiting = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "kubetune-runtime:test"'}
+    container = {"name": "ray-head", "image": "kubetune-runtime:test", "imageID": "", "ready": False,
+                 "restartCount": 0, "state": {"waiting": waiting}}  # fmt: skip
+    scheduled = {**UNSCHEDULABLE, "status": "True", "reason": "", "message": ""}
+    kube.patch_status(head, {"conditions": [scheduled], "containerStatuses": [container]})
+    pulling = condition_reason(kube, namespace, "Progressing", "ImagePullFailed")
+    assert "Back-off pulling image" in pulling["message"]
+    assert "Back-off pulling image" in wait_event(kube, namespace, "ImagePullFailed")
+    # Once the pods run and KubeRay serves, nothing holds the endpoint up.
+    kube.patch_status(head, {"containerStatuses": [{**container, "ready": True, "state": {"running": {}}}]})
+    play_kuberay(kube, namespace, "RUNNING")
+    phase(kube, namespace, "Ready")
+
+
+def test_a_new_cluster_is_rolled_out_until_kuberay_serves_from_it(kube: Kube, namespace: str, promoted: str) -> None:
+    create_deployment(kube, namespace)
+    wait_serving(kube, namespace, promoted)
+    play_kuberay(kube, namespace, "RUNNING")
+    phase(kube, namespace, "Ready")
+    # Only the replicas' resources change: the same model on another Ray cluster.
+    kube.patch(ObjectRef(*DEPLOYMENT, namespace, "support-tickets"), {"spec": {"resources": {"cpu": "500m"}}})
+    service = eventually(
+        lambda: (s := ray_service(kube, namespace)) and replica_cpu(s) == "500m" and s, what="the new cluster's spec"
+    )
+    assert serve_args(service)["modelUri"] == promoted
+    eventually(
+        lambda: [m for r, m in events(kube, namespace) if r == "RolloutStarted" and "generation 2" in m],
+        what="RolloutStarted for the spec of generation 2",
+    )
+    status = phase(kube, namespace, "Deploying")
+    assert status["serving"]["generation"] == 2 and status["previous"]["generation"] == 1
+    # KubeRay brings up the new cluster while the old one serves: the rollout is not over.
+    play_kuberay(kube, namespace, "RUNNING", pending="")
+    eventually(lambda: deployment(kube, namespace)["status"].get("applicationStatus") == "DEPLOYING", what="pending")
+    assert deployment(kube, namespace)["status"]["phase"] == "Deploying"
+    # The application runs on the new cluster, but KubeRay has not switched the traffic to it yet.
+    play_kuberay(kube, namespace, "RUNNING", pending="RUNNING")
+    eventually(lambda: deployment(kube, namespace)["status"].get("applicationStatus") == "RUNNING", what="running")
+    assert deployment(kube, namespace)["status"]["phase"] == "Deploying"
+    assert [reason for reason, _ in events(kube, namespace)].count("RolloutSucceeded") == 1  # run 1's
+    # KubeRay promotes the new cluster: done.
+    play_kuberay(kube, namespace, "RUNNING")
+    phase(kube, namespace, "Ready")
+    eventually(
+        lambda: [reason for reason, _ in events(kube, namespace)].count("RolloutSucceeded") == 2,
+        what="the second RolloutSucceeded",
+    )
+
+
+def test_a_cluster_that_never_starts_is_rolled_back_at_the_deadline(
+    kube: Kube, namespace: str, promoted: str, clock: MovableClock
+) -> None:
+    create_deployment(kube, namespace)
+    wait_serving(kube, namespace, promoted)
+    play_kuberay(kube, namespace, "RUNNING")
+    phase(kube, namespace, "Ready")
+    kube.patch(ObjectRef(*DEPLOYMENT, namespace, "support-tickets"), {"spec": {"resources": {"cpu": "64"}}})
+    eventually(lambda: replica_cpu(ray_service(kube, namespace)) == "64", what="the new cluster's spec")
+    play_kuberay(kube, namespace, "RUNNING", pending="")
+    worker = ray_pod(kube, namespace, "support-tickets-b-replicas-worker-q9z4m")
+    kube.patch_status(worker, {"conditions": [UNSCHEDULABLE]})
+    condition_reason(kube, namespace, "Progressing", "Unschedulable")
+    clock.set(clock() + timedelta(seconds=901))  # past spec.rolloutDeadlineSeconds
+    wake = {"metadata": {"labels": {"woken": "yes"}}}  # a pass, as the next timer would make one
+    kube.patch(ObjectRef(*DEPLOYMENT, namespace, "support-tickets"), wake)
+    rolled_back = wait_event(kube, namespace, "RolledBack")
+    assert "generation 2" in rolled_back and "back to generation 1's spec" in rolled_back
+    assert "Insufficient cpu" in rolled_back
+    # Back to the cluster that serves, on the model it serves; the spec is not tried again.
+    eventually(lambda: replica_cpu(ray_service(kube, namespace)) == "2", what="the spec before")
+    status = deployment(kube, namespace)["status"]
+    assert status["rejected"]["generation"] == 2 and "uri" not in status["rejected"]
+    assert status["serving"]["uri"] == promoted and status["serving"]["generation"] == 1
+    assert conditions(deployment(kube, namespace))["Degraded"]["reason"] == "RolledBack"
+    kube.delete(worker)
+    play_kuberay(kube, namespace, "RUNNING")
+    ready = phase(kube, namespace, "Degraded")
+    assert conditions(deployment(kube, namespace))["Ready"]["status"] == "True" and ready["rejected"]["generation"] == 2
+    assert replica_cpu(ray_service(kube, namespace)) == "2"

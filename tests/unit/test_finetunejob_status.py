@@ -18,7 +18,7 @@ from kubetune.operator.api.finetunejob import (
 )
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.conditions import ConditionType, Reason
-from kubetune.operator.reconcile.finetunejob import pod_wait
+from kubetune.operator.planning.pods import pod_wait
 from kubetune.operator.status.finetunejob import (
     Problem,
     compute_status,

@@ -106,6 +106,7 @@ def service(application_status: str | None, *, ready: bool = True, current: bool
         application_status=application_status,
         application_message="",
         endpoints=1 if ready else 0,
+        serving_status=application_status,  # one Ray cluster: the application that serves is the rollout's
     )
 
 

@@ -173,3 +173,80 @@ def test_gpu_placement_is_the_replicas_not_the_heads(deployment: dict[str, Any])
     assert not {"nodeSelector", "tolerations"} & set(head)
     assert worker["nodeSelector"] == {"pool": "gpu", "nvidia.com/gpu.product": "L4"}
     assert worker["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def head_and_autoscaler(cluster: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    return cluster["headGroupSpec"]["template"]["spec"], cluster["autoscalerOptions"]
+
+
+def test_only_the_autoscaler_container_holds_a_service_account_token(deployment: dict[str, Any]) -> None:
+    cluster = build_ray_service(make(deployment), RUN_2, Settings())["spec"]["rayClusterConfig"]
+    head, autoscaler = head_and_autoscaler(cluster)
+    # KubeRay names the head's ServiceAccount (the one it makes for the autoscaler, with its RBAC).
+    assert "serviceAccountName" not in head and head["automountServiceAccountToken"] is False
+    token = next(v for v in head["volumes"] if v["name"] == "autoscaler-token")
+    sources = token["projected"]["sources"]
+    assert sources[0] == {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}
+    assert sources[1] == {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}
+    assert sources[2]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    mount = {"name": "autoscaler-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": True}
+    assert mount in autoscaler["volumeMounts"]
+    # The Ray containers (head and replicas) have no token, mounted or projected.
+    (ray_head,) = head["containers"]
+    worker = cluster["workerGroupSpecs"][0]["template"]["spec"]
+    assert "autoscaler-token" not in {m["name"] for m in ray_head["volumeMounts"]}
+    assert "autoscaler-token" not in {v["name"] for v in worker["volumes"]}
+    assert worker["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize(
+    ("resources", "head_wanted", "autoscaler_wanted"),
+    [
+        ({}, {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "10Gi"}, {"cpu": "500m", "memory": "512Mi"}),
+        (
+            {"head": {"cpu": "250m", "memory": "1Gi", "ephemeralStorage": "2Gi"}, "autoscaler": {"cpu": "100m"}},
+            {"cpu": "250m", "memory": "1Gi", "ephemeral-storage": "2Gi"},
+            {"cpu": "100m", "memory": "512Mi"},
+        ),
+        ({"autoscaler": {"cpu": "200m", "memory": "300Mi"}}, None, {"cpu": "200m", "memory": "300Mi"}),
+    ],
+)
+def test_the_head_and_the_autoscaler_are_sized_by_the_spec(
+    deployment: dict[str, Any],
+    resources: dict[str, Any],
+    head_wanted: dict[str, str] | None,
+    autoscaler_wanted: dict[str, str],
+) -> None:
+    document = mutated(deployment, "spec.resources", {"cpu": "1", **resources})
+    cluster = build_ray_service(make(document), RUN_2, Settings())["spec"]["rayClusterConfig"]
+    head, autoscaler = head_and_autoscaler(cluster)
+    requests = head["containers"][0]["resources"]["requests"]
+    assert requests == (head_wanted or {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "10Gi"})
+    assert head["containers"][0]["resources"]["limits"] == {"cpu": requests["cpu"], "memory": requests["memory"]}
+    # Written out, so KubeRay's 500m/512Mi default never applies unseen.
+    assert autoscaler["resources"] == {"requests": autoscaler_wanted, "limits": autoscaler_wanted}
+
+
+def test_the_head_is_placed_by_its_own_placement(deployment: dict[str, Any]) -> None:
+    resources = {"cpu": "1", "nodeSelector": {"pool": "gpu"}, "head": {"nodeSelector": {"pool": "system"}}}
+    cluster = build_ray_service(make(mutated(deployment, "spec.resources", resources)), RUN_2, Settings())
+    head = cluster["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    worker = cluster["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert (head["nodeSelector"], worker["nodeSelector"]) == ({"pool": "system"}, {"pool": "gpu"})
+
+
+@pytest.mark.parametrize(
+    ("cpu", "ray_cpus"),
+    [("500m", 1), ("100m", 1), ("1", 1), ("1.5", 2), ("2", 2), ("2500m", 3)],
+)
+def test_a_replica_pod_requests_its_cpu_while_ray_counts_whole_cpus(
+    deployment: dict[str, Any], cpu: str, ray_cpus: int
+) -> None:
+    service = build_ray_service(make(mutated(deployment, "spec.resources.cpu", cpu)), RUN_2, Settings())
+    workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    container = workers["template"]["spec"]["containers"][0]
+    assert container["resources"]["requests"]["cpu"] == cpu and container["resources"]["limits"]["cpu"] == cpu
+    assert workers["rayStartParams"]["num-cpus"] == str(ray_cpus)
+    # The replica takes all the pod's CPUs as Ray counts them: one replica per pod.
+    app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    assert app["deployments"][0]["ray_actor_options"]["num_cpus"] == ray_cpus

@@ -60,8 +60,9 @@
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["rolebindings"]
   verbs: ["get", "create", "delete"]
-# why a run waits (unschedulable, image pull): an informer of the runs' pods selected by kubetune's
-# labels (handlers/finetunejob.py PODS)
+# why a run or an endpoint waits (unschedulable, image pull): informers of the runs' and the
+# endpoints' pods selected by kubetune's labels (handlers/finetunejob.py,
+# handlers/modeldeployment.py PODS)
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
