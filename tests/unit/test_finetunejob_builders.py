@@ -163,6 +163,15 @@ def test_secrets_are_referenced_never_copied(minimal_job: dict[str, Any]) -> Non
     assert "secretKeyRef" not in text and text.count("s3-creds") == 2
 
 
+def test_the_submitter_requests_little_cpu_and_may_burst_to_start(minimal_job: dict[str, Any]) -> None:
+    for edits in ((), (("spec.resources.head", {"cpu": "4", "memory": "16Gi"}),)):
+        (container,) = submitter(build(minimal_job, *edits))["containers"]
+        assert container["resources"] == {
+            "requests": {"cpu": "100m", "memory": "512Mi"},
+            "limits": {"cpu": "1", "memory": "512Mi"},
+        }
+
+
 def test_pvc_volumes(minimal_job: dict[str, Any]) -> None:
     manifests = build(
         minimal_job,
