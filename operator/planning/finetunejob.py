@@ -39,8 +39,8 @@ from kubetune.operator.status.finetunejob import (
     trim_history,
     with_report,
 )
-from kubetune.runtime.contract.common import SHORT_TEXT_MAX_LENGTH
-from kubetune.runtime.contract.report import RunReport, Stage
+from kubetune.runtime.contract.common import MESSAGE_MAX_LENGTH, SHORT_TEXT_MAX_LENGTH
+from kubetune.runtime.contract.report import RunReport, Stage, Unavailable
 
 from .schedule import ScheduleError as ScheduleError  # re-exported: the reconciler reports it
 from .schedule import latest_due, next_due
@@ -50,6 +50,8 @@ REPLACED = "replaced by a newer trigger (concurrencyPolicy Replace)"
 NOT_RUN_RELEVANT = frozenset({"schedule", "timeZone", "concurrencyPolicy", "suspend", "historyLimit", "promotion"})
 # A safety net only: RayJob and report changes reach the operator as watch events.
 RECHECK_SECONDS = 300.0
+# How a run that could not reach what it needs ends once KubeRay's retries (backoffLimit) are spent.
+UNAVAILABLE_FAILURES = {Unavailable.MODEL_HUB: RunFailure.MODEL_UNAVAILABLE}
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,11 @@ def merge_observations(
         elif outcome.phase in ACTIVE_PHASES and run.number in waits:
             wait = waits[run.number]
             update.update(waiting=wait.reason, message=wait.message)
+        elif report is not None and report.stage == Stage.FAILED and report.unavailable is not None:
+            # Not the spec: KubeRay retries the run within backoffLimit; until then, and after, it says why.
+            update["message"] = (report.error or f"{report.unavailable.value} unavailable")[:MESSAGE_MAX_LENGTH]
+            if outcome.phase == JobPhase.FAILED and outcome.failure is None:
+                update["failure"] = UNAVAILABLE_FAILURES.get(report.unavailable)
         record = with_report(record.model_copy(update=update), report)
         if outcome.phase in FINISHED_PHASES or record.phase in FINISHED_PHASES:
             record = _finish(job, record, now, reports.get(run.number))
