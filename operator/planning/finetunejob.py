@@ -32,6 +32,7 @@ from kubetune.operator.builders.finetunejob import RunRequest
 from kubetune.operator.conditions import Reason
 from kubetune.operator.naming import run_name
 from kubetune.operator.status.finetunejob import (
+    finished_ray_job_state,
     fit_history,
     gate,
     ray_job_outcome,
@@ -144,7 +145,8 @@ def retrain_token(value: str) -> str:
 
 
 def _finish(job: FineTuneJob, record: RunRecord, now: datetime, report: RunReport | None) -> RunRecord:
-    finished = record.model_copy(update={"completion_time": record.completion_time or now})
+    update = {"completion_time": record.completion_time or now, "ray_job": finished_ray_job_state(record.ray_job)}
+    finished = record.model_copy(update=update)
     return finished.judged(gate(job, finished, report))
 
 

@@ -259,6 +259,24 @@ def test_an_unreachable_model_hub_is_retried_within_the_backoff_limit(
     assert failed["runs"][-1]["rayJob"]["jobDeploymentStatus"] == "Failed"
 
 
+def test_a_stopped_runs_record_does_not_say_it_is_running(
+    kube: Kube, namespace: str, operator: InProcessOperator
+) -> None:
+    create_job(kube, namespace, name="gpu-less")
+    wait_ray_job(kube, namespace, "gpu-less-r1")
+    set_ray_job_status(kube, namespace, "gpu-less-r1", **RUNNING, message="Job is currently running.")
+    wait_phase(kube, namespace, "Running", name="gpu-less")
+    report = RunReport(stage=Stage.FAILED, error="no CUDA GPU", invalid_field="resources.gpusPerWorker")
+    write_report(kube, namespace, "gpu-less-r1-report", report)  # the RayJob still says Running
+    failed = wait_phase(kube, namespace, "Failed", name="gpu-less")
+    eventually(lambda: "gpu-less-r1" not in ray_jobs(kube, namespace), what="the RayJob deleted")
+    record = status(kube, namespace, "gpu-less")["runs"][-1]
+    assert record["failure"] == "InvalidSpec" and record == failed["runs"][-1]
+    ray_job = record["rayJob"]
+    assert ray_job["name"] == "gpu-less-r1" and not {"jobStatus", "jobDeploymentStatus"} & set(ray_job)
+    assert ray_job["message"] == "stopped before KubeRay ended it (last seen: Running, job RUNNING)"
+
+
 def test_spec_edit_starts_a_new_run(kube: Kube, namespace: str, operator: InProcessOperator) -> None:
     create_job(kube, namespace)
     wait_ray_job(kube, namespace, "tickets-r1")

@@ -392,3 +392,67 @@ def test_the_last_try_of_an_unreachable_hub_names_it_in_the_events(minimal_job: 
     assert "ModelUnavailable" not in last.events[0].message and HUB_DOWN in last.events[0].message
     failed = status_of(job, last)["Failed"]
     assert failed[:2] == ("True", "ModelUnavailable") and HUB_DOWN in failed[2]
+
+
+# A finished run's record keeps what it last saw of its RayJob, but never a status that says it is going.
+STOPPED_MESSAGE = "stopped before KubeRay ended it (last seen: Running, job RUNNING)"
+
+
+def _final_ray_job(minimal_job: dict[str, Any], how: str) -> dict[str, Any]:
+    if how == "invalid spec":
+        job = make_job(minimal_job)
+        report = RunReport(stage=Stage.FAILED, error="no CUDA", invalid_field="resources.gpusPerWorker")
+        records = decide(job, [observed(job, 1, RUNNING)], reports={1: report}).records
+        job.status = FineTuneJobStatus(runs=records)
+        # The next pass, as the RayJob is being deleted: the record is final.
+        records = decide(job, [observed(job, 1, RUNNING)], reports={1: report}).records
+    elif how == "replaced":
+        job, runs = active_job(minimal_job, "Replace")
+        records = decide(job, runs, annotations={"kubetune.io/retrain": "x"}).records
+    elif how == "RayJob deleted":
+        job, _ = active_job(minimal_job, "Forbid")
+        records = decide(job, []).records
+    else:
+        job = make_job(minimal_job)
+        status = {
+            "deadline exceeded": {
+                "jobDeploymentStatus": "Failed", "jobStatus": "RUNNING", "reason": "DeadlineExceeded",
+                "message": "the RayJob has passed its activeDeadlineSeconds",
+            },
+            "succeeded": {**SUCCEEDED, "message": "Job finished successfully."},
+        }[how]  # fmt: skip
+        records = decide(job, [observed(job, 1, status)]).records
+    assert records[0].phase in (JobPhase.FAILED, JobPhase.SUCCEEDED) and records[0].ray_job is not None
+    return records[0].ray_job.to_wire()
+
+
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [
+        ("invalid spec", {"name": "support-tickets-r1", "message": STOPPED_MESSAGE}),
+        ("replaced", {"name": "support-tickets-r1", "message": STOPPED_MESSAGE}),
+        ("RayJob deleted", {"name": "support-tickets-r1", "message": STOPPED_MESSAGE}),
+        (
+            "deadline exceeded",
+            {
+                "name": "support-tickets-r1",
+                "jobDeploymentStatus": "Failed",
+                "reason": "DeadlineExceeded",
+                "message": "the RayJob has passed its activeDeadlineSeconds",
+            },
+        ),
+        (
+            "succeeded",
+            {
+                "name": "support-tickets-r1",
+                "jobDeploymentStatus": "Complete",
+                "jobStatus": "SUCCEEDED",
+                "message": "Job finished successfully.",
+            },
+        ),
+    ],
+)
+def test_a_finished_runs_record_never_says_its_rayjob_is_running(
+    minimal_job: dict[str, Any], how: str, expected: dict[str, Any]
+) -> None:
+    assert _final_ray_job(minimal_job, how) == expected
