@@ -91,6 +91,9 @@ def read_local_run(path: Path) -> LocalRun:
             notes.append(f"ModelDeployment {candidate.metadata['name']} does not follow this job: not used here")
     if job.spec.schedule:
         notes.append("spec.schedule: a local run runs once")
+    if job.spec.storage is not None and job.spec.storage.hugging_face is not None:
+        # Like the rest of spec.storage, it sets the pods' environment; here this machine's applies.
+        notes.append("spec.storage.huggingFace: a local run uses this machine's HF_ENDPOINT and HF_HUB_OFFLINE")
     if deployment is not None and deployment.spec.auth is not None:
         notes.append("ModelDeployment auth: the local endpoint listens on 127.0.0.1 without a token")
     return LocalRun(job, deployment, notes)

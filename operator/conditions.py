@@ -37,6 +37,7 @@ class Reason(StrEnum):
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     SUBMISSION_FAILED = "SubmissionFailed"
     RAY_JOB_REJECTED = "RayJobRejected"
+    MODEL_UNAVAILABLE = "ModelUnavailable"
     UNSCHEDULABLE = "Unschedulable"
     IMAGE_PULL_FAILED = "ImagePullFailed"
     POD_CONFIG_ERROR = "PodConfigError"

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .contract.report import Stage, VariantReport
+from .contract.report import Stage, Unavailable, VariantReport
 from .reporting import TrainingProgress, TrialBoard, TrialState
 from .result import RunResult
 
@@ -212,7 +212,7 @@ class ConsoleReporter:
             self._print(f"  [dim]{variant}[/dim] {escape(uri)}")
         self._print(f"  [dim]manifest[/dim] {escape(result.manifest_uri)}")
 
-    def failed(self, message: str, invalid_field: str | None = None) -> None:
+    def failed(self, message: str, invalid_field: str | None = None, unavailable: Unavailable | None = None) -> None:
         self._stop_displays()
         if self.show_result:
             self._print(f"[red]run failed:[/red] {escape(message)}")

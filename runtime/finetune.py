@@ -21,7 +21,7 @@ from rich.console import Console
 from .console import ConsoleReporter
 from .contract import RunConfig
 from .contract.errors import SpecError
-from .errors import InvalidRunError
+from .errors import InvalidRunError, unavailable_cause
 from .reporting import JsonLinesReporter, Reporter, Reporters
 
 EXIT_OK = 0
@@ -97,7 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         errors.print(f"invalid run: {error}", soft_wrap=True, markup=False, highlight=False)
         return EXIT_INVALID
     except Exception as error:
-        errors.print(f"run failed: {type(error).__name__}: {error}", soft_wrap=True, markup=False, highlight=False)
+        # Something the run could not reach shows as itself, not as Ray's wrapping of it.
+        unavailable = unavailable_cause(error)
+        shown = str(unavailable) if unavailable is not None else f"{type(error).__name__}: {error}"
+        errors.print(f"run failed: {shown}", soft_wrap=True, markup=False, highlight=False)
         return EXIT_FAILED
     if arguments.result:
         arguments.result.write_text(result.model_dump_json(by_alias=True, indent=2) + "\n", encoding="utf-8")

@@ -16,7 +16,7 @@ from typing import Any
 
 from .contract import RunIdentity
 from .contract.common import SHORT_TEXT_MAX_LENGTH
-from .contract.report import REPORT_KEY, RunReport, Stage, VariantReport
+from .contract.report import REPORT_KEY, RunReport, Stage, Unavailable, VariantReport
 from .reporting import TrainingProgress, TrialBoard
 from .result import RunResult
 
@@ -111,11 +111,13 @@ class ConfigMapReporter:
         report.step = result.steps
         self._write(force=True)
 
-    def failed(self, message: str, invalid_field: str | None = None) -> None:
+    def failed(self, message: str, invalid_field: str | None = None, unavailable: Unavailable | None = None) -> None:
         self.report.stage = Stage.FAILED
         self.report.error = message[:8192]
         # The operator stops a run that cannot work rather than let KubeRay retry it.
         self.report.invalid_field = invalid_field[:SHORT_TEXT_MAX_LENGTH] if invalid_field else None
+        # ...and lets KubeRay retry one that could not reach what it needs, saying so.
+        self.report.unavailable = unavailable
         self._write(force=True)
 
 

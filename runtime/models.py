@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from .contract import Method, MethodType, ModelSource, Task
-from .errors import ModelError
+from .contract.report import Unavailable
+from .errors import ModelError, ModelUnavailableError
+from .hub import hub_setup, is_unavailable, local_files_only, unreachable_message
 from .settings import RuntimeSettings
 from .storage import fetch, parse_uri
 
@@ -38,13 +40,19 @@ class ModelLocation:
     source: str
     revision: str | None = None
     from_hub: bool = False
+    # A hub model that loads from the Hugging Face cache alone (offline, or the hub does not answer).
+    cache_only: bool = False
 
 
 def locate_model(model: ModelSource, settings: RuntimeSettings) -> ModelLocation:
-    """Resolve the model URI to a local folder (downloading s3:// first) or a hub repository."""
+    """Resolve the model URI to a local folder (downloading s3:// first) or a hub repository.
+
+    For a hub repository, ModelUnavailableError when neither the hub nor the cache can deliver it now.
+    """
     parsed = parse_uri(model.uri)
     if parsed.scheme == "hf":
-        return ModelLocation(parsed.location, model.revision, from_hub=True)
+        cache_only = local_files_only(parsed.location, model.revision, model.uri)
+        return ModelLocation(parsed.location, model.revision, from_hub=True, cache_only=cache_only)
     path = fetch(model.uri, settings)
     if not (Path(path) / "config.json").is_file():
         raise ModelError("model.uri", f"{model.uri} is not a Hugging Face model folder (no config.json)")
@@ -52,7 +60,25 @@ def locate_model(model: ModelSource, settings: RuntimeSettings) -> ModelLocation
 
 
 def _pretrained_kwargs(location: ModelLocation, model: ModelSource) -> dict[str, Any]:
-    return {"revision": location.revision, "trust_remote_code": model.trust_remote_code}
+    kwargs: dict[str, Any] = {"revision": location.revision, "trust_remote_code": model.trust_remote_code}
+    if location.cache_only:
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
+def _load_error(location: ModelLocation, model: ModelSource, problem: str, error: Exception) -> Exception:
+    """What a failed `from_pretrained` means: a hub that cannot deliver now, or a model that cannot load.
+
+    Anything else (not an OSError or ValueError, nor a hub's failure) is raised as it is.
+    """
+    if location.from_hub and is_unavailable(error):
+        reason = f"{problem}: {type(error).__name__}: {error}"
+        return ModelUnavailableError(
+            Unavailable.MODEL_HUB, "model.uri", unreachable_message(model.uri, hub_setup(), reason)
+        )
+    if isinstance(error, (OSError, ValueError)):
+        return ModelError("model.uri", f"{problem}: {error}")
+    return error
 
 
 def load_processor(location: ModelLocation, model: ModelSource) -> Any:
@@ -65,8 +91,11 @@ def load_processor(location: ModelLocation, model: ModelSource) -> Any:
                 location.source, **_pretrained_kwargs(location, model)
             )
         tokenizer = AutoTokenizer.from_pretrained(location.source, **_pretrained_kwargs(location, model))
-    except (OSError, ValueError) as error:
-        raise ModelError("model.uri", f"cannot load the tokenizer or processor of {model.uri}: {error}") from None
+    except Exception as error:
+        failure = _load_error(location, model, f"cannot load the tokenizer or processor of {model.uri}", error)
+        if failure is error:
+            raise
+        raise failure from None
     if model.task == Task.CAUSAL_LM and tokenizer.pad_token_id is None:
         # Padding is masked out of attention and loss; any known token serves.
         tokenizer.pad_token = tokenizer.eos_token
@@ -91,6 +120,10 @@ def load_base(
     # The new head is initialised from the global RNG: seeding makes it the same on every worker.
     torch.manual_seed(seed)
     kwargs = {**_pretrained_kwargs(location, model), **(extra or {})}
+    if location.cache_only:
+        # The Auto classes look for a peft adapter config without passing local_files_only on: asking the
+        # hub for it would retry for about 30 s.
+        kwargs["adapter_kwargs"] = {"local_files_only": True}
     try:
         auto = auto_class(model.task)
         if model.task == Task.CAUSAL_LM:
@@ -104,8 +137,11 @@ def load_base(
             ignore_mismatched_sizes=True,
             **kwargs,
         )
-    except (OSError, ValueError) as error:
-        raise ModelError("model.uri", f"cannot load {model.uri} for {model.task.value}: {error}") from None
+    except Exception as error:
+        failure = _load_error(location, model, f"cannot load {model.uri} for {model.task.value}", error)
+        if failure is error:
+            raise
+        raise failure from None
 
 
 def check_method_fits_machine(method: Method, use_gpu: bool) -> None:

@@ -20,7 +20,7 @@ from .cluster import ray_cluster
 from .contract import Precision, RunIdentity, RunSpec, WorkerResources
 from .contract.report import Stage
 from .data import TaskData, load_data
-from .errors import InvalidRunError, invalid_run_cause
+from .errors import InvalidRunError, invalid_run_cause, unavailable_cause
 from .export import MANIFEST_FILE, VARIANTS_FOLDER, spec_hash
 from .models import check_method_fits_machine
 from .plan import TrainingPlan, with_overrides
@@ -110,8 +110,13 @@ def run_pipeline(spec: RunSpec, options: RunOptions | None = None, reporter: Rep
 
 
 def report_failure(events: Reporter | Reporters, error: BaseException) -> None:
-    """Tell the reporters the run failed; for a run that cannot work, which spec field says why."""
+    """Tell the reporters the run failed; for a run that cannot work, which spec field says why; for one
+    that could not reach what it needs, what that was (its own message, not Ray's wrapping of it)."""
     invalid = invalid_run_cause(error)
+    unavailable = None if invalid else unavailable_cause(error)
+    if unavailable is not None:
+        events.failed(str(unavailable), unavailable=unavailable.what)
+        return
     events.failed(str(error) or type(error).__name__, invalid_field=invalid.where if invalid else None)
 
 

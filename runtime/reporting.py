@@ -14,7 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from .contract.report import Stage, VariantReport
+from .contract.report import Stage, Unavailable, VariantReport
 from .result import RunResult
 
 
@@ -99,8 +99,9 @@ class Reporter(Protocol):
     def result(self, result: RunResult) -> None:
         """The run finished and produced `result`."""
 
-    def failed(self, message: str, invalid_field: str | None = None) -> None:
-        """The run failed; `message` says why. `invalid_field`: the spec field that makes it impossible."""
+    def failed(self, message: str, invalid_field: str | None = None, unavailable: Unavailable | None = None) -> None:
+        """The run failed; `message` says why. `invalid_field`: the spec field that makes it impossible;
+        `unavailable`: what it could not reach (trying again later may help)."""
 
 
 class Reporters:
@@ -137,9 +138,9 @@ class Reporters:
         for reporter in self.reporters:
             reporter.result(result)
 
-    def failed(self, message: str, invalid_field: str | None = None) -> None:
+    def failed(self, message: str, invalid_field: str | None = None, unavailable: Unavailable | None = None) -> None:
         for reporter in self.reporters:
-            reporter.failed(message, invalid_field)
+            reporter.failed(message, invalid_field, unavailable)
 
 
 class JsonLinesReporter:
@@ -174,8 +175,13 @@ class JsonLinesReporter:
     def result(self, result: RunResult) -> None:
         self._write("result", result=result.model_dump(mode="json", by_alias=True))
 
-    def failed(self, message: str, invalid_field: str | None = None) -> None:
-        self._write("failed", message=message, invalidField=invalid_field)
+    def failed(self, message: str, invalid_field: str | None = None, unavailable: Unavailable | None = None) -> None:
+        self._write(
+            "failed",
+            message=message,
+            invalidField=invalid_field,
+            unavailable=unavailable.value if unavailable else None,
+        )
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
@@ -221,5 +227,5 @@ class TensorBoardReporter:
     def result(self, result: RunResult) -> None:
         self.close()
 
-    def failed(self, message: str, invalid_field: str | None = None) -> None:
+    def failed(self, message: str, invalid_field: str | None = None, unavailable: Unavailable | None = None) -> None:
         self.close()

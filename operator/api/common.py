@@ -152,8 +152,48 @@ class SecretKeyReference(ContractModel):
     )
 
 
+HUB_ENDPOINT_PATTERN = r"^https?://[^\s/]+(/.*)?$"
+HUGGING_FACE_RULES = (
+    cel_rule(
+        "!(has(self.offline) && self.offline && has(self.endpoint))",
+        "offline never contacts a hub: set endpoint or offline, not both",
+        ".endpoint",
+    ),
+)
+
+
+class HuggingFaceAccess(ContractModel):
+    """How the pods reach the Hugging Face Hub for hf:// models: directly, through a mirror, or not at all."""
+
+    model_config = with_cel(*HUGGING_FACE_RULES)
+
+    endpoint: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=HUB_ENDPOINT_PATTERN,
+        description=(
+            "Base URL of a Hugging Face Hub mirror or proxy the pods download hf:// models from (HF_ENDPOINT), "
+            "e.g. http://hf-mirror.models.svc; https://huggingface.co when omitted."
+        ),
+    )
+    offline: bool = Field(
+        default=False,
+        description=(
+            "Never contact a hub (HF_HUB_OFFLINE=1): hf:// models load only from the Hugging Face cache that the "
+            "runtime image carries (its HF_HUB_CACHE). A model missing there fails the run as ModelUnavailable. "
+            "false leaves the image's own HF_HUB_OFFLINE as it is."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _endpoint_or_offline(self) -> HuggingFaceAccess:
+        if self.offline and self.endpoint is not None:
+            raise ValueError("offline never contacts a hub: set endpoint or offline, not both")
+        return self
+
+
 class StorageAccess(ContractModel):
-    """Credentials and endpoint for object storage (s3://) and model hubs (hf://)."""
+    """Credentials and endpoints for object storage (s3://) and model hubs (hf://)."""
 
     credentials_secret: SecretReference | None = Field(
         default=None,
@@ -170,6 +210,13 @@ class StorageAccess(ContractModel):
     )
     s3_region: str | None = Field(
         default=None, max_length=64, pattern=r"^[a-z0-9-]+$", description="Region of the S3 bucket."
+    )
+    hugging_face: HuggingFaceAccess | None = Field(
+        default=None,
+        description=(
+            "Access to the Hugging Face Hub for hf:// models: a mirror (endpoint) or none at all (offline), as "
+            "air-gapped clusters need. The hub's token, if any, comes from credentialsSecret (HF_TOKEN)."
+        ),
     )
 
 

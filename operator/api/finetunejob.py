@@ -248,6 +248,9 @@ class RunFailure(StrEnum):
     DEADLINE_EXCEEDED = "DeadlineExceeded"  # activeDeadlineSeconds passed (KubeRay stopped it)
     SUBMISSION_FAILED = "SubmissionFailed"  # KubeRay could not submit the job to its Ray cluster
     RAY_JOB_REJECTED = "RayJobRejected"  # KubeRay refused the RayJob (ValidationFailed)
+    # The model hub (or its mirror) could not deliver the model, or offline mode found it in no cache:
+    # retried within backoffLimit, this is how the last try ended.
+    MODEL_UNAVAILABLE = "ModelUnavailable"
 
 
 class WaitReason(StrEnum):
@@ -314,7 +317,10 @@ class RunRecord(WireModel):
     message: Message | None = Field(default=None, description="Why the run is in this phase.")
     failure: RunFailure | None = Field(
         default=None,
-        description="Why the run failed, when kubetune or KubeRay says more than RunFailed (e.g. DeadlineExceeded).",
+        description=(
+            "Why the run failed, when kubetune or KubeRay says more than RunFailed (e.g. DeadlineExceeded, "
+            "InvalidSpec, ModelUnavailable)."
+        ),
     )
     waiting: WaitReason | None = Field(
         default=None,

@@ -29,6 +29,8 @@ TMP_VOLUME, CACHE_VOLUME, SHM_VOLUME = "tmp", "cache", "shm"
 SERVICE_ACCOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 # The token Kubernetes itself projects lives this long; the API server extends it, and kubelet renews it.
 SERVICE_ACCOUNT_TOKEN_SECONDS = 3607
+# huggingface_hub's own variables: a mirror of the hub, and no hub at all (the image's cache only).
+HUB_ENDPOINT_VARIABLE, HUB_OFFLINE_VARIABLE = "HF_ENDPOINT", "HF_HUB_OFFLINE"
 
 
 def pvc_claims(uris: Iterable[str | None]) -> list[str]:
@@ -48,7 +50,11 @@ def claim_volume_name(claim: str) -> str:
 
 
 def storage_environment(storage: StorageAccess | None) -> tuple[list[Manifest], list[Manifest]]:
-    """(env, envFrom) that give a pod access to object storage; credentials by reference only."""
+    """(env, envFrom) that give a pod access to object storage and model hubs; credentials by reference only.
+
+    HF_HUB_CACHE is never set: an image that carries models sets it to its own read-only folder,
+    outside the cache emptyDir (see `writable_volumes`), and the pods must keep finding them there.
+    """
     env: list[Manifest] = []
     env_from: list[Manifest] = []
     if storage is not None:
@@ -56,6 +62,11 @@ def storage_environment(storage: StorageAccess | None) -> tuple[list[Manifest], 
             env.append({"name": "AWS_ENDPOINT_URL", "value": storage.s3_endpoint})
         if storage.s3_region:
             env.append({"name": "AWS_DEFAULT_REGION", "value": storage.s3_region})
+        hub = storage.hugging_face
+        if hub is not None and hub.endpoint:
+            env.append({"name": HUB_ENDPOINT_VARIABLE, "value": hub.endpoint})
+        if hub is not None and hub.offline:
+            env.append({"name": HUB_OFFLINE_VARIABLE, "value": "1"})
         if storage.credentials_secret is not None:
             # Referenced, never copied: the values stay in the Secret.
             env_from.append({"secretRef": {"name": storage.credentials_secret.name}})
@@ -126,6 +137,8 @@ def writable_volumes(settings: Settings) -> tuple[list[Manifest], list[Manifest]
         {"name": CACHE_VOLUME, "mountPath": settings.cache_mount_path},
         {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
     ]
+    # HF_HOME (downloads, token, modules) lives in the emptyDir; an image's own HF_HUB_CACHE, when it sets
+    # one, takes precedence over HF_HOME for models, so the models it carries outside the emptyDir stay visible.
     env = [
         {"name": "XDG_CACHE_HOME", "value": settings.cache_mount_path},
         {"name": "HF_HOME", "value": f"{settings.cache_mount_path}/huggingface"},

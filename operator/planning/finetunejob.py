@@ -33,6 +33,7 @@ from kubetune.operator.conditions import Reason
 from kubetune.operator.naming import run_name
 from kubetune.operator.planning.pods import PodWait
 from kubetune.operator.status.finetunejob import (
+    finished_ray_job_state,
     fit_history,
     gate,
     ray_job_outcome,
@@ -40,8 +41,8 @@ from kubetune.operator.status.finetunejob import (
     trim_history,
     with_report,
 )
-from kubetune.runtime.contract.common import SHORT_TEXT_MAX_LENGTH
-from kubetune.runtime.contract.report import RunReport, Stage
+from kubetune.runtime.contract.common import MESSAGE_MAX_LENGTH, SHORT_TEXT_MAX_LENGTH
+from kubetune.runtime.contract.report import RunReport, Stage, Unavailable
 
 from .schedule import ScheduleError as ScheduleError  # re-exported: the reconciler reports it
 from .schedule import latest_due, next_due
@@ -51,6 +52,8 @@ REPLACED = "replaced by a newer trigger (concurrencyPolicy Replace)"
 NOT_RUN_RELEVANT = frozenset({"schedule", "timeZone", "concurrencyPolicy", "suspend", "historyLimit", "promotion"})
 # A safety net only: RayJob and report changes reach the operator as watch events.
 RECHECK_SECONDS = 300.0
+# How a run that could not reach what it needs ends once KubeRay's retries (backoffLimit) are spent.
+UNAVAILABLE_FAILURES = {Unavailable.MODEL_HUB: RunFailure.MODEL_UNAVAILABLE}
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,8 @@ def retrain_token(value: str) -> str:
 
 
 def _finish(job: FineTuneJob, record: RunRecord, now: datetime, report: RunReport | None) -> RunRecord:
-    finished = record.model_copy(update={"completion_time": record.completion_time or now})
+    update = {"completion_time": record.completion_time or now, "ray_job": finished_ray_job_state(record.ray_job)}
+    finished = record.model_copy(update=update)
     return finished.judged(gate(job, finished, report))
 
 
@@ -193,6 +197,11 @@ def merge_observations(
         elif outcome.phase in ACTIVE_PHASES and run.number in waits:
             wait = waits[run.number]
             update.update(waiting=wait.reason, message=wait.message)
+        elif report is not None and report.stage == Stage.FAILED and report.unavailable is not None:
+            # Not the spec: KubeRay retries the run within backoffLimit; until then, and after, it says why.
+            update["message"] = (report.error or f"{report.unavailable.value} unavailable")[:MESSAGE_MAX_LENGTH]
+            if outcome.phase == JobPhase.FAILED and outcome.failure is None:
+                update["failure"] = UNAVAILABLE_FAILURES.get(report.unavailable)
         record = with_report(record.model_copy(update=update), report)
         if outcome.phase in FINISHED_PHASES or record.phase in FINISHED_PHASES:
             record = _finish(job, record, now, reports.get(run.number))

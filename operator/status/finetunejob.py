@@ -116,6 +116,33 @@ def ray_job_state(name: str, status: Mapping[str, Any] | None) -> RayJobState:
     )
 
 
+# KubeRay's statuses that end a RayJob; any other says it is still going.
+_FINAL_DEPLOYMENT_STATUSES = frozenset({"Complete", "Failed", "ValidationFailed"})
+_FINAL_JOB_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+
+
+def finished_ray_job_state(state: RayJobState | None) -> RayJobState | None:
+    """What a finished run keeps of its RayJob: never a status that says it is still going.
+
+    A run the operator stopped (its spec cannot work, a newer trigger replaced it), or whose RayJob
+    vanished, last showed an active status (Running, job RUNNING) that KubeRay will never update; a
+    RayJob that failed on its deadline may keep the job's RUNNING. Such values are dropped, and
+    when the RayJob never ended, the message says what was last seen instead of KubeRay's stale one.
+    """
+    if state is None:
+        return None
+    deployment, job = state.job_deployment_status, state.job_status
+    deployment_going = deployment is not None and deployment not in _FINAL_DEPLOYMENT_STATUSES
+    job_going = job is not None and job not in _FINAL_JOB_STATUSES
+    if not (deployment_going or job_going):
+        return state
+    update: dict[str, Any] = {"job_status": None if job_going else job}
+    if deployment_going:
+        seen = ", ".join(filter(None, [deployment, f"job {job}" if job else None]))
+        update |= {"job_deployment_status": None, "message": f"stopped before KubeRay ended it (last seen: {seen})"}
+    return state.model_copy(update=update)
+
+
 def with_report(record: RunRecord, report: RunReport | None) -> RunRecord:
     """Mirror the runtime's report into the run record."""
     if report is None:

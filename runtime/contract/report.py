@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from .common import ErrorText, FiniteOrNull, JsonObject, Message, Metrics, ShortText, WireModel
 
 REPORT_KEY = "report.json"
-# Written into every report; readers accept any version and ignore fields they do not know.
+# Written into every report; readers accept any version and ignore fields they do not know (and values
+# of `unavailable` they do not know). Fields are added with defaults, within the same version.
 REPORT_SCHEMA_VERSION = 1
 
 
@@ -29,6 +31,21 @@ class Stage(StrEnum):
     EXPORT = "export"
     DONE = "done"
     FAILED = "failed"
+
+
+class Unavailable(StrEnum):
+    """What a failed run could not reach. Trying again later may help: the run is retried, not stopped."""
+
+    # The Hugging Face Hub or its mirror (HF_ENDPOINT) did not answer, answered with a server error, or
+    # offline mode (HF_HUB_OFFLINE) found the model in no cache.
+    MODEL_HUB = "ModelHub"
+
+
+def _known_or_none(value: Any) -> Any:
+    """A value a newer runtime added reads as None: the failure is then an ordinary one (retried too)."""
+    if isinstance(value, str) and value not in {item.value for item in Unavailable}:
+        return None
+    return value
 
 
 class VariantReport(WireModel):
@@ -83,5 +100,12 @@ class RunReport(RunProgress):
         description=(
             "The spec field that makes the run impossible (e.g. resources.gpusPerWorker), when the run failed "
             "its own checks: trying again cannot help, so the run is not retried."
+        ),
+    )
+    unavailable: Annotated[Unavailable | None, BeforeValidator(_known_or_none)] = Field(
+        default=None,
+        description=(
+            "What the run could not reach when it failed (ModelHub): trying again later may help, so the run "
+            "is retried within backoffLimit; `error` names the endpoint and what to do."
         ),
     )

@@ -272,6 +272,13 @@ JOB_MUTATIONS = [
     mistake("priority class with an underscore", edit("spec.resources.priorityClassName", "high_priority")),
     mistake("credentials secret with a space", edit("spec.storage.credentialsSecret", {"name": "storage keys"})),
     mistake("s3 endpoint without a scheme", edit("spec.storage.s3Endpoint", "minio.storage.svc:9000")),
+    fine("hub mirror", edit("spec.storage.huggingFace", {"endpoint": "http://hf-mirror.models.svc:8080"})),
+    fine("hub offline", edit("spec.storage.huggingFace", {"offline": True})),
+    mistake("hub endpoint without a scheme", edit("spec.storage.huggingFace", {"endpoint": "hf-mirror:8080"})),
+    mistake(
+        "hub offline with an endpoint",
+        edit("spec.storage.huggingFace", {"offline": True, "endpoint": "http://hf-mirror.models.svc:8080"}),
+    ),
     mistake("queue name with a dot", edit("spec.queueName", "ml.training")),
     mistake("data field with a space", edit("spec.data.fields", {"text": "ticket body"})),
     mistake("route prefix without a slash", edit("spec.serving.routePrefix", "tickets")),

@@ -223,6 +223,60 @@ def test_a_run_that_fails_its_own_checks_is_not_retried(
     assert "slow-r1" in ray_jobs(kube, namespace)  # KubeRay's own failure: nothing to stop
 
 
+HUB_DOWN = (
+    "model.uri: cannot reach the model hub at http://hf-mirror.models.svc:8080 for hf://org/model "
+    "(Connection refused), and the Hugging Face cache at /home/ray/.cache/huggingface/hub does not hold it"
+)
+
+
+def test_an_unreachable_model_hub_is_retried_within_the_backoff_limit(
+    kube: Kube, namespace: str, operator: InProcessOperator
+) -> None:
+    create_job(kube, namespace, name="hubless")
+    wait_ray_job(kube, namespace, "hubless-r1")
+    set_ray_job_status(kube, namespace, "hubless-r1", **RUNNING)
+    wait_phase(kube, namespace, "Running", name="hubless")
+    unavailable = RunReport(stage=Stage.FAILED, error=HUB_DOWN, unavailable="ModelHub")
+    write_report(kube, namespace, "hubless-r1-report", unavailable)
+    set_ray_job_status(kube, namespace, "hubless-r1", jobStatus="FAILED", jobDeploymentStatus="Retrying", failed=1)
+    retrying = wait_phase(kube, namespace, "Retrying", name="hubless")
+    assert retrying["runs"][-1]["message"] == HUB_DOWN and "failure" not in retrying["runs"][-1]
+    assert HUB_DOWN in conditions(job(kube, namespace, "hubless"))["Progressing"]["message"]
+    assert "http://hf-mirror.models.svc:8080" in wait_event(kube, namespace, "RunRetrying")
+    assert "hubless-r1" in ray_jobs(kube, namespace)  # not stopped: KubeRay runs it again
+    # The next try starts, then fails the same way; KubeRay's retries are spent.
+    set_ray_job_status(kube, namespace, "hubless-r1", **RUNNING)
+    write_report(kube, namespace, "hubless-r1-report", RunReport(stage=Stage.LOAD, message="data from s3://"))
+    wait_phase(kube, namespace, "Running", name="hubless")
+    write_report(kube, namespace, "hubless-r1-report", unavailable)
+    set_ray_job_status(
+        kube, namespace, "hubless-r1", jobStatus="FAILED", jobDeploymentStatus="Failed", reason="AppFailed", failed=3
+    )
+    failed = wait_phase(kube, namespace, "Failed", name="hubless")
+    assert (failed["runs"][-1]["failure"], failed["runs"][-1]["message"]) == ("ModelUnavailable", HUB_DOWN)
+    degraded = conditions(job(kube, namespace, "hubless"))["Degraded"]
+    assert (degraded["status"], degraded["reason"]) == ("True", "ModelUnavailable")
+    assert failed["runs"][-1]["rayJob"]["jobDeploymentStatus"] == "Failed"
+
+
+def test_a_stopped_runs_record_does_not_say_it_is_running(
+    kube: Kube, namespace: str, operator: InProcessOperator
+) -> None:
+    create_job(kube, namespace, name="gpu-less")
+    wait_ray_job(kube, namespace, "gpu-less-r1")
+    set_ray_job_status(kube, namespace, "gpu-less-r1", **RUNNING, message="Job is currently running.")
+    wait_phase(kube, namespace, "Running", name="gpu-less")
+    report = RunReport(stage=Stage.FAILED, error="no CUDA GPU", invalid_field="resources.gpusPerWorker")
+    write_report(kube, namespace, "gpu-less-r1-report", report)  # the RayJob still says Running
+    failed = wait_phase(kube, namespace, "Failed", name="gpu-less")
+    eventually(lambda: "gpu-less-r1" not in ray_jobs(kube, namespace), what="the RayJob deleted")
+    record = status(kube, namespace, "gpu-less")["runs"][-1]
+    assert record["failure"] == "InvalidSpec" and record == failed["runs"][-1]
+    ray_job = record["rayJob"]
+    assert ray_job["name"] == "gpu-less-r1" and not {"jobStatus", "jobDeploymentStatus"} & set(ray_job)
+    assert ray_job["message"] == "stopped before KubeRay ended it (last seen: Running, job RUNNING)"
+
+
 def test_spec_edit_starts_a_new_run(kube: Kube, namespace: str, operator: InProcessOperator) -> None:
     create_job(kube, namespace)
     wait_ray_job(kube, namespace, "tickets-r1")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from kubetune.runtime.console import LINE_INTERVAL_S, ConsoleReporter
 from kubetune.runtime.contract import RunIdentity
-from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, VariantReport
+from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, Unavailable, VariantReport
 from kubetune.runtime.errors import InvalidRunError
 from kubetune.runtime.kube_reporter import ConfigMapReporter, kubernetes_reporter
 from kubetune.runtime.pipeline import run_pipeline
@@ -127,6 +127,14 @@ def test_configmap_reporter_survives_api_errors_and_reports_failure() -> None:
     final = api.reports()[-1]
     assert final.stage == Stage.FAILED and final.error == "data.train: no examples in s3://b/x.jsonl"
     assert (final.trials_completed, final.trials_total) == (2, 4)
+
+
+def test_configmap_reporter_says_what_a_failed_run_could_not_reach() -> None:
+    api = FakeCoreV1()
+    reporter = ConfigMapReporter(api, "r", "ns", min_interval_s=0.0)
+    reporter.failed("model.uri: cannot reach the model hub at http://h", unavailable=Unavailable.MODEL_HUB)
+    wire = json.loads(api.patches[-1][2]["data"][REPORT_KEY])
+    assert (wire["stage"], wire["unavailable"], "invalidField" in wire) == ("failed", "ModelHub", False)
 
 
 def test_no_kubernetes_reporter_for_a_local_run() -> None:

@@ -163,6 +163,43 @@ def test_secrets_are_referenced_never_copied(minimal_job: dict[str, Any]) -> Non
     assert "secretKeyRef" not in text and text.count("s3-creds") == 2
 
 
+def _env(spec: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in spec["containers"][0]["env"]}
+
+
+@pytest.mark.parametrize(
+    ("hub", "expected"),
+    [
+        (None, {}),
+        ({}, {}),
+        ({"endpoint": "http://hf-mirror.models.svc:8080"}, {"HF_ENDPOINT": "http://hf-mirror.models.svc:8080"}),
+        ({"offline": True}, {"HF_HUB_OFFLINE": "1"}),
+        ({"offline": False}, {}),  # leaves the image's own setting alone
+    ],
+)
+def test_the_model_hub_settings_reach_every_ray_pod(
+    minimal_job: dict[str, Any], hub: dict[str, Any] | None, expected: dict[str, str]
+) -> None:
+    storage: dict[str, Any] = {"s3Region": "eu-1"}
+    if hub is not None:
+        storage["huggingFace"] = hub
+    manifests = build(minimal_job, ("spec.storage", storage))
+    for spec in (head(manifests), workers(manifests)["template"]["spec"]):
+        env = _env(spec)
+        assert {k: v for k, v in env.items() if k in ("HF_ENDPOINT", "HF_HUB_OFFLINE")} == expected
+        # The image's HF_HUB_CACHE (models it carries, outside the cache emptyDir) is never overridden.
+        assert "HF_HUB_CACHE" not in env and env["HF_HOME"] == "/home/ray/.cache/huggingface"
+
+
+def test_the_submitter_requests_little_cpu_and_may_burst_to_start(minimal_job: dict[str, Any]) -> None:
+    for edits in ((), (("spec.resources.head", {"cpu": "4", "memory": "16Gi"}),)):
+        (container,) = submitter(build(minimal_job, *edits))["containers"]
+        assert container["resources"] == {
+            "requests": {"cpu": "100m", "memory": "512Mi"},
+            "limits": {"cpu": "1", "memory": "512Mi"},
+        }
+
+
 def test_pvc_volumes(minimal_job: dict[str, Any]) -> None:
     manifests = build(
         minimal_job,

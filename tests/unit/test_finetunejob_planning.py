@@ -307,3 +307,153 @@ def test_a_run_waiting_for_its_pods_says_which_and_why(minimal_job: dict[str, An
     assert status_of(job, decision)["Progressing"][:2] == ("True", "Unschedulable")
     later = decide(job, [observed(job, 1, RUNNING)])  # nothing holds it up any more
     assert later.records[0].waiting is None and later.records[0].message != wait.message
+
+
+HUB_DOWN = (
+    "model.uri: cannot reach the model hub at http://hf-mirror.models.svc:8080 for "
+    "hf://sentence-transformers/all-MiniLM-L6-v2 (Connection refused), and the Hugging Face cache does not hold it"
+)
+RETRYING = {"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED"}
+RETRIES_SPENT = {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed", "failed": 3}
+# (what the run reported, the RayJob's status) -> (phase, failure, stopped by the operator, message)
+REPORTED_FAILURES = [
+    pytest.param(
+        {"error": "resources.gpusPerWorker: no CUDA GPU", "invalidField": "resources.gpusPerWorker"},
+        RETRYING,
+        (JobPhase.FAILED, RunFailure.INVALID_SPEC, True, "spec.resources.gpusPerWorker: no CUDA GPU"),
+        id="invalid spec: stopped at once",
+    ),
+    pytest.param(
+        {"error": HUB_DOWN, "unavailable": "ModelHub"},
+        RUNNING,  # the driver has exited; KubeRay has not noticed yet
+        (JobPhase.RUNNING, None, False, HUB_DOWN),
+        id="hub down: KubeRay decides",
+    ),
+    pytest.param(
+        {"error": HUB_DOWN, "unavailable": "ModelHub"},
+        RETRYING,
+        (JobPhase.RETRYING, None, False, HUB_DOWN),
+        id="hub down: retried within backoffLimit",
+    ),
+    pytest.param(
+        {"error": HUB_DOWN, "unavailable": "ModelHub"},
+        RETRIES_SPENT,
+        (JobPhase.FAILED, RunFailure.MODEL_UNAVAILABLE, False, HUB_DOWN),
+        id="hub down: retries spent",
+    ),
+    pytest.param(
+        {"error": HUB_DOWN, "unavailable": "ModelHub"},
+        {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded", "message": "deadline passed"},
+        (JobPhase.FAILED, RunFailure.DEADLINE_EXCEEDED, False, HUB_DOWN),
+        id="hub down: KubeRay's reason wins",
+    ),
+    pytest.param(
+        {"error": HUB_DOWN, "unavailable": "SomethingNewer"},  # a newer runtime's kind: an ordinary failure
+        RETRIES_SPENT,
+        (JobPhase.FAILED, None, False, "AppFailed"),
+        id="unknown kind: an ordinary failure",
+    ),
+    pytest.param(
+        {"error": "RuntimeError: CUDA out of memory"},
+        RETRYING,
+        (JobPhase.RETRYING, None, False, "RayJob Retrying, job FAILED"),
+        id="ordinary failure: retried",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fields", "ray_job", "expected"), REPORTED_FAILURES)
+def test_a_reported_failure_is_stopped_or_retried_by_its_kind(
+    minimal_job: dict[str, Any], fields: dict[str, Any], ray_job: dict[str, Any], expected: tuple[Any, ...]
+) -> None:
+    phase, failure, stopped, message = expected
+    job = make_job(minimal_job)
+    report = RunReport.model_validate({"stage": "failed", **fields})
+    decision = decide(job, [observed(job, 1, ray_job)], reports={1: report})
+    (run,) = decision.records
+    assert (run.phase, run.failure) == (phase, failure)
+    assert run.message == message
+    assert decision.stop == (["support-tickets-r1"] if stopped else [])
+    conditions = status_of(job, decision)
+    if phase == JobPhase.FAILED:
+        assert conditions["Degraded"][:2] == ("True", failure.value if failure else "RunFailed")
+    else:
+        assert conditions["Progressing"][0] == "True" and message in conditions["Progressing"][2]
+
+
+def test_the_last_try_of_an_unreachable_hub_names_it_in_the_events(minimal_job: dict[str, Any]) -> None:
+    job = make_job(minimal_job)
+    report = RunReport(stage=Stage.FAILED, error=HUB_DOWN, unavailable="ModelHub")
+    first = decide(job, [observed(job, 1, RETRYING)], reports={1: report})
+    assert [(e.reason, e.type) for e in first.events] == [(Reason.RUN_RETRYING, "Warning")]
+    assert "cannot reach the model hub at http://hf-mirror.models.svc:8080" in first.events[0].message
+    job.status = FineTuneJobStatus(runs=first.records)
+    last = decide(job, [observed(job, 1, RETRIES_SPENT)], reports={1: report})
+    assert [(e.reason, e.type) for e in last.events] == [(Reason.RUN_FAILED, "Warning")]
+    assert "ModelUnavailable" not in last.events[0].message and HUB_DOWN in last.events[0].message
+    failed = status_of(job, last)["Failed"]
+    assert failed[:2] == ("True", "ModelUnavailable") and HUB_DOWN in failed[2]
+
+
+# A finished run's record keeps what it last saw of its RayJob, but never a status that says it is going.
+STOPPED_MESSAGE = "stopped before KubeRay ended it (last seen: Running, job RUNNING)"
+
+
+def _final_ray_job(minimal_job: dict[str, Any], how: str) -> dict[str, Any]:
+    if how == "invalid spec":
+        job = make_job(minimal_job)
+        report = RunReport(stage=Stage.FAILED, error="no CUDA", invalid_field="resources.gpusPerWorker")
+        records = decide(job, [observed(job, 1, RUNNING)], reports={1: report}).records
+        job.status = FineTuneJobStatus(runs=records)
+        # The next pass, as the RayJob is being deleted: the record is final.
+        records = decide(job, [observed(job, 1, RUNNING)], reports={1: report}).records
+    elif how == "replaced":
+        job, runs = active_job(minimal_job, "Replace")
+        records = decide(job, runs, annotations={"kubetune.io/retrain": "x"}).records
+    elif how == "RayJob deleted":
+        job, _ = active_job(minimal_job, "Forbid")
+        records = decide(job, []).records
+    else:
+        job = make_job(minimal_job)
+        status = {
+            "deadline exceeded": {
+                "jobDeploymentStatus": "Failed", "jobStatus": "RUNNING", "reason": "DeadlineExceeded",
+                "message": "the RayJob has passed its activeDeadlineSeconds",
+            },
+            "succeeded": {**SUCCEEDED, "message": "Job finished successfully."},
+        }[how]  # fmt: skip
+        records = decide(job, [observed(job, 1, status)]).records
+    assert records[0].phase in (JobPhase.FAILED, JobPhase.SUCCEEDED) and records[0].ray_job is not None
+    return records[0].ray_job.to_wire()
+
+
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [
+        ("invalid spec", {"name": "support-tickets-r1", "message": STOPPED_MESSAGE}),
+        ("replaced", {"name": "support-tickets-r1", "message": STOPPED_MESSAGE}),
+        ("RayJob deleted", {"name": "support-tickets-r1", "message": STOPPED_MESSAGE}),
+        (
+            "deadline exceeded",
+            {
+                "name": "support-tickets-r1",
+                "jobDeploymentStatus": "Failed",
+                "reason": "DeadlineExceeded",
+                "message": "the RayJob has passed its activeDeadlineSeconds",
+            },
+        ),
+        (
+            "succeeded",
+            {
+                "name": "support-tickets-r1",
+                "jobDeploymentStatus": "Complete",
+                "jobStatus": "SUCCEEDED",
+                "message": "Job finished successfully.",
+            },
+        ),
+    ],
+)
+def test_a_finished_runs_record_never_says_its_rayjob_is_running(
+    minimal_job: dict[str, Any], how: str, expected: dict[str, Any]
+) -> None:
+    assert _final_ray_job(minimal_job, how) == expected

@@ -62,12 +62,14 @@ def test_a_local_run_needs_exactly_one_job(tmp_path: Path, jobs: int) -> None:
 def test_a_deployment_of_another_job_and_cluster_only_settings_are_noted(tmp_path: Path) -> None:
     job, deployment = _documents()
     job["spec"]["schedule"] = "0 3 * * 0"
+    job["spec"]["storage"] = {"huggingFace": {"offline": True}}
     deployment["spec"]["model"]["fromFineTuneJob"]["name"] = "someone-else"
     local = read_local_run(_write(tmp_path, [job, deployment]))
     assert local.deployment is None
     assert local.notes == [
         "ModelDeployment support-tickets does not follow this job: not used here",
         "spec.schedule: a local run runs once",
+        "spec.storage.huggingFace: a local run uses this machine's HF_ENDPOINT and HF_HUB_OFFLINE",
     ]
 
 

@@ -91,6 +91,14 @@ def test_secrets_travel_by_reference_only(deployment: dict[str, Any]) -> None:
     assert {"name": "AWS_ENDPOINT_URL", "value": "http://minio.storage.svc:9000"} in container["env"]
 
 
+def test_the_model_hub_settings_reach_the_serving_pods(deployment: dict[str, Any]) -> None:
+    offline = mutated(deployment, "spec.storage.huggingFace", {"offline": True})
+    service = build_ray_service(make(offline), RUN_2, Settings())
+    replica = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item.get("value") for item in replica["env"]}
+    assert env["HF_HUB_OFFLINE"] == "1" and "HF_ENDPOINT" not in env and "HF_HUB_CACHE" not in env
+
+
 def test_a_new_artifact_changes_only_the_serve_config(deployment: dict[str, Any]) -> None:
     first, second = (build_ray_service(make(deployment), run, Settings()) for run in (RUN_2, RUN_3))
     assert first["spec"]["rayClusterConfig"] == second["spec"]["rayClusterConfig"]  # an in-place Serve upgrade

@@ -10,7 +10,7 @@ from kubetune.operator.api.finetunejob import FineTuneJob, FineTuneJobStatus
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.settings import Settings, SettingsError
 from kubetune.runtime.contract.errors import SpecError
-from kubetune.runtime.contract.report import REPORT_SCHEMA_VERSION, RunReport
+from kubetune.runtime.contract.report import REPORT_SCHEMA_VERSION, RunReport, Unavailable
 from kubetune.runtime.contract.runconfig import RUN_CONFIG_SCHEMA_VERSION, RunConfig
 from pydantic import ValidationError
 
@@ -37,6 +37,18 @@ def test_a_report_from_an_older_runtime_has_the_first_schema_version() -> None:
     report = RunReport.model_validate_json('{"stage": "load"}')
     assert report.schema_version == 1
     assert RunReport(stage="done").to_wire()["schemaVersion"] == REPORT_SCHEMA_VERSION
+
+
+@pytest.mark.parametrize(
+    ("written", "read"),
+    [({}, None), ({"unavailable": "ModelHub"}, Unavailable.MODEL_HUB), ({"unavailable": "GpuQuota"}, None)],
+)
+def test_what_a_failed_run_could_not_reach_is_read_across_releases(
+    written: dict[str, Any], read: Unavailable | None
+) -> None:
+    report = RunReport.model_validate_json(json.dumps({"stage": "failed", "error": "x", **written}))
+    assert report.unavailable == read  # a kind this operator does not know: an ordinary failure
+    assert RunReport(stage="failed", unavailable="ModelHub").to_wire()["unavailable"] == "ModelHub"
 
 
 def run_config(minimal_job: dict[str, Any], **spec_extra: Any) -> dict[str, Any]:
