@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script (scripts/cluster): import the p
 
 from . import nodehost
 from .controlplane import BUILD_SCRIPT, CommandError
-from .debian import PackagesUnavailable, ensure_packages
+from .debian import MissingPackagesError, ensure_packages
 from .nodehost import NodeNetwork
 from .pki import ServingCertificate, make_pki, write_kubeconfig
 
@@ -78,7 +78,7 @@ def check_machine() -> None:
         raise NodeUnavailableError("a real node needs root on Linux (kubelet, containerd, mounts, iptables)")
     try:
         ensure_packages(PACKAGES)
-    except PackagesUnavailable as error:
+    except MissingPackagesError as error:
         raise NodeUnavailableError(str(error)) from error
     if shutil.which("unshare") is None:
         raise NodeUnavailableError("unshare (util-linux) is missing")
@@ -165,8 +165,8 @@ class RealNode:
         return nodehost.leftovers(self.run, self.network)
 
     def _sweep(self) -> None:
-        proxy = self.bin.get("kube-proxy")
-        nodehost.sweep(self.run, self.network, proxy)
+        # The run folder links the binaries it ran: a sweep from another process (or after a crash) finds them.
+        nodehost.sweep(self.run, self.network, self.run / "bin" / "kube-proxy")
 
     def _find_binaries(self) -> None:
         control_plane = _build()[-1]
@@ -185,6 +185,9 @@ class RealNode:
         folders = ("pids", "logs", "run", "sysctl", "kubelet", "cni/net.d", "host/log", "host/run-containerd")
         nodehost.ensure_dirs(self.run, (*folders, "host/cni-cache"))
         (self.run / OWNER_FILE).write_text(owner)
+        (self.run / "bin").mkdir()
+        for name, path in self.bin.items():
+            (self.run / "bin" / name).symlink_to(path)
         self.store.mkdir(parents=True, exist_ok=True)
         for mount_point in nodehost.HOST_MOUNT_POINTS:
             mount_point.mkdir(parents=True, exist_ok=True)

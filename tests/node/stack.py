@@ -83,6 +83,8 @@ class Stack:
             "credentialsSecret": {"name": STORAGE_SECRET},
             "s3Endpoint": self.s3_endpoint,
             "s3Region": S3_REGION,
+            # The node reaches no model hub: models come from the image's own cache.
+            "huggingFace": {"offline": True},
         }
 
     def apply(self, *documents: Mapping[str, Any], namespace: str = TEAM_NAMESPACE) -> None:

@@ -215,7 +215,8 @@ def test_load_adds_a_replica_pod_and_it_goes_again(stack: Stack, journey: Journe
             if len(pods) == 2:
                 up.mark("2nd replica pod created")
             ready = [p for p in pods if condition(p, "Ready").get("status") == "True"]
-            return len(ready) == 2 and _serving_replicas(stack) == 2
+            # KubeRay counts the pods with a Serve proxy: the head and each replica's pod.
+            return len(ready) == 2 and _serving_pods(stack) == 3
 
         wait_for(two_serving, timeout=420, what="a second replica pod", diagnose=lambda: describe(stack.node, NS))
         up.mark("2 replicas serving")
@@ -229,8 +230,8 @@ def test_load_adds_a_replica_pod_and_it_goes_again(stack: Stack, journey: Journe
     journey.reached.add("autoscaled")
 
 
-def _serving_replicas(stack: Stack) -> int:
-    return int((_deployment(stack).get("status") or {}).get("readyReplicas") or 0)
+def _serving_pods(stack: Stack) -> int:
+    return int((_deployment(stack).get("status") or {}).get("servingPods") or 0)
 
 
 def test_retraining_rolls_out_the_new_run_without_a_failed_request(stack: Stack, journey: Journey) -> None:
