@@ -22,6 +22,7 @@ from kubetune.operator import crdgen
 from kubetune.operator.api.common import API_VERSION, object_name_problem
 from kubetune.operator.api.finetunejob import CLUSTER_OUTPUT_MESSAGE
 from kubetune.operator.api.manifests import MODELS, Manifest, out_of_range_integers, validate_as_admitted
+from kubetune.runtime.contract.common import quantity_value
 from kubetune.runtime.contract.errors import SpecError, describe, field_path
 from pydantic import ValidationError
 
@@ -205,10 +206,24 @@ def _cel(value: Any, schema: Schema) -> celtypes.Value:
     return celtypes.StringType(str(value))
 
 
+def _quantity(text: celtypes.Value) -> celtypes.DoubleType:
+    """Kubernetes' CEL `quantity()`, as a number (what the rules compare)."""
+    return celtypes.DoubleType(quantity_value(str(text)))
+
+
+def _compare_to(left: celtypes.Value, right: celtypes.Value) -> celtypes.IntType:
+    """Kubernetes' `Quantity.compareTo`: -1, 0 or 1."""
+    return celtypes.IntType((left > right) - (left < right))
+
+
+# The functions of Kubernetes' CEL libraries that kubetune's rules use, beyond standard CEL.
+KUBERNETES_FUNCTIONS = {"quantity": _quantity, "compareTo": _compare_to}
+
+
 @cache
 def _program(rule: str) -> celpy.Runner:
     environment = _environment()
-    return environment.program(environment.compile(rule))
+    return environment.program(environment.compile(rule), functions=KUBERNETES_FUNCTIONS)
 
 
 @cache

@@ -17,6 +17,8 @@ from kubetune.runtime.contract.common import (
     Quantity,
     WireModel,
     cel_rule,
+    check_cpu_limit,
+    cpu_limit_rule,
     with_cel,
 )
 from pydantic import Field, field_validator, model_validator
@@ -264,17 +266,31 @@ class NodePlacement(ContractModel):
         return value
 
 
+CPU_LIMIT_DESCRIPTION = (
+    "CPU limit, at least the request; the request when omitted (a Guaranteed pod). A higher limit lets the"
+    " pod use idle CPU beyond what it reserves, e.g. Ray's control processes as they start on a small node."
+)
+
+
 class HeadResources(NodePlacement):
     """The Ray head pod, which runs the driver and Ray's control processes: no training, no GPU.
 
     Its placement is its own: the workers' node selector, tolerations and GPU type do not apply to it.
     """
 
-    cpu: Quantity = Field(default="1", description="CPU request and limit of the head.")
+    model_config = with_cel(cpu_limit_rule("cpu", "cpuLimit"))
+
+    cpu: Quantity = Field(default="1", description="CPU request of the head (and its limit, unless cpuLimit).")
+    cpu_limit: Quantity | None = Field(default=None, description=CPU_LIMIT_DESCRIPTION)
     memory: Quantity = Field(default="4Gi", description="Memory request and limit of the head.")
     ephemeral_storage: Quantity = Field(
         default="10Gi", description="Ephemeral storage requested for the head (caches, /tmp, Ray's logs)."
     )
+
+    @model_validator(mode="after")
+    def _limit_covers_request(self) -> HeadResources:
+        check_cpu_limit(self.cpu, self.cpu_limit, "cpuLimit", "cpu")
+        return self
 
 
 # Every model that extends Placement and sets its own CEL rules adds these.

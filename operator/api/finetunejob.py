@@ -18,6 +18,8 @@ from kubetune.runtime.contract.common import (
     ShortText,
     WireModel,
     cel_rule,
+    check_cpu_limit,
+    cpu_limit_rule,
     with_cel,
 )
 from kubetune.runtime.contract.report import RunProgress
@@ -25,7 +27,9 @@ from kubetune.runtime.contract.run import CAUSAL_LM_METRICS, CLASSIFICATION_METR
 from pydantic import Field, field_validator, model_validator
 
 from .common import (
+    CPU_LIMIT_DESCRIPTION,
     CRON_PATTERN,
+    PLACEMENT_RULES,
     Condition,
     HeadResources,
     Placement,
@@ -48,6 +52,8 @@ MAX_METRICS = 32
 class Resources(Placement):
     """Ray workers that train (one training process each) and where they run."""
 
+    model_config = with_cel(*PLACEMENT_RULES, cpu_limit_rule("cpuPerWorker", "cpuLimitPerWorker"))
+
     workers: int = Field(default=1, ge=1, le=1024, description="Ray worker pods that train.")
     gpus_per_worker: int = Field(
         default=0,
@@ -55,12 +61,20 @@ class Resources(Placement):
         le=16,
         description="GPUs per worker pod (nvidia.com/gpu); each runs one training process per GPU.",
     )
-    cpu_per_worker: Quantity = Field(default="2", description="CPU request and limit per worker.")
+    cpu_per_worker: Quantity = Field(
+        default="2", description="CPU request per worker (and its limit, unless cpuLimitPerWorker)."
+    )
+    cpu_limit_per_worker: Quantity | None = Field(default=None, description=CPU_LIMIT_DESCRIPTION)
     memory_per_worker: Quantity = Field(default="8Gi", description="Memory request and limit per worker.")
     ephemeral_storage_per_worker: Quantity = Field(
         default="20Gi", description="Ephemeral storage requested per worker (model and data caches, /tmp)."
     )
     head: HeadResources = Field(default_factory=HeadResources, description="Resources of the Ray head.")
+
+    @model_validator(mode="after")
+    def _limit_covers_request(self) -> Resources:
+        check_cpu_limit(self.cpu_per_worker, self.cpu_limit_per_worker, "cpuLimitPerWorker", "cpuPerWorker")
+        return self
 
 
 class ConcurrencyPolicy(StrEnum):

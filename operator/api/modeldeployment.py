@@ -15,12 +15,15 @@ from kubetune.runtime.contract.common import (
     Uri,
     WireModel,
     cel_rule,
+    check_cpu_limit,
+    cpu_limit_rule,
     with_cel,
 )
 from kubetune.runtime.contract.serving import COMPILE_DESCRIPTION
 from pydantic import Field, field_validator, model_validator
 
 from .common import (
+    CPU_LIMIT_DESCRIPTION,
     PLACEMENT_RULES,
     Condition,
     HeadResources,
@@ -100,15 +103,27 @@ class ServingHeadResources(HeadResources):
 class AutoscalerResources(ContractModel):
     """Ray's autoscaler: a second container of the head pod that adds and removes replica pods."""
 
-    cpu: Quantity = Field(default="500m", description="CPU request and limit of the autoscaler container.")
+    model_config = with_cel(cpu_limit_rule("cpu", "cpuLimit"))
+
+    cpu: Quantity = Field(
+        default="500m", description="CPU request of the autoscaler container (and its limit, unless cpuLimit)."
+    )
+    cpu_limit: Quantity | None = Field(default=None, description=CPU_LIMIT_DESCRIPTION)
     memory: Quantity = Field(default="512Mi", description="Memory request and limit of the autoscaler container.")
+
+    @model_validator(mode="after")
+    def _limit_covers_request(self) -> AutoscalerResources:
+        check_cpu_limit(self.cpu, self.cpu_limit, "cpuLimit", "cpu")
+        return self
 
 
 class ReplicaResources(Placement):
     """Resources of each serving replica and where replicas run, and of the head pod that runs the cluster."""
 
     model_config = with_cel(
-        *PLACEMENT_RULES, cel_rule("!has(self.gpuType) || self.gpus > 0", "gpuType needs gpus > 0", ".gpuType")
+        *PLACEMENT_RULES,
+        cel_rule("!has(self.gpuType) || self.gpus > 0", "gpuType needs gpus > 0", ".gpuType"),
+        cpu_limit_rule("cpu", "cpuLimit"),
     )
 
     cpu: Quantity = Field(
@@ -118,6 +133,7 @@ class ReplicaResources(Placement):
             " this many CPUs rounded up to a whole number, and the replica takes all of them: one replica per pod."
         ),
     )
+    cpu_limit: Quantity | None = Field(default=None, description=CPU_LIMIT_DESCRIPTION)
     memory: Quantity = Field(default="2Gi", description="Memory per replica.")
     ephemeral_storage: Quantity = Field(
         default="10Gi", description="Ephemeral storage requested per replica pod (model cache, /tmp)."
@@ -136,6 +152,11 @@ class ReplicaResources(Placement):
     def _gpu_type_needs_gpus(self) -> ReplicaResources:
         if self.gpu_type is not None and self.gpus == 0:
             raise ValueError("gpuType needs gpus > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _limit_covers_request(self) -> ReplicaResources:
+        check_cpu_limit(self.cpu, self.cpu_limit, "cpuLimit", "cpu")
         return self
 
 

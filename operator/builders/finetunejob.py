@@ -117,6 +117,7 @@ def _ray_pod(
         return pods.RayPod(
             container="ray-worker",
             cpu=resources.cpu_per_worker,
+            cpu_limit=resources.cpu_limit_per_worker,
             memory=resources.memory_per_worker,
             ephemeral_storage=resources.ephemeral_storage_per_worker,
             gpus=resources.gpus_per_worker,
@@ -126,6 +127,7 @@ def _ray_pod(
     return pods.RayPod(
         container="ray-head",
         cpu=resources.head.cpu,
+        cpu_limit=resources.head.cpu_limit,
         memory=resources.head.memory,
         ephemeral_storage=resources.head.ephemeral_storage,
         gpus=0,
@@ -195,6 +197,12 @@ def _ray_cluster_spec(
     return cluster
 
 
+def run_output_uri(output_uri: str, number: int) -> str:
+    """Where run `number` writes: a folder of its own under spec.output.uri. Runs never overwrite each
+    other's artifacts: the one an endpoint serves, or the one it would roll back to."""
+    return f"{output_uri.rstrip('/')}/runs/{number}"
+
+
 def run_config(job: FineTuneJob, request: RunRequest) -> RunConfig:
     """What the runtime reads: the run contract (without cluster fields), who it is, its workers."""
     name = job.metadata["name"]
@@ -208,6 +216,8 @@ def run_config(job: FineTuneJob, request: RunRequest) -> RunConfig:
     resources = job.spec.resources
     workers = WorkerResources(workers=resources.workers, gpus_per_worker=resources.gpus_per_worker)
     contract = RunSpec.model_validate(job.spec.model_dump(include=set(RunSpec.model_fields)))
+    output = contract.output.model_copy(update={"uri": run_output_uri(contract.output.uri, request.number)})
+    contract = contract.model_copy(update={"output": output})
     return RunConfig(spec=contract, run=identity, resources=workers)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from typing import Any
 
 import yaml
@@ -28,6 +27,7 @@ from kubetune.operator.naming import (
     fit,
 )
 from kubetune.operator.settings import Settings
+from kubetune.runtime.contract.common import quantity_value
 from kubetune.runtime.contract.serving import (
     REPLICA_ENVIRONMENT,
     SERVE_ENVIRONMENT,
@@ -44,21 +44,6 @@ SERVE_PORT = 8000
 TOKEN_VARIABLE = "KUBETUNE_ENDPOINT_TOKEN"
 # The autoscaler container's own ServiceAccount token (the head's Ray container has none).
 AUTOSCALER_TOKEN_VOLUME = "autoscaler-token"
-_QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([a-zA-Z]*)$")
-_UNITS = {
-    "": 1.0, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-}  # fmt: skip
-
-
-def quantity(value: str) -> float:
-    """A Kubernetes quantity as a number ("500m" → 0.5, "2Gi" → 2147483648)."""
-    match = _QUANTITY.match(str(value))
-    if match is None or match.group(2) not in _UNITS:
-        raise ValueError(f"{value!r} is not a resource quantity")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
 def ray_service_name(deployment: ModelDeployment) -> str:
     return fit(deployment.metadata["name"])
 
@@ -95,7 +80,7 @@ def replica_cpus(deployment: ModelDeployment) -> int:
     Kubernetes is asked for exactly `resources.cpu` (500m, say); Ray's count only places the
     replica, and taking the whole pod keeps one replica per pod (two 500m replicas never share one).
     """
-    return max(1, math.ceil(quantity(deployment.spec.resources.cpu)))
+    return max(1, math.ceil(quantity_value(deployment.spec.resources.cpu)))
 
 
 def serve_config(deployment: ModelDeployment, served: ServedModel) -> Manifest:
@@ -154,6 +139,7 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
     worker = pods.RayPod(
         container="ray-worker",
         cpu=resources.cpu,
+        cpu_limit=resources.cpu_limit,
         memory=resources.memory,
         ephemeral_storage=resources.ephemeral_storage,
         gpus=resources.gpus,
@@ -166,6 +152,7 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
     head = pods.RayPod(
         container="ray-head",
         cpu=resources.head.cpu,
+        cpu_limit=resources.head.cpu_limit,
         memory=resources.head.memory,
         ephemeral_storage=resources.head.ephemeral_storage,
         gpus=0,
@@ -181,7 +168,9 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
     worker_params = {"num-cpus": str(replica_cpus(deployment))}
     if resources.gpus:
         worker_params["num-gpus"] = str(resources.gpus)
-    autoscaler = {"cpu": resources.autoscaler.cpu, "memory": resources.autoscaler.memory}
+    autoscaler = resources.autoscaler
+    requests = {"cpu": autoscaler.cpu, "memory": autoscaler.memory}
+    limits = {"cpu": autoscaler.cpu_limit or autoscaler.cpu, "memory": autoscaler.memory}
     return {
         "rayVersion": pods.image_of(resources, settings)[1],
         "enableInTreeAutoscaling": True,
@@ -189,7 +178,7 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
         # sized by the spec (these replace KubeRay's 500m/512Mi), and the one container that talks
         # to the API server (it watches and scales the RayCluster) with the ServiceAccount's token.
         "autoscalerOptions": {
-            "resources": {"requests": dict(autoscaler), "limits": dict(autoscaler)},
+            "resources": {"requests": requests, "limits": limits},
             "securityContext": pods.container_security(),
             "volumeMounts": [
                 {"name": pods.TMP_VOLUME, "mountPath": "/tmp"},

@@ -171,11 +171,12 @@ class RayPod:
     """One Ray pod template: its container, resources, environment, volumes, placement and security."""
 
     container: str
-    cpu: str
+    cpu: str  # the request; also the limit unless cpu_limit
     memory: str
     gpus: int
     placement: Placement  # image, pull secrets, priority, GPU type (and node placement unless `nodes` is given)
     ephemeral_storage: str | None = None
+    cpu_limit: str | None = None
     nodes: NodePlacement | None = None  # the head's own node placement
     labels: Mapping[str, str] = field(default_factory=dict)
     service_account: str | None = None
@@ -188,7 +189,7 @@ class RayPod:
     volumes: Sequence[Manifest] = field(default=())
 
     def template(self, settings: Settings) -> Manifest:
-        limits: dict[str, Any] = {"cpu": self.cpu, "memory": self.memory}
+        limits: dict[str, Any] = {"cpu": self.cpu_limit or self.cpu, "memory": self.memory}
         requests: dict[str, Any] = {"cpu": self.cpu, "memory": self.memory}
         if self.ephemeral_storage:
             requests["ephemeral-storage"] = self.ephemeral_storage

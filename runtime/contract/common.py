@@ -71,6 +71,36 @@ def _check_quantity(value: Any) -> str:
     return text
 
 
+_QUANTITY_PARTS = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([a-zA-Z]*)$")
+_QUANTITY_UNITS = {
+    "": 1.0, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+
+
+def quantity_value(value: str | int) -> float:
+    """A Kubernetes quantity as a number ("500m" → 0.5, "2Gi" → 2147483648)."""
+    match = _QUANTITY_PARTS.match(str(value))
+    if match is None or match.group(2) not in _QUANTITY_UNITS:
+        raise ValueError(f"{value!r} is not a resource quantity")
+    return float(match.group(1)) * _QUANTITY_UNITS[match.group(2)]
+
+
+def cpu_limit_rule(request: str, limit: str) -> dict[str, Any]:
+    """The CEL rule (Kubernetes' quantity library) that a CPU limit field is at least its request field."""
+    return cel_rule(
+        f"!has(self.{limit}) || quantity(string(self.{limit})).compareTo(quantity(string(self.{request}))) >= 0",
+        f"{limit} must be at least {request}",
+        f".{limit}",
+    )
+
+
+def check_cpu_limit(request: str, limit: str | None, limit_field: str, request_field: str) -> None:
+    """Raise when a CPU limit is below its request (the pydantic twin of cpu_limit_rule)."""
+    if limit is not None and quantity_value(limit) < quantity_value(request):
+        raise ValueError(f"{limit_field} must be at least {request_field}")
+
+
 Quantity = Annotated[
     str,
     BeforeValidator(_check_quantity),

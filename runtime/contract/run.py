@@ -21,7 +21,10 @@ class Output(ContractModel):
     """Where checkpoints, exported variants and the kubetune.json manifest are written."""
 
     uri: Uri = Field(
-        description="Output location: s3://<bucket>/<prefix>, pvc://<claim>/<path>, file://<path> or a path."
+        description=(
+            "Output location: s3://<bucket>/<prefix>, pvc://<claim>/<path>, file://<path> or a path. On a cluster,"
+            " run N of a FineTuneJob writes under <uri>/runs/N."
+        )
     )
     keep_checkpoints: int = Field(
         default=2, ge=1, le=100, description="Newest training checkpoints kept for resuming after a failure."

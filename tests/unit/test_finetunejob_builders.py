@@ -104,6 +104,21 @@ def test_run_config_holds_the_contract_and_the_identity(complete_job: dict[str, 
     assert "resources" not in json.loads(manifests.config["data"]["run.json"])["spec"]
 
 
+@pytest.mark.parametrize(
+    ("output", "run_output"),
+    [
+        ("s3://models/support-tickets", "s3://models/support-tickets/runs/3"),
+        ("s3://models/support-tickets/", "s3://models/support-tickets/runs/3"),
+        ("pvc://runs/support", "pvc://runs/support/runs/3"),
+    ],
+)
+def test_each_run_writes_to_a_folder_of_its_own(complete_job: dict[str, Any], output: str, run_output: str) -> None:
+    """Run 3 never overwrites the artifacts of run 2, which an endpoint may serve or roll back to."""
+    manifests = build(complete_job, ("spec.output.uri", output))
+    config = RunConfig.model_validate(json.loads(manifests.config["data"]["run.json"]))
+    assert config.spec.output.uri == run_output
+
+
 GPU_CASES = [
     # (edits, worker limits, worker rayStartParams, worker node selector)
     ([], {"cpu": "2", "memory": "8Gi"}, {}, None),
@@ -237,6 +252,27 @@ def test_the_head_has_a_placement_of_its_own(minimal_job: dict[str, Any]) -> Non
             {"key": "spot", "operator": "Exists"}
         ]
     assert workers(manifests)["template"]["spec"]["nodeSelector"] == {"pool": "big"}
+
+
+@pytest.mark.parametrize(
+    ("resources", "head_cpu", "worker_cpu"),
+    [
+        ({}, ("1", "1"), ("2", "2")),
+        (
+            {"cpuPerWorker": "350m", "cpuLimitPerWorker": "1", "head": {"cpu": "250m", "cpuLimit": "1"}},
+            ("250m", "1"),
+            ("350m", "1"),
+        ),
+    ],
+)
+def test_cpu_limits_default_to_the_requests(
+    minimal_job: dict[str, Any], resources: dict[str, Any], head_cpu: tuple[str, str], worker_cpu: tuple[str, str]
+) -> None:
+    manifests = build(minimal_job, ("spec.resources", resources))
+    (head_container,) = head(manifests)["containers"]
+    (worker_container,) = workers(manifests)["template"]["spec"]["containers"]
+    for container, wanted in ((head_container, head_cpu), (worker_container, worker_cpu)):
+        assert (container["resources"]["requests"]["cpu"], container["resources"]["limits"]["cpu"]) == wanted
 
 
 def pod_specs(manifests: RunManifests) -> list[dict[str, Any]]:

@@ -9,7 +9,8 @@ import pytest
 import yaml
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.api.modeldeployment import ModelDeployment, ServedModel
-from kubetune.operator.builders.modeldeployment import build_network_policy, build_ray_service, endpoint, quantity
+from kubetune.operator.builders.modeldeployment import build_network_policy, build_ray_service, endpoint
+from kubetune.runtime.contract.common import quantity_value as quantity
 from kubetune.operator.settings import Settings
 from kubetune.runtime.contract import Task
 from kubetune.runtime.contract.serving import ServeAppArgs
@@ -233,6 +234,31 @@ def test_the_head_and_the_autoscaler_are_sized_by_the_spec(
     assert head["containers"][0]["resources"]["limits"] == {"cpu": requests["cpu"], "memory": requests["memory"]}
     # Written out, so KubeRay's 500m/512Mi default never applies unseen.
     assert autoscaler["resources"] == {"requests": autoscaler_wanted, "limits": autoscaler_wanted}
+
+
+def test_cpu_limits_above_the_requests_let_the_pods_burst(deployment: dict[str, Any]) -> None:
+    resources = {
+        "cpu": "400m",
+        "cpuLimit": "1",
+        "head": {"cpu": "250m", "cpuLimit": "1500m"},
+        "autoscaler": {"cpu": "100m", "cpuLimit": "500m"},
+    }
+    cluster = build_ray_service(make(mutated(deployment, "spec.resources", resources)), RUN_2, Settings())
+    config = cluster["spec"]["rayClusterConfig"]
+    head, autoscaler = head_and_autoscaler(config)
+    [worker] = config["workerGroupSpecs"][0]["template"]["spec"]["containers"]
+    cpu = {
+        "head": head["containers"][0]["resources"],
+        "replica": worker["resources"],
+        "autoscaler": autoscaler["resources"],
+    }
+    assert {name: (r["requests"]["cpu"], r["limits"]["cpu"]) for name, r in cpu.items()} == {
+        "head": ("250m", "1500m"),
+        "replica": ("400m", "1"),
+        "autoscaler": ("100m", "500m"),
+    }
+    # Ray still counts the replica pod by its request: one replica per pod.
+    assert config["workerGroupSpecs"][0]["rayStartParams"]["num-cpus"] == "1"
 
 
 def test_the_head_is_placed_by_its_own_placement(deployment: dict[str, Any]) -> None:

@@ -264,6 +264,30 @@ CROSS_FIELD_CASES = [
         "gpuType needs gpus > 0",
         "spec.resources.gpuType",
     ),
+    (
+        "modeldeployment.yaml",
+        [("spec.resources", {"cpu": "1500m", "cpuLimit": "1"})],
+        "cpuLimit must be at least cpu",
+        "spec.resources.cpuLimit",
+    ),
+    (
+        "modeldeployment.yaml",
+        [("spec.resources", {"head": {"cpu": 2, "cpuLimit": "1900m"}})],
+        "cpuLimit must be at least cpu",
+        "spec.resources.head.cpuLimit",
+    ),
+    (
+        "modeldeployment.yaml",
+        [("spec.resources", {"autoscaler": {"cpu": "500m", "cpuLimit": "0.4"}})],
+        "cpuLimit must be at least cpu",
+        "spec.resources.autoscaler.cpuLimit",
+    ),
+    (
+        JOB,
+        [("spec.resources", {"cpuPerWorker": "2", "cpuLimitPerWorker": "1999m"})],
+        "cpuLimitPerWorker must be at least cpuPerWorker",
+        "spec.resources.cpuLimitPerWorker",
+    ),
 ]
 
 
