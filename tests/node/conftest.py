@@ -16,7 +16,7 @@ import pytest
 from ..controlplane.images import ImagesUnavailableError
 from ..controlplane.realnode import NodeUnavailableError
 from .journey import FIGURES
-from .stack import Stack, start_stack
+from .stack import Stack, attach_stack, start_stack
 
 _stack: Stack | None = None
 _timings: dict[str, float] = {}
@@ -39,9 +39,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
+    """The stack: the one `scripts/cluster up` left running (kept afterwards), else one of this session's."""
     global _stack
+    attached = attach_stack()
     try:
-        started = start_stack()
+        started = attached or start_stack()
     except (NodeUnavailableError, ImagesUnavailableError) as error:
         pytest.skip(f"no real node on this machine: {error}")
     _stack = started
@@ -50,9 +52,10 @@ def stack() -> Iterator[Stack]:
         yield started
     finally:
         _stack = None
-        started.node.stop()
-        left = started.node.leftovers()
-        assert not left, f"the node left these behind: {left}"
+        if attached is None:
+            started.node.stop()
+            left = started.node.leftovers()
+            assert not left, f"the node left these behind: {left}"
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

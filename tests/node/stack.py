@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: import the tests package besid
 
 from ..controlplane import nodehost
 from ..controlplane.images import BuiltImage, build_images
-from ..controlplane.realnode import RealNode
+from ..controlplane.realnode import KEPT, RealNode
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "kubetune"
@@ -87,7 +87,7 @@ class Stack:
             "huggingFace": {"offline": True},
         }
 
-    def apply(self, *documents: Mapping[str, Any], namespace: str = TEAM_NAMESPACE) -> None:
+    def apply(self, *documents: Mapping[str, Any], namespace: str) -> None:
         self.node.kubectl(
             "apply",
             "-n",
@@ -98,21 +98,25 @@ class Stack:
         )
 
 
-# The example's resources, sized so that a training run (head, 2 workers, submitter) and an endpoint with
-# one replica (head, autoscaler, replica) fit together on a 2-CPU node beside the operator.
+# The example's resources, sized so that the requests of a training run (head 250m, 2 workers of 350m, the
+# submitter's 100m) and of an endpoint with one replica (head 250m, autoscaler 100m, replica 400m) fit together
+# on a 2-CPU node beside the operator (50m). The limits let each pod use what the others leave idle: Ray's
+# control processes need a whole CPU for a while as they start, and time out when held to a quarter of one.
 JOB_RESOURCES = {
     "workers": 2,
     "cpuPerWorker": "350m",
+    "cpuLimitPerWorker": "1",
     "memoryPerWorker": "3Gi",
     "ephemeralStoragePerWorker": "2Gi",
-    "head": {"cpu": "250m", "memory": "3Gi", "ephemeralStorage": "2Gi"},
+    "head": {"cpu": "250m", "cpuLimit": "1", "memory": "3Gi", "ephemeralStorage": "2Gi"},
 }
 REPLICA_RESOURCES = {
     "cpu": "400m",
+    "cpuLimit": "1",
     "memory": "2Gi",
     "ephemeralStorage": "2Gi",
-    "head": {"cpu": "250m", "memory": "2Gi", "ephemeralStorage": "2Gi"},
-    "autoscaler": {"cpu": "100m", "memory": "512Mi"},
+    "head": {"cpu": "250m", "cpuLimit": "1", "memory": "2Gi", "ephemeralStorage": "2Gi"},
+    "autoscaler": {"cpu": "100m", "cpuLimit": "500m", "memory": "512Mi"},
 }
 ENDPOINT_TOKEN_SECRET = "endpoint-token"
 
@@ -131,6 +135,8 @@ def example_manifests(stack: Stack, token: str) -> tuple[dict[str, Any], dict[st
     spec = deployment["spec"]
     spec["storage"] = stack.storage()
     spec["resources"] = REPLICA_RESOURCES
+    # Two replicas at most (what the node holds), and back to one soon after the load.
+    spec["autoscaling"] = {**spec["autoscaling"], "maxReplicas": 2, "downscaleDelaySeconds": 15}
     spec["auth"] = {"tokenSecret": {"name": ENDPOINT_TOKEN_SECRET, "key": "token"}}
     secret = {
         "apiVersion": "v1",
@@ -165,8 +171,9 @@ def install_operator(stack: Stack, extra_values: Sequence[str] = ()) -> None:
     """`helm upgrade --install` of the chart with the local operator image, as a platform team would."""
     node, operator = stack.node, stack.images["operator"]
     repository, tag = operator.name.rsplit(":", 1)
-    node.kubectl("create", "namespace", OPERATOR_NAMESPACE)
-    node.kubectl("label", "namespace", OPERATOR_NAMESPACE, *(f"{k}={v}" for k, v in RESTRICTED.items()))
+    if node.kubectl("get", "namespace", OPERATOR_NAMESPACE, check=False).returncode != 0:
+        node.kubectl("create", "namespace", OPERATOR_NAMESPACE)
+    node.kubectl("label", "--overwrite", "namespace", OPERATOR_NAMESPACE, *(f"{k}={v}" for k, v in RESTRICTED.items()))
     node.helm(
         "upgrade", "--install", RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE, "--wait", "--timeout", "180s",
         "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
@@ -179,21 +186,26 @@ def install_operator(stack: Stack, extra_values: Sequence[str] = ()) -> None:
     )  # fmt: skip
 
 
-def prepare_team(stack: Stack) -> None:
-    """The team's namespace (restricted), its storage Secret, and the example's data in the bucket."""
+def upload_example_data(stack: Stack) -> None:
+    """The example's tickets in the bucket, where its FineTuneJob reads them."""
+    s3 = stack.s3()
+    if BUCKET not in {bucket["Name"] for bucket in s3.list_buckets().get("Buckets", [])}:
+        s3.create_bucket(Bucket=BUCKET)
+    s3.upload_file(str(EXAMPLE_DATA), BUCKET, TRAIN_KEY)
+
+
+def prepare_namespace(stack: Stack, namespace: str) -> None:
+    """A team's namespace (restricted Pod Security) with the storage Secret its specs name."""
     node = stack.node
-    node.kubectl("create", "namespace", TEAM_NAMESPACE)
-    node.kubectl("label", "namespace", TEAM_NAMESPACE, *(f"{k}={v}" for k, v in RESTRICTED.items()))
+    node.kubectl("create", "namespace", namespace)
+    node.kubectl("label", "namespace", namespace, *(f"{k}={v}" for k, v in RESTRICTED.items()))
     secret = {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {"name": STORAGE_SECRET},
         "stringData": {**S3_CREDENTIALS, "AWS_DEFAULT_REGION": S3_REGION},
     }
-    stack.apply(secret)
-    s3 = stack.s3()
-    s3.create_bucket(Bucket=BUCKET)
-    s3.upload_file(str(EXAMPLE_DATA), BUCKET, TRAIN_KEY)
+    stack.apply(secret, namespace=namespace)
 
 
 def start_stack(*, keep: bool = False, images: Sequence[str] = IMAGES) -> Stack:
@@ -204,11 +216,27 @@ def start_stack(*, keep: bool = False, images: Sequence[str] = IMAGES) -> Stack:
     try:
         stack = Stack(node, built, start_s3(node))
         install_operator(stack)
-        prepare_team(stack)
+        upload_example_data(stack)
     except BaseException:
         if not keep:
             node.stop()
         raise
+    return stack
+
+
+def attach_stack(images: Sequence[str] = IMAGES) -> Stack | None:
+    """The stack `scripts/cluster up` left running, if there is one, brought up to this checkout's images."""
+    node = RealNode()
+    if node.running_owner() != KEPT:
+        return None
+    node.bin = {path.name: path.resolve() for path in (node.run / "bin").iterdir()}
+    endpoint = f"http://{node.network.node_ip}:{node.network.port(nodehost.FREE_FOR_TESTS)}"
+    built = build_images(list(images))
+    node.import_images(image.archive for image in built.values())
+    stack = Stack(node, built, endpoint)
+    # Helm installs the chart's CRDs but never upgrades them: an upgrade applies them first.
+    node.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
+    install_operator(stack)
     return stack
 
 
@@ -228,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if left else 0
     began = time.monotonic()
     stack = start_stack(keep=True)
+    prepare_namespace(stack, TEAM_NAMESPACE)
     print(f"kubetune is running on a one-node Kubernetes ({time.monotonic() - began:.0f} s).")
     print(f"  export KUBECONFIG={node.kubeconfig}")
     print(f"  kubectl get pods -A        # the operator in {OPERATOR_NAMESPACE}; your jobs go to {TEAM_NAMESPACE}")

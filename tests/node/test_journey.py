@@ -12,6 +12,7 @@ import re
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +31,9 @@ from .journey import (
     service_url,
     wait_for,
 )
-from .stack import BUCKET, OPERATOR_NAMESPACE, TEAM_NAMESPACE, TRAIN_KEY, Stack, example_manifests
+from .stack import BUCKET, OPERATOR_NAMESPACE, TRAIN_KEY, Stack, example_manifests, prepare_namespace
 
-NS = TEAM_NAMESPACE
+NS = "journey"
 JOB = DEPLOYMENT = "support-tickets"
 SERVE_PORT = 8000
 BILLING = "Why was I billed twice on my credit card this month?"
@@ -57,11 +58,15 @@ class Journey:
 
 
 @pytest.fixture(scope="module")
-def journey(stack: Stack) -> Journey:
+def journey(stack: Stack) -> Iterator[Journey]:
+    """A namespace of the journey's own (restricted, with the storage Secret), removed at the end."""
+    stack.node.kubectl("delete", "namespace", NS, "--ignore-not-found", "--timeout=300s")
+    prepare_namespace(stack, NS)
     token = uuid.uuid4().hex
     job, deployment, secret = example_manifests(stack, token)
-    stack.apply(secret)
-    return Journey(job, deployment, token, figures=FIGURES)
+    stack.apply(secret, namespace=NS)
+    yield Journey(job, deployment, token, figures=FIGURES)
+    stack.node.kubectl("delete", "namespace", NS, "--ignore-not-found", "--timeout=300s", check=False)
 
 
 def _job(stack: Stack) -> dict[str, Any]:
@@ -105,7 +110,7 @@ def test_a_finetunejob_trains_in_real_ray_pods(stack: Stack, journey: Journey) -
     journey.require("operator")
     node = stack.node
     clock = FIGURES["FineTuneJob apply → Succeeded"] = Milestones()
-    stack.apply(journey.job)
+    stack.apply(journey.job, namespace=NS)
     stages_seen: list[str] = []
 
     def progress() -> str | None:
@@ -150,7 +155,7 @@ def test_a_modeldeployment_answers_with_its_token(stack: Stack, journey: Journey
     journey.require("trained")
     node = stack.node
     clock = FIGURES["ModelDeployment apply → first answer"] = Milestones()
-    stack.apply(journey.deployment)
+    stack.apply(journey.deployment, namespace=NS)
 
     def ready() -> bool:
         body = _deployment(stack)
