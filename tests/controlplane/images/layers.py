@@ -294,7 +294,9 @@ class DockerfileRuns:
         return [*shell, run.command], environment, uid_gid, run.workdir or self.base_workdir, binds
 
 
-def dockerfile_steps(name: str, parent: Layer, steps: DockerfileRuns, python: str, key_inputs: Sequence[str]) -> Layer:
+def dockerfile_steps(
+    name: str, parent: Layer | None, steps: DockerfileRuns, python: str, key_inputs: Sequence[str]
+) -> Layer:
     """The Dockerfile's RUNs but the last in one layer; the last, its build check, on a throwaway layer."""
     *install, check = steps.runs
     prefix = str(Path(python).parent.parent)
