@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script (scripts/cluster): import the p
 
 from . import nodehost
 from .controlplane import BUILD_SCRIPT, CommandError
-from .debian import PackagesUnavailable, ensure_packages
+from .debian import MissingPackagesError, ensure_packages
 from .nodehost import NodeNetwork
 from .pki import ServingCertificate, make_pki, write_kubeconfig
 
@@ -78,7 +78,7 @@ def check_machine() -> None:
         raise NodeUnavailableError("a real node needs root on Linux (kubelet, containerd, mounts, iptables)")
     try:
         ensure_packages(PACKAGES)
-    except PackagesUnavailable as error:
+    except MissingPackagesError as error:
         raise NodeUnavailableError(str(error)) from error
     if shutil.which("unshare") is None:
         raise NodeUnavailableError("unshare (util-linux) is missing")
