@@ -41,7 +41,6 @@ from ..controlplane.images.containerd import Containerd
 from ..controlplane.images.oci import layer_members, read_archive
 
 pytestmark = [
-    pytest.mark.node,
     pytest.mark.skipif(os.geteuid() != 0, reason="assembling and running images needs root"),
     # A cold build of the runtime image (debootstrap, ~7 GB of packages, two archives) takes ~30 minutes.
     pytest.mark.timeout(5400),
