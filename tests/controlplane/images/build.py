@@ -25,14 +25,11 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
-import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +38,7 @@ from typing import Any
 from ..debian import MissingPackagesError, ensure_packages
 from . import config, layers, oci
 from .layers import Layer
-from .rootfs import BuildStepError
+from .sources import Sources
 
 IMAGE_NAMES = ("pause", "operator", "runtime", "runtime-minilm")
 PAUSE_MODULE = Path(__file__).resolve().parent.parent / "pause"
@@ -89,73 +86,6 @@ def _sha256(*parts: str | bytes) -> str:
     return digest.hexdigest()
 
 
-class _Sources:
-    """What the images are made from, prepared at most once per build."""
-
-    def __init__(self, scratch: Path) -> None:
-        self.scratch = scratch
-
-    @functools.cached_property
-    def version(self) -> str:
-        project = tomllib.loads((config.REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-        return str(project["version"])
-
-    @functools.cached_property
-    def dist(self) -> Path:
-        """What the Dockerfiles' wheel stage leaves in /dist: the wheel and torch-requirement.txt."""
-        source, dist = self.scratch / "source", self.scratch / "dist"
-        listed = subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=config.REPO_ROOT, capture_output=True, check=True,
-        )  # fmt: skip
-        for name in listed.stdout.decode().split("\0"):
-            if name and (config.REPO_ROOT / name).is_file():
-                (source / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(config.REPO_ROOT / name, source / name)
-        # Zip entries dated SOURCE_DATE_EPOCH: the same sources give the same wheel bytes.
-        environment = {**os.environ, "SOURCE_DATE_EPOCH": str(oci.EPOCH)}
-        isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            *isolation,
-            "--wheel-dir",
-            str(dist),
-            str(source),
-        ]
-        built = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
-        if built.returncode != 0:
-            raise BuildStepError(
-                f"building the kubetune wheel exited {built.returncode}:\n{built.stdout}{built.stderr}"
-            )
-        (wheel,) = dist.glob("kubetune-*.whl")
-        torch = next(line for line in _requires(wheel, "runtime") if line.startswith("torch=="))
-        (dist / "torch-requirement.txt").write_text(f"{torch}\n")
-        return dist
-
-    @functools.cached_property
-    def wheel(self) -> Path:
-        (wheel,) = self.dist.glob("kubetune-*.whl")
-        return wheel
-
-    def requirements(self, extra: str | None = None) -> list[str]:
-        return _requires(self.wheel, extra)
-
-
-def _requires(wheel: Path, extra: str | None = None) -> list[str]:
-    """The wheel's requirements without extras, plus those of `extra` (from its METADATA)."""
-    with zipfile.ZipFile(wheel) as archive:
-        (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
-        metadata = archive.read(name).decode()
-    wanted = {"", f'extra == "{extra}"'} if extra else {""}
-    found = re.findall(r"^Requires-Dist: ([^;\n]+?)(?:\s*;\s*(.+))?$", metadata, re.M)
-    return [requirement.strip() for requirement, marker in found if marker.strip() in wanted]
-
-
 @dataclass(frozen=True)
 class _Plan:
     name: str
@@ -195,7 +125,7 @@ def _go_version() -> str:
     return subprocess.run(["go", "env", "GOVERSION"], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def _plans(names: Sequence[str], sources: _Sources) -> dict[str, _Plan]:
+def _plans(names: Sequence[str], sources: Sources) -> dict[str, _Plan]:
     plans: dict[str, _Plan] = {}
     if "pause" in names:
         go_sources = [(PAUSE_MODULE / name).read_text() for name in ("go.mod", "main.go")]
@@ -410,7 +340,7 @@ def build_images(names: Sequence[str] = IMAGE_NAMES, *, log: Log = _stderr) -> d
         for stale in (root / "tmp").iterdir():  # left by builds that were killed
             shutil.rmtree(stale)
         with tempfile.TemporaryDirectory(dir=root / "tmp", prefix="sources-") as scratch:
-            plans = _plans(names, _Sources(Path(scratch)))
+            plans = _plans(names, Sources(Path(scratch)))
             built = {}
             for name in names:
                 plan = plans[name]
