@@ -4,7 +4,7 @@ and the requirements its metadata pins."""
 from __future__ import annotations
 
 import functools
-import importlib.util
+import importlib.metadata
 import os
 import re
 import shutil
@@ -44,7 +44,7 @@ class Sources:
                 shutil.copy2(REPO_ROOT / name, source / name)
         # Zip entries dated SOURCE_DATE_EPOCH: the same sources give the same wheel bytes.
         environment = {**os.environ, "SOURCE_DATE_EPOCH": str(oci.EPOCH)}
-        isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+        isolation = ["--no-build-isolation"] if _has_build_requirements() else []
         command = [
             sys.executable,
             "-m",
@@ -74,6 +74,25 @@ class Sources:
 
     def requirements(self, extra: str | None = None) -> list[str]:
         return requires(self.wheel, extra)
+
+
+def _has_build_requirements() -> bool:
+    """Whether this interpreter has pyproject's build requirements (`name>=version` each), so that the
+    wheel can be built without an isolated build environment from the package index."""
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    for requirement in pyproject["build-system"]["requires"]:
+        name, _, minimum = requirement.partition(">=")
+        try:
+            installed = importlib.metadata.version(name.strip())
+        except importlib.metadata.PackageNotFoundError:
+            return False
+        if _release(installed) < _release(minimum or "0"):
+            return False
+    return True
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
 def requires(wheel: Path, extra: str | None = None) -> list[str]:
