@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import uuid
@@ -169,8 +171,21 @@ def _leftovers(marker: str) -> list[str]:
     return found
 
 
+def _space_needed(images: dict[str, BuiltImage]) -> int:
+    """Bytes an import of all `images` takes: each distinct layer once as content, once unpacked."""
+    layer_sizes: dict[str, int] = {
+        layer["digest"]: layer["size"]
+        for image in images.values()
+        for layer in read_archive(image.archive).manifest["layers"]
+    }
+    return 2 * sum(layer_sizes.values())
+
+
 @pytest.fixture(scope="module")
 def containerd(images: dict[str, BuiltImage]) -> Iterator[Containerd]:
+    needed, free = _space_needed(images), shutil.disk_usage(tempfile.gettempdir()).free
+    if free < needed + 5e9:  # and some room left for everything else on the machine
+        pytest.skip(f"importing the images takes {needed / 1e9:.0f} GB; {free / 1e9:.0f} GB are free")
     run_directory_existed = Path("/run/containerd").exists()
     try:
         daemon = Containerd()
