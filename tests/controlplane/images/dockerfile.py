@@ -216,15 +216,16 @@ def parse(
             stages.append(Stage(base=parts[0], name=parts[2] if len(parts) == 3 else None, inherited=inherited))
             continue
         if keyword == "ARG":
-            name, has_default, default = arguments.partition("=")
             scope = stages[-1].args if stages else global_args
-            visible = {**global_args, **scope} if stages else global_args
-            if name in overrides:
-                scope[name] = overrides[name]
-            elif has_default:
-                scope[name] = expand(default.strip().strip('"'), visible)
-            elif stages and name in global_args:
-                scope[name] = global_args[name]
+            # One or more `NAME[=default]`; a default may use the ARGs before it.
+            for token in words(arguments, {**global_args, **scope} if stages else global_args):
+                name, has_default, default = token.partition("=")
+                if name in overrides:
+                    scope[name] = overrides[name]
+                elif has_default:
+                    scope[name] = default
+                elif stages and name in global_args:
+                    scope[name] = global_args[name]
             continue
         if not stages:
             raise DockerfileError(f"{where}: {keyword} before the first FROM")

@@ -23,6 +23,7 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from . import rootfs
 from .dockerfile import Run
@@ -270,6 +271,16 @@ def dependencies(name: str, parent: Layer, python: str, requirements: Sequence[s
     return Layer(name, parent, (python, owner or "", *requirements), f"pip install {' '.join(requirements)}", build)
 
 
+class RunCommand(NamedTuple):
+    """How one RUN instruction runs: its argv (shell and text), environment, uid[:gid], directory, mounts."""
+
+    argv: list[str]
+    environment: dict[str, str]
+    user: str
+    cwd: str
+    binds: list[rootfs.Bind]
+
+
 @dataclass(frozen=True)
 class DockerfileRuns:
     """A Dockerfile's RUN steps as they run on the base image the Layer stands in for."""
@@ -281,7 +292,7 @@ class DockerfileRuns:
     shell: Sequence[str]
     dist: Path  # what the wheel stage's /dist holds
 
-    def command(self, run: Run) -> tuple[list[str], dict[str, str], str, str, list[rootfs.Bind]]:
+    def command(self, run: Run) -> RunCommand:
         # A RUN's environment: the ARGs in scope, overridden by the image's ENV (inherited, then own).
         environment = {**dict(run.args), **self.base_env, **dict(run.env)}
         binds = []
@@ -289,12 +300,14 @@ class DockerfileRuns:
             if mount.from_stage != "wheel" or mount.source != "/dist":
                 raise ValueError(f"RUN mount {mount}: only the wheel stage's /dist is supported")
             binds.append(rootfs.Bind(self.dist, mount.target))
-        shell = list(run.shell or self.shell)
-        uid_gid = run.user or self.base_user or "0:0"
-        return [*shell, run.command], environment, uid_gid, run.workdir or self.base_workdir, binds
+        user = _numeric(run.user or self.base_user or "0:0")
+        argv = [*(run.shell or self.shell), run.command]
+        return RunCommand(argv, environment, user, run.workdir or self.base_workdir, binds)
 
 
-def dockerfile_steps(name: str, parent: Layer, steps: DockerfileRuns, python: str, key_inputs: Sequence[str]) -> Layer:
+def dockerfile_steps(
+    name: str, parent: Layer | None, steps: DockerfileRuns, python: str, key_inputs: Sequence[str]
+) -> Layer:
     """The Dockerfile's RUNs but the last in one layer; the last, its build check, on a throwaway layer."""
     *install, check = steps.runs
     prefix = str(Path(python).parent.parent)
@@ -302,14 +315,17 @@ def dockerfile_steps(name: str, parent: Layer, steps: DockerfileRuns, python: st
     def build(step: Step) -> None:
         user = "0:0"
         for run in install:
-            command, environment, user, cwd, binds = steps.command(run)
-            step.run(command, environment=environment, user=_numeric(user), cwd=cwd, binds=binds, network=True)
-        step.compile(python, f"{prefix}/{SITE_PACKAGES}", user=_numeric(user))
-        command, environment, user, cwd, binds = steps.command(check)
+            command = steps.command(run)
+            step.run(command.argv, environment=command.environment, user=command.user, cwd=command.cwd,
+                     binds=command.binds, network=True)  # fmt: skip
+            user = command.user
+        step.compile(python, f"{prefix}/{SITE_PACKAGES}", user=user)
+        command = steps.command(check)
         throwaway = step.scratch / "check"
         throwaway.mkdir()
         try:
-            step.run(command, environment=environment, user=_numeric(user), cwd=cwd, binds=binds, upper=throwaway)
+            step.run(command.argv, environment=command.environment, user=command.user, cwd=command.cwd,
+                     binds=command.binds, upper=throwaway)  # fmt: skip
         finally:
             shutil.rmtree(throwaway)
 
@@ -318,9 +334,10 @@ def dockerfile_steps(name: str, parent: Layer, steps: DockerfileRuns, python: st
 
 
 def _numeric(user: str) -> str:
+    """A USER as chroot's --userspec takes it; a uid alone runs with that user's primary group."""
     if not all(part.isdigit() for part in user.split(":")):
-        raise ValueError(f"USER {user!r}: the builder needs numeric uid:gid")
-    return user if ":" in user else f"{user}:{user}"
+        raise ValueError(f"USER {user!r}: the builder needs a numeric uid[:gid]")
+    return user
 
 
 def files(

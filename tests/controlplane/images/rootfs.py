@@ -10,6 +10,7 @@ the upper directory afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -115,6 +116,7 @@ def run_in_root(
         if not bind.writable:
             lines.append(f"mount -o remount,bind,ro {target}")
     created_resolv_conf = network and not (upper / "etc" / "resolv.conf").exists()
+    etc_in_upper = (upper / "etc").exists()
     if network:
         lines.append(f"cp -L /etc/resolv.conf {q(f'{root}/etc/resolv.conf')}")
     variables = [f"{key}={value}" for key, value in environment.items()]
@@ -125,6 +127,10 @@ def run_in_root(
     finally:
         if created_resolv_conf:
             (upper / "etc" / "resolv.conf").unlink(missing_ok=True)
+            if not etc_in_upper:
+                # /etc came up only for resolv.conf: if the step changed nothing else there, drop it.
+                with contextlib.suppress(OSError):
+                    (upper / "etc").rmdir()
         shutil.rmtree(work, ignore_errors=True)
         root.rmdir()
 
