@@ -44,6 +44,8 @@ SERVE_PORT = 8000
 TOKEN_VARIABLE = "KUBETUNE_ENDPOINT_TOKEN"
 # The autoscaler container's own ServiceAccount token (the head's Ray container has none).
 AUTOSCALER_TOKEN_VOLUME = "autoscaler-token"
+
+
 def ray_service_name(deployment: ModelDeployment) -> str:
     return fit(deployment.metadata["name"])
 

@@ -10,9 +10,9 @@ import yaml
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.api.modeldeployment import ModelDeployment, ServedModel
 from kubetune.operator.builders.modeldeployment import build_network_policy, build_ray_service, endpoint
-from kubetune.runtime.contract.common import quantity_value as quantity
 from kubetune.operator.settings import Settings
 from kubetune.runtime.contract import Task
+from kubetune.runtime.contract.common import quantity_value as quantity
 from kubetune.runtime.contract.serving import ServeAppArgs
 
 from ..conftest import mutated
