@@ -17,7 +17,7 @@ from typing import Any
 
 import celpy
 from celpy import celtypes
-from celpy.evaluation import CELEvalError
+from celpy.evaluation import CELEvalError, CELFunction
 from kubetune.operator import crdgen
 from kubetune.operator.api.common import API_VERSION, object_name_problem
 from kubetune.operator.api.finetunejob import CLUSTER_OUTPUT_MESSAGE
@@ -211,13 +211,13 @@ def _quantity(text: celtypes.Value) -> celtypes.DoubleType:
     return celtypes.DoubleType(quantity_value(str(text)))
 
 
-def _compare_to(left: celtypes.Value, right: celtypes.Value) -> celtypes.IntType:
+def _compare_to(left: celtypes.DoubleType, right: celtypes.DoubleType) -> celtypes.IntType:
     """Kubernetes' `Quantity.compareTo`: -1, 0 or 1."""
     return celtypes.IntType((left > right) - (left < right))
 
 
 # The functions of Kubernetes' CEL libraries that kubetune's rules use, beyond standard CEL.
-KUBERNETES_FUNCTIONS = {"quantity": _quantity, "compareTo": _compare_to}
+KUBERNETES_FUNCTIONS: dict[str, CELFunction] = {"quantity": _quantity, "compareTo": _compare_to}
 
 
 @cache

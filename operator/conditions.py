@@ -38,6 +38,7 @@ class Reason(StrEnum):
     SUBMISSION_FAILED = "SubmissionFailed"
     RAY_JOB_REJECTED = "RayJobRejected"
     MODEL_UNAVAILABLE = "ModelUnavailable"
+    STORAGE_UNAVAILABLE = "StorageUnavailable"
     UNSCHEDULABLE = "Unschedulable"
     IMAGE_PULL_FAILED = "ImagePullFailed"
     POD_CONFIG_ERROR = "PodConfigError"

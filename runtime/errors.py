@@ -2,7 +2,7 @@
 
 `InvalidRunError` (and its subclasses) means the spec or the data can never work as
 given; the entry point exits with status 2 and the message names the field or URI.
-`UnavailableError` means something the run needs could not be reached (a model hub):
+`UnavailableError` means something the run needs could not be reached (a model hub, storage):
 a failure of the run (exit status 1) that says what to retry against. Anything else
 is a failure of the run itself (exit status 1) too. One raised in a Ray task, actor or
 Ray Train worker reaches the driver wrapped by Ray; `invalid_run_cause` and
@@ -62,6 +62,10 @@ class UnavailableError(RuntimeError):
 
 class ModelUnavailableError(UnavailableError):
     """An hf:// model that the hub (or its mirror) cannot deliver now, or that offline mode finds in no cache."""
+
+
+class StorageUnavailableError(UnavailableError):
+    """Object storage that does not answer now (no connection, a timeout, a server error or throttling)."""
 
 
 def invalid_run_cause(error: BaseException) -> InvalidRunError | None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .contract.common import URI_SCHEMES
-from .errors import StorageError
+from .contract.report import Unavailable
+from .errors import StorageError, StorageUnavailableError
 from .settings import RuntimeSettings
 
 LOCAL_SCHEMES = frozenset({"file", "pvc", ""})
@@ -185,7 +187,41 @@ def _download(parsed: ParsedUri, target: Path) -> Path:
     except StorageError:
         raise
     except Exception as error:  # botocore raises many unrelated types; all mean "cannot read"
-        raise StorageError(uri, f"cannot download: {error}") from error
+        raise _storage_error(uri, "cannot download", error) from error
+
+
+# Answers of S3 (and S3-compatible stores) that mean "not now": trying again later may work.
+_BUSY_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable"})
+
+
+def _storage_error(uri: str, doing: str, error: Exception) -> StorageError | StorageUnavailableError:
+    """What a failed S3 call means: the store is unreachable or busy now (retried), or the request cannot work."""
+    if any(_busy(cause) for cause in _causes(error)):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+        return StorageUnavailableError(
+            Unavailable.STORAGE, uri, f"{doing}: the store at {endpoint} is unreachable or busy ({error})"
+        )
+    return StorageError(uri, f"{doing}: {error}")
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """The error and what it wraps (boto3's transfers wrap botocore's errors in their own)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _busy(error: BaseException) -> bool:
+    from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
+    from botocore.exceptions import ConnectionError as StoreConnectionError
+
+    if isinstance(error, ClientError):
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return status >= 500 or error.response.get("Error", {}).get("Code") in _BUSY_CODES
+    return isinstance(error, (StoreConnectionError, ConnectionClosedError, ReadTimeoutError))
 
 
 def _cache_child(target: Path, relative: str, key: str, uri: str) -> Path:
@@ -238,7 +274,7 @@ def upload_directory(local: Path, uri: str) -> None:
             relative = path.relative_to(local).as_posix()
             client.upload_file(str(path), parsed.bucket, f"{prefix}/{relative}" if prefix else relative)
     except Exception as error:
-        raise StorageError(uri, f"cannot upload: {error}") from error
+        raise _storage_error(uri, "cannot upload", error) from error
 
 
 def join_uri(base: str, *parts: str) -> str:

@@ -265,6 +265,8 @@ class RunFailure(StrEnum):
     # The model hub (or its mirror) could not deliver the model, or offline mode found it in no cache:
     # retried within backoffLimit, this is how the last try ended.
     MODEL_UNAVAILABLE = "ModelUnavailable"
+    # Object storage (s3://) did not answer or was busy: retried within backoffLimit, this is how the last try ended.
+    STORAGE_UNAVAILABLE = "StorageUnavailable"
 
 
 class WaitReason(StrEnum):
@@ -333,7 +335,7 @@ class RunRecord(WireModel):
         default=None,
         description=(
             "Why the run failed, when kubetune or KubeRay says more than RunFailed (e.g. DeadlineExceeded, "
-            "InvalidSpec, ModelUnavailable)."
+            "InvalidSpec, ModelUnavailable, StorageUnavailable)."
         ),
     )
     waiting: WaitReason | None = Field(

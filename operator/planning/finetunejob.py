@@ -53,7 +53,10 @@ NOT_RUN_RELEVANT = frozenset({"schedule", "timeZone", "concurrencyPolicy", "susp
 # A safety net only: RayJob and report changes reach the operator as watch events.
 RECHECK_SECONDS = 300.0
 # How a run that could not reach what it needs ends once KubeRay's retries (backoffLimit) are spent.
-UNAVAILABLE_FAILURES = {Unavailable.MODEL_HUB: RunFailure.MODEL_UNAVAILABLE}
+UNAVAILABLE_FAILURES = {
+    Unavailable.MODEL_HUB: RunFailure.MODEL_UNAVAILABLE,
+    Unavailable.STORAGE: RunFailure.STORAGE_UNAVAILABLE,
+}
 
 
 @dataclass(frozen=True)

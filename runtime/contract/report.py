@@ -39,6 +39,8 @@ class Unavailable(StrEnum):
     # The Hugging Face Hub or its mirror (HF_ENDPOINT) did not answer, answered with a server error, or
     # offline mode (HF_HUB_OFFLINE) found the model in no cache.
     MODEL_HUB = "ModelHub"
+    # Object storage (s3://) did not answer, timed out, or answered with a server error or "slow down".
+    STORAGE = "Storage"
 
 
 def _known_or_none(value: Any) -> Any:

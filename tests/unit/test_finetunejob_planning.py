@@ -313,6 +313,10 @@ HUB_DOWN = (
     "model.uri: cannot reach the model hub at http://hf-mirror.models.svc:8080 for "
     "hf://sentence-transformers/all-MiniLM-L6-v2 (Connection refused), and the Hugging Face cache does not hold it"
 )
+STORE_DOWN = (
+    "data.train: cannot download: the store at http://minio.storage.svc:9000 is unreachable or busy "
+    "(Could not connect to the endpoint URL)"
+)
 RETRYING = {"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED"}
 RETRIES_SPENT = {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed", "failed": 3}
 # (what the run reported, the RayJob's status) -> (phase, failure, stopped by the operator, message)
@@ -346,6 +350,18 @@ REPORTED_FAILURES = [
         {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded", "message": "deadline passed"},
         (JobPhase.FAILED, RunFailure.DEADLINE_EXCEEDED, False, HUB_DOWN),
         id="hub down: KubeRay's reason wins",
+    ),
+    pytest.param(
+        {"error": STORE_DOWN, "unavailable": "Storage"},
+        RETRYING,
+        (JobPhase.RETRYING, None, False, STORE_DOWN),
+        id="storage down: retried within backoffLimit",
+    ),
+    pytest.param(
+        {"error": STORE_DOWN, "unavailable": "Storage"},
+        RETRIES_SPENT,
+        (JobPhase.FAILED, RunFailure.STORAGE_UNAVAILABLE, False, STORE_DOWN),
+        id="storage down: retries spent",
     ),
     pytest.param(
         {"error": HUB_DOWN, "unavailable": "SomethingNewer"},  # a newer runtime's kind: an ordinary failure
