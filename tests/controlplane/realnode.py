@@ -18,13 +18,14 @@ import atexit
 import contextlib
 import http.client
 import os
+import re
 import shutil
 import ssl
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (scripts/cluster): import the package beside it
@@ -120,7 +121,7 @@ class RealNode:
             return owner if nodehost.recorded_pid(self.run, "kube-apiserver") else None
         return owner if owner.isdigit() and nodehost.alive(int(owner)) else None
 
-    def start(self, images: Iterable[Path] = (), *, keep: bool = False) -> RealNode:
+    def start(self, images: Mapping[str, Path] | None = None, *, keep: bool = False) -> RealNode:
         """Build (once), sweep leftovers of a crashed run, start everything, import `images`, wait until Ready.
 
         With `keep`, the node outlives this process (until :meth:`stop`, e.g. `scripts/cluster down`).
@@ -145,7 +146,7 @@ class RealNode:
             self._start_control_plane()
             self._start_node()
             self.timings["containerd"] = time.monotonic() - began
-            self.import_images(images)
+            self.import_images(images or {})
             self.timings["images"] = time.monotonic() - began
             self._start_addons()
             self._wait_ready()
@@ -313,12 +314,27 @@ class RealNode:
             if nodehost.recorded_pid(run, "kubelet") is None or time.monotonic() > deadline:
                 raise CommandError(f"containerd did not start\n{self.logs()}")
             time.sleep(0.05)
-        self.import_images([pause.archive])
+        self.import_images({pause.name: pause.archive})
 
-    def import_images(self, archives: Iterable[Path]) -> None:
-        """Import image archives into the node's store (unpacked; an archive already there costs a read)."""
-        for archive in archives:
-            self.ctr("images", "import", str(archive), timeout=1800)
+    def import_images(self, archives: Mapping[str, Path]) -> None:
+        """Import image archives (by reference) into the node's store, unless it holds the reference already.
+
+        References name their content (the tag carries a digest), and the store outlives the node: an image
+        is imported once, and only a new build is read again (its unchanged layers are not written twice).
+        """
+        held = set(self.ctr("images", "list", "--quiet").split())
+        for reference, archive in archives.items():
+            if reference not in held:
+                self.ctr("images", "import", str(archive), timeout=1800)
+
+    def prune_images(self, keep: Iterable[str], prefix: str = "localhost/kubetune-") -> None:
+        """Remove the store's images of `prefix` other than `keep` (older builds), and with them their layers."""
+        # The pod sandbox image the running containerd was configured with (maybe of an older checkout).
+        sandbox = re.search(r'sandbox_image = "([^"]+)"', (self.run / "containerd.toml").read_text())
+        kept = {*keep, *(sandbox.groups() if sandbox else ())}
+        old = [name for name in self.ctr("images", "list", "--quiet").split() if name.startswith(prefix)]
+        if stale := [name for name in old if name not in kept]:
+            self.ctr("images", "remove", *stale)
 
     def ctr(self, *args: str, timeout: float = 120) -> str:
         command = ["ctr", "--address", str(self.run / "run/containerd.sock"), "--namespace", "k8s.io", *args]

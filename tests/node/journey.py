@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from ..controlplane.realnode import RealNode
+from ..integration.harness import eventually
 from .stack import Stack
 
 Manifest = dict[str, Any]
@@ -50,16 +51,8 @@ def wait_for(
     interval: float = 1.0,
     diagnose: Callable[[], str] | None = None,
 ) -> Any:
-    """Poll until `probe` gives something truthy; fail naming `what`, with `diagnose()`, after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    details = f"\n{diagnose()}" if diagnose else ""
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}{details}")
+    """Poll until `probe` gives something truthy (every second: these waits are long); fail naming `what`."""
+    return eventually(probe, timeout=timeout, interval=interval, what=what, diagnose=diagnose)
 
 
 def describe(node: RealNode, namespace: str) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -212,7 +213,8 @@ def start_stack(*, keep: bool = False, images: Sequence[str] = IMAGES) -> Stack:
     """Build the images (cached), start the node with them, the S3 server, the operator and the team namespace."""
     built = build_images(list(images))
     node = RealNode()
-    node.start([image.archive for image in built.values()], keep=keep)
+    node.start({image.name: image.archive for image in built.values()}, keep=keep)
+    node.prune_images(image.name for image in built.values())
     try:
         stack = Stack(node, built, start_s3(node))
         install_operator(stack)
@@ -232,7 +234,8 @@ def attach_stack(images: Sequence[str] = IMAGES) -> Stack | None:
     node.bin = {path.name: path.resolve() for path in (node.run / "bin").iterdir()}
     endpoint = f"http://{node.network.node_ip}:{node.network.port(nodehost.FREE_FOR_TESTS)}"
     built = build_images(list(images))
-    node.import_images(image.archive for image in built.values())
+    node.import_images({image.name: image.archive for image in built.values()})
+    node.prune_images(image.name for image in built.values())
     stack = Stack(node, built, endpoint)
     # Helm installs the chart's CRDs but never upgrades them: an upgrade applies them first.
     node.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
@@ -257,12 +260,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     began = time.monotonic()
     stack = start_stack(keep=True)
     prepare_namespace(stack, TEAM_NAMESPACE)
-    print(f"kubetune is running on a one-node Kubernetes ({time.monotonic() - began:.0f} s).")
-    print(f"  export KUBECONFIG={node.kubeconfig}")
-    print(f"  kubectl get pods -A        # the operator in {OPERATOR_NAMESPACE}; your jobs go to {TEAM_NAMESPACE}")
-    print(f"  S3: {stack.s3_endpoint} (bucket {BUCKET}; keys in Secret {TEAM_NAMESPACE}/{STORAGE_SECRET})")
-    print(f"  runtime image: {stack.runtime_image}")
-    print("  scripts/cluster down      # stop it all")
+    token = secrets.token_hex(16)
+    example = REPO_ROOT / "kubetune-output" / "cluster" / "text-classification.yaml"
+    example.parent.mkdir(parents=True, exist_ok=True)
+    example.write_text(yaml.safe_dump_all(example_manifests(stack, token), sort_keys=False))
+    kubectl = f"{node.run / 'bin' / 'kubectl'} --kubeconfig {node.kubeconfig}"
+    print(f"kubetune runs on a one-node Kubernetes ({time.monotonic() - began:.0f} s): the operator in")
+    print(f"{OPERATOR_NAMESPACE}, KubeRay, and S3 at {stack.s3_endpoint} (bucket {BUCKET}, keys in the Secret")
+    print(f"{TEAM_NAMESPACE}/{STORAGE_SECRET}). The text-classification example, made for it:")
+    print(f"  alias kubectl='{kubectl}'")
+    print(f"  kubectl apply -n {TEAM_NAMESPACE} -f {example.relative_to(REPO_ROOT)}")
+    print(f"  kubectl get ftj,mdep -n {TEAM_NAMESPACE} -w")
+    print(f"  kubectl port-forward -n {TEAM_NAMESPACE} svc/support-tickets-serve-svc 8000  # then, with the token:")
+    print(f"  curl -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\")
+    print('       -d \'{"inputs": ["My parcel never arrived"]}\' http://127.0.0.1:8000/v1/predict')
+    print("  scripts/cluster down   # stop it all, and undo every change to this machine")
     return 0
 
 
