@@ -17,6 +17,8 @@ TRIGGER_ANNOTATION = "kubetune.io/trigger"
 TRIGGER_DETAIL_ANNOTATION = "kubetune.io/trigger-detail"
 GENERATION_ANNOTATION = "kubetune.io/spec-generation"
 SPEC_HASH_ANNOTATION = "kubetune.io/spec-hash"
+# On an endpoint's replica pods: the artifact their cluster was made for (see builders/modeldeployment.py).
+ARTIFACT_ANNOTATION = "kubetune.io/artifact"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 # KubeRay derives RayCluster names (at most 53 characters) from RayJob and RayService

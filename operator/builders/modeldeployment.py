@@ -2,9 +2,13 @@
 
 Pure: no I/O, no clock, no kopf. The Serve config names the application and its
 arguments (the artifact being served among them), the deployment's autoscaling and
-each replica's resources. A new artifact changes only the Serve config, so KubeRay
-updates the application in place on the same cluster; anything else in the spec
-changes the cluster, which KubeRay replaces without downtime.
+each replica's resources. Anything that changes the cluster makes KubeRay start a new
+one beside the old and move the traffic once it serves (no downtime). A new artifact
+changes the Serve config: with two replicas or more at rest, KubeRay updates the
+application in place, and Serve replaces the replicas a few at a time while the
+others answer; with one (or none), an in-place update would stop the only replica
+before its successor starts, so the artifact is named in the replica pods too, which
+makes it a new cluster.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from kubetune.operator.api.common import API_VERSION
 from kubetune.operator.api.modeldeployment import KIND, ModelDeployment, ServedModel
 from kubetune.operator.builders import pods
 from kubetune.operator.naming import (
+    ARTIFACT_ANNOTATION,
     DEPLOYMENT_LABEL,
     MANAGED_BY_LABEL,
     MANAGER,
@@ -138,6 +143,8 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
     spec = deployment.spec
     resources = spec.resources
     env, env_from = _replica_environment(deployment)
+    # Serve updates in place by stopping replicas first: with fewer than two, a new cluster keeps answering.
+    per_artifact = {ARTIFACT_ANNOTATION: served.uri} if spec.autoscaling.min_replicas < 2 else {}
     worker = pods.RayPod(
         container="ray-worker",
         cpu=resources.cpu,
@@ -147,6 +154,7 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
         gpus=resources.gpus,
         placement=resources,
         labels=labels(deployment),
+        annotations=per_artifact,
         env=env,
         env_from=env_from,
         claims=pods.pvc_claims([served.uri]),

@@ -179,6 +179,7 @@ class RayPod:
     cpu_limit: str | None = None
     nodes: NodePlacement | None = None  # the head's own node placement
     labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
     service_account: str | None = None
     # Only the pod that reports to the operator mounts its ServiceAccount token.
     mount_token: bool = False
@@ -237,7 +238,10 @@ class RayPod:
         secrets = pull_secrets(self.placement, settings)
         if secrets:
             spec["imagePullSecrets"] = secrets
-        return {"metadata": {"labels": dict(self.labels)}, "spec": spec}
+        metadata: Manifest = {"labels": dict(self.labels)}
+        if self.annotations:
+            metadata["annotations"] = dict(self.annotations)
+        return {"metadata": metadata, "spec": spec}
 
 
 def network_policy(

@@ -101,6 +101,7 @@ def test_the_model_hub_settings_reach_the_serving_pods(deployment: dict[str, Any
 
 
 def test_a_new_artifact_changes_only_the_serve_config(deployment: dict[str, Any]) -> None:
+    deployment = mutated(deployment, "spec.autoscaling.minReplicas", 2)
     first, second = (build_ray_service(make(deployment), run, Settings()) for run in (RUN_2, RUN_3))
     assert first["spec"]["rayClusterConfig"] == second["spec"]["rayClusterConfig"]  # an in-place Serve upgrade
     assert first["spec"]["serveConfigV2"] != second["spec"]["serveConfigV2"]
@@ -108,6 +109,19 @@ def test_a_new_artifact_changes_only_the_serve_config(deployment: dict[str, Any]
     assert len(hashes) == 2
     again = build_ray_service(make(deployment), RUN_2, Settings())
     assert again == first  # pure: the same inputs give the same manifest
+
+
+@pytest.mark.parametrize("min_replicas", [0, 1])
+def test_with_fewer_than_two_replicas_a_new_artifact_gets_a_new_cluster(
+    deployment: dict[str, Any], min_replicas: int
+) -> None:
+    """Serve's in-place update stops the only replica before its successor starts: KubeRay's new cluster
+    keeps the old one answering until the new one serves."""
+    deployment = mutated(deployment, "spec.autoscaling.minReplicas", min_replicas)
+    first, second = (build_ray_service(make(deployment), run, Settings()) for run in (RUN_2, RUN_3))
+    assert first["spec"]["rayClusterConfig"] != second["spec"]["rayClusterConfig"]
+    template = second["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]
+    assert template["metadata"]["annotations"] == {"kubetune.io/artifact": RUN_3.uri}
 
 
 def test_the_service_is_owned_labelled_and_named_within_kuberays_limits(deployment: dict[str, Any]) -> None:
