@@ -138,6 +138,8 @@ def example_manifests(stack: Stack, token: str) -> tuple[dict[str, Any], dict[st
     spec["resources"] = REPLICA_RESOURCES
     # Two replicas at most (what the node holds), and back to one soon after the load.
     spec["autoscaling"] = {**spec["autoscaling"], "maxReplicas": 2, "downscaleDelaySeconds": 15}
+    # A rollout that has not succeeded after 7 minutes here never will.
+    spec["rolloutDeadlineSeconds"] = 420
     spec["auth"] = {"tokenSecret": {"name": ENDPOINT_TOKEN_SECRET, "key": "token"}}
     secret = {
         "apiVersion": "v1",
