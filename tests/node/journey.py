@@ -24,6 +24,7 @@ from .stack import Stack
 
 Manifest = dict[str, Any]
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+CACHE = "/home/ray/.cache"  # the runtime image's writable cache (label io.kubetune.writable-paths)
 
 
 def get(node: RealNode, kind: str, name: str, namespace: str) -> Manifest | None:
@@ -156,8 +157,9 @@ class ClientLoop:
             return len(self.answers)
 
 
-def run_client_pod(stack: Stack, namespace: str, script: str, timeout: float = 120) -> str:
-    """Run `python -c script` in a restricted pod of the runtime image; its output (it must succeed)."""
+def run_client_pod(stack: Stack, namespace: str, script: str, timeout: float = 120, memory: str = "256Mi") -> str:
+    """Run `python -c script` in a restricted pod of the runtime image, as Ray's pods run it (read-only root,
+    the image's writable paths on emptyDirs); its output (it must succeed)."""
     node = stack.node
     name = f"client-{uuid.uuid4().hex[:6]}"
     restricted = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
@@ -175,9 +177,11 @@ def run_client_pod(stack: Stack, namespace: str, script: str, timeout: float = 1
                     "image": stack.runtime_image,
                     "command": ["python", "-c", script],
                     "securityContext": restricted,
-                    "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+                    "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": memory}},
+                    "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": CACHE}],
                 }
             ],
+            "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}],
         },
     }
     stack.apply(pod, namespace=namespace)

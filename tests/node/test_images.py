@@ -1,11 +1,11 @@
 """kubetune's images, assembled from local root filesystems, checked against their Dockerfiles and run.
 
 The node tier runs these images on a real one-node Kubernetes; here they are built (or found in the
-cache: a cold build takes about half an hour on 2 cores, most of it the runtime's ~7 GB of Python
+cache: a cold build takes 7 to 16 minutes on 2 cores, most of it the runtime's ~7 GB of Python
 packages), their configs compared with what images/*/Dockerfile declare, their Python, Ray and
-torch with pyproject's pins, and then imported into a throwaway containerd and run as pods run
-them: as the image's user, on a read-only root with tmpfs at the image's writable paths.
-Needs root; skipped otherwise, or where the images cannot be assembled.
+torch with pyproject's pins, and the runtime image run in a restricted pod on the node (the
+operator's runs in the journey, from the chart). Needs root; skipped otherwise, or where the
+images cannot be assembled.
 """
 
 from __future__ import annotations
@@ -21,15 +21,12 @@ import tempfile
 import time
 import tomllib
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ..conftest import REPO_ROOT
-from ..controlplane.debian import MissingPackagesError
 from ..controlplane.images import (
-    IMAGE_NAMES,
     BuildStepError,
     BuiltImage,
     ImagesUnavailableError,
@@ -39,8 +36,9 @@ from ..controlplane.images import (
     layers,
 )
 from ..controlplane.images import config as image_configs
-from ..controlplane.images.containerd import Containerd
 from ..controlplane.images.oci import layer_members, read_archive
+from .journey import run_client_pod
+from .stack import Stack, prepare_namespace
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="assembling and running images needs root"),
@@ -57,21 +55,32 @@ def _pin(name: str) -> str:
     return pin
 
 
+# What the node runs: the runtime image with the example's model added (its last layer and one ENV).
+NODE_IMAGES = ("pause", "operator", "runtime-minilm")
+MODEL_CACHE = {"HF_HUB_CACHE": "/opt/huggingface/hub"}
+
+
 @pytest.fixture(scope="module")
 def images() -> dict[str, BuiltImage]:
     try:
-        return build_images(IMAGE_NAMES)
+        return build_images(NODE_IMAGES)
     except ImagesUnavailableError as error:
         pytest.skip(f"cannot assemble images here: {error}")
 
 
 def _env(image: BuiltImage) -> dict[str, str]:
-    return dict(item.split("=", 1) for item in image.config["config"]["Env"])
+    """The image's environment; for the runtime-minilm image, the runtime image's (without the model's)."""
+    env = dict(item.split("=", 1) for item in image.config["config"]["Env"])
+    return {k: v for k, v in env.items() if k not in MODEL_CACHE} if image is _minilm(image) else env
+
+
+def _minilm(image: BuiltImage) -> BuiltImage | None:
+    return image if image.name.startswith("localhost/kubetune-runtime-minilm:") else None
 
 
 @pytest.mark.parametrize(
     ("name", "dockerfile"),
-    [("operator", image_configs.OPERATOR_DOCKERFILE), ("runtime", image_configs.RUNTIME_DOCKERFILE)],
+    [("operator", image_configs.OPERATOR_DOCKERFILE), ("runtime-minilm", image_configs.RUNTIME_DOCKERFILE)],
 )
 def test_image_configs_are_what_the_dockerfiles_declare(
     images: dict[str, BuiltImage], name: str, dockerfile: Path
@@ -103,22 +112,21 @@ def test_image_configs_are_what_the_dockerfiles_declare(
 
 
 def test_the_runtime_image_carries_the_ray_images_environment(images: dict[str, BuiltImage]) -> None:
-    env = _env(images["runtime"])
+    minilm = images["runtime-minilm"]
+    env = _env(minilm)
     assert env["PATH"].split(":")[0] == "/home/ray/anaconda3/bin"
     assert (env["HOME"], env["LANG"], env["LC_ALL"]) == ("/tmp", "C.UTF-8", "C.UTF-8")
     stage = image_configs.final_stage(image_configs.RUNTIME_DOCKERFILE)
-    labels = images["runtime"].config["config"]["Labels"]
+    labels = minilm.config["config"]["Labels"]
     assert (
         f"Ray {stage.args['RAY_VERSION']} ({stage.args['FLAVOUR']})" in labels["org.opencontainers.image.description"]
     )
     # The MiniLM image is the runtime image plus its model and where the hub cache is; nothing else.
-    minilm = images["runtime-minilm"]
-    assert _env(minilm) == {**env, "HF_HUB_CACHE": "/opt/huggingface/hub"}
-    assert {k: v for k, v in minilm.config["config"].items() if k != "Env"} == {
-        k: v for k, v in images["runtime"].config["config"].items() if k != "Env"
-    }
-    assert minilm.layers[:-1] == images["runtime"].layers
-    assert minilm.name.startswith("localhost/kubetune-runtime-minilm:")
+    full_env = dict(item.split("=", 1) for item in minilm.config["config"]["Env"])
+    assert full_env == {**env, **MODEL_CACHE}
+    model_layer = minilm.layers[-1]
+    added = {member.name for digest, member, _ in layer_members(minilm.archive) if digest == model_layer}
+    assert added and all(name.startswith("opt") for name in added), sorted(added)[:5]
 
 
 def _distributions(image: BuiltImage) -> dict[str, str]:
@@ -144,7 +152,7 @@ def _file(image: BuiltImage, path: str) -> str:
 
 
 def test_installed_versions_are_the_pinned_ones(images: dict[str, BuiltImage]) -> None:
-    runtime = _distributions(images["runtime"])
+    runtime = _distributions(images["runtime-minilm"])
     for name in ("ray", "torch", "transformers", "torchao", "peft", "pydantic", "kopf"):
         assert runtime[name] == _pin(name), name
     assert runtime["kubetune"] == PYPROJECT["version"]
@@ -152,12 +160,15 @@ def test_installed_versions_are_the_pinned_ones(images: dict[str, BuiltImage]) -
     assert operator["kubetune"] == PYPROJECT["version"] and operator["kopf"] == _pin("kopf")
     assert not {"torch", "ray", "transformers"} & set(operator)
     # Both Python environments are Python 3.11, as pyproject requires.
-    for name, config_file in (("runtime", "home/ray/anaconda3/pyvenv.cfg"), ("operator", "usr/local/pyvenv.cfg")):
+    for name, config_file in (
+        ("runtime-minilm", "home/ray/anaconda3/pyvenv.cfg"),
+        ("operator", "usr/local/pyvenv.cfg"),
+    ):
         assert re.search(r"^version = 3\.11\.\d+$", _file(images[name], config_file), re.M), name
 
 
 def _leftovers(marker: str) -> list[str]:
-    """Processes, mounts and cgroups that still name `marker`."""
+    """Processes and mounts that still name `marker`."""
     found = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if marker in line]
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -166,113 +177,68 @@ def _leftovers(marker: str) -> list[str]:
                     found.append(f"process {entry.name}")
             except OSError:
                 continue
-    for hierarchy in Path("/sys/fs/cgroup").iterdir():
-        found += [str(path) for path in hierarchy.glob("kubetune-check-*")]
     return found
 
 
-def _space_needed(images: dict[str, BuiltImage]) -> int:
-    """Bytes an import of all `images` takes: each distinct layer once as content, once unpacked."""
-    layer_sizes: dict[str, int] = {
-        layer["digest"]: layer["size"]
-        for image in images.values()
-        for layer in read_archive(image.archive).manifest["layers"]
-    }
-    return 2 * sum(layer_sizes.values())
+RUNTIME_CHECK = """
+import os, subprocess, ray, torch, kubetune.runtime.pipeline
+from transformers import AutoConfig
+print(os.getuid(), os.getgid(), ray.__version__, torch.__version__.split('+')[0])
+print(subprocess.run(['bash', '-lc', 'command -v ray'], capture_output=True, text=True).stdout.strip())
+print('wget', subprocess.run(['wget', '--version'], capture_output=True).returncode)
+try:
+    open('/home/ray/anaconda3/x', 'w')
+except OSError as error:
+    print(error.strerror)
+os.environ['HF_HUB_OFFLINE'] = '1'
+config = AutoConfig.from_pretrained('sentence-transformers/all-MiniLM-L6-v2')
+print(config.model_type, os.access(os.environ['HF_HUB_CACHE'], os.W_OK))
+"""
 
 
-@pytest.fixture(scope="module")
-def containerd(images: dict[str, BuiltImage]) -> Iterator[Containerd]:
-    needed, free = _space_needed(images), shutil.disk_usage(tempfile.gettempdir()).free
-    if free < needed + 5e9:  # and some room left for everything else on the machine
-        pytest.skip(f"importing the images takes {needed / 1e9:.0f} GB; {free / 1e9:.0f} GB are free")
-    run_directory_existed = Path("/run/containerd").exists()
+def test_the_runtime_image_runs_in_a_restricted_pod(stack: Stack) -> None:
+    """As Ray's pods run it on the node: as ray (1000:100), on a read-only root, with KubeRay's tools (a login
+    shell's `ray`, wget) and the pinned Ray and torch; the model loads from the image's read-only hub cache."""
+    namespace = f"images-{uuid.uuid4().hex[:6]}"
+    prepare_namespace(stack, namespace)
     try:
-        daemon = Containerd()
-        daemon.start()
-    except MissingPackagesError as error:
-        pytest.skip(str(error))
-    folder = str(daemon.folder)
-    try:
-        for image in images.values():
-            daemon.ctr("images", "import", str(image.archive), timeout=1800)
-        yield daemon
+        output = run_client_pod(stack, namespace, RUNTIME_CHECK, timeout=300, memory="2Gi").splitlines()
     finally:
-        daemon.stop()
-        assert not Path(folder).exists()
-        assert not _leftovers(folder)
-        assert Path("/run/containerd").exists() == run_directory_existed
+        stack.node.kubectl("delete", "namespace", namespace, "--wait=false")
+    assert output[0].split() == ["1000", "100", _pin("ray"), _pin("torch")]
+    assert output[1:] == ["/home/ray/anaconda3/bin/ray", "wget 0", "Read-only file system", "bert False"]
 
 
-def test_ctr_imports_every_image_under_its_name(containerd: Containerd, images: dict[str, BuiltImage]) -> None:
-    listed = containerd.ctr("images", "ls", "--quiet").stdout.split()
-    assert {image.name for image in images.values()} <= set(listed)
+def _handles(pid: int, sig: int) -> bool:
+    """Whether the process has a handler for `sig` (its SigCgt mask)."""
+    caught = re.search(r"^SigCgt:\s+([0-9a-f]+)$", Path(f"/proc/{pid}/status").read_text(), re.M)
+    return caught is not None and bool(int(caught[1], 16) & (1 << (sig - 1)))
 
 
-def test_the_runtime_runs_as_ray_on_a_read_only_root(containerd: Containerd, images: dict[str, BuiltImage]) -> None:
-    runtime = images["runtime"]
-    writable = runtime.config["config"]["Labels"][WRITABLE_LABEL].split(",")
-    script = (
-        "import os, kubetune.runtime.pipeline, ray, torch; "
-        "print(os.getuid(), os.getgid(), ray.__version__, torch.__version__.split('+')[0]); "
-        "open('/tmp/ok', 'w').write('tmpfs'); open(os.path.expanduser('~/x'), 'w').write('home is /tmp')"
-    )
-    output = containerd.run(runtime.name, ["python", "-c", script], tmpfs=writable)
-    assert output.split() == ["1000", "100", _pin("ray"), _pin("torch")]
-    # KubeRay's containers start `bash -lc 'ray start ...'`: the login shell finds the same ray.
-    assert (
-        containerd.run(runtime.name, ["bash", "-lc", "command -v ray"], tmpfs=writable).strip()
-        == "/home/ray/anaconda3/bin/ray"
-    )
-    assert "wget" in containerd.run(runtime.name, ["wget", "--version"], tmpfs=writable)
-    refused = containerd.run(runtime.name, ["bash", "-c", "touch /home/ray/anaconda3/x 2>&1 || true"], tmpfs=writable)
-    assert "Read-only file system" in refused
-
-
-def test_the_minilm_image_loads_its_model_without_a_hub(containerd: Containerd, images: dict[str, BuiltImage]) -> None:
-    minilm = images["runtime-minilm"]
-    writable = minilm.config["config"]["Labels"][WRITABLE_LABEL].split(",")
-    script = (
-        "from transformers import AutoConfig; import os; "
-        "c = AutoConfig.from_pretrained('sentence-transformers/all-MiniLM-L6-v2'); "
-        "print(c.model_type, os.access(os.environ['HF_HUB_CACHE'], os.W_OK))"
-    )
-    output = containerd.run(minilm.name, ["env", "HF_HUB_OFFLINE=1", "python", "-c", script], tmpfs=writable)
-    assert output.split()[-2:] == ["bert", "False"]
-
-
-def test_the_operator_image_starts_the_operator(containerd: Containerd, images: dict[str, BuiltImage]) -> None:
-    operator = images["operator"]
-    writable = operator.config["config"]["Labels"][WRITABLE_LABEL].split(",")
-    # As kubelet runs a container with `args`: after the image's entry point, `kubetune operator`.
-    usage = containerd.run(operator.name, [*operator.config["config"]["Entrypoint"], "--help"], tmpfs=writable)
-    assert "--namespace" in usage and "--metrics-port" in usage
-
-
-def test_the_pause_image_exits_on_sigterm(containerd: Containerd, images: dict[str, BuiltImage]) -> None:
-    name = f"kubetune-check-{uuid.uuid4().hex[:8]}"
-    containerd.ctr("run", "--detach", "--read-only", "--cgroup", f"/{name}", images["pause"].name, name)
+def test_the_pause_program_exits_on_sigterm_as_pid_1() -> None:
+    """The pod sandbox's process, as PID 1 of a PID namespace (where only handled signals arrive)."""
+    (pause,) = build_images(["pause"]).values()
+    binary = Path(tempfile.mkdtemp()) / "pause"
+    for _, member, tar in layer_members(pause.archive):
+        if member.name == "pause" and (content := tar.extractfile(member)) is not None:
+            binary.write_bytes(content.read())
+    binary.chmod(0o755)
+    holder = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", str(binary)])
     try:
-        tasks = containerd.ctr("tasks", "ls").stdout
-        running = re.search(rf"^{name}\s+(\d+)\s+RUNNING", tasks, re.M)
-        assert running, tasks
-        # As PID 1 of its namespace it ignores SIGTERM until its handler is installed: wait for that.
-        status = Path(f"/proc/{running[1]}/status")
-        for _ in range(100):
-            caught = int(re.search(r"^SigCgt:\s+([0-9a-f]+)$", status.read_text(), re.M)[1], 16)  # type: ignore[index]
-            if caught & (1 << (signal.SIGTERM - 1)):
+        children = Path(f"/proc/{holder.pid}/task/{holder.pid}/children")
+        for _ in range(100):  # the forked pause, once its SIGTERM handler is installed
+            child = children.read_text().split()
+            if child and _handles(int(child[0]), signal.SIGTERM):
                 break
             time.sleep(0.05)
-        containerd.ctr("tasks", "kill", "--signal", "SIGTERM", name)
-        for _ in range(100):
-            if re.search(rf"^{name}\s+\d+\s+STOPPED", containerd.ctr("tasks", "ls").stdout, re.M):
-                break
-            time.sleep(0.1)
         else:
-            pytest.fail("the pause container did not stop on SIGTERM")
+            pytest.fail("pause did not start")
+        os.kill(int(child[0]), signal.SIGTERM)
+        assert holder.wait(10) == 0
     finally:
-        containerd.ctr("tasks", "delete", "--force", name, check=False)
-        containerd.ctr("containers", "delete", name, check=False)
+        holder.kill()
+        holder.wait()
+        shutil.rmtree(binary.parent)
 
 
 def test_the_command_line_prints_references_and_archives(images: dict[str, BuiltImage]) -> None:
