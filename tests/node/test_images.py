@@ -181,18 +181,21 @@ def _leftovers(marker: str) -> list[str]:
 
 
 RUNTIME_CHECK = """
-import os, subprocess, ray, torch, kubetune.runtime.pipeline
+import os
+os.environ['HF_HUB_OFFLINE'] = '1'  # read when huggingface_hub is imported
+import subprocess, ray, torch, kubetune.runtime.pipeline
 from transformers import AutoConfig
-print(os.getuid(), os.getgid(), ray.__version__, torch.__version__.split('+')[0])
-print(subprocess.run(['bash', '-lc', 'command -v ray'], capture_output=True, text=True).stdout.strip())
-print('wget', subprocess.run(['wget', '--version'], capture_output=True).returncode)
+def check(*values):
+    print('check:', *values, flush=True)
+check(os.getuid(), os.getgid(), ray.__version__, torch.__version__.split('+')[0])
+check(subprocess.run(['bash', '-lc', 'command -v ray'], capture_output=True, text=True).stdout.strip())
+check('wget', subprocess.run(['wget', '--version'], capture_output=True).returncode)
 try:
     open('/home/ray/anaconda3/x', 'w')
 except OSError as error:
-    print(error.strerror)
-os.environ['HF_HUB_OFFLINE'] = '1'
+    check(error.strerror)
 config = AutoConfig.from_pretrained('sentence-transformers/all-MiniLM-L6-v2')
-print(config.model_type, os.access(os.environ['HF_HUB_CACHE'], os.W_OK))
+check(config.model_type, os.access(os.environ['HF_HUB_CACHE'], os.W_OK))
 """
 
 
@@ -202,9 +205,11 @@ def test_the_runtime_image_runs_in_a_restricted_pod(stack: Stack) -> None:
     namespace = f"images-{uuid.uuid4().hex[:6]}"
     prepare_namespace(stack, namespace)
     try:
-        output = run_client_pod(stack, namespace, RUNTIME_CHECK, timeout=300, memory="2Gi").splitlines()
+        logs = run_client_pod(stack, namespace, RUNTIME_CHECK, timeout=300, memory="2Gi")
     finally:
         stack.node.kubectl("delete", "namespace", namespace, "--wait=false")
+    # The pod's log mixes in what libraries print on stderr; the checks are the marked lines.
+    output = [line.removeprefix("check: ") for line in logs.splitlines() if line.startswith("check: ")]
     assert output[0].split() == ["1000", "100", _pin("ray"), _pin("torch")]
     assert output[1:] == ["/home/ray/anaconda3/bin/ray", "wget 0", "Read-only file system", "bert False"]
 

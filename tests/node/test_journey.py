@@ -306,7 +306,12 @@ def test_a_cluster_change_is_followed_through_the_pending_cluster(stack: Stack, 
             pending = ((service.get("status") or {}).get("pendingServiceStatus") or {}).get("rayClusterName")
             if pending:
                 clock.mark("pending cluster named")
-                assert condition(_deployment(stack), "Progressing").get("status") == "True", "not followed"
+                # Once the operator has reconciled this generation, it must not call the rollout done
+                # while KubeRay still brings the new cluster up (it may not have written status yet).
+                deployment = _deployment(stack)
+                progressing = condition(deployment, "Progressing")
+                if progressing.get("observedGeneration") == deployment["metadata"]["generation"]:
+                    assert progressing.get("status") == "True", f"not followed: {progressing}"
             now = {
                 c["metadata"]["name"]
                 for c in items(node, "rayclusters", NS, f"kubetune.io/modeldeployment={DEPLOYMENT}")
