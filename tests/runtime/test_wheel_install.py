@@ -287,5 +287,26 @@ def test_the_image_files_agree_with_the_project() -> None:
     for step in steps:
         if "uses" in step:
             assert re.fullmatch(r"[\w-]+/[\w-]+@[0-9a-f]{40}", step["uses"]), f"not pinned to a commit: {step['uses']}"
+    # Least privilege: read-only by default; only the images job pushes and signs (its OIDC token).
+    assert workflow["permissions"] == {"contents": "read"}
+    for name, job in workflow["jobs"].items():
+        pushes = {"contents": "read", "packages": "write", "id-token": "write"}
+        assert job.get("permissions") == (pushes if name == "images" else None), name
+    # Each pushed image, named by the digest the build reports, gets an SBOM and a keyless signature,
+    # and the SBOM is attached to it as a signed attestation.
+    image_steps = workflow["jobs"]["images"]["steps"]
+    actions = [step.get("uses", "").partition("@")[0] for step in image_steps]
+    built, sbom = (
+        image_steps[actions.index("docker/build-push-action")],
+        image_steps[actions.index("anchore/sbom-action")],
+    )
+    (pushed,) = [step for step in image_steps if step.get("id") == "pushed"]
+    assert pushed["env"]["DIGEST"] == f"${{{{ steps.{built['id']}.outputs.digest }}}}"
+    assert sbom["with"]["image"] == "${{ steps.pushed.outputs.reference }}"
+    assert actions.index("docker/build-push-action") < actions.index("anchore/sbom-action")
+    (signing,) = [step for step in image_steps if "cosign sign" in step.get("run", "")]
+    assert actions.index("sigstore/cosign-installer") < image_steps.index(signing)
+    assert signing["env"] == {"REFERENCE": sbom["with"]["image"], "SBOM": sbom["with"]["output-file"]}
+    assert '--predicate "$SBOM" "$REFERENCE"' in signing["run"]
     ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
     assert {".git", ".venv", "build", "*.egg-info"} <= set(ignored)
