@@ -264,13 +264,23 @@ def test_the_image_files_agree_with_the_project() -> None:
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     ray_pin = next(r for r in map(Requirement, project["optional-dependencies"]["runtime"]) if r.name == "ray")
+    runtime_text = (ROOT / "images" / "runtime" / "Dockerfile").read_text(encoding="utf-8")
     runtime = _dockerfile_args(ROOT / "images" / "runtime" / "Dockerfile")
     assert str(ray_pin.specifier) == f"=={RAY_VERSION}" == f"=={runtime['RAY_VERSION']}"
-    python = re.fullmatch(r"py3(\d+)", runtime["PYTHON_TAG"])
-    assert python and project["requires-python"] == f">=3.{python[1]},<3.{int(python[1]) + 1}"
+    # The Ray image of each flavour (a digest may follow its tag), and the final stage on FLAVOUR's.
+    ray_images = re.findall(
+        r"^FROM rayproject/ray:([\d.]+)-py3(\d+)-(\w+)(?:@sha256:[0-9a-f]{64})? AS ray-(\w+)$", runtime_text, re.M
+    )
+    assert sorted(flavour for *_, flavour in ray_images) == ["cpu", "gpu"] and "\nFROM ray-${FLAVOUR}\n" in runtime_text
+    assert {(version, tag) for version, _, tag, flavour in ray_images if tag == flavour} == {
+        (RAY_VERSION, "cpu"),
+        (RAY_VERSION, "gpu"),
+    }
+    (python_minor,) = {minor for _, minor, _, _ in ray_images}
+    assert project["requires-python"] == f">=3.{python_minor},<3.{int(python_minor) + 1}"
     for dockerfile in ("runtime", "operator"):
         text = (ROOT / "images" / dockerfile / "Dockerfile").read_text(encoding="utf-8")
-        assert f"FROM python:3.{python[1]}-slim AS wheel" in text
+        assert re.search(rf"^FROM python:3\.{python_minor}-slim(@sha256:[0-9a-f]{{64}})? AS wheel$", text, re.M)
 
     workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "images.yaml").read_text(encoding="utf-8"))
     assert workflow[True] == {"push": {"tags": ["v*"]}}  # YAML 1.1 reads the key `on` as true
@@ -308,5 +318,10 @@ def test_the_image_files_agree_with_the_project() -> None:
     assert actions.index("sigstore/cosign-installer") < image_steps.index(signing)
     assert signing["env"] == {"REFERENCE": sbom["with"]["image"], "SBOM": sbom["with"]["output-file"]}
     assert '--predicate "$SBOM" "$REFERENCE"' in signing["run"]
+    # Renovate pins the base images by digest (and moves only digests, never the tags tested here).
+    renovate = json.loads((ROOT / ".github" / "renovate.json").read_text(encoding="utf-8"))
+    rules = [rule for rule in renovate["packageRules"] if rule.get("matchManagers") == ["dockerfile"]]
+    assert {"pinDigests": True} in [{k: v for k, v in rule.items() if k == "pinDigests"} for rule in rules]
+    assert any(rule.get("enabled") is False and "minor" in rule.get("matchUpdateTypes", []) for rule in rules)
     ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
     assert {".git", ".venv", "build", "*.egg-info"} <= set(ignored)
