@@ -1,16 +1,18 @@
 """The kubetune wheel as the images install it: built, installed non-editable, used outside the checkout.
 
-The runtime image runs `pip install kubetune-*.whl[runtime]` and then the RayJob's entry point
-`python -m kubetune.runtime.finetune --config run.json`; the operator image installs the wheel
-without extras and runs `kubetune operator`. Here both happen in fresh virtual environments,
-from a working folder outside the repository, so nothing is imported from the checkout.
+The runtime image installs its lock file (requirements/runtime-<flavour>.txt) and the wheel, and
+then runs the RayJob's entry point `python -m kubetune.runtime.finetune --config run.json`; the
+operator image installs its lock and the wheel, and runs `kubetune operator`. Here both happen in
+fresh virtual environments, from a working folder outside the repository, so nothing is imported
+from the checkout.
 
-The operator's environment is installed from the package index as the image does (about 30 s).
-A cold install of the runtime extra downloads about 3 GB (CUDA torch) and takes 4-6 minutes, so
+The operator's environment is installed from its lock file (requirements/operator.txt) as the
+image does (about 30 s). A cold install of the runtime extra downloads about 3 GB (CUDA torch) and takes 4-6 minutes, so
 by default the fresh runtime environment gets the extra's dependencies from this environment
 (links to exactly the distributions `kubetune[runtime]` requires, transitively) and pip installs
-the wheel with `--no-index`: pip still checks every pin against what it finds. Set
-KUBETUNE_TEST_FULL_INSTALL=1 to install the extra from the index instead, as the image build does.
+the wheel with `--no-index`: pip still checks every pin against what it finds (this environment
+is installed at requirements/dev.txt's versions, which the image locks follow). Set
+KUBETUNE_TEST_FULL_INSTALL=1 to install the gpu image's lock from the index instead, as its build does.
 """
 
 from __future__ import annotations
@@ -158,8 +160,11 @@ def _installed_names(python: Path, cwd: Path, env: dict[str, str]) -> set[str]:
 def test_the_operator_install_brings_no_runtime_and_starts(wheel: Path, tmp_path: Path) -> None:
     started = time.monotonic()
     python = _fresh_venv(tmp_path / "venv")
-    _pip_install(python, wheel)
-    started = _timed("operator venv installed from the index", started)
+    # As the operator image installs it: its lock, hash-checked and unresolved, then the wheel alone.
+    _pip_install(python, "--require-hashes", "--no-deps", "-r", ROOT / "requirements" / "operator.txt")
+    _pip_install(python, "--no-deps", wheel)
+    _run([sys.executable, "-m", "pip", "--python", python, "check"])  # the lock holds all the wheel needs
+    started = _timed("operator venv installed from its lock", started)
     work, env = tmp_path / "work", _outside_env(tmp_path / "home")
     work.mkdir()
 
@@ -201,7 +206,10 @@ def test_the_runtime_install_runs_the_example_outside_the_checkout(wheel: Path, 
     venv = tmp_path / "venv"
     python = _fresh_venv(venv)
     if FULL_INSTALL:
-        _pip_install(python, f"{wheel}[runtime]", timeout=2400)
+        # As the gpu image installs it: its lock (CUDA torch), hash-checked and unresolved, then the wheel.
+        lock = ROOT / "requirements" / "runtime-gpu.txt"
+        _pip_install(python, "--require-hashes", "--no-deps", "-r", lock, timeout=2400)
+        _pip_install(python, "--no-deps", wheel)
     else:
         linked = _link_dependencies(python, wheel, "runtime", tmp_path / "dependencies")
         print(f"{linked} distributions linked")
