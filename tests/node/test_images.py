@@ -24,6 +24,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from ..conftest import REPO_ROOT
 from ..controlplane.images import (
@@ -37,6 +39,7 @@ from ..controlplane.images import (
 )
 from ..controlplane.images import config as image_configs
 from ..controlplane.images.oci import layer_members, read_archive
+from ..controlplane.images.sources import LOCK_FOLDER, locked
 from .journey import run_client_pod
 from .stack import Stack, prepare_namespace
 
@@ -159,6 +162,16 @@ def test_installed_versions_are_the_pinned_ones(images: dict[str, BuiltImage]) -
     operator = _distributions(images["operator"])
     assert operator["kubetune"] == PYPROJECT["version"] and operator["kopf"] == _pin("kopf")
     assert not {"torch", "ray", "transformers"} & set(operator)
+    # Each image carries exactly its lock file's versions (the Dockerfile installs it with hashes),
+    # and besides the lock only kubetune and what a new Python environment brings (pip, setuptools).
+    for installed, lock in (
+        (runtime, f"runtime-{image_configs.RUNTIME_FLAVOUR}.txt"),
+        (operator, "operator.txt"),
+    ):
+        pinned = {name: Version(entry.version) for name, entry in locked(REPO_ROOT / LOCK_FOLDER / lock).items()}
+        found: dict[str, Version] = {canonicalize_name(n): Version(version) for n, version in installed.items()}
+        assert {name: found.get(name) for name in pinned} == pinned, lock
+        assert set(found) - set(pinned) <= {"kubetune", "pip", "setuptools", "wheel"}, lock
     # Both Python environments are Python 3.11, as pyproject requires.
     for name, config_file in (
         ("runtime-minilm", "home/ray/anaconda3/pyvenv.cfg"),

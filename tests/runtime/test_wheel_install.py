@@ -1,16 +1,18 @@
 """The kubetune wheel as the images install it: built, installed non-editable, used outside the checkout.
 
-The runtime image runs `pip install kubetune-*.whl[runtime]` and then the RayJob's entry point
-`python -m kubetune.runtime.finetune --config run.json`; the operator image installs the wheel
-without extras and runs `kubetune operator`. Here both happen in fresh virtual environments,
-from a working folder outside the repository, so nothing is imported from the checkout.
+The runtime image installs its lock file (requirements/runtime-<flavour>.txt) and the wheel, and
+then runs the RayJob's entry point `python -m kubetune.runtime.finetune --config run.json`; the
+operator image installs its lock and the wheel, and runs `kubetune operator`. Here both happen in
+fresh virtual environments, from a working folder outside the repository, so nothing is imported
+from the checkout.
 
-The operator's environment is installed from the package index as the image does (about 30 s).
-A cold install of the runtime extra downloads about 3 GB (CUDA torch) and takes 4-6 minutes, so
+The operator's environment is installed from its lock file (requirements/operator.txt) as the
+image does (about 30 s). A cold install of the runtime extra downloads about 3 GB (CUDA torch) and takes 4-6 minutes, so
 by default the fresh runtime environment gets the extra's dependencies from this environment
 (links to exactly the distributions `kubetune[runtime]` requires, transitively) and pip installs
-the wheel with `--no-index`: pip still checks every pin against what it finds. Set
-KUBETUNE_TEST_FULL_INSTALL=1 to install the extra from the index instead, as the image build does.
+the wheel with `--no-index`: pip still checks every pin against what it finds (this environment
+is installed at requirements/dev.txt's versions, which the image locks follow). Set
+KUBETUNE_TEST_FULL_INSTALL=1 to install the gpu image's lock from the index instead, as its build does.
 """
 
 from __future__ import annotations
@@ -158,8 +160,11 @@ def _installed_names(python: Path, cwd: Path, env: dict[str, str]) -> set[str]:
 def test_the_operator_install_brings_no_runtime_and_starts(wheel: Path, tmp_path: Path) -> None:
     started = time.monotonic()
     python = _fresh_venv(tmp_path / "venv")
-    _pip_install(python, wheel)
-    started = _timed("operator venv installed from the index", started)
+    # As the operator image installs it: its lock, hash-checked and unresolved, then the wheel alone.
+    _pip_install(python, "--require-hashes", "--no-deps", "-r", ROOT / "requirements" / "operator.txt")
+    _pip_install(python, "--no-deps", wheel)
+    _run([sys.executable, "-m", "pip", "--python", python, "check"])  # the lock holds all the wheel needs
+    started = _timed("operator venv installed from its lock", started)
     work, env = tmp_path / "work", _outside_env(tmp_path / "home")
     work.mkdir()
 
@@ -201,7 +206,10 @@ def test_the_runtime_install_runs_the_example_outside_the_checkout(wheel: Path, 
     venv = tmp_path / "venv"
     python = _fresh_venv(venv)
     if FULL_INSTALL:
-        _pip_install(python, f"{wheel}[runtime]", timeout=2400)
+        # As the gpu image installs it: its lock (CUDA torch), hash-checked and unresolved, then the wheel.
+        lock = ROOT / "requirements" / "runtime-gpu.txt"
+        _pip_install(python, "--require-hashes", "--no-deps", "-r", lock, timeout=2400)
+        _pip_install(python, "--no-deps", wheel)
     else:
         linked = _link_dependencies(python, wheel, "runtime", tmp_path / "dependencies")
         print(f"{linked} distributions linked")
@@ -264,13 +272,23 @@ def test_the_image_files_agree_with_the_project() -> None:
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     ray_pin = next(r for r in map(Requirement, project["optional-dependencies"]["runtime"]) if r.name == "ray")
+    runtime_text = (ROOT / "images" / "runtime" / "Dockerfile").read_text(encoding="utf-8")
     runtime = _dockerfile_args(ROOT / "images" / "runtime" / "Dockerfile")
     assert str(ray_pin.specifier) == f"=={RAY_VERSION}" == f"=={runtime['RAY_VERSION']}"
-    python = re.fullmatch(r"py3(\d+)", runtime["PYTHON_TAG"])
-    assert python and project["requires-python"] == f">=3.{python[1]},<3.{int(python[1]) + 1}"
+    # The Ray image of each flavour (a digest may follow its tag), and the final stage on FLAVOUR's.
+    ray_images = re.findall(
+        r"^FROM rayproject/ray:([\d.]+)-py3(\d+)-(\w+)(?:@sha256:[0-9a-f]{64})? AS ray-(\w+)$", runtime_text, re.M
+    )
+    assert sorted(flavour for *_, flavour in ray_images) == ["cpu", "gpu"] and "\nFROM ray-${FLAVOUR}\n" in runtime_text
+    assert {(version, tag) for version, _, tag, flavour in ray_images if tag == flavour} == {
+        (RAY_VERSION, "cpu"),
+        (RAY_VERSION, "gpu"),
+    }
+    (python_minor,) = {minor for _, minor, _, _ in ray_images}
+    assert project["requires-python"] == f">=3.{python_minor},<3.{int(python_minor) + 1}"
     for dockerfile in ("runtime", "operator"):
         text = (ROOT / "images" / dockerfile / "Dockerfile").read_text(encoding="utf-8")
-        assert f"FROM python:3.{python[1]}-slim AS wheel" in text
+        assert re.search(rf"^FROM python:3\.{python_minor}-slim(@sha256:[0-9a-f]{{64}})? AS wheel$", text, re.M)
 
     workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "images.yaml").read_text(encoding="utf-8"))
     assert workflow[True] == {"push": {"tags": ["v*"]}}  # YAML 1.1 reads the key `on` as true
@@ -287,5 +305,31 @@ def test_the_image_files_agree_with_the_project() -> None:
     for step in steps:
         if "uses" in step:
             assert re.fullmatch(r"[\w-]+/[\w-]+@[0-9a-f]{40}", step["uses"]), f"not pinned to a commit: {step['uses']}"
+    # Least privilege: read-only by default; only the images job pushes and signs (its OIDC token).
+    assert workflow["permissions"] == {"contents": "read"}
+    for name, job in workflow["jobs"].items():
+        pushes = {"contents": "read", "packages": "write", "id-token": "write"}
+        assert job.get("permissions") == (pushes if name == "images" else None), name
+    # Each pushed image, named by the digest the build reports, gets an SBOM and a keyless signature,
+    # and the SBOM is attached to it as a signed attestation.
+    image_steps = workflow["jobs"]["images"]["steps"]
+    actions = [step.get("uses", "").partition("@")[0] for step in image_steps]
+    built, sbom = (
+        image_steps[actions.index("docker/build-push-action")],
+        image_steps[actions.index("anchore/sbom-action")],
+    )
+    (pushed,) = [step for step in image_steps if step.get("id") == "pushed"]
+    assert pushed["env"]["DIGEST"] == f"${{{{ steps.{built['id']}.outputs.digest }}}}"
+    assert sbom["with"]["image"] == "${{ steps.pushed.outputs.reference }}"
+    assert actions.index("docker/build-push-action") < actions.index("anchore/sbom-action")
+    (signing,) = [step for step in image_steps if "cosign sign" in step.get("run", "")]
+    assert actions.index("sigstore/cosign-installer") < image_steps.index(signing)
+    assert signing["env"] == {"REFERENCE": sbom["with"]["image"], "SBOM": sbom["with"]["output-file"]}
+    assert '--predicate "$SBOM" "$REFERENCE"' in signing["run"]
+    # Renovate pins the base images by digest (and moves only digests, never the tags tested here).
+    renovate = json.loads((ROOT / ".github" / "renovate.json").read_text(encoding="utf-8"))
+    rules = [rule for rule in renovate["packageRules"] if rule.get("matchManagers") == ["dockerfile"]]
+    assert {"pinDigests": True} in [{k: v for k, v in rule.items() if k == "pinDigests"} for rule in rules]
+    assert any(rule.get("enabled") is False and "minor" in rule.get("matchUpdateTypes", []) for rule in rules)
     ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
     assert {".git", ".venv", "build", "*.egg-info"} <= set(ignored)

@@ -92,10 +92,23 @@ def test_runs_keep_their_text_user_environment_and_mounts() -> None:
     assert dict(check.env)["HOME"] == "/tmp" and check.workdir == "/work"
 
 
+def test_a_stage_that_only_names_an_image_stands_for_it() -> None:
+    text = (
+        "ARG FLAVOUR=gpu\nFROM ray:1-gpu@sha256:" + "a" * 64 + " AS ray-gpu\nFROM ray:1-cpu AS ray-cpu\n"
+        "FROM ray-${FLAVOUR}\nUSER 1000\n"
+    )
+    pinned = f"ray:1-gpu@sha256:{'a' * 64}"
+    assert parse(text)[-1].base == pinned
+    assert parse(text, {"FLAVOUR": "cpu"})[-1].base == "ray:1-cpu"
+    # The final stage gets the ENV of the image the alias names.
+    assert parse(text, None, lambda base: {"BASE": base})[-1].inherited == {"BASE": pinned}
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("ENV A=1\n", "before the first FROM"),
+        ("FROM x AS built\nRUN make\nFROM built\n", "only a stage without instructions"),
         ("FROM x\nFROBNICATE\n", "unknown instruction"),
         ("FROM x\nRUN --network=none true\n", "not supported"),
         ("FROM x\nRUN --mount=type=cache,target=/c true\n", "only bind mounts"),

@@ -11,8 +11,8 @@ Cache, under ${KUBETUNE_CACHE_DIR:-${XDG_CACHE_HOME:-~/.cache}/kubetune}/images/
     tmp/                                                builds in progress (renamed into place when done)
     .lock                                               flock: one build at a time
 
-Keys hash what shapes a layer or image (recipes, the builder's revision, pyproject's pins through
-the wheel's metadata, the wheel's bytes, the Dockerfile's text, the Go sources). After a build,
+Keys hash what shapes a layer or image (recipes, the builder's revision, the lock files, the
+wheel's bytes, the Dockerfile's text, the Go sources). After a build,
 only the two entries of each image used last are kept, and the layers only removed ones used go.
 """
 
@@ -163,7 +163,9 @@ def _plans(names: Sequence[str], sources: Sources) -> dict[str, _Plan]:
         stage = config.final_stage(config.OPERATOR_DOCKERFILE)
         base = config.base_image(stage.base)
         python = f"{layers.SLIM_PREFIX}/bin/python"
-        deps = layers.dependencies("operator-deps", layers.python_slim(debian), python, sources.requirements(), None)
+        deps = layers.dependencies(
+            "operator-deps", layers.python_slim(debian), python, sources.lock("operator.txt"), None
+        )
         runs = layers.DockerfileRuns(stage.runs, base.env, base.user, base.workdir, base.shell, dist)
         top = layers.dockerfile_steps("operator-kubetune", deps, runs, python, [wheel_sha, text])
         reference = f"localhost/kubetune-operator:{sources.version}-{{digest}}"
@@ -179,9 +181,8 @@ def _plans(names: Sequence[str], sources: Sources) -> dict[str, _Plan]:
             )
         python = f"{layers.RAY_VENV}/bin/python"
         owner = f"{layers.RAY_UID}:{layers.RAY_GID}"
-        deps = layers.dependencies(
-            "runtime-deps", layers.ray_base(debian), python, sources.requirements("runtime"), owner
-        )
+        lock = sources.lock(f"runtime-{config.RUNTIME_FLAVOUR}.txt")
+        deps = layers.dependencies("runtime-deps", layers.ray_base(debian), python, lock, owner)
         ray = config.RAY_IMAGE
         runs = layers.DockerfileRuns(stage.runs, ray.env, ray.user, ray.workdir, ray.shell, dist)
         top = layers.dockerfile_steps("runtime-kubetune", deps, runs, python, [wheel_sha, text])

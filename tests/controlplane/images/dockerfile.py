@@ -2,11 +2,11 @@
 
 Handles what kubetune's Dockerfiles use: parser directives and comments, line continuations (with
 comment lines inside them dropped), global and per-stage ARG with build-argument overrides, FROM ...
-AS, ENV and LABEL (key=value pairs with quotes, and the legacy `ENV key value`), USER, WORKDIR,
-EXPOSE, ENTRYPOINT and CMD (exec form, or shell form through the stage's shell), and RUN with its
-`--mount=type=bind,...` flags. Variables (`$NAME`, `${NAME}`, `${NAME:-default}`, `${NAME:+alt}`)
-are expanded where Docker expands them; RUN text is left to the shell, which gets the ARGs as
-environment variables.
+AS (and FROM an earlier stage that only names an image), ENV and LABEL (key=value pairs with quotes,
+and the legacy `ENV key value`), USER, WORKDIR, EXPOSE, ENTRYPOINT and CMD (exec form, or shell form
+through the stage's shell), and RUN with its `--mount=type=bind,...` flags. Variables (`$NAME`,
+`${NAME}`, `${NAME:-default}`, `${NAME:+alt}`) are expanded where Docker expands them; RUN text is
+left to the shell, which gets the ARGs as environment variables.
 """
 
 from __future__ import annotations
@@ -193,6 +193,17 @@ def _run_flags(arguments: str) -> tuple[str, tuple[Mount, ...]]:
     return arguments, tuple(mounts)
 
 
+def _aliased(reference: str, stages: list[Stage], where: str) -> str:
+    """The image a FROM names: an earlier stage that only names an image (`FROM image AS alias`) stands
+    for that image; a stage with instructions of its own cannot be a base here."""
+    earlier = next((stage for stage in reversed(stages) if stage.name == reference), None)
+    if earlier is None:
+        return reference
+    if earlier != Stage(base=earlier.base, name=earlier.name, inherited=earlier.inherited):
+        raise DockerfileError(f"{where}: FROM {reference}: only a stage without instructions can be a base")
+    return earlier.base
+
+
 def parse(
     text: str,
     build_args: Mapping[str, str] | None = None,
@@ -212,8 +223,9 @@ def parse(
             parts = words(arguments, global_args)
             if len(parts) not in (1, 3) or (len(parts) == 3 and parts[1].upper() != "AS"):
                 raise DockerfileError(f"{where}: FROM {arguments!r}")
-            inherited = dict(base_env(parts[0])) if base_env else {}
-            stages.append(Stage(base=parts[0], name=parts[2] if len(parts) == 3 else None, inherited=inherited))
+            base = _aliased(parts[0], stages, where)
+            inherited = dict(base_env(base)) if base_env else {}
+            stages.append(Stage(base=base, name=parts[2] if len(parts) == 3 else None, inherited=inherited))
             continue
         if keyword == "ARG":
             scope = stages[-1].args if stages else global_args

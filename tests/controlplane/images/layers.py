@@ -8,7 +8,7 @@ parent's key), so a changed input rebuilds that layer and the ones above it, not
     ray-base        what the Ray image brings: user ray, bash login shell, wget, a venv at
                     /home/ray/anaconda3                       (runtime)
     python-slim     what python:3.11-slim brings: python and pip in /usr/local (operator)
-    *-deps          pip install of the wheel's pinned requirements (runtime: ~7 GB with CUDA torch)
+    *-deps          pip install of the image's lock file, hash-checked (runtime: ~7 GB with CUDA torch)
     *-kubetune      the Dockerfile's own RUN steps (pip install of the kubetune wheel, ...), then
                     its last RUN, the build check, on a throwaway layer above
 """
@@ -254,21 +254,24 @@ def python_slim(parent: Layer) -> Layer:
     return Layer("python-slim", parent, (SLIM_PREFIX, PIP_VERSION), f"python3 -m venv {SLIM_PREFIX}", build)
 
 
-def dependencies(name: str, parent: Layer, python: str, requirements: Sequence[str], owner: str | None) -> Layer:
-    """pip install of the requirements of the kubetune wheel (`owner` "uid:gid" gets the files)."""
+def dependencies(name: str, parent: Layer, python: str, lock: Path, owner: str | None) -> Layer:
+    """pip install of a lock file, as the Dockerfile installs it: every distribution pinned and
+    hash-checked, none resolved (`owner` "uid:gid" gets the files)."""
     prefix = str(Path(python).parent.parent)
+    text = lock.read_text(encoding="utf-8")
 
     def build(step: Step) -> None:
-        (step.scratch / "requirements.txt").write_text("".join(f"{line}\n" for line in requirements))
+        (step.scratch / lock.name).write_text(text, encoding="utf-8")
         # As root, so that pip can use the build machine's download cache; the files then go to
         # the image's user, as if pip had run as that user like the Dockerfile's RUN does.
-        step.pip_install(python, "-r", "/tmp/inputs/requirements.txt", inputs=step.scratch)
+        step.pip_install(python, "--require-hashes", "--no-deps", "-r", f"/tmp/inputs/{lock.name}", inputs=step.scratch)
         if owner is not None:
             uid, gid = (int(part) for part in owner.split(":"))
             rootfs.chown_tree(step.upper / prefix.lstrip("/"), uid, gid)
         step.compile(python, f"{prefix}/{SITE_PACKAGES}", user=owner or "0:0")
 
-    return Layer(name, parent, (python, owner or "", *requirements), f"pip install {' '.join(requirements)}", build)
+    created_by = f"pip install --require-hashes --no-deps -r {lock.name}"
+    return Layer(name, parent, (python, owner or "", lock.name, text), created_by, build)
 
 
 class RunCommand(NamedTuple):

@@ -1,5 +1,5 @@
-"""What the images are made from: the kubetune wheel (as the Dockerfiles' wheel stage builds it)
-and the requirements its metadata pins."""
+"""What the images are made from: the kubetune wheel (as the Dockerfiles' wheel stage builds it),
+the requirements its metadata pins, and the lock files the images install from."""
 
 from __future__ import annotations
 
@@ -12,11 +12,16 @@ import subprocess
 import sys
 import tomllib
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import oci
 from .config import REPO_ROOT
 from .rootfs import BuildStepError
+
+# The lock files (made by scripts/lock) that the Dockerfiles' wheel stages put into /dist.
+LOCK_FOLDER = "requirements"
+LOCKS = ("operator.txt", "runtime-gpu.txt", "runtime-cpu.txt")
 
 
 class Sources:
@@ -65,6 +70,9 @@ class Sources:
         (wheel,) = dist.glob("kubetune-*.whl")
         torch = next(line for line in requires(wheel, "runtime") if line.startswith("torch=="))
         (dist / "torch-requirement.txt").write_text(f"{torch}\n")
+        # The wheel stage copies the lock files the final stages install from.
+        for lock in LOCKS:
+            shutil.copy2(source / LOCK_FOLDER / lock, dist / lock)
         return dist
 
     @functools.cached_property
@@ -72,8 +80,11 @@ class Sources:
         (wheel,) = self.dist.glob("kubetune-*.whl")
         return wheel
 
-    def requirements(self, extra: str | None = None) -> list[str]:
-        return requires(self.wheel, extra)
+    def lock(self, name: str) -> Path:
+        """A lock file (requirements/<name>) as the wheel stage leaves it in /dist."""
+        if name not in LOCKS:
+            raise ValueError(f"unknown lock file {name}; known: {', '.join(LOCKS)}")
+        return self.dist / name
 
 
 def _has_build_requirements() -> bool:
@@ -103,3 +114,27 @@ def requires(wheel: Path, extra: str | None = None) -> list[str]:
     wanted = {"", f'extra == "{extra}"'} if extra else {""}
     found = re.findall(r"^Requires-Dist: ([^;\n]+?)(?:\s*;\s*(.+))?$", metadata, re.M)
     return [requirement.strip() for requirement, marker in found if marker.strip() in wanted]
+
+
+@dataclass(frozen=True)
+class Locked:
+    """One distribution of a lock file: its exact version and the sha256 hashes pip accepts."""
+
+    version: str
+    hashes: tuple[str, ...]
+
+
+_LOCKED_LINE = re.compile(
+    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>\S+)(?P<rest>(?:[^\n]*\\\n)*[^\n]*)", re.M
+)
+
+
+def locked(path: Path) -> dict[str, Locked]:
+    """The distributions a lock file (scripts/lock's output) pins, by canonical name."""
+    found: dict[str, Locked] = {}
+    for match in _LOCKED_LINE.finditer(path.read_text(encoding="utf-8")):
+        name = re.sub(r"[-_.]+", "-", match["name"]).lower()
+        if name in found:
+            raise ValueError(f"{path}: {name} is locked twice")
+        found[name] = Locked(match["version"], tuple(re.findall(r"--hash=sha256:([0-9a-f]{64})\b", match["rest"])))
+    return found
