@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -226,7 +226,7 @@ class ModelServer:
             identity = api.new_id("chatcmpl")
             await self._take_slot()
 
-            def chunks() -> Iterator[dict[str, Any]]:
+            def chunks() -> Generator[dict[str, Any], None, None]:
                 yield api.chat_chunk(identity, self.loaded.name, {"role": "assistant", "content": ""}, None)
                 for text, finish in predict.stream(self.loaded, prompt, sampling):
                     yield api.chat_chunk(identity, self.loaded.name, {"content": text} if text else {}, finish)
@@ -242,7 +242,7 @@ class ModelServer:
             busy = f"the replica runs {self._slots.count} generations already; try again shortly"
             raise RequestError(429, busy, kind="rate_limit_error", retry_after=BUSY_RETRY_AFTER_S)
 
-    def _events(self, chunks: Iterator[dict[str, Any]], route: str, started: float) -> StreamingResponse:
+    def _events(self, chunks: Generator[dict[str, Any], None, None], route: str, started: float) -> StreamingResponse:
         """Server-sent events: one `data:` line per chunk, then `data: [DONE]`.
 
         Generation runs in a thread of its own, started here with the slot `_take_slot` took; the
@@ -270,8 +270,7 @@ class ModelServer:
                     LOGGER.exception("a streamed generation failed", exc_info=error)
                 put(_event(error_body("the model failed on this request", "server_error")))
             finally:
-                with contextlib.suppress(Exception):
-                    getattr(chunks, "close", lambda: None)()  # stops and joins the generation
+                chunks.close()  # stops the generation (predict.stream's own thread) and waits for it
                 self._slots.release_from_thread()
                 put(None)
 

@@ -14,6 +14,7 @@ of 2 to 3 and 25 requests/s; this batcher, behind the same proxy, batches of 18 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
@@ -55,7 +56,8 @@ class GenerationSlots:
     def release_from_thread(self) -> None:
         """Give a slot taken with try_take back from another thread (the one that generated)."""
         assert self._loop is not None, "try_take first"
-        self._loop.call_soon_threadsafe(self._free.release)
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the replica is stopping
+            self._loop.call_soon_threadsafe(self._free.release)
 
 
 @dataclass
