@@ -153,11 +153,19 @@ def test_a_200_mib_body_without_the_token_is_refused_before_it_is_read(replica: 
     async def scenario() -> None:
         await call("/v1/completions", {"prompt": "warm up"})  # the app's first request builds its stack
         for length in (200 * MIB, None):  # announced, or chunked
-            before = resident()
+            before, peak = resident(), [0]
+
+            async def sample(peak: list[int] = peak) -> None:
+                while True:
+                    peak[0] = max(peak[0], resident())
+                    await asyncio.sleep(0.005)
+
+            sampler = asyncio.create_task(sample())
             refused = await call("/v1/completions", chunks=endless(total=200 * MIB), length=length, token=None)
-            grown = resident() - before
+            sampler.cancel()
+            grown = max(peak[0], resident()) - before
             print(
-                f"200 MiB body without a token (Content-Length: {length}): {refused.status}, RSS {grown / MIB:+.1f} MiB"
+                f"200 MiB without a token (Content-Length: {length}): {refused.status}, peak RSS {grown / MIB:+.1f} MiB"
             )
             assert refused.status == 401 and refused.chunks_read == 0
             assert refused.headers["www-authenticate"].startswith("Bearer")
