@@ -46,7 +46,11 @@ Manifest = dict[str, Any]
 APPLICATION = "model"  # the Serve application's name in the config
 DEPLOYMENT = "ModelServer"  # the Serve deployment's name (the class in kubetune.runtime.serving.app)
 SERVE_PORT = 8000
-TOKEN_VARIABLE = "KUBETUNE_ENDPOINT_TOKEN"
+# The endpoint's token reaches the replicas as a Secret volume (never an env var): kubelet updates
+# the mounted file when the Secret changes, and the replicas re-read it, so a rotation needs no restart.
+TOKEN_VOLUME = "endpoint-token"
+TOKEN_MOUNT_PATH = "/var/run/secrets/kubetune.io/endpoint-token"
+TOKEN_FILE = f"{TOKEN_MOUNT_PATH}/token"
 # The autoscaler container's own ServiceAccount token (the head's Ray container has none).
 AUTOSCALER_TOKEN_VOLUME = "autoscaler-token"
 
@@ -76,7 +80,7 @@ def serve_args(deployment: ModelDeployment, served: ServedModel) -> ServeAppArgs
         model_name=deployment.metadata["name"],
         batching=spec.batching,
         max_new_tokens=spec.max_new_tokens,
-        auth_token_env=TOKEN_VARIABLE if spec.auth is not None else None,
+        auth_token_file=TOKEN_FILE if spec.auth is not None else None,
         compile=spec.compile,
     )
 
@@ -130,12 +134,23 @@ SERVE_POD_ENVIRONMENT = [{"name": name, "value": value} for name, value in SERVE
 
 def _replica_environment(deployment: ModelDeployment) -> tuple[list[Manifest], list[Manifest]]:
     env, env_from = pods.storage_environment(deployment.spec.storage)
-    env = [*SERVE_POD_ENVIRONMENT, *env]
+    return [*SERVE_POD_ENVIRONMENT, *env], env_from
+
+
+def _token_volume(deployment: ModelDeployment) -> tuple[list[Manifest], list[Manifest]]:
+    """(volumes, mounts) of the endpoint's token: the Secret's key as the file `token`, by reference, never copied.
+
+    No subPath: kubelet updates only whole Secret volumes. Readable by the pod's group (fsGroup).
+    """
     auth = deployment.spec.auth
-    if auth is not None:  # the token reaches the replicas by reference, never copied
-        secret = {"name": auth.token_secret.name, "key": auth.token_secret.key}
-        env.append({"name": TOKEN_VARIABLE, "valueFrom": {"secretKeyRef": secret}})
-    return env, env_from
+    if auth is None:
+        return [], []
+    items = [{"key": auth.token_secret.key, "path": "token"}]
+    volume = {
+        "name": TOKEN_VOLUME,
+        "secret": {"secretName": auth.token_secret.name, "items": items, "defaultMode": 0o440},
+    }
+    return [volume], [{"name": TOKEN_VOLUME, "mountPath": TOKEN_MOUNT_PATH, "readOnly": True}]
 
 
 def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, settings: Settings) -> Manifest:
@@ -143,6 +158,7 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
     spec = deployment.spec
     resources = spec.resources
     env, env_from = _replica_environment(deployment)
+    token_volumes, token_mounts = _token_volume(deployment)
     # Serve updates in place by stopping replicas first: with fewer than two, a new cluster keeps answering.
     per_artifact = {ARTIFACT_ANNOTATION: served.uri} if spec.autoscaling.min_replicas < 2 else {}
     worker = pods.RayPod(
@@ -158,6 +174,8 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
         env=env,
         env_from=env_from,
         claims=pods.pvc_claims([served.uri]),
+        mounts=token_mounts,
+        volumes=token_volumes,
     )
     head = pods.RayPod(
         container="ray-head",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .common import ContractModel, Uri, WireModel
 from .model import Task
@@ -23,6 +23,9 @@ REPLICA_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 # Serve's logging: no access log line per request (requests are counted by the Prometheus metrics).
 SERVE_LOGGING = {"enable_access_log": False}
 SERVE_ARGS_SCHEMA_VERSION = 1
+# Model calls at once per replica: one batch while a stream generates, or two streams. Each call
+# takes the cores torch gives it and its own KV cache, so more only share the same cores.
+DEFAULT_CONCURRENT_GENERATIONS = 2
 # Where torch.compile is on unless a spec says otherwise: bench/serving.py measured the
 # compiled text classifier a quarter faster for one input on CPU (17 against 23 ms) and as
 # fast at its best batch size, for about half a minute more start-up. Generation is not
@@ -122,9 +125,36 @@ class ServeAppArgs(WireModel):
         default=None,
         pattern=r"^[A-Z_][A-Z0-9_]*$",
         max_length=128,
-        description="Environment variable holding the bearer token clients must send; open when omitted.",
+        description=(
+            "Environment variable holding the bearer token clients must send (read once, at the replica's start);"
+            " open when neither this nor authTokenFile is set."
+        ),
+    )
+    auth_token_file: str | None = Field(
+        default=None,
+        pattern=r"^/\S+$",
+        max_length=1024,
+        description=(
+            "File holding the bearer token clients must send (a mounted Secret), read again whenever it changes,"
+            " so a rotated Secret takes effect without a restart; open when neither this nor authTokenEnv is set."
+        ),
+    )
+    max_concurrent_generations: int = Field(
+        default=DEFAULT_CONCURRENT_GENERATIONS,
+        ge=1,
+        le=64,
+        description=(
+            "Most model calls a replica runs at once, batches and streamed generations together; a stream"
+            " that finds them all taken is refused with 429 and Retry-After (batched requests wait their turn)."
+        ),
     )
     compile: bool | None = Field(default=None, description=COMPILE_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> ServeAppArgs:
+        if self.auth_token_env is not None and self.auth_token_file is not None:
+            raise ValueError("set one of authTokenEnv and authTokenFile, not both")
+        return self
 
     def compiles(self, task: Task) -> bool:
         """Whether the model of `task` runs through torch.compile: as asked, else where it pays."""

@@ -1,39 +1,28 @@
-"""The HTTP API of a serving replica: request and answer bodies, limits, auth, and errors as JSON.
+"""The HTTP API of a serving replica: request and answer bodies, limits.
 
 Classification: `POST /v1/predict` with `{"inputs": "text" | ["text", ...]}` (images as
 base64 strings). Causal LMs: OpenAI-compatible `POST /v1/completions` and
-`POST /v1/chat/completions`. Errors have OpenAI's shape: `{"error": {"message",
-"type", "param", "code"}}`, never a stack trace.
+`POST /v1/chat/completions`. Errors (errors.py) have OpenAI's shape, never a stack trace;
+the token and the body's size are checked before a body is read (guard.py).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from kubetune.runtime.contract.serving import ServeAppArgs
+from kubetune.runtime.serving.errors import RequestError
 from kubetune.runtime.serving.predict import Completion, Prediction, Sampling
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-
-class RequestError(Exception):
-    """A request the endpoint refuses: the HTTP status, the message, and the parameter at fault."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-        super().__init__(message)
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.kind, self.param)
-
-
-def error_body(message: str, kind: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+# OpenAI's limits on stop sequences: how many, and (kubetune's) how long each may be.
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256
 
 
 class _Request(BaseModel):
@@ -70,9 +59,14 @@ class _Generation(_Request):
 
     @field_validator("stop")
     @classmethod
-    def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences")
+    def _few_short_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
+        stops = [value] if isinstance(value, str) else value or []
+        for index, stop in enumerate(stops):
+            if len(stop) > MAX_STOP_CHARS:
+                where = "stop" if isinstance(value, str) else f"stop[{index}]"
+                raise ValueError(f"{where} has {len(stop)} characters; at most {MAX_STOP_CHARS}")
         return value
 
 
@@ -128,12 +122,6 @@ def decode_images(items: list[str]) -> list[bytes]:
         except (binascii.Error, ValueError):
             raise RequestError(400, f"inputs[{index}] is not base64", f"inputs[{index}]") from None
     return images
-
-
-def check_bearer(header: str | None, token: str) -> bool:
-    """Whether `Authorization` carries the token (compared in constant time)."""
-    scheme, _, given = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
 def predictions_body(model: str, predictions: list[Prediction]) -> dict[str, Any]:

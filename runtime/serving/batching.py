@@ -14,6 +14,7 @@ of 2 to 3 and 25 requests/s; this batcher, behind the same proxy, batches of 18 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
@@ -22,6 +23,41 @@ from typing import Generic, TypeVar
 
 I = TypeVar("I")  # noqa: E741 - one input
 O = TypeVar("O")  # noqa: E741 - its answer
+
+
+class GenerationSlots:
+    """The model calls a replica runs at once: its batches and its streamed generations share them.
+
+    A batch waits for a slot (its requests queue meanwhile); a stream takes one only when one is
+    free and no batch is waiting for it, and gives it back from the thread that generated, once
+    the generation has stopped.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._free = asyncio.Semaphore(count)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def wait(self) -> None:
+        """Take a slot, waiting for one."""
+        await self._free.acquire()
+
+    async def try_take(self) -> bool:
+        """Take a slot if one is free now and nobody waits for one; never waits."""
+        if self._free.locked():  # none free, or a batch waits for the next
+            return False
+        self._loop = asyncio.get_running_loop()
+        await self._free.acquire()  # returns at once: a slot is free
+        return True
+
+    def release(self) -> None:
+        self._free.release()
+
+    def release_from_thread(self) -> None:
+        """Give a slot taken with try_take back from another thread (the one that generated)."""
+        assert self._loop is not None, "try_take first"
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the replica is stopping
+            self._loop.call_soon_threadsafe(self._free.release)
 
 
 @dataclass
@@ -41,8 +77,10 @@ class Batcher(Generic[I, O]):
         max_size: int,
         wait_s: float,
         on_batch: Callable[[int], None] = lambda size: None,
+        slots: GenerationSlots | None = None,
     ) -> None:
         self._call, self._executor = call, executor
+        self._slots = slots
         self.max_size, self.wait_s = max_size, wait_s
         self._on_batch = on_batch
         self._waiting: deque[_Waiting[I, O]] = deque()
@@ -95,8 +133,14 @@ class Batcher(Generic[I, O]):
                     break
             # Then batch after batch, with what arrived while the model worked, until none waits.
             while self._waiting:
-                batch = self._take()
-                await self._run(batch)
+                if self._slots is None:
+                    await self._run(self._take())
+                    continue
+                await self._slots.wait()  # what arrives meanwhile joins the batch
+                try:
+                    await self._run(self._take())
+                finally:
+                    self._slots.release()
 
     async def _run(self, batch: list[_Waiting[I, O]]) -> None:
         inputs = [item for waiting in batch for item in waiting.items]

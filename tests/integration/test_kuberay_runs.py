@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 from kubetune.operator.api.common import API_VERSION
+from kubetune.operator.builders.modeldeployment import TOKEN_MOUNT_PATH
 from kubetune.operator.kube import Kube
 
 from ..conftest import EXAMPLES
@@ -264,7 +265,8 @@ def test_kuberay_serves_a_model_deployment_where_the_spec_says(
     assert replica["nodeSelector"]["nvidia.com/gpu.product"] == GPU_PRODUCT
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in replica["tolerations"]
     assert server["envFrom"] == [{"secretRef": {"name": "training-storage"}}]
-    token = next(e for e in server["env"] if e["name"] == "KUBETUNE_ENDPOINT_TOKEN")
-    assert token["valueFrom"]["secretKeyRef"] == {"name": "support-tickets-endpoint", "key": "token"}
+    token = next(v for v in replica["volumes"] if v["name"] == "endpoint-token")
+    assert token["secret"]["secretName"] == "support-tickets-endpoint"
+    assert {"name": "endpoint-token", "mountPath": TOKEN_MOUNT_PATH, "readOnly": True} in server["volumeMounts"]
     policy = kube.get("networking.k8s.io/v1", "NetworkPolicy", restricted, name)
     assert policy is not None and {"ports": [{"protocol": "TCP", "port": 8000}]} in policy["spec"]["ingress"]

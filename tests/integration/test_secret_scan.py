@@ -7,7 +7,7 @@ it, and then every object in the namespace but the Secrets (found through discov
 statuses, Events, ConfigMaps, RayJobs, RayServices, RBAC, whatever else is there), the
 operator's log output, and the run's kubetune.json manifest (written by the runtime's
 `write_manifest` with the markers in the environment) are searched for the markers, as
-written and base64-encoded. Only references by name (secretRef, secretKeyRef) may appear.
+written and base64-encoded. Only references by name (secretRef, secretKeyRef, Secret volumes) may appear.
 """
 
 from __future__ import annotations
@@ -180,7 +180,10 @@ def test_credentials_appear_nowhere_but_in_their_secret(
     cluster = ray_job["spec"]["rayClusterSpec"]
     for template in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
         assert {"secretRef": {"name": STORAGE_SECRET}} in container_of(template).get("envFrom", [])
-    assert {"name": TOKEN_SECRET, "key": "token"} in references(service, "secretKeyRef")
+    token_volumes = references(service, "secret")
+    assert [(v["secretName"], v["items"]) for v in token_volumes] == [
+        (TOKEN_SECRET, [{"key": "token", "path": "token"}])
+    ]
     assert {"name": STORAGE_SECRET} in references(service, "secretRef")
 
     objects = everything_but_secrets(kube, namespace)

@@ -123,3 +123,25 @@ def test_max_size_one_is_one_request_per_call(size: int) -> None:
 
     asyncio.run(scenario())
     assert [inputs for _, inputs in model.calls] == [[n] for n in range(size)]
+
+
+def test_batches_and_streams_share_the_replicas_generation_slots() -> None:
+    """A batch waits for a slot a stream holds; a stream is refused while a batch waits, and gets one after."""
+    from kubetune.runtime.serving.batching import GenerationSlots
+
+    model = Model()
+
+    async def scenario() -> None:
+        slots = GenerationSlots(1)
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher: Batcher[int, int] = Batcher(model, executor, max_size=16, wait_s=0.0, slots=slots)
+            assert await slots.try_take()  # a stream generates
+            batch = asyncio.create_task(batcher.submit([1]))
+            await asyncio.sleep(0.05)
+            assert not batch.done() and model.calls == []  # the batch waits for the stream's slot
+            assert not await slots.try_take()  # and a second stream is refused meanwhile
+            await asyncio.to_thread(slots.release_from_thread)  # the stream's thread ends
+            assert await asyncio.wait_for(batch, 5) == ([2], 1)
+            assert await slots.try_take()  # the batch gave its slot back
+
+    asyncio.run(scenario())

@@ -52,7 +52,8 @@ def test_the_serve_config_names_the_application_and_its_arguments(deployment: di
     assert app["import_path"] == "kubetune.runtime.serving.app:build" and app["route_prefix"] == "/"
     assert app["args"]["modelUri"] == RUN_2.uri and app["args"]["task"] == "text-classification"
     assert app["args"]["batching"] == {"maxBatchSize": 16, "batchWaitTimeoutMs": 5.0}
-    assert app["args"]["authTokenEnv"] == "KUBETUNE_ENDPOINT_TOKEN"
+    assert app["args"]["authTokenFile"] == "/var/run/secrets/kubetune.io/endpoint-token/token"
+    assert "authTokenEnv" not in app["args"]
     [serve_deployment] = app["deployments"]
     assert serve_deployment["autoscaling_config"] == {
         "min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 4.0, "downscale_delay_s": 300,
@@ -86,10 +87,48 @@ def test_every_ray_pod_runs_serve_the_same_way(deployment: dict[str, Any]) -> No
 def test_secrets_travel_by_reference_only(deployment: dict[str, Any]) -> None:
     service = build_ray_service(make(deployment), RUN_2, Settings())
     container = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
-    token = next(item for item in container["env"] if item["name"] == "KUBETUNE_ENDPOINT_TOKEN")
-    assert token["valueFrom"] == {"secretKeyRef": {"name": "support-tickets-endpoint", "key": "token"}}
     assert container["envFrom"] == [{"secretRef": {"name": "training-storage"}}]
     assert {"name": "AWS_ENDPOINT_URL", "value": "http://minio.storage.svc:9000"} in container["env"]
+
+
+def test_the_token_is_a_secret_volume_of_the_replicas_never_an_env_var(deployment: dict[str, Any]) -> None:
+    """kubelet updates a mounted Secret in place (the replicas re-read the file); an env var would stay as it was."""
+    cluster = build_ray_service(make(deployment), RUN_2, Settings())["spec"]["rayClusterConfig"]
+    replica = cluster["workerGroupSpecs"][0]["template"]["spec"]
+    [token] = [volume for volume in replica["volumes"] if "secret" in volume]
+    assert token == {
+        "name": "endpoint-token",
+        "secret": {
+            "secretName": "support-tickets-endpoint",
+            "items": [{"key": "token", "path": "token"}],
+            "defaultMode": 0o440,
+        },
+    }
+    [container] = replica["containers"]
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "endpoint-token"]
+    assert mount == {
+        "name": "endpoint-token",
+        "mountPath": "/var/run/secrets/kubetune.io/endpoint-token",
+        "readOnly": True,
+    }
+    assert "subPath" not in mount  # kubelet never updates a subPath mount
+    assert "secretKeyRef" not in json.dumps(cluster)
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert "endpoint-token" not in json.dumps(head)  # only the replicas hold the token
+    args = ServeAppArgs.model_validate(
+        yaml.safe_load(build_ray_service(make(deployment), RUN_2, Settings())["spec"]["serveConfigV2"])["applications"][
+            0
+        ]["args"]
+    )
+    assert args.auth_token_file == f"{mount['mountPath']}/token" and args.auth_token_env is None
+
+
+def test_an_open_endpoint_mounts_no_token(deployment: dict[str, Any]) -> None:
+    open_deployment = make(mutated(deployment, "spec.auth", None))
+    service = build_ray_service(open_deployment, RUN_2, Settings())
+    assert "endpoint-token" not in json.dumps(service["spec"]["rayClusterConfig"])
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert "authTokenFile" not in args and "authTokenEnv" not in args
 
 
 def test_the_model_hub_settings_reach_the_serving_pods(deployment: dict[str, Any]) -> None:
