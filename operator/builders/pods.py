@@ -86,8 +86,9 @@ def placement(nodes: NodePlacement, priority_class: str | None, gpu_type: str | 
         tolerations.append(dict(GPU_TOLERATION))
     if tolerations:
         pod["tolerations"] = tolerations
-    if nodes.affinity:
-        pod["affinity"] = nodes.affinity
+    affinity = nodes.affinity.to_wire() if nodes.affinity else None
+    if affinity:
+        pod["affinity"] = affinity
     if priority_class:
         pod["priorityClassName"] = priority_class
     return pod

@@ -231,11 +231,38 @@ def test_pvc_volumes(minimal_job: dict[str, Any]) -> None:
     assert config_volume["configMap"]["name"] == "support-tickets-r3-config"
 
 
+# A core/v1 Affinity with every part kubetune types, as a user writes it.
+SPREAD_OUT = {
+    "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [{"key": "node-pool", "operator": "In", "values": ["gpu"]}]}]
+        },
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "weight": 10,
+                "preference": {"matchExpressions": [{"key": "gpu-count", "operator": "Gt", "values": ["4"]}]},
+            }
+        ],
+    },
+    "podAntiAffinity": {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "weight": 100,
+                "podAffinityTerm": {
+                    "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "kubetune"}},
+                    "topologyKey": "kubernetes.io/hostname",
+                },
+            }
+        ]
+    },
+}
+
+
 def test_placement_of_the_workers_is_not_the_heads(complete_job: dict[str, Any]) -> None:
-    manifests = build(complete_job, ("spec.resources.affinity", {"podAntiAffinity": {"x": 1}}))
+    manifests = build(complete_job, ("spec.resources.affinity", SPREAD_OUT))
     worker = workers(manifests)["template"]["spec"]
     assert worker["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    assert worker["affinity"] == {"podAntiAffinity": {"x": 1}}
+    assert worker["affinity"] == SPREAD_OUT
     assert worker["nodeSelector"] == {"node-pool": "gpu", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     for spec in (head(manifests), worker, submitter(manifests)):
         assert spec["priorityClassName"] == "training-low"

@@ -284,6 +284,70 @@ CROSS_FIELD_CASES = [
     ),
     (
         JOB,
+        [
+            (
+                "spec.resources.affinity",
+                {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "In"}]}]
+                        }
+                    }
+                },
+            )
+        ],
+        "values must be non-empty with In and NotIn",
+        "spec.resources.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+        ".nodeSelectorTerms[0].matchExpressions[0].values",
+    ),
+    (
+        JOB,
+        [
+            (
+                "spec.resources.head.affinity",
+                {
+                    "nodeAffinity": {
+                        "preferredDuringSchedulingIgnoredDuringExecution": [
+                            {
+                                "weight": 1,
+                                "preference": {
+                                    "matchExpressions": [{"key": "gpus", "operator": "Gt", "values": ["a"]}]
+                                },
+                            }
+                        ]
+                    }
+                },
+            )
+        ],
+        "values must be a single integer with Gt and Lt",
+        "spec.resources.head.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0]"
+        ".preference.matchExpressions[0].values",
+    ),
+    (
+        "modeldeployment.yaml",
+        [
+            (
+                "spec.resources.affinity",
+                {
+                    "podAntiAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": [
+                            {
+                                "topologyKey": "kubernetes.io/hostname",
+                                "labelSelector": {
+                                    "matchExpressions": [{"key": "app", "operator": "Exists", "values": ["x"]}]
+                                },
+                            }
+                        ]
+                    }
+                },
+            )
+        ],
+        "values must be empty with Exists and DoesNotExist",
+        "spec.resources.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution[0]"
+        ".labelSelector.matchExpressions[0].values",
+    ),
+    (
+        JOB,
         [("spec.resources", {"cpuPerWorker": "2", "cpuLimitPerWorker": "1999m"})],
         "cpuLimitPerWorker must be at least cpuPerWorker",
         "spec.resources.cpuLimitPerWorker",
