@@ -248,14 +248,11 @@ class Affinity(ContractModel):
     )
 
     def node_requirements(self) -> list[NodeSelectorRequirement]:
-        """Every requirement on node labels, required and preferred."""
+        """Every requirement on node labels and fields, required and preferred."""
         node = self.node_affinity
         if node is None:
             return []
-        terms = (
-            list(node.required_during_scheduling_ignored_during_execution.node_selector_terms)
-            if (node.required_during_scheduling_ignored_during_execution)
-            else []
-        )
+        required = node.required_during_scheduling_ignored_during_execution
+        terms = list(required.node_selector_terms) if required else []
         terms += [preferred.preference for preferred in node.preferred_during_scheduling_ignored_during_execution or []]
-        return [requirement for term in terms for requirement in term.match_expressions or []]
+        return [item for term in terms for item in [*(term.match_expressions or []), *(term.match_fields or [])]]

@@ -158,6 +158,8 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
         env=env,
         env_from=env_from,
         claims=pods.pvc_claims([served.uri]),
+        # An endpoint only reads the model it serves.
+        read_only_claims=pods.pvc_claims([served.uri]),
     )
     head = pods.RayPod(
         container="ray-head",
