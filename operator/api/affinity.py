@@ -93,7 +93,7 @@ def _check_values(operator: str, values: list[str] | None) -> None:
         raise ValueError(VALUES_NEEDED)
     if operator in PRESENCE_OPERATORS and count:
         raise ValueError(VALUES_FORBIDDEN)
-    if operator in NUMBER_OPERATORS and (count != 1 or not (values or [""])[0].lstrip("-").isdigit()):
+    if operator in NUMBER_OPERATORS and (count != 1 or not re.fullmatch(r"-?[0-9]+", (values or [""])[0])):
         raise ValueError(ONE_INTEGER)
 
 
