@@ -81,8 +81,15 @@ def _report(where: str, error: SpecError) -> None:
         errors.print(f"    {escape(problem)}", soft_wrap=True)
 
 
-def validate(paths: list[Path], *, local: bool = False) -> int:
+def validate(paths: list[Path], *, local: bool = False, operator_settings: bool = False) -> int:
     from kubetune.cli.validate import check
+    from kubetune.operator.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_environment() if operator_settings else None
+    except SettingsError as error:
+        errors.print(f"[red]✗[/red] {escape(str(error))}", soft_wrap=True)
+        return 2
 
     failed = 0
     for path in paths:
@@ -97,7 +104,7 @@ def validate(paths: list[Path], *, local: bool = False) -> int:
         for index, document in enumerate(documents):
             where = str(path) if len(documents) == 1 else f"{path}#{index + 1}"
             try:
-                manifest = check(document, local=local)
+                manifest = check(document, local=local, settings=settings)
             except SpecError as error:
                 failed += 1
                 _report(where, error)
@@ -130,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--local",
         action="store_true",
         help="check for `kubetune run` on this machine (local output paths allowed), not for a cluster",
+    )
+    check.add_argument(
+        "--operator-settings",
+        action="store_true",
+        help="also check what the operator's settings allow (images, priority classes, tolerations, node labels, "
+        "remote code), read from KUBETUNE_* environment variables as the operator reads them",
     )
     generate = commands.add_parser("crds", help="write the CRDs into directories (stdout when none)")
     generate.add_argument("directories", nargs="*", type=Path, metavar="DIR")
@@ -198,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "validate":
-        return validate(args.paths, local=args.local)
+        return validate(args.paths, local=args.local, operator_settings=args.operator_settings)
     if args.command == "run":
         from .run import RunFlags, run_command
 

@@ -20,8 +20,10 @@ from celpy import celtypes
 from celpy.evaluation import CELEvalError, CELFunction
 from kubetune.operator import crdgen
 from kubetune.operator.api.common import API_VERSION, object_name_problem
-from kubetune.operator.api.finetunejob import CLUSTER_OUTPUT_MESSAGE
+from kubetune.operator.api.finetunejob import CLUSTER_OUTPUT_MESSAGE, FineTuneJob
 from kubetune.operator.api.manifests import MODELS, Manifest, out_of_range_integers, validate_as_admitted
+from kubetune.operator.policy import finetunejob_violations, modeldeployment_violations
+from kubetune.operator.settings import Settings
 from kubetune.runtime.contract.common import quantity_value
 from kubetune.runtime.contract.errors import SpecError, describe, field_path
 from pydantic import ValidationError
@@ -51,21 +53,23 @@ class RuleFailure:
     field: str  # the rule's fieldPath without the leading dot; empty when the rule has none
 
 
-def check(document: Any, *, local: bool = False) -> Manifest:
+def check(document: Any, *, local: bool = False, settings: Settings | None = None) -> Manifest:
     """The validated manifest, or a SpecError listing every problem, sorted by path.
 
     `local`: checked for `kubetune run` on this machine, where outputs may be local paths.
+    `settings`: the operator's, when known: what they do not allow is a problem too.
     """
-    problems = problems_of(document, local=local)
+    problems = problems_of(document, local=local, settings=settings)
     if problems:
         raise SpecError([str(problem) for problem in problems])
     return validate_as_admitted(document["kind"], document)
 
 
-def problems_of(document: Any, *, local: bool = False) -> list[Problem]:
+def problems_of(document: Any, *, local: bool = False, settings: Settings | None = None) -> list[Problem]:
     """Header, field and cross-field problems of one manifest, de-duplicated and sorted by path.
 
-    `local` leaves out what only a cluster run needs (an s3:// or pvc:// output).
+    `local` leaves out what only a cluster run needs (an s3:// or pvc:// output). With the operator's
+    `settings`, a manifest that is otherwise valid is also held to what they allow (policy.py).
     """
     if not isinstance(document, dict):
         return [Problem("(root)", f"expected a mapping, got {type(document).__name__}")]
@@ -80,7 +84,20 @@ def problems_of(document: Any, *, local: bool = False) -> list[Problem]:
     failures = rule_failures(document)
     if local:
         failures = [failure for failure in failures if failure.message != CLUSTER_OUTPUT_MESSAGE]
-    return sorted(set(header) | _merge(fields, failures), key=_order)
+    problems = set(header) | _merge(fields, failures)
+    if settings is not None and not problems:
+        problems |= set(policy_problems(document, settings))
+    return sorted(problems, key=_order)
+
+
+def policy_problems(document: dict[str, Any], settings: Settings) -> list[Problem]:
+    """What the operator's settings do not allow in a valid manifest, as the operator reports it."""
+    manifest = validate_as_admitted(document["kind"], document)
+    if isinstance(manifest, FineTuneJob):
+        found = finetunejob_violations(manifest.spec, settings)
+    else:
+        found = modeldeployment_violations(manifest.spec, settings)
+    return [Problem(violation.path, violation.message) for violation in found]
 
 
 def _header_problems(document: dict[str, Any]) -> list[Problem]:

@@ -60,6 +60,19 @@ class Settings:
     # (e.g. "registry.example.com/kubetune/*"); priority classes are names.
     allowed_images: str = ""
     allowed_priority_classes: str = ""
+    # Taints specs may tolerate (spec.resources[.head].tolerations), comma-separated KEY or KEY:EFFECT, KEY a
+    # glob pattern (e.g. "dedicated:NoSchedule,spot.example.com/*"); "*" allows any toleration, one of every
+    # taint included. Empty allows none: taints keep pods off control-plane and dedicated nodes, so tolerating
+    # them is the administrator's to grant. The GPU toleration kubetune gives GPU pods itself is always allowed.
+    allowed_tolerations: str = ""
+    # Node labels specs may select nodes by (nodeSelector and node affinity), comma-separated KEY or KEY=VALUE,
+    # both glob patterns (e.g. "node-pool,topology.kubernetes.io/zone=eu-*"). Empty allows any: a selector only
+    # narrows the nodes whose taints the pods tolerate, so it reaches no node that the tolerations keep out.
+    allowed_node_selectors: str = ""
+    # Models whose own Python code may run (model.trustRemoteCode), comma-separated glob patterns of model URIs
+    # (e.g. "hf://my-org/*,s3://models/vetted/*"); "*" allows any model. Empty refuses trustRemoteCode: that
+    # code runs in the pods with the run's credentials, whatever image the pods run.
+    allowed_remote_code_models: str = ""
 
     @property
     def ray_version(self) -> str:
@@ -82,6 +95,18 @@ class Settings:
     @property
     def allowed_priority_class_names(self) -> tuple[str, ...]:
         return _items(self.allowed_priority_classes)
+
+    @property
+    def allowed_toleration_patterns(self) -> tuple[str, ...]:
+        return _items(self.allowed_tolerations)
+
+    @property
+    def allowed_node_selector_patterns(self) -> tuple[str, ...]:
+        return _items(self.allowed_node_selectors)
+
+    @property
+    def allowed_remote_code_model_patterns(self) -> tuple[str, ...]:
+        return _items(self.allowed_remote_code_models)
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str] | None = None) -> Settings:

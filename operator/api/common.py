@@ -23,16 +23,13 @@ from kubetune.runtime.contract.common import (
 )
 from pydantic import Field, field_validator, model_validator
 
+from .affinity import LABEL_KEYS_SCHEMA, Affinity, LabelValue, check_label_keys
+
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 CATEGORY = "kubetune"
 
-# Label keys and values: prefix/name, 63-character name segments.
-LABEL_KEY_PATTERN = (
-    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-)
 IMAGE_PATTERN = r"^[^\s]+$"
 RAY_VERSION_PATTERN = r"^[0-9]+\.[0-9]+\.[0-9]+([-.+][0-9A-Za-z.]+)?$"
 SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -237,33 +234,21 @@ class Toleration(ContractModel):
 class NodePlacement(ContractModel):
     """Which nodes pods may run on: node selection, tolerations and affinity."""
 
-    node_selector: dict[str, str] | None = Field(
+    node_selector: dict[str, LabelValue] | None = Field(
         default=None,
         max_length=64,
-        description="Node labels the pods require.",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": f"self.all(k, k.matches('{LABEL_KEY_PATTERN.replace(chr(92) + '.', '[.]')}'))",
-                    "message": "every key must be a valid label key (prefix/name)",
-                }
-            ]
-        },
+        description="Node labels the pods require (label keys to values).",
+        json_schema_extra=LABEL_KEYS_SCHEMA,
     )
     tolerations: list[Toleration] | None = Field(default=None, max_length=64, description="Tolerated node taints.")
-    affinity: dict[str, Any] | None = Field(
-        default=None,
-        description="Pod affinity and anti-affinity (core/v1 Affinity), passed through unchanged.",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    affinity: Affinity | None = Field(
+        default=None, description="Node affinity, pod affinity and pod anti-affinity (core/v1 Affinity)."
     )
 
     @field_validator("node_selector")
     @classmethod
     def _label_keys(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        for key in value or {}:
-            if not re.fullmatch(LABEL_KEY_PATTERN, key):
-                raise ValueError(f"{key!r} is not a valid label key")
-        return value
+        return check_label_keys(value)
 
 
 CPU_LIMIT_DESCRIPTION = (

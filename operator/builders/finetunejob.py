@@ -100,6 +100,11 @@ def pvc_claims(job: FineTuneJob) -> list[str]:
     return pods.pvc_claims([spec.model.uri, spec.data.train, spec.data.validation, spec.data.test, spec.output.uri])
 
 
+def read_only_claims(job: FineTuneJob) -> frozenset[str]:
+    """The run's claims that hold only its inputs (model, data): every claim but the output's."""
+    return frozenset(pvc_claims(job)) - frozenset(pods.pvc_claims([job.spec.output.uri]))
+
+
 def _ray_pod(
     job: FineTuneJob, request: RunRequest, settings: Settings, service_account: str, *, head: bool, config: str
 ) -> pods.RayPod:
@@ -112,6 +117,7 @@ def _ray_pod(
         "service_account": service_account,
         "env_from": env_from,
         "claims": pvc_claims(job),
+        "read_only_claims": read_only_claims(job),
     }
     if not head:
         return pods.RayPod(

@@ -176,6 +176,8 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
         claims=pods.pvc_claims([served.uri]),
         mounts=token_mounts,
         volumes=token_volumes,
+        # An endpoint only reads the model it serves.
+        read_only_claims=pods.pvc_claims([served.uri]),
     )
     head = pods.RayPod(
         container="ray-head",

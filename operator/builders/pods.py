@@ -7,7 +7,7 @@ security rules.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,8 +86,9 @@ def placement(nodes: NodePlacement, priority_class: str | None, gpu_type: str | 
         tolerations.append(dict(GPU_TOLERATION))
     if tolerations:
         pod["tolerations"] = tolerations
-    if nodes.affinity:
-        pod["affinity"] = nodes.affinity
+    affinity = nodes.affinity.to_wire() if nodes.affinity else None
+    if affinity:
+        pod["affinity"] = affinity
     if priority_class:
         pod["priorityClassName"] = priority_class
     return pod
@@ -186,6 +187,8 @@ class RayPod:
     env: Sequence[Manifest] = ()
     env_from: Sequence[Manifest] = ()
     claims: Sequence[str] = ()
+    # Claims the pod only reads (inputs, served models): mounted, and claimed, read-only.
+    read_only_claims: Collection[str] = ()
     mounts: Sequence[Manifest] = field(default=())  # besides the claims' and the writable places'
     volumes: Sequence[Manifest] = field(default=())
 
@@ -198,10 +201,12 @@ class RayPod:
             limits[GPU_RESOURCE] = self.gpus
         scratch_volumes, scratch_mounts, scratch_env = writable_volumes(settings)
         env = [{"name": "KUBETUNE_PVC_ROOT", "value": settings.pvc_mount_root}, *scratch_env, *self.env]
+        read_only = {claim: {"readOnly": True} if claim in self.read_only_claims else {} for claim in self.claims}
+        root = settings.pvc_mount_root
         mounts = [
             *scratch_mounts,
             *(
-                {"name": claim_volume_name(claim), "mountPath": f"{settings.pvc_mount_root}/{claim}"}
+                {"name": claim_volume_name(claim), "mountPath": f"{root}/{claim}", **read_only[claim]}
                 for claim in self.claims
             ),
             *self.mounts,
@@ -209,7 +214,7 @@ class RayPod:
         volumes = [
             *scratch_volumes,
             *(
-                {"name": claim_volume_name(claim), "persistentVolumeClaim": {"claimName": claim}}
+                {"name": claim_volume_name(claim), "persistentVolumeClaim": {"claimName": claim, **read_only[claim]}}
                 for claim in self.claims
             ),
             *self.volumes,

@@ -28,7 +28,7 @@ from kubetune.operator.api.finetunejob import (
     Trigger,
     WaitReason,
 )
-from kubetune.operator.builders.finetunejob import RunRequest
+from kubetune.operator.builders.finetunejob import RunRequest, run_output_uri
 from kubetune.operator.conditions import Reason
 from kubetune.operator.naming import run_name
 from kubetune.operator.planning.pods import PodWait
@@ -179,7 +179,10 @@ def merge_observations(
             start_time=run.created,
         )
         if record.phase in FINISHED_PHASES:  # final: KubeRay's later changes do not reopen it
-            records[run.number] = with_report(record, reports.get(run.number)) if not record.progress else record
+            output = run_output_uri(job.spec.output.uri, run.number)
+            records[run.number] = (
+                with_report(record, reports.get(run.number), output) if not record.progress else record
+            )
             continue
         outcome = ray_job_outcome(run.status)
         update: dict[str, Any] = {
@@ -205,7 +208,7 @@ def merge_observations(
             update["message"] = (report.error or f"{report.unavailable.value} unavailable")[:MESSAGE_MAX_LENGTH]
             if outcome.phase == JobPhase.FAILED and outcome.failure is None:
                 update["failure"] = UNAVAILABLE_FAILURES.get(report.unavailable)
-        record = with_report(record.model_copy(update=update), report)
+        record = with_report(record.model_copy(update=update), report, run_output_uri(job.spec.output.uri, run.number))
         if outcome.phase in FINISHED_PHASES or record.phase in FINISHED_PHASES:
             record = _finish(job, record, now, reports.get(run.number))
         records[run.number] = record
@@ -222,7 +225,9 @@ def merge_observations(
                 else "the RayJob was deleted before the run finished",
             }
         )
-        records[number] = _finish(job, with_report(lost, report), now, report)
+        records[number] = _finish(
+            job, with_report(lost, report, run_output_uri(job.spec.output.uri, number)), now, report
+        )
     for number, record in sorted(records.items()):
         before = previous.get(number)
         if before is None or before.phase != record.phase:

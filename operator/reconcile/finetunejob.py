@@ -50,7 +50,7 @@ from kubetune.operator.planning.finetunejob import (
     plan,
 )
 from kubetune.operator.planning.pods import PodState, PodWait, first_wait, pod_wait
-from kubetune.operator.policy import placement_violation
+from kubetune.operator.policy import finetunejob_violations
 from kubetune.operator.reconcile import patch_status, post_events, previous_status
 from kubetune.operator.settings import Settings
 from kubetune.operator.status.finetunejob import Problem, compute_status
@@ -174,8 +174,8 @@ class FineTuneJobReconciler:
             problem = Problem(Reason.INVALID_SPEC, "; ".join(describe(error)))
             return self._stopped(body, previous, problem, generation, now, requeue=None)
         job.status = previous
-        violation = placement_violation(job.spec.resources, "spec.resources", self.settings)
-        violation = violation or cluster_output_problem(job.spec.output.uri)
+        violations = [str(found) for found in finetunejob_violations(job.spec, self.settings)]
+        violation = "; ".join(violations) or cluster_output_problem(job.spec.output.uri)
         if violation is not None:
             return self._stopped(body, previous, Problem(Reason.INVALID_SPEC, violation), generation, now, requeue=None)
         storage = job.spec.storage

@@ -37,7 +37,7 @@ from kubetune.operator.planning.modeldeployment import (
     resolve,
 )
 from kubetune.operator.planning.pods import PodState, first_wait, pod_wait
-from kubetune.operator.policy import placement_violation
+from kubetune.operator.policy import modeldeployment_violations
 from kubetune.operator.reconcile import patch_status, post_events, previous_status
 from kubetune.operator.settings import Settings
 from kubetune.operator.status.finetunejob import Problem
@@ -108,9 +108,10 @@ class ModelDeploymentReconciler:
         except ValidationError as error:
             problem = Problem(Reason.INVALID_SPEC, "; ".join(describe(error)))
             return self._write(body, previous, problem, generation, service, now, set())
-        violation = placement_violation(deployment.spec.resources, "spec.resources", self.settings)
-        if violation is not None:
-            return self._write(body, previous, Problem(Reason.INVALID_SPEC, violation), generation, service, now, set())
+        violations = modeldeployment_violations(deployment.spec, self.settings)
+        if violations:
+            problem = Problem(Reason.INVALID_SPEC, "; ".join(str(found) for found in violations))
+            return self._write(body, previous, problem, generation, service, now, set())
         needs = _dependencies(deployment)
         missing = [n for kind, n in sorted(needs) if kind == "Secret" and self.secrets.get(namespace, n) is None]
         if missing:

@@ -24,9 +24,10 @@ from kubetune.operator.api.finetunejob import (
     RunRecord,
 )
 from kubetune.operator.conditions import ConditionType, Reason, condition, merge_conditions
-from kubetune.runtime.contract.common import MESSAGE_MAX_LENGTH, SHORT_TEXT_MAX_LENGTH, URI_MAX_LENGTH, Metrics
+from kubetune.runtime.contract.common import MESSAGE_MAX_LENGTH, SHORT_TEXT_MAX_LENGTH, URI_MAX_LENGTH, Metrics, Uri
 from kubetune.runtime.contract.report import RunProgress, RunReport, Stage
 from kubetune.runtime.contract.search import Metric
+from pydantic import TypeAdapter, ValidationError
 
 from .gate import best_metric
 from .gate import gate as gate  # re-exported: the planner and the local run judge runs with it
@@ -143,8 +144,12 @@ def finished_ray_job_state(state: RayJobState | None) -> RayJobState | None:
     return state.model_copy(update=update)
 
 
-def with_report(record: RunRecord, report: RunReport | None) -> RunRecord:
-    """Mirror the runtime's report into the run record."""
+def with_report(record: RunRecord, report: RunReport | None, output_uri: str) -> RunRecord:
+    """Mirror the runtime's report into the run record.
+
+    `output_uri` is where the run writes (its folder under spec.output.uri): the artifacts and the manifest
+    a report names are kept only when they lie there, since an endpoint mounts and loads what they name.
+    """
     if report is None:
         return record
     fields = report.model_dump(include=set(RunProgress.model_fields))
@@ -155,15 +160,37 @@ def with_report(record: RunRecord, report: RunReport | None) -> RunRecord:
     # The report is written by the run's pod: what it holds is bounded before it reaches the status.
     update.update(finite_metrics(report.metrics_before, report.metrics_after))
     if report.variants:
-        update["artifacts"] = bounded_artifacts({name: variant.uri for name, variant in report.variants.items()})
+        produced = {
+            name: variant.uri for name, variant in report.variants.items() if lies_under(variant.uri, output_uri)
+        }
+        update["artifacts"] = bounded_artifacts(produced)
     if report.best_variant:
         update["best_variant"] = report.best_variant
-    if report.manifest_uri and len(report.manifest_uri) <= URI_MAX_LENGTH:
+    if report.manifest_uri and lies_under(report.manifest_uri, output_uri):
         update["manifest_uri"] = report.manifest_uri
     hyperparameters = report.best_hyperparameters
     if hyperparameters is not None and len(json.dumps(hyperparameters)) <= HYPERPARAMETERS_MAX_BYTES:
         update["best_hyperparameters"] = hyperparameters
     return record.model_copy(update=update)
+
+
+_URI = TypeAdapter(Uri)
+
+
+def lies_under(uri: str, folder: str) -> bool:
+    """Whether `uri` is a valid URI inside `folder` (same scheme, bucket or claim, and path prefix).
+
+    Its path below the folder may not step out of it: no empty, `.` or `..` segments.
+    """
+    try:
+        _URI.validate_python(uri)
+    except ValidationError:
+        return False
+    base = folder.rstrip("/")
+    if not base or not uri.startswith(base + "/"):
+        return False
+    below = uri[len(base) + 1 :].removesuffix("/")
+    return bool(below) and all(part not in ("", ".", "..") for part in below.split("/"))
 
 
 def finite_metrics(before: Metrics | None, after: Metrics | None) -> dict[str, Any]:

@@ -77,7 +77,8 @@ class ModelSource(ContractModel):
         default=False,
         description=(
             "Allow the model repository's own Python code to run when loading it. "
-            "For an hf:// model this needs revision pinned to a full commit hash."
+            "For an hf:// model this needs revision pinned to a full commit hash. On a cluster the operator "
+            "runs it only for models its settings allow (allowedRemoteCodeModels), whatever the scheme."
         ),
     )
 

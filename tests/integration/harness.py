@@ -27,6 +27,9 @@ from ..controlplane import process_cpu_seconds
 
 T = TypeVar("T")
 Manifest = dict[str, Any]
+# Where the runs of the example job (examples/finetunejob-minimal.yaml) write: run N under EXAMPLE_RUNS/N.
+# The operator keeps only the artifacts a report names there.
+EXAMPLE_RUNS = "s3://kubetune-examples/runs/support-tickets/runs"
 
 
 def eventually(

@@ -77,6 +77,24 @@ JOB_CASES: list[tuple[str, Any, str]] = [
     ("spec.resources.gpusPerWorker", -1, "spec.resources.gpusPerWorker"),
     ("spec.resources.cpuPerWorker", "two", "spec.resources.cpuPerWorker"),
     ("spec.resources.tolerations", [{"operator": "Maybe"}], "spec.resources.tolerations[0].operator"),
+    ("spec.resources.nodeSelector", {"node-pool": "gpu pool"}, "spec.resources.nodeSelector.node-pool"),
+    ("spec.resources.head.affinity", {"podAntiAffinity": {"x": 1}}, 'unknown field "spec.resources.head.affinity'),
+    (
+        "spec.resources.affinity",
+        {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [{"key": "node-pool", "operator": "In"}]}]
+                }
+            }
+        },
+        "values must be non-empty with In and NotIn",
+    ),
+    (
+        "spec.resources.affinity",
+        {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"labelSelector": {}}]}},
+        "spec.resources.affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey",
+    ),
     ("spec.resources.priorityClassName", "High_Priority", "spec.resources.priorityClassName"),
     ("spec.storage.credentialsSecret", {"name": "Not A Name"}, "spec.storage.credentialsSecret.name"),
     ("spec.queueName", "Queue!", "spec.queueName"),

@@ -34,6 +34,9 @@ NON_DEFAULT = [
     "--set", "image.pullSecrets[0].name=registry-credentials",
     "--set", "operator.imagePullSecrets={ray-pull}",
     "--set", "operator.allowedImages={registry.example/kubetune/*}",
+    "--set", "operator.allowedTolerations={dedicated:NoSchedule,spot.example.com/*}",
+    "--set", "operator.allowedNodeSelectors={node-pool,topology.kubernetes.io/zone=eu-*}",
+    "--set", "operator.allowedRemoteCodeModels={hf://my-org/*}",
     "--set", "operator.runtimeImage=registry.example/kubetune/runtime:1",
 ]  # fmt: skip
 
@@ -131,6 +134,9 @@ def test_namespaced_mode_grants_a_role_per_namespace(control_plane: ControlPlane
     env = {item["name"]: item["value"] for item in operator["env"]}
     assert env["KUBETUNE_IMAGE_PULL_SECRETS"] == "ray-pull"
     assert env["KUBETUNE_ALLOWED_IMAGES"] == "registry.example/kubetune/*"
+    assert env["KUBETUNE_ALLOWED_TOLERATIONS"] == "dedicated:NoSchedule,spot.example.com/*"
+    assert env["KUBETUNE_ALLOWED_NODE_SELECTORS"] == "node-pool,topology.kubernetes.io/zone=eu-*"
+    assert env["KUBETUNE_ALLOWED_REMOTE_CODE_MODELS"] == "hf://my-org/*"
     assert env["KUBETUNE_RUNTIME_IMAGE"] == "registry.example/kubetune/runtime:1"
     [deployment] = by_kind(docs, "Deployment")
     assert deployment["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "registry-credentials"}]
@@ -209,6 +215,17 @@ BAD_VALUES: list[tuple[str, list[str], str, str]] = [
     ("/operator/imagePullSecrets/*", ["operator.imagePullSecrets={A_B}"], "/operator/imagePullSecrets/0", "pattern"),
     ("/operator/allowedImages", ["operator.allowedImages=x"], "/operator/allowedImages", "want array"),
     ("/operator/allowedImages/*", ["operator.allowedImages[0]=a b"], "/operator/allowedImages/0", "pattern"),
+    ("/operator/allowedTolerations", ["operator.allowedTolerations=x"], "/operator/allowedTolerations", "want array"),
+    ("/operator/allowedNodeSelectors", ["operator.allowedNodeSelectors=x"], "/operator/allowedNodeSelectors",
+     "want array"),
+    ("/operator/allowedRemoteCodeModels", ["operator.allowedRemoteCodeModels=x"], "/operator/allowedRemoteCodeModels",
+     "want array"),
+    ("/operator/allowedRemoteCodeModels/*", ["operator.allowedRemoteCodeModels[0]=a b"],
+     "/operator/allowedRemoteCodeModels/0", "pattern"),
+    ("/operator/allowedTolerations/*", ["operator.allowedTolerations[0]=gpu:Never"], "/operator/allowedTolerations/0",
+     "pattern"),
+    ("/operator/allowedNodeSelectors/*", ["operator.allowedNodeSelectors[0]=a=b=c"],
+     "/operator/allowedNodeSelectors/0", "pattern"),
     ("/operator/allowedPriorityClasses", ["operator.allowedPriorityClasses=x"], "/operator/allowedPriorityClasses",
      "want array"),
     ("/operator/allowedPriorityClasses/*", ["operator.allowedPriorityClasses={A_B}"],

@@ -21,7 +21,7 @@ from kubetune.runtime.contract.report import RunReport, Stage, VariantReport
 from ..conftest import REPO_ROOT
 from ..controlplane import ControlPlane, kuberay_crds
 from .conftest import KUBETUNE_CRDS
-from .harness import CapturedLogs, InProcessOperator, MovableClock, eventually, set_ray_job_status
+from .harness import EXAMPLE_RUNS, CapturedLogs, InProcessOperator, MovableClock, eventually, set_ray_job_status
 from .test_finetunejob_operator import SUCCEEDED, create_job, wait_event, wait_phase, wait_ray_job, write_report
 from .test_modeldeployment_operator import create_deployment, phase, play_kuberay, ray_service, secrets
 
@@ -170,7 +170,7 @@ def run_the_flow(kube: Kube, namespace: str) -> None:
         stage=Stage.DONE,
         metrics_before={"accuracy": 0.5},
         metrics_after={"accuracy": 0.8},
-        variants={"int8": VariantReport(uri="s3://out/tickets/1/int8", metrics={"accuracy": 0.8})},
+        variants={"int8": VariantReport(uri=f"{EXAMPLE_RUNS}/1/int8", metrics={"accuracy": 0.8})},
         best_variant="int8",
     )
     write_report(kube, namespace, "tickets-r1-report", report)

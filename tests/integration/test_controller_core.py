@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY
 
 from ..controlplane import ControlPlane
 from .faultproxy import FaultProxy, Recorded
-from .harness import InProcessOperator, MovableClock, conditions, eventually
+from .harness import EXAMPLE_RUNS, InProcessOperator, MovableClock, conditions, eventually
 from .test_finetunejob_operator import JOB, create_job, job, status, wait_phase, wait_ray_job
 
 # The operator's settings here: nothing is looked at again without an event for 10 minutes.
@@ -182,7 +182,8 @@ def test_a_report_from_another_runtime_version_is_read(kube: Kube, namespace: st
     # A newer runtime: a higher schema version and fields this operator does not know.
     newer = (
         '{"schemaVersion": 2, "stage": "train", "step": 12, "totalSteps": 40, "loss": 0.5,'
-        ' "gpuMemoryPeakBytes": 123456, "variants": {"int4": {"uri": "s3://b/int4", "bitsPerWeight": 4}}}'
+        ' "gpuMemoryPeakBytes": 123456,'
+        f' "variants": {{"int4": {{"uri": "{EXAMPLE_RUNS}/1/int4", "bitsPerWeight": 4}}}}}}'
     )
     write_report(kube, namespace, newer)
     progress = eventually(
@@ -192,7 +193,7 @@ def test_a_report_from_another_runtime_version_is_read(kube: Kube, namespace: st
         ),
         what="the newer report in status",
     )
-    assert progress["progress"]["totalSteps"] == 40 and progress["artifacts"] == {"int4": "s3://b/int4"}
+    assert progress["progress"]["totalSteps"] == 40 and progress["artifacts"] == {"int4": f"{EXAMPLE_RUNS}/1/int4"}
     # An older runtime: no schema version at all.
     write_report(kube, namespace, '{"stage": "evaluate", "message": "evaluating"}')
     eventually(

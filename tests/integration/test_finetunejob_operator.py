@@ -16,7 +16,7 @@ from kubetune.runtime.reporting import TrainingProgress
 
 from ..conftest import load_example, mutated
 from ..controlplane import CommandError, ControlPlane
-from .harness import InProcessOperator, MovableClock, conditions, eventually, set_ray_job_status
+from .harness import EXAMPLE_RUNS, InProcessOperator, MovableClock, conditions, eventually, set_ray_job_status
 
 Manifest = dict[str, Any]
 JOB = ("kubetune.io/v1alpha1", "FineTuneJob")
@@ -124,16 +124,16 @@ def test_success_with_a_report_is_mirrored_and_promoted(
         stage=Stage.DONE,
         metrics_before={"accuracy": 0.31, "macroF1": 0.2},
         metrics_after={"accuracy": 0.88, "macroF1": 0.86},
-        variants={"merged": VariantReport(uri="s3://out/merged", metrics={"accuracy": 0.88})},
+        variants={"merged": VariantReport(uri=f"{EXAMPLE_RUNS}/1/merged", metrics={"accuracy": 0.88})},
         best_variant="merged",
-        manifest_uri="s3://out/kubetune.json",
+        manifest_uri=f"{EXAMPLE_RUNS}/1/kubetune.json",
         best_hyperparameters={"learningRate": 0.0003},
     )
     write_report(kube, namespace, "tickets-r1-report", final)
     set_ray_job_status(kube, namespace, "tickets-r1", **SUCCEEDED)
     current = wait_phase(kube, namespace, "Succeeded")
     run = current["runs"][-1]
-    assert run["metricsAfter"]["accuracy"] == 0.88 and run["artifacts"] == {"merged": "s3://out/merged"}
+    assert run["metricsAfter"]["accuracy"] == 0.88 and run["artifacts"] == {"merged": f"{EXAMPLE_RUNS}/1/merged"}
     assert run["rayJob"]["jobStatus"] == "SUCCEEDED" and run["completionTime"]
     assert run["bestHyperparameters"] == {"learningRate": 0.0003}
     assert run["promotable"] is True and current["promotedRun"] == 1

@@ -286,3 +286,47 @@ def test_images_and_priority_classes_outside_the_operators_settings_are_invalid(
     finally:
         restricted.stop()
         running_operator.start()
+
+
+def test_tolerations_node_labels_and_remote_code_outside_the_settings_are_invalid(
+    control_plane: ControlPlane, kube: Kube, namespace: str, running_operator: InProcessOperator
+) -> None:
+    from .test_modeldeployment_operator import deployment
+
+    control_plane_taint = {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}
+    settings = Settings(metrics_port=0, recheck_seconds=600, allowed_node_selectors="node-pool")
+    running_operator.stop()
+    restricted = InProcessOperator(control_plane.kubeconfig, MovableClock(), settings)
+    restricted.start()
+    try:
+        create_job(
+            kube,
+            namespace,
+            spec__model={"uri": "pvc://models/base", "trustRemoteCode": True},
+            spec__resources={"tolerations": [control_plane_taint]},
+        )
+        served = mutated(
+            load_example("modeldeployment.yaml"), "spec.resources.head.nodeSelector", {"kubernetes.io/hostname": "cp-1"}
+        )
+        kube.create({**served, "metadata": {"name": "support-tickets", "namespace": namespace}})
+        ready = eventually(
+            lambda: (c := conditions(job(kube, namespace)).get("Ready")) and c["reason"] == "InvalidSpec" and c,
+            what="the job's Ready=False, reason InvalidSpec",
+        )
+        assert ready["message"] == (
+            "spec.resources.tolerations[0]: tolerating node-role.kubernetes.io/control-plane:NoSchedule is not allowed "
+            "here (this operator allows no tolerations); spec.model.trustRemoteCode: the code of 'pvc://models/base' "
+            "may not run here (no model's code may run here)"
+        )
+        refused = eventually(
+            lambda: (c := conditions(deployment(kube, namespace)).get("Ready")) and c["reason"] == "InvalidSpec" and c,
+            what="the deployment's Ready=False, reason InvalidSpec",
+        )
+        assert refused["message"] == (
+            "spec.resources.head.nodeSelector: kubernetes.io/hostname=cp-1 is not allowed here (allowed: node-pool)"
+        )
+        assert kube.list("ray.io/v1", "RayJob", namespace, {}) == []
+        assert kube.list("ray.io/v1", "RayService", namespace, {}) == []
+    finally:
+        restricted.stop()
+        running_operator.start()

@@ -13,7 +13,7 @@ from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, Varia
 
 from ..conftest import load_example, mutated
 from ..controlplane import ControlPlane
-from .harness import InProcessOperator, MovableClock, conditions, eventually, set_ray_job_status
+from .harness import EXAMPLE_RUNS, InProcessOperator, MovableClock, conditions, eventually, set_ray_job_status
 from .test_finetunejob_operator import JOB, SUCCEEDED, create_job, events, wait_event, wait_phase, wait_ray_job
 
 DEPLOYMENT = ("kubetune.io/v1alpha1", "ModelDeployment")
@@ -38,7 +38,7 @@ def finish_run(kube: Kube, namespace: str, number: int, accuracy: float) -> None
     run = f"tickets-r{number}"
     wait_ray_job(kube, namespace, run)
     variants = {
-        name: VariantReport(uri=f"s3://out/tickets/{number}/variants/{name}", metrics={"accuracy": accuracy})
+        name: VariantReport(uri=f"{EXAMPLE_RUNS}/{number}/variants/{name}", metrics={"accuracy": accuracy})
         for name in ("full", "merged", "int8")
     }
     report = RunReport(
@@ -165,7 +165,7 @@ def promoted(kube: Kube, namespace: str, operator: InProcessOperator) -> str:
     secrets(kube, namespace)
     create_job(kube, namespace, name="tickets")
     finish_run(kube, namespace, 1, accuracy=0.8)
-    return "s3://out/tickets/1/variants/int8"
+    return f"{EXAMPLE_RUNS}/1/variants/int8"
 
 
 def test_a_deployment_serves_the_promoted_run_on_a_ray_service(kube: Kube, namespace: str, promoted: str) -> None:
@@ -202,7 +202,7 @@ def test_promotion_moves_the_endpoint_and_a_failed_gate_changes_nothing(
     phase(kube, namespace, "Ready")
     retrain(kube, namespace, "second")
     finish_run(kube, namespace, 2, accuracy=0.9)
-    service = wait_serving(kube, namespace, "s3://out/tickets/2/variants/int8")
+    service = wait_serving(kube, namespace, f"{EXAMPLE_RUNS}/2/variants/int8")
     cluster_before = service["spec"]["rayClusterConfig"]
     status = eventually(
         lambda: (s := deployment(kube, namespace)["status"])["serving"]["run"] == 2 and s, what="serving run 2"
@@ -237,7 +237,7 @@ def test_a_failed_rollout_rolls_back_and_is_not_retried(kube: Kube, namespace: s
     phase(kube, namespace, "Ready")
     retrain(kube, namespace, "second")
     finish_run(kube, namespace, 2, accuracy=0.9)
-    wait_serving(kube, namespace, "s3://out/tickets/2/variants/int8")
+    wait_serving(kube, namespace, f"{EXAMPLE_RUNS}/2/variants/int8")
     traceback = "Traceback (most recent call last):\n" + "  File ...\n" * 300 + "InvalidCxxCompiler: no g++"
     play_kuberay(kube, namespace, "DEPLOY_FAILED", ready=True, deployment_message=traceback)
     wait_serving(kube, namespace, promoted)  # back to run 1's artifact
@@ -285,7 +285,7 @@ def test_a_deployment_waits_for_its_secrets_and_its_job(
         what="NoModelYet",
     )
     finish_run(kube, namespace, 1, accuracy=0.8)
-    wait_serving(kube, namespace, "s3://out/tickets/1/variants/int8")
+    wait_serving(kube, namespace, f"{EXAMPLE_RUNS}/1/variants/int8")
 
 
 def test_deleting_the_deployment_removes_its_ray_service(

@@ -30,7 +30,7 @@ from kubetune.runtime.kubeapi import ConfigMapPatcher
 from kubetune.runtime.reporting import TrainingProgress
 from kubetune.runtime.result import RunResult
 
-from .harness import CapturedLogs, InProcessOperator, set_ray_job_status
+from .harness import EXAMPLE_RUNS, CapturedLogs, InProcessOperator, set_ray_job_status
 from .test_finetunejob_operator import SUCCEEDED, create_job, runner_token, wait_phase, wait_ray_job
 from .test_modeldeployment_operator import create_deployment, phase, play_kuberay, ray_service
 
@@ -93,7 +93,7 @@ def report_as_the_runtime_does(kube: Kube, namespace: str, run: str) -> None:
     reporter.progress(TrainingProgress(step=20, total_steps=40, epoch=0.5, loss=0.9, learning_rate=1e-4))
     reporter.metrics("test-before", {"accuracy": 0.5}, step=0)
     variants = {
-        name: VariantReport(uri=f"s3://out/tickets/1/variants/{name}", metrics={"accuracy": 0.86})
+        name: VariantReport(uri=f"{EXAMPLE_RUNS}/1/variants/{name}", metrics={"accuracy": 0.86})
         for name in ("full", "merged", "int8")
     }
     reporter.result(
@@ -103,7 +103,7 @@ def report_as_the_runtime_does(kube: Kube, namespace: str, run: str) -> None:
             artifacts={name: variant.uri for name, variant in variants.items()},
             variants=variants,
             best_variant="int8",
-            manifest_uri="s3://out/tickets/1/kubetune.json",
+            manifest_uri=f"{EXAMPLE_RUNS}/1/kubetune.json",
             spec_hash="0" * 64,
             steps=40,
         )
@@ -174,7 +174,7 @@ def test_credentials_appear_nowhere_but_in_their_secret(
         phase(kube, namespace, "Ready")
 
     # The run got here: the report reached the status and the deployment serves the run.
-    assert succeeded["runs"][-1]["artifacts"]["int8"] == "s3://out/tickets/1/variants/int8"
+    assert succeeded["runs"][-1]["artifacts"]["int8"] == f"{EXAMPLE_RUNS}/1/variants/int8"
     assert succeeded["promotedRun"] == 1
     # The credentials travel by reference, and only so.
     cluster = ray_job["spec"]["rayClusterSpec"]

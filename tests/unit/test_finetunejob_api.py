@@ -157,6 +157,28 @@ BAD_SPECS: list[tuple[str, Any, str]] = [
     ("spec.historyLimit", 0, "spec.historyLimit"),
     ("spec.promotion.metric", "perplexity", "promotion.metric perplexity does not apply"),
     ("spec.unknownField", 1, "spec.unknownField"),
+    # Node placement: label values, and the core/v1 Affinity shape, field by field.
+    ("spec.resources.nodeSelector", {"pool": "gpu pool"}, "spec.resources.nodeSelector.pool"),
+    ("spec.resources.nodeSelector", {"pool": "g" * 64}, "spec.resources.nodeSelector.pool"),
+    ("spec.resources.nodeSelector", {"bad key!": "gpu"}, "not a valid label key"),
+    ("spec.resources.head.nodeSelector", {"pool": "-cpu"}, "spec.resources.head.nodeSelector.pool"),
+    ("spec.resources.affinity", {"podAntiAffinity": {"x": 1}}, "spec.resources.affinity.podAntiAffinity.x"),
+    ("spec.resources.affinity", {"nodeAffinity": []}, "spec.resources.affinity.nodeAffinity"),
+    (
+        "spec.resources.affinity",
+        {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}},
+        "spec.resources.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms",
+    ),
+    (
+        "spec.resources.affinity",
+        {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"labelSelector": {}}]}},
+        "spec.resources.affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey",
+    ),
+    (
+        "spec.resources.head.affinity",
+        {"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 0}]}},
+        "spec.resources.head.affinity.podAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight",
+    ),
     ("apiVersion", "kubetune.io/v1", "apiVersion"),
     ("kind", "TrainingJob", "kind"),
     ("metadata.name", "Bad_Name", "metadata.name"),

@@ -231,11 +231,78 @@ def test_pvc_volumes(minimal_job: dict[str, Any]) -> None:
     assert config_volume["configMap"]["name"] == "support-tickets-r3-config"
 
 
+# A core/v1 Affinity with every part kubetune types, as a user writes it.
+SPREAD_OUT = {
+    "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [{"key": "node-pool", "operator": "In", "values": ["gpu"]}]}]
+        },
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "weight": 10,
+                "preference": {"matchExpressions": [{"key": "gpu-count", "operator": "Gt", "values": ["4"]}]},
+            }
+        ],
+    },
+    "podAntiAffinity": {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "weight": 100,
+                "podAffinityTerm": {
+                    "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "kubetune"}},
+                    "topologyKey": "kubernetes.io/hostname",
+                },
+            }
+        ]
+    },
+}
+
+
+def claim_access(spec: dict[str, Any]) -> dict[str, str]:
+    """Each mounted claim and how: "ro" when both its volume and its mount are read-only, "rw" when neither."""
+    volumes = {v["name"]: v["persistentVolumeClaim"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
+    access = {}
+    for mount in spec["containers"][0]["volumeMounts"]:
+        if mount["name"] in volumes:
+            claim = volumes[mount["name"]]
+            assert claim.get("readOnly", False) == mount.get("readOnly", False)  # the claim and its mount agree
+            access[claim["claimName"]] = "ro" if mount.get("readOnly") else "rw"
+    return access
+
+
+# (model, training data, test data, output) → each claim's access in every Ray pod of the run
+CLAIM_ACCESS = [
+    (
+        "pvc://models/base",
+        "pvc://datasets/train.jsonl",
+        "pvc://datasets/test.jsonl",
+        "pvc://runs/x",
+        {"models": "ro", "datasets": "ro", "runs": "rw"},
+    ),
+    (None, "pvc://runs/data/train.jsonl", None, "pvc://runs/x", {"runs": "rw"}),  # inputs on the output's claim
+    ("pvc://runs/base", None, "pvc://datasets/test.jsonl", "s3://bucket/x", {"runs": "ro", "datasets": "ro"}),
+    (None, None, None, "pvc://runs/x", {"runs": "rw"}),
+    (None, "s3://bucket/train.jsonl", None, "s3://bucket/x", {}),
+]
+
+
+@pytest.mark.parametrize(("model", "train", "test", "output", "expected"), CLAIM_ACCESS)
+def test_input_claims_are_mounted_read_only(
+    minimal_job: dict[str, Any], model: str | None, train: str | None, test: str | None, output: str, expected: Any
+) -> None:
+    edits = [("spec.output.uri", output)]
+    edits += [(path, uri) for path, uri in (("spec.model.uri", model), ("spec.data.train", train)) if uri]
+    edits += [("spec.data.test", test)] if test else []
+    manifests = build(minimal_job, *edits)
+    for spec in (head(manifests), workers(manifests)["template"]["spec"]):
+        assert claim_access(spec) == expected
+
+
 def test_placement_of_the_workers_is_not_the_heads(complete_job: dict[str, Any]) -> None:
-    manifests = build(complete_job, ("spec.resources.affinity", {"podAntiAffinity": {"x": 1}}))
+    manifests = build(complete_job, ("spec.resources.affinity", SPREAD_OUT))
     worker = workers(manifests)["template"]["spec"]
     assert worker["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    assert worker["affinity"] == {"podAntiAffinity": {"x": 1}}
+    assert worker["affinity"] == SPREAD_OUT
     assert worker["nodeSelector"] == {"node-pool": "gpu", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     for spec in (head(manifests), worker, submitter(manifests)):
         assert spec["priorityClassName"] == "training-low"

@@ -21,7 +21,7 @@ from kubetune.operator.conditions import Reason
 from kubetune.operator.planning.finetunejob import ObservedRun, Plan, plan, run_spec_hash
 from kubetune.operator.planning.pods import PodWait
 from kubetune.operator.status.finetunejob import compute_status
-from kubetune.runtime.contract.report import RunReport, Stage
+from kubetune.runtime.contract.report import RunReport, Stage, VariantReport
 
 from ..conftest import mutated
 
@@ -473,3 +473,16 @@ def test_a_finished_runs_record_never_says_its_rayjob_is_running(
     minimal_job: dict[str, Any], how: str, expected: dict[str, Any]
 ) -> None:
     assert _final_ray_job(minimal_job, how) == expected
+
+
+def test_a_report_cannot_point_a_following_endpoint_at_another_claim(minimal_job: dict[str, Any]) -> None:
+    job = make_job(minimal_job)
+    output = f"{job.spec.output.uri.rstrip('/')}/runs/1"
+    report = RunReport(
+        stage=Stage.DONE,
+        variants={"full": VariantReport(uri=f"{output}/full"), "int8": VariantReport(uri="pvc://hr-payroll/int8")},
+        manifest_uri="pvc://hr-payroll/kubetune.json",
+    )
+    (record,) = decide(job, [observed(job, 1, SUCCEEDED)], reports={1: report}).records
+    assert record.artifacts == {"full": f"{output}/full"}
+    assert record.manifest_uri is None

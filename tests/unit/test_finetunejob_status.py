@@ -187,15 +187,48 @@ def test_report_is_mirrored_into_the_record() -> None:
         loss=0.7,
         message="training",
         metrics_before={"accuracy": 0.25},
-        variants={"full": VariantReport(uri="s3://b/run/full")},
-        manifest_uri="s3://b/run/kubetune.json",
+        variants={"full": VariantReport(uri="s3://bucket/run/full")},
+        manifest_uri="s3://bucket/run/kubetune.json",
     )
-    updated = with_report(record(1, JobPhase.RUNNING), report)
+    updated = with_report(record(1, JobPhase.RUNNING), report, "s3://bucket/run")
     assert updated.progress is not None and (updated.progress.step, updated.progress.total_steps) == (30, 100)
     assert updated.metrics_before == {"accuracy": 0.25}
-    assert updated.artifacts == {"full": "s3://b/run/full"}
-    assert updated.manifest_uri == "s3://b/run/kubetune.json"
-    assert with_report(record(1, JobPhase.RUNNING), None) == record(1, JobPhase.RUNNING)
+    assert updated.artifacts == {"full": "s3://bucket/run/full"}
+    assert updated.manifest_uri == "s3://bucket/run/kubetune.json"
+    assert with_report(record(1, JobPhase.RUNNING), None, "s3://bucket/run") == record(1, JobPhase.RUNNING)
+
+
+# (artifact URI a report names, the run's output folder, kept in the status)
+ARTIFACT_PLACES = [
+    ("s3://bucket/out/runs/1/full", "s3://bucket/out/runs/1", True),
+    ("s3://bucket/out/runs/1/variants/int8/", "s3://bucket/out/runs/1/", True),
+    ("pvc://models/out/runs/1/full", "pvc://models/out/runs/1", True),
+    ("/data/out/runs/1/full", "/data/out/runs/1", True),
+    ("pvc://hr-payroll/full", "pvc://models/out/runs/1", False),  # another claim
+    ("pvc://models/out/runs/2/full", "pvc://models/out/runs/1", False),  # another run's folder
+    ("pvc://models/out/runs/10/full", "pvc://models/out/runs/1", False),  # a prefix, not a folder
+    ("s3://other/out/runs/1/full", "s3://bucket/out/runs/1", False),  # another bucket
+    ("s3://bucket/out/runs/1/full", "s3://bucket-2/out/runs/1", False),
+    ("s3://bucket/out/runs/1/full", "pvc://bucket/out/runs/1", False),  # another scheme
+    ("s3://b/out/runs/1/full", "s3://b/out/runs/1", False),  # not a valid bucket name
+    ("s3://bucket/out/runs/1", "s3://bucket/out/runs/1", False),  # the folder itself holds no variant
+    ("pvc://models/out/runs/1/../../../secrets", "pvc://models/out/runs/1", False),
+    ("pvc://models/out/runs/1//etc", "pvc://models/out/runs/1", False),
+    ("pvc://models/out/runs/1/./full", "pvc://models/out/runs/1", False),
+    ("pvc://Not_A_Claim/out/runs/1/full", "pvc://Not_A_Claim/out/runs/1", False),  # not a valid URI
+    ("ftp://b/out/runs/1/full", "ftp://b/out/runs/1", False),
+]
+
+
+@pytest.mark.parametrize(("uri", "folder", "kept"), ARTIFACT_PLACES)
+def test_only_artifacts_inside_the_runs_output_reach_the_status(uri: str, folder: str, kept: bool) -> None:
+    report = RunReport(
+        stage=Stage.DONE, variants={"full": VariantReport(uri=uri)}, manifest_uri=f"{uri.rstrip('/')}/kubetune.json"
+    )
+    updated = with_report(record(1, JobPhase.SUCCEEDED), report, folder)
+    assert updated.artifacts == ({"full": uri} if kept else {})
+    inside = kept or uri.rstrip("/") == folder.rstrip("/")  # the folder's own manifest lies inside it
+    assert updated.manifest_uri == (report.manifest_uri if inside else None)
 
 
 def conditions_of(job: FineTuneJob, records: list[RunRecord], **extra: Any) -> dict[str, tuple[str, str]]:

@@ -84,6 +84,22 @@ def test_every_ray_pod_runs_serve_the_same_way(deployment: dict[str, Any]) -> No
     assert yaml.safe_load(service["spec"]["serveConfigV2"])["logging_config"] == {"enable_access_log": False}
 
 
+@pytest.mark.parametrize(
+    ("uri", "claims"),
+    [("pvc://models/runs/2/variants/int8", ["models"]), ("s3://out/runs/2/variants/int8", [])],
+)
+def test_an_endpoint_mounts_the_model_it_serves_read_only(
+    deployment: dict[str, Any], uri: str, claims: list[str]
+) -> None:
+    service = build_ray_service(make(deployment), RUN_2.model_copy(update={"uri": uri}), Settings())
+    (worker,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    spec = worker["template"]["spec"]
+    volumes = [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    assert [v["persistentVolumeClaim"] for v in volumes] == [{"claimName": claim, "readOnly": True} for claim in claims]
+    mounts = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] in {v["name"] for v in volumes}]
+    assert [(m["mountPath"], m.get("readOnly")) for m in mounts] == [(f"/mnt/pvc/{claim}", True) for claim in claims]
+
+
 def test_secrets_travel_by_reference_only(deployment: dict[str, Any]) -> None:
     service = build_ray_service(make(deployment), RUN_2, Settings())
     container = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]

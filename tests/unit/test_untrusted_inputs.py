@@ -88,7 +88,7 @@ def test_nan_in_a_report_becomes_a_finite_status_and_fails_the_gate(minimal_job:
         spec_generation=1,
         phase=JobPhase.SUCCEEDED,
     )
-    record = with_report(record, seen.report)
+    record = with_report(record, seen.report, "s3://b")
     assert record.metrics_after == {}
     assert record.not_finite == ["metricsAfter.accuracy", "metricsAfter.loss"]
     verdict = gate(job_of(minimal_job), record, seen.report)
@@ -106,6 +106,7 @@ def test_a_base_model_metric_that_is_not_finite_fails_the_gate(minimal_job: dict
             number=2, ray_job_name="r2", trigger=Trigger.SPEC_CHANGE, spec_generation=1, phase=JobPhase.SUCCEEDED
         ),
         report,
+        "s3://b",
     )
     verdict = gate(job_of(minimal_job), record)
     assert (verdict.reason, verdict.value) == (GateReason.METRIC_NOT_FINITE, 0.9)
@@ -180,7 +181,7 @@ def test_a_hostile_report_is_bounded_before_it_reaches_the_status() -> None:
         message="m" * 100_000,
         error="e" * 100_000,
         metrics_after={**{f"metric{n}": 0.5 for n in range(5000)}, "accuracy": 0.9},
-        variants={f"v{n}": {"uri": f"s3://b/{n}"} for n in range(500)},
+        variants={f"v{n}": {"uri": f"s3://bucket/{n}"} for n in range(500)},
         best_hyperparameters={"junk": "j" * 100_000},
         manifest_uri="s3://b/" + "k" * 5000,
     )
@@ -188,6 +189,7 @@ def test_a_hostile_report_is_bounded_before_it_reaches_the_status() -> None:
     record = with_report(
         RunRecord(number=1, ray_job_name="r1", trigger=Trigger.SPEC_CHANGE, spec_generation=1, phase=JobPhase.RUNNING),
         report,
+        "s3://bucket",
     )
     assert record.metrics_after is not None and len(record.metrics_after) == 32
     assert record.metrics_after["accuracy"] == 0.9  # kubetune's own metrics come first

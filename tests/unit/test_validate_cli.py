@@ -55,6 +55,30 @@ def _problem_lines(err: str) -> list[str]:
     return [line.strip() for line in err.splitlines() if line.startswith("    ")]
 
 
+def test_with_the_operators_settings_what_they_refuse_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    control_plane = {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}
+    job = load_example("finetunejob-minimal.yaml")
+    job = mutated(job, "spec.model", {"uri": "pvc://models/m", "trustRemoteCode": True})
+    job = mutated(job, "spec.resources.tolerations", [control_plane])
+    job = mutated(job, "spec.resources.head", {"nodeSelector": {"kubernetes.io/hostname": "cp-1"}})
+    path = _write(tmp_path, job)
+    monkeypatch.setenv("KUBETUNE_ALLOWED_NODE_SELECTORS", "node-pool")
+    assert _run(path)[0] == 0  # the cluster's settings are not known: the manifest is valid
+    with output_of_this_thread() as output:
+        assert main(["validate", "--operator-settings", str(path)]) == 1
+    assert _problem_lines(output.err) == [
+        "spec.model.trustRemoteCode: the code of 'pvc://models/m' may not run here (no model's code may run here)",
+        "spec.resources.head.nodeSelector: kubernetes.io/hostname=cp-1 is not allowed here (allowed: node-pool)",
+        "spec.resources.tolerations[0]: tolerating node-role.kubernetes.io/control-plane (every effect) is not "
+        "allowed here (this operator allows no tolerations)",
+    ]
+    monkeypatch.setenv("KUBETUNE_ALLOWED_TOLERATIONS", "*")
+    monkeypatch.setenv("KUBETUNE_ALLOWED_NODE_SELECTORS", "*")
+    monkeypatch.setenv("KUBETUNE_ALLOWED_REMOTE_CODE_MODELS", "pvc://models/*")
+    with output_of_this_thread():
+        assert main(["validate", "--operator-settings", str(path)]) == 0
+
+
 def test_every_mistake_is_reported_in_one_pass() -> None:
     code, out, err = _run(MANY_MISTAKES)
     assert code == 1
@@ -281,6 +305,70 @@ CROSS_FIELD_CASES = [
         [("spec.resources", {"autoscaler": {"cpu": "500m", "cpuLimit": "0.4"}})],
         "cpuLimit must be at least cpu",
         "spec.resources.autoscaler.cpuLimit",
+    ),
+    (
+        JOB,
+        [
+            (
+                "spec.resources.affinity",
+                {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "In"}]}]
+                        }
+                    }
+                },
+            )
+        ],
+        "values must be non-empty with In and NotIn",
+        "spec.resources.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+        ".nodeSelectorTerms[0].matchExpressions[0].values",
+    ),
+    (
+        JOB,
+        [
+            (
+                "spec.resources.head.affinity",
+                {
+                    "nodeAffinity": {
+                        "preferredDuringSchedulingIgnoredDuringExecution": [
+                            {
+                                "weight": 1,
+                                "preference": {
+                                    "matchExpressions": [{"key": "gpus", "operator": "Gt", "values": ["a"]}]
+                                },
+                            }
+                        ]
+                    }
+                },
+            )
+        ],
+        "values must be a single integer with Gt and Lt",
+        "spec.resources.head.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0]"
+        ".preference.matchExpressions[0].values",
+    ),
+    (
+        "modeldeployment.yaml",
+        [
+            (
+                "spec.resources.affinity",
+                {
+                    "podAntiAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": [
+                            {
+                                "topologyKey": "kubernetes.io/hostname",
+                                "labelSelector": {
+                                    "matchExpressions": [{"key": "app", "operator": "Exists", "values": ["x"]}]
+                                },
+                            }
+                        ]
+                    }
+                },
+            )
+        ],
+        "values must be empty with Exists and DoesNotExist",
+        "spec.resources.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution[0]"
+        ".labelSelector.matchExpressions[0].values",
     ),
     (
         JOB,
