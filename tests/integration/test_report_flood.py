@@ -11,11 +11,13 @@ them all again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -98,10 +100,8 @@ class RssSampler:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            try:
+            with contextlib.suppress(AssertionError, FileNotFoundError, RuntimeError):  # between a kill and a start
                 self.peak = max(self.peak, self.process.rss_bytes())
-            except (AssertionError, FileNotFoundError, RuntimeError):
-                pass  # between a kill and the next start
             self._stop.wait(0.05)
 
 
@@ -123,9 +123,9 @@ def operator_process(
         running_operator.start()
 
 
-def report_step(kube: Kube, namespace: str, name: str) -> int | None:
+def at_step(kube: Kube, namespace: str, name: str, step: int) -> bool:
     runs = status(kube, namespace, name).get("runs") or [{}]
-    return (runs[-1].get("progress") or {}).get("step")
+    return bool((runs[-1].get("progress") or {}).get("step") == step)
 
 
 def every_job_reconciled(kube: Kube, namespace: str, step: int, new_job: str) -> None:
@@ -135,7 +135,7 @@ def every_job_reconciled(kube: Kube, namespace: str, step: int, new_job: str) ->
         kube.patch(ObjectRef("v1", "ConfigMap", namespace, f"{name}-r1-report"), {"data": {REPORT_KEY: legit}})
     create_job(kube, namespace, new_job)
     for name in JOBS:
-        eventually(lambda: report_step(kube, namespace, name) == step, timeout=60, what=f"{name} at step {step}")
+        eventually(partial(at_step, kube, namespace, name, step), timeout=60, what=f"{name} at step {step}")
         current = job(kube, namespace, name)
         assert current["status"]["observedGeneration"] == current["metadata"]["generation"]
     wait_ray_job(kube, namespace, f"{new_job}-r1")
