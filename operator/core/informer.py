@@ -178,7 +178,7 @@ class Informer(Generic[V]):
                 listed.add(key)
                 changes.append(self._apply("ADDED" if key not in known else "MODIFIED", key, item))
             del page  # the raw objects go before the next page arrives
-        changes += [self._apply("DELETED", key, None) for key in known - listed]
+        changes = [self._apply("DELETED", key, None) for key in known - listed] + changes
         with self._lock:
             self._listed.add(scope)
             everything = len(self._listed) == len(self._scopes)
