@@ -34,6 +34,8 @@ EVENT_MESSAGE_MAX_LENGTH = 1024
 # Objects as PartialObjectMetadata: names, labels and owners, never a Secret's data.
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+# Objects per list request (client-go's default): a large collection comes in pages, never in one answer.
+LIST_PAGE_SIZE = 500
 
 # (apiVersion, kind) → plural: every kind the operator reads or writes.
 PLURALS: dict[tuple[str, str], str] = {
@@ -286,16 +288,52 @@ class Kube:
         *,
         label_selector: str | None = None,
         metadata_only: bool = False,
+        page_size: int = LIST_PAGE_SIZE,
     ) -> tuple[list[Manifest], str]:
-        """The objects and the list's resourceVersion (where a watch continues from)."""
-        query = {"labelSelector": label_selector} if label_selector else None
-        answer = self.request(
-            "GET",
-            collection_path(api_version, kind, namespace),
-            query=query,
-            accept=METADATA_LIST if metadata_only else "application/json",
+        """The objects and the list's resourceVersion (where a watch continues from), read page by page."""
+        items: list[Manifest] = []
+        version = ""
+        pages = self.list_pages(
+            api_version,
+            kind,
+            namespace,
+            label_selector=label_selector,
+            metadata_only=metadata_only,
+            page_size=page_size,
         )
-        return answer.get("items") or [], str(answer.get("metadata", {}).get("resourceVersion", ""))
+        for page, page_version in pages:
+            items += page
+            version = page_version
+        return items, version
+
+    def list_pages(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        *,
+        label_selector: str | None = None,
+        metadata_only: bool = False,
+        page_size: int = LIST_PAGE_SIZE,
+    ) -> Iterator[tuple[list[Manifest], str]]:
+        """The objects, at most `page_size` per request (`limit`/`continue`), each page with the list's version.
+
+        Every page comes from the same snapshot, so the version is the list's. A continue token
+        that has expired (the snapshot is compacted away) raises ApiError 410: list again.
+        """
+        query = {"limit": str(page_size)} | ({"labelSelector": label_selector} if label_selector else {})
+        while True:
+            answer = self.request(
+                "GET",
+                collection_path(api_version, kind, namespace),
+                query=query,
+                accept=METADATA_LIST if metadata_only else "application/json",
+            )
+            meta = answer.get("metadata") or {}
+            yield answer.pop("items", None) or [], str(meta.get("resourceVersion", ""))
+            if not meta.get("continue"):
+                return
+            query["continue"] = str(meta["continue"])
 
     def list(self, api_version: str, kind: str, namespace: str | None, labels: Mapping[str, str]) -> list[Manifest]:
         items, _ = self.list_with_version(api_version, kind, namespace, label_selector=selector(labels))

@@ -3,8 +3,10 @@
 What the controllers read of the objects they own (a job's RayJobs, its reports)
 and of what specs name (Secrets) comes from here instead of requests: each object
 is kept as the compact value `transform` makes of it (the planner's view of a
-RayJob, a parsed report, or just the fact that a Secret exists), indexed by the
-key of the object that owns it. Changes go to `on_event` on the event loop.
+RayJob, a bounded report, or just the fact that a Secret exists), never as the
+object itself, indexed by the key of the object that owns it. Lists are read in
+pages, each page transformed before the next is asked for. Changes go to
+`on_event` on the event loop.
 
 Secrets are read as metadata only (PartialObjectMetadata): the operator never
 receives their data. The watch runs in a thread per namespace (the API client
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from kubetune.operator.kube import ApiError, Kube
+from kubetune.operator.kube import LIST_PAGE_SIZE, ApiError, Kube
 from kubetune.operator.kubehttp import Stream
 
 log = logging.getLogger("kubetune.informer")
@@ -51,6 +53,9 @@ class Source:
     kind: str
     label_selector: str | None = None
     metadata_only: bool = False
+    # Objects per list request: the whole page is in memory at once (before `transform`), so kinds whose
+    # objects anyone may make large (a ConfigMap takes up to 1 MiB) are read in small pages.
+    page_size: int = LIST_PAGE_SIZE
 
 
 def owner_label(label: str) -> Callable[[Manifest], Key | None]:
@@ -151,19 +156,29 @@ class Informer(Generic[V]):
                 self._stopping.wait(RETRY_SECONDS[-1])
 
     def _list(self, scope: str | None) -> str:
+        """Read every object page by page, keeping only what `transform` makes of each; the list's version."""
         source = self.source
-        items, version = self._kube.list_with_version(
+        with self._lock:
+            known = {key for key in self._values if scope is None or key[0] == scope}
+        listed: set[Key] = set()
+        changes: list[Change[V] | None] = []
+        version = ""
+        pages = self._kube.list_pages(
             source.api_version,
             source.kind,
             scope,
             label_selector=source.label_selector,
             metadata_only=source.metadata_only,
+            page_size=source.page_size,
         )
-        listed = {_key(item): item for item in items}
-        with self._lock:
-            known = {key for key in self._values if scope is None or key[0] == scope}
-        changes = [self._apply("DELETED", key, None) for key in known - listed.keys()]
-        changes += [self._apply("ADDED" if key not in known else "MODIFIED", key, item) for key, item in listed.items()]
+        for page, page_version in pages:
+            version = page_version
+            for item in page:
+                key = _key(item)
+                listed.add(key)
+                changes.append(self._apply("ADDED" if key not in known else "MODIFIED", key, item))
+            del page  # the raw objects go before the next page arrives
+        changes = [self._apply("DELETED", key, None) for key in known - listed] + changes
         with self._lock:
             self._listed.add(scope)
             everything = len(self._listed) == len(self._scopes)

@@ -2,9 +2,12 @@
 
 kopf watches FineTuneJobs; its handler only enqueues the job's key. The runs'
 RayJobs and report ConfigMaps are held by informers with server-side label
-selectors (the operator never receives objects that are not its own), kept as the
-planner's view of each RayJob and the parsed report, indexed by job. A change
-that matters to a job enqueues it.
+selectors, kept as the planner's view of each RayJob and the bounded report,
+indexed by job. Labels alone prove nothing (anyone who may create a ConfigMap
+can set them): a report is read only when its controller is the FineTuneJob its
+label names and its text is small, and the reconciler keeps only those with the
+job's UID. A change that matters to a job enqueues it; the controller core
+merges a burst of them (a run rewriting its report in a loop) into few passes.
 """
 
 from __future__ import annotations
@@ -25,18 +28,26 @@ from kubetune.operator.reconcile import reconciling
 from kubetune.operator.reconcile.finetunejob import (
     Clock,
     FineTuneJobReconciler,
-    Report,
     RunPod,
     observe_pod,
     observe_report,
     observe_run,
 )
 from kubetune.operator.settings import Settings
+from kubetune.operator.status.report import Report
 
 # The runs' RayJobs and report ConfigMaps, nothing else. (Run config ConfigMaps are
 # written once and never read back, so they are not watched.)
 RUNS = Source("ray.io/v1", "RayJob", selector({MANAGED_BY_LABEL: MANAGER, JOB_LABEL: ""}))
-REPORTS = Source("v1", "ConfigMap", selector({MANAGED_BY_LABEL: MANAGER, REPORT_LABEL: "true", JOB_LABEL: ""}))
+# Anyone who may create ConfigMaps can give one these labels, up to 1 MiB each: listed ten at a time,
+# and kept as the bounded report `observe_report` makes (never the ConfigMap).
+REPORT_PAGE_SIZE = 10
+REPORTS = Source(
+    "v1",
+    "ConfigMap",
+    selector({MANAGED_BY_LABEL: MANAGER, REPORT_LABEL: "true", JOB_LABEL: ""}),
+    page_size=REPORT_PAGE_SIZE,
+)
 # The runs' pods (KubeRay gives them the labels of our pod templates): why a run waits.
 PODS = Source("v1", "Pod", selector({MANAGED_BY_LABEL: MANAGER, JOB_LABEL: ""}))
 

@@ -54,22 +54,14 @@ from kubetune.operator.policy import finetunejob_violations
 from kubetune.operator.reconcile import patch_status, post_events, previous_status
 from kubetune.operator.settings import Settings
 from kubetune.operator.status.finetunejob import Problem, compute_status
+from kubetune.operator.status.report import Refused, Report, read_report
 from kubetune.runtime.contract.errors import describe
-from kubetune.runtime.contract.report import REPORT_KEY, RunReport
+from kubetune.runtime.contract.report import RunReport
 from pydantic import ValidationError
 
 log = logging.getLogger("kubetune.finetunejob")
 Manifest = dict[str, Any]
 Clock = Callable[[], datetime]
-
-
-@dataclass(frozen=True)
-class Report:
-    """A run's latest report, its run number, and the UID of the job its ConfigMap belongs to."""
-
-    number: int
-    owner_uid: str | None
-    report: RunReport
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -118,17 +110,17 @@ def observe_pod(pod: Mapping[str, Any]) -> RunPod | None:
 
 
 def observe_report(config_map: Mapping[str, Any]) -> Report | None:
-    """A run's report (run number and RunReport); None while the run has written nothing."""
-    meta = config_map["metadata"]
-    text = (config_map.get("data") or {}).get(REPORT_KEY)
-    if not text:
+    """What the report cache keeps of a run's report ConfigMap: the bounded report, or nothing.
+
+    Nothing while the run has written nothing, and nothing for a ConfigMap that is not a
+    FineTuneJob's, whose text is too large, or that is not a report (with a warning).
+    """
+    seen = read_report(config_map)
+    if isinstance(seen, Refused):  # a bad report never breaks the job's status, nor the operator
+        name = (config_map.get("metadata") or {}).get("name")
+        log.warning("ignoring report ConfigMap %s (%s): %s", name, seen.reason.value, seen.detail)
         return None
-    try:  # a malformed report never breaks the job's status
-        number = int((meta.get("labels") or {})[RUN_LABEL])
-        return Report(number, controller_uid(config_map), RunReport.model_validate_json(text))
-    except (KeyError, ValueError) as error:
-        log.warning("ignoring malformed report %s: %s", meta.get("name"), error)
-        return None
+    return seen
 
 
 def utc_now() -> datetime:

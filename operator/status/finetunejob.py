@@ -168,8 +168,8 @@ def with_report(record: RunRecord, report: RunReport | None, output_uri: str) ->
         update["best_variant"] = report.best_variant
     if report.manifest_uri and lies_under(report.manifest_uri, output_uri):
         update["manifest_uri"] = report.manifest_uri
-    hyperparameters = report.best_hyperparameters
-    if hyperparameters is not None and len(json.dumps(hyperparameters)) <= HYPERPARAMETERS_MAX_BYTES:
+    hyperparameters = bounded_hyperparameters(report.best_hyperparameters)
+    if hyperparameters is not None:
         update["best_hyperparameters"] = hyperparameters
     return record.model_copy(update=update)
 
@@ -193,19 +193,31 @@ def lies_under(uri: str, folder: str) -> bool:
     return bool(below) and all(part not in ("", ".", "..") for part in below.split("/"))
 
 
+def bounded_hyperparameters(hyperparameters: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Reported hyperparameters that a run record keeps: small ones only (None: none, or too large)."""
+    if hyperparameters is None or len(json.dumps(hyperparameters)) > HYPERPARAMETERS_MAX_BYTES:
+        return None
+    return hyperparameters
+
+
+def bounded_metrics(metrics: Metrics) -> Metrics:
+    """At most MAX_METRICS metrics with short names, kubetune's own (accuracy, loss, ...) first."""
+    known = {metric.value for metric in Metric}
+    names = sorted((n for n in metrics if len(n) <= SHORT_TEXT_MAX_LENGTH), key=lambda n: (n not in known, n))
+    return {name: metrics[name] for name in names[:MAX_METRICS]}
+
+
 def finite_metrics(before: Metrics | None, after: Metrics | None) -> dict[str, Any]:
     """A run record's metrics fields from reported ones: finite values, and which were not (NaN, infinite).
 
     At most MAX_METRICS metrics per model with short names, kubetune's own (accuracy, loss, ...) first.
     """
-    known = {metric.value for metric in Metric}
     fields: dict[str, Any] = {}
     not_finite: list[str] = []
     for field, wire, metrics in (("metrics_before", "metricsBefore", before), ("metrics_after", "metricsAfter", after)):
         if metrics is None:
             continue
-        names = sorted((n for n in metrics if len(n) <= SHORT_TEXT_MAX_LENGTH), key=lambda n: (n not in known, n))
-        kept = {name: metrics[name] for name in names[:MAX_METRICS]}
+        kept = bounded_metrics(metrics)
         fields[field] = {name: value for name, value in kept.items() if value is not None}
         not_finite += [f"{wire}.{name}" for name, value in kept.items() if value is None]
     if not_finite:

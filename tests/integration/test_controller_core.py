@@ -9,12 +9,14 @@ with 409, 429 (Retry-After) or 500.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from kubetune.operator.handlers.finetunejob import REPORT_PAGE_SIZE
 from kubetune.operator.kube import Kube, ObjectRef
 from kubetune.operator.settings import Settings
 from kubetune.runtime.contract.report import REPORT_KEY
@@ -79,6 +81,27 @@ def test_a_burst_of_events_for_one_job_gives_at_most_two_reconciles(
     quiet(proxied, namespace)
     passes = reconciles(proxied, namespace, since=mark)
     assert 1 <= len(passes) <= 2, f"{len(passes)} reconciles for 50 events in {burst:.2f} s"
+
+
+def test_a_run_rewriting_its_report_in_a_loop_gives_few_reconciles(
+    kube: Kube, namespace: str, proxied: FaultProxy
+) -> None:
+    create_job(kube, namespace)
+    wait_ray_job(kube, namespace, "tickets-r1")
+    mark = quiet(proxied, namespace)
+    started = time.monotonic()
+    for step in range(1, 101):  # as fast as one client can patch it
+        write_report(kube, namespace, json.dumps({"stage": "train", "step": step, "totalSteps": 100}))
+    loop = time.monotonic() - started
+    eventually(
+        lambda: ((status(kube, namespace).get("runs") or [{}])[-1].get("progress") or {}).get("step") == 100,
+        what="the last report in status",
+    )
+    quiet(proxied, namespace)
+    passes = reconciles(proxied, namespace, since=mark)
+    # One pass at the first change, at most one per coalesce_max_seconds while they go on, one after them.
+    most = 2 + int(loop / SETTINGS.coalesce_max_seconds)
+    assert 1 <= len(passes) <= most, f"{len(passes)} reconciles for 100 report patches in {loop:.2f} s"
 
 
 def label(kube: Kube, namespace: str, value: str) -> None:
@@ -166,6 +189,10 @@ def test_lists_and_watches_ask_for_the_operators_objects_only(kube: Kube, namesp
         else:  # kubetune's own kinds, and the CRDs kopf watches to find them
             assert kind in ("finetunejobs", "modeldeployments", "customresourcedefinitions"), request
     assert pod_owners == {"finetunejob", "modeldeployment"}  # the runs' pods and the endpoints' pods
+    # The operator's own lists come in pages; report ConfigMaps (anyone's, up to 1 MiB each) in small ones.
+    lists = [r for r in collections if not r.watch and r.path.rsplit("/", 1)[-1] in {*owners, "secrets"}]
+    assert lists and all(r.query.get("limit") for r in lists), lists
+    assert {r.query["limit"] for r in lists if r.path.endswith("/configmaps")} == {str(REPORT_PAGE_SIZE)}
 
 
 def is_collection(path: str) -> bool:

@@ -117,6 +117,29 @@ def test_an_expired_watch_lists_again_and_reports_what_changed_meanwhile(
         proxy.stop()
 
 
+def test_it_lists_in_pages_then_watches_from_the_lists_version(
+    control_plane: ControlPlane, kube: Kube, namespace: str, tmp_path: Path
+) -> None:
+    for index in range(5):
+        kube.create(config_map(namespace, f"item-{index}", "job-a", str(index)))
+    proxy = FaultProxy(control_plane.kubeconfig).start()
+    try:
+        through_proxy = Kube.connect(str(proxy.write_kubeconfig(tmp_path / "kubeconfig")))
+        paged = Source(SOURCE.api_version, SOURCE.kind, SOURCE.label_selector, page_size=2)
+        informer: Informer[str] = Informer(through_proxy, paged, [namespace], value_of, owner_of)
+        with Running(informer) as running:
+            assert sorted(informer.owned_by((namespace, "job-a"))) == ["0", "1", "2", "3", "4"]
+            assert sorted(c.name for c in running.changes) == [f"item-{index}" for index in range(5)]
+            lists = [r for r in proxy.recorded() if r.path.endswith("/configmaps") and not r.watch]
+            assert [r.query.get("limit") for r in lists] == ["2", "2", "2"]
+            assert [bool(r.query.get("continue")) for r in lists] == [False, True, True]
+            # The watch goes on from the list's version: a change after the list arrives.
+            kube.patch(ObjectRef("v1", "ConfigMap", namespace, "item-4"), {"data": {"value": "5"}})
+            eventually(lambda: "5" in informer.owned_by((namespace, "job-a")), what="the change after the list")
+    finally:
+        proxy.stop()
+
+
 def test_stop_ends_a_watch_at_once(kube: Kube, namespace: str) -> None:
     informer: Informer[str] = Informer(kube, SOURCE, [namespace], value_of, owner_of)
     running = Running(informer).__enter__()
