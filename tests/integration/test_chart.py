@@ -400,6 +400,6 @@ def test_the_charts_command_starts_the_operator_with_a_health_endpoint(
 def test_the_notes_name_the_kuberay_prerequisite(control_plane: ControlPlane) -> None:
     args = ["--dry-run=client", "--namespace", "ops", "--set", "watchNamespaces={team-a,team-b}"]
     notes = control_plane.helm("install", RELEASE, str(CHART), *args).stdout.split("NOTES:", 1)[1]
-    assert "KubeRay v1.5.0" in notes and "team-a, team-b" in notes
+    assert "KubeRay v1.5.1" in notes and "team-a, team-b" in notes
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    assert "KubeRay v1.5.0" in chart["description"] and "v1.5.0" in chart["annotations"]["kubetune.io/requires"]
+    assert "KubeRay v1.5.1" in chart["description"] and "v1.5.1" in chart["annotations"]["kubetune.io/requires"]

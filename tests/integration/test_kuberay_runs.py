@@ -1,6 +1,6 @@
 """kubetune's runs and endpoints on the real KubeRay controller, kube-scheduler and kwok nodes.
 
-The operator runs in-process against the test API server; KubeRay v1.5.0 turns what it
+The operator runs in-process against the test API server; KubeRay v1.5.1 turns what it
 builds into RayClusters and pods, which the scheduler places on the simulated CPU pool
 and the tainted GPU pool, in a namespace that enforces the restricted Pod Security level.
 """
