@@ -51,6 +51,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("kubetune.io/v1alpha1", "ModelDeployment"): "modeldeployments",
     ("kopf.dev/v1", "KopfPeering"): "kopfpeerings",
     ("kopf.dev/v1", "ClusterKopfPeering"): "clusterkopfpeerings",
+    ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): "customresourcedefinitions",
 }
 
 
@@ -285,14 +286,17 @@ class Kube:
         namespace: str | None,
         *,
         label_selector: str | None = None,
+        field_selector: str | None = None,
         metadata_only: bool = False,
     ) -> tuple[list[Manifest], str]:
         """The objects and the list's resourceVersion (where a watch continues from)."""
-        query = {"labelSelector": label_selector} if label_selector else None
+        query = {"labelSelector": label_selector} if label_selector else {}
+        if field_selector:
+            query["fieldSelector"] = field_selector
         answer = self.request(
             "GET",
             collection_path(api_version, kind, namespace),
-            query=query,
+            query=query or None,
             accept=METADATA_LIST if metadata_only else "application/json",
         )
         return answer.get("items") or [], str(answer.get("metadata", {}).get("resourceVersion", ""))
