@@ -33,6 +33,8 @@ class Reason(StrEnum):
     RUN_STOPPED = "RunStopped"
     RUN_REPLACED = "RunReplaced"
     NAME_CONFLICT = "NameConflict"
+    # Ray token authentication is on, but the installed KubeRay cannot give it (operator/kuberay.py).
+    RAY_AUTH_UNAVAILABLE = "RayAuthUnavailable"
     # Why a run failed (RunFailure) or waits (WaitReason): the same words in conditions and events.
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     SUBMISSION_FAILED = "SubmissionFailed"

@@ -53,6 +53,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("kubetune.io/v1alpha1", "ModelDeployment"): "modeldeployments",
     ("kopf.dev/v1", "KopfPeering"): "kopfpeerings",
     ("kopf.dev/v1", "ClusterKopfPeering"): "clusterkopfpeerings",
+    ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): "customresourcedefinitions",
 }
 
 
@@ -287,6 +288,7 @@ class Kube:
         namespace: str | None,
         *,
         label_selector: str | None = None,
+        field_selector: str | None = None,
         metadata_only: bool = False,
         page_size: int = LIST_PAGE_SIZE,
     ) -> tuple[list[Manifest], str]:
@@ -298,6 +300,7 @@ class Kube:
             kind,
             namespace,
             label_selector=label_selector,
+            field_selector=field_selector,
             metadata_only=metadata_only,
             page_size=page_size,
         )
@@ -313,6 +316,7 @@ class Kube:
         namespace: str | None,
         *,
         label_selector: str | None = None,
+        field_selector: str | None = None,
         metadata_only: bool = False,
         page_size: int = LIST_PAGE_SIZE,
     ) -> Iterator[tuple[list[Manifest], str]]:
@@ -322,6 +326,8 @@ class Kube:
         that has expired (the snapshot is compacted away) raises ApiError 410: list again.
         """
         query = {"limit": str(page_size)} | ({"labelSelector": label_selector} if label_selector else {})
+        if field_selector:
+            query["fieldSelector"] = field_selector
         while True:
             answer = self.request(
                 "GET",

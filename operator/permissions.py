@@ -98,9 +98,10 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission(RAY, "rayservices", ("get", "create", "patch"),
                "an endpoint's RayService is created, checked when its name is taken, and patched to roll "
                "out a new model (reconcile/modeldeployment.py)"),
-    Permission(NETWORKING, "networkpolicies", ("get", "create", "delete"),
-               "closes each run's and each endpoint's Ray cluster to other pods; checked when its name is "
-               "taken (reconcile/*.py); deleted with a run the history forgets"),
+    Permission(NETWORKING, "networkpolicies", ("get", "create", "patch", "delete"),
+               "closes each run's and each endpoint's Ray cluster to other pods; read on every pass while the "
+               "cluster runs, made again if deleted and patched back if changed (reconcile apply_owned); "
+               "deleted with a run the history forgets"),
     # Shared.
     Permission("", "secrets", ("list", "watch"),
                "which Secrets the specs name exist, read as metadata only (main.py SECRETS). RBAC cannot "
@@ -109,7 +110,8 @@ PERMISSIONS: tuple[Permission, ...] = (
                "every transition is recorded as an Event on its object (kube.py Kube.event)"),
     # kopf.
     Permission(APIEXTENSIONS, "customresourcedefinitions", ("list", "watch"),
-               "kopf follows the CRDs of the kinds it serves (discovery itself needs no grant)", Scope.CLUSTER),
+               "kopf follows the CRDs of the kinds it serves (discovery itself needs no grant); KubeRay's are "
+               "listed by name to see whether they have authOptions (kuberay.py)", Scope.CLUSTER),
     Permission(KOPF, "kopfpeerings", ("list", "watch", "patch"),
                "with `--peering` in namespaced mode, kopf watches the KopfPeering of each watched namespace "
                "and patches its keep-alive into the status (kopf's peering engine)"),

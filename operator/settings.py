@@ -38,12 +38,20 @@ class Settings:
     cache_mount_path: str = "/home/ray/.cache"
     pod_user_id: int = 1000
     pod_group_id: int = 100
-    # KubeRay 1.5.1 and later: Ray's token authentication through the RayCluster's authOptions. (Older
-    # KubeRay cannot talk to a Ray that asks for a token; a NetworkPolicy closes each Ray cluster either way.)
-    kuberay_auth_options: bool = False
-    # Labels of the KubeRay operator's pods (key=value, comma-separated): the NetworkPolicies let them
-    # reach the Ray dashboard, which KubeRay polls for job and Serve status.
+    # Ray's token authentication on every Ray cluster (RayJobs and RayServices), through the RayCluster's
+    # authOptions of KubeRay 1.5.1 and later. While it is on, the operator reads KubeRay's CRDs and creates
+    # no Ray cluster where they lack authOptions (older KubeRay): the objects say so in their status.
+    kuberay_auth_options: bool = True
+    # Labels of the KubeRay operator's pods (key=value, comma-separated), and the namespace it runs in: the
+    # NetworkPolicies let those pods, from that namespace only, reach the Ray dashboard and its agent, which
+    # KubeRay calls for job and Serve status. An empty namespace: the Ray cluster's own (a KubeRay per namespace).
     kuberay_operator_labels: str = "app.kubernetes.io/name=kuberay-operator"
+    kuberay_namespace: str = "kuberay-system"
+    # Who may scrape the Ray pods' metrics (Ray's on 8080, an endpoint's HAProxy on 9101) through the
+    # NetworkPolicies: pods with these labels (key=value, comma-separated; empty: any pod) in this namespace
+    # (empty: the Ray cluster's own). Both empty: nobody.
+    ray_metrics_namespace: str = ""
+    ray_metrics_pod_labels: str = ""
     # How the operator works.
     metrics_port: int = 8080  # Prometheus /metrics; 0 serves none
     workers: int = 16  # reconciles running at once, over all objects (one at a time per object)
@@ -85,8 +93,16 @@ class Settings:
 
     @property
     def kuberay_operator_selector(self) -> dict[str, str]:
-        pairs = (item.partition("=") for item in _items(self.kuberay_operator_labels))
-        return {key.strip(): value.strip() for key, _, value in pairs}
+        return _labels(self.kuberay_operator_labels)
+
+    @property
+    def ray_metrics_pod_selector(self) -> dict[str, str]:
+        return _labels(self.ray_metrics_pod_labels)
+
+    @property
+    def ray_metrics_scraped(self) -> bool:
+        """Whether a scraper may reach the Ray pods' metrics (a namespace or pod labels are set)."""
+        return bool(self.ray_metrics_namespace.strip() or self.ray_metrics_pod_selector)
 
     @property
     def allowed_image_patterns(self) -> tuple[str, ...]:
@@ -138,3 +154,9 @@ def _boolean(raw: str) -> bool:
 
 def _items(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _labels(value: str) -> dict[str, str]:
+    """key=value pairs, comma-separated (a key without a value: the empty value)."""
+    pairs = (item.partition("=") for item in _items(value))
+    return {key.strip(): value.strip() for key, _, value in pairs}

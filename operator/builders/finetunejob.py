@@ -198,9 +198,7 @@ def _ray_cluster_spec(
             }
         ],
     }
-    if settings.kuberay_auth_options:
-        cluster["authOptions"] = {"mode": "token"}
-    return cluster
+    return {**cluster, **pods.auth_options(settings)}
 
 
 def run_output_uri(output_uri: str, number: int) -> str:
@@ -225,6 +223,20 @@ def run_config(job: FineTuneJob, request: RunRequest) -> RunConfig:
     output = contract.output.model_copy(update={"uri": run_output_uri(contract.output.uri, request.number)})
     contract = contract.model_copy(update={"output": output})
     return RunConfig(spec=contract, run=identity, resources=workers)
+
+
+def build_run_network_policy(job: FineTuneJob, number: int, settings: Settings) -> Manifest:
+    """The NetworkPolicy of run `number`: only the run's own pods (and KubeRay, and a metrics scraper
+    when the settings name one) reach its Ray cluster. What it is depends on the run's number alone,
+    so it can be asserted again on every pass while the run is active."""
+    name, labels = run_name(job.metadata["name"], number), run_labels(job.metadata["name"], number)
+    metadata = {
+        "name": name,
+        "namespace": job.metadata["namespace"],
+        "labels": labels,
+        "ownerReferences": [controller_reference(API_VERSION, KIND, job.metadata)],
+    }
+    return pods.network_policy(metadata, labels, settings)
 
 
 def build_run(job: FineTuneJob, request: RunRequest, settings: Settings) -> RunManifests:
@@ -287,8 +299,6 @@ def build_run(job: FineTuneJob, request: RunRequest, settings: Settings) -> RunM
             "metadata": _metadata(job, config, request),
             "data": {CONFIG_KEY: config_json},
         },
-        network_policy=pods.network_policy(
-            _metadata(job, run, request), run_labels(job.metadata["name"], request.number), settings
-        ),
+        network_policy=build_run_network_policy(job, request.number, settings),
         ray_job={"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": ray_metadata, "spec": ray_spec},
     )

@@ -203,6 +203,9 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
     limits = {"cpu": autoscaler.cpu_limit or autoscaler.cpu, "memory": autoscaler.memory}
     return {
         "rayVersion": pods.image_of(resources, settings)[1],
+        # Ray's token authentication: the dashboard and its agent (job submission, Serve's REST API) ask
+        # for KubeRay's per-cluster token; Serve's HTTP port 8000 does not (clients use spec.auth).
+        **pods.auth_options(settings),
         "enableInTreeAutoscaling": True,
         # KubeRay adds the autoscaler as a second container of the head: restricted like the rest,
         # sized by the spec (these replace KubeRay's 500m/512Mi), and the one container that talks
@@ -234,14 +237,21 @@ def ray_cluster_config(deployment: ModelDeployment, served: ServedModel, setting
 
 
 def build_network_policy(deployment: ModelDeployment, settings: Settings) -> Manifest:
-    """Only the endpoint's own pods reach its Ray cluster; clients reach Serve's HTTP port."""
+    """Only the endpoint's own pods reach its Ray cluster (and KubeRay, and a metrics scraper when the
+    settings name one, on Ray's and HAProxy's metrics ports); clients reach Serve's HTTP port."""
     metadata = {
         "name": ray_service_name(deployment),
         "namespace": deployment.metadata["namespace"],
         "labels": labels(deployment),
         "ownerReferences": [controller_reference(API_VERSION, KIND, deployment.metadata)],
     }
-    return pods.network_policy(metadata, labels(deployment), settings, open_ports=[SERVE_PORT])
+    return pods.network_policy(
+        metadata,
+        labels(deployment),
+        settings,
+        open_ports=[SERVE_PORT],
+        metrics_ports=[pods.RAY_METRICS_PORT, pods.HAPROXY_METRICS_PORT],
+    )
 
 
 def build_ray_service(deployment: ModelDeployment, served: ServedModel, settings: Settings) -> Manifest:

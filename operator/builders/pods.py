@@ -20,9 +20,16 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 # The taint GPU node pools commonly carry (the NVIDIA GPU operator's and the cloud providers' convention).
 GPU_TOLERATION: Manifest = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
-# Ray's ports: the dashboard (job submission, KubeRay's status polls), the dashboard agent, Serve's HTTP proxy.
+# Ray's ports: the dashboard (job submission, KubeRay's status polls), the dashboard agent, Ray's
+# Prometheus metrics (KubeRay's default metrics port), and the metrics of Serve's HAProxy (an endpoint's).
 DASHBOARD_PORT = 8265
 DASHBOARD_AGENT_PORT = 52365
+RAY_METRICS_PORT = 8080
+HAPROXY_METRICS_PORT = 9101
+# The label Kubernetes gives every namespace: its name (what a NetworkPolicy selects a namespace by).
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+# Ray's token authentication, as KubeRay's RayCluster spec.authOptions says it (KubeRay 1.5.1 and later).
+TOKEN_AUTH_OPTIONS: Manifest = {"mode": "token"}
 # Writable places on a read-only root filesystem: Ray's session files and logs live under /tmp.
 TMP_VOLUME, CACHE_VOLUME, SHM_VOLUME = "tmp", "cache", "shm"
 # Where Kubernetes clients look for the pod's ServiceAccount credentials (token, CA bundle, namespace).
@@ -249,22 +256,48 @@ class RayPod:
         return {"metadata": metadata, "spec": spec}
 
 
+def auth_options(settings: Settings) -> Manifest:
+    """The RayCluster's authOptions field: Ray's token authentication when the settings turn it on."""
+    return {"authOptions": dict(TOKEN_AUTH_OPTIONS)} if settings.kuberay_auth_options else {}
+
+
+def _peer(namespace: str, pod_labels: Mapping[str, str]) -> Manifest:
+    """Pods with `pod_labels` (all of them when empty) in `namespace` (empty: the policy's own namespace)."""
+    peer: Manifest = {}
+    if namespace:
+        peer["namespaceSelector"] = {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}}
+    peer["podSelector"] = {"matchLabels": dict(pod_labels)} if pod_labels else {}
+    return peer
+
+
+def _ports(ports: Iterable[int]) -> list[Manifest]:
+    return [{"protocol": "TCP", "port": port} for port in ports]
+
+
 def network_policy(
-    metadata: Manifest, pod_labels: Mapping[str, str], settings: Settings, open_ports: Sequence[int] = ()
+    metadata: Manifest,
+    pod_labels: Mapping[str, str],
+    settings: Settings,
+    open_ports: Sequence[int] = (),
+    metrics_ports: Sequence[int] = (RAY_METRICS_PORT,),
 ) -> Manifest:
-    """Closes a Ray cluster to everything but its own pods, the KubeRay operator's dashboard polls,
-    and `open_ports` (a Serve endpoint's) from anywhere. Egress stays open (storage, hubs)."""
+    """Closes a Ray cluster to everything but its own pods, the KubeRay operator (from its namespace) on the
+    dashboard and agent ports, a metrics scraper (when the settings name one) on `metrics_ports`, and
+    `open_ports` (a Serve endpoint's) from anywhere. Egress stays open (storage, hubs)."""
     ingress: list[Manifest] = [{"from": [{"podSelector": {"matchLabels": dict(pod_labels)}}]}]
     operator_labels = settings.kuberay_operator_selector
     if operator_labels:
         ingress.append(
             {
-                "from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": operator_labels}}],
-                "ports": [{"protocol": "TCP", "port": port} for port in (DASHBOARD_PORT, DASHBOARD_AGENT_PORT)],
+                "from": [_peer(settings.kuberay_namespace.strip(), operator_labels)],
+                "ports": _ports((DASHBOARD_PORT, DASHBOARD_AGENT_PORT)),
             }
         )
+    if settings.ray_metrics_scraped and metrics_ports:
+        scraper = _peer(settings.ray_metrics_namespace.strip(), settings.ray_metrics_pod_selector)
+        ingress.append({"from": [scraper], "ports": _ports(metrics_ports)})
     if open_ports:
-        ingress.append({"ports": [{"protocol": "TCP", "port": port} for port in open_ports]})
+        ingress.append({"ports": _ports(open_ports)})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",

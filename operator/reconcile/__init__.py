@@ -12,6 +12,7 @@ from kubetune.operator.api.common import API_VERSION, Condition
 from kubetune.operator.conditions import ConditionType, Reason, condition, merge_conditions
 from kubetune.operator.core.controller import Key, Outcome, PassFailedError
 from kubetune.operator.kube import ApiError, Kube, ObjectRef
+from kubetune.operator.naming import controller_uid
 from kubetune.operator.planning.finetunejob import Event
 from pydantic import BaseModel, ValidationError
 
@@ -54,6 +55,35 @@ def status_patch(previous: Manifest, current: Manifest) -> Manifest:
         else:
             patch[key] = after
     return patch
+
+
+def apply_owned(kube: Kube, manifest: Manifest, owner_uid: str | None, owner_kind: str) -> str | None:
+    """Create the object, or bring the owner's existing one back to `manifest`: its spec exactly, and its
+    labels (others' labels stay). A patch is sent only when something differs, so a pass that finds the
+    object as it should be writes nothing. None when done; why not when the name is taken by an object
+    that the owner does not control (nothing is written to it)."""
+    ref = ObjectRef.of(manifest)
+    existing = kube.get(ref.api_version, ref.kind, ref.namespace, ref.name)
+    if existing is None:
+        if kube.create(manifest) is not None:
+            return None
+        existing = kube.get(ref.api_version, ref.kind, ref.namespace, ref.name)  # made meanwhile
+        if existing is None:
+            return None  # and deleted again: the next pass makes it
+    if controller_uid(existing) != owner_uid:
+        return f"{ref.kind} {ref.name} exists and does not belong to this {owner_kind}"
+    labels = (existing["metadata"].get("labels") or {}).items()
+    patch: Manifest = {}
+    missing_labels = dict(set(manifest["metadata"].get("labels", {}).items()) - set(labels))
+    if missing_labels:
+        patch["metadata"] = {"labels": missing_labels}
+    spec = status_patch(existing.get("spec") or {}, manifest.get("spec") or {})
+    if spec:
+        patch["spec"] = spec
+    if patch:
+        LOG.info("restoring %s %s/%s to what it should be", ref.kind, ref.namespace, ref.name)
+        kube.patch(ref, patch)
+    return None
 
 
 def patch_status(kube: Kube, ref: ObjectRef, body: Manifest, status: Manifest) -> str | None:

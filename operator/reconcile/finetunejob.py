@@ -23,11 +23,12 @@ from kubetune.operator.api.finetunejob import (
     Trigger,
     cluster_output_problem,
 )
-from kubetune.operator.builders.finetunejob import RunRequest, build_run
+from kubetune.operator.builders.finetunejob import RunRequest, build_run, build_run_network_policy
 from kubetune.operator.conditions import Reason
 from kubetune.operator.core.controller import Key, Outcome
 from kubetune.operator.core.informer import Informer
 from kubetune.operator.kube import ApiError, Kube, ObjectRef
+from kubetune.operator.kuberay import KubeRayAuthSupport, auth_unavailable_message, ray_version_problem
 from kubetune.operator.metrics import PROMOTIONS, RUNS_FINISHED, RUNS_STARTED
 from kubetune.operator.naming import (
     GENERATION_ANNOTATION,
@@ -51,7 +52,7 @@ from kubetune.operator.planning.finetunejob import (
 )
 from kubetune.operator.planning.pods import PodState, PodWait, first_wait, pod_wait
 from kubetune.operator.policy import finetunejob_violations
-from kubetune.operator.reconcile import patch_status, post_events, previous_status
+from kubetune.operator.reconcile import apply_owned, patch_status, post_events, previous_status
 from kubetune.operator.settings import Settings
 from kubetune.operator.status.finetunejob import Problem, compute_status
 from kubetune.operator.status.report import Refused, Report, read_report
@@ -137,10 +138,13 @@ class FineTuneJobReconciler:
         secrets: Informer[bool],
         clock: Clock = utc_now,
         pods: Informer[RunPod] | None = None,
+        kuberay: KubeRayAuthSupport | None = None,
     ) -> None:
-        """Reads the job from the API server; its runs, reports, pods and Secrets from the caches."""
+        """Reads the job from the API server; its runs, reports, pods and Secrets from the caches;
+        whether KubeRay can run Ray with token authentication from its CRDs."""
         self.kube = kube
         self.settings = settings
+        self.kuberay = kuberay or KubeRayAuthSupport(kube)
         self.runs, self.reports, self.secrets, self.pods = runs, reports, secrets, pods
         self.clock = clock  # schedules and timestamps read this clock; tests inject their own
 
@@ -166,8 +170,10 @@ class FineTuneJobReconciler:
             problem = Problem(Reason.INVALID_SPEC, "; ".join(describe(error)))
             return self._stopped(body, previous, problem, generation, now, requeue=None)
         job.status = previous
+        self._ensure_network_policies(job, previous)
         violations = [str(found) for found in finetunejob_violations(job.spec, self.settings)]
         violation = "; ".join(violations) or cluster_output_problem(job.spec.output.uri)
+        violation = violation or ray_version_problem(job.spec.resources, "spec.resources", self.settings)
         if violation is not None:
             return self._stopped(body, previous, Problem(Reason.INVALID_SPEC, violation), generation, now, requeue=None)
         storage = job.spec.storage
@@ -183,6 +189,10 @@ class FineTuneJobReconciler:
         except ScheduleError as error:  # the admission checks missed it (another croniter, say)
             problem = Problem(Reason.INVALID_SPEC, str(error))
             return self._stopped(body, previous, problem, generation, now, requeue=None)
+        unavailable = self._auth_unavailable() if decision.create is not None else None
+        if unavailable is not None:  # nothing of this pass is done: a new run would have no authentication
+            problem = Problem(Reason.RAY_AUTH_UNAVAILABLE, unavailable)
+            return self._stopped(body, previous, problem, generation, now, requeue=self.settings.recheck_seconds)
         for ray_job in decision.stop:
             self._delete_owned(ObjectRef("ray.io/v1", "RayJob", namespace, ray_job), uid)
         if decision.create is not None:
@@ -230,6 +240,24 @@ class FineTuneJobReconciler:
             recheck_seconds=self.settings.recheck_seconds,
             pod_waits=self._pod_waits((job.metadata["namespace"], job.metadata["name"])),
         )
+
+    def _ensure_network_policies(self, job: FineTuneJob, status: FineTuneJobStatus) -> None:
+        """Keep the Ray cluster of each active run closed: its NetworkPolicy is made again if deleted and
+        restored if edited or built otherwise now (settings changed since the run started)."""
+        for record in status.runs or []:
+            if record.phase not in ACTIVE_PHASES:
+                continue
+            policy = build_run_network_policy(job, record.number, self.settings)
+            taken = apply_owned(self.kube, policy, job.metadata.get("uid"), KIND)
+            if taken is not None:  # not the run's own: left alone, and said
+                log.warning("run %s of %s: %s", record.number, job.metadata["name"], taken)
+
+    def _auth_unavailable(self) -> str | None:
+        """Why a Ray cluster cannot be created with the token authentication the settings ask for."""
+        if not self.settings.kuberay_auth_options:
+            return None
+        missing = self.kuberay.missing()
+        return auth_unavailable_message(missing) if missing is not None else None
 
     def _pod_waits(self, key: Key) -> dict[int, PodWait]:
         """Per run, the first of its pods (by name) that cannot run, and why."""

@@ -26,6 +26,7 @@ from kubetune.operator.conditions import Reason
 from kubetune.operator.core.controller import Dependency, Key, Outcome
 from kubetune.operator.core.informer import Informer
 from kubetune.operator.kube import Kube, ObjectRef
+from kubetune.operator.kuberay import KubeRayAuthSupport, auth_unavailable_message, ray_version_problem
 from kubetune.operator.naming import SPEC_HASH_ANNOTATION, controller_uid
 from kubetune.operator.planning.finetunejob import Event
 from kubetune.operator.planning.modeldeployment import (
@@ -38,7 +39,7 @@ from kubetune.operator.planning.modeldeployment import (
 )
 from kubetune.operator.planning.pods import PodState, first_wait, pod_wait
 from kubetune.operator.policy import modeldeployment_violations
-from kubetune.operator.reconcile import patch_status, post_events, previous_status
+from kubetune.operator.reconcile import apply_owned, patch_status, post_events, previous_status
 from kubetune.operator.settings import Settings
 from kubetune.operator.status.finetunejob import Problem
 from kubetune.operator.status.modeldeployment import compute_status, wait_events
@@ -52,6 +53,10 @@ Clock = Callable[[], datetime]
 
 class NameTakenError(Exception):
     """The RayService's name is taken by an object that is not the deployment's: nothing is written to it."""
+
+
+class AuthUnavailableError(Exception):
+    """The RayService would change, but KubeRay cannot give its Ray the token authentication asked for."""
 
 
 def observe(ray_service: Mapping[str, Any]) -> ObservedService:
@@ -84,10 +89,12 @@ class ModelDeploymentReconciler:
         secrets: Informer[bool],
         clock: Clock,
         pods: Informer[PodState] | None = None,
+        kuberay: KubeRayAuthSupport | None = None,
     ) -> None:
         """Reads the deployment and the FineTuneJob it follows from the API server; its RayService and
-        its pods from caches."""
+        its pods from caches; whether KubeRay can run Ray with token authentication from its CRDs."""
         self.kube, self.settings, self.clock = kube, settings, clock
+        self.kuberay = kuberay or KubeRayAuthSupport(kube)
         self.services, self.secrets, self.pods = services, secrets, pods
 
     def reconcile(self, key: Key) -> Outcome:
@@ -108,10 +115,18 @@ class ModelDeploymentReconciler:
         except ValidationError as error:
             problem = Problem(Reason.INVALID_SPEC, "; ".join(describe(error)))
             return self._write(body, previous, problem, generation, service, now, set())
-        violations = modeldeployment_violations(deployment.spec, self.settings)
-        if violations:
-            problem = Problem(Reason.INVALID_SPEC, "; ".join(str(found) for found in violations))
-            return self._write(body, previous, problem, generation, service, now, set())
+        if service is not None:  # its Ray cluster runs: its NetworkPolicy is brought back to what it should be
+            try:
+                self._ensure_network_policy(deployment)
+            except NameTakenError as error:
+                conflict = Problem(Reason.NAME_CONFLICT, str(error))
+                return self._write(body, previous, conflict, generation, service, now, set())
+        violations = [str(found) for found in modeldeployment_violations(deployment.spec, self.settings)]
+        violation = "; ".join(violations) or ray_version_problem(
+            deployment.spec.resources, "spec.resources", self.settings
+        )
+        if violation:
+            return self._write(body, previous, Problem(Reason.INVALID_SPEC, violation), generation, service, now, set())
         needs = _dependencies(deployment)
         missing = [n for kind, n in sorted(needs) if kind == "Secret" and self.secrets.get(namespace, n) is None]
         if missing:
@@ -145,6 +160,9 @@ class ModelDeploymentReconciler:
             except NameTakenError as error:
                 conflict = Problem(Reason.NAME_CONFLICT, str(error))
                 return self._write(body, previous, conflict, generation, None, now, needs)
+            except AuthUnavailableError as error:  # what is served stays, as it is
+                unavailable = Problem(Reason.RAY_AUTH_UNAVAILABLE, str(error))
+                return self._write(body, previous, unavailable, generation, service, now, needs)
         status = compute_status(
             rollout,
             service,
@@ -181,6 +199,9 @@ class ModelDeploymentReconciler:
         wanted = manifest["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
         if service is not None and service.spec_hash == wanted:
             return None
+        missing = self.kuberay.missing() if self.settings.kuberay_auth_options else None
+        if missing is not None:
+            raise AuthUnavailableError(auth_unavailable_message(missing))
         ref = ObjectRef("ray.io/v1", "RayService", manifest["metadata"]["namespace"], manifest["metadata"]["name"])
         if service is None:
             self._ensure_network_policy(deployment)
@@ -194,14 +215,12 @@ class ModelDeploymentReconciler:
         return observe(self.kube.patch(ref, patch))
 
     def _ensure_network_policy(self, deployment: ModelDeployment) -> None:
-        """Close the endpoint's Ray cluster before it starts (an earlier pass may have made the policy)."""
+        """Close the endpoint's Ray cluster before it starts, and keep it closed: on every pass while the
+        cluster runs, the policy is made again if deleted and restored if edited or built otherwise now."""
         policy = build_network_policy(deployment, self.settings)
-        if self.kube.create(policy) is not None:
-            return
-        ref = ObjectRef.of(policy)
-        existing = self.kube.get(ref.api_version, ref.kind, ref.namespace, ref.name)
-        if existing is not None and controller_uid(existing) != deployment.metadata.get("uid"):
-            raise NameTakenError(f"NetworkPolicy {ref.name} exists and does not belong to this ModelDeployment")
+        taken = apply_owned(self.kube, policy, deployment.metadata.get("uid"), KIND)
+        if taken is not None:
+            raise NameTakenError(taken)
 
     def _write(
         self,

@@ -21,6 +21,7 @@ import pytest
 import yaml
 from kubetune.operator.kube import Kube
 from kubetune.operator.permissions import PERMISSIONS, Scope, rules
+from kubetune.operator.settings import Settings
 
 from ..conftest import REPO_ROOT
 from ..controlplane import CommandError, ControlPlane
@@ -111,6 +112,9 @@ def test_default_values_render_a_restricted_cluster_wide_operator(control_plane:
     env = {item["name"]: item["value"] for item in operator["env"]}
     assert env["KUBETUNE_METRICS_PORT"] == "8080"
     assert env["KUBETUNE_KUBERAY_OPERATOR_LABELS"] == "app.kubernetes.io/name=kuberay-operator"
+    assert env["KUBETUNE_KUBERAY_NAMESPACE"] == "kuberay-system"
+    assert env["KUBETUNE_KUBERAY_AUTH_OPTIONS"] == "true"
+    assert not {"KUBETUNE_RAY_METRICS_NAMESPACE", "KUBETUNE_RAY_METRICS_POD_LABELS"} & set(env)  # nobody scrapes
     assert "KUBETUNE_RUNTIME_IMAGE" not in env  # the release's own runtime image
     [service] = by_kind(docs, "Service")
     assert service["spec"]["ports"] == [{"name": "metrics", "port": 8080, "targetPort": "metrics"}]
@@ -177,6 +181,17 @@ def test_metrics_can_be_turned_off(control_plane: ControlPlane) -> None:
     assert env["KUBETUNE_METRICS_PORT"] == "0"
 
 
+def test_the_ray_clusters_peers_reach_the_operators_settings(control_plane: ControlPlane) -> None:
+    """The chart's KubeRay namespace and metrics scraper are what the operator reads from its environment."""
+    args = ["--set", "operator.kuberayNamespace=ray-operators", "--set", "operator.kuberayAuthOptions=false",
+            "--set", "operator.rayMetricsScraper.namespace=monitoring",
+            "--set", "operator.rayMetricsScraper.podLabels.app=prometheus"]  # fmt: skip
+    env = {item["name"]: item["value"] for item in container(render(control_plane, "ops", *args))["env"]}
+    settings = Settings.from_environment(env)
+    assert settings.kuberay_namespace == "ray-operators" and settings.kuberay_auth_options is False
+    assert settings.ray_metrics_namespace == "monitoring" and settings.ray_metrics_pod_selector == {"app": "prometheus"}
+
+
 # (schema rule as its path in values.schema.json, values that break it, where helm says it failed, and how)
 BAD_VALUES: list[tuple[str, list[str], str, str]] = [
     ("", ["foo=1"], "", "additional properties 'foo' not allowed"),
@@ -236,6 +251,16 @@ BAD_VALUES: list[tuple[str, list[str], str, str]] = [
      "want object"),
     ("/operator/kuberayOperatorLabels/{}", ["operator.kuberayOperatorLabels.app=a=b"],
      "/operator/kuberayOperatorLabels/app", "does not match pattern"),
+    ("/operator/kuberayNamespace", ["operator.kuberayNamespace=Ray_System"], "/operator/kuberayNamespace",
+     "does not match pattern"),
+    ("/operator/rayMetricsScraper", ["operator.rayMetricsScraper.ports=x"], "/operator/rayMetricsScraper",
+     "additional properties 'ports'"),
+    ("/operator/rayMetricsScraper/namespace", ["operator.rayMetricsScraper.namespace=Mon"],
+     "/operator/rayMetricsScraper/namespace", "does not match pattern"),
+    ("/operator/rayMetricsScraper/podLabels", ["operator.rayMetricsScraper.podLabels=x"],
+     "/operator/rayMetricsScraper/podLabels", "want object"),
+    ("/operator/rayMetricsScraper/podLabels/{}", ["operator.rayMetricsScraper.podLabels.app=a=b"],
+     "/operator/rayMetricsScraper/podLabels/app", "does not match pattern"),
     ("/operator/defaultActiveDeadlineSeconds", ["operator.defaultActiveDeadlineSeconds=0"],
      "/operator/defaultActiveDeadlineSeconds", "minimum: got 0, want 1"),
     ("/operator/finishedClusterTtlSeconds", ["operator.finishedClusterTtlSeconds=-1"],
@@ -417,6 +442,7 @@ def test_the_charts_command_starts_the_operator_with_a_health_endpoint(
 def test_the_notes_name_the_kuberay_prerequisite(control_plane: ControlPlane) -> None:
     args = ["--dry-run=client", "--namespace", "ops", "--set", "watchNamespaces={team-a,team-b}"]
     notes = control_plane.helm("install", RELEASE, str(CHART), *args).stdout.split("NOTES:", 1)[1]
-    assert "KubeRay v1.5.0" in notes and "team-a, team-b" in notes
+    assert "KubeRay v1.5.1" in notes and "team-a, team-b" in notes
+    assert "--namespace kuberay-system" in notes and "enforces NetworkPolicy" in notes
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    assert "KubeRay v1.5.0" in chart["description"] and "v1.5.0" in chart["annotations"]["kubetune.io/requires"]
+    assert "KubeRay v1.5.1" in chart["description"] and "v1.5.1" in chart["annotations"]["kubetune.io/requires"]

@@ -1,6 +1,6 @@
 """kubetune's runs and endpoints on the real KubeRay controller, kube-scheduler and kwok nodes.
 
-The operator runs in-process against the test API server; KubeRay v1.5.0 turns what it
+The operator runs in-process against the test API server; KubeRay v1.5.1 turns what it
 builds into RayClusters and pods, which the scheduler places on the simulated CPU pool
 and the tainted GPU pool, in a namespace that enforces the restricted Pod Security level.
 """
@@ -97,6 +97,15 @@ def ray_cluster_of(kube: Kube, namespace: str, ray_job: str, wait_for: WaitFor) 
     return wait_for(named, what=f"KubeRay to make the RayCluster of {ray_job}", timeout=60)
 
 
+def ray_token_of(container: Manifest) -> dict[str, Any] | None:
+    """Where KubeRay's token authentication (authOptions) gives the container its Ray token from; None: no auth."""
+    env = {item["name"]: item for item in container.get("env", [])}
+    if env.get("RAY_AUTH_MODE", {}).get("value") != "token":
+        return None
+    reference: dict[str, Any] = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    return reference
+
+
 def test_kuberay_runs_the_complete_example_where_the_spec_says(
     operator: InProcessOperator,
     restricted: str,
@@ -152,6 +161,11 @@ def test_kuberay_runs_the_complete_example_where_the_spec_says(
     assert submitter["imagePullSecrets"] == [{"name": PULL_SECRET}]
     assert submitter["automountServiceAccountToken"] is False
     assert cluster_sim.node_pools[submitter["nodeName"]] == CPU_POOL
+    # Ray's token authentication: KubeRay made the cluster's token and gave it to every Ray container.
+    token = {"name": cluster, "key": "auth_token"}
+    for spec in (head, worker, submitter):
+        assert ray_token_of(spec["containers"][0]) == token
+    assert kube.get("v1", "Secret", namespace, cluster) is not None
     policy = kube.get("networking.k8s.io/v1", "NetworkPolicy", namespace, run)
     assert policy is not None and policy["spec"]["podSelector"]["matchLabels"]["kubetune.io/run"] == "1"
 
@@ -260,6 +274,8 @@ def test_kuberay_serves_a_model_deployment_where_the_spec_says(
     token = next(v for v in head["volumes"] if v["name"] == "autoscaler-token")
     assert {"serviceAccountToken", "configMap", "downwardAPI"} == {k for s in token["projected"]["sources"] for k in s}
     assert head["serviceAccountName"] == cluster
+    # Ray's token authentication on the endpoint's cluster too, the autoscaler's container included.
+    assert [ray_token_of(c) for c in (*containers.values(), server)] == [{"name": cluster, "key": "auth_token"}] * 3
     account = kube.get("v1", "ServiceAccount", restricted, cluster)
     assert account is not None and account["metadata"]["ownerReferences"][0]["kind"] == "RayCluster"
     assert replica["nodeSelector"]["nvidia.com/gpu.product"] == GPU_PRODUCT

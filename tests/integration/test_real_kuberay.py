@@ -1,6 +1,6 @@
 """The real KubeRay operator, kube-scheduler and simulated nodes (kwok) on the test control plane.
 
-Elsewhere the tests play KubeRay by patching child status; here KubeRay v1.5.0 itself
+Elsewhere the tests play KubeRay by patching child status; here KubeRay v1.5.1 itself
 turns RayJobs into RayClusters and RayClusters into pods, kube-scheduler places the
 pods on a CPU pool and a tainted GPU pool of kwok nodes, and kwok marks them Running
 (no container runs, and the Ray dashboard of a head pod never answers).

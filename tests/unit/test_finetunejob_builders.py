@@ -395,16 +395,6 @@ def test_the_ray_cluster_is_closed_to_other_pods(minimal_job: dict[str, Any]) ->
     assert manifests.in_order().index(manifests.network_policy) < manifests.in_order().index(manifests.ray_job)
 
 
-@pytest.mark.parametrize(("auth_options", "expected"), [(False, None), (True, {"mode": "token"})])
-def test_ray_token_authentication_with_kuberays_auth_options(
-    minimal_job: dict[str, Any], auth_options: bool, expected: dict[str, str] | None
-) -> None:
-    job = parse(mutated(mutated(minimal_job, "metadata.namespace", "ml"), "metadata.uid", "u"))
-    assert isinstance(job, FineTuneJob)
-    cluster = build_run(job, REQUEST, Settings(kuberay_auth_options=auth_options)).ray_job["spec"]["rayClusterSpec"]
-    assert cluster.get("authOptions") == expected
-
-
 def test_the_runtime_image_carries_its_ray_version(minimal_job: dict[str, Any]) -> None:
     default = build(minimal_job).ray_job["spec"]["rayClusterSpec"]
     assert default["rayVersion"] == SETTINGS.ray_version

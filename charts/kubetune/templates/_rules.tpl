@@ -75,11 +75,12 @@
 - apiGroups: ["ray.io"]
   resources: ["rayservices"]
   verbs: ["get", "create", "patch"]
-# closes each run's and each endpoint's Ray cluster to other pods; checked when its name is taken
-# (reconcile/*.py); deleted with a run the history forgets
+# closes each run's and each endpoint's Ray cluster to other pods; read on every pass while the
+# cluster runs, made again if deleted and patched back if changed (reconcile apply_owned); deleted
+# with a run the history forgets
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["get", "create", "delete"]
+  verbs: ["get", "create", "patch", "delete"]
 # which Secrets the specs name exist, read as metadata only (main.py SECRETS). RBAC cannot limit a
 # list to metadata; no get is granted and the operator never reads a Secret's data
 - apiGroups: [""]
@@ -100,7 +101,8 @@
   verbs: ["get"]
 {{- end }}
 {{- define "kubetune.rules.cluster" -}}
-# kopf follows the CRDs of the kinds it serves (discovery itself needs no grant)
+# kopf follows the CRDs of the kinds it serves (discovery itself needs no grant); KubeRay's are
+# listed by name to see whether they have authOptions (kuberay.py)
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
