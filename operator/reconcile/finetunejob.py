@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -142,14 +142,17 @@ class FineTuneJobReconciler:
         settings: Settings,
         runs: Informer[ObservedRun],
         reports: Informer[Report],
-        secrets: Informer[bool],
         clock: Clock = utc_now,
         pods: Informer[RunPod] | None = None,
     ) -> None:
-        """Reads the job from the API server; its runs, reports, pods and Secrets from the caches."""
+        """Reads the job from the API server; its runs, reports and pods from the caches.
+
+        Secrets are not looked at: the operator holds no grant on them. A Secret the spec names
+        that does not exist keeps the run's pods from starting, which shows as PodConfigError.
+        """
         self.kube = kube
         self.settings = settings
-        self.runs, self.reports, self.secrets, self.pods = runs, reports, secrets, pods
+        self.runs, self.reports, self.pods = runs, reports, pods
         self.clock = clock  # schedules and timestamps read this clock; tests inject their own
 
     def reconcile(self, key: Key) -> Outcome:
@@ -178,14 +181,6 @@ class FineTuneJobReconciler:
         violation = violation or cluster_output_problem(job.spec.output.uri)
         if violation is not None:
             return self._stopped(body, previous, Problem(Reason.INVALID_SPEC, violation), generation, now, requeue=None)
-        storage = job.spec.storage
-        secrets = frozenset([storage.credentials_secret.name] if storage and storage.credentials_secret else [])
-        missing = [secret for secret in sorted(secrets) if self.secrets.get(namespace, secret) is None]
-        if missing:
-            message = f"spec.storage.credentialsSecret.name: Secret {missing[0]!r} not found"
-            problem = Problem(Reason.SECRET_NOT_FOUND, message)
-            outcome = self._stopped(body, previous, problem, generation, now, requeue=self.settings.recheck_seconds)
-            return replace(outcome, depends_on=frozenset(("Secret", secret) for secret in secrets))
         try:
             decision = self._plan(job, body, runs, own_reports, generation, now)
         except ScheduleError as error:  # the admission checks missed it (another croniter, say)
@@ -216,7 +211,7 @@ class FineTuneJobReconciler:
             if record.gate is not None and record.gate.passed:
                 PROMOTIONS.inc()
         post_events(self.kube, body, decision.events, now, log)
-        return Outcome(version, decision.requeue_after, depends_on=frozenset(("Secret", s) for s in secrets))
+        return Outcome(version, decision.requeue_after)
 
     def _plan(
         self,
