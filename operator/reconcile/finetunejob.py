@@ -41,6 +41,7 @@ from kubetune.operator.naming import (
     report_name,
     runner_name,
 )
+from kubetune.operator.planning.adoption import adoption_problem
 from kubetune.operator.planning.finetunejob import (
     Event,
     ObservedRun,
@@ -256,7 +257,9 @@ class FineTuneJobReconciler:
     def _create_run(self, job: FineTuneJob, request: RunRequest) -> str | None:
         """Create the run's objects in order; None, or why not: a name taken by an object not the job's.
 
-        An object that exists and belongs to the job was made by an earlier pass that did not finish.
+        An object that exists and belongs to the job was made by an earlier pass that did not finish:
+        it names the job as its controller (kind, name and UID) and holds what this pass would create.
+        Anything else (a planted run config with the job's UID, say) is not used.
         """
         for manifest in build_run(job, request, self.settings).in_order():
             if self.kube.create(manifest) is not None:
@@ -265,8 +268,9 @@ class FineTuneJobReconciler:
             existing = self.kube.get(ref.api_version, ref.kind, ref.namespace, ref.name)
             if existing is None and self.kube.create(manifest) is not None:
                 continue  # deleted in between: made now
-            if existing is None or controller_uid(existing) != job.metadata.get("uid"):
-                return f"{ref.kind} {ref.name} already exists and does not belong to this FineTuneJob"
+            problem = "it could not be read" if existing is None else adoption_problem(existing, manifest)
+            if problem is not None:
+                return f"{ref.kind} {ref.name} already exists and does not belong to this FineTuneJob ({problem})"
         return None
 
     def _delete_owned(self, ref: ObjectRef, owner_uid: str | None) -> None:
