@@ -351,10 +351,17 @@ def rendered_grants(docs: list[Manifest]) -> set[Call]:
     return grants
 
 
+# Asked and refused, on purpose: with named namespaces kopf also tries to follow the cluster's namespaces, and
+# goes on with the names given when it may not (permissions.py does not declare `namespaces`).
+REFUSED_BY_DESIGN = {("", "", "namespaces", "list"), ("", "", "namespaces", "watch")}
+
+
 def outside(calls: list[tuple[Call, int]], grants: set[Call]) -> list[tuple[Call, int]]:
     """The calls the grants do not cover (a list across all namespaces needs a cluster-wide grant)."""
     return sorted(
-        (call, code) for call, code in calls if ("*", *call[1:]) not in grants and (call[0] == "" or call not in grants)
+        (call, code)
+        for call, code in calls
+        if call not in REFUSED_BY_DESIGN and ("*", *call[1:]) not in grants and (call[0] == "" or call not in grants)
     )
 
 
@@ -397,7 +404,7 @@ def test_the_operator_uses_what_it_is_granted(
         assert calls, "the audit log holds the operator's requests"
         # Every request is within what the chart renders, and none was refused.
         assert outside(calls, grants) == []
-        assert [call for call, code in calls if code == 403] == []
+        assert [call for call, code in calls if code == 403 and call not in REFUSED_BY_DESIGN] == []
         # No request touches a Secret: none is granted, none is made.
         assert [call for call, _ in calls if call[2].startswith("secrets")] == []
         assert [grant for grant in grants if grant[2].startswith("secrets")] == []

@@ -146,7 +146,7 @@ def test_a_planted_run_config_with_the_jobs_uid_is_not_used(
     assert kube.get("ray.io/v1", "RayJob", namespace, "tickets-r2") is None  # nothing mounts it
     config = kube.get("v1", "ConfigMap", namespace, "tickets-r2-config")
     assert config is not None and config["data"] == {"run.json": "{}"}  # left as it was
-    assert status(kube, namespace)["promotedRun"] == 1
+    assert status(kube, namespace)["runs"][0]["phase"] == "Succeeded"  # run 1 is untouched
 
 
 def test_a_planted_rayjob_and_report_are_not_adopted(kube: Kube, namespace: str, operator: InProcessOperator) -> None:

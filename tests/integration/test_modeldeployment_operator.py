@@ -274,8 +274,7 @@ def test_a_deployment_waits_for_its_job_and_its_pods_name_a_missing_secret(
     )
     finish_run(kube, namespace, 1, accuracy=0.8)
     service = wait_serving(kube, namespace, "s3://out/tickets/1/variants/int8")
-    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert "support-tickets-endpoint" in json.dumps(head["env"])  # by reference
+    assert '"name": "support-tickets-endpoint"' in json.dumps(service["spec"])  # the token Secret, by reference
     # The kubelet cannot start the replica without the token Secret, and says which one.
     pod = ray_pod(kube, namespace, "support-tickets-a-head-x7k2p")
     missing = {"reason": "CreateContainerConfigError", "message": 'secret "support-tickets-endpoint" not found'}
