@@ -21,7 +21,6 @@ class Reason(StrEnum):
 
     INVALID_SPEC = "InvalidSpec"
     RECONCILE_FAILED = "ReconcileFailed"  # a pass failed unexpectedly; it is retried with backoff
-    SECRET_NOT_FOUND = "SecretNotFound"
     RUN_CREATED = "RunCreated"
     RUN_PENDING = "RunPending"
     RUN_RUNNING = "RunRunning"

@@ -40,7 +40,6 @@ LIST_PAGE_SIZE = 500
 # (apiVersion, kind) → plural: every kind the operator reads or writes.
 PLURALS: dict[tuple[str, str], str] = {
     ("v1", "ConfigMap"): "configmaps",
-    ("v1", "Secret"): "secrets",
     ("v1", "ServiceAccount"): "serviceaccounts",
     ("v1", "Event"): "events",
     ("v1", "Pod"): "pods",
@@ -270,16 +269,6 @@ class Kube:
             if error.not_found:
                 return None
             raise
-
-    def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
-        """Whether the object exists, read as metadata only (never a Secret's data)."""
-        try:
-            self.request("GET", object_path(api_version, kind, namespace, name), accept=METADATA_ONLY)
-        except ApiError as error:
-            if error.not_found:
-                return False
-            raise
-        return True
 
     def list_with_version(
         self,

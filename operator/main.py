@@ -1,7 +1,7 @@
 """The operator process: `kubetune operator`, or `kopf run -m kubetune.operator.main`.
 
-Startup makes the shared pieces (API client, Secret watch, thread pool, one
-controller per kind) and keeps them in kopf's memo, where the handlers find them.
+Startup makes the shared pieces (API client, thread pool, one controller per
+kind) and keeps them in kopf's memo, where the handlers find them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import kopf
 from kopf._core.engines.peering import Identity  # the type of kopf.operator's `identity` (not re-exported)
 from kubetune.operator import metrics
 from kubetune.operator.api.common import GROUP, VERSION
-from kubetune.operator.core.informer import Informer, Source
 from kubetune.operator.handlers.finetunejob import FineTuneJobs
 from kubetune.operator.handlers.modeldeployment import ModelDeployments
 from kubetune.operator.kube import ApiError, Kube
@@ -31,8 +30,6 @@ from kubetune.operator.reconcile.finetunejob import utc_now
 from kubetune.operator.settings import Settings
 
 log = logging.getLogger("kubetune.operator")
-# Which Secrets exist, read as metadata only: the specs name them, the operator never reads their data.
-SECRETS = Source("v1", "Secret", metadata_only=True)
 JOB_KIND = (f"{GROUP}/{VERSION}", "FineTuneJob")
 DEPLOYMENT_KIND = (f"{GROUP}/{VERSION}", "ModelDeployment")
 # How often a peered operator reads the peering object: the delay it adds to a takeover.
@@ -86,23 +83,21 @@ def _build(memo: kopf.Memo) -> None:
     """The caches and controllers, not started yet: kopf's handlers may enqueue into them meanwhile."""
     kube, options, executor = memo.kube, memo.settings, memo.executor
     namespaces = memo.get("namespaces") or None
-    secrets: Informer[bool] = Informer(kube, SECRETS, namespaces, lambda _: True)
     clock = memo.get("clock") or utc_now
-    jobs = FineTuneJobs(kube, options, secrets, clock, executor, namespaces)
-    deployments = ModelDeployments(kube, options, secrets, clock, executor, namespaces)
+    jobs = FineTuneJobs(kube, options, clock, executor, namespaces)
+    deployments = ModelDeployments(kube, options, clock, executor, namespaces)
     controllers = [jobs.controller, deployments.controller]
 
     def changed(kind: str, namespace: str, name: str) -> None:
-        """An object others may depend on changed (a Secret, a FineTuneJob): every kind hears of it."""
+        """An object others may depend on changed (a FineTuneJob): every kind hears of it."""
         for controller in controllers:
             controller.dependency_changed(kind, namespace, name)
 
-    memo.secrets, memo.finetunejobs, memo.modeldeployments = secrets, jobs, deployments
+    memo.finetunejobs, memo.modeldeployments = jobs, deployments
     memo.changed = changed
 
 
 def _start(memo: kopf.Memo) -> None:
-    memo.secrets.start(lambda change: memo.changed("Secret", change.namespace, change.name))
     memo.finetunejobs.start()
     memo.modeldeployments.start()
 
@@ -111,8 +106,6 @@ async def _stop_controllers(memo: kopf.Memo) -> None:
     for kind in ("finetunejobs", "modeldeployments"):
         if memo.get(kind) is not None:
             await memo[kind].stop()
-    if memo.get("secrets") is not None:
-        await asyncio.to_thread(memo.secrets.stop)
 
 
 @dataclass(frozen=True)

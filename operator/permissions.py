@@ -4,8 +4,8 @@ Each permission names the code that needs it. Nothing here is granted "just in c
 verb the operator does not call is not declared (the escalation verbs below are the one
 kind of exception, and they say why). `rules()` renders the declaration as the rules of a
 ClusterRole (cluster-wide mode) or of a Role per watched namespace plus a ClusterRole for
-the cluster-scoped remainder (namespaced mode); `python -m kubetune.operator.rbacgen`
-writes them into the chart.
+the cluster-scoped remainder (namespaced mode, where that remainder only reads);
+`python -m kubetune.operator.rbacgen` writes them into the chart.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ class Scope(StrEnum):
     NAMESPACED = "namespaced"
     # Cluster-scoped objects: always a ClusterRole.
     CLUSTER = "cluster"
+    # Cluster-scoped objects used only when all namespaces are watched: a ClusterRole in that mode only.
+    ALL_NAMESPACES = "all-namespaces"
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,10 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission("", "configmaps", ("get", "create", "delete"),
                "a run's config and report ConfigMaps are created, checked when their name is taken, and "
                "deleted with the run (reconcile/finetunejob.py)"),
-    Permission("", "configmaps", ("get", "patch", "update"),
-               "granted to each run's Role on its report (builders/finetunejob.py): Kubernetes lets a "
-               "Role or RoleBinding grant only what its creator holds, so the operator holds these verbs "
-               "itself, though it never patches or updates a ConfigMap"),
+    Permission("", "configmaps", ("patch",),
+               "granted to each run's Role on its report, by name (builders/finetunejob.py): Kubernetes lets "
+               "a Role grant only what its creator holds, so the operator holds this verb itself, though it "
+               "never patches a ConfigMap. The one write on a core kind it does not use"),
     Permission("", "serviceaccounts", ("get", "create", "delete"),
                "each run's own ServiceAccount, the identity of the pod that reports (reconcile/finetunejob.py)"),
     Permission(RBAC, "roles", ("get", "create", "delete"),
@@ -103,9 +105,6 @@ PERMISSIONS: tuple[Permission, ...] = (
                "cluster runs, made again if deleted and patched back if changed (reconcile apply_owned); "
                "deleted with a run the history forgets"),
     # Shared.
-    Permission("", "secrets", ("list", "watch"),
-               "which Secrets the specs name exist, read as metadata only (main.py SECRETS). RBAC cannot "
-               "limit a list to metadata; no get is granted and the operator never reads a Secret's data"),
     Permission("", "events", ("create",),
                "every transition is recorded as an Event on its object (kube.py Kube.event)"),
     # kopf.
@@ -119,13 +118,16 @@ PERMISSIONS: tuple[Permission, ...] = (
                "the peering gate reads the peers' records before starting the controllers (main.py PeeringGate)"),
     Permission(KOPF, "clusterkopfpeerings", ("list", "watch", "patch"),
                "with `--peering` in cluster-wide mode, the same on the ClusterKopfPeering (kopf's peering engine)",
-               Scope.CLUSTER),
+               Scope.ALL_NAMESPACES),
     Permission(KOPF, "clusterkopfpeerings", ("get",),
                "the peering gate reads the peers' records in cluster-wide mode (main.py PeeringGate)",
-               Scope.CLUSTER),
+               Scope.ALL_NAMESPACES),
 )  # fmt: skip
 # Not declared, on purpose: `namespaces` (with named namespaces kopf falls back to the names given when it
-# may not list them).
+# may not list them), and `secrets`: no verb on them at all. A Secret a spec names is passed to the pods by
+# reference; when it is missing, the pods cannot start their containers and the run or endpoint shows
+# PodConfigError with the kubelet's message naming the Secret (planning/pods.py). Granting list/watch, even
+# for a metadata-only informer, would let the operator read every Secret's data.
 
 
 def rules(scope: Scope, permissions: tuple[Permission, ...] = PERMISSIONS) -> list[dict[str, Any]]:

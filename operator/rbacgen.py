@@ -1,8 +1,9 @@
 """Writes the chart's RBAC rules from `permissions.py`: `python -m kubetune.operator.rbacgen CHART_DIR`.
 
-The rules become two named templates (`kubetune.rules.namespaced`, `kubetune.rules.cluster`)
-in `templates/_rules.tpl`, each rule under a comment giving its reason, so a rendered
-Role or ClusterRole says why it holds every verb. A unit test fails when the file drifts.
+The rules become one named template per `Scope` (`kubetune.rules.namespaced`,
+`kubetune.rules.cluster`, `kubetune.rules.allNamespaces`) in `templates/_rules.tpl`, each
+rule under a comment giving its reason, so a rendered Role or ClusterRole says why it holds
+every verb. A unit test fails when the file drifts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ HEADER = (
     "{{/* Generated from kubetune's operator/permissions.py by "
     "`python -m kubetune.operator.rbacgen charts/kubetune`. Do not edit. */}}\n"
 )
-TEMPLATE_NAMES = {Scope.NAMESPACED: "kubetune.rules.namespaced", Scope.CLUSTER: "kubetune.rules.cluster"}
+TEMPLATE_NAMES = {
+    Scope.NAMESPACED: "kubetune.rules.namespaced",
+    Scope.CLUSTER: "kubetune.rules.cluster",
+    Scope.ALL_NAMESPACES: "kubetune.rules.allNamespaces",
+}
 
 
 def _rule(permission: Permission) -> str:

@@ -5,8 +5,8 @@ kopf handlers and the informers' change callbacks only hand keys to
 queue once the caches are filled, and run the kind's blocking `reconcile` in a
 thread pool: at most `workers` at once, one per key. A pass returns an `Outcome`:
 the status version it wrote (its watch event is no change), when to look again,
-and which other objects it depends on (a Secret it names, the FineTuneJob it
-follows): a change to one of them wakes it. Failures are
+and which other objects it depends on (the FineTuneJob a deployment follows): a
+change to one of them wakes it. Failures are
 retried with per-key exponential backoff; a 429's Retry-After is honoured.
 """
 

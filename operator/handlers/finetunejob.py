@@ -62,7 +62,6 @@ class FineTuneJobs:
         self,
         kube: Kube,
         settings: Settings,
-        secrets: Informer[bool],
         clock: Clock,
         executor: Executor,
         namespaces: list[str] | None,
@@ -70,17 +69,16 @@ class FineTuneJobs:
         self.runs: Informer[ObservedRun] = Informer(kube, RUNS, namespaces, observe_run, job_of)
         self.reports: Informer[Report] = Informer(kube, REPORTS, namespaces, observe_report, job_of)
         self.pods: Informer[RunPod] = Informer(kube, PODS, namespaces, observe_pod, job_of)
-        reconciler = FineTuneJobReconciler(kube, settings, self.runs, self.reports, secrets, clock, self.pods)
+        reconciler = FineTuneJobReconciler(kube, settings, self.runs, self.reports, clock, self.pods)
         self.controller = Controller(
             KIND, reconciling(kube, KIND, reconciler.reconcile, clock), executor, ControllerSettings.of(settings)
         )
-        self.secrets = secrets
 
     def start(self) -> None:
         self.runs.start(self._run_changed)
         self.reports.start(self._report_changed)
         self.pods.start(self._report_changed)  # any change of a run's pod may change why it waits
-        self.controller.start([self.runs.synced, self.reports.synced, self.pods.synced, self.secrets.synced])
+        self.controller.start([self.runs.synced, self.reports.synced, self.pods.synced])
 
     async def stop(self) -> None:
         await self.controller.stop()

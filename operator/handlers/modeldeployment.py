@@ -2,8 +2,9 @@
 
 kopf watches ModelDeployments; its handler only enqueues the key. The RayServices and
 the endpoints' pods are held by informers with server-side label selectors, kept as
-what the rollout needs of each (of a pod: why it cannot run). A FineTuneJob's or a
-Secret's change reaches the deployments that depend on it through the controller core.
+what the rollout needs of each (of a pod: why it cannot run). A FineTuneJob's change
+reaches the deployments that follow it through the controller core. Secrets are not
+watched: a missing one shows on the endpoint's pods (PodConfigError).
 """
 
 from __future__ import annotations
@@ -40,23 +41,21 @@ class ModelDeployments:
         self,
         kube: Kube,
         settings: Settings,
-        secrets: Informer[bool],
         clock: Clock,
         executor: Executor,
         namespaces: list[str] | None,
     ) -> None:
         self.services: Informer[ObservedService] = Informer(kube, SERVICES, namespaces, observe, deployment_of)
         self.pods: Informer[PodState] = Informer(kube, PODS, namespaces, observe_pod, deployment_of)
-        reconciler = ModelDeploymentReconciler(kube, settings, self.services, secrets, clock, self.pods)
+        reconciler = ModelDeploymentReconciler(kube, settings, self.services, clock, self.pods)
         self.controller = Controller(
             KIND, reconciling(kube, KIND, reconciler.reconcile, clock), executor, ControllerSettings.of(settings)
         )
-        self.secrets = secrets
 
     def start(self) -> None:
         self.services.start(self._service_changed)
         self.pods.start(self._pod_changed)
-        self.controller.start([self.services.synced, self.pods.synced, self.secrets.synced])
+        self.controller.start([self.services.synced, self.pods.synced])
 
     async def stop(self) -> None:
         await self.controller.stop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,6 +42,7 @@ from kubetune.operator.naming import (
     report_name,
     runner_name,
 )
+from kubetune.operator.planning.adoption import adoption_problem
 from kubetune.operator.planning.finetunejob import (
     Event,
     ObservedRun,
@@ -135,17 +136,20 @@ class FineTuneJobReconciler:
         settings: Settings,
         runs: Informer[ObservedRun],
         reports: Informer[Report],
-        secrets: Informer[bool],
         clock: Clock = utc_now,
         pods: Informer[RunPod] | None = None,
         kuberay: KubeRayAuthSupport | None = None,
     ) -> None:
-        """Reads the job from the API server; its runs, reports, pods and Secrets from the caches;
-        whether KubeRay can run Ray with token authentication from its CRDs."""
+        """Reads the job from the API server; its runs, reports and pods from the caches; whether
+        KubeRay can run Ray with token authentication from its CRDs.
+
+        Secrets are not looked at: the operator holds no grant on them. A Secret the spec names
+        that does not exist keeps the run's pods from starting, which shows as PodConfigError.
+        """
         self.kube = kube
         self.settings = settings
         self.kuberay = kuberay or KubeRayAuthSupport(kube)
-        self.runs, self.reports, self.secrets, self.pods = runs, reports, secrets, pods
+        self.runs, self.reports, self.pods = runs, reports, pods
         self.clock = clock  # schedules and timestamps read this clock; tests inject their own
 
     def reconcile(self, key: Key) -> Outcome:
@@ -176,14 +180,6 @@ class FineTuneJobReconciler:
         violation = violation or ray_version_problem(job.spec.resources, "spec.resources", self.settings)
         if violation is not None:
             return self._stopped(body, previous, Problem(Reason.INVALID_SPEC, violation), generation, now, requeue=None)
-        storage = job.spec.storage
-        secrets = frozenset([storage.credentials_secret.name] if storage and storage.credentials_secret else [])
-        missing = [secret for secret in sorted(secrets) if self.secrets.get(namespace, secret) is None]
-        if missing:
-            message = f"spec.storage.credentialsSecret.name: Secret {missing[0]!r} not found"
-            problem = Problem(Reason.SECRET_NOT_FOUND, message)
-            outcome = self._stopped(body, previous, problem, generation, now, requeue=self.settings.recheck_seconds)
-            return replace(outcome, depends_on=frozenset(("Secret", secret) for secret in secrets))
         try:
             decision = self._plan(job, body, runs, own_reports, generation, now)
         except ScheduleError as error:  # the admission checks missed it (another croniter, say)
@@ -218,7 +214,7 @@ class FineTuneJobReconciler:
             if record.gate is not None and record.gate.passed:
                 PROMOTIONS.inc()
         post_events(self.kube, body, decision.events, now, log)
-        return Outcome(version, decision.requeue_after, depends_on=frozenset(("Secret", s) for s in secrets))
+        return Outcome(version, decision.requeue_after)
 
     def _plan(
         self,
@@ -281,7 +277,9 @@ class FineTuneJobReconciler:
     def _create_run(self, job: FineTuneJob, request: RunRequest) -> str | None:
         """Create the run's objects in order; None, or why not: a name taken by an object not the job's.
 
-        An object that exists and belongs to the job was made by an earlier pass that did not finish.
+        An object that exists and belongs to the job was made by an earlier pass that did not finish:
+        it names the job as its controller (kind, name and UID) and holds what this pass would create.
+        Anything else (a planted run config with the job's UID, say) is not used.
         """
         for manifest in build_run(job, request, self.settings).in_order():
             if self.kube.create(manifest) is not None:
@@ -290,8 +288,9 @@ class FineTuneJobReconciler:
             existing = self.kube.get(ref.api_version, ref.kind, ref.namespace, ref.name)
             if existing is None and self.kube.create(manifest) is not None:
                 continue  # deleted in between: made now
-            if existing is None or controller_uid(existing) != job.metadata.get("uid"):
-                return f"{ref.kind} {ref.name} already exists and does not belong to this FineTuneJob"
+            problem = "it could not be read" if existing is None else adoption_problem(existing, manifest)
+            if problem is not None:
+                return f"{ref.kind} {ref.name} already exists and does not belong to this FineTuneJob ({problem})"
         return None
 
     def _delete_owned(self, ref: ObjectRef, owner_uid: str | None) -> None:

@@ -86,7 +86,6 @@ class ModelDeploymentReconciler:
         kube: Kube,
         settings: Settings,
         services: Informer[ObservedService],
-        secrets: Informer[bool],
         clock: Clock,
         pods: Informer[PodState] | None = None,
         kuberay: KubeRayAuthSupport | None = None,
@@ -95,7 +94,7 @@ class ModelDeploymentReconciler:
         its pods from caches; whether KubeRay can run Ray with token authentication from its CRDs."""
         self.kube, self.settings, self.clock = kube, settings, clock
         self.kuberay = kuberay or KubeRayAuthSupport(kube)
-        self.services, self.secrets, self.pods = services, secrets, pods
+        self.services, self.pods = services, pods
 
     def reconcile(self, key: Key) -> Outcome:
         namespace, name = key
@@ -128,10 +127,6 @@ class ModelDeploymentReconciler:
         if violation:
             return self._write(body, previous, Problem(Reason.INVALID_SPEC, violation), generation, service, now, set())
         needs = _dependencies(deployment)
-        missing = [n for kind, n in sorted(needs) if kind == "Secret" and self.secrets.get(namespace, n) is None]
-        if missing:
-            problem = Problem(Reason.SECRET_NOT_FOUND, f"Secret {missing[0]!r} (named in the spec) not found")
-            return self._write(body, previous, problem, generation, service, now, needs)
         reference = deployment.spec.model.from_fine_tune_job
         job = self._job(namespace, reference.name) if reference else None
         resolved = resolve(deployment, job)
@@ -246,13 +241,13 @@ class ModelDeploymentReconciler:
 
 
 def _dependencies(deployment: ModelDeployment) -> set[Dependency]:
-    """The objects whose changes this deployment must see: its Secrets and the FineTuneJob it follows."""
+    """The objects whose changes this deployment must see: the FineTuneJob it follows.
+
+    (Its Secrets are not watched: the operator holds no grant on Secrets, and a missing one
+    shows on the endpoint's pods as PodConfigError.)
+    """
     spec = deployment.spec
     needs: set[Dependency] = set()
-    if spec.auth is not None:
-        needs.add(("Secret", spec.auth.token_secret.name))
-    if spec.storage is not None and spec.storage.credentials_secret is not None:
-        needs.add(("Secret", spec.storage.credentials_secret.name))
     if spec.model.from_fine_tune_job is not None:
         needs.add((JOB_KIND, spec.model.from_fine_tune_job.name))
     return needs

@@ -37,7 +37,7 @@ def compute_status(
     failed = rollout.failed
     running = service is not None and service.ready and service.serving_status == RUNNING
     wait = (Reason(waiting.reason.value), waiting.message) if waiting is not None else None
-    if problem is not None and (serving is None or problem.reason in (Reason.INVALID_SPEC, Reason.SECRET_NOT_FOUND)):
+    if problem is not None and (serving is None or problem.reason == Reason.INVALID_SPEC):
         phase = DeploymentPhase.INVALID if problem.reason == Reason.INVALID_SPEC else DeploymentPhase.PENDING
         ready = (False, problem.reason, problem.message)
     elif serving is None:

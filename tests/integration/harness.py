@@ -209,6 +209,12 @@ class OperatorProcess:
             return ""
 
 
+def create_secret(kube: Kube, namespace: str, name: str, values: dict[str, str]) -> None:
+    """A Secret, as a user makes it (the operator's client knows no Secret kind: it never touches one)."""
+    body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}}
+    kube.request("POST", f"/api/v1/namespaces/{namespace}/secrets", body={**body, "stringData": values})
+
+
 def set_ray_job_status(kube: Kube, namespace: str, name: str, **status: Any) -> Manifest:
     """Do what KubeRay does: write the RayJob's status (camelCase keys as given)."""
     return kube.patch_status(ObjectRef("ray.io/v1", "RayJob", namespace, name), status)

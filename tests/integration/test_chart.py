@@ -88,7 +88,8 @@ def test_default_values_render_a_restricted_cluster_wide_operator(control_plane:
         "kt-kubetune-view",
     ]
     [role] = by_kind(docs, "ClusterRole")
-    assert role["rules"] == rules(Scope.NAMESPACED) + rules(Scope.CLUSTER)
+    assert role["rules"] == rules(Scope.NAMESPACED) + rules(Scope.ALL_NAMESPACES) + rules(Scope.CLUSTER)
+    assert [rule for rule in role["rules"] if "secrets" in rule["resources"]] == []
     [binding] = by_kind(docs, "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kt-kubetune", "namespace": "ops"}]
     [deployment] = by_kind(docs, "Deployment")
@@ -130,9 +131,11 @@ def test_namespaced_mode_grants_a_role_per_namespace(control_plane: ControlPlane
     assert [(b["metadata"]["namespace"], b["roleRef"]["kind"]) for b in bindings] == [
         ("team-a", "Role"), ("team-b", "Role"),
     ]  # fmt: skip
-    # Only what is cluster-scoped stays cluster-wide.
+    # Only what is cluster-scoped stays cluster-wide, and it only reads: no write anywhere but the watched namespaces.
     [cluster_role] = by_kind(docs, "ClusterRole")
     assert cluster_role["rules"] == rules(Scope.CLUSTER)
+    assert {verb for rule in cluster_role["rules"] for verb in rule["verbs"]} <= {"get", "list", "watch"}
+    assert [rule for role in [*roles, cluster_role] for rule in role["rules"] if "secrets" in rule["resources"]] == []
     operator = container(docs)
     assert operator["args"][:2] == ["--namespace=team-a", "--namespace=team-b"]
     env = {item["name"]: item["value"] for item in operator["env"]}
@@ -366,8 +369,10 @@ def test_the_api_server_accepts_the_cluster_wide_chart(control_plane: ControlPla
             qualified = f"{resource}.{permission.api_group}".rstrip(".")
             for verb in permission.verbs:
                 assert can_i(control_plane, user, verb, qualified, None, subresource), (verb, permission.resource)
-        assert not can_i(control_plane, user, "get", "secrets", namespace)
+        for verb in ("get", "list", "watch"):
+            assert not can_i(control_plane, user, verb, "secrets", None), verb
         assert not can_i(control_plane, user, "update", "rayjobs.ray.io", namespace)
+        assert not can_i(control_plane, user, "update", "configmaps", None)
 
 
 def test_the_api_server_accepts_the_namespaced_chart(
@@ -379,10 +384,21 @@ def test_the_api_server_accepts_the_namespaced_chart(
         user = f"system:serviceaccount:{namespace}:{RELEASE}-kubetune"
         for watched in (namespace, other_namespace):
             assert can_i(control_plane, user, "create", "rayjobs.ray.io", watched)
-            assert can_i(control_plane, user, "list", "secrets", watched)
+            assert can_i(control_plane, user, "patch", "configmaps", watched)  # what each run's Role grants
+            assert not can_i(control_plane, user, "list", "secrets", watched)
             assert not can_i(control_plane, user, "get", "secrets", watched)
         assert not can_i(control_plane, user, "list", "rayjobs.ray.io", "default")
         assert can_i(control_plane, user, "watch", "customresourcedefinitions.apiextensions.k8s.io", None)
+        # Nothing is written outside the watched namespaces, on any kind.
+        for verb, resource in (
+            ("patch", "configmaps"),
+            ("create", "rayjobs.ray.io"),
+            ("create", "roles.rbac.authorization.k8s.io"),
+            ("patch", "clusterkopfpeerings.kopf.dev"),
+            ("create", "serviceaccounts"),
+        ):
+            assert not can_i(control_plane, user, verb, resource, "default"), (verb, resource)
+            assert not can_i(control_plane, user, verb, resource, None), (verb, resource)
 
 
 def free_port() -> int:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from kubetune.operator.kube import Kube, ObjectRef
+from kubetune.operator.naming import run_labels
 from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, VariantReport
 from kubetune.runtime.contract.runconfig import RunConfig
 from kubetune.runtime.kube_reporter import ConfigMapReporter
@@ -16,7 +17,15 @@ from kubetune.runtime.reporting import TrainingProgress
 
 from ..conftest import load_example, mutated
 from ..controlplane import CommandError, ControlPlane
-from .harness import EXAMPLE_RUNS, InProcessOperator, MovableClock, conditions, eventually, set_ray_job_status
+from .harness import (
+    EXAMPLE_RUNS,
+    InProcessOperator,
+    MovableClock,
+    conditions,
+    create_secret,
+    eventually,
+    set_ray_job_status,
+)
 
 Manifest = dict[str, Any]
 JOB = ("kubetune.io/v1alpha1", "FineTuneJob")
@@ -381,28 +390,46 @@ def wait_gone(kube: Kube, namespace: str, api_version: str, kind: str, name: str
     eventually(lambda: kube.get(api_version, kind, namespace, name) is None, timeout=60, what=f"{kind} {name} gone")
 
 
-def test_missing_secret_is_reported_without_a_crash_loop(
+def run_pod(kube: Kube, namespace: str, name: str, job_name: str = "tickets", number: int = 1) -> ObjectRef:
+    """A pod of a run's Ray cluster, as KubeRay makes it from our template (labels included)."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": run_labels(job_name, number)},
+        "spec": {"containers": [{"name": "ray-head", "image": "kubetune-runtime:test"}]},
+    }
+    assert kube.create(pod) is not None
+    return ObjectRef("v1", "Pod", namespace, name)
+
+
+def container_status(**state: Any) -> Manifest:
+    return {"name": "ray-head", "image": "kubetune-runtime:test", "imageID": "", "ready": False, "restartCount": 0,
+            "state": state}  # fmt: skip
+
+
+def test_a_missing_secret_shows_on_the_run_as_pod_config_error(
     kube: Kube, namespace: str, operator: InProcessOperator
 ) -> None:
+    # The operator holds no grant on Secrets: the run starts, and its pods say what is missing.
     create_job(kube, namespace, spec__storage={"credentialsSecret": {"name": "storage-keys"}})
-    ready = eventually(
-        lambda: (c := conditions(job(kube, namespace)).get("Ready")) and c["reason"] == "SecretNotFound" and c,
-        what="Ready=False SecretNotFound",
-    )
-    assert ready["status"] == "False" and "spec.storage.credentialsSecret.name" in ready["message"]
-    assert ray_jobs(kube, namespace) == []
-    kube.create(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "storage-keys", "namespace": namespace},
-            "stringData": {"AWS_ACCESS_KEY_ID": "key-id-7431", "AWS_SECRET_ACCESS_KEY": "key-secret-9925"},
-        }
-    )
-    # The operator looks again by itself and starts the run once the Secret exists.
     ray_job = wait_ray_job(kube, namespace, "tickets-r1")
     container = ray_job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert container["envFrom"] == [{"secretRef": {"name": "storage-keys"}}]
+    head = run_pod(kube, namespace, "tickets-r1-head-x7k2p")
+    missing = {"reason": "CreateContainerConfigError", "message": 'secret "storage-keys" not found'}
+    kube.patch_status(head, {"containerStatuses": [container_status(waiting=missing)]})
+    progressing = eventually(
+        lambda: (c := conditions(job(kube, namespace)).get("Progressing")) and c["reason"] == "PodConfigError" and c,
+        what="Progressing PodConfigError",
+    )
+    assert 'secret "storage-keys" not found' in progressing["message"]
+    (run,) = status(kube, namespace)["runs"]
+    assert run["waiting"] == "PodConfigError" and "tickets-r1-head-x7k2p" in run["message"]
+    # Once the Secret exists the kubelet starts the container, and nothing holds the run up.
+    keys = {"AWS_ACCESS_KEY_ID": "key-id-7431", "AWS_SECRET_ACCESS_KEY": "key-secret-9925"}
+    create_secret(kube, namespace, "storage-keys", keys)
+    kube.patch_status(head, {"containerStatuses": [{**container_status(running={}), "ready": True}]})
+    eventually(lambda: "waiting" not in status(kube, namespace)["runs"][0], what="the run no longer waits")
     # Credentials travel by reference only.
     everything = json.dumps([ray_job, status(kube, namespace), kube.list("v1", "ConfigMap", namespace, {})])
     assert "key-id-7431" not in everything and "key-secret-9925" not in everything
@@ -422,7 +449,9 @@ def test_the_run_may_write_its_report_and_nothing_more(
             return False  # kubectl exits 1 for "no"
         return True
 
-    assert can("patch", "configmap/tickets-r1-report") and can("get", "configmap/tickets-r1-report")
+    assert can("patch", "configmap/tickets-r1-report")
+    # Only the verb the reporter uses (runtime/kubeapi.py): no read, no replace.
+    assert not can("get", "configmap/tickets-r1-report") and not can("update", "configmap/tickets-r1-report")
     assert not can("patch", "configmap/tickets-r1-config")
     assert not can("get", "secrets") and not can("create", "rayjobs.ray.io")
     assert not can("patch", "finetunejobs.kubetune.io/tickets")

@@ -18,6 +18,7 @@ from kubetune.operator.api.finetunejob import (
 )
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.kube import Kube, ObjectRef
+from kubetune.operator.naming import run_labels
 from kubetune.operator.planning.finetunejob import run_spec_hash
 from kubetune.operator.settings import Settings
 from kubetune.operator.status.finetunejob import STATUS_MAX_BYTES, compute_status, fit_history
@@ -27,7 +28,17 @@ from kubetune.runtime.contract.report import REPORT_KEY, RunProgress, Stage
 from ..conftest import load_example, mutated
 from ..controlplane import ControlPlane
 from .harness import InProcessOperator, MovableClock, conditions, eventually, set_ray_job_status
-from .test_finetunejob_operator import RUNNING, SUCCEEDED, create_job, job, status, wait_event, wait_phase, wait_ray_job
+from .test_finetunejob_operator import (
+    RUNNING,
+    SUCCEEDED,
+    annotate,
+    create_job,
+    job,
+    status,
+    wait_event,
+    wait_phase,
+    wait_ray_job,
+)
 
 Manifest = dict[str, Any]
 ATTACKER_REPORT = json.dumps(
@@ -109,6 +120,33 @@ def assert_name_conflict(kube: Kube, namespace: str, job_name: str, taken: str) 
     degraded = conditions(job(kube, namespace, job_name))["Degraded"]
     assert (degraded["status"], degraded["reason"]) == ("True", "NameConflict")
     assert "s3://attacker" not in json.dumps(final)
+
+
+def test_a_planted_run_config_with_the_jobs_uid_is_not_used(
+    kube: Kube, namespace: str, operator: InProcessOperator
+) -> None:
+    """L1 of the 2026-12-06 review: a ConfigMap planted under the next run's config name, with an ownerReference
+    copied from the job (its UID included), was adopted, and the run mounted the attacker's run.json."""
+    created = create_job(kube, namespace)
+    wait_ray_job(kube, namespace, "tickets-r1")
+    set_ray_job_status(kube, namespace, "tickets-r1", **SUCCEEDED)
+    wait_phase(kube, namespace, "Succeeded", run=1)
+    owner = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "name": "tickets",
+             "uid": created["metadata"]["uid"], "controller": True}  # fmt: skip
+    planted = {"name": "tickets-r2-config", "namespace": namespace, "labels": run_labels("tickets", 2),
+               "ownerReferences": [owner]}  # fmt: skip
+    kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": planted, "data": {"run.json": "{}"}})
+    annotate(kube, namespace, "tickets", "2026-12-07")
+    run = eventually(
+        lambda: (runs := status(kube, namespace).get("runs") or []) and runs[-1]["number"] == 2
+        and runs[-1].get("failure") == "NameConflict" and runs[-1],
+        what="run 2 refused with NameConflict",
+    )  # fmt: skip
+    assert "ConfigMap tickets-r2-config" in run["message"] and "data" in run["message"]
+    assert kube.get("ray.io/v1", "RayJob", namespace, "tickets-r2") is None  # nothing mounts it
+    config = kube.get("v1", "ConfigMap", namespace, "tickets-r2-config")
+    assert config is not None and config["data"] == {"run.json": "{}"}  # left as it was
+    assert status(kube, namespace)["runs"][0]["phase"] == "Succeeded"  # run 1 is untouched
 
 
 def test_a_planted_rayjob_and_report_are_not_adopted(kube: Kube, namespace: str, operator: InProcessOperator) -> None:

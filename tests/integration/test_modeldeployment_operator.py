@@ -13,7 +13,15 @@ from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, Varia
 
 from ..conftest import load_example, mutated
 from ..controlplane import ControlPlane
-from .harness import EXAMPLE_RUNS, InProcessOperator, MovableClock, conditions, eventually, set_ray_job_status
+from .harness import (
+    EXAMPLE_RUNS,
+    InProcessOperator,
+    MovableClock,
+    conditions,
+    create_secret,
+    eventually,
+    set_ray_job_status,
+)
 from .test_finetunejob_operator import JOB, SUCCEEDED, create_job, events, wait_event, wait_phase, wait_ray_job
 
 DEPLOYMENT = ("kubetune.io/v1alpha1", "ModelDeployment")
@@ -23,14 +31,7 @@ RAY_SERVICE = ("ray.io/v1", "RayService")
 def secrets(kube: Kube, namespace: str) -> None:
     """The Secrets the example deployment names (the endpoint's token, the storage credentials)."""
     for name, data in (("support-tickets-endpoint", {"token": "t0ken-4471"}), ("training-storage", {"K": "v"})):
-        kube.create(
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": name, "namespace": namespace},
-                "stringData": data,
-            }
-        )
+        create_secret(kube, namespace, name, data)
 
 
 def finish_run(kube: Kube, namespace: str, number: int, accuracy: float) -> None:
@@ -263,16 +264,11 @@ def test_a_failed_rollout_rolls_back_and_is_not_retried(kube: Kube, namespace: s
     assert [reason for reason, _ in events(kube, namespace)].count("RolloutStarted") == 2  # run 1 and run 2, once
 
 
-def test_a_deployment_waits_for_its_secrets_and_its_job(
+def test_a_deployment_waits_for_its_job_and_its_pods_name_a_missing_secret(
     kube: Kube, namespace: str, operator: InProcessOperator
 ) -> None:
+    # The deployment's Secrets do not exist; the operator holds no grant on Secrets and does not look.
     create_deployment(kube, namespace)
-    ready = eventually(
-        lambda: (c := conditions(deployment(kube, namespace)).get("Ready")) and c["reason"] == "SecretNotFound" and c,
-        what="SecretNotFound",
-    )
-    assert "support-tickets-endpoint" in ready["message"] or "training-storage" in ready["message"]
-    secrets(kube, namespace)
     no_job = eventually(
         lambda: (c := conditions(deployment(kube, namespace)).get("Ready")) and c["reason"] == "FineTuneJobNotFound"
         and c,
@@ -285,7 +281,17 @@ def test_a_deployment_waits_for_its_secrets_and_its_job(
         what="NoModelYet",
     )
     finish_run(kube, namespace, 1, accuracy=0.8)
-    wait_serving(kube, namespace, f"{EXAMPLE_RUNS}/1/variants/int8")
+    service = wait_serving(kube, namespace, f"{EXAMPLE_RUNS}/1/variants/int8")
+    assert '"name": "training-storage"' in json.dumps(service["spec"])  # the storage Secret, by reference
+    # The kubelet cannot start the replica without the storage Secret, and says which one.
+    pod = ray_pod(kube, namespace, "support-tickets-a-head-x7k2p")
+    missing = {"reason": "CreateContainerConfigError", "message": 'secret "training-storage" not found'}
+    container = {"name": "ray-head", "image": "kubetune-runtime:test", "imageID": "", "ready": False,
+                 "restartCount": 0, "state": {"waiting": missing}}  # fmt: skip
+    kube.patch_status(pod, {"containerStatuses": [container]})
+    progressing = condition_reason(kube, namespace, "Progressing", "PodConfigError")
+    assert 'secret "training-storage" not found' in progressing["message"]
+    assert 'secret "training-storage" not found' in wait_event(kube, namespace, "PodConfigError")
 
 
 def test_deleting_the_deployment_removes_its_ray_service(

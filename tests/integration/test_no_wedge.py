@@ -14,7 +14,7 @@ import pytest
 from kubetune.operator.api.common import API_VERSION
 from kubetune.operator.kube import ApiError, Kube, collection_path
 
-from .harness import CapturedLogs, InProcessOperator, conditions
+from .harness import CapturedLogs, InProcessOperator, conditions, create_secret
 from .spec_generation import RecordProperty, SpecCase, SpecVerdicts, write_counts
 from .spec_judging import spec_verdicts
 from .spec_mutations import Manifest, shown, with_edit
@@ -60,10 +60,9 @@ def named_for_creation(case: SpecCase, index: int, taken: set[tuple[str, str]]) 
 
 
 def create_the_examples_secrets(kube: Kube, namespace: str) -> None:
-    """The Secrets the examples name, so that their reconciles go past the Secret check to the rest of the spec."""
+    """The Secrets the examples name, as a user would have them (the operator does not look at them)."""
     for name, data in (("training-storage", {"AWS_ACCESS_KEY_ID": "id"}), ("support-tickets-endpoint", {"token": "t"})):
-        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}}
-        kube.create({**secret, "stringData": data})
+        create_secret(kube, namespace, name, data)
 
 
 def settled(body: Manifest | None) -> bool:

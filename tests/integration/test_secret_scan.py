@@ -30,7 +30,7 @@ from kubetune.runtime.kubeapi import ConfigMapPatcher
 from kubetune.runtime.reporting import TrainingProgress
 from kubetune.runtime.result import RunResult
 
-from .harness import EXAMPLE_RUNS, CapturedLogs, InProcessOperator, set_ray_job_status
+from .harness import EXAMPLE_RUNS, CapturedLogs, InProcessOperator, create_secret, set_ray_job_status
 from .test_finetunejob_operator import SUCCEEDED, create_job, runner_token, wait_phase, wait_ray_job
 from .test_modeldeployment_operator import create_deployment, phase, play_kuberay, ray_service
 
@@ -46,11 +46,6 @@ def marker_values() -> dict[str, str]:
     unique = uuid.uuid4().hex
     names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN")
     return {name: f"kt-marker-{unique}-{name.lower().replace('_', '-')}" for name in names}
-
-
-def create_secret(kube: Kube, namespace: str, name: str, values: dict[str, str]) -> None:
-    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}}
-    kube.create({**secret, "stringData": values})
 
 
 def leaks(text: str, secrets: list[str]) -> list[str]:

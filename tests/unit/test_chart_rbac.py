@@ -35,9 +35,11 @@ def run_objects(document: dict[str, Any]) -> list[dict[str, Any]]:
 def test_the_declaration_renders_as_rules() -> None:
     namespaced = rules(Scope.NAMESPACED)
     assert namespaced[0] == {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"], "verbs": ["list", "watch"]}
-    assert len(namespaced) + len(rules(Scope.CLUSTER)) == len(PERMISSIONS)
+    assert sum(len(rules(scope)) for scope in Scope) == len(PERMISSIONS)
     assert rules(Scope.CLUSTER) == [
         {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+    ]
+    assert rules(Scope.ALL_NAMESPACES) == [
         {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"], "verbs": ["list", "watch", "patch"]},
         {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"], "verbs": ["get"]},
     ]
@@ -90,12 +92,24 @@ def test_a_permission_must_be_narrow_and_explained(bad: dict[str, Any]) -> None:
 
 
 def test_no_wildcards() -> None:
-    for rule in [*rules(Scope.NAMESPACED), *rules(Scope.CLUSTER)]:
+    for rule in [rule for scope in Scope for rule in rules(scope)]:
         assert "*" not in [*rule["apiGroups"], *rule["resources"], *rule["verbs"]], rule
 
 
-def test_secrets_are_listed_as_metadata_never_read() -> None:
-    assert GRANTED[("", "secrets")] == {"list", "watch"}
+def test_no_verb_on_secrets() -> None:
+    # Even a metadata-only list needs `list`, which RBAC cannot limit to metadata: it would read every Secret.
+    assert [p for p in PERMISSIONS if p.resource.partition("/")[0] == "secrets"] == []
+
+
+def test_with_watched_namespaces_nothing_is_written_cluster_wide() -> None:
+    # The ClusterRole of namespaced mode holds only the cluster-scoped rules, and those only read.
+    for rule in rules(Scope.CLUSTER):
+        assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
+
+
+def test_configmaps_are_patched_by_runs_never_updated() -> None:
+    # patch is held only for the runs' Roles (RBAC's escalation check); get/update are not needed by anyone.
+    assert GRANTED[("", "configmaps")] == {"get", "list", "watch", "create", "delete", "patch"}
 
 
 def test_every_kind_the_operator_addresses_is_declared_and_no_other() -> None:

@@ -88,7 +88,7 @@ def test_the_run_may_patch_its_report_and_nothing_else(minimal_job: dict[str, An
         "apiGroups": [""],
         "resources": ["configmaps"],
         "resourceNames": ["support-tickets-r3-report"],
-        "verbs": ["get", "patch", "update"],
+        "verbs": ["patch"],
     }
     assert manifests.role_binding["subjects"][0]["name"] == manifests.service_account["metadata"]["name"]
     assert manifests.report["metadata"]["name"] == "support-tickets-r3-report"

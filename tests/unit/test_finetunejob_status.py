@@ -277,9 +277,9 @@ def test_best_metric_comes_from_the_verdict_not_its_message() -> None:
     assert best_metric(None) is None
 
 
-@pytest.mark.parametrize("reason", [Reason.INVALID_SPEC, Reason.SECRET_NOT_FOUND])
-def test_a_job_that_cannot_run_says_why(job: FineTuneJob, reason: Reason) -> None:
-    problem = Problem(reason, "spec.storage.credentialsSecret.name: Secret 'x' not found")
+def test_a_job_that_cannot_run_says_why(job: FineTuneJob) -> None:
+    reason = Reason.INVALID_SPEC
+    problem = Problem(reason, "spec.resources.image: not in the allowed images")
     conditions = conditions_of(job, [], problem=problem)
     assert conditions[ConditionType.READY] == ("False", reason.value)
     assert conditions[ConditionType.DEGRADED] == ("True", reason.value)

@@ -42,12 +42,12 @@
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create", "delete"]
-# granted to each run's Role on its report (builders/finetunejob.py): Kubernetes lets a Role or
-# RoleBinding grant only what its creator holds, so the operator holds these verbs itself, though it
-# never patches or updates a ConfigMap
+# granted to each run's Role on its report, by name (builders/finetunejob.py): Kubernetes lets a
+# Role grant only what its creator holds, so the operator holds this verb itself, though it never
+# patches a ConfigMap. The one write on a core kind it does not use
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "update", "patch"]
+  verbs: ["patch"]
 # each run's own ServiceAccount, the identity of the pod that reports (reconcile/finetunejob.py)
 - apiGroups: [""]
   resources: ["serviceaccounts"]
@@ -81,11 +81,6 @@
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "create", "patch", "delete"]
-# which Secrets the specs name exist, read as metadata only (main.py SECRETS). RBAC cannot limit a
-# list to metadata; no get is granted and the operator never reads a Secret's data
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["list", "watch"]
 # every transition is recorded as an Event on its object (kube.py Kube.event)
 - apiGroups: [""]
   resources: ["events"]
@@ -106,6 +101,8 @@
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
+{{- end }}
+{{- define "kubetune.rules.allNamespaces" -}}
 # with `--peering` in cluster-wide mode, the same on the ClusterKopfPeering (kopf's peering engine)
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]

@@ -54,7 +54,7 @@ local ready = condition("Ready")
 local progressing = condition("Progressing")
 local degraded = condition("Degraded")
 
--- The latest run failed, or the spec cannot run (reason InvalidSpec, SecretNotFound, ...).
+-- The latest run failed, or the spec cannot run (reason InvalidSpec, ...).
 if is_true(degraded) then
   hs.status = "Degraded"
   hs.message = message_of(degraded, "degraded")
