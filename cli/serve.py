@@ -37,7 +37,8 @@ REPLICA_CPUS = 1.0
 ANSWER_TIMEOUT_S = 120.0
 # Longest wait for Serve to stop before Ray itself is shut down.
 SHUTDOWN_TIMEOUT_S = 30.0
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+# An example request shows an image of a format the endpoint takes (runtime/images.py SERVED_FORMATS).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 
 
 @dataclass(frozen=True)
