@@ -1,7 +1,12 @@
 """Serve an exported model on this machine with kubetune's Serve application (the cluster's code).
 
 `kubetune run` ends here with the promoted variant; `kubetune serve PATH_OR_URI` starts
-here. Serve listens on 127.0.0.1 only; Ctrl-C (or SIGTERM) stops it and Ray cleanly.
+here. Ctrl-C (or SIGTERM) stops it and Ray cleanly.
+
+The endpoint (HAProxy's frontend) and the replica's own HTTP port listen on 127.0.0.1.
+Ray 2.60 puts its own ports on the machine's network addresses (behind its token
+authentication: runtime/cluster.py), and HAProxy's read-only stats page and Prometheus
+metrics on all addresses (RAY_SERVE_HAPROXY_STATS_PORT, RAY_SERVE_HAPROXY_METRICS_PORT).
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ REPLICA_CPUS = 1.0
 ANSWER_TIMEOUT_S = 120.0
 # Longest wait for Serve to stop before Ray itself is shut down.
 SHUTDOWN_TIMEOUT_S = 30.0
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+# An example request shows an image of a format the endpoint takes (runtime/images.py SERVED_FORMATS).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,33 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import ray
 
-# Ray enables token authentication by default and writes a token under the home folder;
-# a local, loopback-only cluster started for one run needs none.
-LOCAL_ENVIRONMENT = {"RAY_AUTH_MODE": "disabled"}
+# Ray's token authentication stays on for a local Ray: anything that reaches one of its ports
+# could otherwise run code here, and Ray 2.60 listens on the machine's network addresses
+# whatever it is told (its gRPC servers on all of them; the dashboard agent, on the node's
+# address, to which Ray resolves even an `_node_ip_address` of 127.0.0.1). The token is
+# random, made per process, and kept only in the environment, which Ray's processes
+# inherit; Ray writes no token file then.
+AUTH_TOKEN_VARIABLE = "RAY_AUTH_TOKEN"
+TOKEN_BYTES = 32
+
+
+def local_authentication() -> None:
+    """Turn Ray's token authentication on for a Ray started from this process (an existing token is kept)."""
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]  # not in its stub
+
+    if not os.environ.get(AUTH_TOKEN_VARIABLE):
+        os.environ[AUTH_TOKEN_VARIABLE] = secrets.token_urlsafe(TOKEN_BYTES)
+    # What ray.init does when it turns token auth on itself: set RAY_AUTH_MODE=token and re-read
+    # Ray's configuration in this process (read once, when ray is imported); then the token.
+    _enable_token_auth()
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 @contextmanager
@@ -23,9 +42,12 @@ def ray_cluster(num_cpus: int | None = None) -> Iterator[None]:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
     else:
-        for name, value in LOCAL_ENVIRONMENT.items():
-            os.environ.setdefault(name, value)
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
+        local_authentication()
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
     try:
         yield
     finally:

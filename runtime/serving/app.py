@@ -6,8 +6,8 @@ ServeAppArgs (camelCase). Routes, below the application's route prefix:
 - `POST /v1/predict` (text and image classifiers), batched;
 - `POST /v1/completions` and `POST /v1/chat/completions` (causal LMs, OpenAI-compatible;
   `stream: true` answers as server-sent events), non-streamed requests batched;
-- `GET /v1/models`, and `GET /healthz` (open, also with auth: the replica exists only
-  once its model is loaded and warmed up).
+- `GET /v1/models`, and `GET /healthz` (`{"status": "ok"}`, open also with auth: the
+  replica exists only once its model is loaded and warmed up).
 
 Before a route reads a body, guard.py checks the bearer token and the body's size. A
 replica runs at most `maxConcurrentGenerations` model calls at once, batches and streams
@@ -176,7 +176,7 @@ class ModelServer:
 
     @web.get(HEALTH_PATH)
     async def healthz_route(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.loaded.name, "task": self.loaded.task.value}
+        return {"status": "ok"}  # open even with auth: nothing about the model (GET /v1/models names it)
 
     @web.get("/v1/models")
     async def models_route(self, request: Request) -> dict[str, Any]:

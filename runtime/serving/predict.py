@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from kubetune.runtime.contract import Task
-from kubetune.runtime.images import open_image
+from kubetune.runtime.images import image_features
 from kubetune.runtime.serving.loading import Loaded
 
 # Fault injection for the serving tests only: an input equal to this makes the model call fail.
@@ -100,8 +100,8 @@ def classify(loaded: Loaded, inputs: list[str] | list[bytes]) -> list[Prediction
     """Labels and per-class probabilities: texts for text classifiers, image bytes for image classifiers."""
     _check_fault(list(inputs))
     if loaded.task == Task.IMAGE_CLASSIFICATION:
-        images = [open_image(item if isinstance(item, bytes) else item.encode()) for item in inputs]
-        features = dict(loaded.processor(images=images, return_tensors="pt"))
+        images = [item if isinstance(item, bytes) else item.encode() for item in inputs]
+        features = image_features(loaded.processor, images)  # decoded one at a time
     else:
         encoded = loaded.processor(
             list(inputs), padding=True, truncation=True, max_length=loaded.max_length, return_tensors="pt"

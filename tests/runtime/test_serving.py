@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from .conftest import minilm_dir
+from .test_served_images import png_bomb, tiff_bomb
 from .tiny import tiny_llama
 
 LABELS = ["sports", "science", "music", "cooking"]
@@ -173,7 +174,7 @@ def test_a_bearer_token_is_required_and_compared(text: Endpoint) -> None:
         assert body["error"]["type"] == "authentication_error"
     assert text.call("POST", "/v1/predict", {"inputs": "hello"})[0] == 200
     status, _, health = text.call("GET", "/healthz", token=None)
-    assert status == 200 and health["status"] == "ok"
+    assert status == 200 and health == {"status": "ok"}  # nothing about the model without the token
 
 
 @pytest.mark.parametrize(
@@ -306,6 +307,14 @@ def test_the_image_classifier_answers_base64_images(served: dict[str, Any]) -> N
         assert [prediction["scores"][name] for name in ("cat", "dog", "bird")] == pytest.approx(scores, abs=1e-4)
     status, _, bad = Endpoint(served["base"] + "/image").call("POST", "/v1/predict", {"inputs": ["not base64!"]})
     assert status == 400 and bad["error"]["param"] == "inputs[0]"
+    refused = [  # from their headers, before anything is decoded
+        (png_bomb(), 413, "inputs[1] is 9000x9000 pixels: too large, at most 16777216 pixels (4096x4096)"),
+        (tiff_bomb(), 415, "inputs[1] is a TIFF image: unsupported format (accepted: PNG, JPEG or WebP)"),
+    ]
+    for image, code, message in refused:
+        inputs = [base64.b64encode(images[0]).decode(), base64.b64encode(image).decode()]
+        status, _, bad = Endpoint(served["base"] + "/image").call("POST", "/v1/predict", {"inputs": inputs})
+        assert (status, bad["error"]["message"], bad["error"]["param"]) == (code, message, "inputs[1]"), bad
 
 
 def test_a_classifier_has_no_completions(served: dict[str, Any], text: Endpoint) -> None:

@@ -81,6 +81,7 @@ def test_every_ray_pod_runs_serve_the_same_way(deployment: dict[str, Any]) -> No
         env = group["template"]["spec"]["containers"][0]["env"]
         assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in env
         assert {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"} in env
+        assert {"name": "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S", "value": "60"} in env
     assert yaml.safe_load(service["spec"]["serveConfigV2"])["logging_config"] == {"enable_access_log": False}
 
 
