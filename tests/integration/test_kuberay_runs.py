@@ -165,7 +165,7 @@ def test_kuberay_runs_the_complete_example_where_the_spec_says(
     token = {"name": cluster, "key": "auth_token"}
     for spec in (head, worker, submitter):
         assert ray_token_of(spec["containers"][0]) == token
-    assert kube.get("v1", "Secret", namespace, cluster) is not None
+    assert kube.request("GET", f"/api/v1/namespaces/{namespace}/secrets/{cluster}")  # the token Secret
     policy = kube.get("networking.k8s.io/v1", "NetworkPolicy", namespace, run)
     assert policy is not None and policy["spec"]["podSelector"]["matchLabels"]["kubetune.io/run"] == "1"
 

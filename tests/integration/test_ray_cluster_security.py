@@ -10,7 +10,7 @@ from kubetune.operator.kube import Kube, ObjectRef
 from kubetune.operator.kuberay import AUTH_OPTIONS_PATHS, KubeRayAuthSupport, missing_auth_support, schema_has
 from kubetune.operator.settings import Settings
 
-from .harness import InProcessOperator, eventually
+from .harness import EXAMPLE_RUNS, InProcessOperator, eventually
 from .test_finetunejob_operator import JOB, create_job, wait_ray_job
 from .test_modeldeployment_operator import DEPLOYMENT, create_deployment, finish_run, secrets, wait_serving
 
@@ -44,7 +44,7 @@ def test_an_endpoints_policy_is_made_again_and_restored(
     create_job(kube, namespace, name="tickets")
     finish_run(kube, namespace, 1, accuracy=0.8)
     create_deployment(kube, namespace)
-    wait_serving(kube, namespace, "s3://out/tickets/1/variants/int8")
+    wait_serving(kube, namespace, f"{EXAMPLE_RUNS}/1/variants/int8")
     deployment = ObjectRef(*DEPLOYMENT, namespace, "support-tickets")
     first = eventually(lambda: policy(kube, namespace, "support-tickets"), what="the endpoint's NetworkPolicy")
     assert is_closed(first, namespace)
