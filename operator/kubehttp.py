@@ -17,7 +17,15 @@ import urllib.parse
 from dataclasses import dataclass
 
 # A connection that the server closed while it was idle fails like this on its next use.
-_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+# What a keep-alive connection the server closed while it was idle gives on its next request: over TLS,
+# writing to it may end in an SSL EOF rather than a reset.
+_STALE = (
+    http.client.RemoteDisconnected,
+    ConnectionResetError,
+    BrokenPipeError,
+    ConnectionAbortedError,
+    ssl.SSLEOFError,
+)
 
 
 @dataclass(frozen=True)

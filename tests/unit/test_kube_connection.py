@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import stat
 import sys
 import threading
@@ -127,6 +128,24 @@ def test_a_connection_closed_while_idle_is_replaced_once(server: str) -> None:
     answers = [connections.request("POST", "/create", b"{}", {"Content-Type": "application/json"}) for _ in range(3)]
     assert [a.status for a in answers] == [200, 200, 200]
     assert [entry["method"] for entry in Recorder.seen] == ["POST"] * 3  # each request reached the server once
+
+
+def test_a_tls_connection_closed_while_idle_is_replaced_once(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over TLS, a request written to a connection the server closed while idle ends in an SSL EOF."""
+    connections = Connections(Endpoint(server))
+    connections.request("GET", "/first", None, {})
+    exchange = connections._exchange
+    failed: list[bool] = []
+
+    def eof_once(*args: Any) -> Any:
+        if not failed:
+            failed.append(True)
+            raise ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+        return exchange(*args)
+
+    monkeypatch.setattr(connections, "_exchange", eof_once)
+    answer = connections.request("POST", "/create", b"{}", {"Content-Type": "application/json"})
+    assert answer.status == 200 and [entry["path"] for entry in Recorder.seen] == ["/first", "/create"]
 
 
 def test_errors_carry_status_reason_and_retry_after(server: str) -> None:
