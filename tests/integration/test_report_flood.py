@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune.operator.kube import ApiError, Kube, ObjectRef
+from kubetune.operator.kube import Kube, ObjectRef
 from kubetune.operator.naming import JOB_LABEL, MANAGED_BY_LABEL, MANAGER, REPORT_LABEL, RUN_LABEL
 from kubetune.runtime.contract.report import REPORT_KEY
 
@@ -141,18 +141,6 @@ def every_job_reconciled(kube: Kube, namespace: str, step: int, new_job: str) ->
     wait_ray_job(kube, namespace, f"{new_job}-r1")
 
 
-def create_persistently(kube: Kube, manifest: Manifest, attempts: int = 5) -> bool:
-    """Create a ConfigMap of the flood; a connection the busy API server drops is tried again."""
-    for attempt in range(attempts):
-        try:
-            kube.create(manifest)  # None when an earlier attempt did create it: as good
-            return True
-        except ApiError as error:
-            if error.status != 0 or attempt == attempts - 1:
-                raise
-    return False
-
-
 def test_a_flood_of_maximal_reports_keeps_the_operator_small_and_every_job_reconciled(
     kube: Kube, namespace: str, operator_process: OperatorProcess
 ) -> None:
@@ -172,7 +160,7 @@ def test_a_flood_of_maximal_reports_keeps_the_operator_small_and_every_job_recon
 
     with RssSampler(operator_process) as burst:
         with ThreadPoolExecutor(max_workers=4) as pool:
-            assert all(pool.map(partial(create_persistently, kube), flood))
+            assert all(pool.map(kube.create, flood))
         kube.patch(run_report, {"data": {REPORT_KEY: many_variants()}})
         every_job_reconciled(kube, namespace, step=7, new_job="after-flood")
 
