@@ -1,15 +1,13 @@
 """A watch-fed cache of one kind's objects: list once, then watch, with a server-side label selector.
 
-What the controllers read of the objects they own (a job's RayJobs, its reports)
-and of what specs name (Secrets) comes from here instead of requests: each object
-is kept as the compact value `transform` makes of it (the planner's view of a
-RayJob, a bounded report, or just the fact that a Secret exists), never as the
-object itself, indexed by the key of the object that owns it. Lists are read in
+What the controllers read of the objects they own (a job's RayJobs, its reports,
+its pods) comes from here instead of requests: each object is kept as the compact
+value `transform` makes of it (the planner's view of a RayJob, a bounded report),
+never as the object itself, indexed by the key of the object that owns it. Lists are read in
 pages, each page transformed before the next is asked for. Changes go to
 `on_event` on the event loop.
 
-Secrets are read as metadata only (PartialObjectMetadata): the operator never
-receives their data. The watch runs in a thread per namespace (the API client
+The watch runs in a thread per namespace (the API client
 blocks); reads are safe from any thread.
 """
 
@@ -52,7 +50,6 @@ class Source:
     api_version: str
     kind: str
     label_selector: str | None = None
-    metadata_only: bool = False
     # Objects per list request: the whole page is in memory at once (before `transform`), so kinds whose
     # objects anyone may make large (a ConfigMap takes up to 1 MiB) are read in small pages.
     page_size: int = LIST_PAGE_SIZE
@@ -168,7 +165,6 @@ class Informer(Generic[V]):
             source.kind,
             scope,
             label_selector=source.label_selector,
-            metadata_only=source.metadata_only,
             page_size=source.page_size,
         )
         for page, page_version in pages:
@@ -201,7 +197,6 @@ class Informer(Generic[V]):
             WATCH_SECONDS,
             resource_version=version,
             label_selector=source.label_selector,
-            metadata_only=source.metadata_only,
             streams=streams,
         )
         try:
