@@ -41,7 +41,7 @@ sys.path.append(str(REPO_ROOT))  # appended: the repository root must never shad
 
 from kubetune.operator.api.finetunejob import FineTuneJob, Trigger  # noqa: E402
 from kubetune.operator.builders.finetunejob import RunRequest, build_run  # noqa: E402
-from kubetune.operator.kube import Kube  # noqa: E402
+from kubetune.operator.kube import ApiError, Kube  # noqa: E402
 from kubetune.operator.settings import Settings  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -102,13 +102,19 @@ class RayJobCounter:
     def _run(self) -> None:
         seen: set[str] = set()
         while True:  # a watch the server ends is opened again; it starts with every existing RayJob
-            for kind, body in self.kube.watch("ray.io/v1", "RayJob", self.namespace, timeout_seconds=60):
-                if kind == "ADDED":
-                    seen.add(body["metadata"]["name"])
-                    if len(seen) >= self.expected:
-                        self.finished_at = time.perf_counter()
-                        self.done.set()
-                        return
+            try:
+                for kind, body in self.kube.watch("ray.io/v1", "RayJob", self.namespace, timeout_seconds=60):
+                    if kind == "ADDED":
+                        seen.add(body["metadata"]["name"])
+                        if len(seen) >= self.expected:
+                            self.finished_at = time.perf_counter()
+                            self.done.set()
+                            return
+            except ApiError as error:
+                # A loaded API server refuses watches while its watch cache re-initializes (429).
+                if error.status != 429 and error.status < 500:
+                    raise
+                time.sleep(1.0)
 
     def wait(self, timeout: float) -> float:
         if not self.done.wait(timeout):
