@@ -27,7 +27,7 @@ def minilm_dir() -> Path:
 
 @functools.cache
 def _topics() -> ModuleType:
-    # Loaded by path: the repository root stays off sys.path (see README, import names).
+    # Loaded by path: the repository root stays off sys.path (see docs/development.md, "Layout").
     location = REPOSITORY / "tests" / "runtime" / "topics.py"
     spec = importlib.util.spec_from_file_location("kubetune_bench_topics", location)
     assert spec is not None and spec.loader is not None

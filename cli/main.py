@@ -1,4 +1,5 @@
-"""`kubetune`: validate manifests, generate CRDs, and start the operator."""
+"""`kubetune`: `run` a FineTuneJob and `serve` its model on this machine, `validate` manifests, write the `crds`,
+and start the `operator`."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ image store between runs (the `node/` folder of the cache); everything else live
 run folder and is undone by :meth:`RealNode.stop` (or by the next start, after a crash).
 
 How this node differs from a production node, and why, is listed in
-`tests/controlplane/README.md` ("Real node").
+`docs/control-plane.md` ("Real node").
 """
 
 from __future__ import annotations

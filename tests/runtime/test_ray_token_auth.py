@@ -15,9 +15,12 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from kubetune.runtime.contract.serving import SERVE_ENVIRONMENT
 
 from ..integration.test_operator_restarts import free_port
+
+pytestmark = pytest.mark.runtime
 
 TOKEN = "k" * 32
 CHILD = textwrap.dedent(

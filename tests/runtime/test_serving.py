@@ -23,6 +23,8 @@ from .conftest import minilm_dir
 from .test_served_images import png_bomb, tiff_bomb
 from .tiny import tiny_llama
 
+pytestmark = pytest.mark.runtime
+
 LABELS = ["sports", "science", "music", "cooking"]
 TOKEN = "s3cret-token-for-tests"
 FAULT = "__make_the_model_fail__"

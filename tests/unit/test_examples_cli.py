@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubetune.cli.main import main
+from kubetune.cli.main import build_parser, main
 from kubetune.operator.api.manifests import parse
 
 from ..conftest import EXAMPLES, REPO_ROOT
@@ -85,6 +86,13 @@ def test_crds_command_writes_the_committed_files(tmp_path: Path) -> None:
     assert main(["crds", str(tmp_path)]) == 0
     for path in tmp_path.iterdir():
         assert path.read_text() == (REPO_ROOT / "crds" / path.name).read_text()
+
+
+def test_the_help_names_every_command() -> None:
+    parser = build_parser()
+    (commands,) = (action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    described = {name for name in commands.choices if f"`{name}`" in (parser.description or "")}
+    assert set(commands.choices) - described == {"version"}
 
 
 def test_console_script_runs() -> None:

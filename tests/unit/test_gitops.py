@@ -1,7 +1,7 @@
 """The GitOps examples: Argo CD's Lua health checks run in a real Lua on statuses the operator computes,
 and the manifests of examples/gitops are what Argo CD, Flux and `kubetune validate` expect.
 
-`python tests/unit/test_gitops.py` rewrites examples/gitops/argocd/argocd-cm.yaml from the Lua scripts.
+`python tests/unit/test_gitops.py` rewrites examples/gitops/argocd/argocd-cm.yaml from the Lua script.
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from kubetune.runtime.contract.search import Metric
 
 GITOPS = Path(__file__).resolve().parents[2] / "examples" / "gitops"
 ARGOCD = GITOPS / "argocd"
-HEALTH_SCRIPTS = {
-    "FineTuneJob": ARGOCD / "health-finetunejob.lua",
-    "ModelDeployment": ARGOCD / "health-modeldeployment.lua",
-}
+# One script for both kinds: Argo CD takes a health check per kind, and argocd-cm.yaml installs it twice.
+HEALTH_SCRIPT = ARGOCD / "health.lua"
+KINDS = ("FineTuneJob", "ModelDeployment")
 ARGOCD_CM = ARGOCD / "argocd-cm.yaml"
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 GENERATION = 3
@@ -183,7 +182,7 @@ def argocd_health(obj: dict[str, Any]) -> tuple[str, str]:
     # Argo CD's Lua (gopher-lua) is Lua 5.1; a fresh runtime per object, as Argo CD runs each check.
     lua = lupa.lua51.LuaRuntime()
     lua.globals().obj = lua.table_from(obj, recursive=True)
-    hs = lua.execute(HEALTH_SCRIPTS[obj["kind"]].read_text())
+    hs = lua.execute(HEALTH_SCRIPT.read_text())
     return str(hs["status"]), str(hs["message"])
 
 
@@ -227,13 +226,13 @@ def test_modeldeployment_health(case: str, health: str, message: str) -> None:
     assert argocd_health(MODELDEPLOYMENTS[case]) == (health, message)
 
 
-@pytest.mark.parametrize("kind", sorted(HEALTH_SCRIPTS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_health_before_the_operator_writes_a_status(kind: str) -> None:
     obj = {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": "x", "generation": 1}, "spec": {}}
     assert argocd_health(obj) == ("Progressing", "waiting for the operator to report a status")
 
 
-@pytest.mark.parametrize("kind", sorted(HEALTH_SCRIPTS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_health_with_a_stale_condition(kind: str) -> None:
     # A status written in pieces: observedGeneration current, one condition still from before.
     obj = (FINETUNEJOBS if kind == "FineTuneJob" else MODELDEPLOYMENTS)["older generation"]
@@ -245,13 +244,49 @@ def test_health_with_a_stale_condition(kind: str) -> None:
     )
 
 
-# --- The argocd-cm snippet embeds the scripts verbatim.
+def bare_conditions(kind: str, *, ready: bool, progressing: bool) -> dict[str, Any]:
+    """An object whose conditions carry no message or reason, so the script's own words show."""
+    conditions = [
+        {"type": name, "status": "True" if value else "False", "observedGeneration": GENERATION}
+        for name, value in (("Ready", ready), ("Progressing", progressing), ("Degraded", False))
+    ]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "metadata": {"name": "x", "generation": GENERATION},
+        "spec": {},
+        "status": {"observedGeneration": GENERATION, "conditions": conditions},
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "ready", "progressing", "expected"),
+    [
+        ("FineTuneJob", True, False, ("Healthy", "a run is promoted")),
+        ("FineTuneJob", False, True, ("Progressing", "a run is active")),
+        ("ModelDeployment", True, False, ("Healthy", "serving")),
+        ("ModelDeployment", True, True, ("Progressing", "rolling out")),
+    ],
+)
+def test_health_words_are_the_kinds_own(kind: str, ready: bool, progressing: bool, expected: tuple[str, str]) -> None:
+    assert argocd_health(bare_conditions(kind, ready=ready, progressing=progressing)) == expected
+
+
+def test_only_a_finetunejob_is_ever_suspended() -> None:
+    # The shared script reads spec.suspend for FineTuneJobs alone (a ModelDeployment has no such field).
+    job = bare_conditions("FineTuneJob", ready=True, progressing=False)
+    deployment = bare_conditions("ModelDeployment", ready=True, progressing=False)
+    assert argocd_health(dict(job, spec={"suspend": True}))[0] == "Suspended"
+    assert argocd_health(dict(deployment, spec={"suspend": True})) == ("Healthy", "serving")
+
+
+# --- The argocd-cm snippet embeds the script verbatim, once per kind.
 
 
 def argocd_cm() -> str:
-    """argocd-cm.yaml as generated from the Lua scripts."""
+    """argocd-cm.yaml as generated from the Lua script."""
     lines = [
-        "# Generated from health-*.lua by tests/unit/test_gitops.py: edit the scripts, then run",
+        "# Generated from health.lua by tests/unit/test_gitops.py: edit the script, then run",
         "# `python tests/unit/test_gitops.py`. Merge it into Argo CD's argocd-cm, e.g.",
         "#   kubectl -n argocd patch configmap argocd-cm --patch-file argocd-cm.yaml",
         "apiVersion: v1",
@@ -264,17 +299,17 @@ def argocd_cm() -> str:
         "    app.kubernetes.io/part-of: argocd",
         "data:",
     ]
-    for kind, script in sorted(HEALTH_SCRIPTS.items()):
+    for kind in KINDS:
         lines.append(f"  resource.customizations.health.kubetune.io_{kind}: |")
-        lines += [f"    {line}" if line else "" for line in script.read_text().splitlines()]
+        lines += [f"    {line}" if line else "" for line in HEALTH_SCRIPT.read_text().splitlines()]
     return "\n".join(lines) + "\n"
 
 
-def test_argocd_cm_embeds_the_scripts() -> None:
+def test_argocd_cm_embeds_the_script() -> None:
     assert ARGOCD_CM.read_text() == argocd_cm(), "run `python tests/unit/test_gitops.py` to regenerate it"
     data = yaml.safe_load(ARGOCD_CM.read_text())["data"]
-    for kind, script in HEALTH_SCRIPTS.items():
-        assert data[f"resource.customizations.health.kubetune.io_{kind}"] == script.read_text()
+    for kind in KINDS:
+        assert data[f"resource.customizations.health.kubetune.io_{kind}"] == HEALTH_SCRIPT.read_text()
 
 
 # --- The manifests.

@@ -1,6 +1,14 @@
--- Argo CD health of a kubetune.io FineTuneJob, read from the conditions the operator writes
--- (Ready, Progressing, Degraded) and from observedGeneration.
+-- Argo CD health of kubetune.io's FineTuneJob and ModelDeployment, read from the conditions the
+-- operator writes (Ready, Progressing, Degraded) and from observedGeneration. Argo CD takes one
+-- script per kind; argocd-cm.yaml installs this one under both, and the kinds differ only in the
+-- words below and in spec.suspend, which only a FineTuneJob has.
 local hs = {}
+
+local words = {
+  FineTuneJob = { healthy = "a run is promoted", progressing = "a run is active" },
+  ModelDeployment = { healthy = "serving", progressing = "rolling out" },
+}
+local said = words[obj.kind]
 
 local function condition(name)
   if obj.status.conditions ~= nil then
@@ -54,7 +62,9 @@ local ready = condition("Ready")
 local progressing = condition("Progressing")
 local degraded = condition("Degraded")
 
--- The latest run failed, or the spec cannot run (reason InvalidSpec, ...).
+-- A FineTuneJob's latest run failed; a ModelDeployment rolled back (the newest artifact failed;
+-- the previous one may still serve), failed a rollout or is unhealthy; or the spec cannot work
+-- (reason InvalidSpec, ...).
 if is_true(degraded) then
   hs.status = "Degraded"
   hs.message = message_of(degraded, "degraded")
@@ -62,7 +72,7 @@ if is_true(degraded) then
 end
 
 -- spec.suspend lets an active run finish; only then is the job idle for good.
-if obj.spec ~= nil and obj.spec.suspend == true and not is_true(progressing) then
+if obj.kind == "FineTuneJob" and obj.spec ~= nil and obj.spec.suspend == true and not is_true(progressing) then
   hs.status = "Suspended"
   hs.message = message_of(progressing, "spec.suspend is true: no new runs start")
   return hs
@@ -70,14 +80,14 @@ end
 
 if is_true(ready) and not is_true(progressing) then
   hs.status = "Healthy"
-  hs.message = message_of(ready, "a run is promoted")
+  hs.message = message_of(ready, said.healthy)
   return hs
 end
 
--- A run is active, or none has passed the promotion gate yet.
+-- A run is active or a rollout under way; or no run has passed the promotion gate yet.
 hs.status = "Progressing"
 if is_true(progressing) then
-  hs.message = message_of(progressing, "a run is active")
+  hs.message = message_of(progressing, said.progressing)
 else
   hs.message = message_of(ready, "waiting for the operator to report conditions")
 end
