@@ -27,6 +27,7 @@ from kubetune.operator.naming import (
     DEPLOYMENT_LABEL,
     MANAGED_BY_LABEL,
     MANAGER,
+    SERVE_APPLICATION,
     SPEC_HASH_ANNOTATION,
     controller_reference,
     fit,
@@ -43,7 +44,6 @@ from kubetune.runtime.contract.serving import (
 )
 
 Manifest = dict[str, Any]
-APPLICATION = "model"  # the Serve application's name in the config
 DEPLOYMENT = "ModelServer"  # the Serve deployment's name (the class in kubetune.runtime.serving.app)
 SERVE_PORT = 8000
 # The endpoint's token reaches the replicas as a Secret volume (never an env var): kubelet updates
@@ -106,7 +106,7 @@ def serve_config(deployment: ModelDeployment, served: ServedModel) -> Manifest:
         "logging_config": SERVE_LOGGING,
         "applications": [
             {
-                "name": APPLICATION,
+                "name": SERVE_APPLICATION,
                 "import_path": SERVE_IMPORT_PATH,
                 "route_prefix": spec.route_prefix,
                 "args": serve_args(deployment, served).to_wire(),

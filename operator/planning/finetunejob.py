@@ -28,19 +28,14 @@ from kubetune.operator.api.finetunejob import (
     Trigger,
     WaitReason,
 )
-from kubetune.operator.builders.finetunejob import RunRequest, run_output_uri
 from kubetune.operator.conditions import Reason
-from kubetune.operator.naming import run_name
-from kubetune.operator.planning.pods import PodWait
-from kubetune.operator.status.finetunejob import (
-    finished_ray_job_state,
-    fit_history,
-    gate,
-    ray_job_outcome,
-    ray_job_state,
-    trim_history,
-    with_report,
-)
+from kubetune.operator.model.events import Event
+from kubetune.operator.naming import run_name, run_output_uri
+from kubetune.operator.observe.kuberay import ObservedRun, finished_ray_job_state, ray_job_outcome, ray_job_state
+from kubetune.operator.observe.pods import PodWait
+from kubetune.operator.observe.reports import with_report
+from kubetune.operator.status.gate import gate
+from kubetune.operator.status.history import fit_history, trim_history
 from kubetune.runtime.contract.common import MESSAGE_MAX_LENGTH, SHORT_TEXT_MAX_LENGTH
 from kubetune.runtime.contract.report import RunReport, Stage, Unavailable
 
@@ -60,26 +55,14 @@ UNAVAILABLE_FAILURES = {
 
 
 @dataclass(frozen=True)
-class ObservedRun:
-    """A run's RayJob as listed from the cluster."""
+class RunRequest:
+    """A run the operator decided to start."""
 
     number: int
-    name: str
     trigger: Trigger
     trigger_detail: str
     spec_generation: int
-    spec_hash: str | None
-    created: datetime | None
-    status: Mapping[str, Any] | None
-    owner_uid: str | None = None  # of its controller owner reference: the job it belongs to
-    queue: str | None = None  # the Kueue LocalQueue it was submitted through
-
-
-@dataclass(frozen=True)
-class Event:
-    type: str  # Normal or Warning
-    reason: Reason
-    message: str
+    spec_hash: str
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from kubetune.operator.kube import Kube, ObjectRef
 from kubetune.operator.naming import run_labels
 from kubetune.operator.planning.finetunejob import run_spec_hash
 from kubetune.operator.settings import Settings
-from kubetune.operator.status.finetunejob import STATUS_MAX_BYTES, compute_status, fit_history
+from kubetune.operator.status.finetunejob import compute_status
+from kubetune.operator.status.history import STATUS_MAX_BYTES, fit_history
 from kubetune.runtime.contract.common import MESSAGE_MAX_LENGTH, SHORT_TEXT_MAX_LENGTH, URI_MAX_LENGTH
 from kubetune.runtime.contract.report import REPORT_KEY, RunProgress, Stage
 

@@ -36,7 +36,8 @@ import pytest
 import yaml
 from kubetune.operator.api.finetunejob import FineTuneJob, Trigger
 from kubetune.operator.api.manifests import parse
-from kubetune.operator.builders.finetunejob import RunRequest, run_config
+from kubetune.operator.builders.finetunejob import run_config
+from kubetune.operator.planning.finetunejob import RunRequest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

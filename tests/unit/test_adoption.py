@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from kubetune.operator.api.finetunejob import FineTuneJob, Trigger
 from kubetune.operator.api.manifests import parse
-from kubetune.operator.builders.finetunejob import RunRequest, build_run
+from kubetune.operator.builders.finetunejob import build_run
 from kubetune.operator.planning.adoption import adoption_problem
+from kubetune.operator.planning.finetunejob import RunRequest
 from kubetune.operator.settings import Settings
 
 from ..conftest import mutated

@@ -10,9 +10,10 @@ import yaml
 from kubetune.operator import rbacgen
 from kubetune.operator.api.finetunejob import FineTuneJob, Trigger
 from kubetune.operator.api.manifests import parse
-from kubetune.operator.builders.finetunejob import RunRequest, build_run
+from kubetune.operator.builders.finetunejob import build_run
 from kubetune.operator.kube import PLURALS
 from kubetune.operator.permissions import PERMISSIONS, Permission, Scope, rules, verbs_by_resource
+from kubetune.operator.planning.finetunejob import RunRequest
 from kubetune.operator.settings import Settings
 
 from ..conftest import REPO_ROOT, mutated

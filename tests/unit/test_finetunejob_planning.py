@@ -18,8 +18,9 @@ from kubetune.operator.api.finetunejob import (
 )
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.conditions import Reason
-from kubetune.operator.planning.finetunejob import ObservedRun, Plan, plan, run_spec_hash
-from kubetune.operator.planning.pods import PodWait
+from kubetune.operator.observe.kuberay import ObservedRun
+from kubetune.operator.observe.pods import PodWait
+from kubetune.operator.planning.finetunejob import Plan, plan, run_spec_hash
 from kubetune.operator.status.finetunejob import compute_status
 from kubetune.runtime.contract.report import RunReport, Stage, VariantReport
 

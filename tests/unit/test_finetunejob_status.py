@@ -18,17 +18,13 @@ from kubetune.operator.api.finetunejob import (
 )
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.conditions import ConditionType, Reason
-from kubetune.operator.planning.pods import pod_wait
-from kubetune.operator.status.finetunejob import (
-    Problem,
-    compute_status,
-    gate,
-    ray_job_outcome,
-    ray_job_state,
-    trim_history,
-    with_report,
-)
-from kubetune.operator.status.gate import best_metric
+from kubetune.operator.model.events import Problem
+from kubetune.operator.observe.kuberay import ray_job_outcome, ray_job_state
+from kubetune.operator.observe.pods import pod_wait
+from kubetune.operator.observe.reports import with_report
+from kubetune.operator.status.finetunejob import compute_status
+from kubetune.operator.status.gate import best_metric, gate
+from kubetune.operator.status.history import trim_history
 from kubetune.runtime.contract.report import RunReport, Stage, VariantReport
 from kubetune.runtime.contract.search import Metric
 

@@ -16,9 +16,10 @@ from kubetune.operator.api.modeldeployment import (
     ServedModel,
 )
 from kubetune.operator.conditions import Reason
-from kubetune.operator.planning.modeldeployment import Asked, ObservedService, observe_service, plan_rollout, resolve
-from kubetune.operator.planning.pods import PodWait
-from kubetune.operator.status.finetunejob import Problem
+from kubetune.operator.model.events import Problem
+from kubetune.operator.observe.kuberay import ObservedService, observe_service
+from kubetune.operator.observe.pods import PodWait
+from kubetune.operator.planning.modeldeployment import Asked, plan_rollout, resolve
 from kubetune.operator.status.modeldeployment import compute_status, wait_events
 
 from ..conftest import mutated

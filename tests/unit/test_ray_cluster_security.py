@@ -9,8 +9,9 @@ import pytest
 from kubetune.operator.api.finetunejob import FineTuneJob, Trigger
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.api.modeldeployment import ModelDeployment, ServedModel
-from kubetune.operator.builders.finetunejob import RunRequest, build_run, build_run_network_policy
+from kubetune.operator.builders.finetunejob import build_run, build_run_network_policy
 from kubetune.operator.builders.modeldeployment import build_network_policy, build_ray_service
+from kubetune.operator.planning.finetunejob import RunRequest
 from kubetune.operator.settings import Settings
 from kubetune.runtime.contract import Task
 
