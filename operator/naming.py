@@ -16,7 +16,12 @@ DEPLOYMENT_LABEL = "kubetune.io/modeldeployment"
 TRIGGER_ANNOTATION = "kubetune.io/trigger"
 TRIGGER_DETAIL_ANNOTATION = "kubetune.io/trigger-detail"
 GENERATION_ANNOTATION = "kubetune.io/spec-generation"
+# On a run's RayJob: the hash of the run-relevant spec it was made for (the run record's triggerHash).
 SPEC_HASH_ANNOTATION = "kubetune.io/spec-hash"
+# On an endpoint's RayService: the hash of what the operator last applied. Operators before the rename
+# wrote it under the RayJob's key, which is still read so that such a RayService is not rewritten.
+APPLIED_HASH_ANNOTATION = "kubetune.io/applied-hash"
+FORMER_APPLIED_HASH_ANNOTATION = SPEC_HASH_ANNOTATION
 # On an endpoint's replica pods: the artifact their cluster was made for (see builders/modeldeployment.py).
 ARTIFACT_ANNOTATION = "kubetune.io/artifact"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"

@@ -232,7 +232,7 @@ def build_run(job: FineTuneJob, request: RunRequest, settings: Settings) -> RunM
         TRIGGER_ANNOTATION: request.trigger.value,
         TRIGGER_DETAIL_ANNOTATION: request.trigger_detail,
         GENERATION_ANNOTATION: str(request.spec_generation),
-        SPEC_HASH_ANNOTATION: request.spec_hash,
+        SPEC_HASH_ANNOTATION: request.trigger_hash,
     }
     ray_metadata = _metadata(job, run, request, annotations=annotations)
     spec = job.spec

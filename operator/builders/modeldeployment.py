@@ -23,12 +23,12 @@ from kubetune.operator.api.common import API_VERSION
 from kubetune.operator.api.modeldeployment import KIND, ModelDeployment, ServedModel
 from kubetune.operator.builders import pods
 from kubetune.operator.naming import (
+    APPLIED_HASH_ANNOTATION,
     ARTIFACT_ANNOTATION,
     DEPLOYMENT_LABEL,
     MANAGED_BY_LABEL,
     MANAGER,
     SERVE_APPLICATION,
-    SPEC_HASH_ANNOTATION,
     controller_reference,
     fit,
 )
@@ -270,7 +270,7 @@ def build_ray_service(deployment: ModelDeployment, served: ServedModel, settings
             "namespace": meta["namespace"],
             "labels": labels(deployment),
             # What the operator last applied: the RayService is updated when, and only when, this changes.
-            "annotations": {SPEC_HASH_ANNOTATION: digest},
+            "annotations": {APPLIED_HASH_ANNOTATION: digest},
             "ownerReferences": [controller_reference(API_VERSION, KIND, deployment.metadata)],
         },
         "spec": spec,

@@ -17,6 +17,8 @@ from kubetune.operator.api.finetunejob import JobPhase, RayJobState, RunFailure,
 from kubetune.operator.conditions import Reason
 from kubetune.operator.model.events import parse_time
 from kubetune.operator.naming import (
+    APPLIED_HASH_ANNOTATION,
+    FORMER_APPLIED_HASH_ANNOTATION,
     GENERATION_ANNOTATION,
     KUEUE_QUEUE_LABEL,
     RUN_LABEL,
@@ -39,7 +41,7 @@ class ObservedRun:
     trigger: Trigger
     trigger_detail: str
     spec_generation: int
-    spec_hash: str | None
+    trigger_hash: str | None  # the kubetune.io/spec-hash annotation: the run-relevant spec it was made for
     created: datetime | None
     status: Mapping[str, Any] | None
     owner_uid: str | None = None  # of its controller owner reference: the job it belongs to
@@ -63,7 +65,7 @@ def observe_run(ray_job: Mapping[str, Any]) -> ObservedRun | None:
         trigger=trigger,
         trigger_detail=annotations.get(TRIGGER_DETAIL_ANNOTATION, ""),
         spec_generation=generation,
-        spec_hash=annotations.get(SPEC_HASH_ANNOTATION),
+        trigger_hash=annotations.get(SPEC_HASH_ANNOTATION),
         created=parse_time(meta.get("creationTimestamp")),
         status=dict(ray_job.get("status") or {}) or None,
         owner_uid=controller_uid(ray_job),
@@ -195,7 +197,7 @@ class ObservedService:
     """What the operator needs of its RayService, as the cache holds it."""
 
     name: str
-    spec_hash: str | None  # the kubetune.io/spec-hash annotation: what the operator last applied
+    applied_hash: str | None  # the kubetune.io/applied-hash annotation: what the operator last applied
     generation: int
     observed_generation: int  # KubeRay's: the spec it has acted on
     ready: bool  # condition Ready: the serve Service has endpoints
@@ -244,6 +246,7 @@ def failing_deployment(application: Mapping[str, Any]) -> str:
 def observe_service(body: Mapping[str, Any], application: str = SERVE_APPLICATION) -> ObservedService:
     """What the operator needs of a RayService: its spec's state as KubeRay reports it, for `application`."""
     meta, status = body["metadata"], body.get("status") or {}
+    annotations = meta.get("annotations") or {}
     conditions = {item.get("type"): item for item in status.get("conditions") or []}
     pending = status.get("pendingServiceStatus") or {}
     active = ((status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}).get(application) or {}
@@ -255,7 +258,7 @@ def observe_service(body: Mapping[str, Any], application: str = SERVE_APPLICATIO
         app = active
     return ObservedService(
         name=meta["name"],
-        spec_hash=(meta.get("annotations") or {}).get("kubetune.io/spec-hash"),
+        applied_hash=annotations.get(APPLIED_HASH_ANNOTATION) or annotations.get(FORMER_APPLIED_HASH_ANNOTATION),
         generation=int(meta.get("generation") or 0),
         observed_generation=int(status.get("observedGeneration") or 0),
         ready=(conditions.get("Ready") or {}).get("status") == "True",

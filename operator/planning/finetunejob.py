@@ -62,7 +62,7 @@ class RunRequest:
     trigger: Trigger
     trigger_detail: str
     spec_generation: int
-    spec_hash: str
+    trigger_hash: str
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def merge_observations(
             trigger=run.trigger,
             trigger_detail=run.trigger_detail,
             spec_generation=run.spec_generation,
-            spec_hash=run.spec_hash,
+            trigger_hash=run.trigger_hash,
             phase=JobPhase.PENDING,
             start_time=run.created,
         )
@@ -256,11 +256,11 @@ def plan(
     stop_invalid = [run.name for run in observed if run.number in invalid]
     status = job.status
     handled = Handled(status.handled_retrain if status else None, status.last_schedule_time if status else None)
-    spec_hash = run_spec_hash(job)
+    trigger_hash = run_spec_hash(job)
 
     pending: list[tuple[Trigger, str]] = []
     latest = records[-1] if records else None
-    if latest is None or latest.spec_hash != spec_hash:
+    if latest is None or latest.trigger_hash != trigger_hash:
         pending.append((Trigger.SPEC_CHANGE, f"generation {generation}"))
     triggers: list[tuple[Trigger, str]] = []
     retrain = retrain_token(annotations.get(RETRAIN_ANNOTATION, ""))
@@ -275,7 +275,7 @@ def plan(
     decision = _Decision(records, handled.including([trigger for trigger in triggers if trigger in ran]))
     if pending and not job.spec.suspend:
         active = [r for r in records if r.phase in ACTIVE_PHASES]
-        decision = _decide(job, decision, pending, active, generation, spec_hash, now)
+        decision = _decide(job, decision, pending, active, generation, trigger_hash, now)
     kept, dropped = trim_history(decision.records, job.spec.history_limit)
     kept, over_budget = fit_history(kept)
     waits = [recheck_seconds] if any(r.phase in ACTIVE_PHASES for r in kept) else []
@@ -334,7 +334,7 @@ def _decide(
     pending: list[tuple[Trigger, str]],
     active: list[RunRecord],
     generation: int,
-    spec_hash: str,
+    trigger_hash: str,
     now: datetime,
 ) -> _Decision:
     policy = job.spec.concurrency_policy
@@ -370,7 +370,7 @@ def _decide(
         trigger=trigger,
         trigger_detail=detail,
         spec_generation=generation,
-        spec_hash=spec_hash,
+        trigger_hash=trigger_hash,
         phase=JobPhase.PENDING,
         message="RayJob created",
         start_time=now,
@@ -380,7 +380,7 @@ def _decide(
         records=[*records, record],
         handled=decision.handled.including(pending),
         create=RunRequest(
-            number=number, trigger=trigger, trigger_detail=detail, spec_generation=generation, spec_hash=spec_hash
+            number=number, trigger=trigger, trigger_detail=detail, spec_generation=generation, trigger_hash=trigger_hash
         ),
         stop=[r.ray_job_name for r in active],
         events=[

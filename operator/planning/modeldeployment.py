@@ -159,7 +159,7 @@ def _outcome(
 ) -> Rollout:
     """A rollout in progress: done, still going, or failed (and then back to what was served before)."""
     assert state.serving is not None and state.rollout_start_time is not None
-    observed = service is not None and service.spec_hash == service_hash and service.current
+    observed = service is not None and service.applied_hash == service_hash and service.current
     running = observed and service is not None and service.application_status == RUNNING and service.ready
     if running and service is not None and not service.upgrading:
         message = f"serving {_describe(state.serving)}"

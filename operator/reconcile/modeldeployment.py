@@ -27,7 +27,7 @@ from kubetune.operator.core.informer import Informer
 from kubetune.operator.kube import Kube, ObjectRef
 from kubetune.operator.kuberay import KubeRayAuthSupport, auth_unavailable_message, ray_version_problem
 from kubetune.operator.model.events import Clock, Event, Problem
-from kubetune.operator.naming import SPEC_HASH_ANNOTATION, controller_uid
+from kubetune.operator.naming import APPLIED_HASH_ANNOTATION, FORMER_APPLIED_HASH_ANNOTATION, controller_uid
 from kubetune.operator.observe.kuberay import ObservedService, observe_service
 from kubetune.operator.observe.pods import PodState, first_wait
 from kubetune.operator.planning.modeldeployment import Asked, plan_rollout, resolve
@@ -166,15 +166,15 @@ class ModelDeploymentReconciler:
 
     def _hash(self, deployment: ModelDeployment, served: ServedModel) -> str:
         manifest = build_ray_service(deployment, served, self.settings)
-        return str(manifest["metadata"]["annotations"][SPEC_HASH_ANNOTATION])
+        return str(manifest["metadata"]["annotations"][APPLIED_HASH_ANNOTATION])
 
     def _apply(
         self, deployment: ModelDeployment, served: ServedModel, service: ObservedService | None
     ) -> ObservedService | None:
         """Create the RayService, or update it when what it should be changed; the service after, if written."""
         manifest = build_ray_service(deployment, served, self.settings)
-        wanted = manifest["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
-        if service is not None and service.spec_hash == wanted:
+        wanted = manifest["metadata"]["annotations"][APPLIED_HASH_ANNOTATION]
+        if service is not None and service.applied_hash == wanted:
             return None
         missing = self.kuberay.missing() if self.settings.kuberay_auth_options else None
         if missing is not None:
@@ -188,7 +188,9 @@ class ModelDeploymentReconciler:
             existing = self.kube.get(ref.api_version, ref.kind, ref.namespace, ref.name)
             if existing is not None and controller_uid(existing) != deployment.metadata.get("uid"):
                 raise NameTakenError(f"RayService {ref.name} exists and does not belong to this ModelDeployment")
-        patch = {"metadata": {"annotations": manifest["metadata"]["annotations"]}, "spec": manifest["spec"]}
+        # The hash under its former key goes: only the current key says what was applied.
+        annotations = {**manifest["metadata"]["annotations"], FORMER_APPLIED_HASH_ANNOTATION: None}
+        patch = {"metadata": {"annotations": annotations}, "spec": manifest["spec"]}
         return observe_service(self.kube.patch(ref, patch))
 
     def _ensure_network_policy(self, deployment: ModelDeployment) -> None:

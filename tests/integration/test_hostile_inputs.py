@@ -202,7 +202,7 @@ def test_an_orphan_of_an_earlier_job_with_the_same_name_is_not_adopted(
     assert kept is not None and kept["metadata"]["uid"] == orphan["metadata"]["uid"]
 
 
-def largest_record(number: int, spec_hash: str, promoted: bool = False) -> RunRecord:
+def largest_record(number: int, trigger_hash: str, promoted: bool = False) -> RunRecord:
     """A run record with every bounded field at its bound."""
     text, short = "m" * MESSAGE_MAX_LENGTH, "s" * SHORT_TEXT_MAX_LENGTH
     metrics = {f"{n:03d}".ljust(SHORT_TEXT_MAX_LENGTH, "x"): 0.123456789012345 for n in range(32)}
@@ -212,7 +212,7 @@ def largest_record(number: int, spec_hash: str, promoted: bool = False) -> RunRe
         trigger=Trigger.ANNOTATION,
         trigger_detail=short,
         spec_generation=1,
-        spec_hash=spec_hash,
+        trigger_hash=trigger_hash,
         phase=JobPhase.SUCCEEDED if promoted else JobPhase.FAILED,
         message=text,
         ray_job=RayJobState(name=short, job_status=short, job_deployment_status=short, reason=short, message=text),

@@ -29,7 +29,7 @@ def group_of(api_version: str) -> str:
 def run_objects(document: dict[str, Any]) -> list[dict[str, Any]]:
     job = parse(mutated(mutated(document, "metadata.namespace", "ml"), "metadata.uid", "uid-1"))
     assert isinstance(job, FineTuneJob)
-    request = RunRequest(number=1, trigger=Trigger.SPEC_CHANGE, trigger_detail="", spec_generation=1, spec_hash="h")
+    request = RunRequest(number=1, trigger=Trigger.SPEC_CHANGE, trigger_detail="", spec_generation=1, trigger_hash="h")
     return build_run(job, request, Settings()).in_order()
 
 

@@ -21,7 +21,7 @@ from ..conftest import REPO_ROOT, mutated
 
 SETTINGS = Settings(runtime_image="registry.example/kubetune-runtime:1", finished_cluster_ttl_seconds=120)
 REQUEST = RunRequest(
-    number=3, trigger=Trigger.ANNOTATION, trigger_detail="retrain-1", spec_generation=2, spec_hash="abcd"
+    number=3, trigger=Trigger.ANNOTATION, trigger_detail="retrain-1", spec_generation=2, trigger_hash="abcd"
 )
 
 

@@ -100,7 +100,7 @@ def service(application_status: str | None, *, ready: bool = True, current: bool
     """The RayService as KubeRay reports it; not `current` while KubeRay has not acted on the latest spec."""
     return ObservedService(
         name="support-tickets",
-        spec_hash="abc",
+        applied_hash="abc",
         generation=2,
         observed_generation=2 if current else 1,
         ready=ready,

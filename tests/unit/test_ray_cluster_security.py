@@ -17,7 +17,7 @@ from kubetune.runtime.contract import Task
 
 from ..conftest import mutated
 
-REQUEST = RunRequest(number=3, trigger=Trigger.ANNOTATION, trigger_detail="r", spec_generation=2, spec_hash="ab")
+REQUEST = RunRequest(number=3, trigger=Trigger.ANNOTATION, trigger_detail="r", spec_generation=2, trigger_hash="ab")
 SERVED = ServedModel(uri="s3://out/runs/2/variants/int8", fine_tune_job="t", run=2, variant="int8",
                      task=Task.TEXT_CLASSIFICATION)  # fmt: skip
 RUN_PODS = {"app.kubernetes.io/managed-by": "kubetune", "kubetune.io/finetunejob": "support-tickets",
