@@ -1,8 +1,9 @@
-"""Reading KubeRay's objects: what a run's RayJob and an endpoint's RayService say, as typed values. Pure.
+"""Reading KubeRay's objects: what a run's RayJob and an endpoint's RayService say, as typed values.
 
 Every place that interprets KubeRay's status fields does it here, as KubeRay defines them
 (`rayjob_types.go`: a RayJob succeeded when jobDeploymentStatus is Complete and jobStatus
-SUCCEEDED; a RayService serves when Ready and its application is RUNNING).
+SUCCEEDED; a RayService serves when Ready and its application is RUNNING). No I/O and
+no clock (a RayJob that is not a run is logged).
 """
 
 from __future__ import annotations

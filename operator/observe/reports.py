@@ -1,12 +1,13 @@
-"""What the operator keeps of a run's report ConfigMap: a small typed record, or why it keeps nothing.
+"""A run's report: what the operator keeps of its ConfigMap, and how it is mirrored into the run record.
 
 The report is written by the run's pod (where the user's code runs), and anyone who
 may create ConfigMaps in a watched namespace can give one the report labels. So
 what it holds is judged before it is parsed, in this order: the ConfigMap must
 name a FineTuneJob as its controller (the job its label names), and its text
 must fit REPORT_MAX_BYTES; what is parsed is then cut to what a run record can
-hold (variants, metrics, hyperparameters), and only that record is cached. Pure:
-no I/O, no clock.
+hold (variants, metrics, hyperparameters), and only that record is cached.
+`with_report` then mirrors it into the run record, within the same bounds. No I/O
+and no clock (a refused report is logged).
 """
 
 from __future__ import annotations
