@@ -40,8 +40,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO_ROOT))  # appended: the repository root must never shadow the standard library
 
 from kubetune.operator.api.finetunejob import FineTuneJob, Trigger  # noqa: E402
-from kubetune.operator.builders.finetunejob import RunRequest, build_run  # noqa: E402
+from kubetune.operator.builders.finetunejob import build_run  # noqa: E402
 from kubetune.operator.kube import ApiError, Kube  # noqa: E402
+from kubetune.operator.planning.finetunejob import RunRequest  # noqa: E402
 from kubetune.operator.settings import Settings  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402

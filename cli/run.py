@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 from kubetune.operator.api.finetunejob import FineTuneJob, GateResult, JobPhase, RunRecord, Trigger
 from kubetune.operator.api.modeldeployment import ModelDeployment
-from kubetune.operator.status.finetunejob import finite_metrics, gate
+from kubetune.operator.observe.reports import finite_metrics
+from kubetune.operator.status.gate import gate
 from kubetune.runtime.contract import RunIdentity, RunSpec, WorkerResources
 from kubetune.runtime.contract.errors import SpecError
 from kubetune.runtime.contract.report import RunReport, Stage

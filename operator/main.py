@@ -26,7 +26,7 @@ from kubetune.operator.api.common import GROUP, VERSION
 from kubetune.operator.handlers.finetunejob import FineTuneJobs
 from kubetune.operator.handlers.modeldeployment import ModelDeployments
 from kubetune.operator.kube import ApiError, Kube
-from kubetune.operator.reconcile.finetunejob import utc_now
+from kubetune.operator.model.events import utc_now
 from kubetune.operator.settings import Settings
 
 log = logging.getLogger("kubetune.operator")

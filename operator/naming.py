@@ -16,10 +16,17 @@ DEPLOYMENT_LABEL = "kubetune.io/modeldeployment"
 TRIGGER_ANNOTATION = "kubetune.io/trigger"
 TRIGGER_DETAIL_ANNOTATION = "kubetune.io/trigger-detail"
 GENERATION_ANNOTATION = "kubetune.io/spec-generation"
+# On a run's RayJob: the hash of the run-relevant spec it was made for (the run record's triggerHash).
 SPEC_HASH_ANNOTATION = "kubetune.io/spec-hash"
+# On an endpoint's RayService: the hash of what the operator last applied. Operators before the rename
+# wrote it under the RayJob's key, which is still read so that such a RayService is not rewritten.
+APPLIED_HASH_ANNOTATION = "kubetune.io/applied-hash"
+FORMER_APPLIED_HASH_ANNOTATION = SPEC_HASH_ANNOTATION
 # On an endpoint's replica pods: the artifact their cluster was made for (see builders/modeldeployment.py).
 ARTIFACT_ANNOTATION = "kubetune.io/artifact"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# The Serve application's name in an endpoint's Serve config.
+SERVE_APPLICATION = "model"
 
 # KubeRay derives RayCluster names (at most 53 characters) from RayJob and RayService
 # names plus a 6-character suffix, so it rejects longer RayJob/RayService names.
@@ -75,3 +82,9 @@ def controller_uid(manifest: Mapping[str, Any]) -> str | None:
         if reference.get("controller"):
             return str(reference.get("uid") or "") or None
     return None
+
+
+def run_output_uri(output_uri: str, number: int) -> str:
+    """Where run `number` writes: a folder of its own under spec.output.uri. Runs never overwrite each
+    other's artifacts: the one an endpoint serves, or the one it would roll back to."""
+    return f"{output_uri.rstrip('/')}/runs/{number}"

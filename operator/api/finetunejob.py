@@ -328,7 +328,16 @@ class RunRecord(WireModel):
         default=None, description="The generation, scheduled time or annotation value."
     )
     spec_generation: int = Field(ge=0, description="metadata.generation of the spec the run uses.")
-    spec_hash: ShortText | None = Field(default=None, description="Hash of the run-relevant part of that spec.")
+    trigger_hash: ShortText | None = Field(
+        default=None,
+        description="Hash of the run-relevant part of that spec: a spec whose hash differs from the latest run's "
+        "starts a run.",
+    )
+    # Kept in the schema so that the API server does not prune it from a status written before the rename:
+    # read as triggerHash, never written.
+    spec_hash: ShortText | None = Field(
+        default=None, exclude=True, description="Deprecated: triggerHash, as operators before its rename wrote it."
+    )
     phase: JobPhase = Field(description="Pending, Running, Retrying, Waiting, Suspended, Succeeded or Failed.")
     message: Message | None = Field(default=None, description="Why the run is in this phase.")
     failure: RunFailure | None = Field(
@@ -371,6 +380,18 @@ class RunRecord(WireModel):
     promotable: bool | None = Field(
         default=None, description="Whether the run passed the promotion gate (gate.passed)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_spec_hash(cls, data: Any) -> Any:
+        """A record written before triggerHash was renamed holds it as specHash: read it as triggerHash."""
+        if not isinstance(data, dict) or not {"specHash", "spec_hash"} & data.keys():
+            return data
+        old = data.get("specHash", data.get("spec_hash"))
+        data = {key: value for key, value in data.items() if key not in ("specHash", "spec_hash")}
+        if data.get("triggerHash", data.get("trigger_hash")) is None:
+            data["triggerHash"] = old
+        return data
 
     def judged(self, verdict: GateResult) -> RunRecord:
         """This record with the gate's verdict (and `promotable`, which mirrors it)."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.operator.api.common import API_VERSION
-from kubetune.operator.api.finetunejob import KIND, FineTuneJob, Trigger
+from kubetune.operator.api.finetunejob import KIND, FineTuneJob
 from kubetune.operator.builders import pods
 from kubetune.operator.naming import (
     GENERATION_ANNOTATION,
@@ -24,8 +24,10 @@ from kubetune.operator.naming import (
     report_name,
     run_labels,
     run_name,
+    run_output_uri,
     runner_name,
 )
+from kubetune.operator.planning.finetunejob import RunRequest
 from kubetune.operator.settings import Settings
 from kubetune.runtime.contract import RunSpec
 from kubetune.runtime.contract.report import REPORT_KEY
@@ -41,17 +43,6 @@ CONFIG_KEY = "run.json"
 # 100m. The limit reserves nothing (only the request counts when the pod is scheduled), and no spec
 # field sizes it: nothing in a run makes the submitter's work grow.
 SUBMITTER_CPU_REQUEST, SUBMITTER_CPU_LIMIT, SUBMITTER_MEMORY = "100m", "1", "512Mi"
-
-
-@dataclass(frozen=True)
-class RunRequest:
-    """A run the operator decided to start."""
-
-    number: int
-    trigger: Trigger
-    trigger_detail: str
-    spec_generation: int
-    spec_hash: str
 
 
 @dataclass(frozen=True)
@@ -201,12 +192,6 @@ def _ray_cluster_spec(
     return {**cluster, **pods.auth_options(settings)}
 
 
-def run_output_uri(output_uri: str, number: int) -> str:
-    """Where run `number` writes: a folder of its own under spec.output.uri. Runs never overwrite each
-    other's artifacts: the one an endpoint serves, or the one it would roll back to."""
-    return f"{output_uri.rstrip('/')}/runs/{number}"
-
-
 def run_config(job: FineTuneJob, request: RunRequest) -> RunConfig:
     """What the runtime reads: the run contract (without cluster fields), who it is, its workers."""
     name = job.metadata["name"]
@@ -247,7 +232,7 @@ def build_run(job: FineTuneJob, request: RunRequest, settings: Settings) -> RunM
         TRIGGER_ANNOTATION: request.trigger.value,
         TRIGGER_DETAIL_ANNOTATION: request.trigger_detail,
         GENERATION_ANNOTATION: str(request.spec_generation),
-        SPEC_HASH_ANNOTATION: request.spec_hash,
+        SPEC_HASH_ANNOTATION: request.trigger_hash,
     }
     ray_metadata = _metadata(job, run, request, annotations=annotations)
     spec = job.spec

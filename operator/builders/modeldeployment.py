@@ -23,11 +23,12 @@ from kubetune.operator.api.common import API_VERSION
 from kubetune.operator.api.modeldeployment import KIND, ModelDeployment, ServedModel
 from kubetune.operator.builders import pods
 from kubetune.operator.naming import (
+    APPLIED_HASH_ANNOTATION,
     ARTIFACT_ANNOTATION,
     DEPLOYMENT_LABEL,
     MANAGED_BY_LABEL,
     MANAGER,
-    SPEC_HASH_ANNOTATION,
+    SERVE_APPLICATION,
     controller_reference,
     fit,
 )
@@ -43,7 +44,6 @@ from kubetune.runtime.contract.serving import (
 )
 
 Manifest = dict[str, Any]
-APPLICATION = "model"  # the Serve application's name in the config
 DEPLOYMENT = "ModelServer"  # the Serve deployment's name (the class in kubetune.runtime.serving.app)
 SERVE_PORT = 8000
 # The endpoint's token reaches the replicas as a Secret volume (never an env var): kubelet updates
@@ -106,7 +106,7 @@ def serve_config(deployment: ModelDeployment, served: ServedModel) -> Manifest:
         "logging_config": SERVE_LOGGING,
         "applications": [
             {
-                "name": APPLICATION,
+                "name": SERVE_APPLICATION,
                 "import_path": SERVE_IMPORT_PATH,
                 "route_prefix": spec.route_prefix,
                 "args": serve_args(deployment, served).to_wire(),
@@ -270,7 +270,7 @@ def build_ray_service(deployment: ModelDeployment, served: ServedModel, settings
             "namespace": meta["namespace"],
             "labels": labels(deployment),
             # What the operator last applied: the RayService is updated when, and only when, this changes.
-            "annotations": {SPEC_HASH_ANNOTATION: digest},
+            "annotations": {APPLIED_HASH_ANNOTATION: digest},
             "ownerReferences": [controller_reference(API_VERSION, KIND, deployment.metadata)],
         },
         "spec": spec,

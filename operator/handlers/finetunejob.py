@@ -22,19 +22,14 @@ from kubetune.operator.api.finetunejob import KIND, PLURAL
 from kubetune.operator.core.controller import Controller, ControllerSettings
 from kubetune.operator.core.informer import Change, Informer, Source, owner_label
 from kubetune.operator.kube import Kube, selector
+from kubetune.operator.model.events import Clock
 from kubetune.operator.naming import JOB_LABEL, MANAGED_BY_LABEL, MANAGER, REPORT_LABEL
-from kubetune.operator.planning.finetunejob import ObservedRun
+from kubetune.operator.observe.kuberay import ObservedRun, observe_run
+from kubetune.operator.observe.pods import RunPod, observe_run_pod
+from kubetune.operator.observe.reports import Report, observe_report
 from kubetune.operator.reconcile import reconciling
-from kubetune.operator.reconcile.finetunejob import (
-    Clock,
-    FineTuneJobReconciler,
-    RunPod,
-    observe_pod,
-    observe_report,
-    observe_run,
-)
+from kubetune.operator.reconcile.finetunejob import FineTuneJobReconciler
 from kubetune.operator.settings import Settings
-from kubetune.operator.status.report import Report
 
 # The runs' RayJobs and report ConfigMaps, nothing else. (Run config ConfigMaps are
 # written once and never read back, so they are not watched.)
@@ -68,7 +63,7 @@ class FineTuneJobs:
     ) -> None:
         self.runs: Informer[ObservedRun] = Informer(kube, RUNS, namespaces, observe_run, job_of)
         self.reports: Informer[Report] = Informer(kube, REPORTS, namespaces, observe_report, job_of)
-        self.pods: Informer[RunPod] = Informer(kube, PODS, namespaces, observe_pod, job_of)
+        self.pods: Informer[RunPod] = Informer(kube, PODS, namespaces, observe_run_pod, job_of)
         reconciler = FineTuneJobReconciler(kube, settings, self.runs, self.reports, clock, self.pods)
         self.controller = Controller(
             KIND, reconciling(kube, KIND, reconciler.reconcile, clock), executor, ControllerSettings.of(settings)

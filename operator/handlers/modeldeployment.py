@@ -19,11 +19,12 @@ from kubetune.operator.api.modeldeployment import KIND, PLURAL
 from kubetune.operator.core.controller import Controller, ControllerSettings
 from kubetune.operator.core.informer import Change, Informer, Source, owner_label
 from kubetune.operator.kube import Kube, selector
+from kubetune.operator.model.events import Clock
 from kubetune.operator.naming import DEPLOYMENT_LABEL, MANAGED_BY_LABEL, MANAGER
-from kubetune.operator.planning.modeldeployment import ObservedService
-from kubetune.operator.planning.pods import PodState
+from kubetune.operator.observe.kuberay import ObservedService, observe_service
+from kubetune.operator.observe.pods import PodState, observe_endpoint_pod
 from kubetune.operator.reconcile import reconciling
-from kubetune.operator.reconcile.modeldeployment import Clock, ModelDeploymentReconciler, observe, observe_pod
+from kubetune.operator.reconcile.modeldeployment import ModelDeploymentReconciler
 from kubetune.operator.settings import Settings
 
 SERVICES = Source("ray.io/v1", "RayService", selector({MANAGED_BY_LABEL: MANAGER, DEPLOYMENT_LABEL: ""}))
@@ -45,8 +46,8 @@ class ModelDeployments:
         executor: Executor,
         namespaces: list[str] | None,
     ) -> None:
-        self.services: Informer[ObservedService] = Informer(kube, SERVICES, namespaces, observe, deployment_of)
-        self.pods: Informer[PodState] = Informer(kube, PODS, namespaces, observe_pod, deployment_of)
+        self.services: Informer[ObservedService] = Informer(kube, SERVICES, namespaces, observe_service, deployment_of)
+        self.pods: Informer[PodState] = Informer(kube, PODS, namespaces, observe_endpoint_pod, deployment_of)
         reconciler = ModelDeploymentReconciler(kube, settings, self.services, clock, self.pods)
         self.controller = Controller(
             KIND, reconciling(kube, KIND, reconciler.reconcile, clock), executor, ControllerSettings.of(settings)

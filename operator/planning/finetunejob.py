@@ -28,19 +28,14 @@ from kubetune.operator.api.finetunejob import (
     Trigger,
     WaitReason,
 )
-from kubetune.operator.builders.finetunejob import RunRequest, run_output_uri
 from kubetune.operator.conditions import Reason
-from kubetune.operator.naming import run_name
-from kubetune.operator.planning.pods import PodWait
-from kubetune.operator.status.finetunejob import (
-    finished_ray_job_state,
-    fit_history,
-    gate,
-    ray_job_outcome,
-    ray_job_state,
-    trim_history,
-    with_report,
-)
+from kubetune.operator.model.events import Event
+from kubetune.operator.naming import run_name, run_output_uri
+from kubetune.operator.observe.kuberay import ObservedRun, finished_ray_job_state, ray_job_outcome, ray_job_state
+from kubetune.operator.observe.pods import PodWait
+from kubetune.operator.observe.reports import with_report
+from kubetune.operator.status.gate import gate
+from kubetune.operator.status.history import fit_history, trim_history
 from kubetune.runtime.contract.common import MESSAGE_MAX_LENGTH, SHORT_TEXT_MAX_LENGTH
 from kubetune.runtime.contract.report import RunReport, Stage, Unavailable
 
@@ -60,26 +55,14 @@ UNAVAILABLE_FAILURES = {
 
 
 @dataclass(frozen=True)
-class ObservedRun:
-    """A run's RayJob as listed from the cluster."""
+class RunRequest:
+    """A run the operator decided to start."""
 
     number: int
-    name: str
     trigger: Trigger
     trigger_detail: str
     spec_generation: int
-    spec_hash: str | None
-    created: datetime | None
-    status: Mapping[str, Any] | None
-    owner_uid: str | None = None  # of its controller owner reference: the job it belongs to
-    queue: str | None = None  # the Kueue LocalQueue it was submitted through
-
-
-@dataclass(frozen=True)
-class Event:
-    type: str  # Normal or Warning
-    reason: Reason
-    message: str
+    trigger_hash: str
 
 
 @dataclass(frozen=True)
@@ -174,7 +157,7 @@ def merge_observations(
             trigger=run.trigger,
             trigger_detail=run.trigger_detail,
             spec_generation=run.spec_generation,
-            spec_hash=run.spec_hash,
+            trigger_hash=run.trigger_hash,
             phase=JobPhase.PENDING,
             start_time=run.created,
         )
@@ -273,11 +256,11 @@ def plan(
     stop_invalid = [run.name for run in observed if run.number in invalid]
     status = job.status
     handled = Handled(status.handled_retrain if status else None, status.last_schedule_time if status else None)
-    spec_hash = run_spec_hash(job)
+    trigger_hash = run_spec_hash(job)
 
     pending: list[tuple[Trigger, str]] = []
     latest = records[-1] if records else None
-    if latest is None or latest.spec_hash != spec_hash:
+    if latest is None or latest.trigger_hash != trigger_hash:
         pending.append((Trigger.SPEC_CHANGE, f"generation {generation}"))
     triggers: list[tuple[Trigger, str]] = []
     retrain = retrain_token(annotations.get(RETRAIN_ANNOTATION, ""))
@@ -292,7 +275,7 @@ def plan(
     decision = _Decision(records, handled.including([trigger for trigger in triggers if trigger in ran]))
     if pending and not job.spec.suspend:
         active = [r for r in records if r.phase in ACTIVE_PHASES]
-        decision = _decide(job, decision, pending, active, generation, spec_hash, now)
+        decision = _decide(job, decision, pending, active, generation, trigger_hash, now)
     kept, dropped = trim_history(decision.records, job.spec.history_limit)
     kept, over_budget = fit_history(kept)
     waits = [recheck_seconds] if any(r.phase in ACTIVE_PHASES for r in kept) else []
@@ -351,7 +334,7 @@ def _decide(
     pending: list[tuple[Trigger, str]],
     active: list[RunRecord],
     generation: int,
-    spec_hash: str,
+    trigger_hash: str,
     now: datetime,
 ) -> _Decision:
     policy = job.spec.concurrency_policy
@@ -387,7 +370,7 @@ def _decide(
         trigger=trigger,
         trigger_detail=detail,
         spec_generation=generation,
-        spec_hash=spec_hash,
+        trigger_hash=trigger_hash,
         phase=JobPhase.PENDING,
         message="RayJob created",
         start_time=now,
@@ -397,7 +380,7 @@ def _decide(
         records=[*records, record],
         handled=decision.handled.including(pending),
         create=RunRequest(
-            number=number, trigger=trigger, trigger_detail=detail, spec_generation=generation, spec_hash=spec_hash
+            number=number, trigger=trigger, trigger_detail=detail, spec_generation=generation, trigger_hash=trigger_hash
         ),
         stop=[r.ray_job_name for r in active],
         events=[

@@ -15,107 +15,21 @@ a different one is promoted, a failed spec not until the spec changes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from kubetune.operator.api.finetunejob import FineTuneJob, JobPhase, RunRecord
 from kubetune.operator.api.modeldeployment import ModelDeployment, ModelDeploymentStatus, RejectedModel, ServedModel
 from kubetune.operator.conditions import Reason
-from kubetune.operator.naming import controller_uid
-from kubetune.operator.planning.finetunejob import Event
-from kubetune.operator.planning.pods import PodWait
-from kubetune.operator.status.finetunejob import Problem
+from kubetune.operator.model.events import Event, Problem
+from kubetune.operator.observe.kuberay import FAILED_STATUSES, RUNNING, ObservedService
+from kubetune.operator.observe.pods import PodWait
+from kubetune.operator.status.modeldeployment import Rollout
 from kubetune.runtime.contract.serving import Variant
 
-RUNNING, DEPLOYING = "RUNNING", "DEPLOYING"
-FAILED_STATUSES = frozenset({"DEPLOY_FAILED", "UNHEALTHY"})
-# KubeRay's condition while it brings up a new Ray cluster to replace the one that serves.
-UPGRADE_IN_PROGRESS = "UpgradeInProgress"
 # How soon to look again at a rollout in progress when no event comes (a safety net).
 ROLLOUT_RECHECK_SECONDS = 30.0
-# What the status keeps of Serve's messages: the application's beginning, a failing deployment's end
-# (a traceback, whose last line is the error). Together they fit a condition's 1024 characters.
-APPLICATION_MESSAGE_MAX_LENGTH = 256
-DEPLOYMENT_MESSAGE_MAX_LENGTH = 640
-
-
-@dataclass(frozen=True)
-class ObservedService:
-    """What the operator needs of its RayService, as the cache holds it."""
-
-    name: str
-    spec_hash: str | None  # the kubetune.io/spec-hash annotation: what the operator last applied
-    generation: int
-    observed_generation: int  # KubeRay's: the spec it has acted on
-    ready: bool  # condition Ready: the serve Service has endpoints
-    # Kubetune's application where the latest spec goes: on the pending Ray cluster while KubeRay brings
-    # one up (DEPLOYING until it reports one), else on the active cluster.
-    application_status: str | None
-    application_message: str
-    endpoints: int  # KubeRay's numServeEndpoints
-    owner_uid: str | None = None  # of its controller owner reference: the deployment it belongs to
-    upgrading: bool = False  # UpgradeInProgress: a new cluster is coming up; the active one still serves
-    serving_status: str | None = None  # the application on the active cluster: what answers requests now
-    deployment_message: str = ""  # the Serve deployment that fails, with the end of its message
-
-    @property
-    def current(self) -> bool:
-        """KubeRay has acted on the latest spec (its application status is about that spec)."""
-        return self.observed_generation >= self.generation
-
-    @property
-    def problem(self) -> str:
-        """The application's status with what Serve says of it, for messages."""
-        details = "; ".join(text for text in (self.application_message, self.deployment_message) if text)
-        return f"the application is {self.application_status or 'not running'}" + (f": {details}" if details else "")
-
-
-def _cut(text: str, limit: int, *, keep_end: bool = False) -> str:
-    text = text.strip()
-    if len(text) <= limit:
-        return text
-    return "…" + text[-(limit - 1) :] if keep_end else text[: limit - 1] + "…"
-
-
-def failing_deployment(application: Mapping[str, Any]) -> str:
-    """The Serve deployment of the application that fails (a failed one first), with its message's end."""
-    troubled = sorted(
-        (item.get("status") not in FAILED_STATUSES, name, str(item["message"]))
-        for name, item in (application.get("serveDeploymentStatuses") or {}).items()
-        if item.get("status") != "HEALTHY" and item.get("message")
-    )
-    if not troubled:
-        return ""
-    _, name, message = troubled[0]
-    return f"{name}: {_cut(message, DEPLOYMENT_MESSAGE_MAX_LENGTH, keep_end=True)}"
-
-
-def observe_service(body: Mapping[str, Any], application: str) -> ObservedService:
-    meta, status = body["metadata"], body.get("status") or {}
-    conditions = {item.get("type"): item for item in status.get("conditions") or []}
-    pending = status.get("pendingServiceStatus") or {}
-    active = ((status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}).get(application) or {}
-    # While KubeRay brings up a new cluster, the latest spec goes there: only its application tells
-    # how the rollout goes (the active one still runs what was served before).
-    if pending.get("rayClusterName"):
-        app = (pending.get("applicationStatuses") or {}).get(application) or {"status": DEPLOYING}
-    else:
-        app = active
-    return ObservedService(
-        name=meta["name"],
-        spec_hash=(meta.get("annotations") or {}).get("kubetune.io/spec-hash"),
-        generation=int(meta.get("generation") or 0),
-        observed_generation=int(status.get("observedGeneration") or 0),
-        ready=(conditions.get("Ready") or {}).get("status") == "True",
-        application_status=app.get("status") or None,
-        application_message=_cut(str(app.get("message") or ""), APPLICATION_MESSAGE_MAX_LENGTH),
-        endpoints=int(status.get("numServeEndpoints") or 0),
-        owner_uid=controller_uid(body),
-        upgrading=(conditions.get(UPGRADE_IN_PROGRESS) or {}).get("status") == "True",
-        serving_status=active.get("status") or None,
-        deployment_message=failing_deployment(app),
-    )
 
 
 def resolve(deployment: ModelDeployment, job: FineTuneJob | None) -> ServedModel | Problem:
@@ -164,28 +78,6 @@ class Asked:
     spec: Mapping[str, Any]  # the spec in wire form, recorded with what is rolled out
     # The spec hash of the RayService this spec builds for the artifact served now (None: nothing is served).
     service_hash: str | None
-
-
-@dataclass(frozen=True)
-class Rollout:
-    """The next state of what is served, and what to tell about it."""
-
-    serving: ServedModel | None
-    previous: ServedModel | None
-    rejected: RejectedModel | None
-    rollout_start_time: datetime | None
-    events: list[Event] = field(default_factory=list)
-    requeue_after: float | None = None
-
-    @property
-    def failed(self) -> bool:
-        """What is served is what failed to roll out, with nothing to return to."""
-        serving, rejected = self.serving, self.rejected
-        if serving is None or rejected is None:
-            return False
-        if rejected.uri is not None:
-            return rejected.uri == serving.uri
-        return rejected.generation is not None and rejected.generation == serving.generation
 
 
 def _describe(served: ServedModel) -> str:
@@ -267,7 +159,7 @@ def _outcome(
 ) -> Rollout:
     """A rollout in progress: done, still going, or failed (and then back to what was served before)."""
     assert state.serving is not None and state.rollout_start_time is not None
-    observed = service is not None and service.spec_hash == service_hash and service.current
+    observed = service is not None and service.applied_hash == service_hash and service.current
     running = observed and service is not None and service.application_status == RUNNING and service.ready
     if running and service is not None and not service.upgrading:
         message = f"serving {_describe(state.serving)}"

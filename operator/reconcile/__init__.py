@@ -12,8 +12,8 @@ from kubetune.operator.api.common import API_VERSION, Condition
 from kubetune.operator.conditions import ConditionType, Reason, condition, merge_conditions
 from kubetune.operator.core.controller import Key, Outcome, PassFailedError
 from kubetune.operator.kube import ApiError, Kube, ObjectRef
+from kubetune.operator.model.events import Event
 from kubetune.operator.naming import controller_uid
-from kubetune.operator.planning.finetunejob import Event
 from pydantic import BaseModel, ValidationError
 
 Manifest = dict[str, Any]

@@ -8,9 +8,8 @@ same state. It runs in a worker thread of the controller core (blocking API call
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from kubetune.operator.api.common import API_VERSION
@@ -20,113 +19,37 @@ from kubetune.operator.api.finetunejob import (
     FineTuneJob,
     FineTuneJobStatus,
     RunRecord,
-    Trigger,
     cluster_output_problem,
 )
-from kubetune.operator.builders.finetunejob import RunRequest, build_run, build_run_network_policy
+from kubetune.operator.builders.finetunejob import build_run, build_run_network_policy
 from kubetune.operator.conditions import Reason
 from kubetune.operator.core.controller import Key, Outcome
 from kubetune.operator.core.informer import Informer
 from kubetune.operator.kube import ApiError, Kube, ObjectRef
 from kubetune.operator.kuberay import KubeRayAuthSupport, auth_unavailable_message, ray_version_problem
 from kubetune.operator.metrics import PROMOTIONS, RUNS_FINISHED, RUNS_STARTED
+from kubetune.operator.model.events import Clock, Event, Problem, parse_time, utc_now
 from kubetune.operator.naming import (
-    GENERATION_ANNOTATION,
-    KUEUE_QUEUE_LABEL,
-    RUN_LABEL,
-    SPEC_HASH_ANNOTATION,
-    TRIGGER_ANNOTATION,
-    TRIGGER_DETAIL_ANNOTATION,
     config_map_name,
     controller_uid,
     report_name,
     runner_name,
 )
+from kubetune.operator.observe.kuberay import ObservedRun, observe_run
+from kubetune.operator.observe.pods import PodWait, RunPod, first_wait
+from kubetune.operator.observe.reports import Report
 from kubetune.operator.planning.adoption import adoption_problem
-from kubetune.operator.planning.finetunejob import (
-    Event,
-    ObservedRun,
-    Plan,
-    ScheduleError,
-    name_conflict,
-    plan,
-)
-from kubetune.operator.planning.pods import PodState, PodWait, first_wait, pod_wait
+from kubetune.operator.planning.finetunejob import Plan, RunRequest, ScheduleError, name_conflict, plan
 from kubetune.operator.policy import finetunejob_violations
 from kubetune.operator.reconcile import apply_owned, patch_status, post_events, previous_status
 from kubetune.operator.settings import Settings
-from kubetune.operator.status.finetunejob import Problem, compute_status
-from kubetune.operator.status.report import Refused, Report, read_report
+from kubetune.operator.status.finetunejob import compute_status
 from kubetune.runtime.contract.errors import describe
 from kubetune.runtime.contract.report import RunReport
 from pydantic import ValidationError
 
 log = logging.getLogger("kubetune.finetunejob")
 Manifest = dict[str, Any]
-Clock = Callable[[], datetime]
-
-
-def parse_time(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
-
-
-def observe_run(ray_job: Mapping[str, Any]) -> ObservedRun | None:
-    """What the planner needs of a run's RayJob; None for a RayJob that is not a kubetune run."""
-    meta = ray_job["metadata"]
-    annotations = meta.get("annotations") or {}
-    try:
-        number = int((meta.get("labels") or {})[RUN_LABEL])
-        trigger = Trigger(annotations[TRIGGER_ANNOTATION])
-        generation = int(annotations.get(GENERATION_ANNOTATION, "0"))
-    except (KeyError, ValueError):
-        log.warning("ignoring RayJob %s: it lacks kubetune's run label or trigger", meta.get("name"))
-        return None
-    return ObservedRun(
-        number=number,
-        name=meta["name"],
-        trigger=trigger,
-        trigger_detail=annotations.get(TRIGGER_DETAIL_ANNOTATION, ""),
-        spec_generation=generation,
-        spec_hash=annotations.get(SPEC_HASH_ANNOTATION),
-        created=parse_time(meta.get("creationTimestamp")),
-        status=dict(ray_job.get("status") or {}) or None,
-        owner_uid=controller_uid(ray_job),
-        queue=(meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL),
-    )
-
-
-@dataclass(frozen=True)
-class RunPod(PodState):
-    """A pod of a run: which run, its name, and why it cannot run (None: it can, or it already does)."""
-
-    number: int
-
-
-def observe_pod(pod: Mapping[str, Any]) -> RunPod | None:
-    """A run's pod and what holds it up; None for a pod without kubetune's run label."""
-    try:
-        number = int((pod["metadata"].get("labels") or {})[RUN_LABEL])
-    except (KeyError, ValueError):
-        return None
-    return RunPod(pod["metadata"]["name"], pod_wait(pod), number)
-
-
-def observe_report(config_map: Mapping[str, Any]) -> Report | None:
-    """What the report cache keeps of a run's report ConfigMap: the bounded report, or nothing.
-
-    Nothing while the run has written nothing, and nothing for a ConfigMap that is not a
-    FineTuneJob's, whose text is too large, or that is not a report (with a warning).
-    """
-    seen = read_report(config_map)
-    if isinstance(seen, Refused):  # a bad report never breaks the job's status, nor the operator
-        name = (config_map.get("metadata") or {}).get("name")
-        log.warning("ignoring report ConfigMap %s (%s): %s", name, seen.reason.value, seen.detail)
-        return None
-    return seen
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class FineTuneJobReconciler:

@@ -7,7 +7,6 @@ through the FineTuneJob's status into the RayService's Serve config and this sta
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -21,34 +20,26 @@ from kubetune.operator.api.modeldeployment import (
     ModelDeploymentStatus,
     ServedModel,
 )
-from kubetune.operator.builders.modeldeployment import APPLICATION, build_network_policy, build_ray_service, endpoint
+from kubetune.operator.builders.modeldeployment import build_network_policy, build_ray_service, endpoint
 from kubetune.operator.conditions import Reason
 from kubetune.operator.core.controller import Dependency, Key, Outcome
 from kubetune.operator.core.informer import Informer
 from kubetune.operator.kube import Kube, ObjectRef
 from kubetune.operator.kuberay import KubeRayAuthSupport, auth_unavailable_message, ray_version_problem
-from kubetune.operator.naming import SPEC_HASH_ANNOTATION, controller_uid
-from kubetune.operator.planning.finetunejob import Event
-from kubetune.operator.planning.modeldeployment import (
-    Asked,
-    ObservedService,
-    Rollout,
-    observe_service,
-    plan_rollout,
-    resolve,
-)
-from kubetune.operator.planning.pods import PodState, first_wait, pod_wait
+from kubetune.operator.model.events import Clock, Event, Problem
+from kubetune.operator.naming import APPLIED_HASH_ANNOTATION, FORMER_APPLIED_HASH_ANNOTATION, controller_uid
+from kubetune.operator.observe.kuberay import ObservedService, observe_service
+from kubetune.operator.observe.pods import PodState, first_wait
+from kubetune.operator.planning.modeldeployment import Asked, plan_rollout, resolve
 from kubetune.operator.policy import modeldeployment_violations
 from kubetune.operator.reconcile import apply_owned, patch_status, post_events, previous_status
 from kubetune.operator.settings import Settings
-from kubetune.operator.status.finetunejob import Problem
-from kubetune.operator.status.modeldeployment import compute_status, wait_events
+from kubetune.operator.status.modeldeployment import Rollout, compute_status, wait_events
 from kubetune.runtime.contract.errors import describe
 from pydantic import ValidationError
 
 log = logging.getLogger("kubetune.modeldeployment")
 Manifest = dict[str, Any]
-Clock = Callable[[], datetime]
 
 
 class NameTakenError(Exception):
@@ -57,15 +48,6 @@ class NameTakenError(Exception):
 
 class AuthUnavailableError(Exception):
     """The RayService would change, but KubeRay cannot give its Ray the token authentication asked for."""
-
-
-def observe(ray_service: Mapping[str, Any]) -> ObservedService:
-    return observe_service(ray_service, APPLICATION)
-
-
-def observe_pod(pod: Mapping[str, Any]) -> PodState:
-    """An endpoint's pod (of any of its Ray clusters) and what holds it up."""
-    return PodState(pod["metadata"]["name"], pod_wait(pod))
 
 
 def served_with(deployment: ModelDeployment, served: ServedModel) -> ModelDeployment:
@@ -184,15 +166,15 @@ class ModelDeploymentReconciler:
 
     def _hash(self, deployment: ModelDeployment, served: ServedModel) -> str:
         manifest = build_ray_service(deployment, served, self.settings)
-        return str(manifest["metadata"]["annotations"][SPEC_HASH_ANNOTATION])
+        return str(manifest["metadata"]["annotations"][APPLIED_HASH_ANNOTATION])
 
     def _apply(
         self, deployment: ModelDeployment, served: ServedModel, service: ObservedService | None
     ) -> ObservedService | None:
         """Create the RayService, or update it when what it should be changed; the service after, if written."""
         manifest = build_ray_service(deployment, served, self.settings)
-        wanted = manifest["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
-        if service is not None and service.spec_hash == wanted:
+        wanted = manifest["metadata"]["annotations"][APPLIED_HASH_ANNOTATION]
+        if service is not None and service.applied_hash == wanted:
             return None
         missing = self.kuberay.missing() if self.settings.kuberay_auth_options else None
         if missing is not None:
@@ -202,12 +184,14 @@ class ModelDeploymentReconciler:
             self._ensure_network_policy(deployment)
             created = self.kube.create(manifest)
             if created is not None:
-                return observe(created)
+                return observe_service(created)
             existing = self.kube.get(ref.api_version, ref.kind, ref.namespace, ref.name)
             if existing is not None and controller_uid(existing) != deployment.metadata.get("uid"):
                 raise NameTakenError(f"RayService {ref.name} exists and does not belong to this ModelDeployment")
-        patch = {"metadata": {"annotations": manifest["metadata"]["annotations"]}, "spec": manifest["spec"]}
-        return observe(self.kube.patch(ref, patch))
+        # The hash under its former key goes: only the current key says what was applied.
+        annotations = {**manifest["metadata"]["annotations"], FORMER_APPLIED_HASH_ANNOTATION: None}
+        patch = {"metadata": {"annotations": annotations}, "spec": manifest["spec"]}
+        return observe_service(self.kube.patch(ref, patch))
 
     def _ensure_network_policy(self, deployment: ModelDeployment) -> None:
         """Close the endpoint's Ray cluster before it starts, and keep it closed: on every pass while the

@@ -10,14 +10,36 @@ rollout, or an endpoint that does not run, makes no progress.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from kubetune.operator.api.modeldeployment import DeploymentPhase, ModelDeploymentStatus
+from kubetune.operator.api.modeldeployment import DeploymentPhase, ModelDeploymentStatus, RejectedModel, ServedModel
 from kubetune.operator.conditions import ConditionType, Reason, condition, merge_conditions
-from kubetune.operator.planning.finetunejob import Event
-from kubetune.operator.planning.modeldeployment import RUNNING, ObservedService, Rollout
-from kubetune.operator.planning.pods import PodWait
-from kubetune.operator.status.finetunejob import Problem
+from kubetune.operator.model.events import Event, Problem
+from kubetune.operator.observe.kuberay import RUNNING, ObservedService
+from kubetune.operator.observe.pods import PodWait
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The next state of what is served, and what to tell about it."""
+
+    serving: ServedModel | None
+    previous: ServedModel | None
+    rejected: RejectedModel | None
+    rollout_start_time: datetime | None
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+
+    @property
+    def failed(self) -> bool:
+        """What is served is what failed to roll out, with nothing to return to."""
+        serving, rejected = self.serving, self.rejected
+        if serving is None or rejected is None:
+            return False
+        if rejected.uri is not None:
+            return rejected.uri == serving.uri
+        return rejected.generation is not None and rejected.generation == serving.generation
 
 
 def compute_status(

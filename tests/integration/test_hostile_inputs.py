@@ -21,7 +21,8 @@ from kubetune.operator.kube import Kube, ObjectRef
 from kubetune.operator.naming import run_labels
 from kubetune.operator.planning.finetunejob import run_spec_hash
 from kubetune.operator.settings import Settings
-from kubetune.operator.status.finetunejob import STATUS_MAX_BYTES, compute_status, fit_history
+from kubetune.operator.status.finetunejob import compute_status
+from kubetune.operator.status.history import STATUS_MAX_BYTES, fit_history
 from kubetune.runtime.contract.common import MESSAGE_MAX_LENGTH, SHORT_TEXT_MAX_LENGTH, URI_MAX_LENGTH
 from kubetune.runtime.contract.report import REPORT_KEY, RunProgress, Stage
 
@@ -201,7 +202,7 @@ def test_an_orphan_of_an_earlier_job_with_the_same_name_is_not_adopted(
     assert kept is not None and kept["metadata"]["uid"] == orphan["metadata"]["uid"]
 
 
-def largest_record(number: int, spec_hash: str, promoted: bool = False) -> RunRecord:
+def largest_record(number: int, trigger_hash: str, promoted: bool = False) -> RunRecord:
     """A run record with every bounded field at its bound."""
     text, short = "m" * MESSAGE_MAX_LENGTH, "s" * SHORT_TEXT_MAX_LENGTH
     metrics = {f"{n:03d}".ljust(SHORT_TEXT_MAX_LENGTH, "x"): 0.123456789012345 for n in range(32)}
@@ -211,7 +212,7 @@ def largest_record(number: int, spec_hash: str, promoted: bool = False) -> RunRe
         trigger=Trigger.ANNOTATION,
         trigger_detail=short,
         spec_generation=1,
-        spec_hash=spec_hash,
+        trigger_hash=trigger_hash,
         phase=JobPhase.SUCCEEDED if promoted else JobPhase.FAILED,
         message=text,
         ray_job=RayJobState(name=short, job_status=short, job_deployment_status=short, reason=short, message=text),

@@ -231,6 +231,25 @@ def test_promotion_moves_the_endpoint_and_a_failed_gate_changes_nothing(
     assert deployment(kube, namespace)["status"]["phase"] == "Ready"
 
 
+def test_a_ray_service_annotated_by_an_older_operator_is_not_rewritten(
+    kube: Kube, namespace: str, promoted: str
+) -> None:
+    """Operators before kubetune.io/applied-hash wrote what they applied under kubetune.io/spec-hash."""
+    create_deployment(kube, namespace)
+    wait_serving(kube, namespace, promoted)
+    play_kuberay(kube, namespace, "RUNNING")
+    phase(kube, namespace, "Ready")
+    ref = ObjectRef(*RAY_SERVICE, namespace, "support-tickets")
+    applied = (kube.get(*RAY_SERVICE, namespace, "support-tickets") or {})["metadata"]["annotations"]
+    older = {"kubetune.io/applied-hash": None, "kubetune.io/spec-hash": applied["kubetune.io/applied-hash"]}
+    kube.patch(ref, {"metadata": {"annotations": older}})
+    # A change the operator acts on: the endpoint loses its pods, and the status says so.
+    play_kuberay(kube, namespace, "RUNNING", ready=False)
+    eventually(lambda: deployment(kube, namespace)["status"].get("servingPods") == 0, what="no serving pods")
+    annotations = (kube.get(*RAY_SERVICE, namespace, "support-tickets") or {})["metadata"]["annotations"]
+    assert "kubetune.io/applied-hash" not in annotations  # not rewritten: what it says was applied is current
+
+
 def test_a_failed_rollout_rolls_back_and_is_not_retried(kube: Kube, namespace: str, promoted: str) -> None:
     create_deployment(kube, namespace)
     wait_serving(kube, namespace, promoted)

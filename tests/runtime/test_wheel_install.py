@@ -36,7 +36,8 @@ import pytest
 import yaml
 from kubetune.operator.api.finetunejob import FineTuneJob, Trigger
 from kubetune.operator.api.manifests import parse
-from kubetune.operator.builders.finetunejob import RunRequest, run_config
+from kubetune.operator.builders.finetunejob import run_config
+from kubetune.operator.planning.finetunejob import RunRequest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -187,7 +188,7 @@ def _run_config(data: Path, output: Path) -> dict[str, Any]:
     job_document["metadata"].update(namespace="default", uid="uid-1")
     job = parse(job_document)
     assert isinstance(job, FineTuneJob)
-    request = RunRequest(number=1, trigger=Trigger.SPEC_CHANGE, trigger_detail="", spec_generation=1, spec_hash="0")
+    request = RunRequest(number=1, trigger=Trigger.SPEC_CHANGE, trigger_detail="", spec_generation=1, trigger_hash="0")
     config: dict[str, Any] = run_config(job, request).to_wire()
     spec = config["spec"]
     assert spec["model"]["uri"] == "hf://sentence-transformers/all-MiniLM-L6-v2"

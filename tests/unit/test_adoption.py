@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from kubetune.operator.api.finetunejob import FineTuneJob, Trigger
 from kubetune.operator.api.manifests import parse
-from kubetune.operator.builders.finetunejob import RunRequest, build_run
+from kubetune.operator.builders.finetunejob import build_run
 from kubetune.operator.planning.adoption import adoption_problem
+from kubetune.operator.planning.finetunejob import RunRequest
 from kubetune.operator.settings import Settings
 
 from ..conftest import mutated
@@ -22,7 +23,7 @@ Manifest = dict[str, Any]
 def run_objects(document: Manifest) -> dict[str, Manifest]:
     job = parse(mutated(mutated(document, "metadata.namespace", "ml"), "metadata.uid", "uid-1"))
     assert isinstance(job, FineTuneJob)
-    request = RunRequest(number=2, trigger=Trigger.SPEC_CHANGE, trigger_detail="", spec_generation=1, spec_hash="h")
+    request = RunRequest(number=2, trigger=Trigger.SPEC_CHANGE, trigger_detail="", spec_generation=1, trigger_hash="h")
     manifests = build_run(job, request, Settings())
     return {
         "config": manifests.config,

@@ -1,4 +1,10 @@
-"""Import boundaries between the layers, and the guard against shadowing the stdlib `operator`."""
+"""Import boundaries that import-linter cannot state, and the guard against shadowing the stdlib `operator`.
+
+The order of the operator's layers, the purity of its pure layers and the boundaries between
+the planes are import-linter contracts (`.importlinter`, checked by test_layers.py). What stays
+here: an allow-list (the API models import nothing but pydantic and the contract), what importing
+the operator loads at run time, and how the top-level folders map to import names.
+"""
 
 from __future__ import annotations
 
@@ -57,46 +63,6 @@ def offending(folder: str, allowed: object) -> list[str]:
 
 def top(name: str) -> str:
     return name.split(".")[0]
-
-
-def test_runtime_never_imports_the_operator_or_kopf() -> None:
-    assert offending("runtime", lambda n: not n.startswith("kubetune.operator") and top(n) != "kopf") == []
-
-
-def test_operator_never_imports_the_training_stack() -> None:
-    assert offending("operator", lambda n: top(n) not in TRAINING_STACK) == []
-
-
-# The layers of the operator that are pure (no I/O, no kopf, no API client), and the kind-agnostic core.
-PURE_LAYERS = ["operator/builders", "operator/planning", "operator/status"]
-KIND_LAYERS = ("api", "builders", "planning", "status", "reconcile", "handlers")
-
-
-@pytest.mark.parametrize("folder", PURE_LAYERS)
-def test_builders_planning_and_status_are_pure(folder: str) -> None:
-    impure = tuple(f"kubetune.operator.{name}" for name in ("kube", "core", "handlers", "reconcile", "main"))
-    clients = ("kopf", "kubernetes", "urllib3")
-    assert offending(folder, lambda n: top(n) not in clients and not n.startswith(impure)) == []
-
-
-def test_the_controller_core_knows_no_kind_and_no_kopf() -> None:
-    kinds = tuple(f"kubetune.operator.{layer}" for layer in KIND_LAYERS)
-    assert offending("operator/core", lambda n: top(n) != "kopf" and not n.startswith(kinds)) == []
-
-
-def test_only_kube_and_its_connections_talk_to_the_api_server() -> None:
-    clients = {"kubernetes", "urllib3", "http.client", "aiohttp", "kopf"}
-    talkers = {"operator/kube.py", "operator/kubehttp.py", "operator/main.py"}  # main: kopf's login and startup
-    allowed_kopf = {str(path.relative_to(REPO_ROOT)) for path in sources("operator/handlers")}  # kopf's decorators
-    found = [
-        f"{path.relative_to(REPO_ROOT)} imports {name}"
-        for path in sources("operator")
-        for name in imports_of(path)
-        if (name in clients or top(name) in clients)
-        and str(path.relative_to(REPO_ROOT)) not in talkers
-        and not (top(name) == "kopf" and str(path.relative_to(REPO_ROOT)) in allowed_kopf)
-    ]
-    assert found == []
 
 
 # The API models check a schedule with croniter, the library that later computes its times.

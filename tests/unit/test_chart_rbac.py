@@ -10,9 +10,10 @@ import yaml
 from kubetune.operator import rbacgen
 from kubetune.operator.api.finetunejob import FineTuneJob, Trigger
 from kubetune.operator.api.manifests import parse
-from kubetune.operator.builders.finetunejob import RunRequest, build_run
+from kubetune.operator.builders.finetunejob import build_run
 from kubetune.operator.kube import PLURALS
 from kubetune.operator.permissions import PERMISSIONS, Permission, Scope, rules, verbs_by_resource
+from kubetune.operator.planning.finetunejob import RunRequest
 from kubetune.operator.settings import Settings
 
 from ..conftest import REPO_ROOT, mutated
@@ -28,7 +29,7 @@ def group_of(api_version: str) -> str:
 def run_objects(document: dict[str, Any]) -> list[dict[str, Any]]:
     job = parse(mutated(mutated(document, "metadata.namespace", "ml"), "metadata.uid", "uid-1"))
     assert isinstance(job, FineTuneJob)
-    request = RunRequest(number=1, trigger=Trigger.SPEC_CHANGE, trigger_detail="", spec_generation=1, spec_hash="h")
+    request = RunRequest(number=1, trigger=Trigger.SPEC_CHANGE, trigger_detail="", spec_generation=1, trigger_hash="h")
     return build_run(job, request, Settings()).in_order()
 
 

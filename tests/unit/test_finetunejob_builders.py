@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from kubetune.operator.api.finetunejob import FineTuneJob, Trigger
 from kubetune.operator.api.manifests import parse
-from kubetune.operator.builders.finetunejob import RunManifests, RunRequest, build_run
+from kubetune.operator.builders.finetunejob import RunManifests, build_run
 from kubetune.operator.naming import MAX_RAY_NAME_LENGTH, run_name
+from kubetune.operator.planning.finetunejob import RunRequest
 from kubetune.operator.settings import RAY_VERSION, Settings, SettingsError
 from kubetune.runtime.contract import RunConfig
 
@@ -20,7 +21,7 @@ from ..conftest import REPO_ROOT, mutated
 
 SETTINGS = Settings(runtime_image="registry.example/kubetune-runtime:1", finished_cluster_ttl_seconds=120)
 REQUEST = RunRequest(
-    number=3, trigger=Trigger.ANNOTATION, trigger_detail="retrain-1", spec_generation=2, spec_hash="abcd"
+    number=3, trigger=Trigger.ANNOTATION, trigger_detail="retrain-1", spec_generation=2, trigger_hash="abcd"
 )
 
 

@@ -18,8 +18,9 @@ from kubetune.operator.api.finetunejob import (
 )
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.conditions import Reason
-from kubetune.operator.planning.finetunejob import ObservedRun, Plan, plan, run_spec_hash
-from kubetune.operator.planning.pods import PodWait
+from kubetune.operator.observe.kuberay import ObservedRun
+from kubetune.operator.observe.pods import PodWait
+from kubetune.operator.planning.finetunejob import Plan, plan, run_spec_hash
 from kubetune.operator.status.finetunejob import compute_status
 from kubetune.runtime.contract.report import RunReport, Stage, VariantReport
 
@@ -46,7 +47,7 @@ def observed(
     *,
     trigger: Trigger = Trigger.SPEC_CHANGE,
     detail: str = "generation 1",
-    spec_hash: str | None = None,
+    trigger_hash: str | None = None,
 ) -> ObservedRun:
     return ObservedRun(
         number=number,
@@ -54,7 +55,7 @@ def observed(
         trigger=trigger,
         trigger_detail=detail,
         spec_generation=1,
-        spec_hash=spec_hash or run_spec_hash(job),
+        trigger_hash=trigger_hash or run_spec_hash(job),
         created=CREATED,
         status=status,
     )
@@ -99,6 +100,19 @@ def test_a_new_job_starts_run_1(minimal_job: dict[str, Any]) -> None:
 def test_nothing_to_do_when_the_latest_run_used_this_spec(minimal_job: dict[str, Any]) -> None:
     job, runs = finished(make_job(minimal_job))
     assert decide(job, runs).create is None
+
+
+def test_a_status_written_before_the_trigger_hash_rename_starts_no_run(minimal_job: dict[str, Any]) -> None:
+    """An older operator wrote the hash as runs[].specHash: read back, it is the triggerHash, so no run starts."""
+    job, runs = finished(make_job(minimal_job))
+    assert job.status is not None
+    older = job.status.to_wire()
+    for run in older["runs"]:
+        run["specHash"] = run.pop("triggerHash")
+    job.status = FineTuneJobStatus.model_validate(older)
+    assert job.status.runs is not None and job.status.runs[0].trigger_hash == run_spec_hash(job)
+    assert decide(job, runs).create is None
+    assert all("specHash" not in run for run in job.status.to_wire()["runs"])  # written back as triggerHash
 
 
 def test_spec_change_starts_a_run(minimal_job: dict[str, Any]) -> None:
@@ -173,7 +187,7 @@ def test_forbid_lets_a_spec_change_wait_for_the_active_run(minimal_job: dict[str
     job, runs = active_job(minimal_job, "Forbid")
     job.spec.hyperparameters.epochs = 9
     assert decide(job, runs, generation=2).create is None
-    runs = [observed(job, 1, SUCCEEDED, spec_hash=runs[0].spec_hash)]
+    runs = [observed(job, 1, SUCCEEDED, trigger_hash=runs[0].trigger_hash)]
     result = decide(job, runs, generation=2)
     assert result.create is not None and result.create.number == 2
 

@@ -18,10 +18,11 @@ from kubetune.cli.validate import check
 from kubetune.operator.api.finetunejob import FineTuneJob, GateReason, GateResult, JobPhase, RunRecord, Trigger
 from kubetune.operator.api.modeldeployment import ModelDeployment, RejectedModel, ServedModel
 from kubetune.operator.conditions import Reason
-from kubetune.operator.planning.modeldeployment import ObservedService, Rollout
+from kubetune.operator.model.events import Problem
+from kubetune.operator.observe.kuberay import ObservedService
 from kubetune.operator.status import finetunejob as finetunejob_status
 from kubetune.operator.status import modeldeployment as modeldeployment_status
-from kubetune.operator.status.finetunejob import Problem
+from kubetune.operator.status.modeldeployment import Rollout
 from kubetune.runtime.contract.search import Metric
 
 GITOPS = Path(__file__).resolve().parents[2] / "examples" / "gitops"
@@ -98,7 +99,7 @@ def service(application_status: str | None, *, ready: bool = True, current: bool
     """The RayService as KubeRay reports it; not `current` while KubeRay has not acted on the latest spec."""
     return ObservedService(
         name="support-tickets",
-        spec_hash="abc",
+        applied_hash="abc",
         generation=2,
         observed_generation=2 if current else 1,
         ready=ready,

@@ -16,9 +16,10 @@ from kubetune.operator.api.modeldeployment import (
     ServedModel,
 )
 from kubetune.operator.conditions import Reason
-from kubetune.operator.planning.modeldeployment import Asked, ObservedService, observe_service, plan_rollout, resolve
-from kubetune.operator.planning.pods import PodWait
-from kubetune.operator.status.finetunejob import Problem
+from kubetune.operator.model.events import Problem
+from kubetune.operator.observe.kuberay import ObservedService, observe_service
+from kubetune.operator.observe.pods import PodWait
+from kubetune.operator.planning.modeldeployment import Asked, plan_rollout, resolve
 from kubetune.operator.status.modeldeployment import compute_status, wait_events
 
 from ..conftest import mutated
@@ -106,7 +107,7 @@ def service(
     *,
     ready: bool = True,
     current: bool = True,
-    spec_hash: str = "h",
+    applied_hash: str = "h",
     upgrading: bool = False,
     serving: str | None = "",
     deployment_message: str = "",
@@ -114,7 +115,7 @@ def service(
     """The RayService as observed: `status` is the application where the latest spec goes, `serving` the
     one on the active cluster (the same unless given)."""
     return ObservedService(
-        "svc", spec_hash, 3, 3 if current else 2, ready, status, "boom" if status else "", 2,
+        "svc", applied_hash, 3, 3 if current else 2, ready, status, "boom" if status else "", 2,
         upgrading=upgrading, serving_status=status if serving == "" else serving,
         deployment_message=deployment_message,
     )  # fmt: skip
@@ -150,7 +151,7 @@ def test_a_new_artifact_starts_a_rollout_and_running_ends_it() -> None:
     # A RUNNING status about an older spec (or another hash) is not this rollout's outcome.
     stale = plan_rollout(rolling, asked(A), service("RUNNING", current=False), "h", 900, NOW)
     assert stale.rollout_start_time == NOW
-    other = plan_rollout(rolling, asked(A), service("RUNNING", spec_hash="old"), "h", 900, NOW)
+    other = plan_rollout(rolling, asked(A), service("RUNNING", applied_hash="old"), "h", 900, NOW)
     assert other.rollout_start_time == NOW
     done = plan_rollout(rolling, asked(A), service("RUNNING"), "h", 900, NOW + timedelta(seconds=9))
     assert done.rollout_start_time is None and done.events[0].reason == Reason.ROLLOUT_SUCCEEDED
@@ -231,7 +232,7 @@ TRACEBACK = (
 
 def rayservice(status: dict[str, Any], *conditions: dict[str, str]) -> dict[str, Any]:
     return {
-        "metadata": {"name": "svc", "generation": 5, "annotations": {"kubetune.io/spec-hash": "abc"}},
+        "metadata": {"name": "svc", "generation": 5, "annotations": {"kubetune.io/applied-hash": "abc"}},
         "status": {"observedGeneration": 5, "numServeEndpoints": 3, "conditions": [*conditions], **status},
     }
 
@@ -269,8 +270,17 @@ def test_kuberays_status_is_read_as_kuberay_writes_it(
     status: dict[str, Any], conditions: tuple[dict[str, str], ...], wanted: tuple[str | None, str | None, bool]
 ) -> None:
     observed = observe_service(rayservice(status, *conditions), "model")
-    assert (observed.spec_hash, observed.current, observed.endpoints) == ("abc", True, 3)
+    assert (observed.applied_hash, observed.current, observed.endpoints) == ("abc", True, 3)
     assert (observed.application_status, observed.serving_status, observed.upgrading) == wanted
+
+
+def test_a_rayservice_annotated_by_an_older_operator_keeps_its_applied_hash() -> None:
+    """The applied hash was written under kubetune.io/spec-hash before its rename: it is still read."""
+    body = rayservice({"activeServiceStatus": {"applicationStatuses": app("RUNNING")}}, READY)
+    body["metadata"]["annotations"] = {"kubetune.io/spec-hash": "old"}
+    assert observe_service(body).applied_hash == "old"
+    body["metadata"]["annotations"]["kubetune.io/applied-hash"] = "new"
+    assert observe_service(body).applied_hash == "new"
 
 
 def test_a_failing_deployments_message_is_kept_by_its_end() -> None:

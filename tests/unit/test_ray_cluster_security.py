@@ -9,14 +9,15 @@ import pytest
 from kubetune.operator.api.finetunejob import FineTuneJob, Trigger
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.api.modeldeployment import ModelDeployment, ServedModel
-from kubetune.operator.builders.finetunejob import RunRequest, build_run, build_run_network_policy
+from kubetune.operator.builders.finetunejob import build_run, build_run_network_policy
 from kubetune.operator.builders.modeldeployment import build_network_policy, build_ray_service
+from kubetune.operator.planning.finetunejob import RunRequest
 from kubetune.operator.settings import Settings
 from kubetune.runtime.contract import Task
 
 from ..conftest import mutated
 
-REQUEST = RunRequest(number=3, trigger=Trigger.ANNOTATION, trigger_detail="r", spec_generation=2, spec_hash="ab")
+REQUEST = RunRequest(number=3, trigger=Trigger.ANNOTATION, trigger_detail="r", spec_generation=2, trigger_hash="ab")
 SERVED = ServedModel(uri="s3://out/runs/2/variants/int8", fine_tune_job="t", run=2, variant="int8",
                      task=Task.TEXT_CLASSIFICATION)  # fmt: skip
 RUN_PODS = {"app.kubernetes.io/managed-by": "kubetune", "kubetune.io/finetunejob": "support-tickets",

@@ -7,8 +7,15 @@ from typing import Any
 
 import pytest
 from kubetune.operator.api.finetunejob import MAX_ARTIFACTS, MAX_METRICS
-from kubetune.operator.status.finetunejob import HYPERPARAMETERS_MAX_BYTES
-from kubetune.operator.status.report import REPORT_MAX_BYTES, Refusal, Refused, Report, bounded_report, read_report
+from kubetune.operator.observe.reports import (
+    HYPERPARAMETERS_MAX_BYTES,
+    REPORT_MAX_BYTES,
+    Refusal,
+    Refused,
+    Report,
+    bounded_report,
+    read_report,
+)
 from kubetune.runtime.contract.common import (
     ERROR_MAX_LENGTH,
     MESSAGE_MAX_LENGTH,

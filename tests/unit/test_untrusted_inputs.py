@@ -27,19 +27,14 @@ from kubetune.operator.api.finetunejob import (
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.api.modeldeployment import ModelDeployment
 from kubetune.operator.conditions import Reason
+from kubetune.operator.observe.reports import observe_report, with_report
 from kubetune.operator.planning.finetunejob import ScheduleError, name_conflict, plan, retrain_token
 from kubetune.operator.planning.schedule import next_due
 from kubetune.operator.policy import placement_violation
-from kubetune.operator.reconcile.finetunejob import observe_report
 from kubetune.operator.settings import Settings
-from kubetune.operator.status.finetunejob import (
-    RUNS_MAX_BYTES,
-    STATUS_MAX_BYTES,
-    compute_status,
-    fit_history,
-    gate,
-    with_report,
-)
+from kubetune.operator.status.finetunejob import compute_status
+from kubetune.operator.status.gate import gate
+from kubetune.operator.status.history import RUNS_MAX_BYTES, STATUS_MAX_BYTES, fit_history
 from kubetune.runtime.contract.common import MESSAGE_MAX_LENGTH
 from kubetune.runtime.contract.errors import SpecError
 from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage

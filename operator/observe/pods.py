@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.operator.api.finetunejob import WaitReason
+from kubetune.operator.naming import RUN_LABEL
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,24 @@ class PodState:
 def first_wait(pods: Iterable[PodState]) -> PodWait | None:
     """What holds up the first pod (by name) that cannot run; None when none waits."""
     return next((pod.wait for pod in sorted(pods, key=lambda pod: pod.name) if pod.wait is not None), None)
+
+
+@dataclass(frozen=True)
+class RunPod(PodState):
+    """A pod of a run: which run, its name, and why it cannot run (None: it can, or it already does)."""
+
+    number: int
+
+
+def observe_run_pod(pod: Mapping[str, Any]) -> RunPod | None:
+    """A run's pod and what holds it up; None for a pod without kubetune's run label."""
+    try:
+        number = int((pod["metadata"].get("labels") or {})[RUN_LABEL])
+    except (KeyError, ValueError):
+        return None
+    return RunPod(pod["metadata"]["name"], pod_wait(pod), number)
+
+
+def observe_endpoint_pod(pod: Mapping[str, Any]) -> PodState:
+    """An endpoint's pod (of any of its Ray clusters) and what holds it up."""
+    return PodState(pod["metadata"]["name"], pod_wait(pod))

@@ -1,0 +1,1 @@
+"""Kind-neutral vocabulary of the operator: what every kind's planning, status and reconciler speak."""
