@@ -86,7 +86,8 @@ def test_the_controller_core_knows_no_kind_and_no_kopf() -> None:
 
 def test_only_kube_and_its_connections_talk_to_the_api_server() -> None:
     clients = {"kubernetes", "urllib3", "http.client", "aiohttp", "kopf"}
-    talkers = {"operator/kube.py", "operator/kubehttp.py", "operator/main.py"}  # main: kopf's login and startup
+    # main: kopf's login and startup; leader: the leader election's Lease (the kubernetes package's election)
+    talkers = {"operator/kube.py", "operator/kubehttp.py", "operator/main.py", "operator/leader.py"}
     allowed_kopf = {str(path.relative_to(REPO_ROOT)) for path in sources("operator/handlers")}  # kopf's decorators
     found = [
         f"{path.relative_to(REPO_ROOT)} imports {name}"
