@@ -171,12 +171,9 @@ def run(
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     options = settings or Settings.from_environment()
+    election = Election.of(options) if options.leader_election else None  # before anything starts
     memo = kopf.Memo(
-        clock=clock,
-        settings=options,
-        namespaces=namespaces,
-        kube=Kube.connect(kubeconfig),
-        election=Election.of(options) if options.leader_election else None,
+        clock=clock, settings=options, namespaces=namespaces, kube=Kube.connect(kubeconfig), election=election
     )
     asyncio.run(
         kopf.operator(
