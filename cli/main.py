@@ -166,21 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve kopf's health endpoint for probes at this URL (e.g. http://0.0.0.0:8081/healthz)",
     )
     operator.add_argument(
-        "--peering",
-        metavar="NAME",
-        help="run with the replicas of kopf peering NAME: one is active, the others stand by (standalone if unset)",
-    )
-    operator.add_argument(
-        "--priority",
-        type=int,
-        help="this operator's priority in the peering; a random one by default, so replicas do not tie",
-    )
-    operator.add_argument(
-        "--peering-lifetime",
-        type=int,
-        default=10,
-        metavar="SECONDS",
-        help="how long a silent peer counts as alive, i.e. the takeover time after its death (default 10)",
+        "--leader-election",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reconcile only while holding the Lease the replicas elect a leader on (KUBETUNE_LEADER_ELECTION, "
+        "off by default; the chart turns it on)",
     )
     local = commands.add_parser(
         "run", help="fine-tune, compress and serve a FineTuneJob manifest on this machine (no cluster)"
@@ -240,20 +230,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.metrics_port is not None:
             settings = replace(settings, metrics_port=args.metrics_port)
-        if args.peering is None and args.priority is not None:
-            console.print("[red]error:[/red] --priority needs --peering", highlight=False)
+        if args.leader_election is not None:
+            settings = replace(settings, leader_election=args.leader_election)
+        try:
+            run(args.namespace, settings, liveness=args.liveness)
+        except SettingsError as error:  # what keeps the leader election from working
+            console.print(f"[red]invalid setting:[/red] {error}", soft_wrap=True, highlight=False)
             return 2
-        if args.peering_lifetime < 2:
-            console.print("[red]error:[/red] --peering-lifetime must be at least 2", highlight=False)
-            return 2
-        run(
-            args.namespace,
-            settings,
-            liveness=args.liveness,
-            peering=args.peering,
-            priority=args.priority,
-            peering_lifetime=args.peering_lifetime,
-        )
         return 0
     console.print(version("kubetune"))
     return 0

@@ -50,8 +50,6 @@ PLURALS: dict[tuple[str, str], str] = {
     ("ray.io/v1", "RayService"): "rayservices",
     ("kubetune.io/v1alpha1", "FineTuneJob"): "finetunejobs",
     ("kubetune.io/v1alpha1", "ModelDeployment"): "modeldeployments",
-    ("kopf.dev/v1", "KopfPeering"): "kopfpeerings",
-    ("kopf.dev/v1", "ClusterKopfPeering"): "clusterkopfpeerings",
     ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): "customresourcedefinitions",
 }
 

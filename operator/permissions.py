@@ -4,7 +4,8 @@ Each permission names the code that needs it. Nothing here is granted "just in c
 verb the operator does not call is not declared (the escalation verbs below are the one
 kind of exception, and they say why). `rules()` renders the declaration as the rules of a
 ClusterRole (cluster-wide mode) or of a Role per watched namespace plus a ClusterRole for
-the cluster-scoped remainder (namespaced mode, where that remainder only reads);
+the cluster-scoped remainder (namespaced mode, where that remainder only reads), and the
+operator's own objects as a Role in its namespace;
 `python -m kubetune.operator.rbacgen` writes them into the chart.
 """
 
@@ -25,8 +26,8 @@ class Scope(StrEnum):
     NAMESPACED = "namespaced"
     # Cluster-scoped objects: always a ClusterRole.
     CLUSTER = "cluster"
-    # Cluster-scoped objects used only when all namespaces are watched: a ClusterRole in that mode only.
-    ALL_NAMESPACES = "all-namespaces"
+    # The operator's own objects, in the namespace it runs in: a Role there, in either mode.
+    OPERATOR_NAMESPACE = "operator-namespace"
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ RAY = "ray.io"
 RBAC = "rbac.authorization.k8s.io"
 NETWORKING = "networking.k8s.io"
 APIEXTENSIONS = "apiextensions.k8s.io"
-KOPF = "kopf.dev"
+COORDINATION = "coordination.k8s.io"
 
 PERMISSIONS: tuple[Permission, ...] = (
     # kubetune's own kinds.
@@ -111,17 +112,11 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission(APIEXTENSIONS, "customresourcedefinitions", ("list", "watch"),
                "kopf follows the CRDs of the kinds it serves (discovery itself needs no grant); KubeRay's are "
                "listed by name to see whether they have authOptions (kuberay.py)", Scope.CLUSTER),
-    Permission(KOPF, "kopfpeerings", ("list", "watch", "patch"),
-               "with `--peering` in namespaced mode, kopf watches the KopfPeering of each watched namespace "
-               "and patches its keep-alive into the status (kopf's peering engine)"),
-    Permission(KOPF, "kopfpeerings", ("get",),
-               "the peering gate reads the peers' records before starting the controllers (main.py PeeringGate)"),
-    Permission(KOPF, "clusterkopfpeerings", ("list", "watch", "patch"),
-               "with `--peering` in cluster-wide mode, the same on the ClusterKopfPeering (kopf's peering engine)",
-               Scope.ALL_NAMESPACES),
-    Permission(KOPF, "clusterkopfpeerings", ("get",),
-               "the peering gate reads the peers' records in cluster-wide mode (main.py PeeringGate)",
-               Scope.ALL_NAMESPACES),
+    # High availability.
+    Permission(COORDINATION, "leases", ("get", "create", "update"),
+               "the replicas elect their leader on a Lease: each reads it, creates it when missing, and "
+               "renews or takes it over by replacing it (leader.py, kubernetes' leader election)",
+               Scope.OPERATOR_NAMESPACE),
 )  # fmt: skip
 # Not declared, on purpose: `namespaces` (with named namespaces kopf falls back to the names given when it
 # may not list them), and `secrets`: no verb on them at all. A Secret a spec names is passed to the pods by

@@ -1,7 +1,7 @@
 """Writes the chart's RBAC rules from `permissions.py`: `python -m kubetune.operator.rbacgen CHART_DIR`.
 
 The rules become one named template per `Scope` (`kubetune.rules.namespaced`,
-`kubetune.rules.cluster`, `kubetune.rules.allNamespaces`) in `templates/_rules.tpl`, each
+`kubetune.rules.cluster`, `kubetune.rules.operatorNamespace`) in `templates/_rules.tpl`, each
 rule under a comment giving its reason, so a rendered Role or ClusterRole says why it holds
 every verb. A unit test fails when the file drifts.
 """
@@ -23,7 +23,7 @@ HEADER = (
 TEMPLATE_NAMES = {
     Scope.NAMESPACED: "kubetune.rules.namespaced",
     Scope.CLUSTER: "kubetune.rules.cluster",
-    Scope.ALL_NAMESPACES: "kubetune.rules.allNamespaces",
+    Scope.OPERATOR_NAMESPACE: "kubetune.rules.operatorNamespace",
 }
 
 

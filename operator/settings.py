@@ -64,6 +64,17 @@ class Settings:
     # An object that waits (an active run, a missing Secret) is looked at again this often without any event.
     # A safety net only: watches deliver the changes.
     recheck_seconds: float = 300.0
+    # High availability: the replicas elect a leader on a coordination.k8s.io Lease (`kubectl get lease` shows
+    # its holder), and only the leader reconciles. Off, the operator reconciles alone (one replica only). The
+    # Lease's namespace, when empty, is the operator's own (its pod's service account's).
+    leader_election: bool = False
+    leader_election_lease: str = "kubetune-operator"
+    leader_election_namespace: str = ""
+    # How long the Lease holds unrenewed (a follower's wait once the leader died), how long the leader tries to
+    # renew it before giving up (and exiting), and how often each replica tries: controller-runtime's defaults.
+    lease_duration_seconds: int = 15
+    lease_renew_deadline_seconds: int = 10
+    lease_retry_period_seconds: int = 2
     # What specs may ask for, comma-separated; empty allows anything. Images are glob patterns
     # (e.g. "registry.example.com/kubetune/*"); priority classes are names.
     allowed_images: str = ""

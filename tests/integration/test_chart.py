@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from kubetune.operator.kube import Kube
+from kubetune.operator.leader import Election
 from kubetune.operator.permissions import PERMISSIONS, Scope, rules
 from kubetune.operator.settings import Settings
 
@@ -81,20 +82,22 @@ def test_the_chart_lints_with_default_and_non_default_values(control_plane: Cont
 def test_default_values_render_a_restricted_cluster_wide_operator(control_plane: ControlPlane) -> None:
     docs = render(control_plane, "ops")
     assert sorted(doc["kind"] for doc in docs) == [
-        "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount",
+        "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding",
+        "Service", "ServiceAccount",
     ]  # fmt: skip
     assert sorted(doc["metadata"]["name"] for doc in docs if is_user_role(doc)) == [
         "kt-kubetune-edit",
         "kt-kubetune-view",
     ]
     [role] = by_kind(docs, "ClusterRole")
-    assert role["rules"] == rules(Scope.NAMESPACED) + rules(Scope.ALL_NAMESPACES) + rules(Scope.CLUSTER)
+    assert role["rules"] == rules(Scope.NAMESPACED) + rules(Scope.CLUSTER)
     assert [rule for rule in role["rules"] if "secrets" in rule["resources"]] == []
     [binding] = by_kind(docs, "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kt-kubetune", "namespace": "ops"}]
     [deployment] = by_kind(docs, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # With leader election (on by default), an old and a new replica may overlap: only the Lease's holder works.
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
     assert pod["serviceAccountName"] == "kt-kubetune"
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -124,10 +127,10 @@ def test_default_values_render_a_restricted_cluster_wide_operator(control_plane:
 def test_namespaced_mode_grants_a_role_per_namespace(control_plane: ControlPlane) -> None:
     args = ["--set", "watchNamespaces={team-a,team-b}", "--set", "serviceMonitor.enabled=true", *NON_DEFAULT]
     docs = render(control_plane, "ops", *args)
-    roles = by_kind(docs, "Role")
+    roles = [role for role in by_kind(docs, "Role") if role["metadata"]["name"] == "kt-kubetune"]
     assert [role["metadata"]["namespace"] for role in roles] == ["team-a", "team-b"]
     assert all(role["rules"] == rules(Scope.NAMESPACED) for role in roles)
-    bindings = by_kind(docs, "RoleBinding")
+    bindings = [b for b in by_kind(docs, "RoleBinding") if b["metadata"]["name"] == "kt-kubetune"]
     assert [(b["metadata"]["namespace"], b["roleRef"]["kind"]) for b in bindings] == [
         ("team-a", "Role"), ("team-b", "Role"),
     ]  # fmt: skip
@@ -153,23 +156,33 @@ def test_namespaced_mode_grants_a_role_per_namespace(control_plane: ControlPlane
     assert policy["spec"]["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
 
 
-def test_peering_runs_replicas_side_by_side(control_plane: ControlPlane) -> None:
-    args = ["--set", "peering.enabled=true", "--set", "replicaCount=2"]
-    [deployment] = by_kind(render(control_plane, "ops", *args), "Deployment")
-    assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
-    operator = container(render(control_plane, "ops", *args))
-    assert operator["args"][-2:] == ["--peering=kt-kubetune", "--peering-lifetime=10"]
-    assert operator["env"][0] == {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
-    [peering] = by_kind(render(control_plane, "ops", *args), "ClusterKopfPeering")
-    assert peering["metadata"]["name"] == "kt-kubetune"
-    namespaced = render(control_plane, "ops", *args, "--set", "watchNamespaces={team-a,team-b}")
-    peerings = by_kind(namespaced, "KopfPeering")
-    assert [(p["metadata"]["namespace"], p["metadata"]["name"]) for p in peerings] == [
-        ("team-a", "kt-kubetune"), ("team-b", "kt-kubetune"),
-    ]  # fmt: skip
-    assert by_kind(namespaced, "ClusterKopfPeering") == []
-    # Without peering, nothing of it.
-    assert by_kind(render(control_plane, "ops"), "ClusterKopfPeering") == []
+def test_leader_election_lets_replicas_run_side_by_side(control_plane: ControlPlane) -> None:
+    for args in ([], ["--set", "watchNamespaces={team-a,team-b}"]):
+        docs = render(control_plane, "ops", "--set", "replicaCount=2", *args)
+        [deployment] = by_kind(docs, "Deployment")
+        assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
+        env = {item["name"]: item["value"] for item in container(docs)["env"]}
+        settings = Settings.from_environment(env)
+        assert Election.of(settings, identity="pod") == Election("kt-kubetune", "ops", "pod", 15, 10, 2)
+        # The Lease is granted in the release's namespace only, whichever namespaces are watched.
+        [role] = [role for role in by_kind(docs, "Role") if role["metadata"]["name"] == "kt-kubetune-leader-election"]
+        assert role["metadata"]["namespace"] == "ops" and role["rules"] == rules(Scope.OPERATOR_NAMESPACE)
+        [binding] = [b for b in by_kind(docs, "RoleBinding") if b["roleRef"]["name"] == "kt-kubetune-leader-election"]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kt-kubetune", "namespace": "ops"}]
+    timing = ["--set", "leaderElection.leaseDurationSeconds=30", "--set", "leaderElection.renewDeadlineSeconds=20",
+              "--set", "leaderElection.retryPeriodSeconds=4"]  # fmt: skip
+    env = {item["name"]: item["value"] for item in container(render(control_plane, "ops", *timing))["env"]}
+    assert Election.of(Settings.from_environment(env), identity="pod") == Election(
+        "kt-kubetune", "ops", "pod", 30, 20, 4
+    )
+    # Without it, one replica that works alone, and neither the Lease nor its Role.
+    docs = render(control_plane, "ops", "--set", "leaderElection.enabled=false")
+    [deployment] = by_kind(docs, "Deployment")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert by_kind(docs, "Role") == [] and by_kind(docs, "RoleBinding") == []
+    env = {item["name"]: item["value"] for item in container(docs)["env"]}
+    assert Settings.from_environment(env).leader_election is False
+    assert not any(name.startswith("KUBETUNE_LEASE") for name in env)
 
 
 def test_a_service_monitor_needs_metrics(control_plane: ControlPlane) -> None:
@@ -205,11 +218,15 @@ BAD_VALUES: list[tuple[str, list[str], str, str]] = [
     ("/image/pullSecrets", ["image.pullSecrets=x"], "/image/pullSecrets", "want array"),
     ("/image/pullSecrets/*", ["image.pullSecrets[0].nam=x"], "/image/pullSecrets/0", "missing property 'name'"),
     ("/image/pullSecrets/*/name", ["image.pullSecrets[0].name=Bad_Name"], "/image/pullSecrets/0/name", "pattern"),
-    ("/replicaCount", ["replicaCount=2"], "/replicaCount", "maximum: got 2, want 1"),
-    ("/peering", ["peering.leaderElection=true"], "/peering", "additional properties 'leaderElection'"),
-    ("/peering/enabled", ["peering.enabled=yes"], "/peering/enabled", "want boolean"),
-    ("/peering/name", ["peering.name=Bad_Name"], "/peering/name", "does not match pattern"),
-    ("/peering/lifetimeSeconds", ["peering.lifetimeSeconds=1"], "/peering/lifetimeSeconds", "minimum: got 1, want 2"),
+    ("/replicaCount", ["replicaCount=2", "leaderElection.enabled=false"], "/replicaCount", "maximum: got 2, want 1"),
+    ("/leaderElection", ["leaderElection.name=x"], "/leaderElection", "additional properties 'name'"),
+    ("/leaderElection/enabled", ["leaderElection.enabled=yes"], "/leaderElection/enabled", "want boolean"),
+    ("/leaderElection/leaseDurationSeconds", ["leaderElection.leaseDurationSeconds=4"],
+     "/leaderElection/leaseDurationSeconds", "minimum: got 4, want 5"),
+    ("/leaderElection/renewDeadlineSeconds", ["leaderElection.renewDeadlineSeconds=1"],
+     "/leaderElection/renewDeadlineSeconds", "minimum: got 1, want 2"),
+    ("/leaderElection/retryPeriodSeconds", ["leaderElection.retryPeriodSeconds=0"],
+     "/leaderElection/retryPeriodSeconds", "minimum: got 0, want 1"),
     ("/nameOverride", ["nameOverride=1"], "/nameOverride", "want string"),
     ("/fullnameOverride", ["fullnameOverride=1"], "/fullnameOverride", "want string"),
     ("/watchNamespaces", ["watchNamespaces={a,a}"], "/watchNamespaces", "items at 0 and 1 are equal"),
@@ -359,16 +376,17 @@ def applied(plane: ControlPlane, docs: list[dict[str, Any]]) -> Iterator[None]:
 
 
 def test_the_api_server_accepts_the_cluster_wide_chart(control_plane: ControlPlane, namespace: str) -> None:
-    # As `helm install` does: the chart's CRDs first (kubectl resolves kopf.dev's kinds through discovery).
-    control_plane.apply_crds([CHART / "crds" / "kopf-peering.yaml"])
     docs = render(control_plane, namespace)
     with applied(control_plane, docs):
         user = f"system:serviceaccount:{namespace}:{RELEASE}-kubetune"
         for permission in PERMISSIONS:
             resource, _, subresource = permission.resource.partition("/")
             qualified = f"{resource}.{permission.api_group}".rstrip(".")
+            # The operator's own objects (its Lease) in its namespace only; the rest everywhere.
+            where = namespace if permission.scope == Scope.OPERATOR_NAMESPACE else None
             for verb in permission.verbs:
-                assert can_i(control_plane, user, verb, qualified, None, subresource), (verb, permission.resource)
+                assert can_i(control_plane, user, verb, qualified, where, subresource), (verb, permission.resource)
+        assert not can_i(control_plane, user, "update", "leases.coordination.k8s.io", None)
         for verb in ("get", "list", "watch"):
             assert not can_i(control_plane, user, verb, "secrets", None), verb
         assert not can_i(control_plane, user, "update", "rayjobs.ray.io", namespace)
@@ -394,7 +412,7 @@ def test_the_api_server_accepts_the_namespaced_chart(
             ("patch", "configmaps"),
             ("create", "rayjobs.ray.io"),
             ("create", "roles.rbac.authorization.k8s.io"),
-            ("patch", "clusterkopfpeerings.kopf.dev"),
+            ("update", "leases.coordination.k8s.io"),
             ("create", "serviceaccounts"),
         ):
             assert not can_i(control_plane, user, verb, resource, "default"), (verb, resource)

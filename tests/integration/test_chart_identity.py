@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from kubetune.operator.kube import Kube
-from kubetune.operator.permissions import PERMISSIONS, verbs_by_resource
+from kubetune.operator.permissions import PERMISSIONS, Scope, verbs_by_resource
 from kubetune.runtime.contract.report import RunReport, Stage, VariantReport
 
 from ..conftest import REPO_ROOT
@@ -29,7 +29,7 @@ CHART = REPO_ROOT / "charts" / "kubetune"
 # What the chart's RBAC is made of (the Deployment, Service and the rest play no part here).
 IDENTITY_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 Manifest = dict[str, Any]
-RBAC, NETWORKING, RAY, KOPF = "rbac.authorization.k8s.io", "networking.k8s.io", "ray.io", "kopf.dev"
+RBAC, NETWORKING, RAY, COORDINATION = "rbac.authorization.k8s.io", "networking.k8s.io", "ray.io", "coordination.k8s.io"
 # Declared in operator/permissions.py but not called in the flow these tests run (`run_the_flow`), and why.
 UNUSED_IN_THE_FLOW: dict[str, set[tuple[str, str, str]]] = {
     "a run's objects are deleted only when it is stopped or the history forgets it": {
@@ -45,10 +45,8 @@ UNUSED_IN_THE_FLOW: dict[str, set[tuple[str, str, str]]] = {
     },
     "held only so that each run's Role may grant it (RBAC's escalation check)": {("", "configmaps", "patch")},
     "a RayService is patched only to roll out a newer promoted run": {(RAY, "rayservices", "patch")},
-    "kopf's peering, used only with --peering (the operator here runs standalone)": {
-        (KOPF, kind, verb)
-        for kind in ("kopfpeerings", "clusterkopfpeerings")
-        for verb in ("get", "list", "watch", "patch")
+    "the Lease of the leader election (the operator here runs alone, without it)": {
+        (COORDINATION, "leases", verb) for verb in ("get", "create", "update")
     },
 }  # fmt: skip
 
@@ -238,6 +236,9 @@ DENIED: list[tuple[str, str, str, str, bool]] = [
     ("update", "kubetune.io", "finetunejobs", "", False),
     ("update", "apps", "deployments", "", False),
     ("create", "apiextensions.k8s.io", "customresourcedefinitions", "", True),
+    # Another controller's leader election, in a namespace the operator works in or anywhere.
+    ("update", "coordination.k8s.io", "leases", "", False),
+    ("update", "coordination.k8s.io", "leases", "", True),
 ]  # fmt: skip
 
 
@@ -258,13 +259,14 @@ def test_the_operator_is_denied(
 
 
 def test_what_the_operator_is_granted_is_allowed(kube: Kube, identity: Identity) -> None:
-    # The other side of the deny list: the reviews do see the chart's grants.
-    for (group, resource), verbs in verbs_by_resource(PERMISSIONS).items():
-        name, _, subresource = resource.partition("/")
-        for verb in verbs:
-            assert allowed(kube, identity.user, identity.groups, verb, name, group, "team-a", subresource), (
-                f"{verb} {group}/{resource}"
-            )
+    # The other side of the deny list: the reviews do see the chart's grants (its own objects in its namespace).
+    for permission in PERMISSIONS:
+        name, _, subresource = permission.resource.partition("/")
+        where = identity.namespace if permission.scope == Scope.OPERATOR_NAMESPACE else "team-a"
+        for verb in permission.verbs:
+            assert allowed(
+                kube, identity.user, identity.groups, verb, name, permission.api_group, where, subresource
+            ), f"{verb} {permission.api_group}/{permission.resource}"
 
 
 def bind(kube: Kube, namespace: str, user: str, cluster_role: str) -> None:

@@ -40,9 +40,8 @@ def test_the_declaration_renders_as_rules() -> None:
     assert rules(Scope.CLUSTER) == [
         {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
     ]
-    assert rules(Scope.ALL_NAMESPACES) == [
-        {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"], "verbs": ["list", "watch", "patch"]},
-        {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"], "verbs": ["get"]},
+    assert rules(Scope.OPERATOR_NAMESPACE) == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
     ]
     # Verbs come out in one order, whatever order they were declared in.
     rule = Permission("", "configmaps", ("patch", "get"), "a reason").rule()
@@ -115,8 +114,19 @@ def test_configmaps_are_patched_by_runs_never_updated() -> None:
 
 def test_every_kind_the_operator_addresses_is_declared_and_no_other() -> None:
     addressed = {(group_of(api_version), plural) for (api_version, _kind), plural in PLURALS.items()}
+    # The Lease is the leader election's (leader.py, through the kubernetes package), not the client's.
+    addressed.add(("coordination.k8s.io", "leases"))
     declared = {key for key in GRANTED if "/" not in key[1]}  # CRDs too: KubeRay's are read (kuberay.py)
     assert declared == addressed
+
+
+def test_the_lease_is_granted_in_the_operators_namespace_only() -> None:
+    # Reading and renewing a Lease in the namespaces it watches would let the operator take over other
+    # controllers' leader elections there.
+    [lease] = [p for p in PERMISSIONS if p.resource == "leases"]
+    assert lease.scope == Scope.OPERATOR_NAMESPACE
+    elsewhere = [rule for scope in Scope if scope != Scope.OPERATOR_NAMESPACE for rule in rules(scope)]
+    assert [rule for rule in elsewhere if "leases" in rule["resources"]] == []
 
 
 def test_status_is_written_through_the_subresource_only() -> None:

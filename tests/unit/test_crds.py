@@ -110,8 +110,7 @@ def test_committed_crds_match_the_models(directory: Path) -> None:
     expected = crdgen.rendered()
     present = {path.name: path.read_text() for path in directory.glob("*.yaml")}
     stale = sorted(name for name in expected if present.get(name) != expected[name])
-    # kopf's own peering CRDs ride in the chart too (kopf's wheel does not ship them): not ours to generate.
-    extra = sorted(set(present) - set(expected) - {"kopf-peering.yaml"})
+    extra = sorted(set(present) - set(expected))
     hint = "regenerate with: kubetune crds crds charts/kubetune/crds"
     assert not stale, f"out of date in {directory.name}: {stale}; {hint}"
     assert not extra, f"not generated, remove: {extra}"

@@ -85,15 +85,6 @@
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-# with `--peering` in namespaced mode, kopf watches the KopfPeering of each watched namespace and
-# patches its keep-alive into the status (kopf's peering engine)
-- apiGroups: ["kopf.dev"]
-  resources: ["kopfpeerings"]
-  verbs: ["list", "watch", "patch"]
-# the peering gate reads the peers' records before starting the controllers (main.py PeeringGate)
-- apiGroups: ["kopf.dev"]
-  resources: ["kopfpeerings"]
-  verbs: ["get"]
 {{- end }}
 {{- define "kubetune.rules.cluster" -}}
 # kopf follows the CRDs of the kinds it serves (discovery itself needs no grant); KubeRay's are
@@ -102,13 +93,10 @@
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
 {{- end }}
-{{- define "kubetune.rules.allNamespaces" -}}
-# with `--peering` in cluster-wide mode, the same on the ClusterKopfPeering (kopf's peering engine)
-- apiGroups: ["kopf.dev"]
-  resources: ["clusterkopfpeerings"]
-  verbs: ["list", "watch", "patch"]
-# the peering gate reads the peers' records in cluster-wide mode (main.py PeeringGate)
-- apiGroups: ["kopf.dev"]
-  resources: ["clusterkopfpeerings"]
-  verbs: ["get"]
+{{- define "kubetune.rules.operatorNamespace" -}}
+# the replicas elect their leader on a Lease: each reads it, creates it when missing, and renews or
+# takes it over by replacing it (leader.py, kubernetes' leader election)
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "update"]
 {{- end }}
