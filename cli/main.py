@@ -227,8 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "crds":
         return crds(args.directories)
     if args.command == "operator":
-        from dataclasses import replace
-
         from kubetune.operator.main import run
         from kubetune.operator.settings import Settings, SettingsError
 
@@ -238,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[red]invalid setting:[/red] {error}", soft_wrap=True, highlight=False)
             return 2
         if args.metrics_port is not None:
-            settings = replace(settings, metrics_port=args.metrics_port)
+            settings = settings.model_copy(update={"metrics_port": args.metrics_port})
         if args.peering is None and args.priority is not None:
             console.print("[red]error:[/red] --priority needs --peering", highlight=False)
             return 2
