@@ -26,7 +26,7 @@ from .tiny import tiny_llama
 LABELS = ["sports", "science", "music", "cooking"]
 TOKEN = "s3cret-token-for-tests"
 FAULT = "__make_the_model_fail__"
-ENV = {"KUBETUNE_TEST_ENDPOINT_TOKEN": TOKEN, "KUBETUNE_SERVE_FAULT_INPUT": FAULT}
+ENV = {"KUBETUNE_TEST_ENDPOINT_TOKEN": TOKEN, "KUBETUNE_FAULTS": f"serve_input={FAULT}"}
 
 
 def text_classifier(folder: Path) -> Path:
