@@ -44,7 +44,7 @@ class OperatorSettings(BaseSettings):
             "Image of the Ray pods when a spec names none. It must be a runtime image of this release (built on "
             f"Ray {RAY_VERSION}); a spec that names another image says its Ray version (resources.rayVersion)."
         ),
-        json_schema_extra=chart_value("runtimeImage"),
+        json_schema_extra={**chart_value("runtimeImage"), "shown_default": f"{RUNTIME_IMAGE_REPOSITORY}:VERSION-gpu"},
     )
     image_pull_secrets: str = Field(
         default="",
@@ -260,7 +260,7 @@ Settings = OperatorSettings
 
 
 def _problem(problem: object) -> str:
-    """One validation problem as `KUBETUNE_NAME='raw': what is wrong`."""
+    """One validation problem as `VARIABLE='raw': what is wrong`."""
     assert isinstance(problem, dict)
     location = problem.get("loc") or ("?",)
     variable = ENV_PREFIX + str(location[0]).upper()

@@ -70,13 +70,13 @@ class RuntimeSettings(BaseSettings):
 
     pvc_root: Path = Field(
         default=DEFAULT_PVC_ROOT,
-        description="pvc://<claim>/<path> resolves to <pvc_root>/<claim>/<path>. The operator sets it in the "
+        description="`pvc://<claim>/<path>` resolves to `<pvc_root>/<claim>/<path>`. The operator sets it in the "
         "pods it builds (it mounts the claims there).",
     )
     cache_dir: Path = Field(
         default_factory=_default_cache_dir,
-        description="s3:// models and data are downloaded here before use. Default: $XDG_CACHE_HOME/kubetune "
-        "(~/.cache/kubetune).",
+        description="s3:// models and data are downloaded here before use.",
+        json_schema_extra={"shown_default": "$XDG_CACHE_HOME/kubetune (~/.cache/kubetune)"},
     )
     run_config: Path | None = Field(
         default=None,
@@ -115,7 +115,7 @@ class RuntimeSettings(BaseSettings):
 
 
 def _problem(location: tuple[int | str, ...], problem: Any) -> str:
-    """One validation problem as `KUBETUNE_NAME='raw': what is wrong` (`KUBETUNE_FAULTS name='raw'` within one)."""
+    """One validation problem as `VARIABLE='raw': what is wrong` (`KUBETUNE_FAULTS name='raw'` within one)."""
     variable = ENV_PREFIX + str(location[0]).upper()
     within = f" {'.'.join(map(str, location[1:]))}" if len(location) > 1 else ""
     return f"{variable}{within}={problem['input']!r}: {problem['msg']}"
