@@ -218,8 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "crds":
         return crds(args.directories)
     if args.command == "operator":
-        from dataclasses import replace
-
         from kubetune.operator.main import run
         from kubetune.operator.settings import Settings, SettingsError
 
@@ -229,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[red]invalid setting:[/red] {error}", soft_wrap=True, highlight=False)
             return 2
         if args.metrics_port is not None:
-            settings = replace(settings, metrics_port=args.metrics_port)
+            settings = settings.model_copy(update={"metrics_port": args.metrics_port})
         if args.leader_election is not None:
-            settings = replace(settings, leader_election=args.leader_election)
+            settings = settings.model_copy(update={"leader_election": args.leader_election})
         try:
             run(args.namespace, settings, liveness=args.liveness)
         except SettingsError as error:  # what keeps the leader election from working

@@ -23,6 +23,7 @@ from .contract import RunConfig
 from .contract.errors import SpecError
 from .errors import InvalidRunError, unavailable_cause
 from .reporting import JsonLinesReporter, Reporter, Reporters
+from .settings import RuntimeSettings, SettingsError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -45,7 +46,9 @@ def read_config(path: Path) -> RunConfig:
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m kubetune.runtime.finetune", description=__doc__)
-    parser.add_argument("--config", type=Path, required=True, help="run.json: a RunConfig or a bare RunSpec")
+    parser.add_argument(
+        "--config", type=Path, help="run.json: a RunConfig or a bare RunSpec (default: $KUBETUNE_RUN_CONFIG)"
+    )
     parser.add_argument("--events", type=Path, help="also append progress events as JSON lines to this file")
     parser.add_argument("--result", type=Path, help="write the RunResult as JSON to this file")
     parser.add_argument("--cpus", type=int, help="CPUs of the local Ray cluster started for this run")
@@ -67,7 +70,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = _arguments(argv)
     errors = Console(stderr=True)
     try:
-        config = read_config(arguments.config)
+        settings = RuntimeSettings.from_environment()
+    except SettingsError as error:
+        errors.print(f"invalid setting: {error}", soft_wrap=True, markup=False, highlight=False)
+        return EXIT_INVALID
+    path = arguments.config or settings.run_config
+    if path is None:
+        errors.print("no run config: give --config or set KUBETUNE_RUN_CONFIG", soft_wrap=True, highlight=False)
+        return EXIT_INVALID
+    try:
+        config = read_config(path)
     except SpecError as error:
         for problem in error.problems:
             errors.print(f"[red]invalid spec:[/red] {problem}", soft_wrap=True, markup=True, highlight=False)
@@ -90,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reporters.append(kubernetes)
     if arguments.events:
         reporters.append(JsonLinesReporter(arguments.events))
-    options = RunOptions(identity=config.run, resources=config.resources, local_cpus=arguments.cpus)
+    options = RunOptions(identity=config.run, resources=config.resources, local_cpus=arguments.cpus, settings=settings)
     try:
         result = run_pipeline(config.spec, options, Reporters(reporters))
     except InvalidRunError as error:

@@ -13,7 +13,6 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +84,7 @@ class _Relay:
 
 
 class InjectedFaultError(RuntimeError):
-    """The failure `RuntimeSettings.fault_at_step` asks for: proves that a run survives a lost worker."""
+    """The failure `RuntimeSettings.faults.train_step` asks for: proves that a run survives a lost worker."""
 
 
 def _validate(
@@ -146,7 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     relay = _Relay(config.get("relay"), rank)
 
-    settings = replace(plan.settings, reuse_downloads=True)
+    settings = plan.settings.reusing_downloads()
     model, processor = build_model(spec.model, spec.method, plan.labels, hp.seed, settings)
     ops = task_ops(spec.model.task, len(plan.labels))
     if hp.gradient_checkpointing:
@@ -230,9 +229,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     force=position.step % optimizer_steps == 0 or position.step == total_steps,
                 )
                 loss_value = 0.0
-                fault = plan.settings.fault_at_step
+                fault = plan.settings.faults.train_step
                 if fault is not None and position.step == fault and resumed is None and rank == 0:
-                    raise InjectedFaultError(f"injected failure at step {fault} (KUBETUNE_FAULT_AT_STEP)")
+                    raise InjectedFaultError(f"injected failure at step {fault} (KUBETUNE_FAULTS train_step)")
             position.batch = batch_index + 1
             # Throughput counts the training steps only, not validation or checkpoints.
             position.train_seconds += time.perf_counter() - started

@@ -230,7 +230,7 @@ class FineTunedStage:
         """Test metrics of the fine-tuned model."""
         device = _stage_device(self.placement, "the evaluation and compression task")
         # The base evaluation has fetched the model (on this machine, or pod): a download is reused.
-        settings = replace(self.job.settings, reuse_downloads=True)
+        settings = self.job.settings.reusing_downloads()
         data = self.data = self.data if self.data is not None else load_data(self.job.spec, settings)
         effective = self.job.effective
         hp = effective.hyperparameters

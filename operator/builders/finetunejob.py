@@ -12,6 +12,7 @@ from typing import Any
 from kubetune.operator.api.common import API_VERSION
 from kubetune.operator.api.finetunejob import KIND, FineTuneJob
 from kubetune.operator.builders import pods
+from kubetune.operator.images import CONFIG_MOUNT_PATH
 from kubetune.operator.naming import (
     GENERATION_ANNOTATION,
     KUEUE_QUEUE_LABEL,
@@ -130,8 +131,8 @@ def _ray_pod(
         gpus=0,
         nodes=resources.head,
         mount_token=True,
-        env=[{"name": "KUBETUNE_RUN_CONFIG", "value": f"{settings.config_mount_path}/{CONFIG_KEY}"}, *env],
-        mounts=[{"name": "run-config", "mountPath": settings.config_mount_path, "readOnly": True}],
+        env=[{"name": "KUBETUNE_RUN_CONFIG", "value": f"{CONFIG_MOUNT_PATH}/{CONFIG_KEY}"}, *env],
+        mounts=[{"name": "run-config", "mountPath": CONFIG_MOUNT_PATH, "readOnly": True}],
         volumes=[{"name": "run-config", "configMap": {"name": config}}],
         **common,
     )
@@ -140,11 +141,11 @@ def _ray_pod(
 def _submitter_template(job: FineTuneJob, request: RunRequest, settings: Settings) -> Manifest:
     """The pod that submits the entry point (`ray job submit`): placed like the head, pulled like the Ray pods."""
     resources = job.spec.resources
-    volumes, mounts, env = pods.writable_volumes(settings)
+    volumes, mounts, env = pods.writable_volumes()
     spec: Manifest = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
-        "securityContext": pods.pod_security(settings),
+        "securityContext": pods.pod_security(),
         "containers": [
             {
                 "name": "ray-job-submitter",
@@ -237,7 +238,7 @@ def build_run(job: FineTuneJob, request: RunRequest, settings: Settings) -> RunM
     ray_metadata = _metadata(job, run, request, annotations=annotations)
     spec = job.spec
     ray_spec: Manifest = {
-        "entrypoint": f"python -m {ENTRYPOINT_MODULE} --config {settings.config_mount_path}/{CONFIG_KEY}",
+        "entrypoint": f"python -m {ENTRYPOINT_MODULE} --config {CONFIG_MOUNT_PATH}/{CONFIG_KEY}",
         "submissionMode": "K8sJobMode",
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": settings.finished_cluster_ttl_seconds,

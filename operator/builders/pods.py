@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.operator.api.common import NodePlacement, Placement, StorageAccess
+from kubetune.operator.images import CACHE_MOUNT_PATH, POD_GROUP_ID, POD_USER_ID, PVC_ROOT
 from kubetune.operator.naming import fit
 from kubetune.operator.settings import Settings
 
@@ -113,13 +114,13 @@ def pull_secrets(spec: Placement, settings: Settings) -> list[Manifest]:
     return [{"name": name} for name in dict.fromkeys(names)]
 
 
-def pod_security(settings: Settings) -> Manifest:
+def pod_security() -> Manifest:
     """The restricted Pod Security level, as the Ray image's user."""
     return {
         "runAsNonRoot": True,
-        "runAsUser": settings.pod_user_id,
-        "runAsGroup": settings.pod_group_id,
-        "fsGroup": settings.pod_group_id,
+        "runAsUser": POD_USER_ID,
+        "runAsGroup": POD_GROUP_ID,
+        "fsGroup": POD_GROUP_ID,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
@@ -133,7 +134,7 @@ def container_security() -> Manifest:
     }
 
 
-def writable_volumes(settings: Settings) -> tuple[list[Manifest], list[Manifest], list[Manifest]]:
+def writable_volumes() -> tuple[list[Manifest], list[Manifest], list[Manifest]]:
     """(volumes, mounts, env) of the writable places: /tmp, the caches, and shared memory for Ray's object store."""
     volumes = [
         {"name": TMP_VOLUME, "emptyDir": {}},
@@ -142,14 +143,14 @@ def writable_volumes(settings: Settings) -> tuple[list[Manifest], list[Manifest]
     ]
     mounts = [
         {"name": TMP_VOLUME, "mountPath": "/tmp"},
-        {"name": CACHE_VOLUME, "mountPath": settings.cache_mount_path},
+        {"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT_PATH},
         {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
     ]
     # HF_HOME (downloads, token, modules) lives in the emptyDir; an image's own HF_HUB_CACHE, when it sets
     # one, takes precedence over HF_HOME for models, so the models it carries outside the emptyDir stay visible.
     env = [
-        {"name": "XDG_CACHE_HOME", "value": settings.cache_mount_path},
-        {"name": "HF_HOME", "value": f"{settings.cache_mount_path}/huggingface"},
+        {"name": "XDG_CACHE_HOME", "value": CACHE_MOUNT_PATH},
+        {"name": "HF_HOME", "value": f"{CACHE_MOUNT_PATH}/huggingface"},
     ]
     return volumes, mounts, env
 
@@ -206,10 +207,10 @@ class RayPod:
             requests["ephemeral-storage"] = self.ephemeral_storage
         if self.gpus:
             limits[GPU_RESOURCE] = self.gpus
-        scratch_volumes, scratch_mounts, scratch_env = writable_volumes(settings)
-        env = [{"name": "KUBETUNE_PVC_ROOT", "value": settings.pvc_mount_root}, *scratch_env, *self.env]
+        scratch_volumes, scratch_mounts, scratch_env = writable_volumes()
+        env = [{"name": "KUBETUNE_PVC_ROOT", "value": PVC_ROOT}, *scratch_env, *self.env]
         read_only = {claim: {"readOnly": True} if claim in self.read_only_claims else {} for claim in self.claims}
-        root = settings.pvc_mount_root
+        root = PVC_ROOT
         mounts = [
             *scratch_mounts,
             *(
@@ -239,7 +240,7 @@ class RayPod:
         spec: Manifest = {
             "containers": [main],
             "volumes": volumes,
-            "securityContext": pod_security(settings),
+            "securityContext": pod_security(),
             "automountServiceAccountToken": self.mount_token,
             **placement(
                 self.nodes or self.placement, self.placement.priority_class_name, self.placement.gpu_type, self.gpus

@@ -47,7 +47,6 @@ from ray import serve
 from ray.serve import metrics
 
 LOGGER = logging.getLogger(__name__)
-FAULT_VARIABLE = "KUBETUNE_SERVE_FAULT_INPUT"
 BATCH_SIZE_HEADER = "X-Batch-Size"
 # What a refused stream is told to wait before it tries again: about what a short generation takes.
 BUSY_RETRY_AFTER_S = 1
@@ -123,8 +122,9 @@ def token_source(args: ServeAppArgs) -> TokenSource | None:
 class ModelServer:
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = ServeAppArgs.model_validate(args)
-        predict.FAULT["input"] = os.environ.get(FAULT_VARIABLE) or None
-        self.loaded: Loaded = load(self.args, RuntimeSettings.from_environment())
+        settings = RuntimeSettings.from_environment()
+        predict.FAULT["input"] = settings.faults.serve_input
+        self.loaded: Loaded = load(self.args, settings)
         self.limits = api.Limits.of(self.args)
         self.created = int(time.time())
         self.admission = Admission(

@@ -18,7 +18,7 @@ from kubetune.runtime.images import image_features
 from kubetune.runtime.serving.loading import Loaded
 
 # Fault injection for the serving tests only: an input equal to this makes the model call fail.
-# Never set in production (it is read from KUBETUNE_SERVE_FAULT_INPUT by the serving app).
+# Never set in production (the serving app sets it from KUBETUNE_FAULTS serve_input).
 FAULT: dict[str, str | None] = {"input": None}
 
 

@@ -27,7 +27,7 @@
 #
 #   <root>/controlplane/kstatus-<cli-utils version>_<hash>/bin/kstatus
 #
-# <root> is $KUBETUNE_CACHE_DIR, else ${XDG_CACHE_HOME:-$HOME/.cache}/kubetune;
+# <root> is $KUBETUNE_TEST_CACHE_DIR, else ${XDG_CACHE_HOME:-$HOME/.cache}/kubetune;
 # <key> names the pinned versions plus a hash of everything that shapes the
 # build. Each entry is made in a temporary directory and renamed into place
 # once complete, so an interrupted build never leaves a half cache, and a later
@@ -52,7 +52,7 @@ BUILD_REVISION=1
 SIM_BUILD_REVISION=1
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-root="${KUBETUNE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kubetune}/controlplane"
+root="${KUBETUNE_TEST_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kubetune}/controlplane"
 
 mode=all
 case "${1:-}" in

@@ -61,7 +61,7 @@ class NodeUnavailableError(RuntimeError):
 
 def cache_root() -> Path:
     return Path(
-        os.environ.get("KUBETUNE_CACHE_DIR")
+        os.environ.get("KUBETUNE_TEST_CACHE_DIR")
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubetune"
     )
 

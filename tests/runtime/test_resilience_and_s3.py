@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from kubetune.runtime.pipeline import run_pipeline
 from kubetune.runtime.reporting import JsonLinesReporter, read_events
+from kubetune.runtime.settings import Faults
 
 from .conftest import fast_options, make_spec
 from .s3server import s3_endpoint
@@ -34,7 +35,7 @@ def test_a_failed_worker_resumes_from_the_latest_checkpoint(
     )
     events = tmp_path / "events.jsonl"
     # The worker raises once after step 6; the newest checkpoint then is the one of step 4.
-    result = run_pipeline(spec, fast_options(output, fault_at_step=6), JsonLinesReporter(events))
+    result = run_pipeline(spec, fast_options(output, faults=Faults(train_step=6)), JsonLinesReporter(events))
     assert result.resumed_from_step == 4
     assert result.steps == 16  # the whole plan, not 16 + the 6 steps of the failed attempt
     manifest = json.loads(Path(result.manifest_uri).read_text())

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.runtime
 LABELS = ["sports", "science", "music", "cooking"]
 TOKEN = "s3cret-token-for-tests"
 FAULT = "__make_the_model_fail__"
-ENV = {"KUBETUNE_TEST_ENDPOINT_TOKEN": TOKEN, "KUBETUNE_SERVE_FAULT_INPUT": FAULT}
+ENV = {"KUBETUNE_TEST_ENDPOINT_TOKEN": TOKEN, "KUBETUNE_FAULTS": f"serve_input={FAULT}"}
 
 
 def text_classifier(folder: Path) -> Path:

@@ -269,7 +269,7 @@ def _dockerfile_args(path: Path) -> dict[str, str]:
 
 def test_the_image_files_agree_with_the_project() -> None:
     """The Dockerfiles' defaults and the release workflow match the pins, and name files that exist (fast)."""
-    from kubetune.operator.settings import RAY_VERSION
+    from kubetune.operator.images import RAY_VERSION
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     ray_pin = next(r for r in map(Requirement, project["optional-dependencies"]["runtime"]) if r.name == "ray")

@@ -12,9 +12,10 @@ import pytest
 from kubetune.operator.api.finetunejob import FineTuneJob, Trigger
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.builders.finetunejob import RunManifests, build_run
+from kubetune.operator.images import RAY_VERSION
 from kubetune.operator.naming import MAX_RAY_NAME_LENGTH, run_name
 from kubetune.operator.planning.finetunejob import RunRequest
-from kubetune.operator.settings import RAY_VERSION, Settings, SettingsError
+from kubetune.operator.settings import Settings, SettingsError
 from kubetune.runtime.contract import RunConfig
 
 from ..conftest import REPO_ROOT, mutated

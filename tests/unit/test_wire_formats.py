@@ -97,7 +97,21 @@ def test_settings_come_from_the_environment_and_bad_values_name_the_variable() -
     assert (settings.workers, settings.recheck_seconds, settings.coalesce_seconds) == (4, 600.0, 0.5)
     with pytest.raises(SettingsError, match="KUBETUNE_WORKERS='many'"):
         Settings.from_environment({"KUBETUNE_WORKERS": "many"})
-    with pytest.raises(SettingsError, match="KUBETUNE_WORKERS='0': must be positive"):
+    with pytest.raises(SettingsError, match="KUBETUNE_WORKERS='0': Input should be greater than 0"):
         Settings.from_environment({"KUBETUNE_WORKERS": "0"})
-    with pytest.raises(SettingsError, match="KUBETUNE_BACKOFF_MAX_SECONDS='-1'"):
+    with pytest.raises(SettingsError, match="KUBETUNE_BACKOFF_MAX_SECONDS='-1': Input should be greater than or equal"):
         Settings.from_environment({"KUBETUNE_BACKOFF_MAX_SECONDS": "-1"})
+    with pytest.raises(SettingsError, match="KUBETUNE_METRICS_PORT='70000'"):
+        Settings.from_environment({"KUBETUNE_METRICS_PORT": "70000"})
+    # An empty variable keeps the default, as an unset one does.
+    assert Settings.from_environment({"KUBETUNE_WORKERS": "", "KUBETUNE_RUNTIME_IMAGE": ""}) == Settings()
+
+
+def test_settings_read_the_process_environment_unless_given_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBETUNE_WORKERS", "7")
+    assert Settings.from_environment().workers == 7
+    # A given mapping is the whole environment: nothing of the process's leaks in.
+    assert Settings.from_environment({"KUBETUNE_RECHECK_SECONDS": "1"}).workers == 16
+    monkeypatch.setenv("KUBETUNE_WORKERS", "-2")
+    with pytest.raises(SettingsError, match="KUBETUNE_WORKERS='-2'"):
+        Settings.from_environment()

@@ -2,7 +2,7 @@
 
     build_images(("pause", "operator", "runtime", "runtime-minilm")) -> {name: BuiltImage}
 
-Cache, under ${KUBETUNE_CACHE_DIR:-${XDG_CACHE_HOME:-~/.cache}/kubetune}/images/:
+Cache, under ${KUBETUNE_TEST_CACHE_DIR:-${XDG_CACHE_HOME:-~/.cache}/kubetune}/images/:
 
     layers/<layer>-<key>/{diff/,build.log,layer.json}   a layer: overlayfs upper directory, build log,
                                                         its blob digest once written into an archive
@@ -72,7 +72,7 @@ class BuiltImage:
 
 def cache_root() -> Path:
     base = (
-        os.environ.get("KUBETUNE_CACHE_DIR")
+        os.environ.get("KUBETUNE_TEST_CACHE_DIR")
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubetune"
     )
     return Path(base) / "images"

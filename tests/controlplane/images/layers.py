@@ -32,8 +32,8 @@ from .oci import EPOCH
 # Bump when a recipe changes in a way its hashed inputs do not show.
 BUILDER_REVISION = "1"
 DEBIAN_SUITE = "bookworm"
-DEBIAN_MIRROR = os.environ.get("KUBETUNE_DEBIAN_MIRROR", "http://deb.debian.org/debian")
-DEBIAN_SECURITY_MIRROR = os.environ.get("KUBETUNE_DEBIAN_SECURITY_MIRROR", "http://deb.debian.org/debian-security")
+DEBIAN_MIRROR = os.environ.get("KUBETUNE_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+DEBIAN_SECURITY_MIRROR = os.environ.get("KUBETUNE_TEST_DEBIAN_SECURITY_MIRROR", "http://deb.debian.org/debian-security")
 # python:3.11-slim installs ca-certificates, netbase and tzdata; python3-venv makes the environments.
 DEBIAN_PACKAGES = ("python3", "python3-venv", "ca-certificates", "netbase", "tzdata")
 # From the Ray image's package list (ray-project/ray docker/base-deps/Dockerfile) what a Ray pod
