@@ -177,7 +177,6 @@ class OperatorSettings(BaseSettings):
     )
     lease_retry_period_seconds: int = Field(
         default=2,
-        gt=0,
         description=(
             "How often each replica tries to take or renew the Lease. The chart sets it from "
             "leaderElection.retryPeriodSeconds."

@@ -125,6 +125,15 @@ def test_the_chart_passes_each_setting_by_its_variable(name: str, key: str) -> N
 def test_the_deployment_includes_the_generated_env() -> None:
     deployment = (CHART / "templates" / "deployment.yaml").read_text()
     assert f'include "{settingsgen.TEMPLATE_NAME}" $settings' in deployment
-    # The one setting the chart derives from other values (metrics.enabled and metrics.port).
-    assert "- name: KUBETUNE_METRICS_PORT" in deployment
-    assert set(VARIABLE.findall(deployment)) == {"KUBETUNE_METRICS_PORT"}
+    # The settings the chart derives from other values: metrics.enabled and metrics.port, and the leader
+    # election's from leaderElection.* and the release's name and namespace.
+    derived = {
+        "KUBETUNE_METRICS_PORT",
+        "KUBETUNE_LEADER_ELECTION",
+        "KUBETUNE_LEADER_ELECTION_LEASE",
+        "KUBETUNE_LEADER_ELECTION_NAMESPACE",
+        "KUBETUNE_LEASE_DURATION_SECONDS",
+        "KUBETUNE_LEASE_RENEW_DEADLINE_SECONDS",
+        "KUBETUNE_LEASE_RETRY_PERIOD_SECONDS",
+    }
+    assert set(VARIABLE.findall(deployment)) == derived
