@@ -86,7 +86,7 @@ def test_the_controller_core_knows_no_kind_and_no_kopf() -> None:
 
 def test_only_kube_and_its_connections_talk_to_the_api_server() -> None:
     clients = {"kubernetes", "urllib3", "http.client", "aiohttp", "kopf"}
-    talkers = {"operator/kube.py", "operator/kubehttp.py", "operator/main.py"}  # main: kopf's login and startup
+    talkers = {"operator/kube/__init__.py", "operator/kube/transport.py", "operator/main.py"}  # main: kopf's login
     allowed_kopf = {str(path.relative_to(REPO_ROOT)) for path in sources("operator/handlers")}  # kopf's decorators
     found = [
         f"{path.relative_to(REPO_ROOT)} imports {name}"
@@ -95,6 +95,19 @@ def test_only_kube_and_its_connections_talk_to_the_api_server() -> None:
         if (name in clients or top(name) in clients)
         and str(path.relative_to(REPO_ROOT)) not in talkers
         and not (top(name) == "kopf" and str(path.relative_to(REPO_ROOT)) in allowed_kopf)
+    ]
+    assert found == []
+
+
+def test_the_connections_are_reached_only_through_kube() -> None:
+    # Everything else (the informer's watch included) goes through `Kube`, the one way to the API server.
+    internal = "kubetune.operator.kube."
+    found = [
+        f"{path.relative_to(REPO_ROOT)} imports {name}"
+        for folder in ("operator", "runtime", "cli")
+        for path in sources(folder)
+        for name in imports_of(path)
+        if name.startswith(internal) and not path.is_relative_to(REPO_ROOT / "operator" / "kube")
     ]
     assert found == []
 
