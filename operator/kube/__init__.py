@@ -1,13 +1,14 @@
-"""The one module that talks to the Kubernetes API server.
+"""The one way to the Kubernetes API server (this package): `Kube`.
 
 Where the server is and who we are come from the `kubernetes` package's configuration
 loading: the pod's service account (its projected token re-read as it rotates), or
 the kubeconfig with every `KUBECONFIG` path merged, exec credential plugins and OIDC.
-Requests go through `transport`, a thin layer over http.client fed by that configuration
-(`bench/kube_client.py` measures it against urllib3 and the package's ApiClient): objects are
-plain dicts (manifests), so builders stay pure. Where each kind lives in the API comes from the
-server's discovery documents (`discovery`). Nothing else in the operator sends requests to the
-API server (kopf's own login and CRD watches aside).
+Requests go through `transport`, a thin layer over the standard library's HTTP client
+fed by that configuration (`bench/kube_client.py` measures it against urllib3 and the
+package's ApiClient): objects are plain dicts (manifests), so builders stay pure. Where
+each kind lives in the API comes from the server's discovery documents (`discovery`).
+Nothing else in the operator sends requests to the API server (kopf's own login and CRD
+watches aside), and nothing else reaches `transport`.
 """
 
 from __future__ import annotations
