@@ -3,16 +3,23 @@
 The value under `REPORT_KEY` is the whole `RunReport` as camelCase JSON; the operator
 mirrors it into the FineTuneJob's status. Writes are throttled (progress at most every
 `min_interval_s`); stage changes and the final report are written at once.
+
+The write goes through the `kubernetes` package's CoreV1Api with the pod's service account
+(`kubernetes.config.load_incluster_config`, which re-reads the projected token as it rotates).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+
+import kubernetes.client
+import kubernetes.config
 
 from .contract import RunIdentity
 from .contract.common import SHORT_TEXT_MAX_LENGTH
@@ -25,14 +32,18 @@ LOGGER = logging.getLogger(__name__)
 DEFAULT_MIN_INTERVAL_S = 5.0
 # Attempts for the writes that must land (stage changes, the final report).
 FORCED_ATTEMPTS = 3
+# Seconds one write may take; a slow API server delays the run by at most this per attempt.
+REQUEST_TIMEOUT_S = 10.0
+# The report is a JSON merge patch of the ConfigMap's data (the client's default for a patch is a JSON patch).
+MERGE_PATCH = "application/merge-patch+json"
 
 
 class ConfigMapReporter:
     """Keeps a RunReport up to date and patches it into ConfigMap `name` in `namespace`.
 
-    `api` is a `kubeapi.ConfigMapPatcher` (or anything with `patch_namespaced_config_map`).
-    A failed write is logged and never fails the run: the report is how the run is observed,
-    not part of its result.
+    `api` is a `kubernetes.client.CoreV1Api` (see `config_map_api`; tests pass anything with its
+    `patch_namespaced_config_map`). A failed write is logged and never fails the run: the report
+    is how the run is observed, not part of its result.
     """
 
     def __init__(
@@ -57,9 +68,11 @@ class ConfigMapReporter:
         body = {"data": {REPORT_KEY: json.dumps(self.report.to_wire(), sort_keys=True)}}
         for attempt in range(FORCED_ATTEMPTS if force else 1):
             try:
-                self.api.patch_namespaced_config_map(self.name, self.namespace, body)
-            except Exception as error:  # the client raises ApiException, urllib3 and socket errors
-                LOGGER.warning("cannot write the run report to %s/%s: %s", self.namespace, self.name, error)
+                self.api.patch_namespaced_config_map(
+                    self.name, self.namespace, body, _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT_S
+                )
+            except Exception as error:  # ApiException for a refusal; urllib3 and socket errors when unreachable
+                LOGGER.warning("cannot write the run report to %s/%s: %s", self.namespace, self.name, _described(error))
                 if attempt + 1 < FORCED_ATTEMPTS and force:
                     time.sleep(0.5 * (attempt + 1))
                 continue
@@ -121,10 +134,39 @@ class ConfigMapReporter:
         self._write(force=True)
 
 
+def config_map_api(configuration: kubernetes.client.Configuration) -> kubernetes.client.CoreV1Api:
+    """The client the reporter writes through: straight to the API server, one attempt per write.
+
+    No proxy (a run's HTTPS_PROXY is for the model hub and storage, never the cluster's API), and
+    no retries below the reporter's own, so that a write gives up within its bounded attempts.
+    """
+    configuration.proxy = None
+    configuration.retries = 0
+    return kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(configuration))
+
+
+def in_cluster_api() -> kubernetes.client.CoreV1Api:
+    """The pod's service account: KUBERNETES_SERVICE_HOST/PORT and the mounted token and CA.
+
+    Raises kubernetes.config.ConfigException, saying what is missing, outside a pod.
+    """
+    configuration = kubernetes.client.Configuration()
+    kubernetes.config.load_incluster_config(client_configuration=configuration, try_refresh_token=True)  # type: ignore[no-untyped-call]
+    return config_map_api(configuration)
+
+
 def kubernetes_reporter(identity: RunIdentity) -> ConfigMapReporter | None:
     """A reporter for the run's report ConfigMap with in-cluster credentials; None when the run has none."""
     if not identity.report_config_map or not identity.namespace:
         return None
-    from .kubeapi import ConfigMapPatcher
+    return ConfigMapReporter(in_cluster_api(), identity.report_config_map, identity.namespace)
 
-    return ConfigMapReporter(ConfigMapPatcher.in_cluster(), identity.report_config_map, identity.namespace)
+
+def _described(error: Exception) -> str:
+    """An API refusal as its status, reason and the server's message (not the answer's headers)."""
+    if not isinstance(error, kubernetes.client.ApiException):
+        return str(error)
+    message = error.body or ""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):  # not a Status: the body as it is
+        message = json.loads(message).get("message", message)
+    return f"{error.status} {error.reason}: {message}"

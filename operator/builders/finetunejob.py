@@ -262,7 +262,7 @@ def build_run(job: FineTuneJob, request: RunRequest, settings: Settings) -> RunM
                     "apiGroups": [""],
                     "resources": ["configmaps"],
                     "resourceNames": [report],
-                    "verbs": ["patch"],  # the reporter only patches (runtime/kubeapi.py)
+                    "verbs": ["patch"],  # the reporter only patches (runtime/kube_reporter.py)
                 },
             ],
         },

@@ -21,8 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from kubetune.operator.kube import LIST_PAGE_SIZE, ApiError, Kube
-from kubetune.operator.kubehttp import Stream
+from kubetune.operator.kube import LIST_PAGE_SIZE, ApiError, Kube, Stream
 
 log = logging.getLogger("kubetune.informer")
 V = TypeVar("V")

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from kubetune.cli.validate import problems_of
 from kubetune.operator.api.common import API_VERSION
-from kubetune.operator.kube import ApiError, Kube, collection_path
+from kubetune.operator.kube import ApiError, Kube
 
 from .spec_generation import (
     SEED_SETTINGS,
@@ -46,7 +46,7 @@ def local_verdict(document: Manifest) -> Verdict:
 
 def server_verdict(kube: Kube, namespace: str, document: Manifest) -> Verdict:
     """What admission says: a server-side dry run (nothing is created) with kubectl's strict field validation."""
-    path = collection_path(API_VERSION, str(document.get("kind")), namespace)
+    path = kube.collection_path(API_VERSION, str(document.get("kind")), namespace)
     try:
         kube.request("POST", path, body=document, query={"dryRun": "All", "fieldValidation": "Strict"})
     except ApiError as error:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kubetune.operator.kube import ApiError, Kube, collection_path
+from kubetune.operator.kube import ApiError, Kube
 
 from ..conftest import DELETE, EXAMPLES, REPO_ROOT, load_example, mutated
 from ..controlplane import ControlPlane
@@ -16,7 +16,7 @@ from ..controlplane import ControlPlane
 def admit(kube: Kube, namespace: str, document: dict[str, Any], *, dry_run: bool = True) -> dict[str, Any]:
     """Create `document` as kubectl does (strict field validation); dry-run unless asked."""
     query = {"fieldValidation": "Strict", **({"dryRun": "All"} if dry_run else {})}
-    path = collection_path(document["apiVersion"], document["kind"], namespace)
+    path = kube.collection_path(document["apiVersion"], document["kind"], namespace)
     return kube.request("POST", path, body=document, query=query)
 
 

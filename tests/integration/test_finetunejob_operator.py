@@ -6,13 +6,13 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import kubernetes.client
 import pytest
 from kubetune.operator.kube import Kube, ObjectRef
 from kubetune.operator.naming import run_labels
 from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, VariantReport
 from kubetune.runtime.contract.runconfig import RunConfig
-from kubetune.runtime.kube_reporter import ConfigMapReporter
-from kubetune.runtime.kubeapi import ConfigMapPatcher, KubeApiError
+from kubetune.runtime.kube_reporter import MERGE_PATCH, ConfigMapReporter, config_map_api
 from kubetune.runtime.reporting import TrainingProgress
 
 from ..conftest import load_example, mutated
@@ -169,6 +169,14 @@ def runner_token(kube: Kube, namespace: str, run: str) -> str:
         body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}},
     )
     return str(answer["status"]["token"])
+
+
+def runner_api(kube: Kube, namespace: str, run: str) -> kubernetes.client.CoreV1Api:
+    """The client a run's reporter writes through, with the run's own token (as in its pod)."""
+    configuration = kubernetes.client.Configuration(host=kube.server, ssl_ca_cert=kube.configuration.ssl_ca_cert)
+    configuration.api_key = {"BearerToken": runner_token(kube, namespace, run)}
+    configuration.api_key_prefix = {"BearerToken": "Bearer"}
+    return config_map_api(configuration)
 
 
 def write_report(kube: Kube, namespace: str, name: str, report: RunReport) -> None:
@@ -450,7 +458,7 @@ def test_the_run_may_write_its_report_and_nothing_more(
         return True
 
     assert can("patch", "configmap/tickets-r1-report")
-    # Only the verb the reporter uses (runtime/kubeapi.py): no read, no replace.
+    # Only the verb the reporter uses (runtime/kube_reporter.py): no read, no replace.
     assert not can("get", "configmap/tickets-r1-report") and not can("update", "configmap/tickets-r1-report")
     assert not can("patch", "configmap/tickets-r1-config")
     assert not can("get", "secrets") and not can("create", "rayjobs.ray.io")
@@ -465,8 +473,7 @@ def test_the_runtime_reporter_writes_progress_with_the_runs_token(
     config_map = kube.get("v1", "ConfigMap", namespace, "tickets-r1-config")
     assert config_map is not None
     identity = RunConfig.model_validate_json(config_map["data"]["run.json"]).run
-    token = runner_token(kube, namespace, "tickets-r1")
-    patcher = ConfigMapPatcher(kube.server, token, kube.configuration.ssl_ca_cert)
+    patcher = runner_api(kube, namespace, "tickets-r1")
     assert identity.report_config_map and identity.namespace
     reporter = ConfigMapReporter(patcher, identity.report_config_map, identity.namespace, min_interval_s=0)
     reporter.stage_started(Stage.TRAIN, "training on 2 workers")
@@ -480,5 +487,8 @@ def test_the_runtime_reporter_writes_progress_with_the_runs_token(
     )
     assert progress["stage"] == "train" and progress["totalSteps"] == 20 and progress["loss"] == 1.25
     # The token opens this one object and nothing else.
-    with pytest.raises(KubeApiError, match="403"):
-        patcher.patch_namespaced_config_map("tickets-r1-config", namespace, {"data": {"run.json": "{}"}})
+    with pytest.raises(kubernetes.client.ApiException) as refused:
+        patcher.patch_namespaced_config_map(
+            "tickets-r1-config", namespace, {"data": {"run.json": "{}"}}, _content_type=MERGE_PATCH
+        )
+    assert refused.value.status == 403

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from kubetune.operator.api.common import API_VERSION
-from kubetune.operator.kube import ApiError, Kube, collection_path
+from kubetune.operator.kube import ApiError, Kube
 
 from .harness import CapturedLogs, InProcessOperator, conditions, create_secret
 from .spec_generation import RecordProperty, SpecCase, SpecVerdicts, write_counts
@@ -90,7 +90,7 @@ def test_admitted_manifests_never_wedge_the_operator(
             document = named_for_creation(case, index, taken)
             if document is None:
                 continue
-            path = collection_path(API_VERSION, case.kind, namespace)
+            path = kube.collection_path(API_VERSION, case.kind, namespace)
             try:
                 body = kube.request("POST", path, body=document, query={"fieldValidation": "Strict"})
             except ApiError as error:  # admitted in the dry run but not now: also worth knowing

@@ -26,12 +26,11 @@ from kubetune.runtime.contract import RunConfig
 from kubetune.runtime.contract.report import Stage, VariantReport
 from kubetune.runtime.export import ExportedVariant, ManifestInputs, VariantFormat, write_manifest
 from kubetune.runtime.kube_reporter import ConfigMapReporter
-from kubetune.runtime.kubeapi import ConfigMapPatcher
 from kubetune.runtime.reporting import TrainingProgress
 from kubetune.runtime.result import RunResult
 
 from .harness import EXAMPLE_RUNS, CapturedLogs, InProcessOperator, create_secret, set_ray_job_status
-from .test_finetunejob_operator import SUCCEEDED, create_job, runner_token, wait_phase, wait_ray_job
+from .test_finetunejob_operator import SUCCEEDED, create_job, runner_api, wait_phase, wait_ray_job
 from .test_modeldeployment_operator import create_deployment, phase, play_kuberay, ray_service
 
 Manifest = dict[str, Any]
@@ -81,9 +80,7 @@ def everything_but_secrets(kube: Kube, namespace: str) -> dict[str, list[Manifes
 
 def report_as_the_runtime_does(kube: Kube, namespace: str, run: str) -> None:
     """The runtime's ConfigMapReporter, with the run's own token, writes progress and the result."""
-    token = runner_token(kube, namespace, run)
-    patcher = ConfigMapPatcher(kube.server, token, kube.configuration.ssl_ca_cert)
-    reporter = ConfigMapReporter(patcher, f"{run}-report", namespace, min_interval_s=0)
+    reporter = ConfigMapReporter(runner_api(kube, namespace, run), f"{run}-report", namespace, min_interval_s=0)
     reporter.stage_started(Stage.TRAIN, "training on 1 worker")
     reporter.progress(TrainingProgress(step=20, total_steps=40, epoch=0.5, loss=0.9, learning_rate=1e-4))
     reporter.metrics("test-before", {"accuracy": 0.5}, step=0)

@@ -39,7 +39,9 @@ class FakeCoreV1:
         self.patches: list[tuple[str, str, dict[str, Any]]] = []
         self.failures = failures
 
-    def patch_namespaced_config_map(self, name: str, namespace: str, body: dict[str, Any]) -> None:
+    def patch_namespaced_config_map(self, name: str, namespace: str, body: dict[str, Any], **options: Any) -> None:
+        # As CoreV1Api takes them: a JSON merge patch (its default would be a JSON patch), bounded in time.
+        assert options == {"_content_type": "application/merge-patch+json", "_request_timeout": 10.0}
         if self.failures:
             self.failures -= 1
             raise ConnectionError("apiserver unavailable")

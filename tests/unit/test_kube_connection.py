@@ -1,4 +1,4 @@
-"""Connection and auth through the kubernetes package's config loading; the http.client layer under it."""
+"""Connection and auth through the kubernetes package's config loading; the http.client layer under it; discovery."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from kubetune.operator.kube import ApiError, Kube, load_configuration
-from kubetune.operator.kubehttp import Connections, Endpoint
+from kubetune.operator.kube.transport import Connections, Endpoint
 
 
 class Recorder(BaseHTTPRequestHandler):
@@ -25,6 +25,8 @@ class Recorder(BaseHTTPRequestHandler):
     seen: list[dict[str, Any]] = []
     drop_after_answer = False
     status = 200
+    # Discovery documents by path: the resources of each group version the server serves.
+    served: dict[str, list[dict[str, Any]]] = {}
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -34,11 +36,16 @@ class Recorder(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         entry = {"method": self.command, "path": self.path, "auth": self.headers.get("Authorization"), "body": body}
         Recorder.seen.append(entry)
-        data = json.dumps({"path": self.path}).encode()
-        self.send_response(Recorder.status)
+        status, answer = Recorder.status, dict[str, Any](path=self.path)
+        if self.path in Recorder.served:
+            answer = {"kind": "APIResourceList", "resources": Recorder.served[self.path]}
+        elif self.path.startswith("/apis/") and self.path.count("/") == 3:
+            status, answer = 404, {"reason": "NotFound", "message": "the server could not find the requested resource"}
+        data = json.dumps(answer).encode()
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        if Recorder.status == 429:
+        if status == 429:
             self.send_header("Retry-After", "7")
         self.end_headers()  # no "Connection: close": the client keeps the connection for the next request
         self.wfile.write(data)
@@ -51,6 +58,7 @@ class Recorder(BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[str]:
     Recorder.seen, Recorder.drop_after_answer, Recorder.status = [], False, 200
+    Recorder.served = {"/api/v1": [{"name": "configmaps", "kind": "ConfigMap", "namespaced": True}]}
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -169,3 +177,46 @@ def load_configuration_for(server: str) -> Any:
     configuration = kubernetes.client.Configuration()
     configuration.host = server
     return configuration
+
+
+RAY_JOBS = [
+    {"name": "rayjobs", "kind": "RayJob", "namespaced": True},
+    {"name": "rayjobs/status", "kind": "RayJob", "namespaced": True},
+]
+
+
+def test_paths_come_from_discovery_read_once(server: str) -> None:
+    Recorder.served["/apis/ray.io/v1"] = RAY_JOBS
+    kube = Kube(load_configuration_for(server))
+    kube.get("ray.io/v1", "RayJob", "ns", "a")
+    kube.get("ray.io/v1", "RayJob", "ns", "b")
+    kube.get("v1", "ConfigMap", "ns", "c")
+    assert [entry["path"] for entry in Recorder.seen] == [
+        "/apis/ray.io/v1",
+        "/apis/ray.io/v1/namespaces/ns/rayjobs/a",
+        "/apis/ray.io/v1/namespaces/ns/rayjobs/b",
+        "/api/v1",
+        "/api/v1/namespaces/ns/configmaps/c",
+    ]
+
+
+def test_a_kind_installed_after_start_is_found_by_looking_again(server: str) -> None:
+    kube = Kube(load_configuration_for(server))
+    with pytest.raises(ApiError) as raised:  # KubeRay's CRDs are not installed yet
+        kube.collection_path("ray.io/v1", "RayJob", "ns")
+    assert raised.value.not_found and "RayJob" in raised.value.message and "ray.io/v1" in raised.value.message
+    Recorder.served["/apis/ray.io/v1"] = RAY_JOBS
+    assert kube.collection_path("ray.io/v1", "RayJob", "ns") == "/apis/ray.io/v1/namespaces/ns/rayjobs"
+    assert kube.collection_path("ray.io/v1", "RayJob", None) == "/apis/ray.io/v1/rayjobs"
+    assert [entry["path"] for entry in Recorder.seen] == ["/apis/ray.io/v1", "/apis/ray.io/v1"]
+
+
+def test_a_kind_the_server_does_not_serve_is_refused_by_name(server: str) -> None:
+    kube = Kube(load_configuration_for(server))
+    kube.get("v1", "ConfigMap", "ns", "c")
+    with pytest.raises(ApiError) as raised:
+        kube.create({"apiVersion": "v1", "kind": "Widget", "metadata": {"namespace": "ns", "name": "w"}})
+    assert raised.value.status == 404
+    assert raised.value.message == "the API server does not serve kind Widget of apiVersion v1"
+    # The cached group version was read again before refusing, and no object request was made.
+    assert [entry["path"] for entry in Recorder.seen] == ["/api/v1", "/api/v1/namespaces/ns/configmaps/c", "/api/v1"]

@@ -1,4 +1,4 @@
-"""HTTP connections to the API server, for `kube.py` only: keep-alive, one host, thread-safe.
+"""HTTP connections to the API server, for `Kube` only: keep-alive, one host, thread-safe.
 
 A thin layer over the standard library's http.client. Every reconcile is a handful
 of small requests, and on a busy operator the client's own CPU per request matters
@@ -16,7 +16,8 @@ import threading
 import urllib.parse
 from dataclasses import dataclass
 
-# A connection that the server closed while it was idle fails like this on its next use.
+# What the connections raise when the server cannot be reached or ends a connection early.
+TRANSPORT_ERRORS: tuple[type[Exception], ...] = (OSError, http.client.HTTPException)
 # What a keep-alive connection the server closed while it was idle gives on its next request: over TLS,
 # writing to it may end in an SSL EOF rather than a reset.
 _STALE = (

@@ -1,17 +1,18 @@
-"""The one module that talks to the Kubernetes API server.
+"""The one way to the Kubernetes API server (this package): `Kube`.
 
 Where the server is and who we are come from the `kubernetes` package's configuration
 loading: the pod's service account (its projected token re-read as it rotates), or
 the kubeconfig with every `KUBECONFIG` path merged, exec credential plugins and OIDC.
-Requests go through a thin JSON layer over http.client fed by that configuration
-(`bench/kube_client.py` measures it against urllib3 and the package's ApiClient): objects are
-plain dicts (manifests), so builders stay pure and nothing here knows about kubetune's
-kinds beyond where each kind lives in the API.
+Requests go through `transport`, a thin layer over the standard library's HTTP client
+fed by that configuration (`bench/kube_client.py` measures it against urllib3 and the
+package's ApiClient): objects are plain dicts (manifests), so builders stay pure. Where
+each kind lives in the API comes from the server's discovery documents (`discovery`).
+Nothing else in the operator sends requests to the API server (kopf's own login and CRD
+watches aside), and nothing else reaches `transport`.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import threading
@@ -23,9 +24,13 @@ from typing import Any
 
 import kubernetes.client
 import kubernetes.config
-from kubetune.operator.kubehttp import Connections, Endpoint, Stream
+from kubetune.operator.kube.discovery import Discovery, UnservedKindError, group_version_path
+from kubetune.operator.kube.transport import TRANSPORT_ERRORS, Connections, Endpoint
+from kubetune.operator.kube.transport import Stream as Stream  # a watch another thread may end (`interrupt`)
 
 Manifest = dict[str, Any]
+# A watch ends with one of these when it is cut off, or when what comes is not a watch stream.
+WATCH_ERRORS: tuple[type[Exception], ...] = (*TRANSPORT_ERRORS, ValueError)
 FIELD_MANAGER = "kubetune"
 REQUEST_TIMEOUT = 60.0  # seconds a request may take to connect, and then between bytes of its answer
 WATCH_GRACE_SECONDS = 30
@@ -36,22 +41,6 @@ METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 # Objects per list request (client-go's default): a large collection comes in pages, never in one answer.
 LIST_PAGE_SIZE = 500
-
-# (apiVersion, kind) → plural: every kind the operator reads or writes.
-PLURALS: dict[tuple[str, str], str] = {
-    ("v1", "ConfigMap"): "configmaps",
-    ("v1", "ServiceAccount"): "serviceaccounts",
-    ("v1", "Event"): "events",
-    ("v1", "Pod"): "pods",
-    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
-    ("rbac.authorization.k8s.io/v1", "Role"): "roles",
-    ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
-    ("ray.io/v1", "RayJob"): "rayjobs",
-    ("ray.io/v1", "RayService"): "rayservices",
-    ("kubetune.io/v1alpha1", "FineTuneJob"): "finetunejobs",
-    ("kubetune.io/v1alpha1", "ModelDeployment"): "modeldeployments",
-    ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): "customresourcedefinitions",
-}
 
 
 class ApiError(Exception):
@@ -96,16 +85,6 @@ class ApiError(Exception):
         return self.status == 410
 
 
-def collection_path(api_version: str, kind: str, namespace: str | None) -> str:
-    plural = PLURALS[(api_version, kind)]
-    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    return f"{base}/namespaces/{namespace}/{plural}" if namespace else f"{base}/{plural}"
-
-
-def object_path(api_version: str, kind: str, namespace: str, name: str) -> str:
-    return f"{collection_path(api_version, kind, namespace)}/{name}"
-
-
 @dataclass(frozen=True)
 class ObjectRef:
     api_version: str
@@ -117,10 +96,6 @@ class ObjectRef:
     def of(cls, manifest: Mapping[str, Any]) -> ObjectRef:
         meta = manifest["metadata"]
         return cls(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
-
-    @property
-    def path(self) -> str:
-        return object_path(self.api_version, self.kind, self.namespace, self.name)
 
 
 def load_configuration(kubeconfig: str | None = None) -> kubernetes.client.Configuration:
@@ -153,6 +128,7 @@ class Kube:
         self.configuration = configuration
         self._lock = threading.Lock()
         self._connections: Connections | None = None
+        self.discovery = Discovery(self._resources)
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None) -> Kube:
@@ -168,6 +144,30 @@ class Kube:
         with self._lock:
             value = self.configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
         return str(value) if value else None
+
+    def collection_path(self, api_version: str, kind: str, namespace: str | None) -> str:
+        """Where the objects of a kind are (in `namespace`, or in all namespaces).
+
+        Raises ApiError 404 naming the kind when the server does not serve it (its CRD is not installed).
+        """
+        try:
+            plural = self.discovery.plural(api_version, kind)
+        except UnservedKindError as error:
+            raise ApiError(404, "NotFound", str(error)) from None
+        base = group_version_path(api_version)
+        return f"{base}/namespaces/{namespace}/{plural}" if namespace else f"{base}/{plural}"
+
+    def object_path(self, ref: ObjectRef) -> str:
+        return f"{self.collection_path(ref.api_version, ref.kind, ref.namespace)}/{ref.name}"
+
+    def _resources(self, api_version: str) -> Manifest | None:
+        """The server's APIResourceList of a group version; None when it does not serve the group version."""
+        try:
+            return self.request("GET", group_version_path(api_version))
+        except ApiError as error:
+            if error.not_found:
+                return None
+            raise
 
     def _connection(self) -> tuple[Connections, dict[str, str]]:
         """The connections to use now and the auth headers (both renewed with the credentials)."""
@@ -201,7 +201,7 @@ class Kube:
         data = None if body is None else json.dumps(body).encode()
         try:
             response = connections.request(method, path, data, {**_headers(content_type, accept), **auth})
-        except (OSError, http.client.HTTPException) as error:
+        except TRANSPORT_ERRORS as error:
             raise ApiError(0, "Unreachable", f"{method} {path}: {error}") from None
         if response.status >= 400:
             raise _api_error(response.status, response.data, response.headers.get("Retry-After"))
@@ -231,11 +231,11 @@ class Kube:
             query |= {"resourceVersion": resource_version, "allowWatchBookmarks": "true"}
         if label_selector:
             query["labelSelector"] = label_selector
-        path = f"{collection_path(api_version, kind, namespace)}?{urllib.parse.urlencode(query)}"
+        path = f"{self.collection_path(api_version, kind, namespace)}?{urllib.parse.urlencode(query)}"
         headers = {**_headers("application/json", METADATA_ONLY if metadata_only else "application/json"), **auth}
         try:  # a silent connection is given up a while after the server should have ended the watch
             stream = connections.stream("GET", path, headers, read_timeout=timeout_seconds + WATCH_GRACE_SECONDS)
-        except (OSError, http.client.HTTPException) as error:
+        except TRANSPORT_ERRORS as error:
             raise ApiError(0, "Unreachable", f"watch {kind}: {error}") from None
         if streams is not None:
             streams.append(stream)
@@ -255,14 +255,14 @@ class Kube:
                             code, reason = int(status.get("code", 0)), status.get("reason", "")
                             raise ApiError(code, reason, status.get("message", ""))
                         yield event["type"], event["object"]
-        except (OSError, http.client.HTTPException, ValueError) as error:  # cut off, or not a watch stream
+        except WATCH_ERRORS as error:  # cut off, or not a watch stream
             raise ApiError(0, "Unreachable", f"watch {kind}: {error!r}") from None
         finally:
             stream.close()
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> Manifest | None:
         try:
-            return self.request("GET", object_path(api_version, kind, namespace, name))
+            return self.request("GET", self.object_path(ObjectRef(api_version, kind, namespace, name)))
         except ApiError as error:
             if error.not_found:
                 return None
@@ -318,7 +318,7 @@ class Kube:
         while True:
             answer = self.request(
                 "GET",
-                collection_path(api_version, kind, namespace),
+                self.collection_path(api_version, kind, namespace),
                 query=query,
                 accept=METADATA_LIST if metadata_only else "application/json",
             )
@@ -336,7 +336,7 @@ class Kube:
         """Create the object and return it; None when it already exists (creation is idempotent by name)."""
         ref = ObjectRef.of(manifest)
         try:
-            return self.request("POST", collection_path(ref.api_version, ref.kind, ref.namespace), body=manifest)
+            return self.request("POST", self.collection_path(ref.api_version, ref.kind, ref.namespace), body=manifest)
         except ApiError as error:
             if error.conflict and error.reason == "AlreadyExists":
                 return None
@@ -351,7 +351,7 @@ class Kube:
         if uid is not None:
             body["preconditions"] = {"uid": uid}
         try:
-            self.request("DELETE", ref.path, body=body)
+            self.request("DELETE", self.object_path(ref), body=body)
         except ApiError as error:
             if error.not_found:
                 return False
@@ -363,10 +363,11 @@ class Kube:
         body: Manifest = {"status": status}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
-        return self.request("PATCH", f"{ref.path}/status", body=body, content_type="application/merge-patch+json")
+        path = f"{self.object_path(ref)}/status"
+        return self.request("PATCH", path, body=body, content_type="application/merge-patch+json")
 
     def patch(self, ref: ObjectRef, body: Manifest) -> Manifest:
-        return self.request("PATCH", ref.path, body=body, content_type="application/merge-patch+json")
+        return self.request("PATCH", self.object_path(ref), body=body, content_type="application/merge-patch+json")
 
     def event(self, involved: Mapping[str, Any], kind: str, reason: str, message: str, now: datetime) -> None:
         """Record a core/v1 Event on an object (what `kubectl describe` lists)."""
@@ -374,7 +375,7 @@ class Kube:
         stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.request(
             "POST",
-            collection_path("v1", "Event", meta["namespace"]),
+            self.collection_path("v1", "Event", meta["namespace"]),
             body={
                 "apiVersion": "v1",
                 "kind": "Event",
