@@ -176,7 +176,7 @@ def test_an_orphan_of_an_earlier_job_with_the_same_name_is_not_adopted(
     write_raw_report(kube, namespace, "tickets-r1-report", ATTACKER_REPORT)
     kube.request(
         "DELETE",
-        ObjectRef(*("kubetune.io/v1alpha1", "FineTuneJob"), namespace, "tickets").path,
+        kube.object_path(ObjectRef("kubetune.io/v1alpha1", "FineTuneJob", namespace, "tickets")),
         body={"propagationPolicy": "Orphan"},
     )
     # The garbage collector orphans the children; right after the control plane starts it may not know
