@@ -80,7 +80,10 @@ def test_a_burst_of_events_for_one_job_gives_at_most_two_reconciles(
     eventually(lambda: job(kube, namespace)["metadata"]["labels"].get("burst"), what="the last change")
     quiet(proxied, namespace)
     passes = reconciles(proxied, namespace, since=mark)
-    assert 1 <= len(passes) <= 2, f"{len(passes)} reconciles for 50 events in {burst:.2f} s"
+    # Two passes when the burst is over within coalesce_max_seconds; a slower burst (a loaded API server)
+    # gets one more per coalesce_max_seconds it lasts, as events wait no longer than that.
+    most = 2 + int(burst / SETTINGS.coalesce_max_seconds)
+    assert 1 <= len(passes) <= most, f"{len(passes)} reconciles for 50 events in {burst:.2f} s"
 
 
 def test_a_run_rewriting_its_report_in_a_loop_gives_few_reconciles(
