@@ -71,7 +71,7 @@ class Election:
             raise SettingsError(
                 f"KUBETUNE_LEASE_DURATION_SECONDS={duration}, KUBETUNE_LEASE_RENEW_DEADLINE_SECONDS={deadline}, "
                 f"KUBETUNE_LEASE_RETRY_PERIOD_SECONDS={retry}: the renew deadline must exceed 1.2 retry periods, "
-                "and the lease duration the renew deadline plus two retry periods (e.g. 15, 10, 2)"
+                "and the lease duration the renew deadline plus two retry periods (e.g. 10, 6, 1)"
             )
         return cls(settings.leader_election_lease, namespace, identity or replica_identity(), duration, deadline, retry)
 

@@ -159,7 +159,7 @@ class OperatorSettings(BaseSettings):
         description="Namespace of the Lease; empty: the operator's own (its pod's service account's).",
     )
     lease_duration_seconds: int = Field(
-        default=15,
+        default=10,
         gt=0,
         description=(
             "How long the Lease holds unrenewed: a follower's wait once the leader died. Must exceed "
@@ -168,7 +168,7 @@ class OperatorSettings(BaseSettings):
         ),
     )
     lease_renew_deadline_seconds: int = Field(
-        default=10,
+        default=6,
         gt=0,
         description=(
             "How long the leader tries to renew the Lease before giving up (and exiting). The chart sets it from "
@@ -176,7 +176,7 @@ class OperatorSettings(BaseSettings):
         ),
     )
     lease_retry_period_seconds: int = Field(
-        default=2,
+        default=1,
         description=(
             "How often each replica tries to take or renew the Lease. The chart sets it from "
             "leaderElection.retryPeriodSeconds."

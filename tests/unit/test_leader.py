@@ -21,7 +21,7 @@ def settings(**values: Any) -> Settings:
 
 def test_the_chart_defaults_make_an_election() -> None:
     election = Election.of(settings(), identity="pod-1_abc")
-    assert election == Election("kubetune-operator", "ops", "pod-1_abc", 15, 10, 2)
+    assert election == Election("kubetune-operator", "ops", "pod-1_abc", 10, 6, 1)
 
 
 @pytest.mark.parametrize(
@@ -33,9 +33,9 @@ def test_the_chart_defaults_make_an_election() -> None:
             {"lease_renew_deadline_seconds": 2, "lease_retry_period_seconds": 2},
             "KUBETUNE_LEASE_RENEW_DEADLINE_SECONDS=2",
         ),
-        # A leader that cannot renew must be gone before the Lease runs out: 12 + 2 * 2 > 15.
-        ({"lease_renew_deadline_seconds": 12}, "KUBETUNE_LEASE_DURATION_SECONDS=15"),
-        ({"lease_duration_seconds": 10}, "KUBETUNE_LEASE_DURATION_SECONDS=10"),
+        # A leader that cannot renew must be gone before the Lease runs out: 9 + 2 * 1 > 10.
+        ({"lease_renew_deadline_seconds": 9}, "KUBETUNE_LEASE_DURATION_SECONDS=10"),
+        ({"lease_duration_seconds": 8}, "KUBETUNE_LEASE_DURATION_SECONDS=8"),
         ({"leader_election_lease": ""}, "KUBETUNE_LEADER_ELECTION_LEASE"),
     ],
 )
