@@ -22,7 +22,7 @@ from kubetune.runtime.contract import RunIdentity, RunSpec, WorkerResources
 from kubetune.runtime.contract.errors import SpecError
 from kubetune.runtime.contract.report import RunReport, Stage
 from kubetune.runtime.contract.serving import ServeAppArgs, Variant
-from kubetune.runtime.result import RunResult
+from kubetune.runtime.reporting.result import RunResult
 from rich.console import Console
 from rich.markup import escape
 
@@ -144,7 +144,7 @@ def judged(job: FineTuneJob, result: RunResult) -> GateResult:
 
 
 def log_file_for(spec: RunSpec, name: str) -> Path:
-    from kubetune.runtime.storage import parse_uri
+    from kubetune.runtime.io.storage import parse_uri
 
     if parse_uri(spec.output.uri).scheme == "s3":
         return (REMOTE_OUTPUT_LOGS / f"{name}.log").resolve()
@@ -196,11 +196,11 @@ def run_command(path: Path, flags: RunFlags) -> int:
 
 
 def _run(local: LocalRun, spec: RunSpec, flags: RunFlags, consoles: Consoles, log_file: Path) -> int:
-    from kubetune.runtime.console import ConsoleReporter, results_table
-    from kubetune.runtime.errors import InvalidRunError
-    from kubetune.runtime.pipeline import RunOptions, run_pipeline
-    from kubetune.runtime.reporting import JsonLinesReporter, Reporters
-    from kubetune.runtime.storage import anchored
+    from kubetune.runtime.io.errors import InvalidRunError
+    from kubetune.runtime.io.storage import anchored
+    from kubetune.runtime.recipe.pipeline import RunOptions, run_pipeline
+    from kubetune.runtime.reporting.base import JsonLinesReporter, Reporters
+    from kubetune.runtime.reporting.console import ConsoleReporter, results_table
 
     out, err = consoles.out, consoles.err
     workers = flags.workers or local.job.spec.resources.workers

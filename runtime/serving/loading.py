@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kubetune.runtime.compress import load_variant
 from kubetune.runtime.contract import Task
 from kubetune.runtime.contract.serving import ServeAppArgs, Variant
-from kubetune.runtime.errors import ModelError
-from kubetune.runtime.export import MANIFEST_FILE, VARIANTS_FOLDER
-from kubetune.runtime.settings import RuntimeSettings
-from kubetune.runtime.storage import fetch
+from kubetune.runtime.io.errors import ModelError
+from kubetune.runtime.io.settings import RuntimeSettings
+from kubetune.runtime.io.storage import fetch
+from kubetune.runtime.variants.export import MANIFEST_FILE, VARIANTS_FOLDER
+from kubetune.runtime.variants.load import load_variant
 from torch import nn
 
 LOGGER = logging.getLogger(__name__)

@@ -24,11 +24,11 @@ import pytest
 from kubetune.operator.kube import Kube
 from kubetune.runtime.contract import RunConfig
 from kubetune.runtime.contract.report import Stage, VariantReport
-from kubetune.runtime.export import ExportedVariant, ManifestInputs, VariantFormat, write_manifest
-from kubetune.runtime.kube_reporter import ConfigMapReporter
-from kubetune.runtime.kubeapi import ConfigMapPatcher
-from kubetune.runtime.reporting import TrainingProgress
-from kubetune.runtime.result import RunResult
+from kubetune.runtime.reporting.base import TrainingProgress
+from kubetune.runtime.reporting.kube_reporter import ConfigMapReporter
+from kubetune.runtime.reporting.kubeapi import ConfigMapPatcher
+from kubetune.runtime.reporting.result import RunResult
+from kubetune.runtime.variants.export import ExportedVariant, ManifestInputs, VariantFormat, write_manifest
 
 from .harness import EXAMPLE_RUNS, CapturedLogs, InProcessOperator, create_secret, set_ray_job_status
 from .test_finetunejob_operator import SUCCEEDED, create_job, runner_token, wait_phase, wait_ray_job

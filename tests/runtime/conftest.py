@@ -103,8 +103,8 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fast_options(output_dir: Path, workers: int = 1, **settings: Any) -> Any:
     """RunOptions for the tiny-model tests: fractional CPUs so trials and workers fit on two cores."""
     from kubetune.runtime.contract import WorkerResources
-    from kubetune.runtime.pipeline import RunOptions
-    from kubetune.runtime.settings import RuntimeSettings
+    from kubetune.runtime.io.settings import RuntimeSettings
+    from kubetune.runtime.recipe.pipeline import RunOptions
 
     return RunOptions(
         resources=WorkerResources(workers=workers, cpus_per_worker=0.45),

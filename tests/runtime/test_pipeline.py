@@ -8,15 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from kubetune.runtime.compress import MAX_SLOWDOWN
 from kubetune.runtime.contract import RunSpec, WorkerResources
-from kubetune.runtime.data import load_data
+from kubetune.runtime.data.load import load_data
 from kubetune.runtime.evaluate import evaluate, predict
-from kubetune.runtime.export import library_versions, spec_hash
-from kubetune.runtime.pipeline import RunOptions, run_pipeline
-from kubetune.runtime.reporting import JsonLinesReporter, read_events
-from kubetune.runtime.result import RunResult
-from kubetune.runtime.settings import RuntimeSettings
+from kubetune.runtime.io.settings import RuntimeSettings
+from kubetune.runtime.recipe.pipeline import RunOptions, run_pipeline
+from kubetune.runtime.reporting.base import JsonLinesReporter, read_events
+from kubetune.runtime.reporting.result import RunResult
+from kubetune.runtime.variants.export import library_versions, spec_hash
+from kubetune.runtime.variants.measure import MAX_SLOWDOWN
 
 from .conftest import make_spec
 
@@ -118,7 +118,7 @@ def test_full_fine_tune_beats_the_base_model_and_stops_early(full_run: FinishedR
 
 
 def test_heavily_pruned_variant_is_rejected_with_the_reason(full_run: FinishedRun) -> None:
-    from kubetune.runtime.compress import sparsity
+    from kubetune.runtime.variants.pruning import sparsity
     from transformers import AutoModelForSequenceClassification
 
     pruned = full_run.result.variants["pruned"]

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import pytest
 from kubetune.runtime.contract import WorkerResources
-from kubetune.runtime.data import load_data
-from kubetune.runtime.errors import InvalidRunError
-from kubetune.runtime.pipeline import RunOptions, run_pipeline
-from kubetune.runtime.plan import TrainingPlan
-from kubetune.runtime.reporting import JsonLinesReporter, Reporters, read_events
-from kubetune.runtime.result import RunResult
-from kubetune.runtime.settings import RuntimeSettings
-from kubetune.runtime.stages import STAGE_OUTPUTS, StagePlacement, evaluate_base, stage_placement
-from kubetune.runtime.train import build_trainer, train, worker_shape
-from kubetune.runtime.variants import planned_variants
+from kubetune.runtime.data.load import load_data
+from kubetune.runtime.io.errors import InvalidRunError
+from kubetune.runtime.io.settings import RuntimeSettings
+from kubetune.runtime.recipe.pipeline import RunOptions, run_pipeline
+from kubetune.runtime.recipe.stages import STAGE_OUTPUTS, StagePlacement, evaluate_base, stage_placement
+from kubetune.runtime.reporting.base import JsonLinesReporter, Reporters, read_events
+from kubetune.runtime.reporting.result import RunResult
+from kubetune.runtime.training.plan import TrainingPlan
+from kubetune.runtime.training.train import build_trainer, train, worker_shape
+from kubetune.runtime.variants.build import planned_variants
 
 from .conftest import RAY_GPUS, make_spec
 from .s3server import S3_ENVIRONMENT, s3_endpoint
@@ -163,7 +163,7 @@ def test_a_run_in_a_ray_cluster_runs_its_stages_on_the_workers(
 ) -> None:
     """The entry point as a RayJob starts it: joining the cluster at RAY_ADDRESS, writing to S3."""
     from kubetune.runtime.evaluate import evaluate
-    from kubetune.runtime.storage import s3_client
+    from kubetune.runtime.io.storage import s3_client
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     client = s3_client()
@@ -183,7 +183,7 @@ def test_a_run_in_a_ray_cluster_runs_its_stages_on_the_workers(
         "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": runtime_env}),
         "KUBETUNE_CACHE_DIR": str(cache),
     }
-    command = [sys.executable, "-m", "kubetune.runtime.finetune", "--config", str(tmp_path / "run.json")]
+    command = [sys.executable, "-m", "kubetune.runtime.recipe.finetune", "--config", str(tmp_path / "run.json")]
     command += ["--result", str(tmp_path / "result.json"), "--events", str(tmp_path / "events.jsonl")]
     # Run elsewhere than the repository root, whose operator/ folder would shadow the standard library's.
     finished = subprocess.run(

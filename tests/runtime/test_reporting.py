@@ -10,13 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune.runtime.console import LINE_INTERVAL_S, ConsoleReporter
 from kubetune.runtime.contract import RunIdentity
 from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, Unavailable, VariantReport
-from kubetune.runtime.errors import InvalidRunError
-from kubetune.runtime.kube_reporter import ConfigMapReporter, kubernetes_reporter
-from kubetune.runtime.pipeline import run_pipeline
-from kubetune.runtime.reporting import (
+from kubetune.runtime.io.errors import InvalidRunError
+from kubetune.runtime.recipe.pipeline import run_pipeline
+from kubetune.runtime.reporting.base import (
     JsonLinesReporter,
     TrainingProgress,
     TrialBoard,
@@ -24,7 +22,9 @@ from kubetune.runtime.reporting import (
     TrialState,
     read_events,
 )
-from kubetune.runtime.result import RunResult
+from kubetune.runtime.reporting.console import LINE_INTERVAL_S, ConsoleReporter
+from kubetune.runtime.reporting.kube_reporter import ConfigMapReporter, kubernetes_reporter
+from kubetune.runtime.reporting.result import RunResult
 from rich.console import Console
 
 from .conftest import fast_options, make_spec, spec_document
@@ -197,7 +197,7 @@ def test_console_reporter_on_a_terminal_draws_bars_and_a_trial_table() -> None:
 
 def _entry_point(config: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kubetune.runtime.finetune", "--config", str(config), *extra],
+        [sys.executable, "-m", "kubetune.runtime.recipe.finetune", "--config", str(config), *extra],
         capture_output=True,
         text=True,
         timeout=600,

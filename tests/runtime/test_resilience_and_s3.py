@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from kubetune.runtime.pipeline import run_pipeline
-from kubetune.runtime.reporting import JsonLinesReporter, read_events
+from kubetune.runtime.recipe.pipeline import run_pipeline
+from kubetune.runtime.reporting.base import JsonLinesReporter, read_events
 
 from .conftest import fast_options, make_spec
 from .s3server import s3_endpoint
@@ -48,10 +48,10 @@ def test_a_failed_worker_resumes_from_the_latest_checkpoint(
 def test_a_run_reads_and_writes_s3(
     ray_session: str, s3_endpoint: str, tiny_bert_dir: Path, topics_jsonl: Path, tmp_path: Path
 ) -> None:
-    from kubetune.runtime.data import load_data
+    from kubetune.runtime.data.load import load_data
     from kubetune.runtime.evaluate import evaluate
-    from kubetune.runtime.settings import RuntimeSettings
-    from kubetune.runtime.storage import s3_client
+    from kubetune.runtime.io.settings import RuntimeSettings
+    from kubetune.runtime.io.storage import s3_client
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     client = s3_client()

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune.runtime.pipeline import run_pipeline
-from kubetune.runtime.reporting import JsonLinesReporter, read_events
-from kubetune.runtime.result import RunResult
+from kubetune.runtime.recipe.pipeline import run_pipeline
+from kubetune.runtime.reporting.base import JsonLinesReporter, read_events
+from kubetune.runtime.reporting.result import RunResult
 
 from .conftest import fast_options, make_spec
 
@@ -94,7 +94,7 @@ def _assert_cluster_is_free() -> None:
     import time
 
     import ray
-    from kubetune.runtime.train import cluster_cpus
+    from kubetune.runtime.training.train import cluster_cpus
 
     def free_cpus() -> float:
         available: dict[str, float] = ray.available_resources()  # type: ignore[no-untyped-call]

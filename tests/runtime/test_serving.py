@@ -289,7 +289,7 @@ def test_stop_sequences_cut_the_completion(served: dict[str, Any], lm: Endpoint)
 
 
 def test_the_image_classifier_answers_base64_images(served: dict[str, Any]) -> None:
-    from kubetune.runtime.images import open_image
+    from kubetune.runtime.data.images import open_image
     from transformers import ViTForImageClassification, ViTImageProcessor
 
     images = [png(seed) for seed in range(3)]

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune.runtime.pipeline import run_pipeline
-from kubetune.runtime.tasks import IGNORE_INDEX, encode_causal
+from kubetune.runtime.data.task_ops import IGNORE_INDEX, encode_causal
+from kubetune.runtime.recipe.pipeline import run_pipeline
 
 from .conftest import fast_options, make_spec
 from .topics import make_examples, write_jsonl
@@ -128,9 +128,9 @@ def test_image_classification_from_an_image_folder(ray_session: str, tmp_path: P
 
 
 def test_image_data_errors(tmp_path: Path) -> None:
-    from kubetune.runtime.data import load_data
-    from kubetune.runtime.errors import DataError
-    from kubetune.runtime.settings import RuntimeSettings
+    from kubetune.runtime.data.load import load_data
+    from kubetune.runtime.io.errors import DataError
+    from kubetune.runtime.io.settings import RuntimeSettings
 
     images = _write_images(tmp_path / "images", per_class=4)
     (images / "red" / "broken.png").write_bytes(b"not an image")
@@ -147,9 +147,9 @@ def test_image_data_errors(tmp_path: Path) -> None:
 
 
 def test_causal_data_errors(tmp_path: Path) -> None:
-    from kubetune.runtime.data import load_data
-    from kubetune.runtime.errors import DataError
-    from kubetune.runtime.settings import RuntimeSettings
+    from kubetune.runtime.data.load import load_data
+    from kubetune.runtime.io.errors import DataError
+    from kubetune.runtime.io.settings import RuntimeSettings
 
     model = {"uri": str(tmp_path), "task": "causal-lm"}
     neither = write_jsonl(tmp_path / "a.jsonl", [{"text": "hello"}] * 20)

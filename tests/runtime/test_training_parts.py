@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from kubetune.runtime.compress import best_variant
 from kubetune.runtime.contract import Hyperparameters, Mode, WorkerResources
 from kubetune.runtime.contract.report import VariantReport
-from kubetune.runtime.errors import DataError
 from kubetune.runtime.evaluate import ConfusionCounts, classification_metrics
-from kubetune.runtime.export import spec_hash
-from kubetune.runtime.loop import evaluation_points, improved, steps_per_epoch
-from kubetune.runtime.optim import build_optimizer, schedule_factor
-from kubetune.runtime.plan import with_overrides
-from kubetune.runtime.storage import anchored
-from kubetune.runtime.train import worker_shape
+from kubetune.runtime.io.errors import DataError
+from kubetune.runtime.io.storage import anchored
+from kubetune.runtime.training.loop import evaluation_points, improved, steps_per_epoch
+from kubetune.runtime.training.optim import build_optimizer, schedule_factor
+from kubetune.runtime.training.plan import with_overrides
+from kubetune.runtime.training.train import worker_shape
+from kubetune.runtime.variants.export import spec_hash
+from kubetune.runtime.variants.measure import best_variant
 
 from .conftest import make_spec
 

@@ -13,7 +13,7 @@ from kubetune.runtime.contract import Task
 from kubetune.runtime.contract.errors import SpecError
 from kubetune.runtime.contract.report import VariantReport
 from kubetune.runtime.contract.serving import Variant
-from kubetune.runtime.result import RunResult
+from kubetune.runtime.reporting.result import RunResult
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "text-classification" / "finetunejob.yaml"

@@ -11,23 +11,43 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from kubetune.runtime.contract import MethodType, RunIdentity, RunSpec
+from kubetune.runtime.contract.method import ADAPTER_METHODS
+from kubetune.runtime.contract.report import VariantReport
+from kubetune.runtime.io.storage import output_path
 from torch import nn
-
-from .contract import MethodType, RunIdentity, RunSpec
-from .contract.method import ADAPTER_METHODS
-from .contract.report import VariantReport
-from .storage import output_path
 
 MANIFEST_FILE = "kubetune.json"
 MANIFEST_VERSION = 1
 VARIANTS_FOLDER = "variants"
 TRACKED_LIBRARIES = ("kubetune", "torch", "transformers", "peft", "ray", "tokenizers", "safetensors")
+
+
+# Weight files copied next to a variant's weights so it loads on its own.
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
+
+
+def copy_processor_files(source: Path, target: Path) -> None:
+    for name in SIDE_FILES:
+        if (source / name).is_file() and not (target / name).exists():
+            shutil.copy2(source / name, target / name)
 
 
 class VariantFormat:

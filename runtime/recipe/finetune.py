@@ -1,4 +1,4 @@
-"""`python -m kubetune.runtime.finetune --config run.json`: one fine-tuning run.
+"""`python -m kubetune.runtime.recipe.finetune --config run.json`: one fine-tuning run.
 
 The config is a RunConfig (a RunSpec with run identity and workers) or a bare RunSpec,
 in camelCase JSON. Exit status: 0 success, 2 invalid spec or data (the message names
@@ -15,14 +15,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from kubetune.runtime.contract import RunConfig
+from kubetune.runtime.contract.errors import SpecError
+from kubetune.runtime.io.errors import InvalidRunError, unavailable_cause
+from kubetune.runtime.reporting.base import JsonLinesReporter, Reporter, Reporters
+from kubetune.runtime.reporting.console import ConsoleReporter
 from pydantic import ValidationError
 from rich.console import Console
-
-from .console import ConsoleReporter
-from .contract import RunConfig
-from .contract.errors import SpecError
-from .errors import InvalidRunError, unavailable_cause
-from .reporting import JsonLinesReporter, Reporter, Reporters
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -44,7 +43,7 @@ def read_config(path: Path) -> RunConfig:
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m kubetune.runtime.finetune", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m kubetune.runtime.recipe.finetune", description=__doc__)
     parser.add_argument("--config", type=Path, required=True, help="run.json: a RunConfig or a bare RunSpec")
     parser.add_argument("--events", type=Path, help="also append progress events as JSON lines to this file")
     parser.add_argument("--result", type=Path, help="write the RunResult as JSON to this file")
@@ -54,7 +53,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _kubernetes_reporter(config: RunConfig, errors: Console) -> Reporter | None:
     """The report ConfigMap's reporter inside a cluster; none (console only) for a local run."""
-    from .kube_reporter import kubernetes_reporter
+    from kubetune.runtime.reporting.kube_reporter import kubernetes_reporter
 
     try:
         return kubernetes_reporter(config.run)

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from .contract import RunIdentity
-from .contract.common import SHORT_TEXT_MAX_LENGTH
-from .contract.report import REPORT_KEY, RunReport, Stage, Unavailable, VariantReport
-from .reporting import TrainingProgress, TrialBoard
+from kubetune.runtime.contract import RunIdentity
+from kubetune.runtime.contract.common import SHORT_TEXT_MAX_LENGTH
+from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, Unavailable, VariantReport
+
+from .base import TrainingProgress, TrialBoard
 from .result import RunResult
 
 LOGGER = logging.getLogger(__name__)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from kubetune.runtime.contract.report import Stage, Unavailable, VariantReport
 from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .contract.report import Stage, Unavailable, VariantReport
-from .reporting import TrainingProgress, TrialBoard, TrialState
+from .base import TrainingProgress, TrialBoard, TrialState
 from .result import RunResult
 
 # Seconds between two progress lines within one epoch when the output is not a terminal.

@@ -21,15 +21,15 @@ from typing import Any
 
 import ray
 import ray.train
+from kubetune.runtime.contract import WorkerResources
+from kubetune.runtime.io.errors import invalid_run_cause
+from kubetune.runtime.reporting.base import Reporter, TrainingProgress
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend
 
 from .checkpoints import TrainingPosition, TrainingState
-from .contract import WorkerResources
-from .errors import invalid_run_cause
 from .loop import check_worker_cuda, iterate_events, train_loop_per_worker
 from .plan import TrainingPlan
-from .reporting import Reporter, TrainingProgress
 
 # Share of the local CPUs the workers may take; the rest keeps Ray's own processes responsive.
 LOCAL_CPU_SHARE = 0.9

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune.runtime.contract.report import VariantReport
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
-
-from .contract.report import VariantReport
 
 
 class RunResult(BaseModel):

@@ -21,17 +21,17 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from kubetune.runtime.contract import Hyperparameters, Mode, Precision
+from kubetune.runtime.data.task_ops import TaskOps, task_ops, totals_size
+from kubetune.runtime.evaluate import forward_logits, run_evaluation
+from kubetune.runtime.models import build_model
 from torch import nn
 from torch.utils.data import DistributedSampler
 
 from .checkpoints import TrainingPosition, TrainingState, load_trainable_state, trainable_state
-from .contract import Hyperparameters, Mode, Precision
 from .devices import require_cuda
-from .evaluate import forward_logits, run_evaluation
-from .models import build_model
 from .optim import build_optimizer, build_scheduler
 from .plan import TrainingPlan
-from .tasks import TaskOps, task_ops, totals_size
 
 # Seconds between progress events; every step would flood the driver on fast models.
 PROGRESS_INTERVAL_S = 0.5

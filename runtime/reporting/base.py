@@ -14,7 +14,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from .contract.report import Stage, Unavailable, VariantReport
+from kubetune.runtime.contract.report import Stage, Unavailable, VariantReport
+
 from .result import RunResult
 
 
