@@ -257,14 +257,14 @@ def serve_command(uri: str, variant: Variant, port: int, name: str | None, compi
     from kubetune.runtime.io.errors import InvalidRunError
     from kubetune.runtime.io.settings import RuntimeSettings
     from kubetune.runtime.io.storage import anchored, fetch
-    from kubetune.runtime.serving.loading import detect_task, variant_folder
+    from kubetune.runtime.serving.loading import detect_task, served_folder
 
     errors = Console(stderr=True)
     args = ServeAppArgs(
         model_uri=anchored(uri, Path.cwd()) or uri, variant=variant, model_name=name, compile=local_compile(compile)
     )
     try:
-        folder, manifest = variant_folder(fetch(args.model_uri, RuntimeSettings.from_environment()), variant)
+        folder, manifest = served_folder(fetch(args.model_uri, RuntimeSettings.from_environment()), variant)
         task = detect_task(folder, manifest)
     except InvalidRunError as error:
         errors.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True, highlight=False)

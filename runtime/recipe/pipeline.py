@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.runtime.contract import Precision, RunIdentity, RunSpec, WorkerResources
+from kubetune.runtime.contract.manifest import MANIFEST_FILE, VARIANTS_FOLDER
 from kubetune.runtime.contract.report import Stage
 from kubetune.runtime.data.load import TaskData, load_data
 from kubetune.runtime.io.errors import InvalidRunError, invalid_run_cause, unavailable_cause
@@ -35,7 +36,7 @@ from kubetune.runtime.reporting.result import RunResult
 from kubetune.runtime.training.checkpoints import TrainingPosition, TrainingState
 from kubetune.runtime.training.plan import TrainingPlan, with_overrides
 from kubetune.runtime.training.train import cluster_cpus, train, training_processes, worker_shape
-from kubetune.runtime.variants.export import MANIFEST_FILE, VARIANTS_FOLDER, spec_hash
+from kubetune.runtime.variants.export import spec_digest
 
 from .ray_cluster import ray_cluster
 from .stages import (
@@ -243,7 +244,7 @@ def _run(spec: RunSpec, options: RunOptions, placement: StagePlacement, root: Pa
         best_variant=finished.best,
         manifest_uri=finished.manifest_uri,
         tensorboard_uri=output_uri(spec, root, root / TENSORBOARD_FOLDER),
-        spec_hash=spec_hash(spec),
+        spec_digest=spec_digest(spec),
         steps=trained.position.step,
         epochs=trained.position.epochs_done,
         stopped_early=trained.position.stopped_early,

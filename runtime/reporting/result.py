@@ -24,7 +24,7 @@ class RunResult(BaseModel):
     best_variant: str | None = Field(default=None, description="The variant serving's `best` resolves to.")
     manifest_uri: str = Field(description="URI of the kubetune.json manifest.")
     tensorboard_uri: str | None = Field(default=None, description="Folder of the TensorBoard event files.")
-    spec_hash: str = Field(description="sha256 of the canonical RunSpec JSON.")
+    spec_digest: str = Field(description="sha256 (64 hex digits) of the canonical RunSpec JSON.")
     steps: int = Field(default=0, description="Optimizer steps taken.")
     epochs: float = Field(default=0.0, description="Epochs trained (fractional when stopped early).")
     stopped_early: bool = Field(default=False, description="Whether early stopping ended training.")

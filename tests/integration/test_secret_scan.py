@@ -99,7 +99,7 @@ def report_as_the_runtime_does(kube: Kube, namespace: str, run: str) -> None:
             variants=variants,
             best_variant="int8",
             manifest_uri=f"{EXAMPLE_RUNS}/1/kubetune.json",
-            spec_hash="0" * 64,
+            spec_digest="0" * 64,
             steps=40,
         )
     )

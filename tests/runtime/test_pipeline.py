@@ -15,7 +15,7 @@ from kubetune.runtime.io.settings import RuntimeSettings
 from kubetune.runtime.recipe.pipeline import RunOptions, run_pipeline
 from kubetune.runtime.reporting.base import JsonLinesReporter, read_events
 from kubetune.runtime.reporting.result import RunResult
-from kubetune.runtime.variants.export import library_versions, spec_hash
+from kubetune.runtime.variants.export import library_versions, spec_digest
 from kubetune.runtime.variants.measure import MAX_SLOWDOWN
 
 from .conftest import make_spec
@@ -170,7 +170,7 @@ def test_the_adapter_and_the_merged_model_predict_alike(lora_run: FinishedRun, m
 def test_manifest_records_lineage_and_metrics(lora_run: FinishedRun, topics_jsonl: Path) -> None:
     manifest = json.loads(Path(lora_run.result.manifest_uri).read_text())
     lineage = manifest["lineage"]
-    assert lineage["specHash"] == spec_hash(lora_run.spec) == lora_run.result.spec_hash
+    assert lineage["specDigest"] == spec_digest(lora_run.spec) == lora_run.result.spec_digest
     assert lineage["baseModel"]["uri"] == lora_run.spec.model.uri
     assert lineage["data"] == {
         "train": str(topics_jsonl),

@@ -83,7 +83,7 @@ def _result() -> RunResult:
         },
         best_variant="full",
         manifest_uri="s3://b/run/kubetune.json",
-        spec_hash="0" * 64,
+        spec_digest="0" * 64,
         steps=10,
         best_hyperparameters={"learningRate": 0.001},
     )

@@ -16,7 +16,7 @@ from kubetune.runtime.training.loop import evaluation_points, improved, steps_pe
 from kubetune.runtime.training.optim import build_optimizer, schedule_factor
 from kubetune.runtime.training.plan import with_overrides
 from kubetune.runtime.training.train import worker_shape
-from kubetune.runtime.variants.export import spec_hash
+from kubetune.runtime.variants.export import spec_digest
 from kubetune.runtime.variants.measure import best_variant
 
 from .conftest import make_spec
@@ -99,12 +99,12 @@ def test_overrides_from_a_search(tmp_path: Path) -> None:
     assert with_overrides(spec, {}) is spec
 
 
-def test_spec_hash_is_canonical(tmp_path: Path) -> None:
+def test_spec_digest_is_canonical(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, tmp_path / "t.jsonl", tmp_path)
     same = type(spec).model_validate(dict(reversed(list(spec.to_wire().items()))))
-    assert spec_hash(spec) == spec_hash(same)
-    assert len(spec_hash(spec)) == 64 and all(c in "0123456789abcdef" for c in spec_hash(spec))
-    assert spec_hash(spec) != spec_hash(with_overrides(spec, {"epochs": 3}))
+    assert spec_digest(spec) == spec_digest(same)
+    assert len(spec_digest(spec)) == 64 and all(c in "0123456789abcdef" for c in spec_digest(spec))
+    assert spec_digest(spec) != spec_digest(with_overrides(spec, {"epochs": 3}))
 
 
 def test_invalid_run_errors_survive_pickling() -> None:

@@ -112,7 +112,7 @@ def _result(before: float, after: float, int8_accepted: bool = True) -> RunResul
         variants=variants,
         best_variant="int8" if int8_accepted else "full",
         manifest_uri="/o/kubetune.json",
-        spec_hash="h",
+        spec_digest="h",
     )
 
 
