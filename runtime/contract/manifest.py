@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_serializer
 
 from .common import FiniteOrNull, JsonObject, Message, Metrics, WireModel
 from .model import Task
@@ -90,6 +90,10 @@ class ArtifactManifest(WireModel):
     output: str | None = Field(default=None, description="The run's output URI.")
     variants: dict[str, ManifestVariant] = Field(default_factory=dict, description="Exported variants by name.")
     best_variant: str | None = Field(default=None, description="The variant `best` resolves to.")
+
+    @field_serializer("run")
+    def _run_as_given(self, run: RunIdentity) -> dict[str, Any]:
+        return run.to_wire()  # what a local run leaves unset (its namespace, say) stays out, as in the run config
 
     def folder_of(self, variant: str) -> PurePosixPath:
         """The folder of `variant`, relative to the run's output; KeyError when the run has no such variant."""

@@ -46,7 +46,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m kubetune.runtime.recipe.finetune", description=__doc__)
     parser.add_argument("--config", type=Path, required=True, help="run.json: a RunConfig or a bare RunSpec")
     parser.add_argument("--events", type=Path, help="also append progress events as JSON lines to this file")
-    parser.add_argument("--result", type=Path, help="write the RunResult as JSON to this file")
+    parser.add_argument("--result", type=Path, help="write the run's result (its final RunReport) as JSON to this file")
     parser.add_argument("--cpus", type=int, help="CPUs of the local Ray cluster started for this run")
     return parser.parse_args(argv)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from kubetune.runtime.contract import Precision, RunIdentity, RunSpec, WorkerResources
 from kubetune.runtime.contract.manifest import MANIFEST_FILE, VARIANTS_FOLDER
-from kubetune.runtime.contract.report import Stage
+from kubetune.runtime.contract.report import RunReport, Stage
 from kubetune.runtime.data.load import TaskData, load_data
 from kubetune.runtime.io.errors import InvalidRunError, invalid_run_cause, unavailable_cause
 from kubetune.runtime.io.settings import RuntimeSettings
@@ -32,7 +32,6 @@ from kubetune.runtime.io.storage import (
 )
 from kubetune.runtime.models import check_method_fits_machine
 from kubetune.runtime.reporting.base import Reporter, Reporters, TensorBoardReporter
-from kubetune.runtime.reporting.result import RunResult
 from kubetune.runtime.training.checkpoints import TrainingPosition, TrainingState
 from kubetune.runtime.training.plan import TrainingPlan, with_overrides
 from kubetune.runtime.training.train import cluster_cpus, train, training_processes, worker_shape
@@ -95,7 +94,7 @@ def _checkpoint_storage(spec: RunSpec, root: Path) -> tuple[str, Any]:
     return join_uri(parsed.location, CHECKPOINTS_FOLDER), arrow_s3_filesystem()
 
 
-def run_pipeline(spec: RunSpec, options: RunOptions | None = None, reporter: Reporter | None = None) -> RunResult:
+def run_pipeline(spec: RunSpec, options: RunOptions | None = None, reporter: Reporter | None = None) -> RunReport:
     """Fine-tune `spec` end to end; raises InvalidRunError for a spec or data that cannot work."""
     options = options or RunOptions()
     try:
@@ -130,7 +129,7 @@ def report_failure(events: Reporter | Reporters, error: BaseException) -> None:
     events.failed(str(error) or type(error).__name__, invalid_field=invalid.where if invalid else None)
 
 
-def _run_here(spec: RunSpec, options: RunOptions, placement: StagePlacement, reporter: Reporter | None) -> RunResult:
+def _run_here(spec: RunSpec, options: RunOptions, placement: StagePlacement, reporter: Reporter | None) -> RunReport:
     root = _staging_root(spec, options)
     root.mkdir(parents=True, exist_ok=True)
     _check_output_paths(root, spec.output.uri)
@@ -220,7 +219,7 @@ def _workers_text(resources: WorkerResources) -> str:
     return f"{resources.workers} worker(s) x {resources.gpus_per_worker} GPU(s): {processes} Ray Train worker(s)"
 
 
-def _run(spec: RunSpec, options: RunOptions, placement: StagePlacement, root: Path, events: Reporters) -> RunResult:
+def _run(spec: RunSpec, options: RunOptions, placement: StagePlacement, root: Path, events: Reporters) -> RunReport:
     events.stage_started(Stage.LOAD, f"data from {spec.data.train}")
     data = load_data(spec, options.settings)
     events.data({"train": len(data.train), "validation": len(data.validation), "test": len(data.test)}, data.labels)
@@ -235,21 +234,21 @@ def _run(spec: RunSpec, options: RunOptions, placement: StagePlacement, root: Pa
     trained = _train_or_search(spec, data, options, root, events)
     job = _fine_tuned_job(spec, options, data, before, trained)
     finished = finish(job, trained.state.weights, placement, events, trained.position.step, data, root)
-    return RunResult(
+    return RunReport(
+        stage=Stage.DONE,
         metrics_before=before,
         metrics_after=finished.metrics,
         validation=trained.position.best_metrics,
-        artifacts={name: report.uri for name, report in finished.variants.items()},
         variants=finished.variants,
         best_variant=finished.best,
         manifest_uri=finished.manifest_uri,
         tensorboard_uri=output_uri(spec, root, root / TENSORBOARD_FOLDER),
         spec_digest=spec_digest(spec),
-        steps=trained.position.step,
-        epochs=trained.position.epochs_done,
+        step=trained.position.step,
+        epoch=trained.position.epochs_done,
         stopped_early=trained.position.stopped_early,
         resumed_from_step=trained.position.resumed_from_step,
-        trials=trained.search["trials"] if trained.search else None,
+        trials_completed=trained.search["trials"] if trained.search else None,
         best_hyperparameters=trained.search["bestHyperparameters"] if trained.search else None,
     )
 

@@ -23,11 +23,10 @@ from typing import Any
 import pytest
 from kubetune.operator.kube import Kube
 from kubetune.runtime.contract import RunConfig
-from kubetune.runtime.contract.report import Stage, VariantReport
+from kubetune.runtime.contract.report import RunReport, Stage, VariantReport
 from kubetune.runtime.reporting.base import TrainingProgress
 from kubetune.runtime.reporting.kube_reporter import ConfigMapReporter
 from kubetune.runtime.reporting.kubeapi import ConfigMapPatcher
-from kubetune.runtime.reporting.result import RunResult
 from kubetune.runtime.variants.export import ExportedVariant, ManifestInputs, VariantFormat, write_manifest
 
 from .harness import EXAMPLE_RUNS, CapturedLogs, InProcessOperator, create_secret, set_ray_job_status
@@ -92,15 +91,15 @@ def report_as_the_runtime_does(kube: Kube, namespace: str, run: str) -> None:
         for name in ("full", "merged", "int8")
     }
     reporter.result(
-        RunResult(
+        RunReport(
+            stage=Stage.DONE,
             metrics_before={"accuracy": 0.5},
             metrics_after={"accuracy": 0.87},
-            artifacts={name: variant.uri for name, variant in variants.items()},
             variants=variants,
             best_variant="int8",
             manifest_uri=f"{EXAMPLE_RUNS}/1/kubetune.json",
             spec_digest="0" * 64,
-            steps=40,
+            step=40,
         )
     )
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from kubetune.runtime.contract import RunSpec
+from kubetune.runtime.contract.report import RunReport, VariantReport
 
 from ..ray_guard import shared_ray
 from .topics import make_examples, write_jsonl
@@ -110,3 +111,26 @@ def fast_options(output_dir: Path, workers: int = 1, **settings: Any) -> Any:
         resources=WorkerResources(workers=workers, cpus_per_worker=0.45),
         settings=RuntimeSettings(cache_dir=output_dir / "cache", **settings),
     )
+
+
+def artifacts(result: RunReport) -> dict[str, str]:
+    """Each exported variant's URI, by name, from a run's result."""
+    return {name: variant.uri for name, variant in variants_of(result).items()}
+
+
+def variants_of(result: RunReport) -> dict[str, VariantReport]:
+    """The exported variants of a run's result (a finished run has them)."""
+    assert result.variants is not None, result
+    return result.variants
+
+
+def finite(metrics: dict[str, float | None] | None) -> dict[str, float]:
+    """Metrics of a run's result, every one a finite number, as the runs of these tests produce them."""
+    assert metrics is not None and all(value is not None for value in metrics.values()), metrics
+    return {name: value for name, value in metrics.items() if value is not None}
+
+
+def manifest_file(result: RunReport) -> Path:
+    """The kubetune.json of a run's result with a local output."""
+    assert result.manifest_uri is not None, result
+    return Path(result.manifest_uri)
