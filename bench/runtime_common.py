@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kubetune.runtime.data import Examples
+    from kubetune.runtime.data.load import Examples
 
 # Benchmarks never reach a model hub, and Ray's local cluster needs no token.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,7 +42,7 @@ LABELS: list[str] = list(_topics().LABELS)
 
 def topic_examples(count: int, seed: int) -> Examples:
     """`count` labelled sentences about four topics (the runtime tests' data), as label ids."""
-    from kubetune.runtime.data import Examples  # after the environment above is set
+    from kubetune.runtime.data.load import Examples  # after the environment above is set
 
     records = _topics().make_examples(count, seed)
     return Examples([r["text"] for r in records], [LABELS.index(r["label"]) for r in records])

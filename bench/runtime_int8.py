@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kubetune.runtime.compress import load_variant, quantize_folder, weights_size
 from kubetune.runtime.contract import Compression, Task
 from kubetune.runtime.evaluate import evaluate, predict
+from kubetune.runtime.variants.int8 import quantize_folder
+from kubetune.runtime.variants.load import load_variant
+from kubetune.runtime.variants.measure import weights_size
 from runtime_common import LABELS, minilm_dir, topic_examples
 
 SEQUENCE = 64

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import torch
-from kubetune.runtime.cluster import ray_cluster
 from kubetune.runtime.contract import RunSpec, WorkerResources
-from kubetune.runtime.plan import TrainingPlan
-from kubetune.runtime.reporting import Reporters
-from kubetune.runtime.settings import RuntimeSettings
-from kubetune.runtime.train import train
+from kubetune.runtime.io.settings import RuntimeSettings
+from kubetune.runtime.recipe.ray_cluster import ray_cluster
+from kubetune.runtime.reporting.base import Reporters
+from kubetune.runtime.training.plan import TrainingPlan
+from kubetune.runtime.training.train import train
 from runtime_common import LABELS, minilm_dir, topic_examples
 
 EXAMPLES = 320

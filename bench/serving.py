@@ -75,8 +75,8 @@ class Figures:
 def load_direct(folder: Path, compiled: bool) -> Any:
     """The model as a replica loads it (compiled or eager), and the seconds that took."""
     from kubetune.runtime.contract.serving import ServeAppArgs
+    from kubetune.runtime.io.settings import RuntimeSettings
     from kubetune.runtime.serving.loading import load
-    from kubetune.runtime.settings import RuntimeSettings
 
     started = time.perf_counter()
     loaded = load(ServeAppArgs(model_uri=str(folder), compile=compiled), RuntimeSettings())

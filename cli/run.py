@@ -21,9 +21,8 @@ from kubetune.operator.observe.reports import finite_metrics
 from kubetune.operator.status.gate import gate
 from kubetune.runtime.contract import RunIdentity, RunSpec, WorkerResources
 from kubetune.runtime.contract.errors import SpecError
-from kubetune.runtime.contract.report import RunReport, Stage
+from kubetune.runtime.contract.report import RunReport
 from kubetune.runtime.contract.serving import ServeAppArgs, Variant
-from kubetune.runtime.result import RunResult
 from rich.console import Console
 from rich.markup import escape
 
@@ -131,21 +130,21 @@ def serve_args(run: LocalRun, output_uri: str) -> tuple[ServeAppArgs, str]:
     return args.model_copy(update=update), spec.route_prefix
 
 
-def judged(job: FineTuneJob, result: RunResult) -> GateResult:
-    """The job's promotion gate on the local run's result, as the operator judges a cluster run."""
+def judged(job: FineTuneJob, result: RunReport) -> GateResult:
+    """The job's promotion gate on the local run's result (its final report), as the operator judges a cluster run."""
     record = RunRecord(
         number=1,
         ray_job_name="local",
         trigger=Trigger.SPEC_CHANGE,
         spec_generation=0,
         phase=JobPhase.SUCCEEDED,
-        **finite_metrics(dict(result.metrics_before), dict(result.metrics_after)),
+        **finite_metrics(result.metrics_before, result.metrics_after),
     )
-    return gate(job, record, RunReport(stage=Stage.DONE, variants=dict(result.variants)))
+    return gate(job, record, result)
 
 
 def log_file_for(spec: RunSpec, name: str) -> Path:
-    from kubetune.runtime.storage import parse_uri
+    from kubetune.runtime.io.storage import parse_uri
 
     if parse_uri(spec.output.uri).scheme == "s3":
         return (REMOTE_OUTPUT_LOGS / f"{name}.log").resolve()
@@ -197,11 +196,11 @@ def run_command(path: Path, flags: RunFlags) -> int:
 
 
 def _run(local: LocalRun, spec: RunSpec, flags: RunFlags, consoles: Consoles, log_file: Path) -> int:
-    from kubetune.runtime.console import ConsoleReporter, results_table
-    from kubetune.runtime.errors import InvalidRunError
-    from kubetune.runtime.pipeline import RunOptions, run_pipeline
-    from kubetune.runtime.reporting import JsonLinesReporter, Reporters
-    from kubetune.runtime.storage import anchored
+    from kubetune.runtime.io.errors import InvalidRunError
+    from kubetune.runtime.io.storage import anchored
+    from kubetune.runtime.recipe.pipeline import RunOptions, run_pipeline
+    from kubetune.runtime.reporting.base import JsonLinesReporter, Reporters
+    from kubetune.runtime.reporting.console import ConsoleReporter, results_table
 
     out, err = consoles.out, consoles.err
     workers = flags.workers or local.job.spec.resources.workers
@@ -253,9 +252,10 @@ def _run(local: LocalRun, spec: RunSpec, flags: RunFlags, consoles: Consoles, lo
     return EXIT_OK
 
 
-def _print_outputs(out: Console, output: str, manifest: str, tensorboard: str | None, log_file: Path) -> None:
+def _print_outputs(out: Console, output: str, manifest: str | None, tensorboard: str | None, log_file: Path) -> None:
     out.print(f"  [dim]written to[/dim] {escape(output)}", highlight=False)
-    out.print(f"  [dim]manifest[/dim]   {escape(manifest)}", highlight=False)
+    if manifest:
+        out.print(f"  [dim]manifest[/dim]   {escape(manifest)}", highlight=False)
     if tensorboard:
         out.print(f"  [dim]tensorboard[/dim] {escape(tensorboard)}", highlight=False)
     out.print(f"  [dim]log[/dim]        {escape(str(log_file))}", highlight=False)

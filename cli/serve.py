@@ -5,7 +5,7 @@ here. Ctrl-C (or SIGTERM) stops it and Ray cleanly.
 
 The endpoint (HAProxy's frontend) and the replica's own HTTP port listen on 127.0.0.1.
 Ray 2.60 puts its own ports on the machine's network addresses (behind its token
-authentication: runtime/cluster.py), and HAProxy's read-only stats page and Prometheus
+authentication: runtime/recipe/ray_cluster.py), and HAProxy's read-only stats page and Prometheus
 metrics on all addresses (RAY_SERVE_HAPROXY_STATS_PORT, RAY_SERVE_HAPROXY_METRICS_PORT).
 """
 
@@ -42,7 +42,7 @@ REPLICA_CPUS = 1.0
 ANSWER_TIMEOUT_S = 120.0
 # Longest wait for Serve to stop before Ray itself is shut down.
 SHUTDOWN_TIMEOUT_S = 30.0
-# An example request shows an image of a format the endpoint takes (runtime/images.py SERVED_FORMATS).
+# An example request shows an image of a format the endpoint takes (runtime/data/images.py SERVED_FORMATS).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 
 
@@ -97,7 +97,7 @@ def shown_answer(answer: Any) -> str:
 @contextmanager
 def local_ray(cpus: int | None) -> Iterator[None]:
     """A Ray started for this command, ready for Serve's high-throughput mode; stopped on the way out."""
-    from kubetune.runtime.cluster import ray_cluster
+    from kubetune.runtime.recipe.ray_cluster import ray_cluster
 
     # Read when Ray starts: Serve's HAProxy ingress and throughput settings, as in the cluster.
     for name, value in SERVE_ENVIRONMENT.items():
@@ -254,17 +254,17 @@ SERVE_LOG = Path("kubetune-output") / "serve.log"
 
 def serve_command(uri: str, variant: Variant, port: int, name: str | None, compile: bool | None, verbose: bool) -> int:
     """`kubetune serve`: check what `uri` holds, then serve it until stopped."""
-    from kubetune.runtime.errors import InvalidRunError
-    from kubetune.runtime.serving.loading import detect_task, variant_folder
-    from kubetune.runtime.settings import RuntimeSettings
-    from kubetune.runtime.storage import anchored, fetch
+    from kubetune.runtime.io.errors import InvalidRunError
+    from kubetune.runtime.io.settings import RuntimeSettings
+    from kubetune.runtime.io.storage import anchored, fetch
+    from kubetune.runtime.serving.loading import detect_task, served_folder
 
     errors = Console(stderr=True)
     args = ServeAppArgs(
         model_uri=anchored(uri, Path.cwd()) or uri, variant=variant, model_name=name, compile=local_compile(compile)
     )
     try:
-        folder, manifest = variant_folder(fetch(args.model_uri, RuntimeSettings.from_environment()), variant)
+        folder, manifest = served_folder(fetch(args.model_uri, RuntimeSettings.from_environment()), variant)
         task = detect_task(folder, manifest)
     except InvalidRunError as error:
         errors.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True, highlight=False)

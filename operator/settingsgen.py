@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.operator.settings import ENV_PREFIX, OperatorSettings
-from kubetune.runtime.settings import Faults, RuntimeSettings
+from kubetune.runtime.io.settings import Faults, RuntimeSettings
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
@@ -78,7 +78,7 @@ INTRODUCTION = """\
 
 kubetune reads its settings from `KUBETUNE_*` environment variables. An unset or empty variable keeps the
 default; a value a setting cannot take stops the process with an error that names the variable.
-This page is generated from the settings classes (`operator/settings.py`, `runtime/settings.py`) by
+This page is generated from the settings classes (`operator/settings.py`, `runtime/io/settings.py`) by
 `{command}`; a unit test fails when it drifts.
 
 What the runtime image fixes (its user and group 1000:100, its cache folder /home/ray/.cache) and where

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from .contract import Task
-from .data import Examples
-from .tasks import TaskOps, classification_metrics_from_totals, task_ops, totals_size
+from .data.load import Examples
+from .data.task_ops import TaskOps, classification_metrics_from_totals, task_ops, totals_size
 
 
 @dataclass

@@ -16,10 +16,11 @@ from torch import nn
 
 from .contract import Method, MethodType, ModelSource, Task
 from .contract.report import Unavailable
-from .errors import ModelError, ModelUnavailableError
-from .hub import hub_setup, is_unavailable, local_files_only, unreachable_message
-from .settings import RuntimeSettings
-from .storage import fetch, parse_uri
+from .data.hub import hub_setup, is_unavailable, local_files_only, unreachable_message
+from .data.task_ops import auto_class
+from .io.errors import ModelError, ModelUnavailableError
+from .io.settings import RuntimeSettings
+from .io.storage import fetch, parse_uri
 
 # Attention projections adapted by default, per `config.model_type`, for types peft's own
 # table lacks; every other type falls back to peft's table.
@@ -100,17 +101,6 @@ def load_processor(location: ModelLocation, model: ModelSource) -> Any:
         # Padding is masked out of attention and loss; any known token serves.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def auto_class(task: Task) -> Any:
-    """The transformers Auto class that loads a model (or an exported variant) of `task`."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
-
-    if task == Task.CAUSAL_LM:
-        return AutoModelForCausalLM
-    if task == Task.IMAGE_CLASSIFICATION:
-        return AutoModelForImageClassification
-    return AutoModelForSequenceClassification
 
 
 def load_base(

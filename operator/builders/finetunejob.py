@@ -35,7 +35,7 @@ from kubetune.runtime.contract.report import REPORT_KEY
 from kubetune.runtime.contract.runconfig import RunConfig, RunIdentity, WorkerResources
 
 Manifest = dict[str, Any]
-ENTRYPOINT_MODULE = "kubetune.runtime.finetune"
+ENTRYPOINT_MODULE = "kubetune.runtime.recipe.finetune"
 CONFIG_KEY = "run.json"
 # `ray job submit` submits the entry point, then only waits for the job and streams its logs: it requests
 # little CPU, so that a small node keeps its cores for the Ray pods. Its start-up costs about 2.5 s of CPU
@@ -262,7 +262,7 @@ def build_run(job: FineTuneJob, request: RunRequest, settings: Settings) -> RunM
                     "apiGroups": [""],
                     "resources": ["configmaps"],
                     "resourceNames": [report],
-                    "verbs": ["patch"],  # the reporter only patches (runtime/kube_reporter.py)
+                    "verbs": ["patch"],  # the reporter only patches (runtime/reporting/kube_reporter.py)
                 },
             ],
         },

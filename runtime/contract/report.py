@@ -80,7 +80,11 @@ class RunProgress(WireModel):
 
 
 class RunReport(RunProgress):
-    """Progress and result of one run, as the runtime last wrote them."""
+    """Progress and result of one run, as the runtime last wrote them.
+
+    The report of stage `done` is the run's result: what `run_pipeline` returns, and what the
+    operator (or `kubetune run`) judges the promotion gate on.
+    """
 
     schema_version: int = Field(
         default=REPORT_SCHEMA_VERSION, ge=1, description="Version of the report format the writer used."
@@ -96,6 +100,17 @@ class RunReport(RunProgress):
     best_variant: ShortText | None = Field(default=None, description="The variant `best` resolves to.")
     manifest_uri: str | None = Field(default=None, description="URI of the kubetune.json manifest.")
     best_hyperparameters: JsonObject | None = Field(default=None, description="Best search trial's settings.")
+    validation: Metrics | None = Field(
+        default=None, description="Best validation metrics during training (null: not a finite number)."
+    )
+    tensorboard_uri: str | None = Field(default=None, description="Folder of the TensorBoard event files.")
+    stopped_early: bool | None = Field(default=None, description="Whether early stopping ended training.")
+    resumed_from_step: int | None = Field(
+        default=None, ge=0, description="Optimizer step of the checkpoint training resumed from after a failure."
+    )
+    spec_digest: ShortText | None = Field(
+        default=None, description="sha256 (64 hex digits) of the run's canonical RunSpec JSON, as in kubetune.json."
+    )
     error: ErrorText | None = Field(default=None, description="Why the run failed (stage failed).")
     invalid_field: ShortText | None = Field(
         default=None,

@@ -1,7 +1,7 @@
 """The run config file: a RunSpec plus who the run is and how many workers train it.
 
 The operator writes this (camelCase JSON) into the run's ConfigMap; the entry point
-`python -m kubetune.runtime.finetune --config run.json` reads it. A bare RunSpec is
+`python -m kubetune.runtime.recipe.finetune --config run.json` reads it. A bare RunSpec is
 accepted too (one worker, no identity).
 
 Operator and runtime may come from different releases (`spec.resources.image`), so

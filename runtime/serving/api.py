@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from kubetune.runtime.contract.serving import ServeAppArgs
-from kubetune.runtime.images import ImageProblem, ImageRejectedError, check_served_image
+from kubetune.runtime.data.images import ImageProblem, ImageRejectedError, check_served_image
 from kubetune.runtime.serving.errors import RequestError
 from kubetune.runtime.serving.predict import Completion, Prediction, Sampling
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator

@@ -37,12 +37,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from kubetune.runtime.contract import Task
 from kubetune.runtime.contract.serving import REPLICA_ENVIRONMENT, SERVE_LOGGING, ServeAppArgs
+from kubetune.runtime.io.settings import RuntimeSettings
 from kubetune.runtime.serving import api, predict
 from kubetune.runtime.serving.batching import Batcher, GenerationSlots
 from kubetune.runtime.serving.errors import RequestError, error_body
 from kubetune.runtime.serving.guard import Admission, FixedToken, RequestGuard, TokenFile, TokenSource, max_body_bytes
 from kubetune.runtime.serving.loading import Loaded, load
-from kubetune.runtime.settings import RuntimeSettings
 from ray import serve
 from ray.serve import metrics
 

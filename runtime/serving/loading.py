@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kubetune.runtime.compress import load_variant
 from kubetune.runtime.contract import Task
+from kubetune.runtime.contract.manifest import ArtifactManifest
 from kubetune.runtime.contract.serving import ServeAppArgs, Variant
-from kubetune.runtime.errors import ModelError
-from kubetune.runtime.export import MANIFEST_FILE, VARIANTS_FOLDER
-from kubetune.runtime.settings import RuntimeSettings
-from kubetune.runtime.storage import fetch
+from kubetune.runtime.io.errors import ModelError
+from kubetune.runtime.io.settings import RuntimeSettings
+from kubetune.runtime.io.storage import fetch
+from kubetune.runtime.variants.load import load_variant
 from torch import nn
 
 LOGGER = logging.getLogger(__name__)
@@ -47,23 +47,21 @@ class Loaded:
     max_length: int  # tokens of one input (text tasks)
 
 
-def variant_folder(root: Path, variant: Variant) -> tuple[Path, dict[str, Any] | None]:
-    """The folder to load and the run's manifest, when `root` is a run's output."""
-    manifest_path = root / MANIFEST_FILE
-    if not manifest_path.is_file():
+def served_folder(root: Path, variant: Variant) -> tuple[Path, ArtifactManifest | None]:
+    """The folder to load and the run's manifest, when `root` is a run's output (else `root` itself)."""
+    manifest = ArtifactManifest.load(root)
+    if manifest is None:
         return root, None
-    manifest: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
-    name = manifest.get("bestVariant") if variant == Variant.BEST else variant.value
-    entries: dict[str, Any] = manifest.get("variants") or {}
-    if not name or name not in entries:
-        known = ", ".join(sorted(entries)) or "none"
+    name = manifest.best_variant if variant == Variant.BEST else variant.value
+    if not name or name not in manifest.variants:
+        known = ", ".join(sorted(manifest.variants)) or "none"
         raise ModelError("variant", f"the run at {root} has no variant {name or variant.value!r} (it has {known})")
-    return root / (entries[name].get("path") or f"{VARIANTS_FOLDER}/{name}"), manifest
+    return root / manifest.folder_of(name), manifest
 
 
-def detect_task(folder: Path, manifest: dict[str, Any] | None) -> Task:
-    if manifest and manifest.get("task"):
-        return Task(manifest["task"])
+def detect_task(folder: Path, manifest: ArtifactManifest | None) -> Task:
+    if manifest and manifest.task:
+        return manifest.task
     config = _config(folder)
     for architecture in config.get("architectures") or []:
         for suffix, task in _ARCHITECTURES.items():
@@ -96,7 +94,7 @@ def load_processor(folder: Path, task: Task) -> Any:
 def load(args: ServeAppArgs, settings: RuntimeSettings) -> Loaded:
     """The model `args` name, loaded (downloading s3:// first), compiled when asked, and warmed up."""
     root = fetch(args.model_uri, settings)
-    folder, manifest = variant_folder(root, args.variant)
+    folder, manifest = served_folder(root, args.variant)
     task = args.task or detect_task(folder, manifest)
     model = load_variant(folder, task)
     processor = load_processor(folder, task)
@@ -104,7 +102,7 @@ def load(args: ServeAppArgs, settings: RuntimeSettings) -> Loaded:
     labels = [str(label) for _, label in sorted((getattr(config, "id2label", None) or {}).items())]
     positions = int(getattr(config, "max_position_embeddings", 0) or MAX_TEXT_TOKENS)
     loaded = Loaded(
-        name=args.model_name or (manifest or {}).get("run", {}).get("jobName") or root.name,
+        name=args.model_name or (manifest and manifest.run.job_name) or root.name,
         task=task,
         model=model,
         processor=processor,

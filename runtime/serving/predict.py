@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from kubetune.runtime.contract import Task
-from kubetune.runtime.images import image_features
+from kubetune.runtime.data.images import image_features
 from kubetune.runtime.serving.loading import Loaded
 
 # Fault injection for the serving tests only: an input equal to this makes the model call fail.

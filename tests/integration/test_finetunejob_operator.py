@@ -12,8 +12,8 @@ from kubetune.operator.kube import Kube, ObjectRef
 from kubetune.operator.naming import run_labels
 from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, VariantReport
 from kubetune.runtime.contract.runconfig import RunConfig
-from kubetune.runtime.kube_reporter import MERGE_PATCH, ConfigMapReporter, config_map_api
-from kubetune.runtime.reporting import TrainingProgress
+from kubetune.runtime.reporting.base import TrainingProgress
+from kubetune.runtime.reporting.kube_reporter import MERGE_PATCH, ConfigMapReporter, config_map_api
 
 from ..conftest import load_example, mutated
 from ..controlplane import CommandError, ControlPlane
@@ -92,7 +92,7 @@ def test_a_new_job_starts_one_run(kube: Kube, namespace: str, operator: InProces
     assert owner["controller"] is True
     spec = ray_job["spec"]
     assert spec["submissionMode"] == "K8sJobMode" and spec["shutdownAfterJobFinishes"] is True
-    assert "kubetune.runtime.finetune" in spec["entrypoint"]
+    assert "kubetune.runtime.recipe.finetune" in spec["entrypoint"]
     workers = spec["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["replicas"] == 2
     assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -458,7 +458,7 @@ def test_the_run_may_write_its_report_and_nothing_more(
         return True
 
     assert can("patch", "configmap/tickets-r1-report")
-    # Only the verb the reporter uses (runtime/kube_reporter.py): no read, no replace.
+    # Only the verb the reporter uses (runtime/reporting/kube_reporter.py): no read, no replace.
     assert not can("get", "configmap/tickets-r1-report") and not can("update", "configmap/tickets-r1-report")
     assert not can("patch", "configmap/tickets-r1-config")
     assert not can("get", "secrets") and not can("create", "rayjobs.ray.io")

@@ -23,11 +23,10 @@ from typing import Any
 import pytest
 from kubetune.operator.kube import Kube
 from kubetune.runtime.contract import RunConfig
-from kubetune.runtime.contract.report import Stage, VariantReport
-from kubetune.runtime.export import ExportedVariant, ManifestInputs, VariantFormat, write_manifest
-from kubetune.runtime.kube_reporter import ConfigMapReporter
-from kubetune.runtime.reporting import TrainingProgress
-from kubetune.runtime.result import RunResult
+from kubetune.runtime.contract.report import RunReport, Stage, VariantReport
+from kubetune.runtime.reporting.base import TrainingProgress
+from kubetune.runtime.reporting.kube_reporter import ConfigMapReporter
+from kubetune.runtime.variants.export import ExportedVariant, ManifestInputs, VariantFormat, write_manifest
 
 from .harness import EXAMPLE_RUNS, CapturedLogs, InProcessOperator, create_secret, set_ray_job_status
 from .test_finetunejob_operator import SUCCEEDED, create_job, runner_api, wait_phase, wait_ray_job
@@ -89,15 +88,15 @@ def report_as_the_runtime_does(kube: Kube, namespace: str, run: str) -> None:
         for name in ("full", "merged", "int8")
     }
     reporter.result(
-        RunResult(
+        RunReport(
+            stage=Stage.DONE,
             metrics_before={"accuracy": 0.5},
             metrics_after={"accuracy": 0.87},
-            artifacts={name: variant.uri for name, variant in variants.items()},
             variants=variants,
             best_variant="int8",
             manifest_uri=f"{EXAMPLE_RUNS}/1/kubetune.json",
-            spec_hash="0" * 64,
-            steps=40,
+            spec_digest="0" * 64,
+            step=40,
         )
     )
 

@@ -196,7 +196,7 @@ def _leftovers(marker: str) -> list[str]:
 RUNTIME_CHECK = """
 import os
 os.environ['HF_HUB_OFFLINE'] = '1'  # read when huggingface_hub is imported
-import subprocess, ray, torch, kubetune.runtime.pipeline
+import subprocess, ray, torch, kubetune.runtime.recipe.pipeline
 from transformers import AutoConfig
 def check(*values):
     print('check:', *values, flush=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from kubetune.runtime.contract import RunSpec
+from kubetune.runtime.contract.report import RunReport, VariantReport
 
 from ..ray_guard import shared_ray
 from .topics import make_examples, write_jsonl
@@ -103,10 +104,33 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fast_options(output_dir: Path, workers: int = 1, **settings: Any) -> Any:
     """RunOptions for the tiny-model tests: fractional CPUs so trials and workers fit on two cores."""
     from kubetune.runtime.contract import WorkerResources
-    from kubetune.runtime.pipeline import RunOptions
-    from kubetune.runtime.settings import RuntimeSettings
+    from kubetune.runtime.io.settings import RuntimeSettings
+    from kubetune.runtime.recipe.pipeline import RunOptions
 
     return RunOptions(
         resources=WorkerResources(workers=workers, cpus_per_worker=0.45),
         settings=RuntimeSettings(cache_dir=output_dir / "cache", **settings),
     )
+
+
+def artifacts(result: RunReport) -> dict[str, str]:
+    """Each exported variant's URI, by name, from a run's result."""
+    return {name: variant.uri for name, variant in variants_of(result).items()}
+
+
+def variants_of(result: RunReport) -> dict[str, VariantReport]:
+    """The exported variants of a run's result (a finished run has them)."""
+    assert result.variants is not None, result
+    return result.variants
+
+
+def finite(metrics: dict[str, float | None] | None) -> dict[str, float]:
+    """Metrics of a run's result, every one a finite number, as the runs of these tests produce them."""
+    assert metrics is not None and all(value is not None for value in metrics.values()), metrics
+    return {name: value for name, value in metrics.items() if value is not None}
+
+
+def manifest_file(result: RunReport) -> Path:
+    """The kubetune.json of a run's result with a local output."""
+    assert result.manifest_uri is not None, result
+    return Path(result.manifest_uri)

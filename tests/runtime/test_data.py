@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kubetune.runtime.data import infer_labels, load_data
-from kubetune.runtime.errors import DataError
-from kubetune.runtime.records import read_records
-from kubetune.runtime.settings import RuntimeSettings
+from kubetune.runtime.data.load import infer_labels, load_data
+from kubetune.runtime.data.readers import read_records
+from kubetune.runtime.io.errors import DataError
+from kubetune.runtime.io.settings import RuntimeSettings
 
 from .conftest import make_spec
 from .s3server import s3_endpoint
@@ -149,7 +149,7 @@ def test_unsupported_extension(model_dir: Path, tmp_path: Path, settings: Runtim
 
 
 def test_s3_files_and_prefixes(model_dir: Path, tmp_path: Path, settings: RuntimeSettings, s3_endpoint: str) -> None:
-    from kubetune.runtime.storage import s3_client
+    from kubetune.runtime.io.storage import s3_client
 
     client = s3_client()
     client.create_bucket(Bucket="datasets")

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import torch
-from kubetune.runtime.compress import load_variant, quantize_folder
 from kubetune.runtime.contract import Compression, Task
-from kubetune.runtime.int8_kernels import Int8Embedding, Int8Linear, use_int8_kernels
+from kubetune.runtime.variants.int8 import Int8Embedding, Int8Linear, quantize_folder, use_int8_kernels
+from kubetune.runtime.variants.load import load_variant
 from torch import nn
 
 pytestmark = pytest.mark.runtime

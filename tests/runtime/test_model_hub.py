@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 from kubetune.runtime.contract.report import Unavailable
-from kubetune.runtime.errors import ModelUnavailableError, unavailable_cause
-from kubetune.runtime.hub import HubSetup, hub_unreachable, is_unavailable, unreachable_reason
-from kubetune.runtime.pipeline import run_pipeline
-from kubetune.runtime.reporting import JsonLinesReporter, read_events
+from kubetune.runtime.data.hub import HubSetup, hub_unreachable, is_unavailable, unreachable_reason
+from kubetune.runtime.io.errors import ModelUnavailableError, unavailable_cause
+from kubetune.runtime.recipe.pipeline import run_pipeline
+from kubetune.runtime.reporting.base import JsonLinesReporter, read_events
 
 from ..conftest import REPO_ROOT
 from .conftest import fast_options, make_spec, spec_document
@@ -42,9 +42,9 @@ HUB_VARIABLES = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HU
 LOADER = """
 import json, sys, time
 from kubetune.runtime.contract import Method, ModelSource
-from kubetune.runtime.errors import ModelError, ModelUnavailableError
+from kubetune.runtime.io.errors import ModelError, ModelUnavailableError
 from kubetune.runtime.models import build_model
-from kubetune.runtime.settings import RuntimeSettings
+from kubetune.runtime.io.settings import RuntimeSettings
 
 outcomes = []
 for uri in sys.argv[1:]:
@@ -193,7 +193,7 @@ def test_the_hub_is_there_when_it_answers_anything_but_a_server_error(test_hub: 
 def test_each_retry_of_the_hub_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     endpoint = f"http://127.0.0.1:{closed_port()}"
     waits: list[float] = []
-    with caplog.at_level(logging.WARNING, logger="kubetune.runtime.hub"):
+    with caplog.at_level(logging.WARNING, logger="kubetune.runtime.data.hub"):
         reason = hub_unreachable("org/model", None, HubSetup(endpoint, False, "/cache"), sleep=waits.append)
     assert reason is not None and waits == [1.0, 2.0]
     assert [r.getMessage().split("(")[1].split(":")[0] for r in caplog.records] == ["attempt 1 of 3", "attempt 2 of 3"]
@@ -255,7 +255,7 @@ def test_the_entry_point_fails_an_unavailable_model_for_a_retry(tmp_path: Path, 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "KUBETUNE_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("RAY_ADDRESS", None)
     finished = subprocess.run(
-        [sys.executable, "-m", "kubetune.runtime.finetune", "--config", config, "--events", events],
+        [sys.executable, "-m", "kubetune.runtime.recipe.finetune", "--config", config, "--events", events],
         capture_output=True, text=True, env=env, timeout=300, check=False,
     )  # fmt: skip
     assert finished.returncode == 1, finished.stderr[-3000:]

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 from kubetune.runtime.contract import Method, ModelSource
-from kubetune.runtime.errors import ModelError
-from kubetune.runtime.export import VariantFormat, export_variants, merged_copy
+from kubetune.runtime.io.errors import ModelError
+from kubetune.runtime.io.settings import RuntimeSettings
 from kubetune.runtime.models import build_model, check_method_fits_machine, trainable_parameter_count
-from kubetune.runtime.settings import RuntimeSettings
+from kubetune.runtime.variants.export import VariantFormat, export_variants, merged_copy
 from torch import nn
 
 from .conftest import make_spec
@@ -72,7 +72,7 @@ def test_qlora_is_refused_without_a_gpu() -> None:
 
 
 def test_qlora_on_cpu_fails_before_any_work(model_dir: Path, tmp_path: Path) -> None:
-    from kubetune.runtime.pipeline import RunOptions, run_pipeline
+    from kubetune.runtime.recipe.pipeline import RunOptions, run_pipeline
 
     spec = make_spec(model_dir, tmp_path / "absent.jsonl", tmp_path / "out", method={"type": "qlora"})
     with pytest.raises(ModelError, match="qlora needs a CUDA GPU"):

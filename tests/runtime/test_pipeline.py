@@ -8,17 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from kubetune.runtime.compress import MAX_SLOWDOWN
 from kubetune.runtime.contract import RunSpec, WorkerResources
-from kubetune.runtime.data import load_data
+from kubetune.runtime.contract.report import RunReport, VariantReport
+from kubetune.runtime.data.load import load_data
 from kubetune.runtime.evaluate import evaluate, predict
-from kubetune.runtime.export import library_versions, spec_hash
-from kubetune.runtime.pipeline import RunOptions, run_pipeline
-from kubetune.runtime.reporting import JsonLinesReporter, read_events
-from kubetune.runtime.result import RunResult
-from kubetune.runtime.settings import RuntimeSettings
+from kubetune.runtime.io.settings import RuntimeSettings
+from kubetune.runtime.recipe.pipeline import RunOptions, run_pipeline
+from kubetune.runtime.reporting.base import JsonLinesReporter, read_events
+from kubetune.runtime.variants.export import library_versions, spec_digest
+from kubetune.runtime.variants.measure import MAX_SLOWDOWN
 
-from .conftest import make_spec
+from .conftest import artifacts, finite, make_spec, manifest_file, variants_of
 
 pytestmark = pytest.mark.runtime
 
@@ -29,9 +29,21 @@ REQUIRED_GAIN = 0.2
 @dataclass(frozen=True)
 class FinishedRun:
     spec: RunSpec
-    result: RunResult
+    result: RunReport
     output: Path
     events: Path
+
+    @property
+    def before(self) -> dict[str, float]:
+        return finite(self.result.metrics_before)
+
+    @property
+    def after(self) -> dict[str, float]:
+        return finite(self.result.metrics_after)
+
+    @property
+    def variants(self) -> dict[str, VariantReport]:
+        return variants_of(self.result)
 
 
 def _run(spec: RunSpec, output: Path) -> FinishedRun:
@@ -77,19 +89,19 @@ def full_run(
 
 
 def _accuracies(run: FinishedRun) -> tuple[float, float]:
-    return run.result.metrics_before["accuracy"], run.result.metrics_after["accuracy"]
+    return run.before["accuracy"], run.after["accuracy"]
 
 
 def test_lora_beats_the_base_model(lora_run: FinishedRun) -> None:
     before, after = _accuracies(lora_run)
     assert after >= before + REQUIRED_GAIN, (before, after)
-    assert lora_run.result.metrics_after["f1"] >= lora_run.result.metrics_before["f1"] + REQUIRED_GAIN
-    assert lora_run.result.steps == 16  # 2 epochs x 256 examples / 2 workers / batch 16
-    assert set(lora_run.result.artifacts) == {"full", "merged", "int8"}
+    assert lora_run.after["f1"] >= lora_run.before["f1"] + REQUIRED_GAIN
+    assert lora_run.result.step == 16  # 2 epochs x 256 examples / 2 workers / batch 16
+    assert set(artifacts(lora_run.result)) == {"full", "merged", "int8"}
 
 
 def test_int8_variant_is_small_and_judged_by_its_accuracy(lora_run: FinishedRun) -> None:
-    variants = lora_run.result.variants
+    variants = lora_run.variants
     int8, merged = variants["int8"], variants["merged"]
     assert int8.size_bytes is not None and merged.size_bytes is not None
     # Linear and embedding weights in int8: about a quarter of fp32.
@@ -97,7 +109,7 @@ def test_int8_variant_is_small_and_judged_by_its_accuracy(lora_run: FinishedRun)
     assert int8.latency_ms_p50 is not None and int8.latency_ms_p50 > 0
     int8_accuracy = int8.metrics["accuracy"]
     assert int8_accuracy is not None
-    drop = lora_run.result.metrics_after["accuracy"] - int8_accuracy
+    drop = lora_run.after["accuracy"] - int8_accuracy
     assert int8.accepted == (drop <= 0.01 + 1e-9), (drop, int8.reason)
     assert merged.latency_ms_p50 is not None
     deployable = int8.accepted and int8.latency_ms_p50 <= MAX_SLOWDOWN * merged.latency_ms_p50
@@ -108,20 +120,22 @@ def test_int8_variant_is_small_and_judged_by_its_accuracy(lora_run: FinishedRun)
 def test_full_fine_tune_beats_the_base_model_and_stops_early(full_run: FinishedRun) -> None:
     before, after = _accuracies(full_run)
     assert after >= before + REQUIRED_GAIN, (before, after)
-    assert set(full_run.result.artifacts) == {"full", "pruned"}
+    assert set(artifacts(full_run.result)) == {"full", "pruned"}
     # Validation accuracy peaks early on this easy data; patience 1 then stops before 3 epochs.
     assert full_run.result.stopped_early
-    assert full_run.result.epochs < 3
-    assert full_run.result.steps < 3 * 4  # 3 epochs of 8 batches, 2 per optimizer step
+    assert full_run.result.epoch is not None and full_run.result.epoch < 3
+    assert (
+        full_run.result.step is not None and full_run.result.step < 3 * 4
+    )  # 3 epochs of 8 batches, 2 per optimizer step
     checkpoints = [p for p in (full_run.output / "checkpoints" / "train").glob("checkpoint_*") if p.is_dir()]
     assert len(checkpoints) == 1  # keepCheckpoints
 
 
 def test_heavily_pruned_variant_is_rejected_with_the_reason(full_run: FinishedRun) -> None:
-    from kubetune.runtime.compress import sparsity
+    from kubetune.runtime.variants.pruning import sparsity
     from transformers import AutoModelForSequenceClassification
 
-    pruned = full_run.result.variants["pruned"]
+    pruned = full_run.variants["pruned"]
     assert not pruned.accepted
     assert pruned.reason is not None and "accuracy dropped by" in pruned.reason and "maxAccuracyDrop" in pruned.reason
     assert full_run.result.best_variant == "full"
@@ -139,14 +153,14 @@ def test_exported_variants_reproduce_the_reported_metrics(run_name: str, request
 
     run: FinishedRun = request.getfixturevalue(run_name)
     data = _test_split(run)
-    plain = "merged" if "merged" in run.result.artifacts else "full"
-    folder = Path(run.result.artifacts[plain])
+    plain = "merged" if "merged" in artifacts(run.result) else "full"
+    folder = Path(artifacts(run.result)[plain])
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     metrics = evaluate(model, tokenizer, data.test, len(data.labels), run.spec.hyperparameters.max_sequence_length)
-    assert metrics["accuracy"] == run.result.metrics_after["accuracy"]
-    assert metrics["f1"] == run.result.metrics_after["f1"]
-    assert metrics["loss"] == pytest.approx(run.result.metrics_after["loss"], abs=1e-4)
+    assert metrics["accuracy"] == run.after["accuracy"]
+    assert metrics["f1"] == run.after["f1"]
+    assert metrics["loss"] == pytest.approx(run.after["loss"], abs=1e-4)
     assert model.config.id2label == dict(enumerate(data.labels))
 
 
@@ -156,11 +170,11 @@ def test_the_adapter_and_the_merged_model_predict_alike(lora_run: FinishedRun, m
 
     data = _test_split(lora_run)
     length = lora_run.spec.hyperparameters.max_sequence_length
-    merged_folder = Path(lora_run.result.artifacts["merged"])
+    merged_folder = Path(artifacts(lora_run.result)["merged"])
     tokenizer = AutoTokenizer.from_pretrained(merged_folder)
     merged = AutoModelForSequenceClassification.from_pretrained(merged_folder)
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(data.labels))
-    adapter = PeftModel.from_pretrained(base, lora_run.result.artifacts["full"])
+    adapter = PeftModel.from_pretrained(base, artifacts(lora_run.result)["full"])
     assert (
         predict(adapter, tokenizer, data.test, length).label_ids
         == predict(merged, tokenizer, data.test, length).label_ids
@@ -168,9 +182,9 @@ def test_the_adapter_and_the_merged_model_predict_alike(lora_run: FinishedRun, m
 
 
 def test_manifest_records_lineage_and_metrics(lora_run: FinishedRun, topics_jsonl: Path) -> None:
-    manifest = json.loads(Path(lora_run.result.manifest_uri).read_text())
+    manifest = json.loads(manifest_file(lora_run.result).read_text())
     lineage = manifest["lineage"]
-    assert lineage["specHash"] == spec_hash(lora_run.spec) == lora_run.result.spec_hash
+    assert lineage["specDigest"] == spec_digest(lora_run.spec) == lora_run.result.spec_digest
     assert lineage["baseModel"]["uri"] == lora_run.spec.model.uri
     assert lineage["data"] == {
         "train": str(topics_jsonl),
@@ -188,9 +202,9 @@ def test_manifest_records_lineage_and_metrics(lora_run: FinishedRun, topics_json
     assert variants["int8"]["format"] == "hf-torchao"
     assert manifest["bestVariant"] == lora_run.result.best_variant
     for name, variant in variants.items():
-        reported = lora_run.result.variants[name]
+        reported = lora_run.variants[name]
         assert (variant["sizeBytes"], variant["accepted"]) == (reported.size_bytes, reported.accepted)
-    assert variants["merged"]["metrics"]["accuracy"] == lora_run.result.metrics_after["accuracy"]
+    assert variants["merged"]["metrics"]["accuracy"] == lora_run.after["accuracy"]
     assert variants["full"]["sizeBytes"] < variants["merged"]["sizeBytes"] / 5  # an adapter is small
     assert manifest["labels"] == ["cooking", "finance", "sports", "weather"]
 
@@ -206,7 +220,7 @@ def test_tensorboard_has_training_and_validation_scalars(lora_run: FinishedRun) 
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/learning_rate", "validation/accuracy", "test-before/accuracy"} <= tags
     assert {"test-after/accuracy", "test-after/f1"} <= tags
-    assert events.Scalars("train/loss")[-1].step == lora_run.result.steps
+    assert events.Scalars("train/loss")[-1].step == lora_run.result.step
 
 
 def test_progress_events_tell_the_whole_story(lora_run: FinishedRun) -> None:
@@ -214,9 +228,9 @@ def test_progress_events_tell_the_whole_story(lora_run: FinishedRun) -> None:
     stages = [e["stage"] for e in events if e["event"] == "stage"]
     assert stages == ["load", "evaluate-base", "train", "evaluate", "compress", "export"]
     progress = [e for e in events if e["event"] == "progress"]
-    assert progress and progress[-1]["step"] == progress[-1]["total_steps"] == lora_run.result.steps
+    assert progress and progress[-1]["step"] == progress[-1]["total_steps"] == lora_run.result.step
     assert all(a["step"] <= b["step"] for a, b in itertools.pairwise(progress))
     validations = [e for e in events if e["event"] == "metrics" and e["split"] == "validation"]
     assert len(validations) == 2  # one per epoch
     assert events[-1]["event"] == "result"
-    assert RunResult.model_validate(events[-1]["result"]) == lora_run.result
+    assert RunReport.model_validate(events[-1]["result"]) == lora_run.result

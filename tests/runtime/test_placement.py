@@ -16,18 +16,18 @@ from pathlib import Path
 
 import pytest
 from kubetune.runtime.contract import WorkerResources
-from kubetune.runtime.data import load_data
-from kubetune.runtime.errors import InvalidRunError
-from kubetune.runtime.pipeline import RunOptions, run_pipeline
-from kubetune.runtime.plan import TrainingPlan
-from kubetune.runtime.reporting import JsonLinesReporter, Reporters, read_events
-from kubetune.runtime.result import RunResult
-from kubetune.runtime.settings import RuntimeSettings
-from kubetune.runtime.stages import STAGE_OUTPUTS, StagePlacement, evaluate_base, stage_placement
-from kubetune.runtime.train import build_trainer, train, worker_shape
-from kubetune.runtime.variants import planned_variants
+from kubetune.runtime.contract.report import RunReport
+from kubetune.runtime.data.load import load_data
+from kubetune.runtime.io.errors import InvalidRunError
+from kubetune.runtime.io.settings import RuntimeSettings
+from kubetune.runtime.recipe.pipeline import RunOptions, run_pipeline
+from kubetune.runtime.recipe.stages import STAGE_OUTPUTS, StagePlacement, evaluate_base, stage_placement
+from kubetune.runtime.reporting.base import JsonLinesReporter, Reporters, read_events
+from kubetune.runtime.training.plan import TrainingPlan
+from kubetune.runtime.training.train import build_trainer, train, worker_shape
+from kubetune.runtime.variants.build import planned_variants
 
-from .conftest import RAY_GPUS, make_spec
+from .conftest import RAY_GPUS, finite, make_spec, variants_of
 from .s3server import S3_ENVIRONMENT, s3_endpoint
 
 pytestmark = pytest.mark.runtime
@@ -163,7 +163,7 @@ def test_a_run_in_a_ray_cluster_runs_its_stages_on_the_workers(
 ) -> None:
     """The entry point as a RayJob starts it: joining the cluster at RAY_ADDRESS, writing to S3."""
     from kubetune.runtime.evaluate import evaluate
-    from kubetune.runtime.storage import s3_client
+    from kubetune.runtime.io.storage import s3_client
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     client = s3_client()
@@ -183,22 +183,23 @@ def test_a_run_in_a_ray_cluster_runs_its_stages_on_the_workers(
         "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": runtime_env}),
         "KUBETUNE_CACHE_DIR": str(cache),
     }
-    command = [sys.executable, "-m", "kubetune.runtime.finetune", "--config", str(tmp_path / "run.json")]
+    command = [sys.executable, "-m", "kubetune.runtime.recipe.finetune", "--config", str(tmp_path / "run.json")]
     command += ["--result", str(tmp_path / "result.json"), "--events", str(tmp_path / "events.jsonl")]
     # Run elsewhere than the repository root, whose operator/ folder would shadow the standard library's.
     finished = subprocess.run(
         command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600, check=False
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
-    result = RunResult.model_validate_json((tmp_path / "result.json").read_text())
+    result = RunReport.model_validate_json((tmp_path / "result.json").read_text())
+    variants, before, after = variants_of(result), finite(result.metrics_before), finite(result.metrics_after)
 
     # The variants, reported by a stage in Ray, and the manifest are in S3, uploaded by that stage.
-    assert list(result.variants) == planned_variants(spec) == ["full", "merged", "int8"]
+    assert list(variants) == planned_variants(spec) == ["full", "merged", "int8"]
     assert result.manifest_uri == "s3://runs/j/kubetune.json"
     variant_events = {
         e["name"]: e["report"]["uri"] for e in read_events(tmp_path / "events.jsonl") if e["event"] == "variant"
     }
-    assert variant_events == {name: f"s3://runs/j/variants/{name}" for name in result.variants}
+    assert variant_events == {name: f"s3://runs/j/variants/{name}" for name in variants}
     keys = {item["Key"] for item in client.list_objects_v2(Bucket="runs")["Contents"]}
     assert {"j/kubetune.json", "j/variants/merged/model.safetensors", "j/variants/int8/config.json"} <= keys
     assert any(key.startswith("j/tensorboard/") for key in keys)
@@ -209,16 +210,16 @@ def test_a_run_in_a_ray_cluster_runs_its_stages_on_the_workers(
     # The same numbers as the inline path: the base model's, and the exported model's, measured here.
     settings = RuntimeSettings(cache_dir=tmp_path / "check")
     data = load_data(spec, settings)
-    before = evaluate_base(spec, settings, data=data)
-    assert {k: result.metrics_before[k] for k in ("accuracy", "f1")} == {k: before[k] for k in ("accuracy", "f1")}
-    assert result.metrics_before["loss"] == pytest.approx(before["loss"], rel=1e-5)
+    base = evaluate_base(spec, settings, data=data)
+    assert {k: before[k] for k in ("accuracy", "f1")} == {k: base[k] for k in ("accuracy", "f1")}
+    assert before["loss"] == pytest.approx(base["loss"], rel=1e-5)
     merged = tmp_path / "merged"
     merged.mkdir()
     for key in (k for k in keys if k.startswith("j/variants/merged/")):
         client.download_file("runs", key, str(merged / key.removeprefix("j/variants/merged/")))
     model = AutoModelForSequenceClassification.from_pretrained(merged)
     metrics = evaluate(model, AutoTokenizer.from_pretrained(merged), data.test, len(data.labels), 32)
-    assert metrics["accuracy"] == result.metrics_after["accuracy"] == result.variants["merged"].metrics["accuracy"]
+    assert metrics["accuracy"] == after["accuracy"] == variants["merged"].metrics["accuracy"]
     manifest = json.loads(client.get_object(Bucket="runs", Key="j/kubetune.json")["Body"].read())
     assert manifest["metrics"] == {
         "before": result.metrics_before,
@@ -227,10 +228,10 @@ def test_a_run_in_a_ray_cluster_runs_its_stages_on_the_workers(
     }
     assert manifest["bestVariant"] == result.best_variant
     assert manifest["labels"] == data.labels and manifest["lineage"]["data"] == data.sources
-    assert manifest["training"]["workers"] == 1 and manifest["training"]["steps"] == result.steps == 8
+    assert manifest["training"]["workers"] == 1 and manifest["training"]["steps"] == result.step == 8
     for name, entry in manifest["variants"].items():
         assert entry["path"] == f"variants/{name}"
         assert (entry["sizeBytes"], entry["accepted"]) == (
-            result.variants[name].size_bytes,
-            result.variants[name].accepted,
+            variants[name].size_bytes,
+            variants[name].accepted,
         )

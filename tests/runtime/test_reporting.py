@@ -10,13 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune.runtime.console import LINE_INTERVAL_S, ConsoleReporter
 from kubetune.runtime.contract import RunIdentity
 from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, Unavailable, VariantReport
-from kubetune.runtime.errors import InvalidRunError
-from kubetune.runtime.kube_reporter import ConfigMapReporter, kubernetes_reporter
-from kubetune.runtime.pipeline import run_pipeline
-from kubetune.runtime.reporting import (
+from kubetune.runtime.io.errors import InvalidRunError
+from kubetune.runtime.recipe.pipeline import run_pipeline
+from kubetune.runtime.reporting.base import (
     JsonLinesReporter,
     TrainingProgress,
     TrialBoard,
@@ -24,10 +22,11 @@ from kubetune.runtime.reporting import (
     TrialState,
     read_events,
 )
-from kubetune.runtime.result import RunResult
+from kubetune.runtime.reporting.console import LINE_INTERVAL_S, ConsoleReporter
+from kubetune.runtime.reporting.kube_reporter import ConfigMapReporter, kubernetes_reporter
 from rich.console import Console
 
-from .conftest import fast_options, make_spec, spec_document
+from .conftest import fast_options, make_spec, manifest_file, spec_document, variants_of
 
 pytestmark = pytest.mark.runtime
 
@@ -74,19 +73,19 @@ def _board(done: int, total: int) -> TrialBoard:
     return TrialBoard("accuracy", rows, total)
 
 
-def _result() -> RunResult:
-    return RunResult(
+def _result() -> RunReport:
+    return RunReport(
+        stage=Stage.DONE,
         metrics_before={"accuracy": 0.25},
         metrics_after={"accuracy": 0.9},
-        artifacts={"full": "s3://b/run/variants/full", "int8": "s3://b/run/variants/int8"},
         variants={
             "full": VariantReport(uri="s3://b/run/variants/full", size_bytes=100, metrics={"accuracy": 0.9}),
             "int8": VariantReport(uri="s3://b/run/variants/int8", size_bytes=25, accepted=False, reason="too lossy"),
         },
         best_variant="full",
         manifest_uri="s3://b/run/kubetune.json",
-        spec_hash="0" * 64,
-        steps=10,
+        spec_digest="0" * 64,
+        step=10,
         best_hyperparameters={"learningRate": 0.001},
     )
 
@@ -161,7 +160,7 @@ def test_console_reporter_shows_progress_and_the_result() -> None:
     reporter.trials(_board(0, 2))
     reporter.trials(_board(1, 2))
     reporter.trials(_board(1, 2))  # nothing changed: no new line
-    reporter.variant("int8", _result().variants["int8"])
+    reporter.variant("int8", variants_of(_result())["int8"])
     reporter.result(_result())
     text = stream.getvalue()
     lines = text.splitlines()
@@ -199,7 +198,7 @@ def test_console_reporter_on_a_terminal_draws_bars_and_a_trial_table() -> None:
 
 def _entry_point(config: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kubetune.runtime.finetune", "--config", str(config), *extra],
+        [sys.executable, "-m", "kubetune.runtime.recipe.finetune", "--config", str(config), *extra],
         capture_output=True,
         text=True,
         timeout=600,
@@ -247,8 +246,8 @@ def test_entry_point_runs_a_config_end_to_end(
     }
     finished = _entry_point(config, "--result", str(tmp_path / "result.json"), env=env)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    result = RunResult.model_validate_json((tmp_path / "result.json").read_text())
-    manifest = json.loads(Path(result.manifest_uri).read_text())
+    result = RunReport.model_validate_json((tmp_path / "result.json").read_text())
+    manifest = json.loads(manifest_file(result).read_text())
     assert manifest["run"] == {"jobName": "topics", "runNumber": 3}
     assert "results (test set)" in finished.stdout
 

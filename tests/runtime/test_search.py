@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune.runtime.pipeline import run_pipeline
-from kubetune.runtime.reporting import JsonLinesReporter, read_events
-from kubetune.runtime.result import RunResult
+from kubetune.runtime.contract.report import RunReport
+from kubetune.runtime.recipe.pipeline import run_pipeline
+from kubetune.runtime.reporting.base import JsonLinesReporter, read_events
 
-from .conftest import fast_options, make_spec
+from .conftest import fast_options, finite, make_spec, manifest_file
 
 pytestmark = pytest.mark.runtime
 
@@ -20,7 +20,7 @@ NO_COMPRESSION = {"quantization": {"method": "none"}}
 
 def _search(
     tiny_bert_dir: Path, topics_jsonl: Path, output: Path, search: dict[str, Any], **hyperparameters: Any
-) -> tuple[RunResult, dict[str, Any], list[dict[str, Any]]]:
+) -> tuple[RunReport, dict[str, Any], list[dict[str, Any]]]:
     spec = make_spec(
         tiny_bert_dir,
         topics_jsonl,
@@ -34,7 +34,7 @@ def _search(
     )
     events = output.parent / "events.jsonl"
     result = run_pipeline(spec, fast_options(output), JsonLinesReporter(events))
-    manifest = json.loads(Path(result.manifest_uri).read_text())
+    manifest = json.loads(manifest_file(result).read_text())
     return result, manifest, read_events(events)
 
 
@@ -59,7 +59,7 @@ def test_random_search_with_asha_reports_the_best_trial(
         evaluationsPerEpoch=3,
     )
     trials = manifest["search"]["trialResults"]
-    assert result.trials == len(trials) == 4
+    assert result.trials_completed == len(trials) == 4
     assert all(trial["error"] is None for trial in trials)
     # The best trial has the highest (final) validation accuracy, and the run used its values.
     best = max(trials, key=lambda trial: trial["validation"]["accuracy"])
@@ -85,7 +85,7 @@ def test_random_search_with_asha_reports_the_best_trial(
     # A trial that trained to its end made its final report; one ASHA stopped did not.
     assert all((row["state"] == "done") == (row["reports"] == 4) for row in final), final
     assert {row["state"] for row in final} <= {"done", "stopped early"}
-    assert result.metrics_after["accuracy"] > 0
+    assert finite(result.metrics_after)["accuracy"] > 0
     _assert_cluster_is_free()
 
 
@@ -94,7 +94,7 @@ def _assert_cluster_is_free() -> None:
     import time
 
     import ray
-    from kubetune.runtime.train import cluster_cpus
+    from kubetune.runtime.training.train import cluster_cpus
 
     def free_cpus() -> float:
         available: dict[str, float] = ray.available_resources()  # type: ignore[no-untyped-call]
@@ -120,7 +120,7 @@ def test_tpe_search(ray_session: str, tiny_bert_dir: Path, topics_jsonl: Path, t
         },
     )
     trials = manifest["search"]["trialResults"]
-    assert result.trials == 2
+    assert result.trials_completed == 2
     # metric loss: lower is better.
     assert manifest["search"]["bestValidation"]["loss"] == min(t["validation"]["loss"] for t in trials)
     assert len({t["hyperparameters"]["learningRate"] for t in trials}) == 2
@@ -147,4 +147,4 @@ def test_grid_search_tries_every_combination(
         for t in manifest["search"]["trialResults"]
     }
     assert combinations == {(1e-4, 0.1), (2e-3, 0.1)}
-    assert result.trials == 2
+    assert result.trials_completed == 2

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune.runtime.images import (
+from kubetune.runtime.data.images import (
     MAX_SERVED_PIXELS,
     ImageProblem,
     ImageRejectedError,
@@ -127,7 +127,7 @@ def test_a_batch_is_decoded_one_image_at_a_time() -> None:
 PEAK_RSS = """
 import sys
 from pathlib import Path
-from kubetune.runtime import images
+from kubetune.runtime.data import images
 
 def peak_kib():
     status = Path("/proc/self/status").read_text()

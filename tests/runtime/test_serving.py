@@ -291,7 +291,7 @@ def test_stop_sequences_cut_the_completion(served: dict[str, Any], lm: Endpoint)
 
 
 def test_the_image_classifier_answers_base64_images(served: dict[str, Any]) -> None:
-    from kubetune.runtime.images import open_image
+    from kubetune.runtime.data.images import open_image
     from transformers import ViTForImageClassification, ViTImageProcessor
 
     images = [png(seed) for seed in range(3)]
@@ -388,3 +388,21 @@ def test_serve_accepts_the_config_the_operator_writes(served: dict[str, Any]) ->
     [app] = schema.applications
     assert app.import_path == "kubetune.runtime.serving.app:build"
     assert build(app.args) is not None
+
+
+def test_a_run_with_a_manifest_of_the_first_version_is_served_by_its_best_variant(tmp_path: Path) -> None:
+    """A run exported before kubetune.json was typed (lineage.specHash) still loads, as a replica loads it."""
+    from kubetune.runtime.contract import Task
+    from kubetune.runtime.contract.serving import ServeAppArgs
+    from kubetune.runtime.io.settings import RuntimeSettings
+    from kubetune.runtime.serving.loading import load
+
+    from ..unit.test_artifact_manifest import VERSION_1
+
+    root = tmp_path / "run"
+    text_classifier(root / "variants" / "int8")  # the manifest's best variant
+    (root / "kubetune.json").write_text(VERSION_1, encoding="utf-8")
+    loaded = load(ServeAppArgs(model_uri=str(root), compile=False), RuntimeSettings.from_environment())
+    assert (loaded.folder, loaded.task, loaded.name) == (
+        root / "variants" / "int8", Task.TEXT_CLASSIFICATION, "support-tickets",
+    )  # fmt: skip

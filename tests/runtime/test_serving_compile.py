@@ -14,9 +14,9 @@ import pytest
 import torch
 from kubetune.runtime.contract import Task
 from kubetune.runtime.contract.serving import ServeAppArgs
-from kubetune.runtime.errors import ModelError
+from kubetune.runtime.io.errors import ModelError
+from kubetune.runtime.io.settings import RuntimeSettings
 from kubetune.runtime.serving import loading
-from kubetune.runtime.settings import RuntimeSettings
 
 from .tiny import tiny_bert
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from kubetune.runtime.contract.report import Unavailable
-from kubetune.runtime.errors import StorageError, StorageUnavailableError, unavailable_cause
-from kubetune.runtime.settings import RuntimeSettings
-from kubetune.runtime.storage import download_s3, s3_client, upload_directory
+from kubetune.runtime.io.errors import StorageError, StorageUnavailableError, unavailable_cause
+from kubetune.runtime.io.settings import RuntimeSettings
+from kubetune.runtime.io.storage import download_s3, s3_client, upload_directory
 
 from .s3server import S3_ENVIRONMENT, s3_endpoint
 

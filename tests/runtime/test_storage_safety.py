@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 import torch
-from kubetune.runtime.checkpoints import TrainingPosition, TrainingState, trainable_state
 from kubetune.runtime.contract import Hyperparameters
-from kubetune.runtime.errors import StorageError
-from kubetune.runtime.export import variant_folder
-from kubetune.runtime.optim import build_optimizer, build_scheduler
-from kubetune.runtime.pipeline import run_pipeline
-from kubetune.runtime.settings import RuntimeSettings
-from kubetune.runtime.storage import download_s3, s3_client
+from kubetune.runtime.io.errors import StorageError
+from kubetune.runtime.io.settings import RuntimeSettings
+from kubetune.runtime.io.storage import download_s3, s3_client
+from kubetune.runtime.recipe.pipeline import run_pipeline
+from kubetune.runtime.training.checkpoints import TrainingPosition, TrainingState, trainable_state
+from kubetune.runtime.training.optim import build_optimizer, build_scheduler
+from kubetune.runtime.variants.export import variant_folder
 from torch import nn
 
 from .conftest import fast_options, make_spec

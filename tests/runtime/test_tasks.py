@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune.runtime.pipeline import run_pipeline
-from kubetune.runtime.tasks import IGNORE_INDEX, encode_causal
+from kubetune.runtime.data.task_ops import IGNORE_INDEX, encode_causal
+from kubetune.runtime.recipe.pipeline import run_pipeline
 
-from .conftest import fast_options, make_spec
+from .conftest import artifacts, fast_options, finite, make_spec, manifest_file, variants_of
 from .topics import make_examples, write_jsonl
 
 pytestmark = pytest.mark.runtime
@@ -73,13 +73,13 @@ def test_causal_lm_sft_lowers_perplexity(chat: bool, ray_session: str, tiny_llam
         compression={"quantization": {"method": "int8-weight-only", "includeEmbeddings": False}},
     )
     result = run_pipeline(spec, fast_options(tmp_path / "out"))
-    before, after = result.metrics_before, result.metrics_after
+    before, after = finite(result.metrics_before), finite(result.metrics_after)
     assert set(after) == {"loss", "perplexity"}
     assert after["perplexity"] < before["perplexity"] / (2 if chat else 10), (before, after)
     plain = "merged" if chat else "full"
-    model = AutoModelForCausalLM.from_pretrained(result.artifacts[plain])
+    model = AutoModelForCausalLM.from_pretrained(artifacts(result)[plain])
     assert model.config.model_type == "llama"
-    int8 = result.variants["int8"]
+    int8 = variants_of(result)["int8"]
     int8_perplexity = int8.metrics["perplexity"]
     assert int8_perplexity is not None
     growth = int8_perplexity / after["perplexity"] - 1
@@ -116,21 +116,22 @@ def test_image_classification_from_an_image_folder(ray_session: str, tmp_path: P
         compression={"quantization": {"method": "none"}},
     )
     result = run_pipeline(spec, fast_options(tmp_path / "out"))
-    assert result.metrics_after["accuracy"] >= 0.9, result.metrics_after
-    assert result.metrics_after["accuracy"] > result.metrics_before["accuracy"]
-    folder = result.artifacts["full"]
+    before, after = finite(result.metrics_before), finite(result.metrics_after)
+    assert after["accuracy"] >= 0.9, after
+    assert after["accuracy"] > before["accuracy"]
+    folder = artifacts(result)["full"]
     model = AutoModelForImageClassification.from_pretrained(folder)
     assert model.config.id2label == {0: "blue", 1: "green", 2: "red"}
     processor = AutoImageProcessor.from_pretrained(folder)  # type: ignore[no-untyped-call]
     assert processor.size == {"height": 32, "width": 32}
-    manifest = json.loads(Path(result.manifest_uri).read_text())
+    manifest = json.loads(manifest_file(result).read_text())
     assert manifest["task"] == "image-classification"
 
 
 def test_image_data_errors(tmp_path: Path) -> None:
-    from kubetune.runtime.data import load_data
-    from kubetune.runtime.errors import DataError
-    from kubetune.runtime.settings import RuntimeSettings
+    from kubetune.runtime.data.load import load_data
+    from kubetune.runtime.io.errors import DataError
+    from kubetune.runtime.io.settings import RuntimeSettings
 
     images = _write_images(tmp_path / "images", per_class=4)
     (images / "red" / "broken.png").write_bytes(b"not an image")
@@ -147,9 +148,9 @@ def test_image_data_errors(tmp_path: Path) -> None:
 
 
 def test_causal_data_errors(tmp_path: Path) -> None:
-    from kubetune.runtime.data import load_data
-    from kubetune.runtime.errors import DataError
-    from kubetune.runtime.settings import RuntimeSettings
+    from kubetune.runtime.data.load import load_data
+    from kubetune.runtime.io.errors import DataError
+    from kubetune.runtime.io.settings import RuntimeSettings
 
     model = {"uri": str(tmp_path), "task": "causal-lm"}
     neither = write_jsonl(tmp_path / "a.jsonl", [{"text": "hello"}] * 20)

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import pickle
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
-from kubetune.runtime.compress import best_variant
 from kubetune.runtime.contract import Hyperparameters, Mode, WorkerResources
 from kubetune.runtime.contract.report import VariantReport
-from kubetune.runtime.errors import DataError
 from kubetune.runtime.evaluate import ConfusionCounts, classification_metrics
-from kubetune.runtime.export import spec_hash
-from kubetune.runtime.loop import evaluation_points, improved, steps_per_epoch
-from kubetune.runtime.optim import build_optimizer, schedule_factor
-from kubetune.runtime.plan import with_overrides
-from kubetune.runtime.storage import anchored
-from kubetune.runtime.train import worker_shape
+from kubetune.runtime.io.errors import DataError
+from kubetune.runtime.io.storage import anchored
+from kubetune.runtime.reporting.base import JsonLinesReporter, TrainingProgress, read_events
+from kubetune.runtime.training.loop import SplitMetrics, evaluation_points, improved, steps_per_epoch
+from kubetune.runtime.training.optim import build_optimizer, schedule_factor
+from kubetune.runtime.training.plan import with_overrides
+from kubetune.runtime.training.train import _forward, worker_shape
+from kubetune.runtime.variants.export import spec_digest
+from kubetune.runtime.variants.measure import best_variant
 
 from .conftest import make_spec
 
@@ -99,12 +101,12 @@ def test_overrides_from_a_search(tmp_path: Path) -> None:
     assert with_overrides(spec, {}) is spec
 
 
-def test_spec_hash_is_canonical(tmp_path: Path) -> None:
+def test_spec_digest_is_canonical(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, tmp_path / "t.jsonl", tmp_path)
     same = type(spec).model_validate(dict(reversed(list(spec.to_wire().items()))))
-    assert spec_hash(spec) == spec_hash(same)
-    assert len(spec_hash(spec)) == 64 and all(c in "0123456789abcdef" for c in spec_hash(spec))
-    assert spec_hash(spec) != spec_hash(with_overrides(spec, {"epochs": 3}))
+    assert spec_digest(spec) == spec_digest(same)
+    assert len(spec_digest(spec)) == 64 and all(c in "0123456789abcdef" for c in spec_digest(spec))
+    assert spec_digest(spec) != spec_digest(with_overrides(spec, {"epochs": 3}))
 
 
 def test_invalid_run_errors_survive_pickling() -> None:
@@ -143,3 +145,15 @@ def test_best_variant_is_small_accepted_and_fast_enough(
     variants: dict[str, VariantReport], compressed: set[str], best: str
 ) -> None:
     assert best_variant(variants, compressed) == best
+
+
+def test_worker_events_reach_the_reporter_as_sent(tmp_path: Path) -> None:
+    """Rank 0's typed events survive the relay queue (a pickle) and reach the matching reporter call."""
+    progress = TrainingProgress(step=3, total_steps=8, epoch=0.75, loss=0.5, learning_rate=1e-3, epochs=2)
+    events = tmp_path / "events.jsonl"
+    reporter = JsonLinesReporter(events)
+    for event in (progress, SplitMetrics("validation", {"accuracy": 0.9}, 3)):
+        _forward(pickle.loads(pickle.dumps(event)), reporter)
+    sent = [{k: v for k, v in e.items() if k not in {"event", "time"}} for e in read_events(events)]
+    assert [e["event"] for e in read_events(events)] == ["progress", "metrics"]
+    assert sent == [asdict(progress), {"split": "validation", "values": {"accuracy": 0.9}, "step": 3}]

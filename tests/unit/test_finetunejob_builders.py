@@ -60,7 +60,7 @@ def test_minimal_run(minimal_job: dict[str, Any]) -> None:
     assert spec["submissionMode"] == "K8sJobMode" and spec["shutdownAfterJobFinishes"] is True
     assert spec["ttlSecondsAfterFinished"] == 120 and spec["backoffLimit"] == 2
     assert "suspend" not in spec and spec["activeDeadlineSeconds"] == SETTINGS.default_active_deadline_seconds
-    assert spec["entrypoint"] == "python -m kubetune.runtime.finetune --config /etc/kubetune/run/run.json"
+    assert spec["entrypoint"] == "python -m kubetune.runtime.recipe.finetune --config /etc/kubetune/run/run.json"
     worker = workers(manifests)
     assert (worker["replicas"], worker["minReplicas"], worker["maxReplicas"]) == (1, 1, 1)
     container = worker["template"]["spec"]["containers"][0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kubetune.operator import images
-from kubetune.runtime.settings import DEFAULT_PVC_ROOT
+from kubetune.runtime.io.settings import DEFAULT_PVC_ROOT
 
 from ..conftest import REPO_ROOT
 from ..controlplane.images.dockerfile import parse

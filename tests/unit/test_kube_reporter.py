@@ -11,7 +11,7 @@ import kubernetes.config
 import kubernetes.config.incluster_config
 import pytest
 from kubetune.runtime.contract.report import Stage
-from kubetune.runtime.kube_reporter import ConfigMapReporter, in_cluster_api
+from kubetune.runtime.reporting.kube_reporter import ConfigMapReporter, in_cluster_api
 
 
 @pytest.fixture

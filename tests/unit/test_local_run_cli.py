@@ -11,9 +11,8 @@ from kubetune.cli.run import judged, read_local_run, run_spec, serve_args
 from kubetune.cli.serve import Endpoint, example_request, local_compile, sample_of, shown_answer
 from kubetune.runtime.contract import Task
 from kubetune.runtime.contract.errors import SpecError
-from kubetune.runtime.contract.report import VariantReport
+from kubetune.runtime.contract.report import RunReport, Stage, VariantReport
 from kubetune.runtime.contract.serving import Variant
-from kubetune.runtime.result import RunResult
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "text-classification" / "finetunejob.yaml"
@@ -100,19 +99,19 @@ def test_serving_arguments_come_from_the_deployment_when_there_is_one(tmp_path: 
     assert (alone.variant, alone.compile, route, alone.task) == (Variant.BEST, False, "/", Task.TEXT_CLASSIFICATION)
 
 
-def _result(before: float, after: float, int8_accepted: bool = True) -> RunResult:
+def _result(before: float, after: float, int8_accepted: bool = True) -> RunReport:
     variants = {
         "full": VariantReport(uri="/o/variants/full", metrics={"accuracy": after}),
         "int8": VariantReport(uri="/o/variants/int8", metrics={"accuracy": after}, accepted=int8_accepted),
     }
-    return RunResult(
+    return RunReport(
+        stage=Stage.DONE,
         metrics_before={"accuracy": before},
         metrics_after={"accuracy": after},
-        artifacts={name: v.uri for name, v in variants.items()},
         variants=variants,
         best_variant="int8" if int8_accepted else "full",
         manifest_uri="/o/kubetune.json",
-        spec_hash="h",
+        spec_digest="h",
     )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from kubetune.runtime import finetune
-from kubetune.runtime.settings import Faults, RuntimeSettings, SettingsError
+from kubetune.runtime.io.settings import Faults, RuntimeSettings, SettingsError
 
 
 def test_locations_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from kubetune.operator import settingsgen
 from kubetune.operator.settings import OperatorSettings
-from kubetune.runtime.settings import RuntimeSettings
+from kubetune.runtime.io.settings import RuntimeSettings
 
 from ..conftest import REPO_ROOT
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kubetune.runtime import storage
-from kubetune.runtime.errors import StorageError
-from kubetune.runtime.settings import RuntimeSettings
-from kubetune.runtime.storage import inside, local_path, output_path, upload_directory
+from kubetune.runtime.io import storage
+from kubetune.runtime.io.errors import StorageError
+from kubetune.runtime.io.settings import RuntimeSettings
+from kubetune.runtime.io.storage import inside, local_path, output_path, upload_directory
 
 OUTPUT_URI = "pvc://shared/runs/job-1"
 

@@ -20,12 +20,11 @@ from typing import Any
 
 import kubernetes.client
 import kubernetes.config
+from kubetune.runtime.contract import RunIdentity
+from kubetune.runtime.contract.common import SHORT_TEXT_MAX_LENGTH
+from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, Unavailable, VariantReport
 
-from .contract import RunIdentity
-from .contract.common import SHORT_TEXT_MAX_LENGTH
-from .contract.report import REPORT_KEY, RunReport, Stage, Unavailable, VariantReport
-from .reporting import TrainingProgress, TrialBoard
-from .result import RunResult
+from .base import TrainingProgress, TrialBoard
 
 LOGGER = logging.getLogger(__name__)
 # Progress writes at most this often: each is an API request the operator turns into a status update.
@@ -112,16 +111,16 @@ class ConfigMapReporter:
             return  # validation metrics during training are TensorBoard's; the report keeps the test numbers
         self._write(force=True)
 
-    def result(self, result: RunResult) -> None:
+    def result(self, result: RunReport) -> None:
         report = self.report
         report.stage = Stage.DONE
         report.message = None
-        report.metrics_before, report.metrics_after = dict(result.metrics_before), dict(result.metrics_after)
-        report.variants = dict(result.variants) or None
+        report.metrics_before, report.metrics_after = result.metrics_before, result.metrics_after
+        report.variants = result.variants or None
         report.best_variant = result.best_variant
         report.manifest_uri = result.manifest_uri
         report.best_hyperparameters = result.best_hyperparameters
-        report.step = result.steps
+        report.step = result.step
         self._write(force=True)
 
     def failed(self, message: str, invalid_field: str | None = None, unavailable: Unavailable | None = None) -> None:

@@ -13,6 +13,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +21,18 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from kubetune.runtime.contract import Hyperparameters, Mode, Precision
+from kubetune.runtime.data.task_ops import TaskOps, task_ops, totals_size
+from kubetune.runtime.evaluate import forward_logits, run_evaluation
+from kubetune.runtime.models import build_model
+from kubetune.runtime.reporting.base import TrainingProgress
 from torch import nn
 from torch.utils.data import DistributedSampler
 
 from .checkpoints import TrainingPosition, TrainingState, load_trainable_state, trainable_state
-from .contract import Hyperparameters, Mode, Precision
 from .devices import require_cuda
-from .evaluate import forward_logits, run_evaluation
-from .models import build_model
 from .optim import build_optimizer, build_scheduler
 from .plan import TrainingPlan
-from .tasks import TaskOps, task_ops, totals_size
 
 # Seconds between progress events; every step would flood the driver on fast models.
 PROGRESS_INTERVAL_S = 0.5
@@ -67,6 +69,19 @@ def _autocast(precision: Precision, device: torch.device) -> contextlib.Abstract
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class SplitMetrics:
+    """Metrics of one split (validation, during training) after optimizer step `step`."""
+
+    split: str
+    values: dict[str, float]
+    step: int
+
+
+# What rank 0 sends the driver through the relay queue.
+WorkerEvent = TrainingProgress | SplitMetrics
+
+
 class _Relay:
     """Progress to the driver, from rank 0 only, never failing the training over a lost event."""
 
@@ -74,7 +89,7 @@ class _Relay:
         self.queue = queue if rank == 0 else None
         self.last_sent = 0.0
 
-    def send(self, event: dict[str, Any], force: bool = False) -> None:
+    def send(self, event: WorkerEvent, force: bool = False) -> None:
         now = time.monotonic()
         if self.queue is None or (not force and now - self.last_sent < PROGRESS_INTERVAL_S):
             return
@@ -214,17 +229,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # Samples/s of the whole group: every worker trains as many examples as the first.
                 elapsed = position.train_seconds + time.perf_counter() - started
                 relay.send(
-                    {
-                        "kind": "progress",
-                        "step": position.step,
-                        "total_steps": total_steps,
-                        "epoch": epoch + (batch_index + 1) / len(batches),
-                        "loss": loss_value,
-                        "learning_rate": scheduler.get_last_lr()[0],
-                        "epochs": hp.epochs,
-                        "epoch_steps": optimizer_steps,
-                        "samples_per_second": world * (position.train_samples + len(indices)) / max(elapsed, 1e-9),
-                    },
+                    TrainingProgress(
+                        step=position.step,
+                        total_steps=total_steps,
+                        epoch=epoch + (batch_index + 1) / len(batches),
+                        loss=loss_value,
+                        learning_rate=float(scheduler.get_last_lr()[0]),
+                        epochs=hp.epochs,
+                        epoch_steps=optimizer_steps,
+                        samples_per_second=world * (position.train_samples + len(indices)) / max(elapsed, 1e-9),
+                    ),
                     # The last step of each epoch always goes out: it closes the epoch's bar.
                     force=position.step % optimizer_steps == 0 or position.step == total_steps,
                 )
@@ -240,7 +254,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if position.batch not in checkpoints:
                 continue
             metrics = _validate(model, processor, ops, plan, hp, rank, world)
-            relay.send({"kind": "metrics", "split": "validation", "values": metrics, "step": position.step}, True)
+            relay.send(SplitMetrics("validation", metrics, position.step), True)
             value = metrics[plan.metric.value]
             min_delta = hp.early_stopping.min_delta if hp.early_stopping else 0.0
             current = trainable_state(unwrapped) if rank == 0 else {}
@@ -271,7 +285,7 @@ def _prefixed(metrics: dict[str, float]) -> dict[str, float]:
     return {f"validation_{name}": value for name, value in metrics.items()}
 
 
-def iterate_events(queue: Any) -> Iterator[dict[str, Any]]:
+def iterate_events(queue: Any) -> Iterator[WorkerEvent]:
     """Drain the relay queue without blocking."""
     while not queue.empty():
         yield queue.get_nowait()

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.client import HTTPException
 
-from .contract.report import Unavailable
-from .errors import ModelUnavailableError
+from kubetune.runtime.contract.report import Unavailable
+from kubetune.runtime.io.errors import ModelUnavailableError
 
 LOGGER = logging.getLogger(__name__)
 # Attempts of the reachability request, and the waits between them: a few seconds in all, so a hub

@@ -80,7 +80,7 @@ class RuntimeSettings(BaseSettings):
     )
     run_config: Path | None = Field(
         default=None,
-        description="The run config `python -m kubetune.runtime.finetune` reads when --config is not given. The "
+        description="The run config `python -m kubetune.runtime.recipe.finetune` reads when --config is not given. The "
         "operator sets it in a run's pods.",
     )
     faults: Annotated[Faults, NoDecode, BeforeValidator(_fault_pairs)] = Field(

@@ -21,15 +21,15 @@ from typing import Any
 
 import ray
 import ray.train
+from kubetune.runtime.contract import WorkerResources
+from kubetune.runtime.io.errors import invalid_run_cause
+from kubetune.runtime.reporting.base import Reporter, TrainingProgress
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend
 
 from .checkpoints import TrainingPosition, TrainingState
-from .contract import WorkerResources
-from .errors import invalid_run_cause
-from .loop import check_worker_cuda, iterate_events, train_loop_per_worker
+from .loop import WorkerEvent, check_worker_cuda, iterate_events, train_loop_per_worker
 from .plan import TrainingPlan
-from .reporting import Reporter, TrainingProgress
 
 # Share of the local CPUs the workers may take; the rest keeps Ray's own processes responsive.
 LOCAL_CPU_SHARE = 0.9
@@ -133,22 +133,11 @@ class TrainingOutcome:
         return self.state.position
 
 
-def _forward(event: dict[str, Any], reporter: Reporter) -> None:
-    if event.get("kind") == "progress":
-        reporter.progress(
-            TrainingProgress(
-                step=event["step"],
-                total_steps=event["total_steps"],
-                epoch=event["epoch"],
-                loss=event["loss"],
-                learning_rate=event["learning_rate"],
-                epochs=event.get("epochs", 1),
-                epoch_steps=event.get("epoch_steps", 0),
-                samples_per_second=event.get("samples_per_second"),
-            )
-        )
-    elif event.get("kind") == "metrics":
-        reporter.metrics(event["split"], event["values"], event["step"])
+def _forward(event: WorkerEvent, reporter: Reporter) -> None:
+    if isinstance(event, TrainingProgress):
+        reporter.progress(event)
+    else:
+        reporter.metrics(event.split, event.values, event.step)
 
 
 class _RelayPump:

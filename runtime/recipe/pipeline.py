@@ -1,6 +1,6 @@
 """The run pipeline: load, evaluate the base, train (or search), evaluate, compress, export.
 
-`run_pipeline` is the Python API; `kubetune.runtime.finetune` is the command around it.
+`run_pipeline` is the Python API; `kubetune.runtime.recipe.finetune` is the command around it.
 This is the driver: it loads the data, trains through Ray Train and reports. The stages
 that hold the whole model run where `stages.stage_placement` says (on GPU nodes in a
 cluster; see `stages`); the driver itself never needs a GPU.
@@ -15,18 +15,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import TrainingPosition, TrainingState
-from .cluster import ray_cluster
-from .contract import Precision, RunIdentity, RunSpec, WorkerResources
-from .contract.report import Stage
-from .data import TaskData, load_data
-from .errors import InvalidRunError, invalid_run_cause, unavailable_cause
-from .export import MANIFEST_FILE, VARIANTS_FOLDER, spec_hash
-from .models import check_method_fits_machine
-from .plan import TrainingPlan, with_overrides
-from .reporting import Reporter, Reporters, TensorBoardReporter
-from .result import RunResult
-from .settings import RuntimeSettings
+from kubetune.runtime.contract import Precision, RunIdentity, RunSpec, WorkerResources
+from kubetune.runtime.contract.manifest import MANIFEST_FILE, VARIANTS_FOLDER
+from kubetune.runtime.contract.report import RunReport, Stage
+from kubetune.runtime.data.load import TaskData, load_data
+from kubetune.runtime.io.errors import InvalidRunError, invalid_run_cause, unavailable_cause
+from kubetune.runtime.io.settings import RuntimeSettings
+from kubetune.runtime.io.storage import (
+    anchored,
+    cache_folder,
+    join_uri,
+    local_path,
+    output_path,
+    parse_uri,
+    upload_directory,
+)
+from kubetune.runtime.models import check_method_fits_machine
+from kubetune.runtime.reporting.base import Reporter, Reporters, TensorBoardReporter
+from kubetune.runtime.training.checkpoints import TrainingPosition, TrainingState
+from kubetune.runtime.training.plan import TrainingPlan, with_overrides
+from kubetune.runtime.training.train import cluster_cpus, train, training_processes, worker_shape
+from kubetune.runtime.variants.export import spec_digest
+
+from .ray_cluster import ray_cluster
 from .stages import (
     FineTunedJob,
     StagePlacement,
@@ -37,8 +48,6 @@ from .stages import (
     run_base_evaluation,
     stage_placement,
 )
-from .storage import anchored, cache_folder, join_uri, local_path, output_path, parse_uri, upload_directory
-from .train import cluster_cpus, train, training_processes, worker_shape
 
 TENSORBOARD_FOLDER = "tensorboard"
 CHECKPOINTS_FOLDER = "checkpoints"
@@ -80,12 +89,12 @@ def _checkpoint_storage(spec: RunSpec, root: Path) -> tuple[str, Any]:
     parsed = parse_uri(spec.output.uri)
     if parsed.scheme != "s3":
         return str(output_path(root, CHECKPOINTS_FOLDER, spec.output.uri).resolve()), None
-    from .s3fs import arrow_s3_filesystem
+    from kubetune.runtime.io.s3fs import arrow_s3_filesystem
 
     return join_uri(parsed.location, CHECKPOINTS_FOLDER), arrow_s3_filesystem()
 
 
-def run_pipeline(spec: RunSpec, options: RunOptions | None = None, reporter: Reporter | None = None) -> RunResult:
+def run_pipeline(spec: RunSpec, options: RunOptions | None = None, reporter: Reporter | None = None) -> RunReport:
     """Fine-tune `spec` end to end; raises InvalidRunError for a spec or data that cannot work."""
     options = options or RunOptions()
     try:
@@ -120,7 +129,7 @@ def report_failure(events: Reporter | Reporters, error: BaseException) -> None:
     events.failed(str(error) or type(error).__name__, invalid_field=invalid.where if invalid else None)
 
 
-def _run_here(spec: RunSpec, options: RunOptions, placement: StagePlacement, reporter: Reporter | None) -> RunResult:
+def _run_here(spec: RunSpec, options: RunOptions, placement: StagePlacement, reporter: Reporter | None) -> RunReport:
     root = _staging_root(spec, options)
     root.mkdir(parents=True, exist_ok=True)
     _check_output_paths(root, spec.output.uri)
@@ -186,7 +195,7 @@ def _train_or_search(spec: RunSpec, data: TaskData, options: RunOptions, root: P
             events.stage_started(Stage.TRAIN, f"{spec.method.type.value} on {_workers_text(options.resources)}")
             outcome = train(plan, options.resources, storage_path, name, events, storage_filesystem=filesystem)
             return _Trained(spec, outcome.state)
-        from .search import run_search
+        from kubetune.runtime.training.search import run_search
 
         search = spec.search
         message = f"{search.algorithm.value} search, {search.effective_trials} sample(s), {search.scheduler.value}"
@@ -210,7 +219,7 @@ def _workers_text(resources: WorkerResources) -> str:
     return f"{resources.workers} worker(s) x {resources.gpus_per_worker} GPU(s): {processes} Ray Train worker(s)"
 
 
-def _run(spec: RunSpec, options: RunOptions, placement: StagePlacement, root: Path, events: Reporters) -> RunResult:
+def _run(spec: RunSpec, options: RunOptions, placement: StagePlacement, root: Path, events: Reporters) -> RunReport:
     events.stage_started(Stage.LOAD, f"data from {spec.data.train}")
     data = load_data(spec, options.settings)
     events.data({"train": len(data.train), "validation": len(data.validation), "test": len(data.test)}, data.labels)
@@ -225,21 +234,21 @@ def _run(spec: RunSpec, options: RunOptions, placement: StagePlacement, root: Pa
     trained = _train_or_search(spec, data, options, root, events)
     job = _fine_tuned_job(spec, options, data, before, trained)
     finished = finish(job, trained.state.weights, placement, events, trained.position.step, data, root)
-    return RunResult(
+    return RunReport(
+        stage=Stage.DONE,
         metrics_before=before,
         metrics_after=finished.metrics,
         validation=trained.position.best_metrics,
-        artifacts={name: report.uri for name, report in finished.variants.items()},
         variants=finished.variants,
         best_variant=finished.best,
         manifest_uri=finished.manifest_uri,
         tensorboard_uri=output_uri(spec, root, root / TENSORBOARD_FOLDER),
-        spec_hash=spec_hash(spec),
-        steps=trained.position.step,
-        epochs=trained.position.epochs_done,
+        spec_digest=spec_digest(spec),
+        step=trained.position.step,
+        epoch=trained.position.epochs_done,
         stopped_early=trained.position.stopped_early,
         resumed_from_step=trained.position.resumed_from_step,
-        trials=trained.search["trials"] if trained.search else None,
+        trials_completed=trained.search["trials"] if trained.search else None,
         best_hyperparameters=trained.search["bestHyperparameters"] if trained.search else None,
     )
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .contract import Hyperparameters, Method, Metric, Mode, RunSpec
-from .data import Examples
-from .settings import RuntimeSettings
+from kubetune.runtime.contract import Hyperparameters, Method, Metric, Mode, RunSpec
+from kubetune.runtime.data.load import Examples
+from kubetune.runtime.io.settings import RuntimeSettings
 
 # Groups of nested method options a search may set ("lora.rank", "freeze.trainableLayers").
 _METHOD_OPTIONS = frozenset({"lora", "freeze"})

@@ -1,4 +1,4 @@
-"""`python -m kubetune.runtime.finetune --config run.json`: one fine-tuning run.
+"""`python -m kubetune.runtime.recipe.finetune --config run.json`: one fine-tuning run.
 
 The config is a RunConfig (a RunSpec with run identity and workers) or a bare RunSpec,
 in camelCase JSON. Exit status: 0 success, 2 invalid spec or data (the message names
@@ -15,15 +15,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from kubetune.runtime.contract import RunConfig
+from kubetune.runtime.contract.errors import SpecError
+from kubetune.runtime.io.errors import InvalidRunError, unavailable_cause
+from kubetune.runtime.io.settings import RuntimeSettings, SettingsError
+from kubetune.runtime.reporting.base import JsonLinesReporter, Reporter, Reporters
+from kubetune.runtime.reporting.console import ConsoleReporter
 from pydantic import ValidationError
 from rich.console import Console
-
-from .console import ConsoleReporter
-from .contract import RunConfig
-from .contract.errors import SpecError
-from .errors import InvalidRunError, unavailable_cause
-from .reporting import JsonLinesReporter, Reporter, Reporters
-from .settings import RuntimeSettings, SettingsError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -45,19 +44,19 @@ def read_config(path: Path) -> RunConfig:
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m kubetune.runtime.finetune", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m kubetune.runtime.recipe.finetune", description=__doc__)
     parser.add_argument(
         "--config", type=Path, help="run.json: a RunConfig or a bare RunSpec (default: $KUBETUNE_RUN_CONFIG)"
     )
     parser.add_argument("--events", type=Path, help="also append progress events as JSON lines to this file")
-    parser.add_argument("--result", type=Path, help="write the RunResult as JSON to this file")
+    parser.add_argument("--result", type=Path, help="write the run's result (its final RunReport) as JSON to this file")
     parser.add_argument("--cpus", type=int, help="CPUs of the local Ray cluster started for this run")
     return parser.parse_args(argv)
 
 
 def _kubernetes_reporter(config: RunConfig, errors: Console) -> Reporter | None:
     """The report ConfigMap's reporter inside a cluster; none (console only) for a local run."""
-    from .kube_reporter import kubernetes_reporter
+    from kubetune.runtime.reporting.kube_reporter import kubernetes_reporter
 
     try:
         return kubernetes_reporter(config.run)

@@ -1,4 +1,6 @@
-"""Serve torchao int8 weights with torch's CPU int8 matmul kernels.
+"""The int8 variant: torchao int8 weights, served with torch's CPU int8 matmul kernels.
+
+`quantize_folder` writes the variant (transformers loads it back).
 
 torchao stores the int8 variant (per-row int8 weights, `Int8Tensor`), but on CPU its
 dynamic-activation matmul multiplies in int32 (eager) or in float (compiled): slower
@@ -20,13 +22,66 @@ import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
+from kubetune.runtime.contract import Compression, QuantizationMethod, Task
+from kubetune.runtime.data.task_ops import auto_class
 from torch import nn
 from torch.nn import functional
 
+from .export import copy_processor_files
+
 log = logging.getLogger(__name__)
+
+
+def int8_config(compression: Compression, model: nn.Module) -> Any:
+    """The torchao config of the spec's int8 method for `model`'s linear (and embedding) weights.
+
+    Keys are parameter names: keyed by module, a reloaded model would also load biases as int8.
+    """
+    from torchao.quantization import (  # type: ignore[import-untyped]
+        FqnToConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+    )
+    from torchao.quantization.granularity import PerAxis  # type: ignore[import-untyped]
+
+    quantization = compression.quantization
+    linear: Any = (
+        Int8DynamicActivationInt8WeightConfig()
+        if quantization.method == QuantizationMethod.INT8_DYNAMIC
+        else Int8WeightOnlyConfig()
+    )
+    # Embedding tables are often half of a small model; one scale per row keeps lookups accurate.
+    embedding = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+    by_parameter: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            by_parameter[f"{name}.weight"] = linear
+        elif isinstance(module, nn.Embedding) and quantization.include_embeddings:
+            by_parameter[f"{name}.weight"] = embedding
+    return FqnToConfig(by_parameter)
+
+
+def quantize_folder(source: Path, target: Path, task: Task, compression: Compression) -> None:
+    """Write an int8 copy of the model in `source` to `target`, in a form transformers loads back.
+
+    Quantizing in memory and saving fails for torchao tensors; loading through transformers'
+    TorchAoConfig records the quantization in config.json, so `from_pretrained(target)` works.
+    """
+    from transformers import AutoConfig, TorchAoConfig
+
+    auto = auto_class(task)
+    with torch.device("meta"):  # module names only: no weights are read or allocated
+        layout = auto.from_config(AutoConfig.from_pretrained(source))
+    config = TorchAoConfig(int8_config(compression, layout), include_input_output_embeddings=True)
+    model = auto.from_pretrained(source, quantization_config=config, dtype=torch.float32)
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target)
+    copy_processor_files(source, target)
 
 
 # oneDNN's int8 GEMM measured a few percent faster than fbgemm's on x86 (AVX2) for

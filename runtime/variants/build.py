@@ -12,20 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune.runtime.contract import MethodType, PruningMethod, QuantizationMethod, RunSpec
+from kubetune.runtime.data.load import TaskData
+from kubetune.runtime.evaluate import evaluate_task
 from torch import nn
 
-from .compress import (
-    judge,
-    latency_ms_p50,
-    load_variant,
-    prune_folder,
-    quantize_folder,
-    weights_size,
-)
-from .contract import MethodType, PruningMethod, QuantizationMethod, RunSpec
-from .data import TaskData
-from .evaluate import evaluate_task
 from .export import ExportedVariant, VariantFormat, export_variants, merged_copy, variant_folder, wants_merged
+from .int8 import quantize_folder
+from .load import load_variant
+from .measure import judge, latency_ms_p50, weights_size
+from .pruning import prune_folder
 
 EVALUATION_BATCH_SIZE = 32
 COMPRESSED = frozenset({"int8", "pruned"})

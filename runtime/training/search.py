@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import ray.tune
+from kubetune.runtime.contract import Algorithm, ParameterType, Scheduler, SearchParameter, SearchSpec
+from kubetune.runtime.io.errors import invalid_run_cause
+from kubetune.runtime.reporting.base import Reporter, TrialBoard, TrialRow, TrialState
 from ray.train import Checkpoint
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from .checkpoints import TrainingState
-from .contract import Algorithm, ParameterType, Scheduler, SearchParameter, SearchSpec
-from .errors import invalid_run_cause
 from .plan import TrainingPlan
-from .reporting import Reporter, TrialBoard, TrialRow, TrialState
 from .train import WorkerShape, build_trainer, placement_groups, remove_leftover_placement_groups
 
 # What the trial function itself (not its training workers) asks Ray for: it only waits on the trainer.

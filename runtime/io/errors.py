@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from .contract.report import Unavailable
+from kubetune.runtime.contract.report import Unavailable
 
 _Found = TypeVar("_Found", bound=BaseException)
 

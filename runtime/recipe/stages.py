@@ -31,21 +31,20 @@ from typing import Any
 
 import ray
 import torch
+from kubetune.runtime.contract import Method, MethodType, RunIdentity, RunSpec, Task, WorkerResources
+from kubetune.runtime.contract.report import Stage, VariantReport
+from kubetune.runtime.data.load import TaskData, load_data
+from kubetune.runtime.io.errors import DataError, InvalidRunError, invalid_run_cause
+from kubetune.runtime.io.settings import RuntimeSettings
+from kubetune.runtime.io.storage import cache_folder, join_uri, local_path, parse_uri, upload_directory
+from kubetune.runtime.models import build_model
+from kubetune.runtime.reporting.base import Reporter
+from kubetune.runtime.training.checkpoints import load_trainable_state
+from kubetune.runtime.training.devices import require_cuda
+from kubetune.runtime.variants.build import COMPRESSED, VariantContext, build_variants, planned_variants, test_metrics
+from kubetune.runtime.variants.export import ExportedVariant, ManifestInputs, write_manifest
+from kubetune.runtime.variants.measure import best_variant
 from torch import nn
-
-from .checkpoints import load_trainable_state
-from .compress import best_variant
-from .contract import Method, MethodType, RunIdentity, RunSpec, Task, WorkerResources
-from .contract.report import Stage, VariantReport
-from .data import TaskData, load_data
-from .devices import require_cuda
-from .errors import DataError, InvalidRunError, invalid_run_cause
-from .export import ExportedVariant, ManifestInputs, write_manifest
-from .models import build_model
-from .reporting import Reporter
-from .settings import RuntimeSettings
-from .storage import cache_folder, join_uri, local_path, parse_uri, upload_directory
-from .variants import COMPRESSED, VariantContext, build_variants, planned_variants, test_metrics
 
 # Cache folder kind where a stage in Ray stages an s3:// output; the driver's staging folder is another.
 STAGE_OUTPUTS = "stage-outputs"

@@ -11,23 +11,49 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from kubetune.runtime.contract import MethodType, RunIdentity, RunSpec
+from kubetune.runtime.contract.manifest import (
+    MANIFEST_FILE,
+    ArtifactManifest,
+    BaseModelLineage,
+    Lineage,
+    ManifestMetrics,
+    ManifestVariant,
+    variant_path,
+)
+from kubetune.runtime.contract.method import ADAPTER_METHODS
+from kubetune.runtime.contract.report import VariantReport
+from kubetune.runtime.io.storage import output_path
 from torch import nn
 
-from .contract import MethodType, RunIdentity, RunSpec
-from .contract.method import ADAPTER_METHODS
-from .contract.report import VariantReport
-from .storage import output_path
-
-MANIFEST_FILE = "kubetune.json"
-MANIFEST_VERSION = 1
-VARIANTS_FOLDER = "variants"
 TRACKED_LIBRARIES = ("kubetune", "torch", "transformers", "peft", "ray", "tokenizers", "safetensors")
+
+
+# Weight files copied next to a variant's weights so it loads on its own.
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
+
+
+def copy_processor_files(source: Path, target: Path) -> None:
+    for name in SIDE_FILES:
+        if (source / name).is_file() and not (target / name).exists():
+            shutil.copy2(source / name, target / name)
 
 
 class VariantFormat:
@@ -36,7 +62,7 @@ class VariantFormat:
     PEFT_ADAPTER = "peft-adapter"  # peft: PeftModel.from_pretrained(base, folder), or transformers with peft
 
 
-def spec_hash(spec: RunSpec) -> str:
+def spec_digest(spec: RunSpec) -> str:
     """sha256 of the canonical (sorted keys, compact) camelCase JSON of the spec."""
     canonical = json.dumps(spec.to_wire(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
@@ -65,10 +91,17 @@ class ExportedVariant:
     accepted: bool = True
     reason: str | None = None
 
-    def describe(self, root: Path) -> dict[str, Any]:
+    def describe(self, root: Path) -> ManifestVariant:
         """The manifest's entry: where the folder is, its format, and what the run reports of it."""
-        measured = self.report("").model_dump(mode="json", by_alias=True, exclude={"uri"})
-        return {"path": self.folder.relative_to(root).as_posix(), "format": self.format, **measured}
+        return ManifestVariant(
+            path=self.folder.relative_to(root).as_posix(),
+            format=self.format,
+            size_bytes=self.size_bytes,
+            latency_ms_p50=self.latency_ms_p50,
+            metrics=self.metrics,
+            accepted=self.accepted,
+            reason=self.reason,
+        )
 
     def report(self, uri: str) -> VariantReport:
         return VariantReport(
@@ -89,7 +122,7 @@ def _save(model: Any, processor: Any, folder: Path) -> None:
 
 def variant_folder(root: Path, name: str, output_uri: str) -> Path:
     """The folder of variant `name` under the output `root`; refused if a symlink there leads out of it."""
-    return output_path(root, f"{VARIANTS_FOLDER}/{name}", output_uri)
+    return output_path(root, variant_path(name), output_uri)
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
@@ -139,30 +172,29 @@ class ManifestInputs:
 
 
 def write_manifest(root: Path, inputs: ManifestInputs, variants: list[ExportedVariant]) -> Path:
-    """kubetune.json: lineage (base model, data, spec hash, hyperparameters, libraries) and every metric."""
+    """kubetune.json: lineage (base model, data, spec digest, hyperparameters, libraries) and every metric."""
     spec = inputs.spec
-    manifest = {
-        "manifestVersion": MANIFEST_VERSION,
-        "createdAt": datetime.now(UTC).isoformat(),
-        "run": inputs.identity.to_wire(),
-        "lineage": {
-            "baseModel": {"uri": spec.model.uri, "revision": spec.model.revision},
-            "data": inputs.data_sources,
-            "specHash": spec_hash(spec),
-            "spec": spec.to_wire(),
-            "libraries": library_versions(),
-        },
-        "task": spec.model.task.value,
-        "labels": inputs.labels,
-        "method": (inputs.effective or spec).method.to_wire(),
-        "hyperparameters": (inputs.effective or spec).hyperparameters.to_wire(),
-        "search": inputs.search,
-        "training": inputs.training,
-        "metrics": {"before": inputs.metrics_before, "after": inputs.metrics_after, "validation": inputs.validation},
-        "output": inputs.output_uri,
-        "variants": {variant.name: variant.describe(root) for variant in variants},
-        "bestVariant": inputs.best_variant,
-    }
-    path = output_path(root, MANIFEST_FILE, inputs.output_uri)
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    return path
+    effective = inputs.effective or spec
+    manifest = ArtifactManifest(
+        created_at=datetime.now(UTC),
+        run=inputs.identity,
+        lineage=Lineage(
+            base_model=BaseModelLineage(uri=spec.model.uri, revision=spec.model.revision),
+            data=inputs.data_sources,
+            spec_digest=spec_digest(spec),
+            spec=spec.to_wire(),
+            libraries=library_versions(),
+        ),
+        task=spec.model.task,
+        labels=inputs.labels,
+        method=effective.method.to_wire(),
+        hyperparameters=effective.hyperparameters.to_wire(),
+        search=inputs.search,
+        training=inputs.training,
+        metrics=ManifestMetrics(before=inputs.metrics_before, after=inputs.metrics_after, validation=inputs.validation),
+        output=inputs.output_uri,
+        variants={variant.name: variant.describe(root) for variant in variants},
+        best_variant=inputs.best_variant,
+    )
+    output_path(root, MANIFEST_FILE, inputs.output_uri)  # refuses a kubetune.json that links out of `root`
+    return manifest.save(root)

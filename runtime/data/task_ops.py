@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from kubetune.runtime.contract import Task
 from torch import nn
 
-from .contract import Task
-from .data import Examples
 from .images import open_image
+from .load import Examples
 
 # Label value the causal-LM loss skips (prompt and padding tokens); the same as in transformers.
 IGNORE_INDEX = -100
@@ -179,3 +179,14 @@ def task_ops(task: Task, num_labels: int) -> TaskOps:
 def totals_size(task: Task, num_labels: int) -> int:
     """Length of the totals vector of `task`."""
     return 2 if task == Task.CAUSAL_LM else 3 * num_labels + 2
+
+
+def auto_class(task: Task) -> Any:
+    """The transformers Auto class that loads a model (or an exported variant) of `task`."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    if task == Task.CAUSAL_LM:
+        return AutoModelForCausalLM
+    if task == Task.IMAGE_CLASSIFICATION:
+        return AutoModelForImageClassification
+    return AutoModelForSequenceClassification

@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
-
-from .errors import InvalidRunError
+from kubetune.runtime.io.errors import InvalidRunError
 
 
 def require_cuda(process: str) -> torch.device:

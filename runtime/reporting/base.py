@@ -14,8 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from .contract.report import Stage, Unavailable, VariantReport
-from .result import RunResult
+from kubetune.runtime.contract.report import RunReport, Stage, Unavailable, VariantReport
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,7 @@ class Reporter(Protocol):
     def variant(self, name: str, report: VariantReport) -> None:
         """A variant was exported and measured."""
 
-    def result(self, result: RunResult) -> None:
+    def result(self, result: RunReport) -> None:
         """The run finished and produced `result`."""
 
     def failed(self, message: str, invalid_field: str | None = None, unavailable: Unavailable | None = None) -> None:
@@ -134,7 +133,7 @@ class Reporters:
         for reporter in self.reporters:
             reporter.metrics(split, values, step)
 
-    def result(self, result: RunResult) -> None:
+    def result(self, result: RunReport) -> None:
         for reporter in self.reporters:
             reporter.result(result)
 
@@ -172,7 +171,7 @@ class JsonLinesReporter:
     def metrics(self, split: str, values: dict[str, float], step: int) -> None:
         self._write("metrics", split=split, values=values, step=step)
 
-    def result(self, result: RunResult) -> None:
+    def result(self, result: RunReport) -> None:
         self._write("result", result=result.model_dump(mode="json", by_alias=True))
 
     def failed(self, message: str, invalid_field: str | None = None, unavailable: Unavailable | None = None) -> None:
@@ -224,7 +223,7 @@ class TensorBoardReporter:
         """Write everything to disk (closing twice is harmless)."""
         self.writer.close()
 
-    def result(self, result: RunResult) -> None:
+    def result(self, result: RunReport) -> None:
         self.close()
 
     def failed(self, message: str, invalid_field: str | None = None, unavailable: Unavailable | None = None) -> None:

@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .contract import DataFormat, DataSpec, RunSpec, Task
-from .errors import DataError
+from kubetune.runtime.contract import DataFormat, DataSpec, RunSpec, Task
+from kubetune.runtime.io.errors import DataError
+from kubetune.runtime.io.settings import RuntimeSettings
+
 from .images import read_image_folder, resolve_images
-from .records import Record, read_records
-from .settings import RuntimeSettings
+from .readers import Record, read_records
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
-from .records import local_data
-from .settings import RuntimeSettings
+from kubetune.runtime.io.errors import DataError
+from kubetune.runtime.io.settings import RuntimeSettings
+
+from .readers import local_data
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # What an endpoint takes from its clients: the web's usual formats (Pillow's names), and

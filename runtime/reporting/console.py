@@ -11,15 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from kubetune.runtime.contract.report import RunReport, Stage, Unavailable, VariantReport
 from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .contract.report import Stage, Unavailable, VariantReport
-from .reporting import TrainingProgress, TrialBoard, TrialState
-from .result import RunResult
+from .base import TrainingProgress, TrialBoard, TrialState
 
 # Seconds between two progress lines within one epoch when the output is not a terminal.
 LINE_INTERVAL_S = 15.0
@@ -52,9 +51,10 @@ def variant_line(name: str, report: VariantReport) -> str:
     return f"{name}: " + ", ".join(part for part in parts if part)
 
 
-def results_table(result: RunResult, promoted: str | None = None) -> Table:
+def results_table(result: RunReport, promoted: str | None = None) -> Table:
     """Base model, fine-tuned model and every variant side by side; `promoted` marks what the gate promotes."""
-    names = sorted(set(result.metrics_before) | set(result.metrics_after))
+    before, after, variants = result.metrics_before or {}, result.metrics_after or {}, result.variants or {}
+    names = sorted(set(before) | set(after))
     table = Table(title="results (test set)")
     table.add_column("model")
     for name in names:
@@ -62,9 +62,9 @@ def results_table(result: RunResult, promoted: str | None = None) -> Table:
     for column in ("size MB", "p50 ms"):
         table.add_column(column, justify="right")
     table.add_column("accepted")
-    table.add_row("base model", *(_number(result.metrics_before.get(name)) for name in names), "", "", "")
-    table.add_row("fine-tuned", *(_number(result.metrics_after.get(name)) for name in names), "", "", "")
-    for variant, report in result.variants.items():
+    table.add_row("base model", *(_number(before.get(name)) for name in names), "", "", "")
+    table.add_row("fine-tuned", *(_number(after.get(name)) for name in names), "", "", "")
+    for variant, report in variants.items():
         label = f"  {variant}"
         if variant == result.best_variant:
             label += " (best)"
@@ -203,14 +203,15 @@ class ConsoleReporter:
     def variant(self, name: str, report: VariantReport) -> None:
         self._print(f"  {escape(variant_line(name, report))}")
 
-    def result(self, result: RunResult) -> None:
+    def result(self, result: RunReport) -> None:
         self._stop_displays()
         if not self.show_result:
             return
         self._print(results_table(result))
-        for variant, uri in sorted(result.artifacts.items()):
-            self._print(f"  [dim]{variant}[/dim] {escape(uri)}")
-        self._print(f"  [dim]manifest[/dim] {escape(result.manifest_uri)}")
+        for variant, report in sorted((result.variants or {}).items()):
+            self._print(f"  [dim]{variant}[/dim] {escape(report.uri)}")
+        if result.manifest_uri:
+            self._print(f"  [dim]manifest[/dim] {escape(result.manifest_uri)}")
 
     def failed(self, message: str, invalid_field: str | None = None, unavailable: Unavailable | None = None) -> None:
         self._stop_displays()

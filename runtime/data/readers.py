@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .contract import DataFormat
-from .errors import DataError, StorageError
-from .settings import RuntimeSettings
-from .storage import fetch
+from kubetune.runtime.contract import DataFormat
+from kubetune.runtime.io.errors import DataError, StorageError
+from kubetune.runtime.io.settings import RuntimeSettings
+from kubetune.runtime.io.storage import fetch
 
 FORMAT_BY_EXTENSION = {
     ".jsonl": DataFormat.JSONL,

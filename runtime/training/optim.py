@@ -6,9 +6,8 @@ import math
 from collections.abc import Callable
 
 import torch
+from kubetune.runtime.contract import Hyperparameters, LrSchedule, Optimizer
 from torch import nn
-
-from .contract import Hyperparameters, LrSchedule, Optimizer
 
 # Parameters whose names contain these are not decayed: shrinking biases and
 # normalisation scales towards zero only hurts.

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .contract.common import URI_SCHEMES
-from .contract.report import Unavailable
+from kubetune.runtime.contract.common import URI_SCHEMES
+from kubetune.runtime.contract.report import Unavailable
+
 from .errors import StorageError, StorageUnavailableError
 from .settings import RuntimeSettings
 
