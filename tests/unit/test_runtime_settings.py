@@ -6,7 +6,7 @@ import pickle
 from pathlib import Path
 
 import pytest
-from kubetune.runtime import finetune
+from kubetune.runtime.recipe import finetune
 from kubetune.runtime.io.settings import Faults, RuntimeSettings, SettingsError
 
 
