@@ -6,8 +6,8 @@ import pickle
 from pathlib import Path
 
 import pytest
-from kubetune.runtime.recipe import finetune
 from kubetune.runtime.io.settings import Faults, RuntimeSettings, SettingsError
+from kubetune.runtime.recipe import finetune
 
 
 def test_locations_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
