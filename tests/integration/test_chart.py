@@ -163,7 +163,7 @@ def test_leader_election_lets_replicas_run_side_by_side(control_plane: ControlPl
         assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
         env = {item["name"]: item["value"] for item in container(docs)["env"]}
         settings = Settings.from_environment(env)
-        assert Election.of(settings, identity="pod") == Election("kt-kubetune", "ops", "pod", 15, 10, 2)
+        assert Election.of(settings, identity="pod") == Election("kt-kubetune", "ops", "pod", 10, 6, 1)
         # The Lease is granted in the release's namespace only, whichever namespaces are watched.
         [role] = [role for role in by_kind(docs, "Role") if role["metadata"]["name"] == "kt-kubetune-leader-election"]
         assert role["metadata"]["namespace"] == "ops" and role["rules"] == rules(Scope.OPERATOR_NAMESPACE)
