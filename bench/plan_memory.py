@@ -95,7 +95,9 @@ class Case:
 
     @property
     def name(self) -> str:
-        extras = (" ckpt" if self.checkpointing else "") + (f" {self.optimizer.value}" if self.optimizer != "adamw" else "")
+        extras = (" ckpt" if self.checkpointing else "") + (
+            f" {self.optimizer.value}" if self.optimizer != "adamw" else ""
+        )
         return f"{self.family} {self.method} b{self.batch} s{self.length}{extras}"
 
 
@@ -151,7 +153,7 @@ def measure(folder: Path, task: Task, case: Case, device: torch.device) -> int:
     """Peak bytes of live tensors during the second training step of `case`."""
     torch.manual_seed(SEED)
     source = ModelSource.model_validate({"uri": str(folder), "task": task.value})
-    model = apply_method(load_base(ModelLocation(str(folder)), source, LABELS, SEED), _method(case), task)
+    model: Any = apply_method(load_base(ModelLocation(str(folder)), source, LABELS, SEED), _method(case), task)
     if case.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device).train()
@@ -177,11 +179,11 @@ def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
 
 
-class LiveBytes(TorchDispatchMode):
+class LiveBytes(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Bytes of live tensor storages and their peak: every op's outputs are tracked until freed."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.seen: weakref.WeakKeyDictionary[torch.UntypedStorage, int] = weakref.WeakKeyDictionary()
         self.current = 0
         self.peak = 0
@@ -227,8 +229,10 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True, warn_only=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     print(f"{'configuration':<28} {'estimate MiB':>13} {'measured MiB':>13} {'ratio':>7}")
     ratios: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as root:

@@ -6,9 +6,8 @@ Peaks are dense (without 2:4 sparsity), in TFLOPS; `None` where the chip has no 
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from kubetune.runtime.contract import ContractModel, Precision
+from pydantic import Field
 
 GIB = 1024**3
 

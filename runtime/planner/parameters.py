@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 from kubetune.runtime.contract import Method, MethodType, Task
 
-
-from .shape import DEFAULT_LORA_TARGETS, Family, Linear, ModelShape
+from .shape import DEFAULT_LORA_TARGETS, Linear, ModelShape
 
 FP32_BYTES = 4
 # bitsandbytes 4-bit: half a byte per weight, plus one absmax per 64-weight block: an fp32 constant,
@@ -52,11 +51,11 @@ def lora_targets(shape: ModelShape, method: Method) -> tuple[Linear, ...]:
     return targets
 
 
-def _saved_head(shape: ModelShape, task: Task) -> tuple[Linear, ...]:
+def _saved_head(shape: ModelShape, task: Task, labels: int) -> tuple[Linear, ...]:
     """The head modules peft keeps trainable beside the adapters (modules_to_save): the classifier."""
     if task == Task.CAUSAL_LM:
         return ()
-    return tuple(linear for linear in shape.head_linears(task, 2) if not linear.name.startswith("pooler"))
+    return tuple(linear for linear in shape.head_linears(task, labels) if not linear.name.startswith("pooler"))
 
 
 def method_parameters(shape: ModelShape, method: Method, task: Task, labels: int) -> Parameters:
@@ -99,15 +98,11 @@ def _adapter_counts(shape: ModelShape, method: Method, task: Task, labels: int) 
     per_layer = sum(rank * (t.inputs + t.outputs) for t in targets)
     if method.type == MethodType.DORA:
         per_layer += sum(t.outputs for t in targets)  # DoRA's magnitude vector
-    saved = sum(linear.parameters for linear in _saved_head(shape, task))
-    if saved and shape.family == Family.DECODER:
-        saved = shape.hidden * labels  # the score head has no bias
+    saved = sum(linear.parameters for linear in _saved_head(shape, task, labels))
     return targets, shape.layers * per_layer, saved
 
 
-def _adapters(
-    shape: ModelShape, method: Method, task: Task, labels: int, total: int, weight_bytes: int
-) -> Parameters:
+def _adapters(shape: ModelShape, method: Method, task: Task, labels: int, total: int, weight_bytes: int) -> Parameters:
     targets, matrices, saved = _adapter_counts(shape, method, task, labels)
     # peft keeps adapters in fp32 (autocast_adapter_dtype) and copies the saved head in the weights' dtype.
     adapter_bytes = matrices * FP32_BYTES + saved * shape.weight_bytes
@@ -144,6 +139,3 @@ def _qlora(shape: ModelShape, method: Method, task: Task, labels: int, total: in
         targets,
         head_trains=bool(saved),
     )
-
-
-

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import Field
-
 from kubetune.runtime.contract import ContractModel
+from pydantic import Field
 
 from .gpus import GIB, GPU_TYPES, GpuType
 from .inputs import DeviceKind, PlanInput

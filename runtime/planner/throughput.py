@@ -3,7 +3,7 @@
 A matmul of an n-wide input into m outputs costs 2·n·m FLOPs per token forward; backward
 costs as much again for the input's gradient (where a gradient flows) and again for the
 weight's gradient (where the weight trains). Attention adds 2·2·S·(heads·head_dim) per
-token and layer forward (scores and the weighted sum, counted over the full S×S square).
+token and layer forward (scores and the weighted sum, counted over the full S x S square).
 Checkpointed layers run their forward twice.
 """
 

@@ -186,7 +186,7 @@ def test_unsupported_model_types_and_targets_are_refused() -> None:
     with pytest.raises(ConfigError, match="model_type"):
         shape_from_config({**BERT_BASE_CASED, "model_type": "t5"})
     method = Method.model_validate({"type": "lora", "lora": {"targetModules": ["q_proj"]}})
-    with pytest.raises(ValueError, match="method.lora.targetModules"):
+    with pytest.raises(ValueError, match=r"method\.lora\.targetModules"):
         method_parameters(shape_from_config(BERT_BASE_CASED), method, Task.TEXT_CLASSIFICATION, 2)
 
 
