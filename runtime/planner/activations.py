@@ -27,14 +27,17 @@ class Widths:
     """Bytes per element of the saved tensors of one training configuration."""
 
     compute: int  # matmul inputs and outputs (the autocast dtype, else the weights')
-    residual: int  # the residual stream and norm inputs (the weights' dtype)
+    residual: int  # the residual stream and norm inputs
     mask: int  # a dropout mask
 
     @staticmethod
     def of(inp: PlanInput) -> Widths:
         autocast = inp.precision != Precision.FP32
         compute = 2 if autocast else inp.shape.weight_bytes
-        residual = max(inp.shape.weight_bytes, FP32 if autocast else 0)
+        # Autocast runs LayerNorm in fp32, so after the first norm BERT's and ViT's residual stream is fp32;
+        # Llama's RMSNorm casts back to the weights' dtype.
+        layer_norm_fp32 = autocast and inp.shape.family != Family.DECODER
+        residual = FP32 if layer_norm_fp32 else inp.shape.weight_bytes
         mask = 1 if inp.device == DeviceKind.CUDA else compute
         return Widths(compute, residual, mask)
 

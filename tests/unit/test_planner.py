@@ -196,3 +196,13 @@ def test_every_gpu_has_a_datasheet_and_bf16_only_from_ampere() -> None:
     assert not gpu_type("v100").supports_bf16 and gpu_type("A100-40GB").supports_bf16
     with pytest.raises(ValueError, match="H100-SXM"):
         gpu_type("H1000")
+
+
+def test_autocast_keeps_half_precision_copies_of_fp32_weights() -> None:
+    fp32 = {**LLAMA_2_7B, "torch_dtype": "float32"}
+    mixed = plan(_request(fp32, precision=Precision.BF16), gpus=()).memory
+    plain = plan(_request(fp32), gpus=()).memory
+    # Every matmul weight a gradient passes through is kept in bf16 until its backward: about 2 bytes each.
+    assert mixed.activation_bytes - plain.activation_bytes > 1.5 * LLAMA_2_7B_PARAMETERS
+    bf16_weights = plan(_request(LLAMA_2_7B, precision=Precision.BF16), gpus=()).memory
+    assert bf16_weights.activation_bytes < mixed.activation_bytes - LLAMA_2_7B_PARAMETERS
