@@ -92,12 +92,14 @@ class Case:
     length: int
     checkpointing: bool = False
     optimizer: Optimizer = Optimizer.ADAMW
+    accumulation: int = 1
 
     @property
     def name(self) -> str:
         extras = (" ckpt" if self.checkpointing else "") + (
             f" {self.optimizer.value}" if self.optimizer != "adamw" else ""
         )
+        extras += f" acc{self.accumulation}" if self.accumulation > 1 else ""
         return f"{self.family} {self.method} b{self.batch} s{self.length}{extras}"
 
 
@@ -107,6 +109,7 @@ CASES = (
     Case("bert", "lora", 16, 128),
     Case("bert", "freeze", 16, 128),
     Case("bert", "full", 8, 256, checkpointing=True),
+    Case("bert", "lora", 8, 128, accumulation=2),
     Case("llama", "full", 4, 128),
     Case("llama", "lora", 8, 256),
     Case("llama", "freeze", 8, 128),
@@ -140,10 +143,11 @@ def _method(case: Case) -> Method:
     return Method.model_validate({"type": case.method})
 
 
-def _step(model: Any, optimizer: torch.optim.Optimizer, task: Task, inputs: dict[str, torch.Tensor]) -> None:
-    """One training step as the runtime's loop takes it (fp32: no autocast, no scaler)."""
-    loss = task_ops(task, len(LABELS)).loss(forward_logits(model, inputs), inputs["labels"])
-    loss.backward()  # type: ignore[no-untyped-call]
+def _step(model: Any, optimizer: torch.optim.Optimizer, task: Task, batches: list[dict[str, torch.Tensor]]) -> None:
+    """One optimizer step over accumulated micro-batches as the runtime's loop takes it (fp32: no autocast)."""
+    for inputs in batches:
+        loss = task_ops(task, len(LABELS)).loss(forward_logits(model, inputs), inputs["labels"]) / len(batches)
+        loss.backward()  # type: ignore[no-untyped-call]
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -160,18 +164,22 @@ def measure(folder: Path, task: Task, case: Case, device: torch.device) -> int:
     hp = Hyperparameters(optimizer=case.optimizer, batch_size=case.batch, max_sequence_length=case.length)
     optimizer = build_optimizer(model, hp)
     vocab = getattr(model.config, "vocab_size", 0)
-    _step(model, optimizer, task, _inputs(task, case, vocab, device))
+
+    def batches() -> list[dict[str, torch.Tensor]]:
+        return [_inputs(task, case, vocab, device) for _ in range(case.accumulation)]
+
+    _step(model, optimizer, task, batches())
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        _step(model, optimizer, task, _inputs(task, case, vocab, device))
+        _step(model, optimizer, task, batches())
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated())
     tracker = LiveBytes()
     for tensor in [*model.parameters(), *model.buffers(), *_state_tensors(optimizer)]:
         tracker.track(tensor)
     with tracker:
-        _step(model, optimizer, task, _inputs(task, case, vocab, device))
+        _step(model, optimizer, task, batches())
     return tracker.peak
 
 
@@ -219,6 +227,7 @@ def estimate(folder: Path, task: Task, case: Case, device: torch.device) -> int:
         sequence_length=case.length,
         optimizer=case.optimizer,
         gradient_checkpointing=case.checkpointing,
+        gradient_accumulation_steps=case.accumulation,
         labels=len(LABELS),
         device=DeviceKind.CUDA if device.type == "cuda" else DeviceKind.CPU,
     )

@@ -9,6 +9,8 @@ second step on the optimizer's state lives throughout, so the step's peak is the
   largest transient (a causal LM's logits and log-softmax, or one layer's activation gradients);
 - the optimizer step: weights, optimizer state, all gradients and the update's temporary.
 
+With gradient accumulation the gradients summed so far are alive through the later micro-batches.
+
 With several data-parallel devices DDP keeps a second copy of the gradients in its buckets;
 FSDP divides weights, gradients and optimizer state among the devices and gathers one
 layer's weights at a time.
@@ -97,6 +99,8 @@ def estimate_memory(inp: PlanInput, params: Parameters) -> Memory:
     # The loss's logits are gone before the first layer's backward starts.
     activations = kept + autocast_weight_copies(inp, params) + max(logits_bytes(inp), layer_backward)
     backward = persistent + activations
+    if inp.gradient_accumulation_steps > 1:
+        backward += gradients  # later micro-batches run with the summed gradients alive
     step = persistent + gradients + optimizer_temporary(inp, params) // shard
     phase = "backward" if backward >= step else "optimizer-step"
     return Memory(weights, adapters, gradients, optimizer, activations, max(backward, step), phase)

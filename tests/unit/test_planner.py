@@ -206,3 +206,10 @@ def test_autocast_keeps_half_precision_copies_of_fp32_weights() -> None:
     assert mixed.activation_bytes - plain.activation_bytes > 1.5 * LLAMA_2_7B_PARAMETERS
     bf16_weights = plan(_request(LLAMA_2_7B, precision=Precision.BF16), gpus=()).memory
     assert bf16_weights.activation_bytes < mixed.activation_bytes - LLAMA_2_7B_PARAMETERS
+
+
+def test_gradient_accumulation_keeps_gradients_through_the_micro_batches() -> None:
+    one = plan(_request(BERT_BASE_CASED, batch_size=32), gpus=()).memory
+    accumulated = plan(_request(BERT_BASE_CASED, batch_size=32, gradient_accumulation_steps=4), gpus=()).memory
+    assert one.peak_phase == "backward"
+    assert accumulated.peak_bytes == one.peak_bytes + one.gradient_bytes
