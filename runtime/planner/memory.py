@@ -23,13 +23,16 @@ from dataclasses import dataclass
 from kubetune.runtime.contract import MethodType, Optimizer, Precision
 
 from .activations import backward_transient_bytes, embedding_bytes, head_bytes, layer_bytes, logits_bytes
-from .inputs import PlanInput, Sharding
+from .inputs import DeviceKind, PlanInput, Sharding
 from .parameters import Parameters
 
 # Optimizer state per trainable parameter, in the parameter's dtype: Adam's two moments, SGD's momentum.
 OPTIMIZER_STATES = {Optimizer.ADAMW: 2, Optimizer.ADAM: 2, Optimizer.SGD: 1}
 # Autocast's compute dtype: the copies of fp32 weights a matmul keeps for the backward pass.
 AUTOCAST_BYTES = 2
+# The cuBLAS/cuBLASLt workspaces PyTorch takes from its caching allocator at the first matmul
+# (32 MiB on Hopper; less on older GPUs): tensors' memory like any other on CUDA.
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ def estimate_memory(inp: PlanInput, params: Parameters) -> Memory:
     gradients = params.trainable_bytes // shard
     optimizer = OPTIMIZER_STATES[inp.optimizer] * params.trainable_bytes // shard
     persistent = weights + adapters + optimizer
+    if inp.device == DeviceKind.CUDA:
+        persistent += CUBLAS_WORKSPACE_BYTES
     if inp.topology.sharding == Sharding.FSDP and devices > 1:
         # The current layer's weights, gathered in full, and the next one prefetched.
         persistent += 2 * inp.shape.layer_parameters * inp.shape.weight_bytes
