@@ -76,7 +76,8 @@ def test_the_operator_reads_the_baseline_from_the_report_config_map_within_bound
         "name": "tickets-r2-report",
         "labels": {"kubetune.io/finetunejob": "tickets", "kubetune.io/run": "2"},
         "ownerReferences": [
-            {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "name": "tickets", "uid": "u", "controller": True}
+            {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "name": "tickets", "uid": "u"}
+            | {"controller": True}
         ],
     }
     seen = read_report({"metadata": meta, "data": {REPORT_KEY: json.dumps(report.to_wire())}})
@@ -160,7 +161,7 @@ def test_the_gate_rule_is_described_and_optional(minimal_job: dict[str, Any]) ->
     assert "classical baseline" in promotion["minBaselineImprovement"]["description"]
     record_fields = schema["properties"]["status"]["properties"]["runs"]["items"]["properties"]
     assert {"metricsBaseline", "baselineModel", "baselineSkipped"} <= set(record_fields)
-    with pytest.raises(SpecError, match="spec.promotion.minBaselineImprovement"):
+    with pytest.raises(SpecError, match=r"spec\.promotion\.minBaselineImprovement"):
         parse(mutated(minimal_job, "spec.promotion", {"minBaselineImprovement": "a lot"}))
 
 
@@ -201,7 +202,7 @@ def test_the_manifest_keeps_the_baseline_beside_the_metrics(tmp_path: Path) -> N
     assert document["metrics"]["baseline"] == TFIDF.metrics
     assert document["baseline"]["model"] == "tfidf-logistic-regression"
     assert ArtifactManifest.load(tmp_path) == manifest
-    older = {"metrics": {"before": {}, "after": {}}}  # a manifest written before the baseline
+    older: dict[str, Any] = {"metrics": {"before": {}, "after": {}}}  # a manifest written before the baseline
     (tmp_path / "kubetune.json").write_text(json.dumps(older))
     loaded = ArtifactManifest.load(tmp_path)
     assert loaded is not None and loaded.baseline is None and loaded.metrics.baseline == {}
