@@ -9,9 +9,10 @@ task a linear model solves (digits, colours) from one where fine-tuning pays.
 
 It is fitted on the training split and measured on the test split, as the fine-tuned model
 is, with the same metric code (`ConfusionCounts`: accuracy, macro-F1 over every label,
-mean cross-entropy). Deterministic (seeded) and bounded: at most `MAX_TRAIN_EXAMPLES`
-training examples (a seeded sample beyond that, and the report says how many),
-`MAX_TEXT_FEATURES` n-grams and `MAX_ITERATIONS` solver iterations.
+mean cross-entropy). Deterministic (seeded) and bounded, as it runs in the driver (on
+a cluster, the Ray head): at most `MAX_TRAIN_TEXTS` or `MAX_TRAIN_IMAGES` training
+examples (a seeded sample beyond that, and the report says how many), `MAX_TEXT_FEATURES`
+n-grams and `MAX_ITERATIONS` solver iterations.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from kubetune.runtime.evaluate import ConfusionCounts
 
 TEXT_MODEL = "tfidf-logistic-regression"
 IMAGE_MODEL = "pixels-logistic-regression"
-MAX_TRAIN_EXAMPLES = 100_000
+MAX_TRAIN_TEXTS = 50_000
+# Each image is decoded to be downsampled: fewer of them than texts keep the fit within seconds.
+MAX_TRAIN_IMAGES = 20_000
 MAX_TEXT_FEATURES = 100_000
 MAX_ITERATIONS = 1000
 PIXELS_SIDE = 16
@@ -53,8 +56,9 @@ def fit_baseline(task: Task, data: TaskData, seed: int) -> BaselineReport:
     if not len(data.test):
         return skipped("the test split is empty")
     started = time.perf_counter()
-    train = _bounded(data.train, seed)
-    model, features = (_text_model(seed), _texts) if task == Task.TEXT_CLASSIFICATION else (_image_model(seed), _pixels)
+    text = task == Task.TEXT_CLASSIFICATION
+    train = _bounded(data.train, MAX_TRAIN_TEXTS if text else MAX_TRAIN_IMAGES, seed)
+    model, features = (_text_model(seed), _texts) if text else (_image_model(seed), _pixels)
     with warnings.catch_warnings():
         # Within MAX_ITERATIONS the fit is good enough for a baseline; a warning would only alarm.
         warnings.simplefilter("ignore")
@@ -62,7 +66,7 @@ def fit_baseline(task: Task, data: TaskData, seed: int) -> BaselineReport:
         probabilities = model.predict_proba(features(data.test))
     metrics = _metrics(probabilities, [int(c) for c in model.classes_], data.test.label_ids, len(data.labels))
     return BaselineReport(
-        model=TEXT_MODEL if task == Task.TEXT_CLASSIFICATION else IMAGE_MODEL,
+        model=TEXT_MODEL if text else IMAGE_MODEL,
         metrics=metrics,
         train_examples=len(train),
         test_examples=len(data.test),
@@ -70,11 +74,11 @@ def fit_baseline(task: Task, data: TaskData, seed: int) -> BaselineReport:
     )
 
 
-def _bounded(examples: Examples, seed: int) -> Examples:
-    """At most MAX_TRAIN_EXAMPLES examples: a seeded sample of a larger split, in its order."""
-    if len(examples) <= MAX_TRAIN_EXAMPLES:
+def _bounded(examples: Examples, most: int, seed: int) -> Examples:
+    """At most `most` examples: a seeded sample of a larger split, in its order."""
+    if len(examples) <= most:
         return examples
-    chosen = sorted(random.Random(seed).sample(range(len(examples)), MAX_TRAIN_EXAMPLES))
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), most))
     return examples.subset(chosen)
 
 

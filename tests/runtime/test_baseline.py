@@ -49,7 +49,7 @@ def test_the_text_baseline_is_fitted_on_the_training_split_and_measured_on_the_t
 def test_a_large_training_split_is_sampled_to_the_bound(
     topics_jsonl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(classical, "MAX_TRAIN_EXAMPLES", 100)
+    monkeypatch.setattr(classical, "MAX_TRAIN_TEXTS", 100)
     data = topics_data(topics_jsonl, tmp_path)
     report = fit_baseline(Task.TEXT_CLASSIFICATION, data, seed=13)
     assert (report.train_examples, report.test_examples) == (100, 32)
