@@ -218,7 +218,8 @@ def _run(local: LocalRun, spec: RunSpec, flags: RunFlags, consoles: Consoles, lo
     events_file.unlink(missing_ok=True)
     reporter = Reporters([ConsoleReporter(out, show_result=False), JsonLinesReporter(events_file)])
     identity = RunIdentity(job_name=local.name, run_name=local.name)
-    options = RunOptions(identity=identity, resources=WorkerResources(workers=workers))
+    resources = WorkerResources(workers=workers, sharding=local.job.spec.resources.sharding)
+    options = RunOptions(identity=identity, resources=resources)
     where = f"details in {log_file}"
     try:
         with local_ray(None):
