@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubetune.runtime.contract import RunSpec, Sharding, WorkerResources
@@ -20,8 +21,8 @@ from .conftest import artifacts, fast_options, finite, make_spec, manifest_file
 
 pytestmark = pytest.mark.runtime
 
-LORA = {"type": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}}
-FULL = {"type": "full"}
+LORA: dict[str, Any] = {"type": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}}
+FULL: dict[str, Any] = {"type": "full"}
 # 256 training examples on 2 workers, batches of 32: 4 steps per epoch, 8 in all, a checkpoint every 2 steps.
 TRAINING = {"epochs": 2, "batchSize": 32, "evaluationsPerEpoch": 2, "learningRate": 5e-3}
 # DDP and FSDP average the same gradients, but in another order of floating-point additions.
@@ -52,7 +53,7 @@ def deterministic_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train(
-    model: Path, data: Path, output: Path, method: dict[str, object], sharding: Sharding, faults: Faults | None = None
+    model: Path, data: Path, output: Path, method: dict[str, Any], sharding: Sharding, faults: Faults | None = None
 ) -> Trained:
     spec = make_spec(
         model, data, output, method=method, hyperparameters=TRAINING, compression={"quantization": {"method": "none"}}
