@@ -23,8 +23,10 @@ pytestmark = pytest.mark.runtime
 
 LORA: dict[str, Any] = {"type": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}}
 FULL: dict[str, Any] = {"type": "full"}
-# 256 training examples on 2 workers, batches of 32: 4 steps per epoch, 8 in all, a checkpoint every 2 steps.
-TRAINING = {"epochs": 2, "batchSize": 32, "evaluationsPerEpoch": 2, "learningRate": 5e-3}
+# 256 training examples on 2 workers, batches of 16: 8 steps per epoch, 16 in all, a checkpoint every 4 steps.
+TRAINING = {"epochs": 2, "batchSize": 16, "evaluationsPerEpoch": 2, "learningRate": 2e-2}
+# How much the training loss falls at least in these 16 steps: LoRA on the tiny random base learns slowly.
+LOSS_DROP = {"full_runs": 0.2, "lora_runs": 1e-3}
 # DDP and FSDP average the same gradients, but in another order of floating-point additions.
 LOSS_TOLERANCE = 1e-4
 
@@ -84,14 +86,14 @@ def lora_runs(
 def test_fsdp_trains_as_ddp_does(runs_name: str, request: pytest.FixtureRequest) -> None:
     runs: dict[Sharding, Trained] = request.getfixturevalue(runs_name)
     ddp, fsdp = runs[Sharding.NONE], runs[Sharding.FSDP]
-    assert fsdp.result.step == ddp.result.step == 8
+    assert fsdp.result.step == ddp.result.step == 16
     assert fsdp.final_loss == pytest.approx(ddp.final_loss, abs=LOSS_TOLERANCE)
     ddp_validation, fsdp_validation = finite(ddp.result.validation), finite(fsdp.result.validation)
     assert fsdp_validation["loss"] == pytest.approx(ddp_validation["loss"], abs=LOSS_TOLERANCE)
     assert fsdp_validation["accuracy"] == ddp_validation["accuracy"]
-    # The weights did train: the loss moved from where it started (the tiny model learns slowly).
+    # The model did learn, so the two agree on a training that changed the weights.
     first = next(event for event in read_events(fsdp.events) if event["event"] == "progress")
-    assert abs(fsdp.final_loss - float(first["loss"])) > 1e-3
+    assert fsdp.final_loss < float(first["loss"]) - LOSS_DROP[runs_name]
     manifest = json.loads(manifest_file(fsdp.result).read_text())
     assert manifest["training"]["sharding"] == "fsdp"
     assert "sharding" not in json.loads(manifest_file(ddp.result).read_text())["training"]
@@ -121,10 +123,10 @@ def test_a_failed_fsdp_run_resumes_from_its_sharded_checkpoint(
     full_runs: dict[Sharding, Trained], deterministic_bert: Path, topics_jsonl: Path, tmp_path: Path
 ) -> None:
     output = tmp_path / "resumed"
-    # Rank 0 raises once after step 3; the newest checkpoint then is the one of step 2.
-    resumed = _train(deterministic_bert, topics_jsonl, output, FULL, Sharding.FSDP, Faults(train_step=3))
-    assert resumed.result.resumed_from_step == 2
-    assert resumed.result.step == 8
+    # Rank 0 raises once after step 6; the newest checkpoint then is the one of step 4.
+    resumed = _train(deterministic_bert, topics_jsonl, output, FULL, Sharding.FSDP, Faults(train_step=6))
+    assert resumed.result.resumed_from_step == 4
+    assert resumed.result.step == 16
     # Every worker wrote its shard of the checkpoints: torch.distributed.checkpoint's index and two shards.
     checkpoints = sorted((output / "checkpoints" / "train").glob("checkpoint_*"))
     sharded = [folder for folder in checkpoints if (folder / ".metadata").is_file()]
