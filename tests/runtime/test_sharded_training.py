@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from kubetune.runtime.contract import RunSpec, Sharding, WorkerResources
 from kubetune.runtime.contract.report import RunReport
 from kubetune.runtime.data.load import load_data
@@ -55,11 +56,17 @@ def deterministic_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train(
-    model: Path, data: Path, output: Path, method: dict[str, Any], sharding: Sharding, faults: Faults | None = None
+    model: Path,
+    data: Path,
+    output: Path,
+    method: dict[str, Any],
+    sharding: Sharding,
+    faults: Faults | None = None,
+    precision: str = "fp32",
 ) -> Trained:
-    spec = make_spec(
-        model, data, output, method=method, hyperparameters=TRAINING, compression={"quantization": {"method": "none"}}
-    )
+    hyperparameters = {**TRAINING, "precision": precision}
+    compression = {"quantization": {"method": "none"}}
+    spec = make_spec(model, data, output, method=method, hyperparameters=hyperparameters, compression=compression)
     options = fast_options(output, faults=faults or Faults())
     options = replace(options, resources=WorkerResources(workers=2, cpus_per_worker=0.45, sharding=sharding))
     events = output.parent / f"{output.name}.events.jsonl"
@@ -137,3 +144,17 @@ def test_a_failed_fsdp_run_resumes_from_its_sharded_checkpoint(
     uninterrupted = full_runs[Sharding.FSDP]
     assert resumed.final_loss == pytest.approx(uninterrupted.final_loss, abs=1e-5)
     assert finite(resumed.result.validation) == pytest.approx(finite(uninterrupted.result.validation), abs=1e-5)
+
+
+def test_fsdp_in_bf16_computes_in_bf16_and_exports_fp32_weights(
+    full_runs: dict[Sharding, Trained], deterministic_bert: Path, topics_jsonl: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    trained = _train(deterministic_bert, topics_jsonl, tmp_path / "bf16", FULL, Sharding.FSDP, precision="bf16")
+    fp32 = full_runs[Sharding.FSDP]
+    # bf16 rounds every activation, so it does not end exactly where fp32 does, but close to it.
+    assert trained.final_loss == pytest.approx(fp32.final_loss, abs=0.1)
+    assert trained.final_loss != fp32.final_loss
+    model = AutoModelForSequenceClassification.from_pretrained(Path(artifacts(trained.result)["full"]))
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
