@@ -158,3 +158,15 @@ def test_fsdp_in_bf16_computes_in_bf16_and_exports_fp32_weights(
     assert trained.final_loss != fp32.final_loss
     model = AutoModelForSequenceClassification.from_pretrained(Path(artifacts(trained.result)["full"]))
     assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+
+
+def test_a_run_config_asking_fsdp_for_qlora_is_refused_naming_the_field(tmp_path: Path) -> None:
+    """An operator of another release may send it: the runtime refuses it before any work."""
+    from kubetune.runtime.io.errors import InvalidRunError
+    from kubetune.runtime.recipe.pipeline import check_runnable
+
+    spec = make_spec(tmp_path / "model", tmp_path / "train.jsonl", tmp_path / "out", method={"type": "qlora"})
+    with pytest.raises(InvalidRunError) as caught:
+        check_runnable(spec, WorkerResources(gpus_per_worker=1, sharding=Sharding.FSDP))
+    assert caught.value.where == "resources.sharding" and "method.type qlora" in caught.value.problem
+    check_runnable(spec, WorkerResources(gpus_per_worker=1))
