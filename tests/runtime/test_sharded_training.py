@@ -19,15 +19,18 @@ from kubetune.runtime.recipe.pipeline import run_pipeline
 from kubetune.runtime.reporting.base import JsonLinesReporter, read_events
 
 from .conftest import artifacts, fast_options, finite, make_spec, manifest_file
+from .topics import make_examples, write_jsonl
 
 pytestmark = pytest.mark.runtime
 
 LORA: dict[str, Any] = {"type": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}}
 FULL: dict[str, Any] = {"type": "full"}
-# 256 training examples on 2 workers, batches of 16: 8 steps per epoch, 16 in all, a checkpoint every 4 steps.
+# 288 training examples (320 less the test split) on 2 workers, batches of 16: 9 steps per epoch, 18 in all,
+# checkpoints after steps 4, 9, 13 and 18. 33 validation examples: shards of 17 and 16, so 2 batches on
+# rank 0 and 1 on rank 1, which must still take part in the sharded model's second forward pass.
 TRAINING = {"epochs": 2, "batchSize": 16, "evaluationsPerEpoch": 2, "learningRate": 2e-2}
-# How much the training loss falls at least in these 16 steps: LoRA on the tiny random base learns slowly.
-LOSS_DROP = {"full_runs": 0.2, "lora_runs": 1e-3}
+VALIDATION_EXAMPLES = 33
+VALIDATION_FILE = "validation.jsonl"
 # DDP and FSDP average the same gradients, but in another order of floating-point additions.
 LOSS_TOLERANCE = 1e-4
 
@@ -45,6 +48,15 @@ class Trained:
         last = progress[-1]
         assert last["step"] == self.result.step, progress
         return float(last["loss"])
+
+
+def _exported_weights(trained: Trained) -> dict[str, torch.Tensor]:
+    """The tensors of the run's `full` variant: the whole model, or for LoRA the adapter."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(artifacts(trained.result)["full"]).glob("*.safetensors"))
+    assert files, artifacts(trained.result)
+    return {name: value for file in files for name, value in load_file(file).items()}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +78,10 @@ def _train(
 ) -> Trained:
     hyperparameters = {**TRAINING, "precision": precision}
     compression = {"quantization": {"method": "none"}}
-    spec = make_spec(model, data, output, method=method, hyperparameters=hyperparameters, compression=compression)
+    data_section = {"train": str(data), "validation": str(data.with_name(VALIDATION_FILE))}
+    spec = make_spec(
+        model, data, output, method=method, hyperparameters=hyperparameters, compression=compression, data=data_section
+    )
     options = fast_options(output, faults=faults or Faults())
     options = replace(options, resources=WorkerResources(workers=2, cpus_per_worker=0.45, sharding=sharding))
     events = output.parent / f"{output.name}.events.jsonl"
@@ -74,33 +89,58 @@ def _train(
 
 
 @pytest.fixture(scope="module")
+def topics_with_validation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """320 examples to train on (and test), and beside them a validation file of its own."""
+    folder = tmp_path_factory.mktemp("topics")
+    write_jsonl(folder / VALIDATION_FILE, make_examples(VALIDATION_EXAMPLES, seed=11))
+    return write_jsonl(folder / "train.jsonl", make_examples(320, seed=7))
+
+
+@pytest.fixture(scope="module")
 def full_runs(
-    ray_session: str, deterministic_bert: Path, topics_jsonl: Path, tmp_path_factory: pytest.TempPathFactory
+    ray_session: str,
+    deterministic_bert: Path,
+    topics_with_validation: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[Sharding, Trained]:
     root = tmp_path_factory.mktemp("full")
-    return {mode: _train(deterministic_bert, topics_jsonl, root / mode.value, FULL, mode) for mode in Sharding}
+    return {
+        mode: _train(deterministic_bert, topics_with_validation, root / mode.value, FULL, mode) for mode in Sharding
+    }
 
 
 @pytest.fixture(scope="module")
 def lora_runs(
-    ray_session: str, deterministic_bert: Path, topics_jsonl: Path, tmp_path_factory: pytest.TempPathFactory
+    ray_session: str, deterministic_bert: Path, topics_with_validation: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[Sharding, Trained]:
     root = tmp_path_factory.mktemp("lora")
-    return {mode: _train(deterministic_bert, topics_jsonl, root / mode.value, LORA, mode) for mode in Sharding}
+    return {
+        mode: _train(deterministic_bert, topics_with_validation, root / mode.value, LORA, mode) for mode in Sharding
+    }
 
 
 @pytest.mark.parametrize("runs_name", ["full_runs", "lora_runs"])
 def test_fsdp_trains_as_ddp_does(runs_name: str, request: pytest.FixtureRequest) -> None:
     runs: dict[Sharding, Trained] = request.getfixturevalue(runs_name)
     ddp, fsdp = runs[Sharding.NONE], runs[Sharding.FSDP]
-    assert fsdp.result.step == ddp.result.step == 16
+    assert fsdp.result.step == ddp.result.step == 18
     assert fsdp.final_loss == pytest.approx(ddp.final_loss, abs=LOSS_TOLERANCE)
     ddp_validation, fsdp_validation = finite(ddp.result.validation), finite(fsdp.result.validation)
     assert fsdp_validation["loss"] == pytest.approx(ddp_validation["loss"], abs=LOSS_TOLERANCE)
     assert fsdp_validation["accuracy"] == ddp_validation["accuracy"]
-    # The model did learn, so the two agree on a training that changed the weights.
+    # Both export the same weights: all of them for a full fine-tune, the adapters and head for LoRA.
+    ddp_weights, fsdp_weights = _exported_weights(ddp), _exported_weights(fsdp)
+    assert ddp_weights.keys() == fsdp_weights.keys()
+    for name, value in fsdp_weights.items():
+        torch.testing.assert_close(value, ddp_weights[name], atol=1e-5, rtol=1e-4, msg=name)
+    # And the weights did train: a full fine-tune learns; LoRA on the tiny random base hardly moves the
+    # loss, but its adapters left their start (lora_B starts at zero).
     first = next(event for event in read_events(fsdp.events) if event["event"] == "progress")
-    assert fsdp.final_loss < float(first["loss"]) - LOSS_DROP[runs_name]
+    if runs_name == "full_runs":
+        assert fsdp.final_loss < float(first["loss"]) - 0.2
+    else:
+        lora_b = [value for name, value in fsdp_weights.items() if "lora_B" in name]
+        assert lora_b and all(float(value.abs().sum()) > 0 for value in lora_b)
     manifest = json.loads(manifest_file(fsdp.result).read_text())
     assert manifest["training"]["sharding"] == "fsdp"
     assert "sharding" not in json.loads(manifest_file(ddp.result).read_text())["training"]
@@ -127,13 +167,13 @@ def test_exported_weights_load_with_plain_transformers(
 
 
 def test_a_failed_fsdp_run_resumes_from_its_sharded_checkpoint(
-    full_runs: dict[Sharding, Trained], deterministic_bert: Path, topics_jsonl: Path, tmp_path: Path
+    full_runs: dict[Sharding, Trained], deterministic_bert: Path, topics_with_validation: Path, tmp_path: Path
 ) -> None:
     output = tmp_path / "resumed"
     # Rank 0 raises once after step 6; the newest checkpoint then is the one of step 4.
-    resumed = _train(deterministic_bert, topics_jsonl, output, FULL, Sharding.FSDP, Faults(train_step=6))
+    resumed = _train(deterministic_bert, topics_with_validation, output, FULL, Sharding.FSDP, Faults(train_step=6))
     assert resumed.result.resumed_from_step == 4
-    assert resumed.result.step == 16
+    assert resumed.result.step == 18
     # Every worker wrote its shard of the checkpoints: torch.distributed.checkpoint's index and two shards.
     checkpoints = sorted((output / "checkpoints" / "train").glob("checkpoint_*"))
     sharded = [folder for folder in checkpoints if (folder / ".metadata").is_file()]
@@ -147,11 +187,13 @@ def test_a_failed_fsdp_run_resumes_from_its_sharded_checkpoint(
 
 
 def test_fsdp_in_bf16_computes_in_bf16_and_exports_fp32_weights(
-    full_runs: dict[Sharding, Trained], deterministic_bert: Path, topics_jsonl: Path, tmp_path: Path
+    full_runs: dict[Sharding, Trained], deterministic_bert: Path, topics_with_validation: Path, tmp_path: Path
 ) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    trained = _train(deterministic_bert, topics_jsonl, tmp_path / "bf16", FULL, Sharding.FSDP, precision="bf16")
+    trained = _train(
+        deterministic_bert, topics_with_validation, tmp_path / "bf16", FULL, Sharding.FSDP, precision="bf16"
+    )
     fp32 = full_runs[Sharding.FSDP]
     # bf16 rounds every activation, so it does not end exactly where fp32 does, but close to it.
     assert trained.final_loss == pytest.approx(fp32.final_loss, abs=0.1)
