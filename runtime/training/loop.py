@@ -2,8 +2,9 @@
 every worker (DDP) or sharded across them (FSDP2, `resources.sharding: fsdp`; see `sharding`).
 
 Rank 0 sends progress through a relay queue to the driver's reporters, writes the
-checkpoints, and all ranks agree on validation metrics through an all-reduce, so
-early stopping stops every worker at the same step. Workers given GPUs (one each) are
+checkpoints (sharded: every rank writes its shards, rank 0 the rest), and all ranks agree
+on validation metrics through an all-reduce, so early stopping stops every worker at the
+same step. Workers given GPUs (one each) are
 checked for CUDA by `check_worker_cuda` before Ray Train starts NCCL on them.
 """
 
