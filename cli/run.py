@@ -58,6 +58,11 @@ class LocalRun:
     def name(self) -> str:
         return str(self.job.metadata["name"])
 
+    def workers(self, count: int | None = None) -> WorkerResources:
+        """The local workers: `count` (or the job's resources.workers), sharded as the job asks."""
+        resources = self.job.spec.resources
+        return WorkerResources(workers=count or resources.workers, sharding=resources.sharding)
+
 
 def read_local_run(path: Path) -> LocalRun:
     """The file's FineTuneJob (exactly one) and its ModelDeployment; SpecError names every problem."""
@@ -203,7 +208,8 @@ def _run(local: LocalRun, spec: RunSpec, flags: RunFlags, consoles: Consoles, lo
     from kubetune.runtime.reporting.console import ConsoleReporter, baseline_line, results_table
 
     out, err = consoles.out, consoles.err
-    workers = flags.workers or local.job.spec.resources.workers
+    resources = local.workers(flags.workers)
+    workers = resources.workers
     out.print(
         f"[bold]kubetune run[/bold] FineTuneJob {escape(local.name)}: {escape(spec.model.task.value)}, "
         f"{escape(spec.method.type.value)} on {workers} worker(s) → {escape(spec.output.uri)}",
@@ -218,7 +224,7 @@ def _run(local: LocalRun, spec: RunSpec, flags: RunFlags, consoles: Consoles, lo
     events_file.unlink(missing_ok=True)
     reporter = Reporters([ConsoleReporter(out, show_result=False), JsonLinesReporter(events_file)])
     identity = RunIdentity(job_name=local.name, run_name=local.name)
-    options = RunOptions(identity=identity, resources=WorkerResources(workers=workers))
+    options = RunOptions(identity=identity, resources=resources)
     where = f"details in {log_file}"
     try:
         with local_ray(None):

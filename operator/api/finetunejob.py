@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from kubetune.runtime.contract import MethodType, Metric, Precision, RunSpec, Task
+from kubetune.runtime.contract import MethodType, Metric, Precision, RunSpec, Sharding, Task
 from kubetune.runtime.contract.common import (
     URI_MAX_LENGTH,
     ContractModel,
@@ -24,6 +24,7 @@ from kubetune.runtime.contract.common import (
 )
 from kubetune.runtime.contract.report import RunProgress
 from kubetune.runtime.contract.run import CAUSAL_LM_METRICS, CLASSIFICATION_METRICS, RUN_SPEC_RULES
+from kubetune.runtime.contract.runconfig import SHARDED_QLORA_MESSAGE, SHARDING_DESCRIPTION
 from pydantic import Field, field_validator, model_validator
 
 from .common import (
@@ -61,6 +62,7 @@ class Resources(Placement):
         le=16,
         description="GPUs per worker pod (nvidia.com/gpu); each runs one training process per GPU.",
     )
+    sharding: Sharding = Field(default=Sharding.NONE, description=SHARDING_DESCRIPTION)
     cpu_per_worker: Quantity = Field(
         default="2", description="CPU request per worker (and its limit, unless cpuLimitPerWorker)."
     )
@@ -135,6 +137,12 @@ _GPU_RULES = (
         "!has(self.resources) || !has(self.resources.gpuType) || self.resources.gpusPerWorker > 0",
         "resources.gpuType needs resources.gpusPerWorker > 0",
         ".resources.gpuType",
+    ),
+    cel_rule(
+        "!has(self.method) || self.method.type != 'qlora' || !has(self.resources)"
+        " || !has(self.resources.sharding) || self.resources.sharding != 'fsdp'",
+        SHARDED_QLORA_MESSAGE,
+        ".resources.sharding",
     ),
     cel_rule(
         "!has(self.promotion) || !has(self.promotion.metric) || (self.model.task == 'causal-lm'"
@@ -229,6 +237,8 @@ class FineTuneJobSpec(RunSpec):
             raise ValueError("method.type qlora needs GPUs: set resources.gpusPerWorker")
         if self.hyperparameters.precision == Precision.FP16 and gpus == 0:
             raise ValueError("hyperparameters.precision fp16 needs GPUs: set resources.gpusPerWorker")
+        if self.method.type == MethodType.QLORA and self.resources.sharding == Sharding.FSDP:
+            raise ValueError(SHARDED_QLORA_MESSAGE)
         if self.resources.gpu_type is not None and gpus == 0:
             raise ValueError("resources.gpuType needs resources.gpusPerWorker > 0")
         if self.promotion.metric is not None:

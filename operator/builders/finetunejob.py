@@ -204,7 +204,9 @@ def run_config(job: FineTuneJob, request: RunRequest) -> RunConfig:
         report_config_map=report_name(run_name(name, request.number)),
     )
     resources = job.spec.resources
-    workers = WorkerResources(workers=resources.workers, gpus_per_worker=resources.gpus_per_worker)
+    workers = WorkerResources(
+        workers=resources.workers, gpus_per_worker=resources.gpus_per_worker, sharding=resources.sharding
+    )
     contract = RunSpec.model_validate(job.spec.model_dump(include=set(RunSpec.model_fields)))
     output = contract.output.model_copy(update={"uri": run_output_uri(contract.output.uri, request.number)})
     contract = contract.model_copy(update={"output": output})

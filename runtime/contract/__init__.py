@@ -11,7 +11,7 @@ from .hyperparameters import EarlyStopping, Hyperparameters, LrSchedule, Optimiz
 from .method import FreezeOptions, LoraOptions, Method, MethodType, QuantizedBaseOptions
 from .model import ModelSource, Task
 from .run import Output, RunSpec
-from .runconfig import RunConfig, RunIdentity, WorkerResources
+from .runconfig import RunConfig, RunIdentity, Sharding, WorkerResources
 from .search import (
     SEARCHABLE_KEYS,
     Algorithm,
@@ -66,6 +66,7 @@ __all__ = [
     "SearchParameter",
     "SearchSpec",
     "ServingArgs",
+    "Sharding",
     "Task",
     "Uri",
     "Variant",

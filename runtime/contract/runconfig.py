@@ -13,6 +13,7 @@ the run to warn about. Anything else wrong in the spec is still an error.
 from __future__ import annotations
 
 import copy
+from enum import StrEnum
 from typing import Any
 
 from pydantic import Field, PrivateAttr, ValidationError
@@ -38,6 +39,26 @@ class RunIdentity(WireModel):
     )
 
 
+class Sharding(StrEnum):
+    """How the training processes hold the model."""
+
+    NONE = "none"  # data parallel (DDP): every process holds the whole model
+    FSDP = "fsdp"  # fully sharded (FSDP2): every process holds a shard of the weights and optimizer state
+
+
+SHARDING_DESCRIPTION = (
+    "How the training processes hold the model: none (data parallel, each holds the whole model) or fsdp "
+    "(fully sharded data parallel: weights, gradients and optimizer state split across all training processes, "
+    "for a model that does not fit one device; checkpoints are sharded too). Not with method.type qlora."
+)
+
+# Sharding splits parameters into DTensors; a 4-bit quantized base's packed weights cannot be split that way.
+SHARDED_QLORA_PROBLEM = (
+    "fsdp does not work with method.type qlora (its 4-bit base cannot be sharded): use sharding none, or method lora"
+)
+SHARDED_QLORA_MESSAGE = f"resources.sharding {SHARDED_QLORA_PROBLEM}"
+
+
 class WorkerResources(WireModel):
     """Training workers of the run (in a cluster: worker pods)."""
 
@@ -57,6 +78,7 @@ class WorkerResources(WireModel):
     gpus_per_worker: int = Field(
         default=0, ge=0, le=16, description="GPUs per worker, all used (a Ray Train worker each); 0 trains on CPU."
     )
+    sharding: Sharding = Field(default=Sharding.NONE, description=SHARDING_DESCRIPTION)
 
 
 class RunConfig(WireModel):

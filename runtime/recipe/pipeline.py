@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.runtime.baseline import fit_baseline
-from kubetune.runtime.contract import Precision, RunIdentity, RunSpec, WorkerResources
+from kubetune.runtime.contract import MethodType, Precision, RunIdentity, RunSpec, Sharding, WorkerResources
 from kubetune.runtime.contract.manifest import MANIFEST_FILE, VARIANTS_FOLDER
 from kubetune.runtime.contract.report import BaselineReport, RunReport, Stage
+from kubetune.runtime.contract.runconfig import SHARDED_QLORA_PROBLEM
 from kubetune.runtime.data.load import TaskData, load_data
 from kubetune.runtime.io.errors import InvalidRunError, invalid_run_cause, unavailable_cause
 from kubetune.runtime.io.settings import RuntimeSettings
@@ -71,6 +72,8 @@ def check_runnable(spec: RunSpec, resources: WorkerResources) -> None:
     Only what the spec decides: whether CUDA works is checked where CUDA is used (Ray Train
     workers, GPU stages), never here, since the driver runs on the Ray head, which has no GPU.
     """
+    if resources.sharding == Sharding.FSDP and spec.method.type == MethodType.QLORA:
+        raise InvalidRunError("resources.sharding", SHARDED_QLORA_PROBLEM)
     if resources.gpus_per_worker > 0:
         return
     check_method_fits_machine(spec.method, use_gpu=False)
@@ -188,7 +191,9 @@ class _Trained:
 
 
 def _train_or_search(spec: RunSpec, data: TaskData, options: RunOptions, root: Path, events: Reporters) -> _Trained:
-    plan = TrainingPlan(spec, data.labels, data.train, data.validation, options.settings)
+    plan = TrainingPlan(
+        spec, data.labels, data.train, data.validation, options.settings, sharding=options.resources.sharding
+    )
     storage_path, filesystem = _checkpoint_storage(spec, root)
     name = options.identity.run_name or "train"
     with ray_cluster(options.local_cpus):
@@ -215,9 +220,11 @@ def _train_or_search(spec: RunSpec, data: TaskData, options: RunOptions, root: P
 def _workers_text(resources: WorkerResources) -> str:
     """Who trains: on GPUs, the worker pods and the Ray Train workers (one per GPU) they run."""
     processes = training_processes(resources)
+    sharded = ", model sharded (FSDP)" if resources.sharding == Sharding.FSDP else ""
     if resources.gpus_per_worker == 0:
-        return f"{processes} Ray Train worker(s)"
-    return f"{resources.workers} worker(s) x {resources.gpus_per_worker} GPU(s): {processes} Ray Train worker(s)"
+        return f"{processes} Ray Train worker(s){sharded}"
+    gpus = f"{resources.workers} worker(s) x {resources.gpus_per_worker} GPU(s)"
+    return f"{gpus}: {processes} Ray Train worker(s){sharded}"
 
 
 def _run(spec: RunSpec, options: RunOptions, placement: StagePlacement, root: Path, events: Reporters) -> RunReport:
@@ -270,7 +277,7 @@ def _fine_tuned_job(
 ) -> FineTunedJob:
     position = trained.position
     resources = options.resources
-    training = {
+    training: dict[str, Any] = {
         "steps": position.step,
         "bestStep": position.best_step,
         "stoppedEarly": position.stopped_early,
@@ -280,6 +287,8 @@ def _fine_tuned_job(
         "workers": resources.workers,
         "examples": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test)},
     }
+    if resources.sharding != Sharding.NONE:
+        training["sharding"] = resources.sharding.value
     if resources.gpus_per_worker > 0:
         training |= {"gpusPerWorker": resources.gpus_per_worker, "rayTrainWorkers": training_processes(resources)}
     return FineTunedJob(

@@ -1,14 +1,17 @@
-"""The training loop every Ray Train worker runs (data-parallel, DDP over gloo or NCCL).
+"""The training loop every Ray Train worker runs: data parallel over gloo or NCCL, the model whole on
+every worker (DDP) or sharded across them (FSDP2, `resources.sharding: fsdp`; see `sharding`).
 
 Rank 0 sends progress through a relay queue to the driver's reporters, writes the
-checkpoints, and all ranks agree on validation metrics through an all-reduce, so
-early stopping stops every worker at the same step. Workers given GPUs (one each) are
+checkpoints (sharded: every rank writes its shards, rank 0 the rest), and all ranks agree
+on validation metrics through an all-reduce, so early stopping stops every worker at the
+same step. Workers given GPUs (one each) are
 checked for CUDA by `check_worker_cuda` before Ray Train starts NCCL on them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import tempfile
 import time
@@ -21,7 +24,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from kubetune.runtime.contract import Hyperparameters, Mode, Precision
+from kubetune.runtime.contract import Hyperparameters, Mode, Precision, Sharding
 from kubetune.runtime.data.task_ops import TaskOps, task_ops, totals_size
 from kubetune.runtime.evaluate import forward_logits, run_evaluation
 from kubetune.runtime.models import build_model
@@ -33,6 +36,16 @@ from .checkpoints import TrainingPosition, TrainingState, load_trainable_state, 
 from .devices import require_cuda
 from .optim import build_optimizer, build_scheduler
 from .plan import TrainingPlan
+from .sharding import (
+    ShardedWeights,
+    gathered_weights,
+    gradient_sync,
+    has_shards,
+    load_shards,
+    save_shards,
+    shard_model,
+)
+from .sharding import snapshot as sharded_snapshot
 
 # Seconds between progress events; every step would flood the driver on fast models.
 PROGRESS_INTERVAL_S = 0.5
@@ -111,10 +124,41 @@ def _validate(
     device = next(model.parameters()).device
     size = totals_size(task, len(plan.labels))
     totals = run_evaluation(model, processor, ops, shard, hp.max_sequence_length, hp.batch_size, device, size).totals
+    if plan.sharding == Sharding.FSDP:
+        _match_forward_passes(model, processor, ops, plan, hp, len(shard), world, device)
     totals = totals.to(device)
     if world > 1 and dist.is_initialized():
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
     return ops.metrics(totals.cpu())
+
+
+@torch.no_grad()
+def _match_forward_passes(
+    model: nn.Module,
+    processor: Any,
+    ops: TaskOps,
+    plan: TrainingPlan,
+    hp: Hyperparameters,
+    shard_size: int,
+    world: int,
+    device: torch.device,
+) -> None:
+    """Forward passes whose results are dropped, until this rank has run as many as the largest shard needs.
+
+    A sharded model gathers its weights with collectives in every forward pass, so every rank must run
+    the same number; validation shards may differ by an example, and so by a batch.
+    """
+    largest_shard = math.ceil(len(plan.validation) / world)  # rank 0's
+    missing = math.ceil(largest_shard / hp.batch_size) - math.ceil(shard_size / hp.batch_size)
+    if missing <= 0:
+        return
+    was_training = model.training
+    model.eval()
+    inputs = ops.encode(processor, plan.validation.subset(range(1)), hp.max_sequence_length)
+    inputs = {name: value.to(device) for name, value in inputs.items()}
+    for _ in range(missing):
+        forward_logits(model, inputs)
+    model.train(was_training)
 
 
 def _batches(sampler: DistributedSampler[int], batch_size: int) -> list[list[int]]:
@@ -122,14 +166,21 @@ def _batches(sampler: DistributedSampler[int], batch_size: int) -> list[list[int
     return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
 
 
-def _report(metrics: dict[str, Any], state: TrainingState | None) -> None:
-    """Every rank reports (Ray Train expects it); only rank 0 passes the checkpoint."""
-    if state is None:
+def _report(metrics: dict[str, Any], state: TrainingState | None, shards: _Shards | None = None) -> None:
+    """Every rank reports (Ray Train expects it); rank 0 passes the checkpoint, and every rank its shards."""
+    if state is None and shards is None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
-        state.save(Path(folder))
+        if shards is not None:
+            save_shards(Path(folder), *shards)
+        if state is not None:
+            state.save(Path(folder))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+# What a worker of a sharded run writes into a checkpoint: model, optimizer, best weights unless current.
+_Shards = tuple[nn.Module, torch.optim.Optimizer, ShardedWeights | None]
 
 
 def _no_sync(model: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager[Any]:
@@ -137,7 +188,7 @@ def _no_sync(model: nn.Module, skip_sync: bool) -> contextlib.AbstractContextMan
     if skip_sync and no_sync is not None:
         context: contextlib.AbstractContextManager[Any] = no_sync()
         return context
-    return contextlib.nullcontext()
+    return gradient_sync(model, not skip_sync)  # a sharded model's switch; nothing for a DDP one
 
 
 def check_worker_cuda() -> None:
@@ -168,30 +219,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
     model.train()
 
+    sharded = plan.sharding == Sharding.FSDP
     resumed = ray.train.get_checkpoint()
     state = None
     if resumed is not None:
         with resumed.as_directory() as folder:
             state = TrainingState.load(Path(folder))
-        load_trainable_state(model, state.weights)
+        # A sharded checkpoint keeps its weights in the shards; the final one holds them whole.
+        if state.weights:
+            load_trainable_state(model, state.weights)
     position = state.position if state else TrainingPosition()
     if state is not None:
         position.resumed_from_step = position.step
     # An empty best in a checkpoint means its current weights were the best.
     best_weights = (state.best_weights or state.weights) if state else {}
+    best_shards: ShardedWeights | None = None  # sharded: this worker's shards of the best weights
 
     batches_per_epoch, optimizer_steps = steps_per_epoch(
         len(plan.train), world, hp.batch_size, hp.gradient_accumulation_steps
     )
     total_steps = optimizer_steps * hp.epochs
     unwrapped = model
-    model = ray.train.torch.prepare_model(model)
+    if sharded:
+        model = shard_model(model, ray.train.torch.get_device(), hp.precision)
+    else:
+        model = ray.train.torch.prepare_model(model)
     device = next(model.parameters()).device
     optimizer = build_optimizer(model, hp)
     scheduler = build_scheduler(optimizer, hp, total_steps)
     if state is not None and state.optimizer is not None and state.scheduler is not None:
         optimizer.load_state_dict(state.optimizer)
+    if state is not None and state.scheduler is not None:
         scheduler.load_state_dict(state.scheduler)
+    if sharded and resumed is not None:
+        with resumed.as_directory() as folder:
+            if has_shards(Path(folder)):
+                # Without best weights of their own, the checkpoint's current weights are the best.
+                best_shards = load_shards(Path(folder), model, optimizer) or sharded_snapshot(model)
     scaler = torch.amp.GradScaler(device.type, enabled=hp.precision == Precision.FP16)
     # The sampler only needs the length: it hands out example indices.
     indices: Any = range(len(plan.train))
@@ -257,19 +321,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             relay.send(SplitMetrics("validation", metrics, position.step), True)
             value = metrics[plan.metric.value]
             min_delta = hp.early_stopping.min_delta if hp.early_stopping else 0.0
-            current = trainable_state(unwrapped) if rank == 0 else {}
-            if improved(value, position.best_metrics.get(plan.metric.value), plan.mode, min_delta):
+            current = trainable_state(unwrapped) if rank == 0 and not sharded else {}
+            best_now = improved(value, position.best_metrics.get(plan.metric.value), plan.mode, min_delta)
+            if best_now:
                 position.best_metrics, position.best_step = metrics, position.step
                 position.evaluations_without_improvement = 0
                 best_weights = current
+                best_shards = sharded_snapshot(model) if sharded else None
             else:
                 position.evaluations_without_improvement += 1
             if hp.early_stopping and position.evaluations_without_improvement >= hp.early_stopping.patience:
                 position.stopped_early = True
-            # When the current weights are the best, the checkpoint stores them once.
-            stored_best = {} if best_weights is current else best_weights
-            state = TrainingState(current, stored_best, optimizer.state_dict(), scheduler.state_dict(), position)
-            _report({**_prefixed(metrics), "step": position.step, "epoch": epoch}, state if rank == 0 else None)
+            metrics_out = {**_prefixed(metrics), "step": position.step, "epoch": epoch}
+            if sharded:
+                # The shards hold weights, optimizer and an older best; rank 0 adds the schedule and position.
+                state = TrainingState({}, {}, None, scheduler.state_dict(), position)
+                shards = (model, optimizer, None if best_now else best_shards)
+                _report(metrics_out, state if rank == 0 else None, shards)
+            else:
+                # When the current weights are the best, the checkpoint stores them once.
+                stored_best = {} if best_weights is current else best_weights
+                state = TrainingState(current, stored_best, optimizer.state_dict(), scheduler.state_dict(), position)
+                _report(metrics_out, state if rank == 0 else None)
             if position.stopped_early:
                 break
         if position.stopped_early:
@@ -277,6 +350,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         position.epoch, position.batch = epoch + 1, 0
 
     # The exported model is the one that validated best, not necessarily the last.
+    if sharded:
+        best_weights = gathered_weights(model, best_shards)
     final = TrainingState(best_weights, {}, None, None, position)
     _report({**_prefixed(position.best_metrics), "step": position.step, "final": True}, final if rank == 0 else None)
 

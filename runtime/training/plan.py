@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.runtime.contract import Hyperparameters, Method, Metric, Mode, RunSpec
+from kubetune.runtime.contract import Hyperparameters, Method, Metric, Mode, RunSpec, Sharding
 from kubetune.runtime.data.load import Examples
 from kubetune.runtime.io.settings import RuntimeSettings
 
@@ -43,6 +43,7 @@ class TrainingPlan:
     validation: Examples
     settings: RuntimeSettings
     threads_per_worker: int = 1
+    sharding: Sharding = Sharding.NONE  # resources.sharding: how the workers hold the model
     overrides: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -201,6 +201,13 @@ JOB_MUTATIONS = [
         "fp16 without GPUs", edit("spec.hyperparameters.precision", "fp16"), edit("spec.resources.gpusPerWorker", 0)
     ),
     mistake(
+        "fsdp with qlora",
+        edit("spec.method", {"type": "qlora"}),
+        edit("spec.resources.gpusPerWorker", 1),
+        edit("spec.resources.sharding", "fsdp"),
+    ),
+    fine("fsdp with lora", edit("spec.resources.sharding", "fsdp")),
+    mistake(
         "gpuType without GPUs", edit("spec.resources.gpuType", "NVIDIA-A100"), edit("spec.resources.gpusPerWorker", 0)
     ),
     mistake("lora options with method full", edit("spec.method", {"type": "full", "lora": {"rank": 8}})),

@@ -34,13 +34,19 @@ def _tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(minilm_dir())
 
 
-def tiny_bert(folder: Path) -> Path:
-    """A 2-layer, 32-wide BERT text classifier base with MiniLM's tokenizer."""
+def tiny_bert(folder: Path, dropout: float = 0.1) -> Path:
+    """A 2-layer, 32-wide BERT text classifier base with MiniLM's tokenizer (without dropout: deterministic)."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
     config = BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     BertModel(config).save_pretrained(folder)
     _tokenizer().save_pretrained(folder)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from kubetune.operator.api.finetunejob import ConcurrencyPolicy, FineTuneJob
 from kubetune.operator.api.manifests import parse
-from kubetune.runtime.contract import Algorithm, MethodType, Metric, Mode, QuantizationMethod, Task
+from kubetune.runtime.contract import Algorithm, MethodType, Metric, Mode, QuantizationMethod, Sharding, Task
 from kubetune.runtime.contract.errors import SpecError
 
 from ..conftest import DELETE, mutated
@@ -211,6 +211,17 @@ def test_qlora_with_gpus_is_accepted(minimal_job: dict[str, Any]) -> None:
     )
     job = parse(document)
     assert job.spec.method.type == MethodType.QLORA  # type: ignore[union-attr]
+
+
+def test_fsdp_shards_lora_and_full_but_not_qlora(minimal_job: dict[str, Any]) -> None:
+    sharded = mutated(mutated(minimal_job, "spec.resources.sharding", "fsdp"), "spec.resources.gpusPerWorker", 1)
+    for method in ({"type": "lora"}, {"type": "full"}):
+        job = parse(mutated(sharded, "spec.method", method))
+        assert job.spec.resources.sharding == Sharding.FSDP  # type: ignore[union-attr]
+    problems = problems_of(mutated(sharded, "spec.method", {"type": "qlora", "qlora": {"quantType": "nf4"}}))
+    assert any("resources.sharding fsdp does not work with method.type qlora" in p for p in problems), problems
+    unknown = problems_of(mutated(sharded, "spec.resources.sharding", "zero"))
+    assert any(p.startswith("spec.resources.sharding:") for p in unknown), unknown
 
 
 FULL_COMMIT = "0123456789abcdef0123456789abcdef01234567"

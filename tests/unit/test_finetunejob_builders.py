@@ -16,7 +16,7 @@ from kubetune.operator.images import RAY_VERSION
 from kubetune.operator.naming import MAX_RAY_NAME_LENGTH, run_name
 from kubetune.operator.planning.finetunejob import RunRequest
 from kubetune.operator.settings import Settings, SettingsError
-from kubetune.runtime.contract import RunConfig
+from kubetune.runtime.contract import RunConfig, Sharding
 
 from ..conftest import REPO_ROOT, mutated
 
@@ -104,6 +104,13 @@ def test_run_config_holds_the_contract_and_the_identity(complete_job: dict[str, 
     assert (config.resources.workers, config.resources.gpus_per_worker) == (2, 1)
     assert config.spec.search is not None and config.spec.search.trials == 12
     assert "resources" not in json.loads(manifests.config["data"]["run.json"])["spec"]
+    assert config.resources.sharding == Sharding.NONE
+
+
+def test_run_config_carries_the_sharding(complete_job: dict[str, Any]) -> None:
+    manifests = build(complete_job, ("spec.resources.sharding", "fsdp"))
+    config = RunConfig.model_validate(json.loads(manifests.config["data"]["run.json"]))
+    assert config.resources.sharding == Sharding.FSDP
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from kubetune.cli.run import judged, read_local_run, run_spec, serve_args
 from kubetune.cli.serve import Endpoint, example_request, local_compile, sample_of, shown_answer
-from kubetune.runtime.contract import Task
+from kubetune.runtime.contract import Sharding, Task
 from kubetune.runtime.contract.errors import SpecError
 from kubetune.runtime.contract.report import RunReport, Stage, VariantReport
 from kubetune.runtime.contract.serving import Variant
@@ -167,3 +167,11 @@ def test_answers_are_shown_in_a_line_and_compiling_is_opt_in() -> None:
     completion = {"choices": [{"message": {"role": "assistant", "content": "Hello"}}]}
     assert shown_answer(completion) == "'Hello'"
     assert (local_compile(None), local_compile(False), local_compile(True)) == (False, False, True)
+
+
+def test_a_local_run_trains_on_the_workers_and_sharding_the_job_asks(tmp_path: Path) -> None:
+    documents = _documents()
+    documents[0]["spec"].setdefault("resources", {}).update({"workers": 3, "sharding": "fsdp"})
+    local = read_local_run(_write(tmp_path, documents))
+    assert (local.workers().workers, local.workers().sharding) == (3, Sharding.FSDP)
+    assert local.workers(2).workers == 2  # --workers

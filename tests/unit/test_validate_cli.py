@@ -256,6 +256,12 @@ CROSS_FIELD_CASES = [
     (JOB, [("spec.hyperparameters", {"precision": "fp16"})], "fp16 needs GPUs", "spec.hyperparameters.precision"),
     (JOB, [("spec.method", {"type": "qlora"})], "qlora needs GPUs", "spec.method.type"),
     (JOB, [("spec.resources", {"gpuType": "NVIDIA-H100"})], "gpuType needs", "spec.resources.gpuType"),
+    (
+        JOB,
+        [("spec.method", {"type": "qlora"}), ("spec.resources", {"gpusPerWorker": 1, "sharding": "fsdp"})],
+        "fsdp does not work with method.type qlora",
+        "spec.resources.sharding",
+    ),
     (JOB, [("spec.promotion", {"metric": "perplexity"})], "promotion.metric perplexity", "spec.promotion.metric"),
     (
         JOB,
