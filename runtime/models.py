@@ -23,14 +23,15 @@ from .io.settings import RuntimeSettings
 from .io.storage import fetch, parse_uri
 
 # Attention projections adapted by default, per `config.model_type`, for types peft's own
-# table lacks; every other type falls back to peft's table.
+# table lacks; every other type falls back to peft's table. Named as transformers 5 names them
+# (its ViT and DeiT layers call them q_proj and v_proj).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "camembert": ["query", "value"],
     "mpnet": ["q", "v"],
     "distilbert": ["q_lin", "v_lin"],
     "albert": ["query", "value"],
-    "vit": ["query", "value"],
-    "deit": ["query", "value"],
+    "vit": ["q_proj", "v_proj"],
+    "deit": ["q_proj", "v_proj"],
 }
 
 

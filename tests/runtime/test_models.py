@@ -10,7 +10,12 @@ import torch
 from kubetune.runtime.contract import Method, ModelSource
 from kubetune.runtime.io.errors import ModelError
 from kubetune.runtime.io.settings import RuntimeSettings
-from kubetune.runtime.models import build_model, check_method_fits_machine, trainable_parameter_count
+from kubetune.runtime.models import (
+    DEFAULT_TARGET_MODULES,
+    build_model,
+    check_method_fits_machine,
+    trainable_parameter_count,
+)
 from kubetune.runtime.variants.export import VariantFormat, export_variants, merged_copy
 from torch import nn
 
@@ -121,3 +126,35 @@ def test_exported_lora_variants_load_back_with_the_same_outputs(model_dir: Path,
     torch.testing.assert_close(_logits(adapter, tokenizer), expected, atol=1e-5, rtol=1e-5)
     assert (variants[0].folder / "adapter_model.safetensors").is_file()
     assert (variants[0].folder / "tokenizer.json").is_file()
+
+
+def _tiny_model(model_type: str) -> Any:
+    import transformers as t
+
+    small: dict[str, Any] = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    }
+    vision: dict[str, Any] = {"image_size": 32, "patch_size": 8, **small}
+    built: dict[str, Any] = {
+        "camembert": lambda: t.CamembertForSequenceClassification(t.CamembertConfig(vocab_size=100, **small)),
+        "mpnet": lambda: t.MPNetForSequenceClassification(t.MPNetConfig(vocab_size=100, **small)),
+        "distilbert": lambda: t.DistilBertForSequenceClassification(
+            t.DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+        ),
+        "albert": lambda: t.AlbertForSequenceClassification(t.AlbertConfig(vocab_size=100, embedding_size=16, **small)),
+        "vit": lambda: t.ViTForImageClassification(t.ViTConfig(**vision)),
+        "deit": lambda: t.DeiTForImageClassification(t.DeiTConfig(**vision)),
+    }
+    return built[model_type]()
+
+
+@pytest.mark.parametrize("model_type", sorted(DEFAULT_TARGET_MODULES))
+def test_default_lora_targets_name_modules_the_model_has(model_type: str) -> None:
+    """A table entry that names no module of today's transformers would fail every lora run of that type."""
+    model = _tiny_model(model_type)
+    assert model.config.model_type == model_type
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    assert set(DEFAULT_TARGET_MODULES[model_type]) <= names
