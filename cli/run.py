@@ -138,7 +138,7 @@ def judged(job: FineTuneJob, result: RunReport) -> GateResult:
         trigger=Trigger.SPEC_CHANGE,
         spec_generation=0,
         phase=JobPhase.SUCCEEDED,
-        **finite_metrics(result.metrics_before, result.metrics_after),
+        **finite_metrics(result.metrics_before, result.metrics_after, result.baseline),
     )
     return gate(job, record, result)
 
@@ -200,7 +200,7 @@ def _run(local: LocalRun, spec: RunSpec, flags: RunFlags, consoles: Consoles, lo
     from kubetune.runtime.io.storage import anchored
     from kubetune.runtime.recipe.pipeline import RunOptions, run_pipeline
     from kubetune.runtime.reporting.base import JsonLinesReporter, Reporters
-    from kubetune.runtime.reporting.console import ConsoleReporter, results_table
+    from kubetune.runtime.reporting.console import ConsoleReporter, baseline_line, results_table
 
     out, err = consoles.out, consoles.err
     workers = flags.workers or local.job.spec.resources.workers
@@ -228,6 +228,9 @@ def _run(local: LocalRun, spec: RunSpec, flags: RunFlags, consoles: Consoles, lo
             served = result.best_variant if args.variant == Variant.BEST else args.variant.value
             promoted = served if verdict.passed else None
             out.print(results_table(result, promoted))
+            skipped = baseline_line(result)
+            if skipped:
+                out.print(f"  [dim]{escape(skipped)}[/dim]", highlight=False)
             _print_outputs(out, args.model_uri, result.manifest_uri, result.tensorboard_uri, log_file)
             if not verdict.passed:
                 out.print(f"[yellow]not promoted:[/yellow] {escape(verdict.message)}", highlight=False)

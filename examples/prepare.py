@@ -93,7 +93,7 @@ def digits(folder: Path) -> str:
     """scikit-learn's 8x8 digits (values 0-16) as 32x32 grayscale PNGs, one folder per label."""
     import numpy as np
     from PIL import Image
-    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
+    from sklearn.datasets import load_digits
 
     data = load_digits()
     images = np.rint(data.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)

@@ -108,6 +108,15 @@ class PromotionGate(ContractModel):
     require_compressed: bool = Field(
         default=False, description="Also require a compressed variant within compression.maxAccuracyDrop."
     )
+    min_baseline_improvement: float | None = Field(
+        default=None,
+        description=(
+            "How much the fine-tuned model must beat the run's classical baseline (TF-IDF or pixels with "
+            "logistic regression, trained on the same split; status metricsBaseline) on the metric, in the "
+            "metric's direction; 0 asks for at least the baseline's value. Omitted: not checked. Classification "
+            "only: a causal-lm run has no baseline, so it would never pass."
+        ),
+    )
 
 
 _GPU_RULES = (
@@ -289,6 +298,8 @@ class GateReason(StrEnum):
     IMPROVEMENT_TOO_SMALL = "ImprovementTooSmall"
     OUT_OF_BOUND = "OutOfBound"
     NO_COMPRESSED_VARIANT = "NoCompressedVariant"
+    BASELINE_MISSING = "BaselineMissing"
+    BASELINE_NOT_BEATEN = "BaselineNotBeaten"
 
 
 class GateResult(WireModel):
@@ -299,6 +310,10 @@ class GateResult(WireModel):
     metric: Metric | None = Field(default=None, description="The test metric the gate checked.")
     value: FiniteOrNull = Field(default=None, description="The fine-tuned model's value of the metric.")
     baseline: FiniteOrNull = Field(default=None, description="The base model's value of the metric.")
+    classical_baseline: FiniteOrNull = Field(
+        default=None,
+        description="The classical baseline's value of the metric, when promotion.minBaselineImprovement is set.",
+    )
     message: Message = Field(default="", description="The verdict in words.")
 
 
@@ -357,9 +372,20 @@ class RunRecord(WireModel):
     progress: RunProgress | None = Field(default=None, description="Latest progress report.")
     metrics_before: dict[str, float] | None = Field(default=None, description="Base-model test metrics.")
     metrics_after: dict[str, float] | None = Field(default=None, description="Fine-tuned test metrics.")
+    metrics_baseline: dict[str, float] | None = Field(
+        default=None,
+        description="Test metrics of the classical baseline trained on the same split (see baselineModel).",
+    )
+    baseline_model: ShortText | None = Field(
+        default=None,
+        description="The classical baseline (tfidf-logistic-regression, pixels-logistic-regression), when measured.",
+    )
+    baseline_skipped: Message | None = Field(
+        default=None, description="Why the run has no classical baseline (a causal-lm run, say)."
+    )
     not_finite: list[ShortText] | None = Field(
         default=None,
-        max_length=2 * MAX_METRICS,
+        max_length=3 * MAX_METRICS,
         description="Metrics the run reported as NaN or infinite, e.g. metricsAfter.loss (JSON cannot hold them).",
     )
     artifacts: dict[str, str] | None = Field(

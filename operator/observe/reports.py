@@ -23,15 +23,15 @@ from kubetune.operator.api.common import GROUP
 from kubetune.operator.api.finetunejob import KIND, MAX_ARTIFACTS, MAX_METRICS, RunRecord
 from kubetune.operator.naming import JOB_LABEL, RUN_LABEL
 from kubetune.runtime.contract.common import MESSAGE_MAX_LENGTH, SHORT_TEXT_MAX_LENGTH, URI_MAX_LENGTH, Metrics, Uri
-from kubetune.runtime.contract.report import REPORT_KEY, RunProgress, RunReport, Stage, VariantReport
+from kubetune.runtime.contract.report import REPORT_KEY, BaselineReport, RunProgress, RunReport, Stage, VariantReport
 from kubetune.runtime.contract.search import Metric
 from pydantic import TypeAdapter, ValidationError
 
 log = logging.getLogger("kubetune.finetunejob")
 
 # Longest report text read. The largest report a run writes (MAX_ARTIFACTS variants with the longest
-# URIs and reasons, MAX_METRICS metrics per model and variant, the longest error, message and texts,
-# hyperparameters at the record's cap) is about 97 KiB of JSON; anything longer is not a run's report,
+# URIs and reasons, MAX_METRICS metrics per model, baseline and variant, the longest error, message and
+# texts, hyperparameters at the record's cap) is about 100 KiB of JSON; anything longer is not a run's report,
 # and is never parsed.
 REPORT_MAX_BYTES = 128 * 1024
 
@@ -101,8 +101,8 @@ def job_controller_uid(meta: Mapping[str, Any]) -> str | None:
 def bounded_report(report: RunReport) -> RunReport:
     """The report cut to what a run record can hold: the same bounds as the status, applied before caching.
 
-    At most MAX_ARTIFACTS variants (short names, URIs that fit), MAX_METRICS metrics per model and per
-    variant, hyperparameters within the record's cap, a manifest URI that fits a URI.
+    At most MAX_ARTIFACTS variants (short names, URIs that fit), MAX_METRICS metrics per model (the
+    classical baseline too) and per variant, hyperparameters within the record's cap, a manifest URI that fits a URI.
     """
     variants = None
     if report.variants is not None:
@@ -113,6 +113,7 @@ def bounded_report(report: RunReport) -> RunReport:
         update={
             "metrics_before": None if report.metrics_before is None else bounded_metrics(report.metrics_before),
             "metrics_after": None if report.metrics_after is None else bounded_metrics(report.metrics_after),
+            "baseline": _bounded_baseline(report.baseline),
             "variants": variants,
             "best_hyperparameters": bounded_hyperparameters(report.best_hyperparameters),
             "manifest_uri": manifest_uri,
@@ -122,6 +123,10 @@ def bounded_report(report: RunReport) -> RunReport:
 
 def _bounded_variant(variant: VariantReport) -> VariantReport:
     return variant.model_copy(update={"metrics": bounded_metrics(variant.metrics)})
+
+
+def _bounded_baseline(baseline: BaselineReport | None) -> BaselineReport | None:
+    return None if baseline is None else baseline.model_copy(update={"metrics": bounded_metrics(baseline.metrics)})
 
 
 def observe_report(config_map: Mapping[str, Any]) -> Report | None:
@@ -156,7 +161,7 @@ def with_report(record: RunRecord, report: RunReport | None, output_uri: str) ->
     progress = RunProgress.model_validate(fields)
     update: dict[str, Any] = {"progress": progress}
     # The report is written by the run's pod: what it holds is bounded before it reaches the status.
-    update.update(finite_metrics(report.metrics_before, report.metrics_after))
+    update.update(finite_metrics(report.metrics_before, report.metrics_after, report.baseline))
     if report.variants:
         produced = {
             name: variant.uri for name, variant in report.variants.items() if lies_under(variant.uri, output_uri)
@@ -205,14 +210,28 @@ def bounded_metrics(metrics: Metrics) -> Metrics:
     return {name: metrics[name] for name in names[:MAX_METRICS]}
 
 
-def finite_metrics(before: Metrics | None, after: Metrics | None) -> dict[str, Any]:
+def finite_metrics(
+    before: Metrics | None, after: Metrics | None, baseline: BaselineReport | None = None
+) -> dict[str, Any]:
     """A run record's metrics fields from reported ones: finite values, and which were not (NaN, infinite).
 
     At most MAX_METRICS metrics per model with short names, kubetune's own (accuracy, loss, ...) first.
+    The classical baseline's metrics go beside the base and fine-tuned models', with its model, or why
+    there is none.
     """
     fields: dict[str, Any] = {}
     not_finite: list[str] = []
-    for field, wire, metrics in (("metrics_before", "metricsBefore", before), ("metrics_after", "metricsAfter", after)):
+    if baseline is not None:
+        if baseline.model:
+            fields["baseline_model"] = baseline.model
+        if baseline.skipped:
+            fields["baseline_skipped"] = baseline.skipped
+    baseline_metrics = baseline.metrics if baseline is not None and baseline.metrics else None
+    for field, wire, metrics in (
+        ("metrics_before", "metricsBefore", before),
+        ("metrics_after", "metricsAfter", after),
+        ("metrics_baseline", "metricsBaseline", baseline_metrics),
+    ):
         if metrics is None:
             continue
         kept = bounded_metrics(metrics)

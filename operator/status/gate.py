@@ -56,6 +56,11 @@ def gate(job: FineTuneJob, record: RunRecord, report: RunReport | None = None) -
             message=f"{metric.value} {after:.4g} is not {bound} promotion.minValue {promotion.min_value:g}",
             **measured,
         )
+    if promotion.min_baseline_improvement is not None:
+        refused = _baseline_refusal(record, metric, after, promotion.min_baseline_improvement)
+        if refused is not None:
+            return refused.model_copy(update=measured)
+        measured["classical_baseline"] = (record.metrics_baseline or {}).get(metric.value)
     if promotion.require_compressed:
         variants = (report.variants if report else None) or {}
         if not any(v.accepted for name, v in variants.items() if name not in (Variant.FULL, Variant.MERGED)):
@@ -65,8 +70,42 @@ def gate(job: FineTuneJob, record: RunRecord, report: RunReport | None = None) -
                 message="no compressed variant within compression.maxAccuracyDrop",
                 **measured,
             )
-    message = f"{metric.value} {after:.4g}" + (f" (base {before:.4g})" if before is not None else "")
+    compared = [f"base {before:.4g}"] if before is not None else []
+    classical = measured.get("classical_baseline")
+    if classical is not None:
+        compared.append(f"classical baseline {classical:.4g}")
+    message = f"{metric.value} {after:.4g}" + (f" ({', '.join(compared)})" if compared else "")
     return GateResult(passed=True, reason=GateReason.PASSED, message=message, **measured)
+
+
+def _baseline_refusal(record: RunRecord, metric: Metric, after: float, margin: float) -> GateResult | None:
+    """Why the fine-tuned model does not beat the classical baseline by `margin`; None when it does."""
+    baseline = (record.metrics_baseline or {}).get(metric.value)
+    named = f"classical baseline {record.baseline_model}" if record.baseline_model else "classical baseline"
+    if f"metricsBaseline.{metric.value}" in (record.not_finite or []):
+        return GateResult(
+            passed=False,
+            reason=GateReason.METRIC_NOT_FINITE,
+            message=f"run {record.number}: the {named}'s {metric.value} is not a finite number",
+        )
+    if baseline is None:
+        why = f": {record.baseline_skipped}" if record.baseline_skipped else ""
+        return GateResult(
+            passed=False,
+            reason=GateReason.BASELINE_MISSING,
+            message=f"run {record.number} reported no classical baseline {metric.value} for "
+            f"promotion.minBaselineImprovement{why}",
+        )
+    improvement = after - baseline if METRIC_MODE[metric] == Mode.MAX else baseline - after
+    if improvement >= margin:
+        return None
+    return GateResult(
+        passed=False,
+        reason=GateReason.BASELINE_NOT_BEATEN,
+        classical_baseline=baseline,
+        message=f"{metric.value} {after:.4g} beats the {named} ({baseline:.4g}) by {improvement:.4g}, "
+        f"less than promotion.minBaselineImprovement {margin:g}",
+    )
 
 
 def best_metric(verdict: GateResult | None) -> str | None:

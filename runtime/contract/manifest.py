@@ -17,6 +17,7 @@ from pydantic import AliasChoices, Field, field_serializer
 
 from .common import FiniteOrNull, JsonObject, Message, Metrics, WireModel
 from .model import Task
+from .report import BaselineReport
 from .runconfig import RunIdentity
 
 MANIFEST_FILE = "kubetune.json"
@@ -66,11 +67,14 @@ class ManifestVariant(WireModel):
 
 
 class ManifestMetrics(WireModel):
-    """Test metrics before and after fine-tuning, and the last validation metrics."""
+    """Test metrics before and after fine-tuning and of the classical baseline, and the last validation metrics."""
 
     before: Metrics = Field(default_factory=dict, description="The base model's test metrics.")
     after: Metrics = Field(default_factory=dict, description="The fine-tuned model's test metrics.")
     validation: Metrics = Field(default_factory=dict, description="The last validation metrics of training.")
+    baseline: Metrics = Field(
+        default_factory=dict, description="The classical baseline's test metrics (see `baseline`); empty without one."
+    )
 
 
 class ArtifactManifest(WireModel):
@@ -87,6 +91,9 @@ class ArtifactManifest(WireModel):
     search: JsonObject | None = Field(default=None, description="The search and its trials, when there was one.")
     training: JsonObject = Field(default_factory=dict, description="How training went (steps, early stopping).")
     metrics: ManifestMetrics = Field(default_factory=ManifestMetrics, description="Test and validation metrics.")
+    baseline: BaselineReport | None = Field(
+        default=None, description="The classical baseline trained on the same split, or why the run has none."
+    )
     output: str | None = Field(default=None, description="The run's output URI.")
     variants: dict[str, ManifestVariant] = Field(default_factory=dict, description="Exported variants by name.")
     best_variant: str | None = Field(default=None, description="The variant `best` resolves to.")

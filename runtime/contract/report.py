@@ -63,6 +63,31 @@ class VariantReport(WireModel):
     reason: Message | None = Field(default=None, description="Why the variant was rejected, when it was.")
 
 
+class BaselineReport(WireModel):
+    """A classical model trained in seconds on the run's training split and tested on its test split.
+
+    What fine-tuning has to beat: TF-IDF + logistic regression for text, logistic regression on
+    downsampled pixels for images. Its metrics are computed as the fine-tuned model's are.
+    """
+
+    model: ShortText | None = Field(
+        default=None,
+        description="The classical model (tfidf-logistic-regression, pixels-logistic-regression); null when skipped.",
+    )
+    metrics: Metrics = Field(
+        default_factory=dict,
+        description="Its test metrics, computed as the fine-tuned model's (null: not a finite number).",
+    )
+    train_examples: int | None = Field(default=None, ge=0, description="Training examples it was fitted on.")
+    test_examples: int | None = Field(
+        default=None, ge=0, description="Test examples it was measured on: the fine-tuned model's test split."
+    )
+    seconds: FiniteOrNull = Field(default=None, ge=0, description="Seconds it took to fit and test.")
+    skipped: Message | None = Field(
+        default=None, description="Why the run has no baseline (a causal-lm run, say), when it has none."
+    )
+
+
 class RunProgress(WireModel):
     """How far a run is: what the operator shows of a running job."""
 
@@ -95,6 +120,10 @@ class RunReport(RunProgress):
     )
     metrics_after: Metrics | None = Field(
         default=None, description="Fine-tuned test metrics (null: not a finite number)."
+    )
+    baseline: BaselineReport | None = Field(
+        default=None,
+        description="The classical baseline trained on the same split, beside the base and fine-tuned models.",
     )
     variants: dict[str, VariantReport] | None = Field(default=None, description="Exported variants by name.")
     best_variant: ShortText | None = Field(default=None, description="The variant `best` resolves to.")

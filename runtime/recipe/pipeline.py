@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune.runtime.baseline import fit_baseline
 from kubetune.runtime.contract import Precision, RunIdentity, RunSpec, WorkerResources
 from kubetune.runtime.contract.manifest import MANIFEST_FILE, VARIANTS_FOLDER
-from kubetune.runtime.contract.report import RunReport, Stage
+from kubetune.runtime.contract.report import BaselineReport, RunReport, Stage
 from kubetune.runtime.data.load import TaskData, load_data
 from kubetune.runtime.io.errors import InvalidRunError, invalid_run_cause, unavailable_cause
 from kubetune.runtime.io.settings import RuntimeSettings
@@ -225,19 +226,25 @@ def _run(spec: RunSpec, options: RunOptions, placement: StagePlacement, root: Pa
     events.data({"train": len(data.train), "validation": len(data.validation), "test": len(data.test)}, data.labels)
     events.stage_started(
         Stage.EVALUATE_BASE,
-        f"base model on {len(data.test)} test examples (training: {len(data.train)}, validation: "
-        f"{len(data.validation)})",
+        f"base model and classical baseline on {len(data.test)} test examples (training: {len(data.train)}, "
+        f"validation: {len(data.validation)})",
     )
     before = run_base_evaluation(spec, options.settings, placement, data)
     events.metrics("test-before", before, 0)
+    # In the driver, on the split it loaded: the very examples the fine-tuned model trains and is tested on.
+    baseline = fit_baseline(spec.model.task, data, spec.hyperparameters.seed)
+    measured = {name: value for name, value in baseline.metrics.items() if value is not None}
+    if measured:
+        events.metrics("test-baseline", measured, 0)
 
     trained = _train_or_search(spec, data, options, root, events)
-    job = _fine_tuned_job(spec, options, data, before, trained)
+    job = _fine_tuned_job(spec, options, data, before, trained, baseline)
     finished = finish(job, trained.state.weights, placement, events, trained.position.step, data, root)
     return RunReport(
         stage=Stage.DONE,
         metrics_before=before,
         metrics_after=finished.metrics,
+        baseline=baseline,
         validation=trained.position.best_metrics,
         variants=finished.variants,
         best_variant=finished.best,
@@ -254,7 +261,12 @@ def _run(spec: RunSpec, options: RunOptions, placement: StagePlacement, root: Pa
 
 
 def _fine_tuned_job(
-    spec: RunSpec, options: RunOptions, data: TaskData, before: dict[str, float], trained: _Trained
+    spec: RunSpec,
+    options: RunOptions,
+    data: TaskData,
+    before: dict[str, float],
+    trained: _Trained,
+    baseline: BaselineReport,
 ) -> FineTunedJob:
     position = trained.position
     resources = options.resources
@@ -279,4 +291,5 @@ def _fine_tuned_job(
         validation=position.best_metrics,
         training=training,
         search=trained.search,
+        baseline=baseline,
     )

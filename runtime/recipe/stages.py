@@ -32,7 +32,7 @@ from typing import Any
 import ray
 import torch
 from kubetune.runtime.contract import Method, MethodType, RunIdentity, RunSpec, Task, WorkerResources
-from kubetune.runtime.contract.report import Stage, VariantReport
+from kubetune.runtime.contract.report import BaselineReport, Stage, VariantReport
 from kubetune.runtime.data.load import TaskData, load_data
 from kubetune.runtime.io.errors import DataError, InvalidRunError, invalid_run_cause
 from kubetune.runtime.io.settings import RuntimeSettings
@@ -192,6 +192,7 @@ class FineTunedJob:
     validation: dict[str, float]
     training: dict[str, Any]
     search: dict[str, Any] | None = None
+    baseline: BaselineReport | None = None
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,7 @@ class FineTunedStage:
             best_variant=self.best,
             search=job.search,
             effective=job.effective,
+            baseline=job.baseline,
         )
         manifest = write_manifest(self.root, inputs, self.variants)
         uri = output_uri(job.spec, self.root, manifest)

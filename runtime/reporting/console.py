@@ -51,9 +51,21 @@ def variant_line(name: str, report: VariantReport) -> str:
     return f"{name}: " + ", ".join(part for part in parts if part)
 
 
+def baseline_line(result: RunReport) -> str | None:
+    """Why the run has no classical baseline, in words; None when it has one (the table shows it) or says nothing."""
+    baseline = result.baseline
+    if baseline is None or baseline.metrics:
+        return None
+    return f"no classical baseline: {baseline.skipped or 'not measured'}"
+
+
 def results_table(result: RunReport, promoted: str | None = None) -> Table:
-    """Base model, fine-tuned model and every variant side by side; `promoted` marks what the gate promotes."""
+    """Base model, classical baseline, fine-tuned model and every variant side by side.
+
+    `promoted` marks what the gate promotes.
+    """
     before, after, variants = result.metrics_before or {}, result.metrics_after or {}, result.variants or {}
+    baseline = result.baseline if result.baseline is not None and result.baseline.metrics else None
     names = sorted(set(before) | set(after))
     table = Table(title="results (test set)")
     table.add_column("model")
@@ -63,6 +75,9 @@ def results_table(result: RunReport, promoted: str | None = None) -> Table:
         table.add_column(column, justify="right")
     table.add_column("accepted")
     table.add_row("base model", *(_number(before.get(name)) for name in names), "", "", "")
+    if baseline is not None:
+        label = f"baseline ({baseline.model})" if baseline.model else "baseline"
+        table.add_row(escape(label), *(_number(baseline.metrics.get(name)) for name in names), "", "", "")
     table.add_row("fine-tuned", *(_number(after.get(name)) for name in names), "", "", "")
     for variant, report in variants.items():
         label = f"  {variant}"
@@ -208,6 +223,9 @@ class ConsoleReporter:
         if not self.show_result:
             return
         self._print(results_table(result))
+        skipped = baseline_line(result)
+        if skipped:
+            self._print(f"  [dim]{escape(skipped)}[/dim]")
         for variant, report in sorted((result.variants or {}).items()):
             self._print(f"  [dim]{variant}[/dim] {escape(report.uri)}")
         if result.manifest_uri:

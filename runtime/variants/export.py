@@ -29,7 +29,7 @@ from kubetune.runtime.contract.manifest import (
     variant_path,
 )
 from kubetune.runtime.contract.method import ADAPTER_METHODS
-from kubetune.runtime.contract.report import VariantReport
+from kubetune.runtime.contract.report import BaselineReport, VariantReport
 from kubetune.runtime.io.storage import output_path
 from torch import nn
 
@@ -169,6 +169,7 @@ class ManifestInputs:
     search: dict[str, Any] | None = None
     # The spec with the best trial's values applied; the spec itself when there was no search.
     effective: RunSpec | None = None
+    baseline: BaselineReport | None = None
 
 
 def write_manifest(root: Path, inputs: ManifestInputs, variants: list[ExportedVariant]) -> Path:
@@ -191,7 +192,13 @@ def write_manifest(root: Path, inputs: ManifestInputs, variants: list[ExportedVa
         hyperparameters=effective.hyperparameters.to_wire(),
         search=inputs.search,
         training=inputs.training,
-        metrics=ManifestMetrics(before=inputs.metrics_before, after=inputs.metrics_after, validation=inputs.validation),
+        metrics=ManifestMetrics(
+            before=inputs.metrics_before,
+            after=inputs.metrics_after,
+            validation=inputs.validation,
+            baseline=inputs.baseline.metrics if inputs.baseline else {},
+        ),
+        baseline=inputs.baseline,
         output=inputs.output_uri,
         variants={variant.name: variant.describe(root) for variant in variants},
         best_variant=inputs.best_variant,

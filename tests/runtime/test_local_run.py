@@ -198,7 +198,9 @@ def _run_the_main_command(clone: Path, tmp_path: Path, processes: list[Process])
 
     out = process.out
     assert (clone / ".venv" / "bin" / "kubetune").exists()  # the command made its environment
-    for expected in ("load", "evaluate-base", "epoch 1/", "test-after", "int8:", "results (test set)", "promoted:"):
+    expected_lines = ("load", "evaluate-base", "epoch 1/", "test-after", "int8:", "results (test set)",
+                      "baseline (tfidf-logistic-regression)", "promoted:")  # fmt: skip
+    for expected in expected_lines:
         assert any(expected in line for line in out), f"{expected!r} missing:\n{process.text()}"
     assert any(line.strip().startswith("curl -s http://127.0.0.1") for line in out)
     assert out[-1] == "stopped", process.text()
@@ -236,6 +238,7 @@ def test_causal_lm_example_runs_and_kubetune_serve_answers_chat(tmp_path: Path, 
     processes.append(run)
     assert run.finish(900) == 0, run.text()
     assert any("results (test set)" in line for line in run.out) and any("perplexity" in line for line in run.out)
+    assert any("no classical baseline: causal-lm" in line for line in run.out), run.text()
     assert library_lines(run.out + run.err) == [], run.text()
     manifest = json.loads((output / "kubetune.json").read_text())
     assert manifest["task"] == "causal-lm"

@@ -250,6 +250,10 @@ def test_entry_point_runs_a_config_end_to_end(
     manifest = json.loads(manifest_file(result).read_text())
     assert manifest["run"] == {"jobName": "topics", "runNumber": 3}
     assert "results (test set)" in finished.stdout
+    # The stages ran in Ray, the baseline in the driver: the manifest the stage wrote still carries it.
+    assert result.baseline is not None and result.baseline.test_examples == 32
+    assert manifest["metrics"]["baseline"] == result.baseline.metrics and manifest["baseline"]["model"]
+    assert "test-baseline (step 0): accuracy" in finished.stdout
 
 
 def test_a_run_that_cannot_work_reports_which_field(tmp_path: Path, model_dir: Path, topics_jsonl: Path) -> None:

@@ -22,7 +22,7 @@ from kubetune.runtime.contract.common import (
     SHORT_TEXT_MAX_LENGTH,
     URI_MAX_LENGTH,
 )
-from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, VariantReport
+from kubetune.runtime.contract.report import REPORT_KEY, BaselineReport, RunReport, Stage, VariantReport
 
 JOB = "tickets"
 OWNER = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "name": JOB, "uid": "u-1", "controller": True}
@@ -170,6 +170,14 @@ def largest_legitimate_report() -> RunReport:
         message="m" * MESSAGE_MAX_LENGTH,
         metrics_before=most,
         metrics_after=most,
+        baseline=BaselineReport(
+            model="m" * SHORT_TEXT_MAX_LENGTH,
+            metrics=most,
+            train_examples=10**9,
+            test_examples=10**9,
+            seconds=12345.678,
+            skipped="s" * MESSAGE_MAX_LENGTH,
+        ),
         variants={
             f"variant-{i:02d}": VariantReport(uri=uri(str(i)), reason="r" * MESSAGE_MAX_LENGTH, **variant)
             for i in range(MAX_ARTIFACTS)
