@@ -55,7 +55,8 @@ def _wire(value: bool | int | str) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-Candidate = tuple[dict[str, bool | int | str], PlanInput]
+# (what kind of change, only its smallest fitting one suggested; the fields set; the changed input)
+Candidate = tuple[str, dict[str, bool | int | str], PlanInput]
 
 
 def _shorter_sequence(inp: PlanInput, budget: int) -> int:
@@ -74,38 +75,47 @@ def _shorter_sequence(inp: PlanInput, budget: int) -> int:
 def _candidates(inp: PlanInput, gpu: GpuType) -> Iterator[Candidate]:
     budget = gpu.memory_bytes
     if not inp.gradient_checkpointing and inp.method.type != MethodType.QLORA:
-        yield {CHECKPOINTING_FIELD: True}, replace(inp, gradient_checkpointing=True)
+        yield "checkpointing", {CHECKPOINTING_FIELD: True}, replace(inp, gradient_checkpointing=True)
     if inp.batch_size > 1:
         batch = largest_batch(inp, budget, cap=inp.batch_size - 1)
         if batch:
-            yield {BATCH_FIELD: batch}, replace(inp, batch_size=batch)
+            yield "batch", {BATCH_FIELD: batch}, replace(inp, batch_size=batch)
     if not inp.shape.patches and inp.sequence_length > SEQUENCE_MULTIPLE:
         length = _shorter_sequence(inp, budget)
         if length:
-            yield {SEQUENCE_FIELD: length}, replace(inp, sequence_length=length)
+            yield "sequence", {SEQUENCE_FIELD: length}, replace(inp, sequence_length=length)
     methods = [MethodType.LORA] if inp.method.type in (MethodType.FULL, MethodType.FREEZE) else []
     if inp.device == DeviceKind.CUDA and inp.method.type != MethodType.QLORA:
         methods.append(MethodType.QLORA)  # 4-bit weights need CUDA
     for method in methods:
         changed = inp.method.model_copy(update={"type": method})
-        yield {METHOD_FIELD: method.value}, replace(inp, method=Method.model_validate(changed.model_dump()))
+        yield (
+            method.value,
+            {METHOD_FIELD: method.value},
+            replace(inp, method=Method.model_validate(changed.model_dump())),
+        )
     topology = inp.topology
     for count in SHARD_COUNTS:
         if count > topology.gpus_per_worker:
             sharded = Topology(topology.workers, count, Sharding.FSDP)
-            yield {GPUS_FIELD: count, SHARDING_FIELD: Sharding.FSDP.value}, replace(inp, topology=sharded)
+            yield "gpus", {GPUS_FIELD: count, SHARDING_FIELD: Sharding.FSDP.value}, replace(inp, topology=sharded)
     for count in SHARD_COUNTS:
         if count > topology.workers:
             sharded = Topology(count, topology.gpus_per_worker, Sharding.FSDP)
-            yield {WORKERS_FIELD: count, SHARDING_FIELD: Sharding.FSDP.value}, replace(inp, topology=sharded)
+            yield "workers", {WORKERS_FIELD: count, SHARDING_FIELD: Sharding.FSDP.value}, replace(inp, topology=sharded)
 
 
 def suggestions(inp: PlanInput, gpu: GpuType, gpus: Sequence[GpuType] = GPU_TYPES) -> list[Suggestion]:
-    """Every candidate change that makes `inp` fit on `gpu`, smallest first, then the smallest larger GPU it fits."""
+    """The changes that make `inp` fit on `gpu`, smallest first (the fewest GPUs of each kind of sharding),
+    then the smallest larger GPU it fits on."""
     found = []
-    for changes, changed in _candidates(inp, gpu):
+    kinds: set[str] = set()
+    for kind, changes, changed in _candidates(inp, gpu):
+        if kind in kinds:
+            continue
         planned = total_bytes(changed)
         if planned <= gpu.memory_bytes:
+            kinds.add(kind)
             found.append(Suggestion(changes=changes, gpu=gpu.name, total_bytes=planned))
     needed = total_bytes(inp)
     larger = sorted(
