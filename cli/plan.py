@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from kubetune.operator.api.finetunejob import FineTuneJob
 from kubetune.runtime.contract import ContractModel, Precision
@@ -21,6 +22,7 @@ from kubetune.runtime.planner import (
     Decision,
     DeviceKind,
     GpuType,
+    ModelShape,
     NothingFitsError,
     Plan,
     PlanInput,
@@ -99,14 +101,15 @@ def _chosen_gpu(job: FineTuneJob, flags: PlanFlags, notes: list[str]) -> GpuType
         return None
 
 
-def _plan_input(
-    job: FineTuneJob, config: dict[str, object], data: TrainingData | None, gpu: GpuType | None
-) -> PlanInput:
-    spec = job.spec
+def _shape(config: dict[str, Any]) -> ModelShape:
     try:
-        shape = shape_from_config(config)
+        return shape_from_config(config)
     except ConfigError as error:
         raise SpecError([f"spec.model.uri: {error}"]) from None
+
+
+def _plan_input(job: FineTuneJob, shape: ModelShape, data: TrainingData | None) -> PlanInput:
+    spec = job.spec
     hyper = spec.hyperparameters
     gpus = spec.resources.gpus_per_worker
     # Planned on GPUs even for a CPU job: what it would need on one is the question.
@@ -157,9 +160,9 @@ def build_report(path: Path, flags: PlanFlags) -> PlanReport:
     read_data = data_is_local(spec) if flags.data is None else flags.data
     if flags.data is None and not read_data:
         notes.append(f"spec.data.train {spec.data.train} is not local: token lengths and GPU-hours unknown")
-    max_positions = int(config.get("max_position_embeddings") or 0)  # type: ignore[call-overload]
-    data = training_data(spec, max_positions) if read_data else None
-    inp = _plan_input(job, config, data, gpu)
+    shape = _shape(config)
+    data = training_data(spec, shape.max_positions) if read_data else None
+    inp = _plan_input(job, shape, data)
     if job.spec.resources.gpus_per_worker == 0:
         notes.append("the job asks for no GPUs (resources.gpusPerWorker): planned as if each worker had one")
     result = plan(inp, gpus=GPU_TYPES if gpu is None or gpu in GPU_TYPES else (*GPU_TYPES, gpu))
