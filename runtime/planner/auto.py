@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 
-from kubetune.runtime.contract import ContractModel, Precision
+from kubetune.runtime.contract import ContractModel, MethodType, Precision
 from pydantic import Field
 
 from .gpus import GpuType
@@ -143,11 +143,15 @@ def resolve_batch(
             raise ValueError("the effective batch must be at least 1")
         cap = min(cap, math.ceil(effective_batch / devices))
     budget = f"{budget_bytes / 2**30:.1f} GiB"
-    checkpointing = inp.gradient_checkpointing
+    # Left to the plan, checkpointing starts off; qlora's k-bit preparation turns it on regardless.
+    qlora = inp.method.type == MethodType.QLORA
+    checkpointing = qlora or (inp.gradient_checkpointing and not checkpointing_auto)
     # Planned without accumulation first: accumulation adds the summed gradients, checked below.
     base = replace(inp, gradient_accumulation_steps=1)
     batch = largest_batch(replace(base, gradient_checkpointing=checkpointing), budget_bytes, cap)
-    checkpoint_reason = "off: the batch fits without recomputing activations"
+    checkpoint_reason = (
+        "on: qlora's k-bit preparation turns it on" if qlora else "off: the batch fits without recomputing activations"
+    )
     if batch == 0 and checkpointing_auto and not checkpointing:
         checkpointing = True
         batch = largest_batch(replace(base, gradient_checkpointing=True), budget_bytes, cap)
