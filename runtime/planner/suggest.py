@@ -1,8 +1,8 @@
 """What would make a plan that does not fit its GPU fit: changes to the spec, each verified by planning again.
 
 Candidates, smallest change first: gradient checkpointing, a smaller batch, a shorter sequence,
-an adapter method (lora, then qlora), FSDP over more GPUs per worker or more workers, and
-the smallest larger GPU type of the table.
+an adapter method (lora, then qlora), FSDP over more GPUs per worker or more workers, FSDP with
+checkpointing where neither alone is enough, and the smallest larger GPU type of the table.
 """
 
 from __future__ import annotations
@@ -103,6 +103,17 @@ def _candidates(inp: PlanInput, gpu: GpuType) -> Iterator[Candidate]:
         if count > topology.workers:
             sharded = Topology(count, topology.gpus_per_worker, Sharding.FSDP)
             yield "workers", {WORKERS_FIELD: count, SHARDING_FIELD: Sharding.FSDP.value}, replace(inp, topology=sharded)
+    # Sharding and checkpointing together, where neither alone is enough.
+    if not inp.gradient_checkpointing and inp.method.type != MethodType.QLORA:
+        for count in SHARD_COUNTS:
+            if count > topology.gpus_per_worker:
+                sharded = Topology(topology.workers, count, Sharding.FSDP)
+                changes: dict[str, bool | int | str] = {
+                    GPUS_FIELD: count,
+                    SHARDING_FIELD: Sharding.FSDP.value,
+                    CHECKPOINTING_FIELD: True,
+                }
+                yield "gpus+checkpointing", changes, replace(inp, topology=sharded, gradient_checkpointing=True)
 
 
 def suggestions(inp: PlanInput, gpu: GpuType, gpus: Sequence[GpuType] = GPU_TYPES) -> list[Suggestion]:
@@ -111,8 +122,8 @@ def suggestions(inp: PlanInput, gpu: GpuType, gpus: Sequence[GpuType] = GPU_TYPE
     found = []
     kinds: set[str] = set()
     for kind, changes, changed in _candidates(inp, gpu):
-        if kind in kinds:
-            continue
+        if kind in kinds or any(part in kinds for part in kind.split("+")):
+            continue  # a smaller change of this kind (or a part of it alone) already fits
         planned = total_bytes(changed)
         if planned <= gpu.memory_bytes:
             kinds.add(kind)

@@ -176,6 +176,23 @@ def test_suggestions_include_the_fewest_fsdp_gpus_and_a_larger_gpu() -> None:
         assert suggestion.total_bytes <= gpu_type(suggestion.gpu).memory_bytes
 
 
+def test_sharding_with_checkpointing_is_suggested_where_neither_alone_fits() -> None:
+    l4 = gpu_type("L4")
+    full = _llama("full", batch_size=4)
+    found = [s.changes for s in suggestions(full, l4)]
+    both = next(c for c in found if len(c) == 3)
+    assert both["spec.hyperparameters.gradientCheckpointing"] is True
+    count = int(both["spec.resources.gpusPerWorker"])
+    assert total_bytes(replace(full, topology=Topology(1, count, Sharding.FSDP))) > l4.memory_bytes
+    assert total_bytes(replace(full, gradient_checkpointing=True)) > l4.memory_bytes
+    assert total_bytes(replace(full, topology=Topology(1, count, Sharding.FSDP), gradient_checkpointing=True)) <= (
+        l4.memory_bytes
+    )
+    # Fewer GPUs do not do it.
+    fewer = replace(full, topology=Topology(1, count // 2, Sharding.FSDP), gradient_checkpointing=True)
+    assert total_bytes(fewer) > l4.memory_bytes
+
+
 def test_a_plan_nothing_rescues_says_so() -> None:
     t4 = gpu_type("T4")
     huge = PlanInput(
