@@ -11,7 +11,7 @@ from typing import Any
 
 from kubetune.runtime.contract import ModelSource, RunSpec, Task
 from kubetune.runtime.contract.errors import SpecError
-from kubetune.runtime.io.errors import InvalidRunError, ModelUnavailableError, StorageError
+from kubetune.runtime.io.errors import InvalidRunError, ModelUnavailableError, StorageError, UnavailableError
 from kubetune.runtime.io.storage import parse_uri
 
 # Plain paths and file:// are read here; hf:// from the Hugging Face cache or the hub.
@@ -119,7 +119,7 @@ def training_data(spec: RunSpec, max_positions: int) -> TrainingData:
         raise SpecError(["spec.model.task: image classification has no token lengths: run with --no-data"])
     try:
         data = load_data(spec, RuntimeSettings.from_environment())
-    except InvalidRunError as error:
+    except (InvalidRunError, UnavailableError) as error:  # bad data, or storage that cannot be reached now
         raise SpecError([str(error)]) from None
     tokenizer = _tokenizer(spec.model)
     # Causal-LM examples are measured up to the model's positions: a longer one cannot train anyway.

@@ -173,6 +173,10 @@ def test_bad_inputs_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "spec.model.uri: config.json model_type" in err and "gpt2" in err
     assert main(["plan", str(_job(tmp_path / "none", str(tmp_path / "nowhere"))), "--no-data"]) == 2
     assert "spec.model.uri: cannot read" in capsys.readouterr().err
+    broken = _job(tmp_path / "data", TINY_BERT)
+    (tmp_path / "data" / "train.jsonl").write_text("{not json\n")
+    assert main(["plan", str(broken)]) == 2
+    assert "train.jsonl" in capsys.readouterr().err
 
 
 def test_kubetune_plan_on_the_text_classification_example(tmp_path: Path) -> None:
