@@ -1,5 +1,5 @@
-"""`kubetune`: `run` a FineTuneJob and `serve` its model on this machine, `validate` manifests, write the `crds`,
-and start the `operator`."""
+"""`kubetune`: `plan` a FineTuneJob's memory, speed and GPU-hours, `run` it and `serve` its model on this machine,
+`validate` manifests, write the `crds`, and start the `operator`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ from kubetune.runtime.contract.serving import Variant
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+# `kubetune plan`'s exit status (kept here so --help needs no planner import).
+PLAN_EXIT_CODES = (
+    "exit status: 0 the plan fits the GPU (or no GPU type is named), 1 it does not fit (the suggestions say "
+    "what would), 2 the file, the model's config.json, the data or an option cannot be used"
+)
 
 console = Console()
 errors = Console(stderr=True)
@@ -181,6 +187,31 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--port", type=int, default=8000, help="port of the local endpoint (default 8000)")
     local.add_argument("--workers", type=int, help="training workers (default: the job's resources.workers)")
     local.add_argument("-v", "--verbose", action="store_true", help="show Ray's and other libraries' logs")
+    planning = commands.add_parser(
+        "plan",
+        help="memory per GPU, fit per GPU type, speed and GPU-hours of a FineTuneJob, before it runs",
+        description="The plan of a FineTuneJob from its model's config.json (never the weights): memory per "
+        "device with its breakdown, fit per GPU type, step time, tokens/s, GPU-hours, the values auto fields "
+        "would get and why; for a job that does not fit its GPU, the changes that would make it fit.",
+        epilog=PLAN_EXIT_CODES,
+    )
+    planning.add_argument("path", type=Path, metavar="FILE", help="a file with one FineTuneJob")
+    planning.add_argument(
+        "--gpu", metavar="TYPE", help="judge the job on this GPU type (default: the job's resources.gpuType)"
+    )
+    planning.add_argument(
+        "--data",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tokenize the training data for its token lengths and the run's GPU-hours (default: when it is local)",
+    )
+    planning.add_argument(
+        "--quantile",
+        type=float,
+        default=0.95,
+        help="the share of the training examples an auto maxSequenceLength covers whole (default 0.95)",
+    )
+    planning.add_argument("--json", action="store_true", help="print the plan as JSON")
     serving = commands.add_parser("serve", help="serve an exported model or run output on this machine")
     serving.add_argument("uri", metavar="PATH_OR_URI", help="a run's output folder or a variant's folder (path, s3://)")
     serving.add_argument(
@@ -211,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         flags = RunFlags(args.output, not args.no_serve, args.port, args.workers, args.verbose)
         return run_command(args.path, flags)
+    if args.command == "plan":
+        from .plan import PlanFlags, plan_command
+
+        return plan_command(args.path, PlanFlags(args.gpu, args.data, args.json, args.quantile), console, errors)
     if args.command == "serve":
         from .serve import serve_command
 
