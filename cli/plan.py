@@ -126,7 +126,7 @@ def _plan_input(job: FineTuneJob, shape: ModelShape, data: TrainingData | None) 
         gradient_checkpointing=hyper.gradient_checkpointing,
         gradient_accumulation_steps=hyper.gradient_accumulation_steps,
         labels=labels,
-        topology=Topology(spec.resources.workers, max(1, gpus)),
+        topology=Topology(spec.resources.workers, max(1, gpus), spec.resources.sharding),
         device=device,
         train_tokens=data.tokens(hyper.max_sequence_length) if data else None,
         epochs=hyper.epochs,

@@ -5,6 +5,8 @@ runtime can all call it. Entry points: `shape_from_config` reads a parsed config
 `plan` estimates a run.
 """
 
+from kubetune.runtime.contract import Sharding
+
 from .auto import (
     DEFAULT_QUANTILE,
     BatchResolution,
@@ -17,7 +19,7 @@ from .auto import (
     total_bytes,
 )
 from .gpus import GPU_TYPES, GpuType, gpu_type
-from .inputs import DeviceKind, PlanInput, Sharding, Topology
+from .inputs import DeviceKind, PlanInput, Topology
 from .parameters import Parameters, lora_targets, method_parameters
 from .plan import GpuEstimate, MemoryPlan, Plan, plan
 from .shape import ConfigError, Family, ModelShape, shape_from_config

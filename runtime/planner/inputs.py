@@ -5,16 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from kubetune.runtime.contract import Method, Optimizer, Precision, Task
+from kubetune.runtime.contract import Method, Optimizer, Precision, Sharding, Task
 
 from .shape import ModelShape
-
-
-class Sharding(StrEnum):
-    """How the training state is spread over the devices: replicated (DDP) or fully sharded (FSDP)."""
-
-    NONE = "none"
-    FSDP = "fsdp"
 
 
 class DeviceKind(StrEnum):

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kubetune.runtime.contract import MethodType, Optimizer, Precision
+from kubetune.runtime.contract import MethodType, Optimizer, Precision, Sharding
 
 from .activations import backward_transient_bytes, embedding_bytes, head_bytes, layer_bytes, logits_bytes
-from .inputs import DeviceKind, PlanInput, Sharding
+from .inputs import DeviceKind, PlanInput
 from .parameters import Parameters
 
 # Optimizer state per trainable parameter, in the parameter's dtype: Adam's two moments, SGD's momentum.

@@ -11,12 +11,12 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
-from kubetune.runtime.contract import ContractModel, Method, MethodType
+from kubetune.runtime.contract import ContractModel, Method, MethodType, Sharding
 from pydantic import Field
 
 from .auto import CHECKPOINTING_FIELD, SEQUENCE_FIELD, SEQUENCE_MULTIPLE, fits, largest_batch, total_bytes
 from .gpus import GIB, GPU_TYPES, GpuType
-from .inputs import DeviceKind, PlanInput, Sharding, Topology
+from .inputs import DeviceKind, PlanInput, Topology
 
 METHOD_FIELD = "spec.method.type"
 BATCH_FIELD = "spec.hyperparameters.batchSize"
