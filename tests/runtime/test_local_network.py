@@ -32,6 +32,8 @@ pytestmark = pytest.mark.runtime
 JOB_PATHS = ("/api/jobs/", "/api/job_agent/jobs/")
 # How long an accepted job may take to run its command.
 JOB_START_S = 30.0
+# How long HAProxy's manager may take to replace its process after the first answer (see frontend_listening).
+HAPROXY_RELOAD_S = 30.0
 # Addresses outside any network: a UDP "connect" to them only asks the routing table for our source address.
 ROUTE_PROBES = {socket.AF_INET: "198.51.100.1", socket.AF_INET6: "2001:db8::1"}
 
@@ -78,6 +80,21 @@ def listeners_of(pid: int) -> list[Listener]:
             continue
         found += [Listener(c.laddr.ip, c.laddr.port, name) for c in connections if c.status == psutil.CONN_LISTEN]
     return found
+
+
+def frontend_listening(pid: int, port: int) -> list[Listener]:
+    """The listeners of `pid`'s tree once HAProxy's frontend on `port` is among them (or the last seen).
+
+    Serve's HAProxy manager replaces its HAProxy process when the proxies it fronts change, which can
+    happen just after the first answer: for a moment the old process is gone and the new one not yet
+    listed, so one snapshot may miss the frontend that answered a moment ago.
+    """
+    deadline = time.monotonic() + HAPROXY_RELOAD_S
+    while True:
+        listening = listeners_of(pid)
+        if any(listener.port == port for listener in listening) or time.monotonic() > deadline:
+            return listening
+        time.sleep(0.5)
 
 
 def targets(listener: Listener, addresses: dict[socket.AddressFamily, str]) -> list[str]:
@@ -143,8 +160,8 @@ def test_no_listener_of_a_local_endpoint_takes_a_job_from_the_network(serving: P
     addresses = network_addresses()
     if not addresses:
         pytest.skip("this machine has no address outside loopback: nothing on the network can reach it")
-    listening = listeners_of(serving.popen.pid)
     port = int(serving.wait_for(r"^ready http://", 1).split(":")[-1].split("/")[0])
+    listening = frontend_listening(serving.popen.pid, port)
     assert any(listener.port == port for listener in listening), f"HAProxy's frontend missing from {listening}"
 
     marker = tmp_path / "a-job-ran"
