@@ -13,7 +13,8 @@ import pytest
 from kubetune.runtime.contract import Method, Task
 from kubetune.runtime.planner import method_parameters, plan, shape_from_config
 
-from ..unit.test_planner import BERT_BASE_CASED, LLAMA_2_7B, _request
+from ..unit.model_configs import BERT_BASE_CASED, LLAMA_2_7B
+from ..unit.test_planner import _request
 
 pytestmark = pytest.mark.runtime
 

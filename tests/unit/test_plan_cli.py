@@ -17,6 +17,8 @@ from kubetune.cli.plan import PlanReport
 from kubetune.runtime.planner import GPU_TYPES, gpu_type, quantile, resolve_sequence_length
 from transformers import AutoTokenizer
 
+from .model_configs import LLAMA_2_7B
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "text-classification" / "finetunejob.yaml"
 KUBETUNE = Path(sys.executable).parent / "kubetune"
@@ -29,18 +31,6 @@ TINY_BERT: dict[str, Any] = {
     "intermediate_size": 128,
     "max_position_embeddings": 128,
     "type_vocab_size": 2,
-}
-LLAMA_2_7B: dict[str, Any] = {
-    "model_type": "llama",
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": False,
-    "torch_dtype": "float16",
 }
 TEXTS = ["short one", "a somewhat longer support message about a refund", "login fails", "parcel late again"] * 5
 

@@ -19,32 +19,10 @@ from kubetune.runtime.planner import (
     shape_from_config,
 )
 
+from .model_configs import BERT_BASE_CASED, LLAMA_2_7B
+
 MIB, GIB = 2**20, 2**30
 
-# bert-base-cased's config.json.
-BERT_BASE_CASED: dict[str, Any] = {
-    "model_type": "bert",
-    "vocab_size": 28996,
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "max_position_embeddings": 512,
-    "type_vocab_size": 2,
-}
-# meta-llama/Llama-2-7b-hf's config.json (the fields the planner reads).
-LLAMA_2_7B: dict[str, Any] = {
-    "model_type": "llama",
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": False,
-    "torch_dtype": "float16",
-}
 # Meta's published parameter count of Llama 2 7B as transformers builds it (LlamaForCausalLM).
 LLAMA_2_7B_PARAMETERS = 6_738_415_616
 

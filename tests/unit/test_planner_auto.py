@@ -25,19 +25,9 @@ from kubetune.runtime.planner import (
 )
 from kubetune.runtime.planner.auto import Decision
 
+from .model_configs import LLAMA_2_7B
+
 GIB = 2**30
-LLAMA_2_7B: dict[str, Any] = {
-    "model_type": "llama",
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": False,
-    "torch_dtype": "float16",
-}
 
 
 def _llama(method: str = "lora", **changes: Any) -> PlanInput:
