@@ -106,18 +106,7 @@ def _adapters(shape: ModelShape, method: Method, task: Task, labels: int, total:
     targets, matrices, saved = _adapter_counts(shape, method, task, labels)
     # peft keeps adapters in fp32 (autocast_adapter_dtype) and copies the saved head in the weights' dtype.
     adapter_bytes = matrices * FP32_BYTES + saved * shape.weight_bytes
-    return Parameters(
-        total,
-        weight_bytes,
-        matrices + saved,
-        adapter_bytes,
-        matrices + saved,
-        adapter_bytes,
-        0,
-        shape.layers,
-        targets,
-        head_trains=bool(saved),
-    )
+    return _adapted(shape, total, weight_bytes, targets, matrices + saved, adapter_bytes, bool(saved))
 
 
 def _qlora(shape: ModelShape, method: Method, task: Task, labels: int, total: int) -> Parameters:
@@ -127,15 +116,28 @@ def _qlora(shape: ModelShape, method: Method, task: Task, labels: int, total: in
     weight_bytes = round(quantized * (NF4_BYTES + constants)) + (total - quantized) * FP32_BYTES
     targets, matrices, saved = _adapter_counts(shape, method, task, labels)
     adapter_bytes = (matrices + saved) * FP32_BYTES
+    return _adapted(shape, total, weight_bytes, targets, matrices + saved, adapter_bytes, bool(saved))
+
+
+def _adapted(
+    shape: ModelShape,
+    total: int,
+    weight_bytes: int,
+    targets: tuple[Linear, ...],
+    adapters: int,
+    adapter_bytes: int,
+    head_trains: bool,
+) -> Parameters:
+    """An adapted model: only the adapters (and the saved head) train; gradients flow through every layer."""
     return Parameters(
-        total,
-        weight_bytes,
-        matrices + saved,
-        adapter_bytes,
-        matrices + saved,
-        adapter_bytes,
-        0,
-        shape.layers,
-        targets,
-        head_trains=bool(saved),
+        total=total,
+        weight_bytes=weight_bytes,
+        adapter_parameters=adapters,
+        adapter_bytes=adapter_bytes,
+        trainable=adapters,
+        trainable_bytes=adapter_bytes,
+        trainable_layers=0,
+        gradient_layers=shape.layers,
+        targets=targets,
+        head_trains=head_trains,
     )
