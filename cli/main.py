@@ -49,7 +49,7 @@ def _summary(manifest: Manifest) -> Table:
             (
                 "training",
                 f"{job.hyperparameters.epochs} epochs, lr {job.hyperparameters.learning_rate:g}, "
-                f"batch {job.hyperparameters.batch_size}, {job.hyperparameters.precision.value}",
+                f"batch {job.hyperparameters.batch_size}, {job.hyperparameters.precision}",
             ),
             (
                 "search",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.operator.api.finetunejob import FineTuneJob
-from kubetune.runtime.contract import ContractModel, Precision
+from kubetune.runtime.contract import AUTO, ContractModel, Hyperparameters, Precision
 from kubetune.runtime.contract.errors import SpecError
 from kubetune.runtime.planner import (
     DEFAULT_QUANTILE,
@@ -108,9 +108,43 @@ def _shape(config: dict[str, Any]) -> ModelShape:
         raise SpecError([f"spec.model.uri: {error}"]) from None
 
 
+# What an `auto` field is planned with until the plan's own decisions replace it.
+_PLACEHOLDERS = {"batchSize": 1, "maxSequenceLength": 128, "precision": Precision.FP32, "gradientCheckpointing": False}
+
+
+def _planned(hyper: Hyperparameters) -> Hyperparameters:
+    """The hyperparameters with placeholders for `auto` fields (replaced by the decisions, see _decided)."""
+    fields = hyper.auto_fields()
+    if not fields:
+        return hyper
+    wire = hyper.to_wire() | {name: _PLACEHOLDERS[name] for name in fields}
+    wire.pop("effectiveBatchSize", None)
+    wire.pop("sequenceLengthQuantile", None)
+    return Hyperparameters.model_validate(wire)
+
+
+def _decided(inp: PlanInput, hyper: Hyperparameters, decisions: list[Decision]) -> PlanInput:
+    """The plan's input with the decisions' values for the spec's `auto` fields."""
+    chosen = {decision.field.rpartition(".")[2]: decision.value for decision in decisions}
+    auto = set(hyper.auto_fields())
+    update: dict[str, Any] = {}
+    for name, attribute in (
+        ("batchSize", "batch_size"),
+        ("maxSequenceLength", "sequence_length"),
+        ("gradientCheckpointing", "gradient_checkpointing"),
+    ):
+        if name in auto and isinstance(chosen.get(name), bool | int):
+            update[attribute] = chosen[name]
+    if "batchSize" in auto and isinstance(chosen.get("gradientAccumulationSteps"), int):
+        update["gradient_accumulation_steps"] = chosen["gradientAccumulationSteps"]
+    if "precision" in auto and isinstance(chosen.get("precision"), str):
+        update["precision"] = Precision(str(chosen["precision"]))
+    return replace(inp, **update)
+
+
 def _plan_input(job: FineTuneJob, shape: ModelShape, data: TrainingData | None) -> PlanInput:
     spec = job.spec
-    hyper = spec.hyperparameters
+    hyper = _planned(spec.hyperparameters)
     gpus = spec.resources.gpus_per_worker
     # Planned on GPUs even for a CPU job: what it would need on one is the question.
     device = DeviceKind.CUDA
@@ -119,21 +153,23 @@ def _plan_input(job: FineTuneJob, shape: ModelShape, data: TrainingData | None) 
         shape=shape,
         task=spec.model.task,
         method=spec.method,
-        batch_size=hyper.batch_size,
-        sequence_length=hyper.max_sequence_length,
-        precision=hyper.precision,
+        batch_size=hyper.resolved_batch_size,
+        sequence_length=hyper.resolved_max_sequence_length,
+        precision=hyper.resolved_precision,
         optimizer=hyper.optimizer,
-        gradient_checkpointing=hyper.gradient_checkpointing,
+        gradient_checkpointing=hyper.resolved_gradient_checkpointing,
         gradient_accumulation_steps=hyper.gradient_accumulation_steps,
         labels=labels,
         topology=Topology(spec.resources.workers, max(1, gpus), spec.resources.sharding),
         device=device,
-        train_tokens=data.tokens(hyper.max_sequence_length) if data else None,
+        train_tokens=data.tokens(hyper.resolved_max_sequence_length) if data else None,
         epochs=hyper.epochs,
     )
 
 
-def _decisions(inp: PlanInput, gpu: GpuType | None, data: TrainingData | None, q: float) -> list[Decision]:
+def _decisions(
+    inp: PlanInput, gpu: GpuType | None, data: TrainingData | None, q: float, effective_batch: int | None
+) -> list[Decision]:
     decisions = []
     if data is not None:
         decisions.append(resolve_sequence_length(data.lengths, inp.shape.max_positions, q))
@@ -141,7 +177,7 @@ def _decisions(inp: PlanInput, gpu: GpuType | None, data: TrainingData | None, q
     if gpu is not None:
         # The batch for the precision it would choose, keeping the job's effective batch.
         precision = Precision(str(decisions[-1].value))
-        effective = inp.batch_size * inp.gradient_accumulation_steps * inp.topology.devices
+        effective = effective_batch or inp.batch_size * inp.gradient_accumulation_steps * inp.topology.devices
         try:
             resolved = resolve_batch(replace(inp, precision=precision), gpu.memory_bytes, effective_batch=effective)
             decisions.extend(resolved.decisions)
@@ -162,7 +198,12 @@ def build_report(path: Path, flags: PlanFlags) -> PlanReport:
         notes.append(f"spec.data.train {spec.data.train} is not local: token lengths and GPU-hours unknown")
     shape = _shape(config)
     data = training_data(spec, shape.max_positions) if read_data else None
-    inp = _plan_input(job, shape, data)
+    hyper = job.spec.hyperparameters
+    quantile_ = hyper.sequence_length_quantile or flags.quantile
+    decisions = _decisions(_plan_input(job, shape, data), gpu, data, quantile_, hyper.effective_batch_size)
+    inp = _decided(_plan_input(job, shape, data), hyper, decisions)
+    if hyper.max_sequence_length == AUTO and data is None:
+        notes.append("maxSequenceLength is auto and the training data was not read: planned with 128 tokens")
     if job.spec.resources.gpus_per_worker == 0:
         notes.append("the job asks for no GPUs (resources.gpusPerWorker): planned as if each worker had one")
     result = plan(inp, gpus=GPU_TYPES if gpu is None or gpu in GPU_TYPES else (*GPU_TYPES, gpu))
@@ -189,7 +230,7 @@ def build_report(path: Path, flags: PlanFlags) -> PlanReport:
         gpu=gpu.name if gpu else None,
         fits=fits,
         sequence_lengths=lengths,
-        decisions=_decisions(inp, gpu, data, flags.quantile),
+        decisions=decisions,
         suggestions=found,
         message=message,
         notes=notes,

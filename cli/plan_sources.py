@@ -89,15 +89,6 @@ def _tokenizer(model: ModelSource) -> Any:
         raise SpecError([f"spec.model.uri: cannot load the tokenizer of {model.uri}: {error}"]) from None
 
 
-def _length(tokenizer: Any, task: Task, example: Any, limit: int) -> int:
-    if task == Task.CAUSAL_LM:
-        from kubetune.runtime.data.task_ops import encode_causal
-
-        ids, _ = encode_causal(tokenizer, example, limit)
-        return len(ids)
-    return len(tokenizer(str(example), truncation=False)["input_ids"])
-
-
 class TrainingData:
     """The training split's token lengths (untruncated) and its label names."""
 
@@ -113,6 +104,7 @@ class TrainingData:
 def training_data(spec: RunSpec, max_positions: int) -> TrainingData:
     """Read the training split as the runtime splits it, and count each example's tokens."""
     from kubetune.runtime.data.load import load_data
+    from kubetune.runtime.data.token_lengths import token_lengths
     from kubetune.runtime.io.settings import RuntimeSettings
 
     if spec.model.task == Task.IMAGE_CLASSIFICATION:
@@ -124,5 +116,5 @@ def training_data(spec: RunSpec, max_positions: int) -> TrainingData:
     tokenizer = _tokenizer(spec.model)
     # Causal-LM examples are measured up to the model's positions: a longer one cannot train anyway.
     limit = max_positions or 1 << 20
-    lengths = [_length(tokenizer, spec.model.task, example, limit) for example in data.train.inputs]
+    lengths = token_lengths(tokenizer, spec.model.task, data.train.inputs, limit)
     return TrainingData(lengths, data.labels)

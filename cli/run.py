@@ -205,7 +205,7 @@ def _run(local: LocalRun, spec: RunSpec, flags: RunFlags, consoles: Consoles, lo
     from kubetune.runtime.io.storage import anchored
     from kubetune.runtime.recipe.pipeline import RunOptions, run_pipeline
     from kubetune.runtime.reporting.base import JsonLinesReporter, Reporters
-    from kubetune.runtime.reporting.console import ConsoleReporter, baseline_line, results_table
+    from kubetune.runtime.reporting.console import ConsoleReporter, baseline_line, decisions_table, results_table
 
     out, err = consoles.out, consoles.err
     resources = local.workers(flags.workers)
@@ -233,6 +233,9 @@ def _run(local: LocalRun, spec: RunSpec, flags: RunFlags, consoles: Consoles, lo
             args, route = serve_args(local, anchored(spec.output.uri, Path.cwd()) or spec.output.uri)
             served = result.best_variant if args.variant == Variant.BEST else args.variant.value
             promoted = served if verdict.passed else None
+            decisions = decisions_table(result)
+            if decisions is not None:
+                out.print(decisions)
             out.print(results_table(result, promoted))
             skipped = baseline_line(result)
             if skipped:

@@ -22,6 +22,7 @@ from kubetune.runtime.contract.common import (
     cpu_limit_rule,
     with_cel,
 )
+from kubetune.runtime.contract.decisions import Decisions
 from kubetune.runtime.contract.report import RunProgress
 from kubetune.runtime.contract.run import CAUSAL_LM_METRICS, CLASSIFICATION_METRICS, RUN_SPEC_RULES
 from kubetune.runtime.contract.runconfig import SHARDED_QLORA_MESSAGE, SHARDING_DESCRIPTION
@@ -411,6 +412,10 @@ class RunRecord(WireModel):
         default=None,
         description="Hyperparameters of the best search trial.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    decisions: Decisions | None = Field(
+        default=None,
+        description="The values the run chose for the spec's auto fields (batchSize: auto, ...), and why.",
     )
     gate: GateResult | None = Field(default=None, description="The promotion gate's verdict, once the run finished.")
     promotable: bool | None = Field(

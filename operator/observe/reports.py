@@ -31,8 +31,8 @@ log = logging.getLogger("kubetune.finetunejob")
 
 # Longest report text read. The largest report a run writes (MAX_ARTIFACTS variants with the longest
 # URIs and reasons, MAX_METRICS metrics per model, baseline and variant, the longest error, message and
-# texts, hyperparameters at the record's cap) is about 100 KiB of JSON; anything longer is not a run's report,
-# and is never parsed.
+# texts, hyperparameters at the record's cap, MAX_DECISIONS decisions) is about 112 KiB of JSON; anything
+# longer is not a run's report, and is never parsed.
 REPORT_MAX_BYTES = 128 * 1024
 
 
@@ -174,6 +174,8 @@ def with_report(record: RunRecord, report: RunReport | None, output_uri: str) ->
     hyperparameters = bounded_hyperparameters(report.best_hyperparameters)
     if hyperparameters is not None:
         update["best_hyperparameters"] = hyperparameters
+    if report.decisions:  # already bounded: MAX_DECISIONS, each text cut to its field's length
+        update["decisions"] = report.decisions
     return record.model_copy(update=update)
 
 

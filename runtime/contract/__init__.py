@@ -7,7 +7,7 @@ package imports only pydantic and the standard library.
 from .common import URI_PATTERN, URI_SCHEMES, ContractModel, KubernetesName, Quantity, Uri
 from .compression import Compression, Pruning, PruningMethod, Quantization, QuantizationMethod
 from .data import DataFields, DataFormat, DataSpec, DataSplit
-from .hyperparameters import EarlyStopping, Hyperparameters, LrSchedule, Optimizer, Precision
+from .hyperparameters import AUTO, EarlyStopping, Hyperparameters, LrSchedule, Optimizer, Precision, UnresolvedAutoError
 from .method import FreezeOptions, LoraOptions, Method, MethodType, QuantizedBaseOptions
 from .model import ModelSource, Task
 from .run import Output, RunSpec
@@ -26,6 +26,7 @@ from .search import (
 from .serving import Batching, ServingArgs, Variant
 
 __all__ = [
+    "AUTO",
     "SEARCHABLE_KEYS",
     "URI_PATTERN",
     "URI_SCHEMES",
@@ -68,6 +69,7 @@ __all__ = [
     "ServingArgs",
     "Sharding",
     "Task",
+    "UnresolvedAutoError",
     "Uri",
     "Variant",
     "WorkerResources",

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import AliasChoices, Field, field_serializer
 
 from .common import FiniteOrNull, JsonObject, Message, Metrics, WireModel
+from .decisions import Decision
 from .model import Task
 from .report import BaselineReport
 from .runconfig import RunIdentity
@@ -93,6 +94,9 @@ class ArtifactManifest(WireModel):
     metrics: ManifestMetrics = Field(default_factory=ManifestMetrics, description="Test and validation metrics.")
     baseline: BaselineReport | None = Field(
         default=None, description="The classical baseline trained on the same split, or why the run has none."
+    )
+    decisions: list[Decision] = Field(
+        default_factory=list, description="The values chosen for the spec's auto fields, and why; empty without any."
     )
     output: str | None = Field(default=None, description="The run's output URI.")
     variants: dict[str, ManifestVariant] = Field(default_factory=dict, description="Exported variants by name.")

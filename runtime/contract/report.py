@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field
 
 from .common import ErrorText, FiniteOrNull, JsonObject, Message, Metrics, ShortText, WireModel
+from .decisions import Decisions
 
 REPORT_KEY = "report.json"
 # Written into every report; readers accept any version and ignore fields they do not know (and values
@@ -139,6 +140,10 @@ class RunReport(RunProgress):
     )
     spec_digest: ShortText | None = Field(
         default=None, description="sha256 (64 hex digits) of the run's canonical RunSpec JSON, as in kubetune.json."
+    )
+    decisions: Decisions | None = Field(
+        default=None,
+        description="The values the run chose for the spec's auto fields (batchSize: auto, ...), and why.",
     )
     error: ErrorText | None = Field(default=None, description="Why the run failed (stage failed).")
     invalid_field: ShortText | None = Field(

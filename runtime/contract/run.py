@@ -7,7 +7,7 @@ from pydantic import Field, model_validator
 from .common import ContractModel, Uri, cel_rule, with_cel
 from .compression import Compression
 from .data import DataFormat, DataSpec
-from .hyperparameters import Hyperparameters
+from .hyperparameters import AUTO_FIELDS, Hyperparameters
 from .method import Method
 from .model import CLASSIFICATION_TASKS, ModelSource, Task
 from .search import METRIC_MODE, Metric, Mode, SearchSpec
@@ -44,6 +44,16 @@ RUN_SPEC_RULES = (
         "search.metric does not apply to model.task (classification: accuracy, f1, loss; causal-lm: loss, perplexity)",
         ".search.metric",
     ),
+    *(
+        cel_rule(
+            f"!has(self.search) || !has(self.hyperparameters) || !has(self.hyperparameters.{key})"
+            f" || string(self.hyperparameters.{key}) != 'auto' || !('{key}' in self.search.space)",
+            f"search.space.{key}: hyperparameters.{key} is auto, resolved by kubetune; search it or leave it auto",
+            ".search.space",
+        )
+        for key in AUTO_FIELDS
+        if key != "gradientCheckpointing"  # never searched
+    ),
 )
 
 
@@ -75,6 +85,13 @@ class RunSpec(ContractModel):
                     f"search.metric {self.search.metric.value} does not apply to {task.value}; "
                     f"use one of {', '.join(sorted(m.value for m in allowed))}"
                 )
+        if self.search is not None:
+            for key in self.hyperparameters.auto_fields():
+                if key in self.search.space:
+                    raise ValueError(
+                        f"search.space.{key}: hyperparameters.{key} is auto, resolved by kubetune; "
+                        "search it or leave it auto"
+                    )
         return self
 
     @property

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from enum import StrEnum
-from typing import Any, get_args
+from typing import Annotated, Any, get_args, get_origin
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
 from .common import ContractModel, cel_rule, with_cel
-from .hyperparameters import Hyperparameters
+from .hyperparameters import AUTO, Hyperparameters
 from .method import FreezeOptions, LoraOptions
 
 
@@ -53,8 +53,9 @@ _NESTED_SEARCHABLE: dict[str, tuple[type[ContractModel], str]] = {
     "lora.dropout": (LoraOptions, "dropout"),
     "freeze.trainableLayers": (FreezeOptions, "trainableLayers"),
 }
-# Not searched: early stopping is an object, and memory-saving switches do not change what is learned.
-_NOT_SEARCHABLE = {"earlyStopping", "gradientCheckpointing"}
+# Not searched: early stopping is an object, memory-saving switches do not change what is learned, and
+# the effective batch and sequence quantile only steer what `auto` resolves to.
+_NOT_SEARCHABLE = {"earlyStopping", "gradientCheckpointing", "effectiveBatchSize", "sequenceLengthQuantile"}
 
 
 def searchable_parameters() -> dict[str, tuple[type[ContractModel], str]]:
@@ -180,9 +181,17 @@ def _searchable_keys_rule() -> str:
 def _bounds(field: FieldInfo, number: str) -> str:
     """CEL: the double `number` within the bounds pydantic puts on `field` ("true" when it has none)."""
     operators = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    # The bounds of an int-or-auto field sit on the int inside its union.
+    inner = [
+        constraint
+        for kind in get_args(field.annotation)
+        if get_origin(kind) is Annotated
+        for item in get_args(kind)[1:]
+        for constraint in (item.metadata if isinstance(item, FieldInfo) else [item])
+    ]
     conditions = [
         f"{number} {symbol} {float(bound)!r}"
-        for item in field.metadata
+        for item in [*field.metadata, *inner]
         for name, symbol in operators.items()
         if (bound := getattr(item, name, None)) is not None
     ]
@@ -190,8 +199,14 @@ def _bounds(field: FieldInfo, number: str) -> str:
 
 
 def _kind(field: FieldInfo) -> type | None:
-    """The type of a searchable field's values, without None."""
-    kinds = [kind for kind in get_args(field.annotation) or (field.annotation,) if kind is not type(None)]
+    """The type of a searchable field's values, without None and `auto` (never a search candidate)."""
+    kinds = [
+        (get_origin(kind) is Annotated and get_args(kind)[0]) or kind
+        for kind in get_args(field.annotation) or (field.annotation,)
+        if kind is not type(None) and get_args(kind) != (AUTO,)
+    ]
+    if len(kinds) == 1 and get_origin(kinds[0]) is Annotated:
+        kinds = list(get_args(kinds[0])[:1])
     return kinds[0] if len(kinds) == 1 and isinstance(kinds[0], type) else None
 
 
@@ -333,6 +348,8 @@ class SearchSpec(ContractModel):
             model, alias = known[key]
             self.space[key] = parameter = _typed(key, parameter, _field(model, alias))
             for value in parameter.candidate_values():
+                if value == AUTO:
+                    raise ValueError(f"space.{key}: auto is not a search candidate; search concrete values")
                 try:  # as JSON, strictly: as the API server sees the value ("3" is not 3)
                     model.model_validate_json(json.dumps({alias: value}), strict=True)
                 except ValidationError as error:

@@ -6,11 +6,11 @@ runtime can all call it. Entry points: `shape_from_config` reads a parsed config
 """
 
 from kubetune.runtime.contract import Sharding
+from kubetune.runtime.contract.decisions import Decision
 
 from .auto import (
     DEFAULT_QUANTILE,
     BatchResolution,
-    Decision,
     NothingFitsError,
     quantile,
     resolve_batch,

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from kubetune.runtime.contract import ContractModel, MethodType, Precision
+from kubetune.runtime.contract.decisions import Decision
 from pydantic import Field
 
 from .gpus import GpuType
@@ -28,14 +29,6 @@ PRECISION_FIELD = "spec.hyperparameters.precision"
 BATCH_FIELD = "spec.hyperparameters.batchSize"
 ACCUMULATION_FIELD = "spec.hyperparameters.gradientAccumulationSteps"
 CHECKPOINTING_FIELD = "spec.hyperparameters.gradientCheckpointing"
-
-
-class Decision(ContractModel):
-    """One value the planner chose for a field left to it, and why."""
-
-    field: str = Field(description="The spec field decided, as a camelCase path (spec.hyperparameters.batchSize).")
-    value: bool | int | str = Field(description="The value chosen.")
-    reason: str = Field(description="Why this value: the figures it was chosen from.")
 
 
 def quantile(values: Sequence[int], q: float) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 from kubetune.runtime.baseline import fit_baseline
 from kubetune.runtime.contract import MethodType, Precision, RunIdentity, RunSpec, Sharding, WorkerResources
+from kubetune.runtime.contract.decisions import Decision
 from kubetune.runtime.contract.manifest import MANIFEST_FILE, VARIANTS_FOLDER
 from kubetune.runtime.contract.report import BaselineReport, RunReport, Stage
 from kubetune.runtime.contract.runconfig import SHARDED_QLORA_PROBLEM
@@ -39,6 +40,7 @@ from kubetune.runtime.training.plan import TrainingPlan, with_overrides
 from kubetune.runtime.training.train import cluster_cpus, train, training_processes, worker_shape
 from kubetune.runtime.variants.export import spec_digest
 
+from .auto_values import resolve_auto
 from .ray_cluster import ray_cluster
 from .stages import (
     FineTunedJob,
@@ -79,6 +81,16 @@ def check_runnable(spec: RunSpec, resources: WorkerResources) -> None:
     check_method_fits_machine(spec.method, use_gpu=False)
     if spec.hyperparameters.precision == Precision.FP16:
         raise InvalidRunError("hyperparameters.precision", "fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+
+
+def check_resolved(spec: RunSpec, resources: WorkerResources) -> None:
+    """Refuse a spec that still holds `auto` after resolution: training reads concrete values only."""
+    left = spec.hyperparameters.auto_fields()
+    if left:
+        raise InvalidRunError(
+            ", ".join(f"hyperparameters.{name}" for name in left), "still auto after the run resolved its auto values"
+        )
+    check_runnable(spec, resources)
 
 
 def _staging_root(spec: RunSpec, options: RunOptions) -> Path:
@@ -231,6 +243,10 @@ def _run(spec: RunSpec, options: RunOptions, placement: StagePlacement, root: Pa
     events.stage_started(Stage.LOAD, f"data from {spec.data.train}")
     data = load_data(spec, options.settings)
     events.data({"train": len(data.train), "validation": len(data.validation), "test": len(data.test)}, data.labels)
+    written = spec  # as the user wrote it: the lineage and the digest
+    resolved = resolve_auto(spec, data, options.resources, options.settings, training_processes(options.resources))
+    spec = resolved.spec
+    check_resolved(spec, options.resources)
     events.stage_started(
         Stage.EVALUATE_BASE,
         f"base model and classical baseline on {len(data.test)} test examples (training: {len(data.train)}, "
@@ -245,7 +261,7 @@ def _run(spec: RunSpec, options: RunOptions, placement: StagePlacement, root: Pa
         events.metrics("test-baseline", measured, 0)
 
     trained = _train_or_search(spec, data, options, root, events)
-    job = _fine_tuned_job(spec, options, data, before, trained, baseline)
+    job = _fine_tuned_job(written, options, data, before, trained, baseline, resolved.decisions)
     finished = finish(job, trained.state.weights, placement, events, trained.position.step, data, root)
     return RunReport(
         stage=Stage.DONE,
@@ -257,7 +273,8 @@ def _run(spec: RunSpec, options: RunOptions, placement: StagePlacement, root: Pa
         best_variant=finished.best,
         manifest_uri=finished.manifest_uri,
         tensorboard_uri=output_uri(spec, root, root / TENSORBOARD_FOLDER),
-        spec_digest=spec_digest(spec),
+        spec_digest=spec_digest(written),
+        decisions=resolved.decisions or None,
         step=trained.position.step,
         epoch=trained.position.epochs_done,
         stopped_early=trained.position.stopped_early,
@@ -274,6 +291,7 @@ def _fine_tuned_job(
     before: dict[str, float],
     trained: _Trained,
     baseline: BaselineReport,
+    decisions: list[Decision],
 ) -> FineTunedJob:
     position = trained.position
     resources = options.resources
@@ -301,4 +319,5 @@ def _fine_tuned_job(
         training=training,
         search=trained.search,
         baseline=baseline,
+        decisions=decisions,
     )

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 from kubetune.runtime.contract import Method, MethodType, RunIdentity, RunSpec, Task, WorkerResources
+from kubetune.runtime.contract.decisions import Decision
 from kubetune.runtime.contract.report import BaselineReport, Stage, VariantReport
 from kubetune.runtime.data.load import TaskData, load_data
 from kubetune.runtime.io.errors import DataError, InvalidRunError, invalid_run_cause
@@ -193,6 +194,7 @@ class FineTunedJob:
     training: dict[str, Any]
     search: dict[str, Any] | None = None
     baseline: BaselineReport | None = None
+    decisions: list[Decision] = field(default_factory=list)  # the values chosen for `auto` fields
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,7 @@ class FineTunedStage:
             search=job.search,
             effective=job.effective,
             baseline=job.baseline,
+            decisions=job.decisions,
         )
         manifest = write_manifest(self.root, inputs, self.variants)
         uri = output_uri(job.spec, self.root, manifest)

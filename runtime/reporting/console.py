@@ -59,6 +59,20 @@ def baseline_line(result: RunReport) -> str | None:
     return f"no classical baseline: {baseline.skipped or 'not measured'}"
 
 
+def decisions_table(result: RunReport) -> Table | None:
+    """The values chosen for the spec's `auto` fields and why; None when the spec left none to the run."""
+    if not result.decisions:
+        return None
+    table = Table(title="auto values")
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", justify="right")
+    table.add_column("why")
+    for decision in result.decisions:
+        value = str(decision.value).lower() if isinstance(decision.value, bool) else str(decision.value)
+        table.add_row(escape(decision.field), escape(value), escape(decision.reason))
+    return table
+
+
 def results_table(result: RunReport, promoted: str | None = None) -> Table:
     """Base model, classical baseline, fine-tuned model and every variant side by side.
 
@@ -222,6 +236,9 @@ class ConsoleReporter:
         self._stop_displays()
         if not self.show_result:
             return
+        decisions = decisions_table(result)
+        if decisions is not None:
+            self._print(decisions)
         self._print(results_table(result))
         skipped = baseline_line(result)
         if skipped:

@@ -117,6 +117,7 @@ class ConfigMapReporter:
         report.message = None
         report.metrics_before, report.metrics_after = result.metrics_before, result.metrics_after
         report.baseline = result.baseline
+        report.decisions = result.decisions
         report.variants = result.variants or None
         report.best_variant = result.best_variant
         report.manifest_uri = result.manifest_uri

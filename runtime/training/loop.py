@@ -123,7 +123,9 @@ def _validate(
     shard = plan.validation.shard(rank, world)
     device = next(model.parameters()).device
     size = totals_size(task, len(plan.labels))
-    totals = run_evaluation(model, processor, ops, shard, hp.max_sequence_length, hp.batch_size, device, size).totals
+    totals = run_evaluation(
+        model, processor, ops, shard, hp.resolved_max_sequence_length, hp.resolved_batch_size, device, size
+    ).totals
     if plan.sharding == Sharding.FSDP:
         _match_forward_passes(model, processor, ops, plan, hp, len(shard), world, device)
     totals = totals.to(device)
@@ -149,12 +151,12 @@ def _match_forward_passes(
     the same number; validation shards may differ by an example, and so by a batch.
     """
     largest_shard = math.ceil(len(plan.validation) / world)  # rank 0's
-    missing = math.ceil(largest_shard / hp.batch_size) - math.ceil(shard_size / hp.batch_size)
+    missing = math.ceil(largest_shard / hp.resolved_batch_size) - math.ceil(shard_size / hp.resolved_batch_size)
     if missing <= 0:
         return
     was_training = model.training
     model.eval()
-    inputs = ops.encode(processor, plan.validation.subset(range(1)), hp.max_sequence_length)
+    inputs = ops.encode(processor, plan.validation.subset(range(1)), hp.resolved_max_sequence_length)
     inputs = {name: value.to(device) for name, value in inputs.items()}
     for _ in range(missing):
         forward_logits(model, inputs)
@@ -214,7 +216,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     settings = plan.settings.reusing_downloads()
     model, processor = build_model(spec.model, spec.method, plan.labels, hp.seed, settings)
     ops = task_ops(spec.model.task, len(plan.labels))
-    if hp.gradient_checkpointing:
+    if hp.resolved_gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (adapters) and with DDP.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
     model.train()
@@ -236,12 +238,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     best_shards: ShardedWeights | None = None  # sharded: this worker's shards of the best weights
 
     batches_per_epoch, optimizer_steps = steps_per_epoch(
-        len(plan.train), world, hp.batch_size, hp.gradient_accumulation_steps
+        len(plan.train), world, hp.resolved_batch_size, hp.gradient_accumulation_steps
     )
     total_steps = optimizer_steps * hp.epochs
     unwrapped = model
     if sharded:
-        model = shard_model(model, ray.train.torch.get_device(), hp.precision)
+        model = shard_model(model, ray.train.torch.get_device(), hp.resolved_precision)
     else:
         model = ray.train.torch.prepare_model(model)
     device = next(model.parameters()).device
@@ -256,7 +258,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if has_shards(Path(folder)):
                 # Without best weights of their own, the checkpoint's current weights are the best.
                 best_shards = load_shards(Path(folder), model, optimizer) or sharded_snapshot(model)
-    scaler = torch.amp.GradScaler(device.type, enabled=hp.precision == Precision.FP16)
+    scaler = torch.amp.GradScaler(device.type, enabled=hp.resolved_precision == Precision.FP16)
     # The sampler only needs the length: it hands out example indices.
     indices: Any = range(len(plan.train))
     sampler: DistributedSampler[int] = DistributedSampler(
@@ -267,7 +269,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_value = 0.0
     for epoch in range(position.epoch, hp.epochs):
         sampler.set_epoch(epoch)
-        batches = _batches(sampler, hp.batch_size)
+        batches = _batches(sampler, hp.resolved_batch_size)
         for batch_index, indices in enumerate(batches):
             if batch_index < position.batch:
                 continue  # resumed mid-epoch: these were trained before the checkpoint
@@ -275,9 +277,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             group_size = min(accumulation, len(batches) - group_start)
             steps_now = batch_index + 1 == group_start + group_size
             started = time.perf_counter()
-            inputs = ops.encode(processor, plan.train.subset(indices), hp.max_sequence_length)
+            inputs = ops.encode(processor, plan.train.subset(indices), hp.resolved_max_sequence_length)
             inputs = {name: value.to(device) for name, value in inputs.items()}
-            with _no_sync(model, not steps_now), _autocast(hp.precision, device):
+            with _no_sync(model, not steps_now), _autocast(hp.resolved_precision, device):
                 loss = ops.loss(forward_logits(model, inputs), inputs["labels"]) / group_size
             scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
             loss_value += float(loss.detach())

@@ -17,6 +17,9 @@ def with_overrides(spec: RunSpec, overrides: dict[str, Any]) -> RunSpec:
     """`spec` with searched values applied: hyperparameter aliases or `lora.*` / `freeze.*` keys."""
     if not overrides:
         return spec
+    auto = set(spec.hyperparameters.auto_fields()) & overrides.keys()
+    if auto:  # the contract refuses such a search; a value left to kubetune is never a trial's
+        raise ValueError(f"hyperparameters.{sorted(auto)[0]} is auto: it is resolved, not searched")
     hyperparameters = spec.hyperparameters.to_wire()
     method = spec.method.to_wire()
     for key, value in overrides.items():

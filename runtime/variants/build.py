@@ -44,7 +44,7 @@ def test_metrics(model: nn.Module, processor: Any, spec: RunSpec, data: TaskData
         spec.model.task,
         data.test,
         len(data.labels),
-        spec.hyperparameters.max_sequence_length,
+        spec.hyperparameters.resolved_max_sequence_length,
         EVALUATION_BATCH_SIZE,
     )
 
@@ -68,7 +68,7 @@ def _measure(
     variant.metrics = metrics
     variant.size_bytes = weights_size(variant.folder)
     variant.latency_ms_p50 = latency_ms_p50(
-        model, processor, spec.model.task, context.data.test, spec.hyperparameters.max_sequence_length
+        model, processor, spec.model.task, context.data.test, spec.hyperparameters.resolved_max_sequence_length
     )
     if variant.name in COMPRESSED:
         verdict = judge(spec.model.task, context.reference, metrics, spec.compression.max_accuracy_drop)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.runtime.contract import MethodType, RunIdentity, RunSpec
+from kubetune.runtime.contract.decisions import Decision
 from kubetune.runtime.contract.manifest import (
     MANIFEST_FILE,
     ArtifactManifest,
@@ -170,6 +171,7 @@ class ManifestInputs:
     # The spec with the best trial's values applied; the spec itself when there was no search.
     effective: RunSpec | None = None
     baseline: BaselineReport | None = None
+    decisions: list[Decision] = field(default_factory=list)
 
 
 def write_manifest(root: Path, inputs: ManifestInputs, variants: list[ExportedVariant]) -> Path:
@@ -199,6 +201,7 @@ def write_manifest(root: Path, inputs: ManifestInputs, variants: list[ExportedVa
             baseline=inputs.baseline.metrics if inputs.baseline else {},
         ),
         baseline=inputs.baseline,
+        decisions=inputs.decisions,
         output=inputs.output_uri,
         variants={variant.name: variant.describe(root) for variant in variants},
         best_variant=inputs.best_variant,

@@ -157,7 +157,9 @@ def test_exported_variants_reproduce_the_reported_metrics(run_name: str, request
     folder = Path(artifacts(run.result)[plain])
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    metrics = evaluate(model, tokenizer, data.test, len(data.labels), run.spec.hyperparameters.max_sequence_length)
+    metrics = evaluate(
+        model, tokenizer, data.test, len(data.labels), run.spec.hyperparameters.resolved_max_sequence_length
+    )
     assert metrics["accuracy"] == run.after["accuracy"]
     assert metrics["f1"] == run.after["f1"]
     assert metrics["loss"] == pytest.approx(run.after["loss"], abs=1e-4)
@@ -169,7 +171,7 @@ def test_the_adapter_and_the_merged_model_predict_alike(lora_run: FinishedRun, m
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     data = _test_split(lora_run)
-    length = lora_run.spec.hyperparameters.max_sequence_length
+    length = lora_run.spec.hyperparameters.resolved_max_sequence_length
     merged_folder = Path(artifacts(lora_run.result)["merged"])
     tokenizer = AutoTokenizer.from_pretrained(merged_folder)
     merged = AutoModelForSequenceClassification.from_pretrained(merged_folder)

@@ -159,7 +159,7 @@ def test_exported_weights_load_with_plain_transformers(
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     data = load_data(trained.spec, RuntimeSettings())
-    length = trained.spec.hyperparameters.max_sequence_length
+    length = trained.spec.hyperparameters.resolved_max_sequence_length
     metrics = evaluate(model, tokenizer, data.validation, len(data.labels), length)
     sharded = finite(trained.result.validation)  # measured on the sharded model, at the best step
     assert metrics["accuracy"] == sharded["accuracy"]

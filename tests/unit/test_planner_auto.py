@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from kubetune.runtime.contract import Method, Precision, Task
+from kubetune.runtime.contract.decisions import Decision
 from kubetune.runtime.planner import (
     DeviceKind,
     NothingFitsError,
@@ -23,7 +24,6 @@ from kubetune.runtime.planner import (
     suggestions,
     total_bytes,
 )
-from kubetune.runtime.planner.auto import Decision
 
 from .model_configs import LLAMA_2_7B
 
