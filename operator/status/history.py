@@ -22,7 +22,9 @@ def record_bytes(record: RunRecord) -> int:
 
 def summarised(record: RunRecord) -> RunRecord:
     """What is kept of an older run when the history is over its budget: the outcome, not the details."""
-    return record.model_copy(update={"progress": None, "ray_job": None, "best_hyperparameters": None})
+    return record.model_copy(
+        update={"progress": None, "ray_job": None, "best_hyperparameters": None, "decisions": None}
+    )
 
 
 def fit_history(records: list[RunRecord], budget: int = RUNS_MAX_BYTES) -> tuple[list[RunRecord], list[RunRecord]]:

@@ -30,19 +30,9 @@ def _int_or_auto(minimum: int, maximum: int) -> WithJsonSchema:
     )
 
 
-# true, false or auto. The API server has no bool-or-string type: the value is kept as written and a
-# CEL rule admits exactly those three.
-_BOOL_OR_AUTO_SCHEMA = WithJsonSchema(
-    {
-        "x-kubernetes-preserve-unknown-fields": True,
-        "x-kubernetes-validations": [
-            {
-                "rule": "type(self) == bool || (type(self) == string && self == 'auto')",
-                "message": "must be true, false or auto",
-            }
-        ],
-    }
-)
+# true, false or auto. The API server has no bool-or-string type, and no CEL rule on a field without one:
+# the value is kept as written, and the enum admits exactly those three.
+_BOOL_OR_AUTO_SCHEMA = WithJsonSchema({"x-kubernetes-preserve-unknown-fields": True, "enum": [True, False, AUTO]})
 
 
 class Optimizer(StrEnum):

@@ -110,6 +110,30 @@ JOB_CASES: list[tuple[str, Any, str]] = [
     ("spec.concurrencyPolicy", "Allow", "spec.concurrencyPolicy: Unsupported value"),
     ("spec.historyLimit", 0, "spec.historyLimit"),
     ("spec.unknownField", 1, 'unknown field "spec.unknownField"'),
+    ("spec.hyperparameters", {"gradientCheckpointing": "Auto"}, "spec.hyperparameters.gradientCheckpointing"),
+    ("spec.hyperparameters", {"gradientCheckpointing": "yes"}, "spec.hyperparameters.gradientCheckpointing"),
+    ("spec.hyperparameters", {"gradientCheckpointing": 7}, "spec.hyperparameters.gradientCheckpointing"),
+    ("spec.hyperparameters", {"batchSize": "Auto"}, "spec.hyperparameters.batchSize"),
+    ("spec.hyperparameters", {"batchSize": 0}, "spec.hyperparameters.batchSize"),
+    ("spec.hyperparameters", {"maxSequenceLength": "longest"}, "spec.hyperparameters.maxSequenceLength"),
+    ("spec.hyperparameters", {"maxSequenceLength": 4}, "spec.hyperparameters.maxSequenceLength"),
+    ("spec.hyperparameters", {"precision": "Auto"}, "spec.hyperparameters.precision: Unsupported value"),
+    (
+        "spec.hyperparameters",
+        {"batchSize": 8, "effectiveBatchSize": 16},
+        "spec.hyperparameters.effectiveBatchSize: Invalid value",
+    ),
+    ("spec.hyperparameters", {"effectiveBatchSize": 16}, "effectiveBatchSize applies to batchSize auto only"),
+    (
+        "spec.hyperparameters",
+        {"sequenceLengthQuantile": 0.9},
+        "spec.hyperparameters.sequenceLengthQuantile: Invalid value",
+    ),
+    (
+        "spec.hyperparameters",
+        {"maxSequenceLength": "auto", "sequenceLengthQuantile": 0},
+        "spec.hyperparameters.sequenceLengthQuantile",
+    ),
 ]
 
 DEPLOYMENT_CASES: list[tuple[str, Any, str]] = [
@@ -168,6 +192,41 @@ def test_what_a_cluster_cannot_run_is_refused_naming_the_field(
 ) -> None:
     message = refusal(kube, namespace, mutated(load_example(example), path, value))
     assert expected in message, message
+
+
+AUTO_VALUES = {
+    "batchSize": "auto",
+    "effectiveBatchSize": 64,
+    "maxSequenceLength": "auto",
+    "sequenceLengthQuantile": 0.99,
+    "precision": "auto",
+    "gradientCheckpointing": "auto",
+}
+
+
+def test_auto_values_are_admitted_and_kept_as_written(kube: Kube, namespace: str) -> None:
+    document = mutated(load_example("finetunejob-minimal.yaml"), "spec.hyperparameters", AUTO_VALUES)
+    created = admit(kube, namespace, document)
+    assert {key: created["spec"]["hyperparameters"][key] for key in AUTO_VALUES} == AUTO_VALUES
+    fixed = {"batchSize": 8, "maxSequenceLength": 64, "precision": "bf16", "gradientCheckpointing": True}
+    document = mutated(load_example("finetunejob-minimal.yaml"), "spec.hyperparameters", fixed)
+    created = admit(kube, namespace, mutated(document, "spec.resources.gpusPerWorker", 1))
+    assert {key: created["spec"]["hyperparameters"][key] for key in fixed} == fixed
+    document = mutated(load_example("finetunejob-minimal.yaml"), "spec.hyperparameters", {})
+    defaults = admit(kube, namespace, document)["spec"]["hyperparameters"]
+    assert (defaults["batchSize"], defaults["gradientCheckpointing"], defaults["precision"]) == (16, False, "fp32")
+
+
+@pytest.mark.parametrize("key", ["batchSize", "maxSequenceLength", "precision"])
+def test_a_search_of_an_auto_value_is_refused(kube: Kube, namespace: str, key: str) -> None:
+    parameter = {"type": "choice", "options": ["fp32", "bf16"]} if key == "precision" else {
+        "type": "choice", "values": [16, 32]}  # fmt: skip
+    document = mutated(load_example("finetunejob-minimal.yaml"), "spec.hyperparameters", {key: "auto"})
+    message = refusal(kube, namespace, mutated(document, "spec.search", {"space": {key: parameter}}))
+    assert f"hyperparameters.{key} is auto" in message and "spec.search.space" in message, message
+    options = {"type": "choice", "options": ["auto", "bf16"]}
+    message = refusal(kube, namespace, mutated(document, "spec.search", {"space": {"precision": options}}))
+    assert "precision" in message, message
 
 
 def test_corpus_is_large_enough() -> None:
