@@ -168,16 +168,22 @@ def _plan_input(job: FineTuneJob, shape: ModelShape, data: TrainingData | None) 
 
 
 def _decisions(
-    inp: PlanInput, gpu: GpuType | None, data: TrainingData | None, q: float, effective_batch: int | None
+    inp: PlanInput, gpu: GpuType | None, data: TrainingData | None, q: float, hyper: Hyperparameters
 ) -> list[Decision]:
+    # A spec with auto fields keeps its other values; one without any is shown what auto would choose for all.
+    auto = set(hyper.auto_fields()) or {"maxSequenceLength", "precision"}
     decisions = []
     if data is not None:
         decisions.append(resolve_sequence_length(data.lengths, inp.shape.max_positions, q))
+        if "maxSequenceLength" in hyper.auto_fields():
+            inp = replace(inp, sequence_length=int(decisions[-1].value))
     decisions.append(resolve_precision(gpu, inp.device))
     if gpu is not None:
         # The batch for the precision it would choose, keeping the job's effective batch.
-        precision = Precision(str(decisions[-1].value))
-        effective = effective_batch or inp.batch_size * inp.gradient_accumulation_steps * inp.topology.devices
+        precision = Precision(str(decisions[-1].value)) if "precision" in auto else inp.precision
+        effective = (
+            hyper.effective_batch_size or inp.batch_size * inp.gradient_accumulation_steps * inp.topology.devices
+        )
         try:
             resolved = resolve_batch(replace(inp, precision=precision), gpu.memory_bytes, effective_batch=effective)
             decisions.extend(resolved.decisions)
@@ -200,7 +206,7 @@ def build_report(path: Path, flags: PlanFlags) -> PlanReport:
     data = training_data(spec, shape.max_positions) if read_data else None
     hyper = job.spec.hyperparameters
     quantile_ = hyper.sequence_length_quantile or flags.quantile
-    decisions = _decisions(_plan_input(job, shape, data), gpu, data, quantile_, hyper.effective_batch_size)
+    decisions = _decisions(_plan_input(job, shape, data), gpu, data, quantile_, hyper)
     inp = _decided(_plan_input(job, shape, data), hyper, decisions)
     if hyper.max_sequence_length == AUTO and data is None:
         notes.append("maxSequenceLength is auto and the training data was not read: planned with 128 tokens")

@@ -33,13 +33,23 @@ def _family(name: str) -> str:
     return name.split("-")[0].lower()
 
 
+def _variant(name: str) -> str:
+    return name.partition("-")[2].lower()
+
+
 def table_gpu(device_name: str, memory_bytes: int | None) -> GpuType | None:
-    """The planner's GPU type for a device name as torch or Ray gives it ("NVIDIA H100 80GB HBM3", "H100")."""
+    """The planner's GPU type for a device name as torch or Ray gives it ("NVIDIA H100 80GB HBM3", "H100").
+
+    Of a family's variants, the one the name spells (PCIe, 40GB) or that the memory matches; a PCIe card
+    names itself so, so an H100 that does not is the SXM one.
+    """
     words = set(device_name.lower().replace("-", " ").split())
     named = [gpu for gpu in GPU_TYPES if _family(gpu.name) in words]
     if memory_bytes is not None:
         named = [gpu for gpu in named if abs(gpu.memory_bytes - memory_bytes) <= MEMORY_TOLERANCE * gpu.memory_bytes]
-    return named[0] if named else None
+    if not named:
+        return None
+    return max(named, key=lambda gpu: (_variant(gpu.name) in words, _variant(gpu.name) != "pcie"))
 
 
 def _local_gpu() -> AutoDevice:

@@ -24,7 +24,7 @@ from kubetune.runtime.io.errors import InvalidRunError
 from kubetune.runtime.io.settings import RuntimeSettings
 from kubetune.runtime.planner import DeviceKind
 from kubetune.runtime.recipe import auto_values
-from kubetune.runtime.recipe.auto_device import AutoDevice, table_gpu
+from kubetune.runtime.recipe.auto_device import AutoDevice, auto_device, table_gpu
 from kubetune.runtime.recipe.pipeline import check_resolved
 from kubetune.runtime.reporting.console import decisions_table
 from kubetune.runtime.training.plan import with_overrides
@@ -194,9 +194,32 @@ def test_a_leftover_auto_is_refused_before_training() -> None:
     assert caught.value.where == "hyperparameters.precision"
 
 
+def test_a_cluster_run_reads_the_gpu_type_ray_labels_its_nodes_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0, "accelerator_type:L4": 1.0})
+    device = auto_device(WorkerResources(gpus_per_worker=1), 1) if not torch_has_cuda() else None
+    if device is not None:
+        assert (device.kind, device.name, device.budget_bytes) == (DeviceKind.CUDA, "L4", 24 * 2**30)
+        assert device.gpu is not None and device.gpu.supports_bf16
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0, "accelerator_type:X9": 1.0})
+    if not torch_has_cuda():
+        with pytest.raises(InvalidRunError, match="accelerator types: X9"):
+            auto_device(WorkerResources(gpus_per_worker=1), 1)
+    cpu = auto_device(WorkerResources(gpus_per_worker=0), 4)
+    assert cpu.kind == DeviceKind.CPU and cpu.gpu is None and cpu.budget_bytes > 0
+
+
+def torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def test_the_planners_gpu_is_found_from_torchs_name_and_memory() -> None:
     gib = 2**30
-    assert (gpu := table_gpu("NVIDIA H100 80GB HBM3", 80 * gib)) is not None and gpu.name.startswith("H100")
+    assert (gpu := table_gpu("NVIDIA H100 80GB HBM3", 80 * gib)) is not None and gpu.name == "H100-SXM"
+    assert (gpu := table_gpu("NVIDIA H100 PCIe", 80 * gib)) is not None and gpu.name == "H100-PCIe"
     assert (gpu := table_gpu("NVIDIA A100-SXM4-40GB", 40 * gib)) is not None and gpu.name == "A100-40GB"
     assert (gpu := table_gpu("NVIDIA A100-SXM4-80GB", 80 * gib)) is not None and gpu.name == "A100-80GB"
     assert table_gpu("NVIDIA GeForce RTX 4090", 24 * gib) is None

