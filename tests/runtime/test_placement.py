@@ -225,7 +225,9 @@ def test_a_run_in_a_ray_cluster_runs_its_stages_on_the_workers(
         "before": result.metrics_before,
         "after": result.metrics_after,
         "validation": result.validation,
+        "baseline": result.baseline.metrics if result.baseline else {},
     }
+    assert result.baseline is not None and result.baseline.test_examples == len(data.test)
     assert manifest["bestVariant"] == result.best_variant
     assert manifest["labels"] == data.labels and manifest["lineage"]["data"] == data.sources
     assert manifest["training"]["workers"] == 1 and manifest["training"]["steps"] == result.step == 8
