@@ -5,12 +5,12 @@ Never the weights: config.json for the shape, the tokenizer (a few files) only t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from kubetune.runtime.contract import ModelSource, RunSpec, Task
 from kubetune.runtime.contract.errors import SpecError
+from kubetune.runtime.data.model_config import UNBOUNDED_POSITIONS, read_model_config
 from kubetune.runtime.io.errors import InvalidRunError, ModelUnavailableError, StorageError, UnavailableError
 from kubetune.runtime.io.storage import parse_uri
 
@@ -27,39 +27,27 @@ def _local_folder(uri: str) -> Path | None:
     return Path(parsed.location) if parsed.scheme in LOCAL_SCHEMES else None
 
 
-def _hub_config(model: ModelSource, repo_id: str) -> Path:
-    from huggingface_hub import hf_hub_download
+def model_config(model: ModelSource) -> dict[str, Any]:
+    """The parsed config.json of the model: from its folder (a path, file://) or the hub (hf://)."""
     from kubetune.runtime.data.hub import local_files_only
 
+    folder = _local_folder(model.uri)
+    parsed = parse_uri(model.uri)
     try:
-        cache_only = local_files_only(repo_id, model.revision, model.uri)
-        path = hf_hub_download(repo_id, "config.json", revision=model.revision, local_files_only=cache_only)
+        if folder is not None:
+            return read_model_config(str(folder), model.uri)
+        if parsed.scheme == "hf":
+            cache_only = local_files_only(parsed.location, model.revision, model.uri)
+            return read_model_config(
+                parsed.location, model.uri, from_hub=True, revision=model.revision, cache_only=cache_only
+            )
+    except InvalidRunError as error:
+        raise SpecError([f"spec.model.uri: {error.problem}"]) from None
     except ModelUnavailableError as error:
         raise SpecError([f"spec.model.uri: {error}"]) from None
     except Exception as error:  # the hub's own errors: a missing repository, file or revision
         raise SpecError([f"spec.model.uri: cannot get config.json of {model.uri}: {error}"]) from None
-    return Path(path)
-
-
-def model_config(model: ModelSource) -> dict[str, Any]:
-    """The parsed config.json of the model: from its folder (a path, file://) or the hub (hf://)."""
-    folder = _local_folder(model.uri)
-    if folder is not None:
-        path = folder / "config.json"
-    elif parse_uri(model.uri).scheme == "hf":
-        path = _hub_config(model, parse_uri(model.uri).location)
-    else:
-        scheme = parse_uri(model.uri).scheme
-        raise SpecError([f"spec.model.uri: {scheme}:// is not read by kubetune plan; give it {SUPPORTED}"])
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise SpecError([f"spec.model.uri: cannot read {path}: {error.strerror}"]) from None
-    except json.JSONDecodeError as error:
-        raise SpecError([f"spec.model.uri: {path} is not valid JSON: {error}"]) from None
-    if not isinstance(config, dict):
-        raise SpecError([f"spec.model.uri: {path} is not a JSON object"])
-    return config
+    raise SpecError([f"spec.model.uri: {parsed.scheme}:// is not read by kubetune plan; give it {SUPPORTED}"])
 
 
 def data_is_local(spec: RunSpec) -> bool:
@@ -115,6 +103,5 @@ def training_data(spec: RunSpec, max_positions: int) -> TrainingData:
         raise SpecError([str(error)]) from None
     tokenizer = _tokenizer(spec.model)
     # Causal-LM examples are measured up to the model's positions: a longer one cannot train anyway.
-    limit = max_positions or 1 << 20
-    lengths = token_lengths(tokenizer, spec.model.task, data.train.inputs, limit)
+    lengths = token_lengths(tokenizer, spec.model.task, data.train.inputs, max_positions or UNBOUNDED_POSITIONS)
     return TrainingData(lengths, data.labels)

@@ -6,14 +6,13 @@ planner for each value and why, and hands training a copy of the spec with concr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
-from kubetune.runtime.contract import AUTO, Hyperparameters, ModelSource, Precision, RunSpec, Task, WorkerResources
+from kubetune.runtime.contract import AUTO, Hyperparameters, Precision, RunSpec, Task, WorkerResources
 from kubetune.runtime.contract.decisions import Decision
 from kubetune.runtime.data.load import TaskData
+from kubetune.runtime.data.model_config import UNBOUNDED_POSITIONS, read_model_config
 from kubetune.runtime.data.token_lengths import MAX_MEASURED, token_lengths
 from kubetune.runtime.io.errors import InvalidRunError
 from kubetune.runtime.io.settings import RuntimeSettings
@@ -37,9 +36,6 @@ from kubetune.runtime.planner.auto import CHECKPOINTING_FIELD, PRECISION_FIELD, 
 
 from .auto_device import AutoDevice, auto_device
 
-# Causal-LM examples are measured up to this many tokens when the model names no limit.
-UNBOUNDED_POSITIONS = 1 << 20
-
 
 @dataclass(frozen=True)
 class Resolved:
@@ -47,25 +43,6 @@ class Resolved:
 
     spec: RunSpec
     decisions: list[Decision]
-
-
-def _config(location: ModelLocation, model: ModelSource) -> dict[str, Any]:
-    """The model's parsed config.json, from its folder or the Hugging Face cache or hub."""
-    try:
-        if location.from_hub:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(
-                location.source, "config.json", revision=location.revision, local_files_only=location.cache_only
-            )
-        else:
-            path = str(Path(location.source) / "config.json")
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise InvalidRunError("model.uri", f"cannot read config.json of {model.uri}: {error}") from None
-    if not isinstance(config, dict):
-        raise InvalidRunError("model.uri", f"config.json of {model.uri} is not a JSON object")
-    return config
 
 
 def _sequence_length(spec: RunSpec, data: TaskData, location: ModelLocation, max_positions: int) -> Decision:
@@ -121,7 +98,15 @@ def resolve_auto(
         return Resolved(spec, [])
     location = locate_model(spec.model, settings)
     try:
-        shape = shape_from_config(_config(location, spec.model))
+        shape = shape_from_config(
+            read_model_config(
+                location.source,
+                spec.model.uri,
+                from_hub=location.from_hub,
+                revision=location.revision,
+                cache_only=location.cache_only,
+            )
+        )
     except ConfigError as error:
         raise InvalidRunError("model.uri", f"auto values need the model's shape: {error}") from None
     device = auto_device(resources, processes)
