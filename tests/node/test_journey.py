@@ -147,7 +147,12 @@ def test_a_finetunejob_trains_in_real_ray_pods(stack: Stack, journey: Journey) -
     assert run["metricsAfter"]["accuracy"] > run["metricsBefore"]["accuracy"]
     assert {"full", "merged", "int8"} <= set(run["artifacts"]), run["artifacts"]
     assert all(uri.startswith(f"s3://{BUCKET}/") for uri in run["artifacts"].values())
-    assert {"load", "train", "compress"} <= set(stages_seen), stages_seen
+    # The status mirrored the run live, stage by stage, in pipeline order. Short stages (loading a model
+    # the image carries takes about a second) may fall between two polls, so only training, which takes
+    # minutes, must have been seen on its way.
+    pipeline = ["load", "evaluate-base", "search", "train", "evaluate", "compress", "export", "done"]
+    assert "train" in stages_seen and stages_seen[-1] == "done", stages_seen
+    assert stages_seen == sorted(stages_seen, key=pipeline.index), stages_seen
     journey.reached.add("trained")
 
 
