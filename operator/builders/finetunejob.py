@@ -205,7 +205,10 @@ def run_config(job: FineTuneJob, request: RunRequest) -> RunConfig:
     )
     resources = job.spec.resources
     workers = WorkerResources(
-        workers=resources.workers, gpus_per_worker=resources.gpus_per_worker, sharding=resources.sharding
+        workers=resources.workers,
+        gpus_per_worker=resources.gpus_per_worker,
+        sharding=resources.sharding,
+        gpu_type=resources.gpu_type,
     )
     contract = RunSpec.model_validate(job.spec.model_dump(include=set(RunSpec.model_fields)))
     output = contract.output.model_copy(update={"uri": run_output_uri(contract.output.uri, request.number)})

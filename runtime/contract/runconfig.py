@@ -79,6 +79,12 @@ class WorkerResources(WireModel):
         default=0, ge=0, le=16, description="GPUs per worker, all used (a Ray Train worker each); 0 trains on CPU."
     )
     sharding: Sharding = Field(default=Sharding.NONE, description=SHARDING_DESCRIPTION)
+    gpu_type: str | None = Field(
+        default=None,
+        max_length=63,
+        description="GPU model the workers run on (the node label nvidia.com/gpu.product); the plan judges "
+        "the run's memory against it.",
+    )
 
 
 class RunConfig(WireModel):

@@ -22,6 +22,11 @@ class GpuType(ContractModel):
     bf16_tflops: float | None = Field(default=None, gt=0, description="Dense BF16 tensor-core peak, TFLOPS.")
     fp16_tflops: float = Field(gt=0, description="Dense FP16 tensor-core peak, TFLOPS.")
     source: str = Field(description="The datasheet these figures come from.")
+    products: tuple[str, ...] = Field(
+        default=(),
+        description="Its names in the node label nvidia.com/gpu.product (GPU feature discovery: the driver's "
+        "product name with dashes), which resources.gpuType matches.",
+    )
 
     @property
     def memory_bytes(self) -> int:
@@ -50,6 +55,7 @@ GPU_TYPES: tuple[GpuType, ...] = (
         fp32_tflops=8.1,
         fp16_tflops=65,
         source="https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/tesla-t4/t4-tensor-core-datasheet-951643.pdf",
+        products=("Tesla-T4",),
     ),
     GpuType(
         name="V100",
@@ -57,6 +63,7 @@ GPU_TYPES: tuple[GpuType, ...] = (
         fp32_tflops=15.7,
         fp16_tflops=125,
         source="https://images.nvidia.com/content/technologies/volta/pdf/volta-v100-datasheet-update-us-1165301-r5.pdf",
+        products=("Tesla-V100-SXM2-32GB", "Tesla-V100-PCIE-32GB", "Tesla-V100S-PCIE-32GB"),
     ),
     GpuType(
         name="A10",
@@ -66,6 +73,7 @@ GPU_TYPES: tuple[GpuType, ...] = (
         bf16_tflops=125,
         fp16_tflops=125,
         source="https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a10/pdf/a10-datasheet.pdf",
+        products=("NVIDIA-A10",),
     ),
     GpuType(
         name="L4",
@@ -75,6 +83,7 @@ GPU_TYPES: tuple[GpuType, ...] = (
         bf16_tflops=121,
         fp16_tflops=121,
         source="https://www.nvidia.com/en-us/data-center/l4/",
+        products=("NVIDIA-L4",),
     ),
     GpuType(
         name="L40S",
@@ -84,6 +93,7 @@ GPU_TYPES: tuple[GpuType, ...] = (
         bf16_tflops=362.05,
         fp16_tflops=362.05,
         source="https://www.nvidia.com/en-us/data-center/l40s/",
+        products=("NVIDIA-L40S",),
     ),
     GpuType(
         name="A100-40GB",
@@ -93,6 +103,7 @@ GPU_TYPES: tuple[GpuType, ...] = (
         bf16_tflops=312,
         fp16_tflops=312,
         source="https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf",
+        products=("NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-PCIE-40GB"),
     ),
     GpuType(
         name="A100-80GB",
@@ -102,6 +113,7 @@ GPU_TYPES: tuple[GpuType, ...] = (
         bf16_tflops=312,
         fp16_tflops=312,
         source="https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf",
+        products=("NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-80GB-PCIe"),
     ),
     GpuType(
         name="H100-PCIe",
@@ -111,6 +123,7 @@ GPU_TYPES: tuple[GpuType, ...] = (
         bf16_tflops=756,
         fp16_tflops=756,
         source="https://www.nvidia.com/en-us/data-center/h100/",
+        products=("NVIDIA-H100-PCIe",),
     ),
     GpuType(
         name="H100-SXM",
@@ -120,6 +133,7 @@ GPU_TYPES: tuple[GpuType, ...] = (
         bf16_tflops=989.5,
         fp16_tflops=989.5,
         source="https://www.nvidia.com/en-us/data-center/h100/",
+        products=("NVIDIA-H100-80GB-HBM3",),
     ),
     GpuType(
         name="H200",
@@ -129,6 +143,7 @@ GPU_TYPES: tuple[GpuType, ...] = (
         bf16_tflops=989.5,
         fp16_tflops=989.5,
         source="https://www.nvidia.com/en-us/data-center/h200/",
+        products=("NVIDIA-H200",),
     ),
     GpuType(
         name="B200",
@@ -138,6 +153,7 @@ GPU_TYPES: tuple[GpuType, ...] = (
         bf16_tflops=2250,
         fp16_tflops=2250,
         source="https://www.nvidia.com/en-us/data-center/hgx/",
+        products=("NVIDIA-B200",),
     ),
     GpuType(
         name="MI300X",
@@ -152,8 +168,8 @@ GPU_TYPES: tuple[GpuType, ...] = (
 
 
 def gpu_type(name: str) -> GpuType:
-    """The GPU type of `name` (case-insensitive); ValueError listing the known names."""
+    """The GPU type of `name` or of a gpu.product label value (case-insensitive); ValueError listing the names."""
     for gpu in GPU_TYPES:
-        if gpu.name.lower() == name.lower():
+        if name.lower() in {gpu.name.lower(), *(product.lower() for product in gpu.products)}:
             return gpu
     raise ValueError(f"unknown GPU type {name!r}; known: {', '.join(gpu.name for gpu in GPU_TYPES)}")
