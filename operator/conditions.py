@@ -22,6 +22,7 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     RECONCILE_FAILED = "ReconcileFailed"  # a pass failed unexpectedly; it is retried with backoff
     RUN_CREATED = "RunCreated"
+    RUN_PLANNING = "RunPlanning"
     RUN_PENDING = "RunPending"
     RUN_RUNNING = "RunRunning"
     RUN_RETRYING = "RunRetrying"
@@ -40,6 +41,7 @@ class Reason(StrEnum):
     RAY_JOB_REJECTED = "RayJobRejected"
     MODEL_UNAVAILABLE = "ModelUnavailable"
     STORAGE_UNAVAILABLE = "StorageUnavailable"
+    PLAN_FAILED = "PlanFailed"
     UNSCHEDULABLE = "Unschedulable"
     IMAGE_PULL_FAILED = "ImagePullFailed"
     POD_CONFIG_ERROR = "PodConfigError"

@@ -55,6 +55,11 @@ def report_name(run: str) -> str:
     return f"{run}-report"
 
 
+def plan_job_name(run: str) -> str:
+    """The Job that plans a GPU run on CPU before its RayJob is created."""
+    return f"{run}-plan"
+
+
 def runner_name(run: str) -> str:
     """ServiceAccount, Role and RoleBinding of the run: it may patch its report and nothing more."""
     return f"{run}-runner"

@@ -55,6 +55,7 @@ RBAC = "rbac.authorization.k8s.io"
 NETWORKING = "networking.k8s.io"
 APIEXTENSIONS = "apiextensions.k8s.io"
 COORDINATION = "coordination.k8s.io"
+BATCH = "batch"
 
 PERMISSIONS: tuple[Permission, ...] = (
     # kubetune's own kinds.
@@ -76,6 +77,9 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission(RAY, "rayjobs", ("get", "create", "delete"),
                "a run's RayJob is created, read when not cached yet or its name is taken, and deleted "
                "when the run is stopped or leaves the history (reconcile/finetunejob.py)"),
+    Permission(BATCH, "jobs", ("get", "create", "delete"),
+               "a GPU run's plan Job (CPU) is created before its RayJob, read while the run is planned, and "
+               "deleted with the run (reconcile/finetunejob.py)"),
     Permission("", "configmaps", ("list", "watch"),
                "the runs' reports: an informer selected by kubetune's labels (handlers/finetunejob.py REPORTS)"),
     Permission("", "configmaps", ("get", "create", "delete"),

@@ -23,6 +23,7 @@ from kubetune.runtime.contract.common import (
     with_cel,
 )
 from kubetune.runtime.contract.decisions import Decisions
+from kubetune.runtime.contract.plan import RunPlan
 from kubetune.runtime.contract.report import RunProgress
 from kubetune.runtime.contract.run import CAUSAL_LM_METRICS, CLASSIFICATION_METRICS, RUN_SPEC_RULES
 from kubetune.runtime.contract.runconfig import SHARDED_QLORA_MESSAGE, SHARDING_DESCRIPTION
@@ -252,6 +253,8 @@ class FineTuneJobSpec(RunSpec):
 
 
 class JobPhase(StrEnum):
+    # A GPU run is planned on CPU first (its memory per GPU, from the model's config.json): no RayJob yet.
+    PLANNING = "Planning"
     PENDING = "Pending"
     RUNNING = "Running"
     RETRYING = "Retrying"
@@ -262,7 +265,9 @@ class JobPhase(StrEnum):
     INVALID = "Invalid"
 
 
-ACTIVE_PHASES = frozenset({JobPhase.PENDING, JobPhase.RUNNING, JobPhase.RETRYING, JobPhase.WAITING, JobPhase.SUSPENDED})
+ACTIVE_PHASES = frozenset(
+    {JobPhase.PLANNING, JobPhase.PENDING, JobPhase.RUNNING, JobPhase.RETRYING, JobPhase.WAITING, JobPhase.SUSPENDED}
+)
 FINISHED_PHASES = frozenset({JobPhase.SUCCEEDED, JobPhase.FAILED})
 
 
@@ -287,6 +292,8 @@ class RunFailure(StrEnum):
     MODEL_UNAVAILABLE = "ModelUnavailable"
     # Object storage (s3://) did not answer or was busy: retried within backoffLimit, this is how the last try ended.
     STORAGE_UNAVAILABLE = "StorageUnavailable"
+    # The plan Job (CPU) failed every try: no plan, so no GPUs were requested.
+    PLAN_FAILED = "PlanFailed"
 
 
 class WaitReason(StrEnum):
@@ -364,13 +371,15 @@ class RunRecord(WireModel):
     spec_hash: ShortText | None = Field(
         default=None, exclude=True, description="Deprecated: triggerHash, as operators before its rename wrote it."
     )
-    phase: JobPhase = Field(description="Pending, Running, Retrying, Waiting, Suspended, Succeeded or Failed.")
+    phase: JobPhase = Field(
+        description="Planning, Pending, Running, Retrying, Waiting, Suspended, Succeeded or Failed."
+    )
     message: Message | None = Field(default=None, description="Why the run is in this phase.")
     failure: RunFailure | None = Field(
         default=None,
         description=(
             "Why the run failed, when kubetune or KubeRay says more than RunFailed (e.g. DeadlineExceeded, "
-            "InvalidSpec, ModelUnavailable, StorageUnavailable)."
+            "InvalidSpec, ModelUnavailable, StorageUnavailable, PlanFailed)."
         ),
     )
     waiting: WaitReason | None = Field(
@@ -380,6 +389,10 @@ class RunRecord(WireModel):
     start_time: datetime | None = Field(default=None, description="When the run was created.")
     completion_time: datetime | None = Field(default=None, description="When the run finished.")
     ray_job: RayJobState | None = Field(default=None, description="Last observed RayJob status.")
+    plan: RunPlan | None = Field(
+        default=None,
+        description="What the plan made on CPU before a GPU run found: memory per GPU, fit, speed, auto values.",
+    )
     progress: RunProgress | None = Field(default=None, description="Latest progress report.")
     metrics_before: dict[str, float] | None = Field(default=None, description="Base-model test metrics.")
     metrics_after: dict[str, float] | None = Field(default=None, description="Fine-tuned test metrics.")

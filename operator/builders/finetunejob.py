@@ -22,6 +22,7 @@ from kubetune.operator.naming import (
     TRIGGER_DETAIL_ANNOTATION,
     config_map_name,
     controller_reference,
+    plan_job_name,
     report_name,
     run_labels,
     run_name,
@@ -29,6 +30,7 @@ from kubetune.operator.naming import (
     runner_name,
 )
 from kubetune.operator.planning.finetunejob import RunRequest
+from kubetune.operator.planning.gpu_plans import plans_first
 from kubetune.operator.settings import Settings
 from kubetune.runtime.contract import RunSpec
 from kubetune.runtime.contract.report import REPORT_KEY
@@ -36,6 +38,10 @@ from kubetune.runtime.contract.runconfig import RunConfig, RunIdentity, WorkerRe
 
 Manifest = dict[str, Any]
 ENTRYPOINT_MODULE = "kubetune.runtime.recipe.finetune"
+PLAN_MODULE = "kubetune.runtime.recipe.plan"
+# The plan reads config.json and, for maxSequenceLength auto, tokenizes the training split: minutes at most.
+# Two more tries cover a node that went away; a plan that cannot reach the hub or storage fails the run.
+PLAN_BACKOFF_LIMIT, PLAN_DEADLINE_SECONDS = 2, 3600
 CONFIG_KEY = "run.json"
 # `ray job submit` submits the entry point, then only waits for the job and streams its logs: it requests
 # little CPU, so that a small node keeps its cores for the Ray pods. Its start-up costs about 2.5 s of CPU
@@ -57,8 +63,11 @@ class RunManifests:
     config: Manifest
     network_policy: Manifest
     ray_job: Manifest
+    # A GPU run's plan Job: created in the RayJob's place, which waits for the plan (see planning/).
+    plan_job: Manifest | None = None
 
     def in_order(self) -> list[Manifest]:
+        """What starts the run, in order: its RayJob last, or its plan Job when it is planned first."""
         return [
             self.service_account,
             self.role,
@@ -66,7 +75,7 @@ class RunManifests:
             self.report,
             self.config,
             self.network_policy,
-            self.ray_job,
+            self.plan_job if self.plan_job is not None else self.ray_job,
         ]
 
 
@@ -230,6 +239,29 @@ def build_run_network_policy(job: FineTuneJob, number: int, settings: Settings) 
     return pods.network_policy(metadata, labels, settings)
 
 
+def build_plan_job(job: FineTuneJob, request: RunRequest, settings: Settings) -> Manifest:
+    """The CPU Job that plans a GPU run: the head's pod (image, storage access, run config, reporting token,
+    CPU placement) running the plan entry point instead of Ray. It holds no GPU."""
+    run = run_name(job.metadata["name"], request.number)
+    template = _ray_pod(job, request, settings, runner_name(run), head=True, config=config_map_name(run)).template(
+        settings
+    )
+    [container] = template["spec"]["containers"]
+    container["name"] = "plan"
+    container["command"] = ["python", "-m", PLAN_MODULE, "--config", f"{CONFIG_MOUNT_PATH}/{CONFIG_KEY}"]
+    template["spec"]["restartPolicy"] = "Never"
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(job, plan_job_name(run), request),
+        "spec": {
+            "backoffLimit": PLAN_BACKOFF_LIMIT,
+            "activeDeadlineSeconds": PLAN_DEADLINE_SECONDS,
+            "template": template,
+        },
+    }
+
+
 def build_run(job: FineTuneJob, request: RunRequest, settings: Settings) -> RunManifests:
     """All objects of run `request.number` of `job`."""
     run = run_name(job.metadata["name"], request.number)
@@ -292,4 +324,5 @@ def build_run(job: FineTuneJob, request: RunRequest, settings: Settings) -> RunM
         },
         network_policy=build_run_network_policy(job, request.number, settings),
         ray_job={"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": ray_metadata, "spec": ray_spec},
+        plan_job=build_plan_job(job, request, settings) if plans_first(job) else None,
     )

@@ -23,6 +23,7 @@ from kubetune.operator.api.common import GROUP
 from kubetune.operator.api.finetunejob import KIND, MAX_ARTIFACTS, MAX_METRICS, RunRecord
 from kubetune.operator.naming import JOB_LABEL, RUN_LABEL
 from kubetune.runtime.contract.common import MESSAGE_MAX_LENGTH, SHORT_TEXT_MAX_LENGTH, URI_MAX_LENGTH, Metrics, Uri
+from kubetune.runtime.contract.plan import PLAN_KEY, RunPlan
 from kubetune.runtime.contract.report import REPORT_KEY, BaselineReport, RunProgress, RunReport, Stage, VariantReport
 from kubetune.runtime.contract.search import Metric
 from pydantic import TypeAdapter, ValidationError
@@ -50,7 +51,8 @@ class Report:
 
     number: int
     owner_uid: str
-    report: RunReport
+    report: RunReport | None  # None while only the plan is written
+    plan: RunPlan | None = None  # a GPU run's plan, written before its RayJob exists
 
 
 @dataclass(frozen=True)
@@ -62,26 +64,30 @@ class Refused:
 
 
 def read_report(config_map: Mapping[str, Any]) -> Report | Refused | None:
-    """The bounded report of a report ConfigMap; Refused when it is not read; None while the run wrote nothing."""
+    """The bounded report (and plan) of a report ConfigMap; Refused when it is not read; None while the run
+    wrote nothing."""
     meta = config_map.get("metadata") or {}
-    text = (config_map.get("data") or {}).get(REPORT_KEY)
-    if not text:
+    data = config_map.get("data") or {}
+    text, plan_text = data.get(REPORT_KEY), data.get(PLAN_KEY)
+    if not text and not plan_text:
         return None
     owner_uid = job_controller_uid(meta)
     if owner_uid is None:
         job = (meta.get("labels") or {}).get(JOB_LABEL)
         return Refused(Refusal.NOT_OWNED, f"its controller is not the {KIND} {job!r} that its {JOB_LABEL} label names")
     # Characters first: a huge text is refused without being encoded.
-    if len(text) > REPORT_MAX_BYTES or len(text.encode()) > REPORT_MAX_BYTES:
-        return Refused(Refusal.TOO_LARGE, f"{REPORT_KEY} is over {REPORT_MAX_BYTES} bytes")
+    for key, value in ((REPORT_KEY, text), (PLAN_KEY, plan_text)):
+        if value and (len(value) > REPORT_MAX_BYTES or len(value.encode()) > REPORT_MAX_BYTES):
+            return Refused(Refusal.TOO_LARGE, f"{key} is over {REPORT_MAX_BYTES} bytes")
     try:
         number = int((meta.get("labels") or {})[RUN_LABEL])
-        report = RunReport.model_validate_json(text)
+        report = RunReport.model_validate_json(text) if text else None
+        plan = RunPlan.model_validate_json(plan_text) if plan_text else None
     except KeyError:
         return Refused(Refusal.MALFORMED, f"no {RUN_LABEL} label")
     except ValueError as error:  # a ValidationError too
         return Refused(Refusal.MALFORMED, str(error)[:MESSAGE_MAX_LENGTH])
-    return Report(number, owner_uid, bounded_report(report))
+    return Report(number, owner_uid, bounded_report(report) if report is not None else None, plan)
 
 
 def job_controller_uid(meta: Mapping[str, Any]) -> str | None:

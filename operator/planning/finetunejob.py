@@ -32,13 +32,16 @@ from kubetune.operator.conditions import Reason
 from kubetune.operator.model.events import Event
 from kubetune.operator.naming import run_name, run_output_uri
 from kubetune.operator.observe.kuberay import ObservedRun, finished_ray_job_state, ray_job_outcome, ray_job_state
+from kubetune.operator.observe.plan_jobs import PlanJobState
 from kubetune.operator.observe.pods import PodWait
 from kubetune.operator.observe.reports import with_report
 from kubetune.operator.status.gate import gate
 from kubetune.operator.status.history import fit_history, trim_history
 from kubetune.runtime.contract.common import MESSAGE_MAX_LENGTH, SHORT_TEXT_MAX_LENGTH
+from kubetune.runtime.contract.plan import RunPlan
 from kubetune.runtime.contract.report import RunReport, Stage, Unavailable
 
+from .gpu_plans import PLANNING_MESSAGE, PLANNING_RECHECK_SECONDS, planned, plans_first
 from .schedule import ScheduleError as ScheduleError  # re-exported: the reconciler reports it
 from .schedule import latest_due, next_due
 
@@ -88,6 +91,8 @@ class Plan:
 
     records: list[RunRecord]
     create: RunRequest | None = None
+    # Planned runs that fit: their RayJobs are created now.
+    launch: list[RunRequest] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     forget: list[RunRecord] = field(default_factory=list)
     handled_retrain: str | None = None
@@ -142,9 +147,13 @@ def merge_observations(
     reports: Mapping[int, RunReport],
     now: datetime,
     waits: Mapping[int, PodWait] | None = None,
-) -> tuple[list[RunRecord], list[Event]]:
-    """Run records from the last status updated with the RayJobs, reports and waiting pods seen now."""
-    waits = waits or {}
+    plans: Mapping[int, RunPlan] | None = None,
+    plan_jobs: Mapping[int, PlanJobState] | None = None,
+) -> tuple[list[RunRecord], list[Event], list[int]]:
+    """Run records from the last status updated with the RayJobs, reports, plans and waiting pods seen now,
+    and the planned runs whose RayJobs are to be created (`plan_jobs`: the plan Jobs that exist)."""
+    waits, plans, plan_jobs = waits or {}, plans or {}, plan_jobs or {}
+    launch: list[int] = []
     previous = {r.number: r for r in (job.status.runs if job.status and job.status.runs else [])}
     records = dict(previous)
     events: list[Event] = []
@@ -198,6 +207,13 @@ def merge_observations(
     for number, record in previous.items():
         if number in seen or record.phase not in ACTIVE_PHASES:
             continue
+        if record.phase == JobPhase.PLANNING:
+            record, fits = planned(record, plans.get(number), plan_jobs.get(number), waits.get(number))
+            records[number] = _finish(job, record, now, None) if record.phase in FINISHED_PHASES else record
+            if fits:
+                records[number] = record.model_copy(update={"ray_job": ray_job_state(record.ray_job_name, None)})
+                launch.append(number)
+            continue
         report = reports.get(number)
         done = report is not None and report.stage == Stage.DONE
         lost = record.model_copy(
@@ -215,11 +231,12 @@ def merge_observations(
         before = previous.get(number)
         if before is None or before.phase != record.phase:
             events.append(_transition_event(record))
-    return [records[n] for n in sorted(records)], events
+    return [records[n] for n in sorted(records)], events, launch
 
 
 def _transition_event(record: RunRecord) -> Event:
     reasons = {
+        JobPhase.PLANNING: Reason.RUN_PLANNING,
         JobPhase.SUCCEEDED: Reason.RUN_SUCCEEDED,
         JobPhase.FAILED: Reason.RUN_FAILED,
         JobPhase.RUNNING: Reason.RUN_RUNNING,
@@ -248,9 +265,12 @@ def plan(
     now: datetime,
     recheck_seconds: float = RECHECK_SECONDS,
     pod_waits: Mapping[int, PodWait] | None = None,
+    plans: Mapping[int, RunPlan] | None = None,
+    plan_jobs: Mapping[int, PlanJobState] | None = None,
 ) -> Plan:
-    """What to do now, given everything observed (`pod_waits`: why a run's pods cannot run, by run number)."""
-    records, events = merge_observations(job, observed, reports, now, pod_waits)
+    """What to do now, given everything observed (`pod_waits`: why a run's pods cannot run, by run number;
+    `plans`: the plans written, `plan_jobs`: the plan Jobs that exist, by run number)."""
+    records, events, launch = merge_observations(job, observed, reports, now, pod_waits, plans, plan_jobs)
     # A run that failed its own checks is stopped now: KubeRay would retry it backoffLimit times.
     invalid = {r.number for r in records if r.failure == RunFailure.INVALID_SPEC}
     stop_invalid = [run.name for run in observed if run.number in invalid]
@@ -279,6 +299,8 @@ def plan(
     kept, dropped = trim_history(decision.records, job.spec.history_limit)
     kept, over_budget = fit_history(kept)
     waits = [recheck_seconds] if any(r.phase in ACTIVE_PHASES for r in kept) else []
+    if any(r.phase == JobPhase.PLANNING for r in kept):
+        waits.append(PLANNING_RECHECK_SECONDS)
     upcoming = next_due(job, now)
     if upcoming is not None:
         waits.append(max(1.0, (upcoming - now).total_seconds()))
@@ -286,6 +308,8 @@ def plan(
     return Plan(
         records=kept,
         create=decision.create,
+        # Not a run that the same pass replaced (concurrencyPolicy Replace) or forgot.
+        launch=[_request(r) for r in kept if r.number in launch and r.phase == JobPhase.PENDING],
         stop=[*stop_invalid, *(name for name in decision.stop if name not in stop_invalid)],
         forget=dropped + over_budget,
         handled_retrain=decision.handled.retrain,
@@ -298,14 +322,28 @@ def plan(
     )
 
 
-def name_conflict(job: FineTuneJob, decision: Plan, message: str, now: datetime) -> Plan:
-    """The plan after the run it creates found one of its names taken by an object that is not the job's.
+def _request(record: RunRecord) -> RunRequest:
+    """The request a run was created with, from its record: what its RayJob is built from."""
+    return RunRequest(
+        number=record.number,
+        trigger=record.trigger,
+        trigger_detail=record.trigger_detail or "",
+        spec_generation=record.spec_generation,
+        trigger_hash=record.trigger_hash or "",
+    )
+
+
+def name_conflict(job: FineTuneJob, decision: Plan, message: str, now: datetime, number: int | None = None) -> Plan:
+    """The plan after the run it creates (or run `number`, one it launches after its plan) found one of its
+    names taken by an object that is not the job's.
 
     The run fails (nothing of the other object is read, so nothing is promoted) and says why.
     """
-    if decision.create is None:
-        return decision
-    number = decision.create.number
+    created = decision.create is not None and number in (None, decision.create.number)
+    if number is None:
+        if decision.create is None:
+            return decision
+        number = decision.create.number
     records = [
         _finish(
             job,
@@ -317,12 +355,13 @@ def name_conflict(job: FineTuneJob, decision: Plan, message: str, now: datetime)
         else r
         for r in decision.records
     ]
-    events = [e for e in decision.events if e.reason != Reason.RUN_CREATED]
+    events = [e for e in decision.events if e.reason != Reason.RUN_CREATED] if created else decision.events
     warning = Event("Warning", Reason.NAME_CONFLICT, f"run {number} not started: {message}")
     return replace(
         decision,
         records=records,
-        create=None,
+        create=None if created else decision.create,
+        launch=[request for request in decision.launch if request.number != number],
         events=[*events, warning],
         finished=[*decision.finished, *(r for r in records if r.number == number)],
     )
@@ -364,6 +403,7 @@ def _decide(
     trigger, detail = pending[0]
     number = max((r.number for r in records), default=0) + 1
     name = run_name(job.metadata["name"], number)
+    first = plans_first(job)
     record = RunRecord(
         number=number,
         ray_job_name=name,
@@ -371,10 +411,11 @@ def _decide(
         trigger_detail=detail,
         spec_generation=generation,
         trigger_hash=trigger_hash,
-        phase=JobPhase.PENDING,
-        message="RayJob created",
+        phase=JobPhase.PLANNING if first else JobPhase.PENDING,
+        message=PLANNING_MESSAGE if first else "RayJob created",
         start_time=now,
-        ray_job=ray_job_state(name, None),  # what observing the new RayJob gives: no status yet
+        # What observing the new RayJob gives (no status yet); a planned run has none yet.
+        ray_job=None if first else ray_job_state(name, None),
     )
     return _Decision(
         records=[*records, record],

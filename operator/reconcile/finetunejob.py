@@ -18,6 +18,7 @@ from kubetune.operator.api.finetunejob import (
     KIND,
     FineTuneJob,
     FineTuneJobStatus,
+    JobPhase,
     RunRecord,
     cluster_output_problem,
 )
@@ -32,10 +33,12 @@ from kubetune.operator.model.events import Clock, Event, Problem, parse_time, ut
 from kubetune.operator.naming import (
     config_map_name,
     controller_uid,
+    plan_job_name,
     report_name,
     runner_name,
 )
 from kubetune.operator.observe.kuberay import ObservedRun, observe_run
+from kubetune.operator.observe.plan_jobs import PlanJobState, observe_plan_job
 from kubetune.operator.observe.pods import PodWait, RunPod, first_wait
 from kubetune.operator.observe.reports import Report
 from kubetune.operator.planning.adoption import adoption_problem
@@ -45,6 +48,7 @@ from kubetune.operator.reconcile import apply_owned, patch_status, post_events, 
 from kubetune.operator.settings import Settings
 from kubetune.operator.status.finetunejob import compute_status
 from kubetune.runtime.contract.errors import describe
+from kubetune.runtime.contract.plan import RunPlan
 from kubetune.runtime.contract.report import RunReport
 from pydantic import ValidationError
 
@@ -86,7 +90,9 @@ class FineTuneJobReconciler:
         # name, nor an object someone else made with its labels.
         uid = body["metadata"].get("uid")
         runs = [run for run in runs if run.owner_uid == uid]
-        own_reports = {seen.number: seen.report for seen in reports if seen.owner_uid == uid}
+        own = [seen for seen in reports if seen.owner_uid == uid]
+        own_reports = {seen.number: seen.report for seen in own if seen.report is not None}
+        plans = {seen.number: seen.plan for seen in own if seen.plan is not None}
         if body["metadata"].get("deletionTimestamp"):
             return Outcome()
         generation = int(body["metadata"].get("generation", 1))
@@ -104,7 +110,7 @@ class FineTuneJobReconciler:
         if violation is not None:
             return self._stopped(body, previous, Problem(Reason.INVALID_SPEC, violation), generation, now, requeue=None)
         try:
-            decision = self._plan(job, body, runs, own_reports, generation, now)
+            decision = self._plan(job, body, runs, own_reports, plans, generation, now)
         except ScheduleError as error:  # the admission checks missed it (another croniter, say)
             problem = Problem(Reason.INVALID_SPEC, str(error))
             return self._stopped(body, previous, problem, generation, now, requeue=None)
@@ -114,12 +120,17 @@ class FineTuneJobReconciler:
             return self._stopped(body, previous, problem, generation, now, requeue=self.settings.recheck_seconds)
         for ray_job in decision.stop:
             self._delete_owned(ObjectRef("ray.io/v1", "RayJob", namespace, ray_job), uid)
+            self._delete_owned(ObjectRef("batch/v1", "Job", namespace, plan_job_name(ray_job)), uid)
         if decision.create is not None:
             conflict = self._create_run(job, decision.create)
             if conflict is None:
                 RUNS_STARTED.labels(decision.create.trigger.value).inc()
             else:
                 decision = name_conflict(job, decision, conflict, now)
+        for request in decision.launch:  # planned runs that fit: their RayJobs now
+            conflict = self._create([build_run(job, request, self.settings).ray_job])
+            if conflict is not None:
+                decision = name_conflict(job, decision, conflict, now, request.number)
         for record in decision.forget:
             self._delete_run(namespace, record, uid)
         status = compute_status(
@@ -145,6 +156,7 @@ class FineTuneJobReconciler:
         body: Manifest,
         runs: list[ObservedRun],
         reports: Mapping[int, RunReport],
+        plans: Mapping[int, RunPlan],
         generation: int,
         now: datetime,
     ) -> Plan:
@@ -158,7 +170,21 @@ class FineTuneJobReconciler:
             now=now,
             recheck_seconds=self.settings.recheck_seconds,
             pod_waits=self._pod_waits((job.metadata["namespace"], job.metadata["name"])),
+            plans=plans,
+            plan_jobs=self._plan_jobs(job),
         )
+
+    def _plan_jobs(self, job: FineTuneJob) -> dict[int, PlanJobState]:
+        """The plan Jobs of the job's planned runs that exist and are its own, read now (not cached:
+        only runs in phase Planning have one that matters)."""
+        found = {}
+        for record in (job.status.runs if job.status else None) or []:
+            if record.phase != JobPhase.PLANNING:
+                continue
+            body = self.kube.get("batch/v1", "Job", job.metadata["namespace"], plan_job_name(record.ray_job_name))
+            if body is not None and controller_uid(body) == job.metadata.get("uid"):
+                found[record.number] = observe_plan_job(body)
+        return found
 
     def _ensure_network_policies(self, job: FineTuneJob, status: FineTuneJobStatus) -> None:
         """Keep the Ray cluster of each active run closed: its NetworkPolicy is made again if deleted and
@@ -198,13 +224,17 @@ class FineTuneJobReconciler:
         return [*runs, *(run for body in owned if (run := observe_run(body)) is not None)]
 
     def _create_run(self, job: FineTuneJob, request: RunRequest) -> str | None:
-        """Create the run's objects in order; None, or why not: a name taken by an object not the job's.
+        """Create the run's objects in order; None, or why not: a name taken by an object not the job's."""
+        return self._create(build_run(job, request, self.settings).in_order())
+
+    def _create(self, manifests: list[Manifest]) -> str | None:
+        """Create the objects in order; None, or why not: a name taken by an object not the job's.
 
         An object that exists and belongs to the job was made by an earlier pass that did not finish:
         it names the job as its controller (kind, name and UID) and holds what this pass would create.
         Anything else (a planted run config with the job's UID, say) is not used.
         """
-        for manifest in build_run(job, request, self.settings).in_order():
+        for manifest in manifests:
             if self.kube.create(manifest) is not None:
                 continue
             ref = ObjectRef.of(manifest)
@@ -254,6 +284,7 @@ class FineTuneJobReconciler:
         run = record.ray_job_name
         refs = [
             ObjectRef("ray.io/v1", "RayJob", namespace, run),
+            ObjectRef("batch/v1", "Job", namespace, plan_job_name(run)),
             ObjectRef("networking.k8s.io/v1", "NetworkPolicy", namespace, run),
             ObjectRef("v1", "ConfigMap", namespace, config_map_name(run)),
             ObjectRef("v1", "ConfigMap", namespace, report_name(run)),

@@ -49,6 +49,7 @@ def finetunejob_conditions(
         result.append(condition(ConditionType.READY, False, Reason.NO_RUN_YET, "no run has finished yet", generation))
     if active is not None:
         reason = {
+            JobPhase.PLANNING: Reason.RUN_PLANNING,
             JobPhase.PENDING: Reason.RUN_PENDING,
             JobPhase.RETRYING: Reason.RUN_RETRYING,
             JobPhase.WAITING: Reason.RUN_WAITING,

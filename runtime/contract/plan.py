@@ -53,7 +53,9 @@ class RunPlan(WireModel):
     invalid_field: ShortText | None = Field(
         default=None, description="The spec field that keeps the run from being planned (spec.model.uri, say)."
     )
-    error: Message | None = Field(default=None, description="What keeps the run from being planned, when something does.")
+    error: Message | None = Field(
+        default=None, description="What keeps the run from being planned, when something does."
+    )
     notes: Annotated[list[Message], BeforeValidator(_first_notes), Field(max_length=MAX_PLAN_NOTES)] = Field(
         default_factory=list, description="What the plan could not take into account."
     )

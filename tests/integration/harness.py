@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 
 from kubetune.operator.kube import Kube, ObjectRef
 from kubetune.operator.settings import Settings
+from kubetune.runtime.contract.plan import PLAN_KEY, RunPlan
 
 from ..controlplane import process_cpu_seconds
 
@@ -218,6 +219,11 @@ def create_secret(kube: Kube, namespace: str, name: str, values: dict[str, str])
 def set_ray_job_status(kube: Kube, namespace: str, name: str, **status: Any) -> Manifest:
     """Do what KubeRay does: write the RayJob's status (camelCase keys as given)."""
     return kube.patch_status(ObjectRef("ray.io/v1", "RayJob", namespace, name), status)
+
+
+def write_plan(kube: Kube, namespace: str, run: str, plan: RunPlan) -> None:
+    """Play a GPU run's plan Job: write its plan into the run's report ConfigMap, as the plan entry point does."""
+    kube.patch(ObjectRef("v1", "ConfigMap", namespace, f"{run}-report"), {"data": {PLAN_KEY: plan.model_dump_json()}})
 
 
 def conditions(body: Manifest | None) -> dict[str, Manifest]:

@@ -45,6 +45,9 @@ UNUSED_IN_THE_FLOW: dict[str, set[tuple[str, str, str]]] = {
     },
     "held only so that each run's Role may grant it (RBAC's escalation check)": {("", "configmaps", "patch")},
     "a RayService is patched only to roll out a newer promoted run": {(RAY, "rayservices", "patch")},
+    "a GPU run's plan Job (the flow's run trains on CPU: it is started without a plan)": {
+        ("batch", "jobs", verb) for verb in ("get", "create", "delete")
+    },
     "the Lease of the leader election (the operator here runs alone, without it)": {
         (COORDINATION, "leases", verb) for verb in ("get", "create", "update")
     },

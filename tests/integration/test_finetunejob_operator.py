@@ -10,6 +10,7 @@ import kubernetes.client
 import pytest
 from kubetune.operator.kube import Kube, ObjectRef
 from kubetune.operator.naming import run_labels
+from kubetune.runtime.contract.plan import RunPlan
 from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, VariantReport
 from kubetune.runtime.contract.runconfig import RunConfig
 from kubetune.runtime.reporting.base import TrainingProgress
@@ -25,10 +26,23 @@ from .harness import (
     create_secret,
     eventually,
     set_ray_job_status,
+    write_plan,
 )
 
 Manifest = dict[str, Any]
 JOB = ("kubetune.io/v1alpha1", "FineTuneJob")
+GIB = 2**30
+FITTING_PLAN = RunPlan(
+    gpu="H100-SXM", fits=True, devices=2, memory_per_device_bytes=12 * GIB, device_memory_bytes=80 * GIB
+)
+OVERSIZED_PLAN = RunPlan(
+    gpu="L4",
+    fits=False,
+    devices=1,
+    memory_per_device_bytes=38 * GIB,
+    device_memory_bytes=24 * GIB,
+    message="needs 38 GiB per GPU, an L4 has 24: fits with method qlora, or gpusPerWorker 2 with sharding fsdp",
+)
 SUCCEEDED = {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete"}
 RUNNING = {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"}
 
@@ -86,6 +100,14 @@ def wait_event(kube: Kube, namespace: str, reason: str) -> str:
 
 def test_a_new_job_starts_one_run(kube: Kube, namespace: str, operator: InProcessOperator) -> None:
     created = create_job(kube, namespace, spec__resources={"workers": 2, "gpusPerWorker": 1})
+    # A GPU run is planned first, by a Job without GPUs: no RayJob until its plan fits.
+    plan_job = eventually(lambda: kube.get("batch/v1", "Job", namespace, "tickets-r1-plan"), what="the plan Job")
+    [container] = plan_job["spec"]["template"]["spec"]["containers"]
+    assert "kubetune.runtime.recipe.plan" in container["command"] and "nvidia.com/gpu" not in str(container)
+    planning = wait_phase(kube, namespace, "Planning", run=1)
+    assert planning["runs"][0]["message"].startswith("planning on CPU")
+    assert kube.get("ray.io/v1", "RayJob", namespace, "tickets-r1") is None
+    write_plan(kube, namespace, "tickets-r1", FITTING_PLAN)
     ray_job = wait_ray_job(kube, namespace, "tickets-r1")
     owner = ray_job["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["uid"]) == ("FineTuneJob", "tickets", created["metadata"]["uid"])
@@ -113,6 +135,23 @@ def test_a_new_job_starts_one_run(kube: Kube, namespace: str, operator: InProces
     assert progressing["lastTransitionTime"]
     assert "run 1 (tickets-r1) started" in wait_event(kube, namespace, "RunCreated")
     assert ray_jobs(kube, namespace) == ["tickets-r1"]
+    assert current["runs"][0]["plan"]["memoryPerDeviceBytes"] == FITTING_PLAN.memory_per_device_bytes
+    assert current["runs"][0]["message"].startswith("planned: 12 GiB per GPU of 80 on H100-SXM")
+
+
+def test_a_gpu_run_whose_plan_does_not_fit_fails_before_its_rayjob(
+    kube: Kube, namespace: str, operator: InProcessOperator
+) -> None:
+    create_job(kube, namespace, spec__resources={"gpusPerWorker": 1, "gpuType": "NVIDIA-L4"})
+    wait_phase(kube, namespace, "Planning", run=1)
+    write_plan(kube, namespace, "tickets-r1", OVERSIZED_PLAN)
+    failed = wait_phase(kube, namespace, "Failed", run=1)
+    [run] = failed["runs"]
+    assert (run["failure"], run["message"]) == ("InvalidSpec", OVERSIZED_PLAN.message)
+    assert run["plan"]["fits"] is False and run["gate"]["passed"] is False
+    assert conditions(job(kube, namespace))["Degraded"]["reason"] == "InvalidSpec"
+    assert str(OVERSIZED_PLAN.message) in wait_event(kube, namespace, "RunFailed")
+    assert ray_jobs(kube, namespace) == []
 
 
 def test_success_with_a_report_is_mirrored_and_promoted(

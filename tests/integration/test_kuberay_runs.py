@@ -16,10 +16,11 @@ import yaml
 from kubetune.operator.api.common import API_VERSION
 from kubetune.operator.builders.modeldeployment import TOKEN_MOUNT_PATH
 from kubetune.operator.kube import Kube
+from kubetune.runtime.contract.plan import RunPlan
 
 from ..conftest import EXAMPLES
 from ..controlplane.cluster_sim import CPU_POOL, GPU_POOL, GPU_PRODUCT, ClusterSim
-from .harness import InProcessOperator
+from .harness import InProcessOperator, write_plan
 from .kuberay_sim import Manifest, PodPlacement, WaitFor, collection_path, get_or_none, items_of
 
 RESTRICTED = {
@@ -27,6 +28,17 @@ RESTRICTED = {
     "pod-security.kubernetes.io/enforce-version": "latest",
 }
 PULL_SECRET = "registry-creds"
+GIB = 2**30
+# The plans the tests write in the plan pod's place: the complete example fits its H100s, or does not.
+FITS = RunPlan(gpu="H100-SXM", fits=True, devices=2, memory_per_device_bytes=3 * GIB, device_memory_bytes=80 * GIB)
+OVERSIZED = RunPlan(
+    gpu="H100-SXM",
+    fits=False,
+    devices=2,
+    memory_per_device_bytes=96 * GIB,
+    device_memory_bytes=80 * GIB,
+    message="needs 96 GiB per GPU, an H100-SXM has 80: fits with method qlora",
+)
 
 
 def example(name: str, kind: str) -> Manifest:
@@ -86,6 +98,28 @@ def the_complete_example(**edits: Any) -> Manifest:
     return job
 
 
+def plan_run(
+    kube: Kube, namespace: str, run: str, wait_for: WaitFor, pools: dict[str, str], plan: RunPlan = FITS
+) -> Manifest:
+    """Play the run's plan pod once the scheduler has placed it (on the CPU pool, holding no GPU): write its plan."""
+    pod: Manifest = wait_for(
+        lambda: next(
+            (
+                pod
+                for pod in items_of(kube, f"/api/v1/namespaces/{namespace}/pods", labelSelector=f"job-name={run}-plan")
+                if pod["spec"].get("nodeName")
+            ),
+            None,
+        ),
+        what=f"the plan pod of {run} to be placed",
+        timeout=60,
+    )
+    assert pools[pod["spec"]["nodeName"]] == CPU_POOL
+    assert "nvidia.com/gpu" not in str(pod["spec"]["containers"][0]["resources"])
+    write_plan(kube, namespace, run, plan)
+    return pod
+
+
 def ray_cluster_of(kube: Kube, namespace: str, ray_job: str, wait_for: WaitFor) -> str:
     path = f"{collection_path('ray.io/v1', 'RayJob', namespace)}/{ray_job}"
 
@@ -119,6 +153,8 @@ def test_kuberay_runs_the_complete_example_where_the_spec_says(
     namespace = restricted
     job = create(the_complete_example(queueName=None))
     run = f"{job['metadata']['name']}-r1"
+    plan_pod = plan_run(kube, namespace, run, wait_for, cluster_sim.node_pools)["spec"]
+    assert plan_pod["serviceAccountName"] == f"{run}-runner" and plan_pod["priorityClassName"] == "training-low"
     cluster = ray_cluster_of(kube, namespace, run, wait_for)
     placed = wait_for(
         lambda: (pods := ray_pods(cluster)) and len(pods) == 3 and all(p.phase == "Running" for p in pods) and pods,
@@ -177,10 +213,12 @@ def test_a_gpu_type_no_node_has_leaves_the_run_waiting_and_saying_why(
     create: Callable[[Manifest], Manifest],
     wait_for: WaitFor,
     kube: Kube,
+    cluster_sim: ClusterSim,
 ) -> None:
     job = the_complete_example(queueName=None, gpuType="NVIDIA-B200")
     job["metadata"]["name"] = "no-such-gpu"
     create(job)
+    plan_run(kube, restricted, "no-such-gpu-r1", wait_for, cluster_sim.node_pools)
 
     def waiting() -> Manifest | None:
         status = job_status(kube, restricted, "no-such-gpu")
@@ -193,16 +231,48 @@ def test_a_gpu_type_no_node_has_leaves_the_run_waiting_and_saying_why(
     assert "node(s) didn't match" in condition(status, "Progressing")["message"]
 
 
+def test_a_run_that_cannot_fit_fails_before_any_gpu_worker_is_created(
+    operator: InProcessOperator,
+    restricted: str,
+    priority_class: str,
+    create: Callable[[Manifest], Manifest],
+    wait_for: WaitFor,
+    kube: Kube,
+    cluster_sim: ClusterSim,
+) -> None:
+    job = the_complete_example(queueName=None)
+    job["metadata"]["name"] = "too-big"
+    create(job)
+    plan_run(kube, restricted, "too-big-r1", wait_for, cluster_sim.node_pools, OVERSIZED)
+
+    def failed() -> Manifest | None:
+        status = job_status(kube, restricted, "too-big")
+        return status if status.get("phase") == "Failed" else None
+
+    status = wait_for(failed, what="the run to fail on its plan", timeout=60)
+    [run] = status["runs"]
+    assert (run["failure"], run["message"]) == ("InvalidSpec", OVERSIZED.message)
+    assert condition(status, "Degraded")["reason"] == "InvalidSpec"
+    # Nothing that would hold a GPU was made: no RayJob, no RayCluster, no pod but the plan's.
+    assert get_or_none(kube, f"{collection_path('ray.io/v1', 'RayJob', restricted)}/too-big-r1") is None
+    clusters = items_of(kube, collection_path("ray.io/v1", "RayCluster", restricted))
+    assert [c for c in clusters if c["metadata"]["name"].startswith("too-big")] == []
+    pods = items_of(kube, f"/api/v1/namespaces/{restricted}/pods", labelSelector="kubetune.io/finetunejob=too-big")
+    assert [pod["metadata"]["labels"].get("job-name") for pod in pods] == ["too-big-r1-plan"]
+
+
 def test_a_queued_run_says_which_kueue_queue_it_waits_for(
     operator: InProcessOperator,
     restricted: str,
     create: Callable[[Manifest], Manifest],
     wait_for: WaitFor,
     kube: Kube,
+    cluster_sim: ClusterSim,
 ) -> None:
     job = the_complete_example()
     job["metadata"]["name"] = "queued"
     create(job)
+    plan_run(kube, restricted, "queued-r1", wait_for, cluster_sim.node_pools)
 
     def queued() -> Manifest | None:
         status = job_status(kube, restricted, "queued")

@@ -29,6 +29,7 @@ ADDRESSED: dict[tuple[str, str], str] = {
     ("rbac.authorization.k8s.io/v1", "Role"): "roles",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
     ("ray.io/v1", "RayJob"): "rayjobs",
+    ("batch/v1", "Job"): "jobs",
     ("ray.io/v1", "RayService"): "rayservices",
     ("kubetune.io/v1alpha1", "FineTuneJob"): "finetunejobs",
     ("kubetune.io/v1alpha1", "ModelDeployment"): "modeldeployments",
@@ -44,7 +45,8 @@ def run_objects(document: dict[str, Any]) -> list[dict[str, Any]]:
     job = parse(mutated(mutated(document, "metadata.namespace", "ml"), "metadata.uid", "uid-1"))
     assert isinstance(job, FineTuneJob)
     request = RunRequest(number=1, trigger=Trigger.SPEC_CHANGE, trigger_detail="", spec_generation=1, trigger_hash="h")
-    return build_run(job, request, Settings()).in_order()
+    run = build_run(job, request, Settings())
+    return [*run.in_order(), run.ray_job, *([run.plan_job] if run.plan_job else [])]
 
 
 def test_the_declaration_renders_as_rules() -> None:
@@ -149,8 +151,9 @@ def test_status_is_written_through_the_subresource_only() -> None:
         assert GRANTED[("kubetune.io", plural)] == {"get", "list", "watch"}
 
 
-def test_the_operator_can_create_every_object_of_a_run(minimal_job: dict[str, Any]) -> None:
-    for manifest in run_objects(minimal_job):
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_the_operator_can_create_every_object_of_a_run(minimal_job: dict[str, Any], gpus: int) -> None:
+    for manifest in run_objects(mutated(minimal_job, "spec.resources", {"gpusPerWorker": gpus})):
         plural = ADDRESSED[(manifest["apiVersion"], manifest["kind"])]
         assert {"create", "get"} <= GRANTED[(group_of(manifest["apiVersion"]), plural)], manifest["kind"]
 

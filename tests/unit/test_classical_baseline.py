@@ -81,7 +81,7 @@ def test_the_operator_reads_the_baseline_from_the_report_config_map_within_bound
         ],
     }
     seen = read_report({"metadata": meta, "data": {REPORT_KEY: json.dumps(report.to_wire())}})
-    assert isinstance(seen, Report) and seen.report.baseline is not None
+    assert isinstance(seen, Report) and seen.report is not None and seen.report.baseline is not None
     kept = seen.report.baseline.metrics
     assert len(kept) == 32 and {"accuracy", "f1", "loss"} <= set(kept)  # kubetune's own metrics first
     assert bounded_report(done(TFIDF)) == done(TFIDF)

@@ -135,6 +135,7 @@ def test_a_report_is_cut_to_what_a_run_record_holds(
     seen = read_report(config_map(json.dumps({"stage": "done", **fields})))
     assert isinstance(seen, Report), seen
     report = seen.report
+    assert report is not None
     if "variants" in expected:
         assert list(report.variants or {}) == expected["variants"]
     if "variant_metrics" in expected:

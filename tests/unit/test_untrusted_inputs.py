@@ -76,7 +76,7 @@ def test_nan_in_a_report_becomes_a_finite_status_and_fails_the_gate(minimal_job:
     )
     seen = observe_report(report_map(text))
     assert seen is not None and seen.number == 1 and seen.owner_uid == "u-1"
-    assert seen.report.loss is None and seen.report.epoch is None
+    assert seen.report is not None and seen.report.loss is None and seen.report.epoch is None
     record = RunRecord(
         number=1,
         ray_job_name="support-tickets-r1",

@@ -33,6 +33,11 @@
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "create", "delete"]
+# a GPU run's plan Job (CPU) is created before its RayJob, read while the run is planned, and
+# deleted with the run (reconcile/finetunejob.py)
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "create", "delete"]
 # the runs' reports: an informer selected by kubetune's labels (handlers/finetunejob.py REPORTS)
 - apiGroups: [""]
   resources: ["configmaps"]
