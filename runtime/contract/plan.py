@@ -51,9 +51,11 @@ class RunPlan(WireModel):
         default=None, description="Why the run does not fit and what would (numbers and suggested changes)."
     )
     invalid_field: ShortText | None = Field(
-        default=None, description="The spec field that keeps the run from being planned (spec.model.uri, say)."
+        default=None, description="The spec field that keeps the run from being planned, below spec (model.uri, say)."
     )
-    error: Message | None = Field(default=None, description="What keeps the run from being planned, when something does.")
+    error: Message | None = Field(
+        default=None, description="What keeps the run from being planned, when something does."
+    )
     notes: Annotated[list[Message], BeforeValidator(_first_notes), Field(max_length=MAX_PLAN_NOTES)] = Field(
         default_factory=list, description="What the plan could not take into account."
     )
