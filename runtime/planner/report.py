@@ -173,6 +173,8 @@ def build_report(
     """
     notes = list(notes)
     shape = model_shape(config)
+    if data is not None and not data.lengths:
+        raise SpecError([f"spec.data.train {spec.data.train}: no training examples"])
     hyper = spec.hyperparameters
     length_quantile = hyper.sequence_length_quantile or sequence_quantile
     decisions = _decisions(_plan_input(spec, resources, shape, data), gpu, data, length_quantile, hyper)
@@ -184,8 +186,6 @@ def build_report(
     result = plan(inp, gpus=GPU_TYPES if gpu is None or gpu in GPU_TYPES else (*GPU_TYPES, gpu))
     lengths = None
     if data is not None:
-        if not data.lengths:
-            raise SpecError([f"spec.data.train {spec.data.train}: no training examples"])
         lengths = SequenceLengths(
             examples=len(data.lengths),
             quantiles={_quantile_name(q): quantile(data.lengths, q) for q in REPORTED_QUANTILES},
