@@ -41,6 +41,8 @@ WRITE_ATTEMPTS = 3
 WRITE_RETRY_WAIT_S = 1.0
 # The leading field path of a problem (`model.uri: ...`, `data.format: ...`); a URI or path is none.
 _FIELD_PATH = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:\.[A-Za-z][A-Za-z0-9]*|\[\d+\])*(?=: | )")
+# Columns of the tables in a log (`kubectl logs`), where rich would otherwise assume 80 and wrap the reasons.
+LOG_WIDTH = 120
 # What a problem that names no spec field is about: the data (its reader names the file instead).
 DATA_FIELD = "data.train"
 
@@ -185,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         errors.print(f"cannot plan now: {error}", soft_wrap=True, markup=False)
         return EXIT_FAILED
     else:
-        print_report(report, Console())
+        console = Console()
+        print_report(report, console if console.is_terminal else Console(width=LOG_WIDTH))
         plan = run_plan(report)
     return _write(plan, config, arguments.output, errors)
 
