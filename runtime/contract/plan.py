@@ -51,7 +51,7 @@ class RunPlan(WireModel):
         default=None, description="Why the run does not fit and what would (numbers and suggested changes)."
     )
     invalid_field: ShortText | None = Field(
-        default=None, description="The spec field that keeps the run from being planned (spec.model.uri, say)."
+        default=None, description="The spec field that keeps the run from being planned, below spec (model.uri, say)."
     )
     error: Message | None = Field(
         default=None, description="What keeps the run from being planned, when something does."

@@ -80,8 +80,8 @@ class RuntimeSettings(BaseSettings):
     )
     run_config: Path | None = Field(
         default=None,
-        description="The run config `python -m kubetune.runtime.recipe.finetune` reads when --config is not given. The "
-        "operator sets it in a run's pods.",
+        description="The run config `python -m kubetune.runtime.recipe.finetune` (and `.plan`) reads when --config is "
+        "not given. The operator sets it in a run's pods.",
     )
     faults: Annotated[Faults, NoDecode, BeforeValidator(_fault_pairs)] = Field(
         default_factory=Faults,

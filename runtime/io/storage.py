@@ -254,6 +254,30 @@ def _is_object(client: Any, bucket: str, key: str) -> bool:
     return True
 
 
+def download_s3_files(uri: str, names: tuple[str, ...], settings: RuntimeSettings) -> Path:
+    """Copy the files `names` of the s3:// folder `uri` that exist there (and nothing else) to a cache folder.
+
+    For what reads a few small files of a model (its config.json, its tokenizer) and never its weights.
+    """
+    parsed = parse_uri(uri)
+    target = cache_folder(uri, settings, kind="s3-files")
+    prefix = parsed.key.rstrip("/")
+    client = s3_client()
+    try:
+        for name in names:
+            key = f"{prefix}/{name}" if prefix else name
+            local = _cache_child(target, name, key, uri)
+            local.unlink(missing_ok=True)  # a file deleted from the bucket since must not linger
+            if _is_object(client, parsed.bucket, key):
+                _download_object(client, parsed, key, local)
+    except StorageError:
+        raise
+    except Exception as error:  # botocore raises many unrelated types; all mean "cannot read"
+        raise _storage_error(uri, "cannot download", error) from error
+    target.mkdir(parents=True, exist_ok=True)
+    return target
+
+
 def fetch(uri: str, settings: RuntimeSettings) -> Path:
     """A local path holding the contents of `uri` (downloaded first when remote)."""
     parsed = parse_uri(uri)

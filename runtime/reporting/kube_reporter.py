@@ -71,7 +71,9 @@ class ConfigMapReporter:
                     self.name, self.namespace, body, _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT_S
                 )
             except Exception as error:  # ApiException for a refusal; urllib3 and socket errors when unreachable
-                LOGGER.warning("cannot write the run report to %s/%s: %s", self.namespace, self.name, _described(error))
+                LOGGER.warning(
+                    "cannot write the run report to %s/%s: %s", self.namespace, self.name, described_api_error(error)
+                )
                 if attempt + 1 < FORCED_ATTEMPTS and force:
                     time.sleep(0.5 * (attempt + 1))
                 continue
@@ -163,7 +165,7 @@ def kubernetes_reporter(identity: RunIdentity) -> ConfigMapReporter | None:
     return ConfigMapReporter(in_cluster_api(), identity.report_config_map, identity.namespace)
 
 
-def _described(error: Exception) -> str:
+def described_api_error(error: Exception) -> str:
     """An API refusal as its status, reason and the server's message (not the answer's headers)."""
     if not isinstance(error, kubernetes.client.ApiException):
         return str(error)

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 from kubetune.cli.main import main
-from kubetune.cli.plan import PlanReport
 from kubetune.runtime.planner import GPU_TYPES, gpu_type, quantile, resolve_sequence_length
+from kubetune.runtime.planner.report import PlanReport
 from transformers import AutoTokenizer
 
 from .model_configs import LLAMA_2_7B
@@ -156,7 +156,8 @@ def test_bad_inputs_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "cannot read" in capsys.readouterr().err
     assert main(["plan", str(_job(tmp_path / "s3", "s3://bucket/model")), "--no-data"]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "spec.model.uri: s3:// is not read by kubetune plan; give it a local folder, file:// or hf://" in err
+    # Only its config.json is read from the store; without credentials, none can be.
+    assert "spec.model.uri: s3://bucket/model: cannot download" in err
     unsupported = {**TINY_BERT, "model_type": "gpt2"}
     assert main(["plan", str(_job(tmp_path / "gpt2", unsupported)), "--no-data"]) == 2
     err = " ".join(capsys.readouterr().err.split())
