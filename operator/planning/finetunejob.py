@@ -9,8 +9,6 @@ RayJob, so a run that was created just before a crash is still seen as handled.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -37,17 +35,18 @@ from kubetune.operator.observe.pods import PodWait
 from kubetune.operator.observe.reports import with_report
 from kubetune.operator.status.gate import gate
 from kubetune.operator.status.history import fit_history, trim_history
-from kubetune.runtime.contract.common import MESSAGE_MAX_LENGTH, SHORT_TEXT_MAX_LENGTH
+from kubetune.runtime.contract.common import MESSAGE_MAX_LENGTH
 from kubetune.runtime.contract.plan import RunPlan
 from kubetune.runtime.contract.report import RunReport, Stage, Unavailable
 
 from .gpu_plans import PLANNING_MESSAGE, PLANNING_RECHECK_SECONDS, planned, plans_first
 from .schedule import ScheduleError as ScheduleError  # re-exported: the reconciler reports it
 from .schedule import latest_due, next_due
+from .triggers import Handled
+from .triggers import retrain_token as retrain_token  # re-exported: what the tests and the reconciler read here
+from .triggers import run_spec_hash as run_spec_hash
 
 REPLACED = "replaced by a newer trigger (concurrencyPolicy Replace)"
-# Spec fields that do not change what a run does: editing them starts no run.
-NOT_RUN_RELEVANT = frozenset({"schedule", "timeZone", "concurrencyPolicy", "suspend", "historyLimit", "promotion"})
 # A safety net only: RayJob and report changes reach the operator as watch events.
 RECHECK_SECONDS = 300.0
 # How a run that could not reach what it needs ends once KubeRay's retries (backoffLimit) are spent.
@@ -66,23 +65,6 @@ class RunRequest:
     trigger_detail: str
     spec_generation: int
     trigger_hash: str
-
-
-@dataclass(frozen=True)
-class Handled:
-    """The latest retrain annotation value and scheduled time that started (or were skipped for) a run."""
-
-    retrain: str | None
-    last_schedule_time: datetime | None
-
-    def including(self, triggers: list[tuple[Trigger, str]]) -> Handled:
-        handled = self
-        for trigger, detail in triggers:
-            if trigger == Trigger.ANNOTATION:
-                handled = replace(handled, retrain=detail)
-            elif trigger == Trigger.SCHEDULE:
-                handled = replace(handled, last_schedule_time=datetime.fromisoformat(detail))
-        return handled
 
 
 @dataclass(frozen=True)
@@ -112,20 +94,6 @@ class _Decision:
     create: RunRequest | None = None
     stop: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
-
-
-def run_spec_hash(job: FineTuneJob) -> str:
-    """Hash of the run-relevant part of the spec (what a run would do differently)."""
-    wire = {k: v for k, v in job.spec.to_wire().items() if k not in NOT_RUN_RELEVANT}
-    return hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def retrain_token(value: str) -> str:
-    """The retrain annotation's value as runs record it: a long value by its digest, so records stay small."""
-    value = value.strip()
-    if len(value) <= SHORT_TEXT_MAX_LENGTH:
-        return value
-    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
 
 
 def _finish(job: FineTuneJob, record: RunRecord, now: datetime, report: RunReport | None) -> RunRecord:

@@ -48,7 +48,7 @@ def planned(
     if plan is not None:
         record = record.model_copy(update={"plan": plan, "waiting": None})
         if plan.invalid_field is not None:
-            detail = (plan.error or "the run cannot be planned").removeprefix(f"spec.{plan.invalid_field}: ")
+            detail = (plan.error or "the run cannot be planned").removeprefix(f"{plan.invalid_field}: ")
             return _failed(record, RunFailure.INVALID_SPEC, f"spec.{plan.invalid_field}: {detail}"), False
         if plan.fits is False:
             message = plan.message or f"the run does not fit its GPU: {plan_summary(plan)}"

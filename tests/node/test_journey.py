@@ -106,6 +106,43 @@ def test_operator_runs_from_the_chart(stack: Stack, journey: Journey) -> None:
     journey.reached.add("operator")
 
 
+def test_a_gpu_run_that_cannot_fit_is_refused_by_its_plan_pod(stack: Stack, journey: Journey) -> None:
+    """The plan pod (the runtime image, on CPU) reads the model's config.json and refuses the run before a
+    RayJob exists: a LoRA batch of 65,536 sequences of 512 tokens does not fit a T4."""
+    journey.require("operator")
+    node = stack.node
+    clock = FIGURES["GPU run apply → refused by its plan"] = Milestones()
+    job = json.loads(json.dumps(journey.job))
+    job["metadata"]["name"] = "too-big"
+    job["spec"]["resources"] = {**job["spec"]["resources"], "gpusPerWorker": 1, "gpuType": "Tesla-T4"}
+    job["spec"]["hyperparameters"] = {**job["spec"]["hyperparameters"], "batchSize": 65536, "maxSequenceLength": 512}
+    stack.apply(job, namespace=NS)
+
+    def refused() -> dict[str, Any] | None:
+        body = get(node, "finetunejob", "too-big", NS)
+        runs = ((body or {}).get("status") or {}).get("runs") or []
+        if runs and runs[0]["phase"] == "Planning":
+            clock.mark("Planning")
+        return runs[0] if runs and runs[0]["phase"] == "Failed" else None
+
+    run = wait_for(refused, timeout=300, what="the plan to refuse the run", diagnose=lambda: describe(node, NS))
+    clock.mark("refused")
+    assert run["failure"] == "InvalidSpec", run
+    assert "T4" in run["message"] and "GiB" in run["message"], run["message"]
+    plan = run["plan"]
+    assert plan["fits"] is False and plan["gpu"] == "T4" and plan["memoryPerDeviceBytes"] > plan["deviceMemoryBytes"]
+    assert get(node, "rayjob", "too-big-r1", NS) is None
+    [pod] = items(node, "pods", NS, "job-name=too-big-r1-plan")
+    assert pod["status"]["phase"] == "Succeeded"
+    assert "nvidia.com/gpu" not in json.dumps(pod["spec"]["containers"][0]["resources"])
+    node.kubectl("delete", "finetunejob", "too-big", "-n", NS, "--wait=true", "--timeout=120s")
+    wait_for(
+        lambda: not items(node, "pods", NS, "kubetune.io/finetunejob=too-big"),
+        timeout=120,
+        what="the plan pod to go with its job",
+    )
+
+
 def test_a_finetunejob_trains_in_real_ray_pods(stack: Stack, journey: Journey) -> None:
     journey.require("operator")
     node = stack.node

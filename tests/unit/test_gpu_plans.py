@@ -39,7 +39,7 @@ TOO_BIG = RunPlan(
     message="needs 38 GiB per GPU, an L4 has 24: fits with method qlora",
 )
 UNJUDGED = RunPlan(memory_per_device_bytes=12 * GIB, notes=["resources.gpuType X is not in the planner's table"])
-BAD_MODEL = RunPlan(invalid_field="model.uri", error="spec.model.uri: no config.json in hf://nobody/none")
+BAD_MODEL = RunPlan(invalid_field="model.uri", error="model.uri: no config.json in hf://nobody/none")
 
 
 def gpu_job(document: dict[str, Any], records: list[RunRecord] | None = None) -> Any:
