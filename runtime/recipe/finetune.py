@@ -43,6 +43,26 @@ def read_config(path: Path) -> RunConfig:
         raise SpecError.from_validation(error, root) from None
 
 
+def entry_config(config_path: Path | None, errors: Console) -> tuple[RunConfig, RuntimeSettings] | None:
+    """The settings and run config an entry point starts from (--config, else KUBETUNE_RUN_CONFIG); None,
+    having said why on `errors`, when a setting or the run config cannot be used."""
+    try:
+        settings = RuntimeSettings.from_environment()
+    except SettingsError as error:
+        errors.print(f"invalid setting: {error}", soft_wrap=True, markup=False, highlight=False)
+        return None
+    path = config_path or settings.run_config
+    if path is None:
+        errors.print("no run config: give --config or set KUBETUNE_RUN_CONFIG", soft_wrap=True, highlight=False)
+        return None
+    try:
+        return read_config(path), settings
+    except SpecError as error:
+        for problem in error.problems:
+            errors.print(f"invalid spec: {problem}", soft_wrap=True, markup=False, highlight=False)
+        return None
+
+
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m kubetune.runtime.recipe.finetune", description=__doc__)
     parser.add_argument(
@@ -68,21 +88,10 @@ def _kubernetes_reporter(config: RunConfig, errors: Console) -> Reporter | None:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = _arguments(argv)
     errors = Console(stderr=True)
-    try:
-        settings = RuntimeSettings.from_environment()
-    except SettingsError as error:
-        errors.print(f"invalid setting: {error}", soft_wrap=True, markup=False, highlight=False)
+    started = entry_config(arguments.config, errors)
+    if started is None:
         return EXIT_INVALID
-    path = arguments.config or settings.run_config
-    if path is None:
-        errors.print("no run config: give --config or set KUBETUNE_RUN_CONFIG", soft_wrap=True, highlight=False)
-        return EXIT_INVALID
-    try:
-        config = read_config(path)
-    except SpecError as error:
-        for problem in error.problems:
-            errors.print(f"[red]invalid spec:[/red] {problem}", soft_wrap=True, markup=True, highlight=False)
-        return EXIT_INVALID
+    config, settings = started
     if config.ignored_fields:
         # Written by a newer operator than this runtime: the run goes on without them.
         errors.print(

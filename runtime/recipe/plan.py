@@ -27,13 +27,13 @@ from kubetune.runtime.contract.errors import SpecError
 from kubetune.runtime.contract.plan import PLAN_KEY, RunPlan
 from kubetune.runtime.data.plan_sources import model_config, training_data
 from kubetune.runtime.io.errors import UnavailableError
-from kubetune.runtime.io.settings import RuntimeSettings, SettingsError
+from kubetune.runtime.io.settings import RuntimeSettings
 from kubetune.runtime.planner import DEFAULT_QUANTILE, GPU_TYPES, GpuType, gpu_type
 from kubetune.runtime.planner.report import PlanReport, build_report, model_shape, run_plan
 from kubetune.runtime.reporting.plan_console import print_report
 from rich.console import Console
 
-from .finetune import read_config
+from .finetune import entry_config
 
 EXIT_WRITTEN, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 # Attempts to write the plan when the API server does not answer or is busy; then the Job retries.
@@ -155,24 +155,14 @@ def _write(plan: RunPlan, config: RunConfig, output: Path | None, errors: Consol
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = _arguments(argv)
     errors = Console(stderr=True, highlight=False)
-    try:
-        settings = RuntimeSettings.from_environment()
-    except SettingsError as error:
-        errors.print(f"invalid setting: {error}", soft_wrap=True, markup=False)
+    started = entry_config(arguments.config, errors)
+    if started is None:
         return EXIT_INVALID
-    path = arguments.config or settings.run_config
-    if path is None:
-        errors.print("no run config: give --config or set KUBETUNE_RUN_CONFIG", soft_wrap=True, markup=False)
-        return EXIT_INVALID
-    try:
-        config = read_config(path)
-    except SpecError as error:
-        for problem in error.problems:
-            errors.print(f"invalid spec: {problem}", soft_wrap=True, markup=False)
-        return EXIT_INVALID
+    config, settings = started
     if arguments.output is None and not (config.run.report_config_map and config.run.namespace):
         errors.print(
-            f"{path} names no report ConfigMap (run.reportConfigMap and run.namespace): give --output",
+            f"{arguments.config or settings.run_config} names no report ConfigMap "
+            "(run.reportConfigMap and run.namespace): give --output",
             soft_wrap=True,
             markup=False,
         )

@@ -10,7 +10,6 @@ import kubernetes.client
 import pytest
 from kubetune.operator.kube import Kube, ObjectRef
 from kubetune.operator.naming import run_labels
-from kubetune.runtime.contract.plan import RunPlan
 from kubetune.runtime.contract.report import REPORT_KEY, RunReport, Stage, VariantReport
 from kubetune.runtime.contract.runconfig import RunConfig
 from kubetune.runtime.reporting.base import TrainingProgress
@@ -18,6 +17,7 @@ from kubetune.runtime.reporting.kube_reporter import MERGE_PATCH, ConfigMapRepor
 
 from ..conftest import load_example, mutated
 from ..controlplane import CommandError, ControlPlane
+from ..plans import DOES_NOT_FIT, FITS
 from .harness import (
     EXAMPLE_RUNS,
     InProcessOperator,
@@ -31,18 +31,7 @@ from .harness import (
 
 Manifest = dict[str, Any]
 JOB = ("kubetune.io/v1alpha1", "FineTuneJob")
-GIB = 2**30
-FITTING_PLAN = RunPlan(
-    gpu="H100-SXM", fits=True, devices=2, memory_per_device_bytes=12 * GIB, device_memory_bytes=80 * GIB
-)
-OVERSIZED_PLAN = RunPlan(
-    gpu="L4",
-    fits=False,
-    devices=1,
-    memory_per_device_bytes=38 * GIB,
-    device_memory_bytes=24 * GIB,
-    message="needs 38 GiB per GPU, an L4 has 24: fits with method qlora, or gpusPerWorker 2 with sharding fsdp",
-)
+FITTING_PLAN, OVERSIZED_PLAN = FITS, DOES_NOT_FIT
 SUCCEEDED = {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete"}
 RUNNING = {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"}
 

@@ -20,6 +20,7 @@ from kubetune.runtime.contract.plan import RunPlan
 
 from ..conftest import EXAMPLES
 from ..controlplane.cluster_sim import CPU_POOL, GPU_POOL, GPU_PRODUCT, ClusterSim
+from ..plans import DOES_NOT_FIT, FITS
 from .harness import InProcessOperator, write_plan
 from .kuberay_sim import Manifest, PodPlacement, WaitFor, collection_path, get_or_none, items_of
 
@@ -28,17 +29,6 @@ RESTRICTED = {
     "pod-security.kubernetes.io/enforce-version": "latest",
 }
 PULL_SECRET = "registry-creds"
-GIB = 2**30
-# The plans the tests write in the plan pod's place: the complete example fits its H100s, or does not.
-FITS = RunPlan(gpu="H100-SXM", fits=True, devices=2, memory_per_device_bytes=3 * GIB, device_memory_bytes=80 * GIB)
-OVERSIZED = RunPlan(
-    gpu="H100-SXM",
-    fits=False,
-    devices=2,
-    memory_per_device_bytes=96 * GIB,
-    device_memory_bytes=80 * GIB,
-    message="needs 96 GiB per GPU, an H100-SXM has 80: fits with method qlora",
-)
 
 
 def example(name: str, kind: str) -> Manifest:
@@ -243,7 +233,7 @@ def test_a_run_that_cannot_fit_fails_before_any_gpu_worker_is_created(
     job = the_complete_example(queueName=None)
     job["metadata"]["name"] = "too-big"
     create(job)
-    plan_run(kube, restricted, "too-big-r1", wait_for, cluster_sim.node_pools, OVERSIZED)
+    plan_run(kube, restricted, "too-big-r1", wait_for, cluster_sim.node_pools, DOES_NOT_FIT)
 
     def failed() -> Manifest | None:
         status = job_status(kube, restricted, "too-big")
@@ -251,7 +241,7 @@ def test_a_run_that_cannot_fit_fails_before_any_gpu_worker_is_created(
 
     status = wait_for(failed, what="the run to fail on its plan", timeout=60)
     [run] = status["runs"]
-    assert (run["failure"], run["message"]) == ("InvalidSpec", OVERSIZED.message)
+    assert (run["failure"], run["message"]) == ("InvalidSpec", DOES_NOT_FIT.message)
     assert condition(status, "Degraded")["reason"] == "InvalidSpec"
     # Nothing that would hold a GPU was made: no RayJob, no RayCluster, no pod but the plan's.
     assert get_or_none(kube, f"{collection_path('ray.io/v1', 'RayJob', restricted)}/too-big-r1") is None

@@ -19,25 +19,11 @@ from kubetune.runtime.contract.plan import PLAN_KEY, RunPlan
 from kubetune.runtime.contract.report import REPORT_KEY
 
 from ..conftest import mutated
+from ..plans import DOES_NOT_FIT, FITS
 from .test_finetunejob_planning import CREATED, NOW, RUNNING, make_job, observed
 
 GIB = 2**30
-FITS = RunPlan(
-    gpu="H100-SXM",
-    fits=True,
-    devices=1,
-    memory_per_device_bytes=12 * GIB,
-    device_memory_bytes=80 * GIB,
-    tokens_per_second=51234.0,
-)
-TOO_BIG = RunPlan(
-    gpu="L4",
-    fits=False,
-    devices=1,
-    memory_per_device_bytes=38 * GIB,
-    device_memory_bytes=24 * GIB,
-    message="needs 38 GiB per GPU, an L4 has 24: fits with method qlora",
-)
+TOO_BIG = DOES_NOT_FIT
 UNJUDGED = RunPlan(memory_per_device_bytes=12 * GIB, notes=["resources.gpuType X is not in the planner's table"])
 BAD_MODEL = RunPlan(invalid_field="model.uri", error="model.uri: no config.json in hf://nobody/none")
 
