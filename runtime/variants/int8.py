@@ -57,9 +57,13 @@ def int8_config(compression: Compression, model: nn.Module) -> Any:
     )
     # Embedding tables are often half of a small model; one scale per row keeps lookups accurate.
     embedding = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+    # A tied output layer (tie_word_embeddings) shares the input table's weight, which transformers
+    # loads, and quantizes, under the table's name only: that one tensor is int8 as a table (weight-only,
+    # per row, which serves lookups and matmuls alike) or stays float with it, never a linear config.
+    table_weights = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
     by_parameter: dict[str, Any] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and id(module.weight) not in table_weights:
             by_parameter[f"{name}.weight"] = linear
         elif isinstance(module, nn.Embedding) and quantization.include_embeddings:
             by_parameter[f"{name}.weight"] = embedding
@@ -80,8 +84,32 @@ def quantize_folder(source: Path, target: Path, task: Task, compression: Compres
     config = TorchAoConfig(int8_config(compression, layout), include_input_output_embeddings=True)
     model = auto.from_pretrained(source, quantization_config=config, dtype=torch.float32)
     target.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(target)
+    with _tied_weights_saved_once(model):
+        model.save_pretrained(target)
     copy_processor_files(source, target)
+
+
+@contextmanager
+def _tied_weights_saved_once(model: nn.Module) -> Iterator[None]:
+    """While saving, leave each tied alias (lm_head.weight of a tied causal LM) out of the state dict.
+
+    transformers drops tied aliases before writing by finding tensors that share storage, but
+    torchao flattens each int8 weight into cloned parts first, so a quantized tied table was
+    written twice. Reloading then found both names, compared them with `torch.equal` (which
+    torchao's tensors do not implement) and failed. Written once, the alias is tied on load.
+    """
+    tied: dict[str, str] = getattr(model, "all_tied_weights_keys", None) or {}
+    aliases = {alias for alias, shared in tied.items() if model.get_parameter(alias) is model.get_parameter(shared)}
+
+    def drop_aliases(_module: nn.Module, state_dict: dict[str, Any], prefix: str, _metadata: Any) -> None:
+        for alias in aliases:
+            state_dict.pop(prefix + alias, None)
+
+    handle = model.register_state_dict_post_hook(drop_aliases)  # type: ignore[no-untyped-call]  # unannotated in torch
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # oneDNN's int8 GEMM measured a few percent faster than fbgemm's on x86 (AVX2) for

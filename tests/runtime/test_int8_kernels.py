@@ -115,3 +115,43 @@ def test_an_exported_int8_variant_loads_onto_kernels_and_computes_like_fp32(mode
     actual = int8(**batch, output_hidden_states=True).hidden_states[-1]
     similarity = torch.nn.functional.cosine_similarity(actual, expected, dim=-1)[batch["attention_mask"].bool()]
     assert similarity.min() > 0.96, similarity
+
+
+@torch.no_grad()
+def test_a_tied_causal_lm_quantizes_its_shared_table_once_and_reloads_tied(tmp_path: Path) -> None:
+    """tie_word_embeddings with int8 embeddings: the lm_head alias is written once and tied again on load."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    source = tmp_path / "fp32"
+    LlamaForCausalLM(config).save_pretrained(source)
+    compression = Compression.model_validate({"quantization": {"includeEmbeddings": True}})
+    quantize_folder(source, tmp_path / "int8", Task.CAUSAL_LM, compression)
+
+    fp32 = load_variant(source, Task.CAUSAL_LM)
+    int8: Any = load_variant(tmp_path / "int8", Task.CAUSAL_LM)
+    # Written once: a second copy of the table made the reload compare the two (aten.equal) and fail.
+    written = load_file(tmp_path / "int8" / "model.safetensors")
+    assert not [name for name in written if name.startswith("lm_head")]
+    table = int8.model.embed_tokens
+    assert isinstance(table, Int8Embedding)
+    # Still one int8 table: the output layer multiplies by the rows the lookup reads.
+    assert int8.lm_head.weight.qdata.data_ptr() == table.qdata.data_ptr()
+
+    ids = torch.randint(0, config.vocab_size, (2, 10))
+    expected, actual = fp32(ids).logits, int8(ids).logits
+    similarity = torch.nn.functional.cosine_similarity(actual, expected, dim=-1)
+    assert similarity.min() > 0.96, similarity
+    generated = int8.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (2, 14)
