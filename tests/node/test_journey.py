@@ -132,8 +132,16 @@ def test_a_gpu_run_that_cannot_fit_is_refused_by_its_plan_pod(stack: Stack, jour
     plan = run["plan"]
     assert plan["fits"] is False and plan["gpu"] == "T4" and plan["memoryPerDeviceBytes"] > plan["deviceMemoryBytes"]
     assert get(node, "rayjob", "too-big-r1", NS) is None
-    [pod] = items(node, "pods", NS, "job-name=too-big-r1-plan")
-    assert pod["status"]["phase"] == "Succeeded"
+    # The operator acts on the plan as soon as it is written, before the pod has exited.
+    pod = wait_for(
+        lambda: next(
+            (p for p in items(node, "pods", NS, "job-name=too-big-r1-plan") if p["status"]["phase"] == "Succeeded"),
+            None,
+        ),
+        timeout=120,
+        what="the plan pod to succeed",
+        diagnose=lambda: describe(node, NS),
+    )
     assert "nvidia.com/gpu" not in json.dumps(pod["spec"]["containers"][0]["resources"])
     node.kubectl("delete", "finetunejob", "too-big", "-n", NS, "--wait=true", "--timeout=120s")
     wait_for(
