@@ -52,7 +52,7 @@ def runtime_samples_per_second(output: Path) -> float:
     plan = TrainingPlan(
         spec, LABELS, topic_examples(EXAMPLES, 1), topic_examples(EXAMPLES, 2).subset(range(32)), RuntimeSettings()
     )
-    with ray_cluster(num_cpus=THREADS):
+    with ray_cluster(num_cpus=THREADS, state_api=True):
         outcome = train(plan, WorkerResources(workers=1), output / "checkpoints", "bench", Reporters([]))
     return outcome.position.samples_per_second
 

@@ -123,7 +123,7 @@ def run_pipeline(spec: RunSpec, options: RunOptions | None = None, reporter: Rep
             report_failure(reporter, error)
         raise
     # Stages in Ray need Ray from the start; a local CPU run starts it for training only, as it always did.
-    with ray_cluster(options.local_cpus) if placement.remote else contextlib.nullcontext():
+    with ray_cluster(options.local_cpus, state_api=True) if placement.remote else contextlib.nullcontext():
         if placement.remote:
             try:
                 check_gpus_exist(options.resources, ray_address)
@@ -208,7 +208,7 @@ def _train_or_search(spec: RunSpec, data: TaskData, options: RunOptions, root: P
     )
     storage_path, filesystem = _checkpoint_storage(spec, root)
     name = options.identity.run_name or "train"
-    with ray_cluster(options.local_cpus):
+    with ray_cluster(options.local_cpus, state_api=True):
         if spec.search is None:
             events.stage_started(Stage.TRAIN, f"{spec.method.type.value} on {_workers_text(options.resources)}")
             outcome = train(plan, options.resources, storage_path, name, events, storage_filesystem=filesystem)

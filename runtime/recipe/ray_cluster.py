@@ -18,6 +18,8 @@ import ray
 # inherit; Ray writes no token file then.
 AUTH_TOKEN_VARIABLE = "RAY_AUTH_TOKEN"
 TOKEN_BYTES = 32
+# Where a local Ray's dashboard, when it has one, serves Ray's HTTP APIs (behind the token).
+DASHBOARD_HOST = "127.0.0.1"
 
 
 def local_authentication() -> None:
@@ -34,8 +36,16 @@ def local_authentication() -> None:
 
 
 @contextmanager
-def ray_cluster(num_cpus: int | None = None) -> Iterator[None]:
-    """Use an initialised Ray as is; join RAY_ADDRESS (inside a RayJob); else start Ray here and stop it after."""
+def ray_cluster(num_cpus: int | None = None, *, state_api: bool = False) -> Iterator[None]:
+    """Use an initialised Ray as is; join RAY_ADDRESS (inside a RayJob); else start Ray here and stop it after.
+
+    `state_api`: a Ray started here runs its dashboard, which serves Ray's state API; training
+    needs it. Ray Train 2.60 starts a PlacementGroupCleaner actor with every training, which asks
+    the state API each second whether the training's controller is alive. A Ray without its
+    dashboard runs no HTTP server yet still publishes the dashboard's address, so every question
+    fails and the cleaner logs a warning for it. Ray has no switch to leave the cleaner out, nor
+    a state API without the rest of the dashboard; serving, which has no cleaner, goes without.
+    """
     if ray.is_initialized():
         yield
         return
@@ -45,7 +55,8 @@ def ray_cluster(num_cpus: int | None = None) -> Iterator[None]:
         local_authentication()
         ray.init(
             num_cpus=num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
+            include_dashboard=state_api,
+            dashboard_host=DASHBOARD_HOST,
             logging_level=logging.WARNING,
         )
     try:

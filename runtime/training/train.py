@@ -181,8 +181,9 @@ def remove_leftover_placement_groups(before: set[str]) -> None:
     """Free what trainings that ended abnormally left reserved (groups this job made since `before`).
 
     A TorchTrainer whose controller dies or fails mid-run leaves its workers' placement group to
-    Ray Train's own cleaner, which needs the state API (the dashboard) that a lean cluster lacks:
-    the group would stay reserved and starve every later training of this Ray.
+    Ray Train's own cleaner, which acts only where Ray serves its state API (the dashboard) and
+    only after it has seen the controller dead: until then the group would stay reserved and
+    starve every later training of this Ray.
     """
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 

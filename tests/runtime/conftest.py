@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from kubetune.runtime.contract import RunSpec
 from kubetune.runtime.contract.report import RunReport, VariantReport
+from kubetune.runtime.recipe.ray_cluster import DASHBOARD_HOST
 
 from ..ray_guard import shared_ray
 from .topics import make_examples, write_jsonl
@@ -51,7 +52,14 @@ def ray_session(request: pytest.FixtureRequest) -> Iterator[str]:
     # Serve in the tests runs as in a RayService's pods; Ray's processes inherit the environment.
     os.environ.update(SERVE_ENVIRONMENT)
     with shared_ray(request):
-        ray.init(num_cpus=RAY_CPUS, num_gpus=RAY_GPUS, include_dashboard=False, logging_level=logging.WARNING)
+        # With its dashboard, as a local run's Ray for training (ray_cluster's `state_api`).
+        ray.init(
+            num_cpus=RAY_CPUS,
+            num_gpus=RAY_GPUS,
+            include_dashboard=True,
+            dashboard_host=DASHBOARD_HOST,
+            logging_level=logging.WARNING,
+        )
         try:
             yield str(ray.get_runtime_context().gcs_address)
         finally:
