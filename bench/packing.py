@@ -7,8 +7,9 @@ over the same examples, so the same real tokens: padded, `batchSize` examples a 
 the longest (`pad_causal`, as `CausalLanguageModeling.encode`); packed, rows of up to
 `maxSequenceLength` tokens, `batchSize` rows a batch (`pack_encoded`, as the training loop).
 A step is what the loop times: collate, forward, loss, backward, clip, AdamW step. The two sides
-are timed in interleaved rounds (a busy machine slows both alike); the figures are medians, with
-the spread (min..max) of the rounds.
+are timed step by step in turns (a busy machine slows both alike), for a number of epochs (rounds);
+the figures are medians, with the spread (min..max) of the rounds, in wall-clock tokens/s and, as a
+check on a shared machine, in tokens per CPU-second of this process.
 
     python bench/packing.py [--rounds 5] [--examples 192]
 """
@@ -96,18 +97,17 @@ class Side:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         self.ops = CausalLanguageModeling()
 
-    def epoch_seconds(self) -> float:
-        seconds = 0.0
-        for collate, options in self.batches:
-            began = time.perf_counter()
-            inputs = collate()
-            loss = self.ops.loss(forward_logits(self.model, inputs, **options), inputs["labels"])
-            loss.backward()  # type: ignore[no-untyped-call]
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            seconds += time.perf_counter() - began
-        return seconds
+    def step(self, batch: int) -> tuple[float, float]:
+        """Wall and CPU seconds (this process's, every thread) of one training step."""
+        collate, options = self.batches[batch]
+        began, began_cpu = time.perf_counter(), time.process_time()
+        inputs = collate()
+        loss = self.ops.loss(forward_logits(self.model, inputs, **options), inputs["labels"])
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - began, time.process_time() - began_cpu
 
     def slots(self) -> int:
         """Token positions the model computes over in an epoch (real and padding)."""
@@ -142,23 +142,35 @@ def main() -> None:
     for name, side in sides.items():
         slots = side.slots()
         print(f"{name}: {len(side.batches)} steps an epoch, {slots} token slots ({tokens / slots:.0%} real)")
-    for side in sides.values():
-        side.epoch_seconds()  # warm-up
-    rates: dict[str, list[float]] = {name: [] for name in sides}
-    ratios = []
-    for round_number in range(arguments.rounds):
-        order = list(sides) if round_number % 2 == 0 else list(reversed(sides))
-        seconds = {name: sides[name].epoch_seconds() for name in order}
-        for name in sides:
-            rates[name].append(tokens / seconds[name])
-        ratios.append(rates["packed"][-1] / rates["padded"][-1])
-    for name, values in rates.items():
+    epoch(sides)  # warm-up
+    rounds = [epoch(sides) for _ in range(arguments.rounds)]
+    for name in sides:
+        rates = [tokens / seconds[name][0] for seconds in rounds]
+        cpu_rates = [tokens / seconds[name][1] for seconds in rounds]
         print(
-            f"{name}: median {statistics.median(values):.0f} real tokens/s "
-            f"(spread {min(values):.0f}..{max(values):.0f} over {arguments.rounds} rounds)"
+            f"{name}: median {statistics.median(rates):.0f} real tokens/s (spread {min(rates):.0f}..{max(rates):.0f}"
+            f" over {len(rounds)} rounds); {statistics.median(cpu_rates):.0f} per CPU-second"
         )
-    ratio = statistics.median(rates["packed"]) / statistics.median(rates["padded"])
-    print(f"ratio packed/padded: {ratio:.2f} (rounds {min(ratios):.2f}..{max(ratios):.2f}; target >= {TARGET})")
+    ratios = [seconds["padded"][0] / seconds["packed"][0] for seconds in rounds]
+    cpu_ratios = [seconds["padded"][1] / seconds["packed"][1] for seconds in rounds]
+    print(
+        f"ratio packed/padded tokens/s: median {statistics.median(ratios):.2f} "
+        f"(spread {min(ratios):.2f}..{max(ratios):.2f}; target >= {TARGET}); "
+        f"per CPU-second {statistics.median(cpu_ratios):.2f} ({min(cpu_ratios):.2f}..{max(cpu_ratios):.2f})"
+    )
+
+
+def epoch(sides: dict[str, Side]) -> dict[str, tuple[float, float]]:
+    """One epoch of every side, their steps interleaved: the side least far through its epoch goes next,
+    so a load that comes and goes on the machine slows both alike. Wall and CPU seconds per side."""
+    done = dict.fromkeys(sides, 0)
+    seconds = dict.fromkeys(sides, (0.0, 0.0))
+    while any(done[name] < len(side.batches) for name, side in sides.items()):
+        name = min((n for n in sides if done[n] < len(sides[n].batches)), key=lambda n: done[n] / len(sides[n].batches))
+        wall, cpu = sides[name].step(done[name])
+        seconds[name] = (seconds[name][0] + wall, seconds[name][1] + cpu)
+        done[name] += 1
+    return seconds
 
 
 if __name__ == "__main__":
