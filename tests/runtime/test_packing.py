@@ -159,6 +159,7 @@ def test_packed_sft_lowers_the_loss(ray_session: str, tiny_llama_dir: Path, tmp_
         method={"type": "full"},
         hyperparameters={"epochs": 2, "batchSize": 4, "learningRate": 1e-2, "maxSequenceLength": 64},
     )
-    result = run_pipeline(spec, fast_options(tmp_path / "out"))
+    # Two workers: each trains its share of the packed batches, the same number of steps.
+    result = run_pipeline(spec, fast_options(tmp_path / "out", workers=2))
     before, after = finite(result.metrics_before), finite(result.metrics_after)
     assert after["loss"] < before["loss"] * 0.7, (before, after)
