@@ -66,10 +66,11 @@ def classification_metrics(predicted: Sequence[int], expected: Sequence[int], nu
     return {"accuracy": metrics["accuracy"], "f1": metrics["f1"]}
 
 
-def forward_logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits for encoded inputs (without the labels, so the model computes no loss of its own)."""
+def forward_logits(model: nn.Module, inputs: dict[str, torch.Tensor], **options: Any) -> torch.Tensor:
+    """The model's logits for encoded inputs (without the labels, so the model computes no loss of its own);
+    `options` go to the forward pass as they are."""
     features = {name: value for name, value in inputs.items() if name != "labels"}
-    logits: torch.Tensor = model(**features).logits
+    logits: torch.Tensor = model(**features, **options).logits
     return logits
 
 

@@ -31,12 +31,20 @@ class Output(ContractModel):
     )
 
 
+PACKING_MESSAGE = "data.packing packs causal-LM examples: it needs model.task causal-lm"
+
+
 # Admission-time mirrors of RunSpec's validators; models that extend RunSpec add these.
 RUN_SPEC_RULES = (
     cel_rule(
         "self.data.format != 'imagefolder' || self.model.task == 'image-classification'",
         "data.format imagefolder needs model.task image-classification",
         ".data.format",
+    ),
+    cel_rule(
+        "!has(self.data.packing) || !self.data.packing || self.model.task == 'causal-lm'",
+        PACKING_MESSAGE,
+        ".data.packing",
     ),
     cel_rule(
         "!has(self.search) || !has(self.search.metric) || (self.model.task == 'causal-lm'"
@@ -78,6 +86,8 @@ class RunSpec(ContractModel):
         task = self.model.task
         if self.data.format == DataFormat.IMAGE_FOLDER and task != Task.IMAGE_CLASSIFICATION:
             raise ValueError(f"data.format imagefolder needs model.task image-classification, not {task.value}")
+        if self.data.packing and task != Task.CAUSAL_LM:
+            raise ValueError(f"{PACKING_MESSAGE}, not {task.value}")
         if self.search is not None and self.search.metric is not None:
             allowed = CLASSIFICATION_METRICS if task in CLASSIFICATION_TASKS else CAUSAL_LM_METRICS
             if self.search.metric not in allowed:

@@ -129,20 +129,24 @@ def encode_causal(tokenizer: Any, example: dict[str, Any], max_length: int) -> t
     return ids, labels
 
 
+def pad_causal(pairs: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    """Encoded examples one a row, padded at the end to the longest, with an attention mask."""
+    width = max(len(ids) for ids, _ in pairs)
+    input_ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, targets) in enumerate(pairs):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        labels[row, : len(targets)] = torch.tensor(targets)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
 @dataclass(frozen=True)
 class CausalLanguageModeling:
     def encode(self, processor: Any, examples: Examples, max_length: int) -> dict[str, torch.Tensor]:
         pairs = [encode_causal(processor, example, max_length) for example in examples.inputs]
-        width = max(len(ids) for ids, _ in pairs)
-        pad = processor.pad_token_id if processor.pad_token_id is not None else 0
-        input_ids = torch.full((len(pairs), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)
-        labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
-        for row, (ids, targets) in enumerate(pairs):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-            labels[row, : len(targets)] = torch.tensor(targets)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return pad_causal(pairs, processor.pad_token_id if processor.pad_token_id is not None else 0)
 
     @staticmethod
     def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

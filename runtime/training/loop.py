@@ -32,6 +32,7 @@ from kubetune.runtime.reporting.base import TrainingProgress
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from .batches import PackedTrainingBatches, check_packed_attention, training_batches
 from .checkpoints import TrainingPosition, TrainingState, load_trainable_state, trainable_state
 from .devices import require_cuda
 from .optim import build_optimizer, build_scheduler
@@ -237,8 +238,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     best_weights = (state.best_weights or state.weights) if state else {}
     best_shards: ShardedWeights | None = None  # sharded: this worker's shards of the best weights
 
+    source = training_batches(plan.train, processor, ops, hp, spec.data.packing)
     batches_per_epoch, optimizer_steps = steps_per_epoch(
-        len(plan.train), world, hp.resolved_batch_size, hp.gradient_accumulation_steps
+        source.units, world, source.units_per_batch, hp.gradient_accumulation_steps
     )
     total_steps = optimizer_steps * hp.epochs
     unwrapped = model
@@ -247,6 +249,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         model = ray.train.torch.prepare_model(model)
     device = next(model.parameters()).device
+    if isinstance(source, PackedTrainingBatches):
+        check_packed_attention(model, source.packed, device)
     optimizer = build_optimizer(model, hp)
     scheduler = build_scheduler(optimizer, hp, total_steps)
     if state is not None and state.optimizer is not None and state.scheduler is not None:
@@ -259,8 +263,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # Without best weights of their own, the checkpoint's current weights are the best.
                 best_shards = load_shards(Path(folder), model, optimizer) or sharded_snapshot(model)
     scaler = torch.amp.GradScaler(device.type, enabled=hp.resolved_precision == Precision.FP16)
-    # The sampler only needs the length: it hands out example indices.
-    indices: Any = range(len(plan.train))
+    # The sampler only needs the length: it hands out example (or packed batch) indices.
+    indices: Any = range(source.units)
     sampler: DistributedSampler[int] = DistributedSampler(
         indices, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed
     )
@@ -269,7 +273,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_value = 0.0
     for epoch in range(position.epoch, hp.epochs):
         sampler.set_epoch(epoch)
-        batches = _batches(sampler, hp.resolved_batch_size)
+        batches = _batches(sampler, source.units_per_batch)
         for batch_index, indices in enumerate(batches):
             if batch_index < position.batch:
                 continue  # resumed mid-epoch: these were trained before the checkpoint
@@ -277,10 +281,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             group_size = min(accumulation, len(batches) - group_start)
             steps_now = batch_index + 1 == group_start + group_size
             started = time.perf_counter()
-            inputs = ops.encode(processor, plan.train.subset(indices), hp.resolved_max_sequence_length)
+            inputs, examples = source.inputs(indices)
             inputs = {name: value.to(device) for name, value in inputs.items()}
             with _no_sync(model, not steps_now), _autocast(hp.resolved_precision, device):
-                loss = ops.loss(forward_logits(model, inputs), inputs["labels"]) / group_size
+                logits = forward_logits(model, inputs, **source.forward_options)
+                loss = ops.loss(logits, inputs["labels"]) / group_size
             scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
             loss_value += float(loss.detach())
             if steps_now:
@@ -292,7 +297,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 position.step += 1
-                # Samples/s of the whole group: every worker trains as many examples as the first.
+                # Samples/s of the whole group: every worker trains as many examples as the first (packed: about).
                 elapsed = position.train_seconds + time.perf_counter() - started
                 relay.send(
                     TrainingProgress(
@@ -303,7 +308,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         learning_rate=float(scheduler.get_last_lr()[0]),
                         epochs=hp.epochs,
                         epoch_steps=optimizer_steps,
-                        samples_per_second=world * (position.train_samples + len(indices)) / max(elapsed, 1e-9),
+                        samples_per_second=world * (position.train_samples + examples) / max(elapsed, 1e-9),
                     ),
                     # The last step of each epoch always goes out: it closes the epoch's bar.
                     force=position.step % optimizer_steps == 0 or position.step == total_steps,
@@ -315,7 +320,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             position.batch = batch_index + 1
             # Throughput counts the training steps only, not validation or checkpoints.
             position.train_seconds += time.perf_counter() - started
-            position.train_samples += len(indices)
+            position.train_samples += examples
             position.epochs_done = epoch + position.batch / len(batches)
             if position.batch not in checkpoints:
                 continue

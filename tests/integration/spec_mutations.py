@@ -243,6 +243,18 @@ JOB_MUTATIONS = [
         edit("spec.search", REMOVE),
         edit("spec.promotion", REMOVE),
     ),
+    mistake(
+        "packing for a classifier", edit("spec.model.task", "text-classification"), edit("spec.data.packing", True)
+    ),
+    fine(
+        "packing for a causal LM",
+        edit("spec.model.task", "causal-lm"),
+        edit("spec.model.labels", REMOVE),
+        edit("spec.data.format", "jsonl"),
+        edit("spec.search", REMOVE),
+        edit("spec.promotion", REMOVE),
+        edit("spec.data.packing", True),
+    ),
     mistake("duplicate labels", edit("spec.model.labels", ["bug", "bug"])),
     mistake("one label", edit("spec.model.labels", ["bug"])),
     mistake("mode against the metric", search(LEARNING_RATE_CHOICE, metric="loss", mode="max")),

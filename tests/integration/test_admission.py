@@ -50,6 +50,8 @@ JOB_CASES: list[tuple[str, Any, str]] = [
     ("spec.data.format", "xml", "spec.data.format: Unsupported value"),
     ("spec.data.split.testFraction", 1.5, "spec.data.split.testFraction"),
     ("spec.data.maxSamples", 0, "spec.data.maxSamples"),
+    ("spec.data.packing", True, "spec.data.packing: Invalid value"),
+    ("spec.data.packing", "yes", "spec.data.packing"),
     ("spec.method.type", "adapter", "spec.method.type: Unsupported value"),
     ("spec.method", {"type": "full", "lora": {"rank": 8}}, "spec.method"),
     ("spec.method.lora", {"rank": 0}, "spec.method.lora.rank"),
@@ -227,6 +229,14 @@ def test_a_search_of_an_auto_value_is_refused(kube: Kube, namespace: str, key: s
     options = {"type": "choice", "options": ["auto", "bf16"]}
     message = refusal(kube, namespace, mutated(document, "spec.search", {"space": {"precision": options}}))
     assert "precision" in message, message
+
+
+def test_packing_is_admitted_for_a_causal_lm(kube: Kube, namespace: str) -> None:
+    document = mutated(load_example("causal-lm/finetunejob.yaml"), "spec.data.packing", True)
+    document = mutated(document, "spec.output.uri", "pvc://runs/causal-lm")
+    assert admit(kube, namespace, document)["spec"]["data"]["packing"] is True
+    message = refusal(kube, namespace, mutated(document, "spec.model.task", "text-classification"))
+    assert "spec.data.packing" in message and "needs model.task causal-lm" in message, message
 
 
 def test_corpus_is_large_enough() -> None:

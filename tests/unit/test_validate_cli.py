@@ -112,6 +112,13 @@ def test_valid_examples_still_pass(name: str) -> None:
     assert rule_failures(load_example(name)) == []
 
 
+def test_packing_passes_both_checkers_on_a_causal_lm() -> None:
+    job = mutated(load_example("causal-lm/finetunejob.yaml"), "spec.data.packing", True)
+    job = mutated(job, "spec.output.uri", "pvc://runs/causal-lm")  # as on a cluster
+    assert parse(job).spec.data.packing  # type: ignore[union-attr]
+    assert rule_failures(job) == []
+
+
 def test_what_other_threads_print_meanwhile_is_not_the_clis() -> None:
     """A library's thread (Ray's driver prints its workers' logs from one) writing during a run stays out."""
 
@@ -246,6 +253,7 @@ CROSS_FIELD_CASES = [
         "spec.search.metric",
     ),
     (JOB, [("spec.data.format", "imagefolder")], "data.format imagefolder needs", "spec.data.format"),
+    (JOB, [("spec.data.packing", True)], "data.packing packs causal-LM examples", "spec.data.packing"),
     (JOB, [("spec.model.trustRemoteCode", True)], "needs model.revision to be a full", "spec.model.revision"),
     (
         JOB,
