@@ -109,11 +109,13 @@ class DataSpec(ContractModel):
     max_samples: int | None = Field(
         default=None, ge=1, description="Use at most this many training examples (for quick trials)."
     )
-    packing: bool = Field(
-        default=False,
+    # Unset (not false) by default: a spec written before packing existed keeps its run hash, so it is not re-run.
+    packing: bool | None = Field(
+        default=None,
         description=(
             "Pack causal-LM training examples padding-free into rows of up to hyperparameters.maxSequenceLength "
             "tokens (batchSize rows a step), keeping each example's attention to itself: position ids restart per "
-            "example, so no compute is spent on padding. Validation and test stay unpacked. causal-lm only."
+            "example, so no compute is spent on padding. Validation and test stay unpacked. causal-lm only; "
+            "off when omitted."
         ),
     )

@@ -238,7 +238,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     best_weights = (state.best_weights or state.weights) if state else {}
     best_shards: ShardedWeights | None = None  # sharded: this worker's shards of the best weights
 
-    source = training_batches(plan.train, processor, ops, hp, spec.data.packing)
+    source = training_batches(plan.train, processor, ops, hp, bool(spec.data.packing))
     batches_per_epoch, optimizer_steps = steps_per_epoch(
         source.units, world, source.units_per_batch, hp.gradient_accumulation_steps
     )
