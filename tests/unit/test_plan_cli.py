@@ -151,9 +151,17 @@ def test_bad_options_are_named(
     assert expected in capsys.readouterr().err
 
 
-def test_bad_inputs_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_inputs_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert main(["plan", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read" in capsys.readouterr().err
+    # No credentials from anywhere (an earlier test's variables, files, the instance metadata service).
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     assert main(["plan", str(_job(tmp_path / "s3", "s3://bucket/model")), "--no-data"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     # Only its config.json is read from the store; without credentials, none can be.
