@@ -179,7 +179,6 @@ def merge_observations(
             record, fits = planned(record, plans.get(number), plan_jobs.get(number), waits.get(number))
             records[number] = _finish(job, record, now, None) if record.phase in FINISHED_PHASES else record
             if fits:
-                records[number] = record.model_copy(update={"ray_job": ray_job_state(record.ray_job_name, None)})
                 launch.append(number)
             continue
         report = reports.get(number)
@@ -307,11 +306,11 @@ def name_conflict(job: FineTuneJob, decision: Plan, message: str, now: datetime,
 
     The run fails (nothing of the other object is read, so nothing is promoted) and says why.
     """
-    created = decision.create is not None and number in (None, decision.create.number)
     if number is None:
         if decision.create is None:
             return decision
         number = decision.create.number
+    created = decision.create is not None and decision.create.number == number
     records = [
         _finish(
             job,

@@ -9,6 +9,7 @@ so a run that cannot fit fails with the figures before any GPU worker is schedul
 from __future__ import annotations
 
 from kubetune.operator.api.finetunejob import FineTuneJob, JobPhase, RunFailure, RunRecord
+from kubetune.operator.observe.kuberay import ray_job_state
 from kubetune.operator.observe.plan_jobs import PlanJobState
 from kubetune.operator.observe.pods import PodWait
 from kubetune.runtime.contract.plan import RunPlan
@@ -54,7 +55,9 @@ def planned(
             message = plan.message or f"the run does not fit its GPU: {plan_summary(plan)}"
             return _failed(record, RunFailure.INVALID_SPEC, message), False
         message = f"planned: {plan_summary(plan)}; RayJob created"
-        return record.model_copy(update={"phase": JobPhase.PENDING, "message": message}), True
+        # What observing the new RayJob gives: no status yet.
+        launched = {"phase": JobPhase.PENDING, "message": message, "ray_job": ray_job_state(record.ray_job_name, None)}
+        return record.model_copy(update=launched), True
     if job is None:
         return _failed(record, RunFailure.PLAN_FAILED, "the plan Job was deleted before it wrote the plan"), False
     if job.failure is not None:

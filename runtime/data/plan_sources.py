@@ -55,16 +55,21 @@ def _model_folder(model: ModelSource, names: tuple[str, ...], settings: RuntimeS
         raise SpecError([f"spec.model.uri: {error}"]) from None
 
 
-def model_config(model: ModelSource, settings: RuntimeSettings | None = None) -> dict[str, Any]:
-    """The parsed config.json of the model: from its folder (a path, file://, pvc://, s3://) or the hub (hf://)."""
+def _hub_repository(model: ModelSource) -> tuple[str, bool]:
+    """An hf:// model's repository id, and whether it is read from the local cache only (offline)."""
     from kubetune.runtime.data.hub import local_files_only
 
+    repo_id = parse_uri(model.uri).location
+    return repo_id, local_files_only(repo_id, model.revision, model.uri)
+
+
+def model_config(model: ModelSource, settings: RuntimeSettings | None = None) -> dict[str, Any]:
+    """The parsed config.json of the model: from its folder (a path, file://, pvc://, s3://) or the hub (hf://)."""
     folder = _model_folder(model, ("config.json",), settings)
     try:
         if folder is not None:
             return read_model_config(str(folder), model.uri)
-        repo_id = parse_uri(model.uri).location
-        cache_only = local_files_only(repo_id, model.revision, model.uri)
+        repo_id, cache_only = _hub_repository(model)
         return read_model_config(repo_id, model.uri, from_hub=True, revision=model.revision, cache_only=cache_only)
     except InvalidRunError as error:
         raise SpecError([f"spec.model.uri: {error.problem}"]) from None
@@ -88,10 +93,7 @@ def _tokenizer(model: ModelSource, settings: RuntimeSettings) -> Any:
     try:
         if folder is not None:
             return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=model.trust_remote_code)
-        from kubetune.runtime.data.hub import local_files_only
-
-        repo_id = parse_uri(model.uri).location
-        cache_only = local_files_only(repo_id, model.revision, model.uri)
+        repo_id, cache_only = _hub_repository(model)
         return AutoTokenizer.from_pretrained(
             repo_id, revision=model.revision, local_files_only=cache_only, trust_remote_code=model.trust_remote_code
         )

@@ -120,14 +120,11 @@ def _transient(error: Exception) -> bool:
 
 def write_to_config_map(plan: RunPlan, name: str, namespace: str, api: Any) -> None:
     """Merge the plan into ConfigMap `name` under PLAN_KEY, retrying what may pass; raises the last error."""
-    from kubetune.runtime.reporting.kube_reporter import MERGE_PATCH, REQUEST_TIMEOUT_S
+    from kubetune.runtime.reporting.kube_reporter import patch_config_map_data
 
-    body = {"data": {PLAN_KEY: plan_json(plan)}}
     for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
-            api.patch_namespaced_config_map(
-                name, namespace, body, _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT_S
-            )
+            patch_config_map_data(api, name, namespace, {PLAN_KEY: plan_json(plan)})
             return
         except Exception as error:  # ApiException for a refusal; urllib3 and socket errors when unreachable
             if attempt == WRITE_ATTEMPTS or not _transient(error):

@@ -37,6 +37,13 @@ REQUEST_TIMEOUT_S = 10.0
 MERGE_PATCH = "application/merge-patch+json"
 
 
+def patch_config_map_data(api: Any, name: str, namespace: str, data: dict[str, str]) -> None:
+    """Merge `data` into ConfigMap `name`'s data (one request, REQUEST_TIMEOUT_S at most); raises what the API does."""
+    api.patch_namespaced_config_map(
+        name, namespace, {"data": data}, _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT_S
+    )
+
+
 class ConfigMapReporter:
     """Keeps a RunReport up to date and patches it into ConfigMap `name` in `namespace`.
 
@@ -64,12 +71,10 @@ class ConfigMapReporter:
         if not force and self.last_write is not None and now - self.last_write < self.min_interval_s:
             return  # the next write sends the whole report, this update included
         self.report.updated_at = datetime.now(UTC)
-        body = {"data": {REPORT_KEY: json.dumps(self.report.to_wire(), sort_keys=True)}}
+        data = {REPORT_KEY: json.dumps(self.report.to_wire(), sort_keys=True)}
         for attempt in range(FORCED_ATTEMPTS if force else 1):
             try:
-                self.api.patch_namespaced_config_map(
-                    self.name, self.namespace, body, _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT_S
-                )
+                patch_config_map_data(self.api, self.name, self.namespace, data)
             except Exception as error:  # ApiException for a refusal; urllib3 and socket errors when unreachable
                 LOGGER.warning(
                     "cannot write the run report to %s/%s: %s", self.namespace, self.name, described_api_error(error)
