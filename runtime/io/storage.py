@@ -139,9 +139,13 @@ def s3_endpoint() -> str | None:
 
 
 def s3_client() -> Any:
+    """A client that reads credentials from the environment now.
+
+    boto3's default session resolves credentials once per process and keeps them; a fresh session does not.
+    """
     import boto3
 
-    return boto3.client("s3", endpoint_url=s3_endpoint())
+    return boto3.session.Session().client("s3", endpoint_url=s3_endpoint())
 
 
 def _s3_keys(client: Any, bucket: str, prefix: str) -> list[str]:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 import yaml
 from kubetune.cli.main import main
@@ -162,6 +163,11 @@ def test_bad_inputs_are_named(
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # Credentials another part of the process gave boto3's default session earlier are not used.
+    with monkeypatch.context() as earlier:
+        earlier.setenv("AWS_ACCESS_KEY_ID", "test")
+        earlier.setenv("AWS_SECRET_ACCESS_KEY", "test")
+        boto3.client("s3", region_name="us-east-1")
     assert main(["plan", str(_job(tmp_path / "s3", "s3://bucket/model")), "--no-data"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     # Only its config.json is read from the store; without credentials, none can be.
