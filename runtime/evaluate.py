@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .contract import Task
+from .contract import Objective, Task
 from .data.load import Examples
-from .data.task_ops import TaskOps, classification_metrics_from_totals, task_ops, totals_size
+from .data.task_ops import NOT_MODEL_INPUTS, TaskOps, classification_metrics_from_totals, task_ops, totals_size
 
 
 @dataclass
@@ -69,7 +69,7 @@ def classification_metrics(predicted: Sequence[int], expected: Sequence[int], nu
 def forward_logits(model: nn.Module, inputs: dict[str, torch.Tensor], **options: Any) -> torch.Tensor:
     """The model's logits for encoded inputs (without the labels, so the model computes no loss of its own);
     `options` go to the forward pass as they are."""
-    features = {name: value for name, value in inputs.items() if name != "labels"}
+    features = {name: value for name, value in inputs.items() if name not in NOT_MODEL_INPUTS}
     logits: torch.Tensor = model(**features, **options).logits
     return logits
 
@@ -104,7 +104,7 @@ def run_evaluation(
         batch = ops.encode(processor, examples.subset(range(start, min(start + batch_size, len(examples)))), max_length)
         batch = {name: value.to(device) for name, value in batch.items()}
         logits = forward_logits(model, batch)
-        part = ops.totals(logits, batch["labels"])
+        part = ops.totals(logits, batch)
         totals = part if totals is None else totals + part
         predictions.extend(ops.predictions(logits))
     model.train(was_training)
@@ -121,11 +121,13 @@ def evaluate_task(
     num_labels: int,
     max_length: int,
     batch_size: int = 32,
+    objective: Objective = Objective.SFT,
 ) -> dict[str, float]:
-    """Test metrics of `model` for `task`: accuracy, f1, loss (classification) or loss, perplexity (causal LM)."""
-    ops = task_ops(task, num_labels)
+    """Test metrics of `model` for `task`: accuracy, f1, loss (classification) or loss, perplexity (causal LM),
+    and for a preference objective also preferenceAccuracy and rewardMargin."""
+    ops = task_ops(task, num_labels, objective)
     return run_evaluation(
-        model, processor, ops, examples, max_length, batch_size, size=totals_size(task, num_labels)
+        model, processor, ops, examples, max_length, batch_size, size=totals_size(task, num_labels, objective)
     ).metrics
 
 

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from kubetune.runtime.contract import MethodType, Metric, Precision, RunSpec, Sharding, Task
+from kubetune.runtime.contract import MethodType, Metric, Precision, RunSpec, Sharding
 from kubetune.runtime.contract.common import (
     URI_MAX_LENGTH,
     ContractModel,
@@ -25,7 +25,7 @@ from kubetune.runtime.contract.common import (
 from kubetune.runtime.contract.decisions import Decisions
 from kubetune.runtime.contract.plan import RunPlan
 from kubetune.runtime.contract.report import RunProgress
-from kubetune.runtime.contract.run import CAUSAL_LM_METRICS, CLASSIFICATION_METRICS, RUN_SPEC_RULES
+from kubetune.runtime.contract.run import METRICS_MESSAGE, RUN_SPEC_RULES, allowed_metrics, metric_rule
 from kubetune.runtime.contract.runconfig import SHARDED_QLORA_MESSAGE, SHARDING_DESCRIPTION
 from pydantic import Field, field_validator, model_validator
 
@@ -147,9 +147,8 @@ _GPU_RULES = (
         ".resources.sharding",
     ),
     cel_rule(
-        "!has(self.promotion) || !has(self.promotion.metric) || (self.model.task == 'causal-lm'"
-        " ? self.promotion.metric in ['loss', 'perplexity'] : self.promotion.metric in ['accuracy', 'f1', 'loss'])",
-        "promotion.metric does not apply to model.task",
+        metric_rule("promotion.metric"),
+        f"promotion.metric {METRICS_MESSAGE}",
         ".promotion.metric",
     ),
 )
@@ -244,10 +243,12 @@ class FineTuneJobSpec(RunSpec):
         if self.resources.gpu_type is not None and gpus == 0:
             raise ValueError("resources.gpuType needs resources.gpusPerWorker > 0")
         if self.promotion.metric is not None:
-            allowed = CAUSAL_LM_METRICS if self.model.task == Task.CAUSAL_LM else CLASSIFICATION_METRICS
+            allowed = allowed_metrics(self.model.task, self.method.resolved_objective)
             if self.promotion.metric not in allowed:
                 raise ValueError(
-                    f"promotion.metric {self.promotion.metric.value} does not apply to {self.model.task.value}"
+                    f"promotion.metric {self.promotion.metric.value} does not apply to {self.model.task.value} "
+                    f"with objective {self.method.resolved_objective.value}; "
+                    f"use one of {', '.join(sorted(m.value for m in allowed))}"
                 )
         return self
 

@@ -8,7 +8,18 @@ from .common import URI_PATTERN, URI_SCHEMES, ContractModel, KubernetesName, Qua
 from .compression import Compression, Pruning, PruningMethod, Quantization, QuantizationMethod
 from .data import DataFields, DataFormat, DataSpec, DataSplit
 from .hyperparameters import AUTO, EarlyStopping, Hyperparameters, LrSchedule, Optimizer, Precision, UnresolvedAutoError
-from .method import FreezeOptions, LoraOptions, Method, MethodType, QuantizedBaseOptions
+from .method import (
+    PREFERENCE_OBJECTIVES,
+    REFERENCE_OBJECTIVES,
+    DpoLoss,
+    FreezeOptions,
+    LoraOptions,
+    Method,
+    MethodType,
+    Objective,
+    PreferenceOptions,
+    QuantizedBaseOptions,
+)
 from .model import ModelSource, Task
 from .run import Output, RunSpec
 from .runconfig import RunConfig, RunIdentity, Sharding, WorkerResources
@@ -27,6 +38,8 @@ from .serving import Batching, ServingArgs, Variant
 
 __all__ = [
     "AUTO",
+    "PREFERENCE_OBJECTIVES",
+    "REFERENCE_OBJECTIVES",
     "SEARCHABLE_KEYS",
     "URI_PATTERN",
     "URI_SCHEMES",
@@ -39,6 +52,7 @@ __all__ = [
     "DataFormat",
     "DataSpec",
     "DataSplit",
+    "DpoLoss",
     "EarlyStopping",
     "FreezeOptions",
     "Hyperparameters",
@@ -50,10 +64,12 @@ __all__ = [
     "Metric",
     "Mode",
     "ModelSource",
+    "Objective",
     "Optimizer",
     "Output",
     "ParameterType",
     "Precision",
+    "PreferenceOptions",
     "Pruning",
     "PruningMethod",
     "Quantity",

@@ -29,7 +29,10 @@ class DataFields(ContractModel):
         default="label",
         pattern=FIELD_NAME_PATTERN,
         max_length=128,
-        description="Class label for classification (a name or an integer id).",
+        description=(
+            "Class label for classification (a name or an integer id); for objective kto, whether the completion "
+            "is desirable (true or false)."
+        ),
     )
     prompt: str = Field(
         default="prompt",
@@ -52,12 +55,33 @@ class DataFields(ContractModel):
             "tokenizer's chat template; used when the prompt field is absent."
         ),
     )
+    # Unset by default (the names below apply): a spec written before them keeps its run hash.
+    chosen: str | None = Field(
+        default=None,
+        pattern=FIELD_NAME_PATTERN,
+        max_length=128,
+        description="Preferred completion of a preference pair (text or chat messages). chosen when omitted.",
+    )
+    rejected: str | None = Field(
+        default=None,
+        pattern=FIELD_NAME_PATTERN,
+        max_length=128,
+        description="Dispreferred completion of a preference pair (text or chat messages). rejected when omitted.",
+    )
     image: str = Field(
         default="image",
         pattern=FIELD_NAME_PATTERN,
         max_length=128,
         description="Image path or bytes for image classification (tabular formats).",
     )
+
+    @property
+    def chosen_field(self) -> str:
+        return self.chosen or "chosen"
+
+    @property
+    def rejected_field(self) -> str:
+        return self.rejected or "rejected"
 
 
 class DataSplit(ContractModel):

@@ -1,4 +1,5 @@
-"""How the model's weights are adapted: full fine-tune, LoRA/DoRA, QLoRA or freeze."""
+"""How the model's weights are adapted (full fine-tune, LoRA/DoRA, QLoRA or freeze) and what they learn
+(the objective: supervised fine-tuning or a preference objective)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,60 @@ class MethodType(StrEnum):
 
 
 ADAPTER_METHODS = frozenset({MethodType.LORA, MethodType.DORA, MethodType.QLORA})
+
+
+class Objective(StrEnum):
+    """What the training optimises; the names are TRL's."""
+
+    SFT = "sft"
+    DPO = "dpo"
+    ORPO = "orpo"
+    KTO = "kto"
+    SIMPO = "simpo"
+
+
+PREFERENCE_OBJECTIVES = frozenset({Objective.DPO, Objective.ORPO, Objective.KTO, Objective.SIMPO})
+# Objectives that score the model against the base model (the reference); with adapters, the reference
+# is the same model with its adapters disabled, so no second copy is held.
+REFERENCE_OBJECTIVES = frozenset({Objective.DPO, Objective.KTO})
+
+
+class DpoLoss(StrEnum):
+    SIGMOID = "sigmoid"
+    HINGE = "hinge"
+    IPO = "ipo"
+
+
+class PreferenceOptions(ContractModel):
+    """Parameters of a preference objective (defaults as in TRL); each only with the objective that uses it."""
+
+    beta: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=100.0,
+        description=(
+            "Temperature of the preference loss: how far the model may move from the reference (dpo, kto), the "
+            "weight of the odds-ratio term (orpo) or the reward scale (simpo). 0.1 when omitted."
+        ),
+    )
+    loss_type: DpoLoss | None = Field(
+        default=None, description="dpo only: sigmoid (the DPO paper's), hinge (SLiC) or ipo. sigmoid when omitted."
+    )
+    simpo_gamma: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=100.0,
+        description="simpo only: the target reward margin gamma (TRL's simpo_gamma). 0.5 when omitted.",
+    )
+    desirable_weight: float | None = Field(
+        default=None, gt=0.0, le=100.0, description="kto only: weight of the desirable examples' loss. 1 when omitted."
+    )
+    undesirable_weight: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=100.0,
+        description="kto only: weight of the undesirable examples' loss. 1 when omitted.",
+    )
 
 
 class LoraOptions(ContractModel):
@@ -76,12 +131,43 @@ class Method(ContractModel):
             ".lora",
         ),
         cel_rule("!has(self.qlora) || self.type == 'qlora'", "qlora options are only valid with type qlora", ".qlora"),
+        cel_rule(
+            "!has(self.preference) || (has(self.objective) && self.objective != 'sft')",
+            "preference options need a preference objective (dpo, orpo, kto or simpo)",
+            ".preference",
+        ),
+        cel_rule(
+            "!has(self.preference) || !has(self.preference.lossType) || self.objective == 'dpo'",
+            "preference.lossType is only valid with objective dpo",
+            ".preference.lossType",
+        ),
+        cel_rule(
+            "!has(self.preference) || !has(self.preference.simpoGamma) || self.objective == 'simpo'",
+            "preference.simpoGamma is only valid with objective simpo",
+            ".preference.simpoGamma",
+        ),
+        cel_rule(
+            "!has(self.preference) || (!has(self.preference.desirableWeight)"
+            " && !has(self.preference.undesirableWeight)) || self.objective == 'kto'",
+            "preference.desirableWeight and undesirableWeight are only valid with objective kto",
+            ".preference",
+        ),
     )
 
     type: MethodType = Field(default=MethodType.LORA, description="full, lora, dora, qlora (GPU only) or freeze.")
     lora: LoraOptions | None = Field(default=None, description="Adapter options for lora, dora and qlora.")
     qlora: QuantizedBaseOptions | None = Field(default=None, description="Base-model quantization for qlora.")
     freeze: FreezeOptions | None = Field(default=None, description="Options for freeze.")
+    # Unset (not sft) by default: a spec written before objectives existed keeps its run hash.
+    objective: Objective | None = Field(
+        default=None,
+        description=(
+            "What training optimises: sft (supervised fine-tuning on completions), or a preference objective on "
+            "prompt/chosen/rejected data: dpo, orpo, simpo, or kto (which also takes prompt/completion/label "
+            "records). Preference objectives need model.task causal-lm. sft when omitted."
+        ),
+    )
+    preference: PreferenceOptions | None = Field(default=None, description="Parameters of the preference objective.")
 
     @model_validator(mode="after")
     def _options_match_type(self) -> Method:
@@ -91,7 +177,37 @@ class Method(ContractModel):
             raise ValueError(f"lora is set but type is {self.type.value!r}; use lora, dora or qlora")
         if self.qlora is not None and self.type != MethodType.QLORA:
             raise ValueError(f"qlora is set but type is {self.type.value!r}; use type 'qlora'")
+        self._check_preference()
         return self
+
+    def _check_preference(self) -> None:
+        options, objective = self.preference, self.resolved_objective
+        if options is None:
+            return
+        if objective not in PREFERENCE_OBJECTIVES:
+            raise ValueError("preference options need a preference objective (dpo, orpo, kto or simpo)")
+        if options.loss_type is not None and objective != Objective.DPO:
+            raise ValueError(f"preference.lossType is only valid with objective dpo, not {objective.value}")
+        if options.simpo_gamma is not None and objective != Objective.SIMPO:
+            raise ValueError(f"preference.simpoGamma is only valid with objective simpo, not {objective.value}")
+        if (options.desirable_weight, options.undesirable_weight) != (None, None) and objective != Objective.KTO:
+            raise ValueError(
+                "preference.desirableWeight and undesirableWeight are only valid with objective kto, "
+                f"not {objective.value}"
+            )
+
+    @property
+    def resolved_objective(self) -> Objective:
+        return self.objective or Objective.SFT
+
+    @property
+    def keeps_frozen_reference(self) -> bool:
+        """Whether training holds a frozen copy of the base model: dpo and kto without adapters to disable."""
+        return self.resolved_objective in REFERENCE_OBJECTIVES and self.type not in ADAPTER_METHODS
+
+    @property
+    def preference_options(self) -> PreferenceOptions:
+        return self.preference or PreferenceOptions()
 
     @property
     def lora_options(self) -> LoraOptions:

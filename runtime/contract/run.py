@@ -8,13 +8,41 @@ from .common import ContractModel, Uri, cel_rule, with_cel
 from .compression import Compression
 from .data import DataFormat, DataSpec
 from .hyperparameters import AUTO_FIELDS, Hyperparameters
-from .method import Method
+from .method import PREFERENCE_OBJECTIVES, Method, Objective
 from .model import CLASSIFICATION_TASKS, ModelSource, Task
 from .search import METRIC_MODE, Metric, Mode, SearchSpec
 from .serving import ServingArgs
 
 CLASSIFICATION_METRICS = frozenset({Metric.ACCURACY, Metric.F1, Metric.LOSS})
 CAUSAL_LM_METRICS = frozenset({Metric.LOSS, Metric.PERPLEXITY})
+PREFERENCE_METRICS = CAUSAL_LM_METRICS | {Metric.PREFERENCE_ACCURACY, Metric.REWARD_MARGIN}
+
+
+def allowed_metrics(task: Task, objective: Objective) -> frozenset[Metric]:
+    """The test metrics a run of `task` trained with `objective` reports."""
+    if task in CLASSIFICATION_TASKS:
+        return CLASSIFICATION_METRICS
+    return PREFERENCE_METRICS if objective in PREFERENCE_OBJECTIVES else CAUSAL_LM_METRICS
+
+
+def _listed(metrics: frozenset[Metric]) -> str:
+    return "[" + ", ".join(f"'{m.value}'" for m in sorted(metrics)) + "]"
+
+
+def metric_rule(field: str) -> str:
+    """CEL: the metric at `self.<field>` is one that the run's task and objective report."""
+    preference = "has(self.method) && has(self.method.objective) && self.method.objective != 'sft'"
+    return (
+        f"!has(self.{field.split('.')[0]}) || !has(self.{field}) || (self.model.task == 'causal-lm'"
+        f" ? ({preference} ? self.{field} in {_listed(PREFERENCE_METRICS)}"
+        f" : self.{field} in {_listed(CAUSAL_LM_METRICS)}) : self.{field} in {_listed(CLASSIFICATION_METRICS)})"
+    )
+
+
+METRICS_MESSAGE = (
+    "does not apply to model.task and method.objective (classification: accuracy, f1, loss; causal-lm: loss, "
+    "perplexity; preference objectives also preferenceAccuracy, rewardMargin)"
+)
 
 
 class Output(ContractModel):
@@ -32,6 +60,8 @@ class Output(ContractModel):
 
 
 PACKING_MESSAGE = "data.packing packs causal-LM examples: it needs model.task causal-lm"
+PACKING_OBJECTIVE_MESSAGE = "data.packing packs supervised examples: it needs method.objective sft"
+PREFERENCE_MESSAGE = "a preference objective (dpo, orpo, kto, simpo) needs model.task causal-lm"
 
 
 # Admission-time mirrors of RunSpec's validators; models that extend RunSpec add these.
@@ -47,11 +77,18 @@ RUN_SPEC_RULES = (
         ".data.packing",
     ),
     cel_rule(
-        "!has(self.search) || !has(self.search.metric) || (self.model.task == 'causal-lm'"
-        " ? self.search.metric in ['loss', 'perplexity'] : self.search.metric in ['accuracy', 'f1', 'loss'])",
-        "search.metric does not apply to model.task (classification: accuracy, f1, loss; causal-lm: loss, perplexity)",
-        ".search.metric",
+        "!has(self.data.packing) || !self.data.packing || !has(self.method) || !has(self.method.objective)"
+        " || self.method.objective == 'sft'",
+        PACKING_OBJECTIVE_MESSAGE,
+        ".data.packing",
     ),
+    cel_rule(
+        "!has(self.method) || !has(self.method.objective) || self.method.objective == 'sft'"
+        " || self.model.task == 'causal-lm'",
+        PREFERENCE_MESSAGE,
+        ".method.objective",
+    ),
+    cel_rule(metric_rule("search.metric"), f"search.metric {METRICS_MESSAGE}", ".search.metric"),
     *(
         cel_rule(
             f"!has(self.search) || !has(self.hyperparameters) || !has(self.hyperparameters.{key})"
@@ -88,8 +125,13 @@ class RunSpec(ContractModel):
             raise ValueError(f"data.format imagefolder needs model.task image-classification, not {task.value}")
         if self.data.packing and task != Task.CAUSAL_LM:
             raise ValueError(f"{PACKING_MESSAGE}, not {task.value}")
+        objective = self.method.resolved_objective
+        if objective in PREFERENCE_OBJECTIVES and task != Task.CAUSAL_LM:
+            raise ValueError(f"method.objective {objective.value}: {PREFERENCE_MESSAGE}, not {task.value}")
+        if self.data.packing and objective != Objective.SFT:
+            raise ValueError(f"{PACKING_OBJECTIVE_MESSAGE}, not {objective.value}")
         if self.search is not None and self.search.metric is not None:
-            allowed = CLASSIFICATION_METRICS if task in CLASSIFICATION_TASKS else CAUSAL_LM_METRICS
+            allowed = allowed_metrics(task, objective)
             if self.search.metric not in allowed:
                 raise ValueError(
                     f"search.metric {self.search.metric.value} does not apply to {task.value}; "
@@ -109,7 +151,9 @@ class RunSpec(ContractModel):
         """The metric that ranks trials and gates promotion when none is named."""
         if self.search is not None and self.search.metric is not None:
             return self.search.metric
-        return Metric.ACCURACY if self.model.task in CLASSIFICATION_TASKS else Metric.LOSS
+        if self.model.task in CLASSIFICATION_TASKS:
+            return Metric.ACCURACY
+        return Metric.REWARD_MARGIN if self.method.resolved_objective in PREFERENCE_OBJECTIVES else Metric.LOSS
 
     @property
     def search_mode(self) -> Mode:

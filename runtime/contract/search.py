@@ -19,6 +19,10 @@ class Metric(StrEnum):
     F1 = "f1"
     LOSS = "loss"
     PERPLEXITY = "perplexity"
+    # Preference objectives: the share of held-out pairs whose chosen completion the model rates above the
+    # rejected one, and the mean gap between the two (mean log-probability per completion token).
+    PREFERENCE_ACCURACY = "preferenceAccuracy"
+    REWARD_MARGIN = "rewardMargin"
 
 
 class Mode(StrEnum):
@@ -32,6 +36,8 @@ METRIC_MODE: dict[Metric, Mode] = {
     Metric.F1: Mode.MAX,
     Metric.LOSS: Mode.MIN,
     Metric.PERPLEXITY: Mode.MIN,
+    Metric.PREFERENCE_ACCURACY: Mode.MAX,
+    Metric.REWARD_MARGIN: Mode.MAX,
 }
 
 

@@ -13,11 +13,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.runtime.contract import DataFormat, DataSpec, RunSpec, Task
+from kubetune.runtime.contract import PREFERENCE_OBJECTIVES, DataFormat, DataSpec, Objective, RunSpec, Task
+from kubetune.runtime.contract.search import Metric
 from kubetune.runtime.io.errors import DataError
 from kubetune.runtime.io.settings import RuntimeSettings
 
 from .images import read_image_folder, resolve_images
+from .preference import is_paired, preference_record, unpaired
 from .readers import Record, read_records
 
 
@@ -166,6 +168,16 @@ def _image_split(uri: str, data: DataSpec, settings: RuntimeSettings, field: str
     return _RawSplit(resolve_images(column, uri, settings, "data.fields.image"), labels, uri)
 
 
+def _preference_loader(objective: Objective) -> Callable[[str, DataSpec, RuntimeSettings, str], _RawSplit]:
+    """A loader of preference records for `objective` (pairs; kto also prompt/completion/label records)."""
+
+    def load(uri: str, data: DataSpec, settings: RuntimeSettings, field: str) -> _RawSplit:
+        records = read_records(uri, data.format, settings, field)
+        return _RawSplit([preference_record(r, n, uri, data, objective) for n, r in enumerate(records, 1)], [], uri)
+
+    return load
+
+
 _LOADERS: dict[Task, Callable[[str, DataSpec, RuntimeSettings, str], _RawSplit]] = {
     Task.TEXT_CLASSIFICATION: _text_split,
     Task.CAUSAL_LM: _causal_split,
@@ -199,7 +211,8 @@ def load_data(spec: RunSpec, settings: RuntimeSettings) -> TaskData:
     """Read and split the run's data; label ids follow `model.labels` (or the sorted training labels)."""
     data = spec.data
     task = spec.model.task
-    load = _LOADERS[task]
+    objective = spec.method.resolved_objective
+    load = _preference_loader(objective) if objective in PREFERENCE_OBJECTIVES else _LOADERS[task]
     train = load(data.train, data, settings, "data.train")
     validation = load(data.validation, data, settings, "data.validation") if data.validation else None
     test = load(data.test, data, settings, "data.test") if data.test else None
@@ -225,6 +238,15 @@ def load_data(spec: RunSpec, settings: RuntimeSettings) -> TaskData:
     ):
         if not split.inputs:
             raise DataError(field, f"the {name} set is empty (from {split.uri}); give it data or a larger fraction")
+
+    if objective == Objective.KTO:  # kto learns from single examples; held-out pairs still score as pairs
+        train = _RawSplit(unpaired(train.inputs), [], train.uri)
+    if spec.search_metric == Metric.PREFERENCE_ACCURACY and not all(map(is_paired, validation.inputs)):
+        raise DataError(
+            "search.metric",
+            f"preferenceAccuracy compares the two completions of a pair; the validation set ({validation.uri}) "
+            "has prompt/completion/label records: use rewardMargin or give pairs",
+        )
 
     labels: list[str] = []
     if task != Task.CAUSAL_LM:

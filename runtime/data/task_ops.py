@@ -12,14 +12,17 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from kubetune.runtime.contract import Task
+from kubetune.runtime.contract import PREFERENCE_OBJECTIVES, Objective, Task
 from torch import nn
 
 from .images import open_image
 from .load import Examples
+from .preference import encode_preferences, paired_count, sequence_logps
 
 # Label value the causal-LM loss skips (prompt and padding tokens); the same as in transformers.
 IGNORE_INDEX = -100
+# What an encoded batch holds besides the model's inputs: the targets, and preference rows' sides and pairs.
+NOT_MODEL_INPUTS = frozenset({"labels", "desirable", "pair"})
 
 
 class TaskOps(Protocol):
@@ -31,8 +34,8 @@ class TaskOps(Protocol):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean training loss of a batch."""
 
-    def totals(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """What the metrics need from a batch, as a vector that adds up over batches and workers."""
+    def totals(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the metrics need from an encoded batch, as a vector that adds up over batches and workers."""
 
     def metrics(self, totals: torch.Tensor) -> dict[str, float]:
         """The metrics from summed totals."""
@@ -77,8 +80,8 @@ class _Classification:
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(logits.float(), labels)
 
-    def totals(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return _class_totals(logits, labels, self.num_labels)
+    def totals(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _class_totals(logits, batch["labels"], self.num_labels)
 
     def metrics(self, totals: torch.Tensor) -> dict[str, float]:
         return classification_metrics_from_totals(totals, self.num_labels)
@@ -157,8 +160,8 @@ class CausalLanguageModeling:
         predicted, expected = self._shifted(logits, labels)
         return nn.functional.cross_entropy(predicted, expected, ignore_index=IGNORE_INDEX)
 
-    def totals(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        predicted, expected = self._shifted(logits, labels)
+    def totals(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        predicted, expected = self._shifted(logits, batch["labels"])
         loss_sum = nn.functional.cross_entropy(predicted, expected, ignore_index=IGNORE_INDEX, reduction="sum")
         tokens = (expected != IGNORE_INDEX).sum()
         return torch.stack([loss_sum.detach().double().cpu(), tokens.double().cpu()])
@@ -172,17 +175,60 @@ class CausalLanguageModeling:
         return []
 
 
-def task_ops(task: Task, num_labels: int) -> TaskOps:
+@dataclass(frozen=True)
+class PreferenceModeling(CausalLanguageModeling):
+    """Preference pairs and kto examples: scored by each completion's mean log-probability per token."""
+
+    def encode(self, processor: Any, examples: Examples, max_length: int) -> dict[str, torch.Tensor]:
+        return encode_preferences(processor, examples.inputs, max_length)
+
+    def totals(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pairs ranked right and pairs; mean log-prob sums and counts of desirable and undesirable completions;
+        the desirable completions' summed negative log-likelihood and tokens."""
+        sums, counts = sequence_logps(logits, batch["labels"])
+        means = sums / counts.clamp(min=1)
+        desirable = batch["desirable"].bool()
+        pairs = paired_count(batch)
+        right = (means[:pairs] > means[pairs : 2 * pairs]).sum()
+        values = [
+            right,
+            torch.tensor(pairs),
+            means[desirable].sum(),
+            desirable.sum(),
+            means[~desirable].sum(),
+            (~desirable).sum(),
+            -sums[desirable].sum(),
+            counts[desirable].sum(),
+        ]
+        return torch.stack([value.detach().double().cpu() for value in values])
+
+    def metrics(self, totals: torch.Tensor) -> dict[str, float]:
+        right, pairs, desirable_sum, desirable, undesirable_sum, undesirable, nll, tokens = totals.tolist()
+        loss = nll / tokens if tokens else 0.0
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        if pairs:
+            metrics["preferenceAccuracy"] = right / pairs
+        if desirable and undesirable:
+            metrics["rewardMargin"] = desirable_sum / desirable - undesirable_sum / undesirable
+        return metrics
+
+
+PREFERENCE_TOTALS = 8
+
+
+def task_ops(task: Task, num_labels: int, objective: Objective = Objective.SFT) -> TaskOps:
     if task == Task.CAUSAL_LM:
-        return CausalLanguageModeling()
+        return PreferenceModeling() if objective in PREFERENCE_OBJECTIVES else CausalLanguageModeling()
     if task == Task.IMAGE_CLASSIFICATION:
         return ImageClassification(num_labels)
     return TextClassification(num_labels)
 
 
-def totals_size(task: Task, num_labels: int) -> int:
-    """Length of the totals vector of `task`."""
-    return 2 if task == Task.CAUSAL_LM else 3 * num_labels + 2
+def totals_size(task: Task, num_labels: int, objective: Objective = Objective.SFT) -> int:
+    """Length of the totals vector of `task` trained with `objective`."""
+    if task != Task.CAUSAL_LM:
+        return 3 * num_labels + 2
+    return PREFERENCE_TOTALS if objective in PREFERENCE_OBJECTIVES else 2
 
 
 def auto_class(task: Task) -> Any:

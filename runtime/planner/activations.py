@@ -50,7 +50,7 @@ def _math_attention(shape: ModelShape, inp: PlanInput) -> bool:
 def attention_bytes(inp: PlanInput, w: Widths) -> int:
     """What scaled-dot-product attention saves in one layer."""
     s = inp.shape
-    b, n, tokens = inp.batch_size, inp.sequence, inp.tokens_per_batch
+    b, n, tokens = inp.rows, inp.sequence, inp.tokens_per_batch
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     if _math_attention(s, inp):
         scores = b * s.heads * n * n
@@ -147,5 +147,5 @@ def backward_transient_bytes(inp: PlanInput) -> int:
     t = inp.tokens_per_batch
     widest = t * s.intermediate
     if _math_attention(s, inp):
-        widest = max(widest, inp.batch_size * s.heads * inp.sequence**2)
+        widest = max(widest, inp.rows * s.heads * inp.sequence**2)
     return (widest + 2 * t * s.hidden) * w.compute

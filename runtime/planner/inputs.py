@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from kubetune.runtime.contract import Method, Optimizer, Precision, Sharding, Task
+from kubetune.runtime.contract import Method, Objective, Optimizer, Precision, Sharding, Task
 
 from .shape import ModelShape
+
+# Objectives whose examples are pairs: each trains on two rows.
+PAIRED_OBJECTIVES = frozenset({Objective.DPO, Objective.ORPO, Objective.SIMPO})
 
 
 class DeviceKind(StrEnum):
@@ -70,5 +73,15 @@ class PlanInput:
         return self.shape.patches + 1 if self.shape.patches else self.sequence_length
 
     @property
+    def rows_per_example(self) -> int:
+        """Model rows per example: a preference pair runs its chosen and its rejected completion."""
+        return 2 if self.method.resolved_objective in PAIRED_OBJECTIVES else 1
+
+    @property
+    def rows(self) -> int:
+        """Rows in one forward pass of a micro-batch."""
+        return self.batch_size * self.rows_per_example
+
+    @property
     def tokens_per_batch(self) -> int:
-        return self.batch_size * self.sequence
+        return self.rows * self.sequence

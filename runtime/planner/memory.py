@@ -89,6 +89,8 @@ def estimate_memory(inp: PlanInput, params: Parameters) -> Memory:
     devices = inp.topology.devices
     shard = devices if inp.topology.sharding == Sharding.FSDP else 1
     weights = params.weight_bytes // shard
+    if inp.method.keeps_frozen_reference:
+        weights += params.weight_bytes  # dpo and kto keep a whole frozen copy when there are no adapters to disable
     adapters = params.adapter_bytes // shard
     gradients = params.trainable_bytes // shard
     optimizer = OPTIMIZER_STATES[inp.optimizer] * params.trainable_bytes // shard

@@ -22,7 +22,13 @@ ALLOCATOR_SLACK = 0.1
 class MemoryPlan(ContractModel):
     """Peak memory of one device during a training step, by part."""
 
-    weights_bytes: int = Field(ge=0, description="The model's weights (quantized for qlora; a shard with FSDP).")
+    weights_bytes: int = Field(
+        ge=0,
+        description=(
+            "The model's weights (quantized for qlora; a shard with FSDP), and for dpo or kto without adapters "
+            "the frozen reference copy."
+        ),
+    )
     adapter_bytes: int = Field(ge=0, description="Parameters the method adds: LoRA/DoRA matrices, saved head copies.")
     gradient_bytes: int = Field(ge=0, description="Gradients of the trainable parameters.")
     optimizer_bytes: int = Field(ge=0, description="Optimizer state (Adam's moments, SGD's momentum).")

@@ -4,12 +4,14 @@ A matmul of an n-wide input into m outputs costs 2·n·m FLOPs per token forward
 costs as much again for the input's gradient (where a gradient flows) and again for the
 weight's gradient (where the weight trains). Attention adds 2·2·S·(heads·head_dim) per
 token and layer forward (scores and the weighted sum, counted over the full S x S square).
-Checkpointed layers run their forward twice.
+Checkpointed layers run their forward twice; dpo and kto add forward passes of the reference.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from kubetune.runtime.contract import Objective
 
 from .gpus import GpuType
 from .inputs import PlanInput
@@ -18,6 +20,9 @@ from .parameters import Parameters
 
 # Model-FLOPs utilisation assumed when none is given: what well-tuned fine-tuning reaches on tensor cores.
 DEFAULT_MFU = 0.4
+
+
+NO_GRAD_FORWARDS = {Objective.DPO: 1, Objective.KTO: 3}
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ def flops_per_token(inp: PlanInput, params: Parameters) -> Flops:
     backward += params.trainable_layers * 2 * layer_matmul + 2 * head_matmul * params.head_trains
     backward += through * 2 * 2 * adapter
     recompute = through * layer_forward if checkpointing(inp) else 0
+    # Forward passes without gradients: dpo's reference; kto's reference and both models on mismatched pairs.
+    recompute += NO_GRAD_FORWARDS.get(inp.method.resolved_objective, 0) * forward
     return Flops(forward, backward, recompute)
 
 
@@ -70,5 +77,6 @@ def speed(inp: PlanInput, flops: Flops, gpu: GpuType, mfu: float) -> Speed | Non
     tokens_per_second = inp.topology.devices * tokens_per_step / step_seconds
     gpu_hours = None
     if inp.train_tokens is not None:
-        gpu_hours = inp.train_tokens * inp.epochs * flops.per_token / achieved / 3600
+        tokens = inp.train_tokens * inp.rows_per_example
+        gpu_hours = tokens * inp.epochs * flops.per_token / achieved / 3600
     return Speed(step_seconds, tokens_per_second, gpu_hours)

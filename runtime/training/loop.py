@@ -35,6 +35,7 @@ from torch.utils.data import DistributedSampler
 from .batches import PackedTrainingBatches, check_packed_attention, training_batches
 from .checkpoints import TrainingPosition, TrainingState, load_trainable_state, trainable_state
 from .devices import require_cuda
+from .objectives import frozen_reference, training_objective
 from .optim import build_optimizer, build_scheduler
 from .plan import TrainingPlan
 from .sharding import (
@@ -123,7 +124,7 @@ def _validate(
     task = plan.spec.model.task
     shard = plan.validation.shard(rank, world)
     device = next(model.parameters()).device
-    size = totals_size(task, len(plan.labels))
+    size = totals_size(task, len(plan.labels), plan.spec.method.resolved_objective)
     totals = run_evaluation(
         model, processor, ops, shard, hp.resolved_max_sequence_length, hp.resolved_batch_size, device, size
     ).totals
@@ -216,7 +217,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     settings = plan.settings.reusing_downloads()
     model, processor = build_model(spec.model, spec.method, plan.labels, hp.seed, settings)
-    ops = task_ops(spec.model.task, len(plan.labels))
+    ops = task_ops(spec.model.task, len(plan.labels), spec.method.resolved_objective)
+    frozen = frozen_reference(model, spec, plan.sharding)  # before a resumed run's weights: the base model
     if hp.resolved_gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (adapters) and with DDP.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
@@ -249,6 +251,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         model = ray.train.torch.prepare_model(model)
     device = next(model.parameters()).device
+    objective = training_objective(spec, ops, model, unwrapped, None if frozen is None else frozen.to(device))
     if isinstance(source, PackedTrainingBatches):
         check_packed_attention(model, source.packed, device)
     optimizer = build_optimizer(model, hp)
@@ -284,8 +287,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             inputs, examples = source.inputs(indices)
             inputs = {name: value.to(device) for name, value in inputs.items()}
             with _no_sync(model, not steps_now), _autocast(hp.resolved_precision, device):
-                logits = forward_logits(model, inputs, **source.forward_options)
-                loss = ops.loss(logits, inputs["labels"]) / group_size
+                loss = objective.loss(model, inputs, source.forward_options) / group_size
             scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
             loss_value += float(loss.detach())
             if steps_now:

@@ -46,6 +46,7 @@ def test_metrics(model: nn.Module, processor: Any, spec: RunSpec, data: TaskData
         len(data.labels),
         spec.hyperparameters.resolved_max_sequence_length,
         EVALUATION_BATCH_SIZE,
+        spec.method.resolved_objective,
     )
 
 
@@ -68,7 +69,12 @@ def _measure(
     variant.metrics = metrics
     variant.size_bytes = weights_size(variant.folder)
     variant.latency_ms_p50 = latency_ms_p50(
-        model, processor, spec.model.task, context.data.test, spec.hyperparameters.resolved_max_sequence_length
+        model,
+        processor,
+        spec.model.task,
+        context.data.test,
+        spec.hyperparameters.resolved_max_sequence_length,
+        spec.method.resolved_objective,
     )
     if variant.name in COMPRESSED:
         verdict = judge(spec.model.task, context.reference, metrics, spec.compression.max_accuracy_drop)

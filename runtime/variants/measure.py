@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kubetune.runtime.contract import Task
+from kubetune.runtime.contract import Objective, Task
 from kubetune.runtime.contract.report import VariantReport
 from kubetune.runtime.data.load import Examples
 from kubetune.runtime.data.task_ops import task_ops
@@ -40,13 +40,20 @@ def latency_batch(examples: Examples) -> Examples:
 
 
 @torch.no_grad()
-def latency_ms_p50(model: nn.Module, processor: Any, task: Task, examples: Examples, max_length: int) -> float:
+def latency_ms_p50(
+    model: nn.Module,
+    processor: Any,
+    task: Task,
+    examples: Examples,
+    max_length: int,
+    objective: Objective = Objective.SFT,
+) -> float:
     """Median milliseconds of one forward pass over the fixed batch, on the model's device.
 
     That is the CPU, as served, for every variant but a QLoRA adapter, whose 4-bit base stays on its GPU.
     """
     device = next(model.parameters()).device
-    encoded = task_ops(task, 2).encode(processor, latency_batch(examples), max_length)
+    encoded = task_ops(task, 2, objective).encode(processor, latency_batch(examples), max_length)
     inputs = {name: value.to(device) for name, value in encoded.items()}
     model.eval()
 

@@ -239,6 +239,20 @@ def test_packing_is_admitted_for_a_causal_lm(kube: Kube, namespace: str) -> None
     assert "spec.data.packing" in message and "needs model.task causal-lm" in message, message
 
 
+def test_preference_objectives_are_admitted_for_a_causal_lm(kube: Kube, namespace: str) -> None:
+    document = mutated(load_example("causal-lm/finetunejob.yaml"), "spec.output.uri", "pvc://runs/causal-lm")
+    document = mutated(document, "spec.method.objective", "dpo")
+    document = mutated(document, "spec.method.preference", {"beta": 0.2, "lossType": "ipo"})
+    admitted = admit(kube, namespace, mutated(document, "spec.promotion", {"metric": "preferenceAccuracy"}))
+    assert admitted["spec"]["method"]["preference"] == {"beta": 0.2, "lossType": "ipo"}
+    message = refusal(kube, namespace, mutated(document, "spec.model.task", "text-classification"))
+    assert "spec.method.objective" in message and "needs model.task causal-lm" in message, message
+    message = refusal(kube, namespace, mutated(document, "spec.method.objective", "kto"))
+    assert "spec.method.preference.lossType" in message, message
+    message = refusal(kube, namespace, mutated(document, "spec.data.packing", True))
+    assert "spec.data.packing" in message and "needs method.objective sft" in message, message
+
+
 def test_corpus_is_large_enough() -> None:
     assert len(JOB_CASES) + len(DEPLOYMENT_CASES) >= 25
 

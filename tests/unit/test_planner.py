@@ -27,11 +27,11 @@ MIB, GIB = 2**20, 2**30
 LLAMA_2_7B_PARAMETERS = 6_738_415_616
 
 
-def _request(config: dict[str, Any], method: str = "full", **changes: Any) -> PlanInput:
+def _request(config: dict[str, Any], method: str | Method = "full", **changes: Any) -> PlanInput:
     fields: dict[str, Any] = {
         "shape": shape_from_config(config),
         "task": Task.CAUSAL_LM if config["model_type"] == "llama" else Task.TEXT_CLASSIFICATION,
-        "method": Method.model_validate({"type": method}),
+        "method": method if isinstance(method, Method) else Method.model_validate({"type": method}),
         "batch_size": 1,
         "sequence_length": 512,
     }
@@ -191,3 +191,32 @@ def test_gradient_accumulation_keeps_gradients_through_the_micro_batches() -> No
     accumulated = plan(_request(BERT_BASE_CASED, batch_size=32, gradient_accumulation_steps=4), gpus=()).memory
     assert one.peak_phase == "backward"
     assert accumulated.peak_bytes == one.peak_bytes + one.gradient_bytes
+
+
+def _objective(method: str, objective: str) -> Method:
+    return Method.model_validate({"type": method, "objective": objective})
+
+
+def test_preference_objectives_plan_their_rows_and_reference() -> None:
+    def memory(method: str, objective: str) -> Any:
+        return plan(_request(LLAMA_2_7B, batch_size=2, method=_objective(method, objective)), gpus=()).memory
+
+    sft, orpo, dpo_full, dpo_lora = (
+        memory("full", "sft"),
+        memory("full", "orpo"),
+        memory("full", "dpo"),
+        memory("lora", "dpo"),
+    )
+    # A pair runs two rows: chosen and rejected.
+    assert orpo.activation_bytes == pytest.approx(
+        plan(_request(LLAMA_2_7B, batch_size=4), gpus=()).memory.activation_bytes
+    )
+    # dpo without adapters keeps a frozen copy of the base; with them, the base is the model with adapters off.
+    assert dpo_full.weights_bytes == 2 * sft.weights_bytes
+    assert dpo_lora.weights_bytes == memory("lora", "sft").weights_bytes
+    # The reference's forward pass (dpo), and kto's three: reference, and both models on mismatched pairs.
+    sft_flops = plan(_request(LLAMA_2_7B), gpus=()).flops_per_token
+    dpo_flops = plan(_request(LLAMA_2_7B, method=_objective("full", "dpo")), gpus=()).flops_per_token
+    kto_flops = plan(_request(LLAMA_2_7B, method=_objective("full", "kto")), gpus=()).flops_per_token
+    assert dpo_flops == pytest.approx(sft_flops * 4 / 3, rel=0.02)
+    assert kto_flops == pytest.approx(sft_flops * 2, rel=0.02)

@@ -119,6 +119,20 @@ def test_packing_passes_both_checkers_on_a_causal_lm() -> None:
     assert rule_failures(job) == []
 
 
+def test_preference_objectives_pass_both_checkers_on_a_causal_lm() -> None:
+    job = mutated(load_example("causal-lm/finetunejob.yaml"), "spec.output.uri", "pvc://runs/causal-lm")
+    for objective, options in (
+        ("dpo", {"beta": 0.2, "lossType": "hinge"}),
+        ("orpo", {"beta": 0.2}),
+        ("simpo", {"beta": 2.0, "simpoGamma": 0.8}),
+        ("kto", {"desirableWeight": 1.0, "undesirableWeight": 1.5}),
+    ):
+        preference = mutated(mutated(job, "spec.method.objective", objective), "spec.method.preference", options)
+        preference = mutated(preference, "spec.promotion", {"metric": "preferenceAccuracy"})
+        assert parse(preference).spec.method.objective == objective  # type: ignore[union-attr]
+        assert rule_failures(preference) == []
+
+
 def test_what_other_threads_print_meanwhile_is_not_the_clis() -> None:
     """A library's thread (Ray's driver prints its workers' logs from one) writing during a run stays out."""
 
@@ -211,6 +225,7 @@ def test_a_wrong_type_read_by_a_rule_gives_the_field_error(
 
 # Each pydantic cross-field check (a model validator's ValueError) and the CEL rule that mirrors it.
 JOB = "finetunejob-minimal.yaml"
+LM_JOB = "causal-lm/finetunejob.yaml"
 GPUS = ("spec.resources", {"gpusPerWorker": 1})
 CROSS_FIELD_CASES = [
     (JOB, [("spec.method", {"type": "full", "lora": {"rank": 4}})], "lora is set", "spec.method.lora"),
@@ -253,6 +268,43 @@ CROSS_FIELD_CASES = [
         "spec.search.metric",
     ),
     (JOB, [("spec.data.format", "imagefolder")], "data.format imagefolder needs", "spec.data.format"),
+    (JOB, [("spec.method.objective", "dpo")], "needs model.task causal-lm", "spec.method.objective"),
+    (
+        LM_JOB,
+        [("spec.method.objective", "orpo"), ("spec.method.preference", {"lossType": "ipo"})],
+        "lossType is only valid with objective dpo",
+        "spec.method.preference.lossType",
+    ),
+    (
+        LM_JOB,
+        [("spec.method.objective", "dpo"), ("spec.method.preference", {"simpoGamma": 1.0})],
+        "simpoGamma is only valid with objective simpo",
+        "spec.method.preference.simpoGamma",
+    ),
+    (
+        LM_JOB,
+        [("spec.method.objective", "dpo"), ("spec.method.preference", {"undesirableWeight": 2})],
+        "only valid with objective kto",
+        "spec.method.preference",
+    ),
+    (
+        LM_JOB,
+        [("spec.method.preference", {"beta": 0.5})],
+        "preference options need a preference objective",
+        "spec.method.preference",
+    ),
+    (
+        LM_JOB,
+        [("spec.method.objective", "kto"), ("spec.data.packing", True)],
+        "needs method.objective sft",
+        "spec.data.packing",
+    ),
+    (
+        LM_JOB,
+        [("spec.promotion", {"metric": "rewardMargin"})],
+        "promotion.metric rewardMargin does not apply",
+        "spec.promotion.metric",
+    ),
     (JOB, [("spec.data.packing", True)], "data.packing packs causal-LM examples", "spec.data.packing"),
     (JOB, [("spec.model.trustRemoteCode", True)], "needs model.revision to be a full", "spec.model.revision"),
     (
