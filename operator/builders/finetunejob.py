@@ -119,6 +119,9 @@ def _ray_pod(
         "env_from": env_from,
         "claims": pvc_claims(job),
         "read_only_claims": read_only_claims(job),
+        # The head too: its Ray Train controller records the workers' preemption checkpoint.
+        "termination_grace_seconds": resources.termination_grace_seconds,
+        "preemption_notice": pods.PREEMPTION_NOTICE_PATH,
     }
     if not head:
         return pods.RayPod(

@@ -37,6 +37,10 @@ TMP_VOLUME, CACHE_VOLUME, SHM_VOLUME = "tmp", "cache", "shm"
 SERVICE_ACCOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 # The token Kubernetes itself projects lives this long; the API server extends it, and kubelet renews it.
 SERVICE_ACCOUNT_TOKEN_SECONDS = 3607
+# The runtime setting (`RuntimeSettings.preemption_notice`) naming the file a training pod's preStop hook
+# creates, on the writable /tmp: the workers there save a checkpoint at their next step and stop.
+PREEMPTION_NOTICE_VARIABLE = "KUBETUNE_PREEMPTION_NOTICE"
+PREEMPTION_NOTICE_PATH = "/tmp/kubetune-preemption-notice"
 # huggingface_hub's own variables: a mirror of the hub, and no hub at all (the image's cache only).
 HUB_ENDPOINT_VARIABLE, HUB_OFFLINE_VARIABLE = "HF_ENDPOINT", "HF_HUB_OFFLINE"
 
@@ -199,6 +203,9 @@ class RayPod:
     read_only_claims: Collection[str] = ()
     mounts: Sequence[Manifest] = field(default=())  # besides the claims' and the writable places'
     volumes: Sequence[Manifest] = field(default=())
+    # A training pod's deletion: seconds it may take, and the file its preStop hook creates to tell the workers.
+    termination_grace_seconds: int | None = None
+    preemption_notice: str | None = None
 
     def template(self, settings: Settings) -> Manifest:
         limits: dict[str, Any] = {"cpu": self.cpu_limit or self.cpu, "memory": self.memory}
@@ -237,6 +244,10 @@ class RayPod:
         }
         if self.env_from:
             main["envFrom"] = list(self.env_from)
+        if self.preemption_notice:
+            main["env"].append({"name": PREEMPTION_NOTICE_VARIABLE, "value": self.preemption_notice})
+            # Runs before the kubelet's SIGTERM, which the container's shell (PID 1) would drop anyway.
+            main["lifecycle"] = {"preStop": {"exec": {"command": ["touch", self.preemption_notice]}}}
         spec: Manifest = {
             "containers": [main],
             "volumes": volumes,
@@ -246,6 +257,8 @@ class RayPod:
                 self.nodes or self.placement, self.placement.priority_class_name, self.placement.gpu_type, self.gpus
             ),
         }
+        if self.termination_grace_seconds is not None:
+            spec["terminationGracePeriodSeconds"] = self.termination_grace_seconds
         if self.service_account:
             spec["serviceAccountName"] = self.service_account
         secrets = pull_secrets(self.placement, settings)
