@@ -41,6 +41,8 @@ SERVICE_ACCOUNT_TOKEN_SECONDS = 3607
 # creates, on the writable /tmp: the workers there save a checkpoint at their next step and stop.
 PREEMPTION_NOTICE_VARIABLE = "KUBETUNE_PREEMPTION_NOTICE"
 PREEMPTION_NOTICE_PATH = "/tmp/kubetune-preemption-notice"
+# Seconds the preStop hook waits for Ray to drain the pod's node (a few seconds: it connects to Ray first).
+DRAIN_TIMEOUT_SECONDS = 20
 # huggingface_hub's own variables: a mirror of the hub, and no hub at all (the image's cache only).
 HUB_ENDPOINT_VARIABLE, HUB_OFFLINE_VARIABLE = "HF_ENDPOINT", "HF_HUB_OFFLINE"
 
@@ -203,9 +205,8 @@ class RayPod:
     read_only_claims: Collection[str] = ()
     mounts: Sequence[Manifest] = field(default=())  # besides the claims' and the writable places'
     volumes: Sequence[Manifest] = field(default=())
-    # A training pod's deletion: seconds it may take, and the file its preStop hook creates to tell the workers.
-    termination_grace_seconds: int | None = None
-    preemption_notice: str | None = None
+    termination_grace_seconds: int | None = None  # how long the pod's deletion may take
+    pre_stop: Sequence[str] = ()  # a command the kubelet runs before it stops the container
 
     def template(self, settings: Settings) -> Manifest:
         limits: dict[str, Any] = {"cpu": self.cpu_limit or self.cpu, "memory": self.memory}
@@ -244,10 +245,8 @@ class RayPod:
         }
         if self.env_from:
             main["envFrom"] = list(self.env_from)
-        if self.preemption_notice:
-            main["env"].append({"name": PREEMPTION_NOTICE_VARIABLE, "value": self.preemption_notice})
-            # Runs before the kubelet's SIGTERM, which the container's shell (PID 1) would drop anyway.
-            main["lifecycle"] = {"preStop": {"exec": {"command": ["touch", self.preemption_notice]}}}
+        if self.pre_stop:
+            main["lifecycle"] = {"preStop": {"exec": {"command": list(self.pre_stop)}}}
         spec: Manifest = {
             "containers": [main],
             "volumes": volumes,
@@ -268,6 +267,22 @@ class RayPod:
         if self.annotations:
             metadata["annotations"] = dict(self.annotations)
         return {"metadata": metadata, "spec": spec}
+
+
+def preemption_hook(grace_seconds: int) -> list[str]:
+    """The preStop command of a training pod: drain the pod's Ray node, then tell its training workers.
+
+    The kubelet's SIGTERM reaches only the container's PID 1, the shell that runs `ray start --block`,
+    which drops it. The notice file tells the workers (see the runtime's `training.preemption`); the
+    drain first (reason preemption, the grace period as its deadline; `ray drain-node` drains the node
+    it runs on) keeps Ray from placing the restarted workers on this pod while it lives on. A drain
+    that fails or hangs (bounded) still leaves the notice.
+    """
+    drain = (
+        f"timeout {DRAIN_TIMEOUT_SECONDS} ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION"
+        f" --reason-message 'kubetune: pod deleted' --deadline-remaining-seconds {grace_seconds}"
+    )
+    return ["/bin/sh", "-c", f"{drain} >/dev/null 2>&1; touch {PREEMPTION_NOTICE_PATH}"]
 
 
 def auth_options(settings: Settings) -> Manifest:

@@ -457,17 +457,23 @@ def test_a_switch_that_is_not_one_is_refused() -> None:
 
 
 def test_a_deleted_ray_pod_has_time_to_save_a_checkpoint(minimal_job: dict[str, Any]) -> None:
-    """Every Ray pod of a run: a grace period from the spec (or the default) and a preStop hook that tells
-    the training workers, through the file their runtime setting names, to checkpoint and stop."""
+    """Every Ray pod of a run: a grace period from the spec (or the default) and the runtime setting naming
+    the notice file; a worker's preStop hook drains its Ray node and then creates that file."""
     own_grace = ("spec.resources.terminationGracePeriodSeconds", 600)
     for edits, grace in (((), DEFAULT_TERMINATION_GRACE_SECONDS), ((own_grace,), 600)):
         manifests = build(minimal_job, *edits)
-        for pod in (head(manifests), workers(manifests)["template"]["spec"]):
+        worker = workers(manifests)["template"]["spec"]
+        for pod in (head(manifests), worker):
             assert pod["terminationGracePeriodSeconds"] == grace
-            container = pod["containers"][0]
-            assert container["lifecycle"] == {"preStop": {"exec": {"command": ["touch", PREEMPTION_NOTICE_PATH]}}}
             assert _env(pod)["KUBETUNE_PREEMPTION_NOTICE"] == PREEMPTION_NOTICE_PATH
-            # On the pod's writable /tmp, which the workers of the pod share.
-            assert any(PREEMPTION_NOTICE_PATH.startswith(m["mountPath"] + "/") for m in container["volumeMounts"])
-    # The submitter trains nothing.
+        container = worker["containers"][0]
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[:2] == ["/bin/sh", "-c"]
+        drain, touch = command[2].split("; ")
+        assert drain.startswith("timeout 20 ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION ")
+        assert f"--deadline-remaining-seconds {grace} " in drain
+        assert touch == f"touch {PREEMPTION_NOTICE_PATH}"
+        # On the pod's writable /tmp, which the workers of the pod share.
+        assert any(PREEMPTION_NOTICE_PATH.startswith(m["mountPath"] + "/") for m in container["volumeMounts"])
+        assert "lifecycle" not in head(manifests)["containers"][0]  # the head trains nothing
     assert "lifecycle" not in submitter(build(minimal_job))["containers"][0]
