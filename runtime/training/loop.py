@@ -37,7 +37,7 @@ from .checkpoints import TrainingPosition, TrainingState, load_trainable_state, 
 from .devices import require_cuda
 from .optim import build_optimizer, build_scheduler
 from .plan import TrainingPlan
-from .preemption import PreemptedError, PreemptionWatch, checkpoint_now, preemption_metrics
+from .preemption import PreemptionWatch, checkpoint_now, preemption_metrics
 from .sharding import (
     ShardedWeights,
     gathered_weights,
@@ -330,7 +330,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 best = (best_weights, best_shards)
                 parts = checkpoint_now(model, unwrapped, optimizer, scheduler, position, rank, sharded, best)
                 _report(preemption_metrics(position.best_metrics, position.step, epoch), *parts)
-                raise PreemptedError(f"preempted after step {position.step}: resume from its checkpoint")
+                preemption.stop(position.step)
             if position.batch not in checkpoints:
                 continue
             metrics = _validate(model, processor, ops, plan, hp, rank, world)
@@ -362,7 +362,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if position.stopped_early:
                 break
             if preempted:  # at a validation: its checkpoint holds this step
-                raise PreemptedError(f"preempted after step {position.step}: resume from its checkpoint")
+                preemption.stop(position.step)
         if position.stopped_early:
             break
         position.epoch, position.batch = epoch + 1, 0

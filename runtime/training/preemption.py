@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -111,6 +111,17 @@ class PreemptionWatch:
         flag = torch.tensor([int(local)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def stop(self, step: int) -> NoReturn:
+        """End this worker after its checkpoint report, once every rank has made its own.
+
+        Ray Train records a checkpoint when every rank's report of it has arrived, and a rank's
+        error ends the attempt: without the barrier, a rank without files to write (DDP's ranks
+        but the first) could fail before the first rank's report of the checkpoint is out.
+        """
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+        raise PreemptedError(f"preempted after step {step}: resume from its checkpoint")
 
 
 def _signal_self() -> None:
