@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -12,17 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from kubetune.runtime.io.settings import Faults
-from kubetune.runtime.recipe.pipeline import run_pipeline
+from kubetune.runtime.contract import WorkerResources
+from kubetune.runtime.data.load import load_data
+from kubetune.runtime.io.settings import Faults, RuntimeSettings
 from kubetune.runtime.reporting.base import JsonLinesReporter, read_events
+from kubetune.runtime.training.plan import TrainingPlan
 from kubetune.runtime.training.preemption import (
     PreemptionWatch,
     clear_notice,
     install_signal_handler,
     preemption_metrics,
 )
+from kubetune.runtime.training.train import train
 
-from .conftest import fast_options, make_spec, manifest_file
+from .conftest import make_spec
 
 pytestmark = pytest.mark.runtime
 
@@ -34,22 +36,17 @@ PREEMPTED_AT = 6
 def test_a_preempted_worker_resumes_from_the_step_it_was_stopped_at(
     ray_session: str, tiny_bert_dir: Path, topics_jsonl: Path, tmp_path: Path
 ) -> None:
-    output = tmp_path / "out"
-    spec = make_spec(
-        tiny_bert_dir,
-        topics_jsonl,
-        output,
-        method={"type": "full"},
-        hyperparameters=TRAINING,
-        compression={"quantization": {"method": "none"}},
-    )
-    events = tmp_path / "events.jsonl"
+    """Training alone (no evaluation or export around it), as a run's pipeline trains."""
+    spec = make_spec(tiny_bert_dir, topics_jsonl, tmp_path, method={"type": "full"}, hyperparameters=TRAINING)
     # Rank 1 gets SIGTERM after step 6, between the periodic checkpoints of steps 4 and 8.
-    options = fast_options(output, workers=2, faults=Faults(preempt_step=PREEMPTED_AT))
-    result = run_pipeline(spec, options, JsonLinesReporter(events))
-    assert result.resumed_from_step == PREEMPTED_AT  # not 4, the last periodic checkpoint
-    assert result.step == 8  # the whole plan, each step trained once
-    assert json.loads(manifest_file(result).read_text())["training"]["resumedFromStep"] == PREEMPTED_AT
+    settings = RuntimeSettings(cache_dir=tmp_path / "cache", faults=Faults(preempt_step=PREEMPTED_AT))
+    data = load_data(spec, settings)
+    plan = TrainingPlan(spec, data.labels, data.train, data.validation, settings)
+    events = tmp_path / "events.jsonl"
+    resources = WorkerResources(workers=2, cpus_per_worker=0.45)
+    outcome = train(plan, resources, tmp_path / "checkpoints", "train", JsonLinesReporter(events))
+    assert outcome.position.resumed_from_step == PREEMPTED_AT  # not 4, the last periodic checkpoint
+    assert outcome.position.step == 8  # the whole plan, each step trained once
     steps = [e["step"] for e in read_events(events) if e["event"] == "progress"]
     # A resumed attempt's first progress always goes out: its first step is the one after the preemption.
     assert PREEMPTED_AT + 1 in steps, steps
