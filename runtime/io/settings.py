@@ -93,7 +93,7 @@ class RuntimeSettings(BaseSettings):
         default=None,
         description="A file whose existence tells the training workers of this machine to save a checkpoint at "
         "their next optimizer step and stop, as SIGTERM to a worker does: the run resumes from that step. The "
-        "operator sets it in a run's pods, whose preStop hook creates it.",
+        "operator sets it in a run's pods; a worker pod's preStop hook creates it.",
     )
     faults: Annotated[Faults, NoDecode, BeforeValidator(_fault_pairs)] = Field(
         default_factory=Faults,
