@@ -52,6 +52,11 @@ MAX_ARTIFACTS = 16
 MAX_METRICS = 32
 
 
+# Seconds a deleted training pod has to save a checkpoint: a step and a checkpoint upload of a typical
+# adapter or a model of a few billion parameters; larger runs set resources.terminationGracePeriodSeconds.
+DEFAULT_TERMINATION_GRACE_SECONDS = 120
+
+
 class Resources(Placement):
     """Ray workers that train (one training process each) and where they run."""
 
@@ -74,6 +79,23 @@ class Resources(Placement):
         default="20Gi", description="Ephemeral storage requested per worker (model and data caches, /tmp)."
     )
     head: HeadResources = Field(default_factory=HeadResources, description="Resources of the Ray head.")
+    # Optional (None: the default) so that the run hash of a spec written before the field stays the same.
+    termination_grace_period_seconds: int | None = Field(
+        default=None,
+        ge=10,
+        le=3600,
+        description=(
+            "How long a deleted Ray pod of the run (node drain, spot reclaim, Kueue preemption) lives on: the "
+            "workers save a checkpoint at their next optimizer step and the run resumes from it. Enough for a "
+            "step and a checkpoint upload; the pods may take this long to go: their containers do not end on SIGTERM. "
+            f"Omitted: {DEFAULT_TERMINATION_GRACE_SECONDS}."
+        ),
+    )
+
+    @property
+    def termination_grace_seconds(self) -> int:
+        """The pods' grace period in effect."""
+        return self.termination_grace_period_seconds or DEFAULT_TERMINATION_GRACE_SECONDS
 
     @model_validator(mode="after")
     def _limit_covers_request(self) -> Resources:

@@ -119,7 +119,11 @@ def _ray_pod(
         "env_from": env_from,
         "claims": pvc_claims(job),
         "read_only_claims": read_only_claims(job),
+        # The head too: its Ray Train controller records the workers' preemption checkpoint.
+        "termination_grace_seconds": resources.termination_grace_seconds,
     }
+    # The driver on the head reads the runtime settings and hands them to the workers.
+    notice = {"name": pods.PREEMPTION_NOTICE_VARIABLE, "value": pods.PREEMPTION_NOTICE_PATH}
     if not head:
         return pods.RayPod(
             container="ray-worker",
@@ -128,7 +132,8 @@ def _ray_pod(
             memory=resources.memory_per_worker,
             ephemeral_storage=resources.ephemeral_storage_per_worker,
             gpus=resources.gpus_per_worker,
-            env=env,
+            env=[notice, *env],
+            pre_stop=pods.preemption_hook(resources.termination_grace_seconds),
             **common,
         )
     return pods.RayPod(
@@ -140,7 +145,7 @@ def _ray_pod(
         gpus=0,
         nodes=resources.head,
         mount_token=True,
-        env=[{"name": "KUBETUNE_RUN_CONFIG", "value": f"{CONFIG_MOUNT_PATH}/{CONFIG_KEY}"}, *env],
+        env=[{"name": "KUBETUNE_RUN_CONFIG", "value": f"{CONFIG_MOUNT_PATH}/{CONFIG_KEY}"}, notice, *env],
         mounts=[{"name": "run-config", "mountPath": CONFIG_MOUNT_PATH, "readOnly": True}],
         volumes=[{"name": "run-config", "configMap": {"name": config}}],
         **common,

@@ -37,6 +37,12 @@ TMP_VOLUME, CACHE_VOLUME, SHM_VOLUME = "tmp", "cache", "shm"
 SERVICE_ACCOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 # The token Kubernetes itself projects lives this long; the API server extends it, and kubelet renews it.
 SERVICE_ACCOUNT_TOKEN_SECONDS = 3607
+# The runtime setting (`RuntimeSettings.preemption_notice`) naming the file a training pod's preStop hook
+# creates, on the writable /tmp: the workers there save a checkpoint at their next step and stop.
+PREEMPTION_NOTICE_VARIABLE = "KUBETUNE_PREEMPTION_NOTICE"
+PREEMPTION_NOTICE_PATH = "/tmp/kubetune-preemption-notice"
+# Seconds the preStop hook waits for Ray to drain the pod's node (a few seconds: it connects to Ray first).
+DRAIN_TIMEOUT_SECONDS = 20
 # huggingface_hub's own variables: a mirror of the hub, and no hub at all (the image's cache only).
 HUB_ENDPOINT_VARIABLE, HUB_OFFLINE_VARIABLE = "HF_ENDPOINT", "HF_HUB_OFFLINE"
 
@@ -199,6 +205,8 @@ class RayPod:
     read_only_claims: Collection[str] = ()
     mounts: Sequence[Manifest] = field(default=())  # besides the claims' and the writable places'
     volumes: Sequence[Manifest] = field(default=())
+    termination_grace_seconds: int | None = None  # how long the pod's deletion may take
+    pre_stop: Sequence[str] = ()  # a command the kubelet runs before it stops the container
 
     def template(self, settings: Settings) -> Manifest:
         limits: dict[str, Any] = {"cpu": self.cpu_limit or self.cpu, "memory": self.memory}
@@ -237,6 +245,8 @@ class RayPod:
         }
         if self.env_from:
             main["envFrom"] = list(self.env_from)
+        if self.pre_stop:
+            main["lifecycle"] = {"preStop": {"exec": {"command": list(self.pre_stop)}}}
         spec: Manifest = {
             "containers": [main],
             "volumes": volumes,
@@ -246,6 +256,8 @@ class RayPod:
                 self.nodes or self.placement, self.placement.priority_class_name, self.placement.gpu_type, self.gpus
             ),
         }
+        if self.termination_grace_seconds is not None:
+            spec["terminationGracePeriodSeconds"] = self.termination_grace_seconds
         if self.service_account:
             spec["serviceAccountName"] = self.service_account
         secrets = pull_secrets(self.placement, settings)
@@ -255,6 +267,22 @@ class RayPod:
         if self.annotations:
             metadata["annotations"] = dict(self.annotations)
         return {"metadata": metadata, "spec": spec}
+
+
+def preemption_hook(grace_seconds: int) -> list[str]:
+    """The preStop command of a training pod: drain the pod's Ray node, then tell its training workers.
+
+    The kubelet's SIGTERM reaches only the container's PID 1, the shell that runs `ray start --block`,
+    which drops it. The notice file tells the workers (see the runtime's `training.preemption`); the
+    drain first (reason preemption, the grace period as its deadline; `ray drain-node` drains the node
+    it runs on) keeps Ray from placing the restarted workers on this pod while it lives on. A drain
+    that fails or hangs (bounded) still leaves the notice.
+    """
+    drain = (
+        f"timeout {DRAIN_TIMEOUT_SECONDS} ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION"
+        f" --reason-message 'kubetune: pod deleted' --deadline-remaining-seconds {grace_seconds}"
+    )
+    return ["/bin/sh", "-c", f"{drain} >/dev/null 2>&1; touch {PREEMPTION_NOTICE_PATH}"]
 
 
 def auth_options(settings: Settings) -> Manifest:

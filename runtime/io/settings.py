@@ -42,6 +42,12 @@ class Faults(BaseModel):
             "checkpoint: proves that a run survives a lost worker."
         ),
     )
+    preempt_step: int | None = Field(
+        default=None,
+        ge=1,
+        description="The last training worker sends itself SIGTERM after this optimizer step, unless it resumed "
+        "from a checkpoint: proves that a preempted run resumes from the step it was stopped at.",
+    )
     serve_input: str | None = Field(
         default=None,
         min_length=1,
@@ -83,10 +89,16 @@ class RuntimeSettings(BaseSettings):
         description="The run config `python -m kubetune.runtime.recipe.finetune` (and `.plan`) reads when --config is "
         "not given. The operator sets it in a run's pods.",
     )
+    preemption_notice: Path | None = Field(
+        default=None,
+        description="A file whose existence tells the training workers of this machine to save a checkpoint at "
+        "their next optimizer step and stop, as SIGTERM to a worker does: the run resumes from that step. The "
+        "operator sets it in a run's pods; a worker pod's preStop hook creates it.",
+    )
     faults: Annotated[Faults, NoDecode, BeforeValidator(_fault_pairs)] = Field(
         default_factory=Faults,
         description="Fault injection for resilience tests, comma-separated name=value pairs (train_step=N, "
-        "serve_input=TEXT; a value holds no comma). Never set in production.",
+        "preempt_step=N, serve_input=TEXT; a value holds no comma). Never set in production.",
     )
     # Use an s3:// download already in the cache as is. Training workers set this: the driver has just
     # downloaded the same objects for this run, and workers need not hold S3 credentials to reuse them.

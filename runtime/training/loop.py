@@ -38,6 +38,7 @@ from .devices import require_cuda
 from .objectives import frozen_reference, training_objective
 from .optim import build_optimizer, build_scheduler
 from .plan import TrainingPlan
+from .preemption import PreemptionWatch, checkpoint_now, preemption_metrics
 from .sharding import (
     ShardedWeights,
     gathered_weights,
@@ -272,6 +273,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         indices, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed
     )
     checkpoints = evaluation_points(batches_per_epoch, hp.evaluations_per_epoch)
+    preemption = PreemptionWatch.of(plan.settings, rank, world, device, first_attempt=resumed is None)
     accumulation = hp.gradient_accumulation_steps
     loss_value = 0.0
     for epoch in range(position.epoch, hp.epochs):
@@ -324,6 +326,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             position.train_seconds += time.perf_counter() - started
             position.train_samples += examples
             position.epochs_done = epoch + position.batch / len(batches)
+            # Told to stop (pod deleted): checkpoint this step, not only the last validation's, and stop.
+            preempted = steps_now and preemption.requested(position.step)
+            if preempted and position.batch not in checkpoints:
+                best = (best_weights, best_shards)
+                parts = checkpoint_now(model, unwrapped, optimizer, scheduler, position, rank, sharded, best)
+                _report(preemption_metrics(position.best_metrics, position.step, epoch), *parts)
+                preemption.stop(position.step)
             if position.batch not in checkpoints:
                 continue
             metrics = _validate(model, processor, ops, plan, hp, rank, world)
@@ -354,6 +363,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _report(metrics_out, state if rank == 0 else None)
             if position.stopped_early:
                 break
+            if preempted:  # at a validation: its checkpoint holds this step
+                preemption.stop(position.step)
         if position.stopped_early:
             break
         position.epoch, position.batch = epoch + 1, 0

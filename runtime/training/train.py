@@ -30,11 +30,13 @@ from ray.train.torch.config import _TorchBackend
 from .checkpoints import TrainingPosition, TrainingState
 from .loop import WorkerEvent, check_worker_cuda, iterate_events, train_loop_per_worker
 from .plan import TrainingPlan
+from .preemption import install_signal_handler
 
 # Share of the local CPUs the workers may take; the rest keeps Ray's own processes responsive.
 LOCAL_CPU_SHARE = 0.9
 RELAY_POLL_S = 0.2
-# Worker failures a training run survives; each restart resumes from the newest checkpoint.
+# Worker failures a training run survives; each restart resumes from the newest checkpoint. A preemption
+# (`preemption.PreemptedError`) counts as one: Ray Train cannot tell an error its workers raise from a failure.
 MAX_WORKER_FAILURES = 2
 
 
@@ -72,8 +74,20 @@ def worker_shape(resources: WorkerResources, cluster_cpus: float, concurrent_run
     return WorkerShape(processes, max(cpus, 0.01), resources.gpus_per_worker > 0, threads)
 
 
-class _CudaCheckedBackend(_TorchBackend):
-    """Ray Train's torch backend, checking every worker for CUDA before NCCL's process group.
+class _PreemptibleBackend(_TorchBackend):
+    """Ray Train's torch backend, with every worker taking SIGTERM as a notice to checkpoint and stop.
+
+    Ray Train runs the training function in a thread of the worker actor; `execute` runs on
+    the actor's main thread, the only one that may install a signal handler.
+    """
+
+    def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:  # type: ignore[override]
+        worker_group.execute(install_signal_handler)
+        super().on_start(worker_group, backend_config)
+
+
+class _CudaCheckedBackend(_PreemptibleBackend):
+    """Also checks every worker for CUDA before NCCL's process group.
 
     NCCL cannot start without CUDA, so Ray Train would fail there, before the training loop
     runs, with an error that names no spec field. The check raises InvalidRunError instead,
@@ -83,6 +97,12 @@ class _CudaCheckedBackend(_TorchBackend):
     def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:  # type: ignore[override]
         worker_group.execute(check_worker_cuda)
         super().on_start(worker_group, backend_config)
+
+
+class _PreemptibleTorchConfig(TorchConfig):
+    @property
+    def backend_cls(self) -> type[_TorchBackend]:
+        return _PreemptibleBackend
 
 
 class _CudaCheckedTorchConfig(TorchConfig):
@@ -105,7 +125,7 @@ def build_trainer(
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        torch_config=_CudaCheckedTorchConfig() if shape.use_gpu else None,
+        torch_config=_CudaCheckedTorchConfig() if shape.use_gpu else _PreemptibleTorchConfig(),
         # Each worker runs torch with the threads its share of the CPUs allows (trials too).
         train_loop_config={"plan": replace(plan, threads_per_worker=shape.threads_per_worker), "relay": relay},
         scaling_config=ray.train.ScalingConfig(

@@ -9,9 +9,10 @@ from importlib.metadata import version
 from typing import Any
 
 import pytest
-from kubetune.operator.api.finetunejob import FineTuneJob, Trigger
+from kubetune.operator.api.finetunejob import DEFAULT_TERMINATION_GRACE_SECONDS, FineTuneJob, Trigger
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.builders.finetunejob import RunManifests, build_run
+from kubetune.operator.builders.pods import PREEMPTION_NOTICE_PATH
 from kubetune.operator.images import RAY_VERSION
 from kubetune.operator.naming import MAX_RAY_NAME_LENGTH, run_name
 from kubetune.operator.planning.finetunejob import RunRequest
@@ -453,3 +454,26 @@ def test_switches_read_from_the_environment(raw: str, expected: bool) -> None:
 def test_a_switch_that_is_not_one_is_refused() -> None:
     with pytest.raises(SettingsError, match="KUBETUNE_KUBERAY_AUTH_OPTIONS='maybe'"):
         Settings.from_environment({"KUBETUNE_KUBERAY_AUTH_OPTIONS": "maybe"})
+
+
+def test_a_deleted_ray_pod_has_time_to_save_a_checkpoint(minimal_job: dict[str, Any]) -> None:
+    """Every Ray pod of a run: a grace period from the spec (or the default) and the runtime setting naming
+    the notice file; a worker's preStop hook drains its Ray node and then creates that file."""
+    own_grace = ("spec.resources.terminationGracePeriodSeconds", 600)
+    for edits, grace in (((), DEFAULT_TERMINATION_GRACE_SECONDS), ((own_grace,), 600)):
+        manifests = build(minimal_job, *edits)
+        worker = workers(manifests)["template"]["spec"]
+        for pod in (head(manifests), worker):
+            assert pod["terminationGracePeriodSeconds"] == grace
+            assert _env(pod)["KUBETUNE_PREEMPTION_NOTICE"] == PREEMPTION_NOTICE_PATH
+        container = worker["containers"][0]
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[:2] == ["/bin/sh", "-c"]
+        drain, touch = command[2].split("; ")
+        assert drain.startswith("timeout 20 ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION ")
+        assert f"--deadline-remaining-seconds {grace} " in drain
+        assert touch == f"touch {PREEMPTION_NOTICE_PATH}"
+        # On the pod's writable /tmp, which the workers of the pod share.
+        assert any(PREEMPTION_NOTICE_PATH.startswith(m["mountPath"] + "/") for m in container["volumeMounts"])
+        assert "lifecycle" not in head(manifests)["containers"][0]  # the head trains nothing
+    assert "lifecycle" not in submitter(build(minimal_job))["containers"][0]
