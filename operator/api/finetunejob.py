@@ -87,7 +87,7 @@ class Resources(Placement):
         description=(
             "How long a deleted Ray pod of the run (node drain, spot reclaim, Kueue preemption) lives on: the "
             "workers save a checkpoint at their next optimizer step and the run resumes from it. Enough for a "
-            "step and a checkpoint upload; the pods may take this long to go: their containers do not end on SIGTERM. "
+            "step and a checkpoint upload; a pod whose run is over goes at once. "
             f"Omitted: {DEFAULT_TERMINATION_GRACE_SECONDS}."
         ),
     )

@@ -133,7 +133,7 @@ def _ray_pod(
             ephemeral_storage=resources.ephemeral_storage_per_worker,
             gpus=resources.gpus_per_worker,
             env=[notice, *env],
-            pre_stop=pods.preemption_hook(resources.termination_grace_seconds),
+            pre_stop=pods.stop_hook(resources.termination_grace_seconds),
             **common,
         )
     return pods.RayPod(
@@ -147,6 +147,7 @@ def _ray_pod(
         mount_token=True,
         env=[{"name": "KUBETUNE_RUN_CONFIG", "value": f"{CONFIG_MOUNT_PATH}/{CONFIG_KEY}"}, notice, *env],
         mounts=[{"name": "run-config", "mountPath": CONFIG_MOUNT_PATH, "readOnly": True}],
+        pre_stop=pods.stop_hook(resources.termination_grace_seconds, worker=False),
         volumes=[{"name": "run-config", "configMap": {"name": config}}],
         **common,
     )

@@ -43,6 +43,8 @@ PREEMPTION_NOTICE_VARIABLE = "KUBETUNE_PREEMPTION_NOTICE"
 PREEMPTION_NOTICE_PATH = "/tmp/kubetune-preemption-notice"
 # Seconds the preStop hook waits for Ray to drain the pod's node (a few seconds: it connects to Ray first).
 DRAIN_TIMEOUT_SECONDS = 20
+# Seconds of the grace period the preStop hook leaves for `ray stop` after waiting for busy processes.
+STOP_MARGIN_SECONDS = 10
 # huggingface_hub's own variables: a mirror of the hub, and no hub at all (the image's cache only).
 HUB_ENDPOINT_VARIABLE, HUB_OFFLINE_VARIABLE = "HF_ENDPOINT", "HF_HUB_OFFLINE"
 
@@ -269,20 +271,36 @@ class RayPod:
         return {"metadata": metadata, "spec": spec}
 
 
-def preemption_hook(grace_seconds: int) -> list[str]:
-    """The preStop command of a training pod: drain the pod's Ray node, then tell its training workers.
+def stop_hook(grace_seconds: int, notice: str = PREEMPTION_NOTICE_PATH, worker: bool = True) -> list[str]:
+    """The preStop command of a run's Ray pod.
 
     The kubelet's SIGTERM reaches only the container's PID 1, the shell that runs `ray start --block`,
-    which drops it. The notice file tells the workers (see the runtime's `training.preemption`); the
-    drain first (reason preemption, the grace period as its deadline; `ray drain-node` drains the node
-    it runs on) keeps Ray from placing the restarted workers on this pod while it lives on. A drain
-    that fails or hangs (bounded) still leaves the notice.
+    which drops it: the pod would live out its grace period. So the hook ends Ray itself, once no process
+    of the run on the pod is busy (the runtime marks a training worker or the driver busy as
+    `<notice>.<pid>.busy`; see its `training.preemption`). While a worker trains, the hook first drains
+    the pod's Ray node (reason preemption, the grace period as its deadline; `ray drain-node` drains the
+    node it runs on), so Ray places the restarted workers elsewhere, then creates the notice file: the
+    workers save a checkpoint at their next step and stop. The head waits for its driver, which records
+    that checkpoint. The wait ends early enough for `ray stop` to run before the kubelet's SIGKILL.
     """
-    drain = (
+    wait = max(1, grace_seconds - STOP_MARGIN_SECONDS)
+    busy = (
+        f'busy() {{ for f in "{notice}".*.busy; do [ -e "$f" ] || continue; pid=${{f#"{notice}".}};'
+        ' kill -0 "${pid%.busy}" 2>/dev/null && return 0; done; return 1; }'
+    )
+    notify = (
         f"timeout {DRAIN_TIMEOUT_SECONDS} ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION"
         f" --reason-message 'kubetune: pod deleted' --deadline-remaining-seconds {grace_seconds}"
+        f' >/dev/null 2>&1; touch "{notice}"; '
+        if worker
+        else ""
     )
-    return ["/bin/sh", "-c", f"{drain} >/dev/null 2>&1; touch {PREEMPTION_NOTICE_PATH}"]
+    script = (
+        f"{busy}; if busy; then {notify}end=$(($(date +%s) + {wait}));"
+        ' while busy && [ "$(date +%s)" -lt "$end" ]; do sleep 1; done; fi;'
+        " ray stop --force >/dev/null 2>&1; exit 0"
+    )
+    return ["/bin/sh", "-c", script]
 
 
 def auth_options(settings: Settings) -> Manifest:

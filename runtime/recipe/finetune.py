@@ -102,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             highlight=False,
         )
 
+    from kubetune.runtime.training.preemption import busy
+
     from .pipeline import RunOptions, run_pipeline
 
     reporters: list[Reporter] = [ConsoleReporter()]
@@ -112,7 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         reporters.append(JsonLinesReporter(arguments.events))
     options = RunOptions(identity=config.run, resources=config.resources, local_cpus=arguments.cpus, settings=settings)
     try:
-        result = run_pipeline(config.spec, options, Reporters(reporters))
+        # Busy for the head pod's preStop hook: a pod deleted mid-run waits for the driver to record the
+        # workers' preemption checkpoint; once the run is over, the pod stops at once.
+        with busy(settings.preemption_notice):
+            result = run_pipeline(config.spec, options, Reporters(reporters))
     except InvalidRunError as error:
         errors.print(f"invalid run: {error}", soft_wrap=True, markup=False, highlight=False)
         return EXIT_INVALID

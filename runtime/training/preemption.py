@@ -18,10 +18,12 @@ is a collective, a one-number all-reduce each optimizer step, so all ranks agree
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -38,6 +40,42 @@ NOTICE_SIGNAL = signal.SIGTERM
 # How long a worker that signals itself waits for its handler to record the notice.
 SIGNAL_WAIT_S = 10.0
 _notice = threading.Event()  # set by the signal handler: this process was asked to stop
+
+
+# A process that works for the run (a training worker, the driver) marks itself busy beside the notice file,
+# as `<notice>.<pid>.busy`: the pod's preStop hook waits for busy processes only, so an idle pod (the run
+# is over) stops at once instead of waiting out the grace period.
+BUSY_SUFFIX = ".busy"
+
+
+def busy_marker(notice_file: Path, pid: int) -> Path:
+    return notice_file.with_name(f"{notice_file.name}.{pid}{BUSY_SUFFIX}")
+
+
+@contextlib.contextmanager
+def busy(notice_file: Path | None) -> Iterator[None]:
+    """Mark this process busy for the pod's preStop hook while the block runs (nothing without a notice file)."""
+    if notice_file is None:
+        yield
+        return
+    marker = busy_marker(notice_file, os.getpid())
+    with contextlib.suppress(OSError):  # a pod without a writable /tmp only loses the early stop
+        marker.touch()
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def marked_busy(function: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    """A Ray Train worker function that marks its worker busy while it trains."""
+
+    def run(config: dict[str, Any]) -> None:
+        with busy(config["plan"].settings.preemption_notice):
+            function(config)
+
+    run.__name__ = function.__name__
+    return run
 
 
 class PreemptedError(RuntimeError):

@@ -30,7 +30,7 @@ from ray.train.torch.config import _TorchBackend
 from .checkpoints import TrainingPosition, TrainingState
 from .loop import WorkerEvent, check_worker_cuda, iterate_events, train_loop_per_worker
 from .plan import TrainingPlan
-from .preemption import install_signal_handler
+from .preemption import install_signal_handler, marked_busy
 
 # Share of the local CPUs the workers may take; the rest keeps Ray's own processes responsive.
 LOCAL_CPU_SHARE = 0.9
@@ -124,7 +124,7 @@ def build_trainer(
     if shape.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
-        train_loop_per_worker,
+        marked_busy(train_loop_per_worker),
         torch_config=_CudaCheckedTorchConfig() if shape.use_gpu else _PreemptibleTorchConfig(),
         # Each worker runs torch with the threads its share of the CPUs allows (trials too).
         train_loop_config={"plan": replace(plan, threads_per_worker=shape.threads_per_worker), "relay": relay},

@@ -39,12 +39,31 @@ def test_a_preempted_worker_resumes_from_the_step_it_was_stopped_at(
     """Training alone (no evaluation or export around it), as a run's pipeline trains."""
     spec = make_spec(tiny_bert_dir, topics_jsonl, tmp_path, method={"type": "full"}, hyperparameters=TRAINING)
     # Rank 1 gets SIGTERM after step 6, between the periodic checkpoints of steps 4 and 8.
-    settings = RuntimeSettings(cache_dir=tmp_path / "cache", faults=Faults(preempt_step=PREEMPTED_AT))
+    notice = tmp_path / "notice"
+    settings = RuntimeSettings(
+        cache_dir=tmp_path / "cache", faults=Faults(preempt_step=PREEMPTED_AT), preemption_notice=notice
+    )
     data = load_data(spec, settings)
     plan = TrainingPlan(spec, data.labels, data.train, data.validation, settings)
     events = tmp_path / "events.jsonl"
     resources = WorkerResources(workers=2, cpus_per_worker=0.45)
-    outcome = train(plan, resources, tmp_path / "checkpoints", "train", JsonLinesReporter(events))
+    busy_seen: set[str] = set()
+    done = threading.Event()
+
+    def watch_busy_markers() -> None:  # what a pod's preStop hook would see
+        while not done.wait(0.05):
+            busy_seen.update(path.name for path in tmp_path.glob("notice.*.busy"))
+
+    watcher = threading.Thread(target=watch_busy_markers, daemon=True)
+    watcher.start()
+    try:
+        outcome = train(plan, resources, tmp_path / "checkpoints", "train", JsonLinesReporter(events))
+    finally:
+        done.set()
+        watcher.join()
+    # Each worker of each attempt was busy while it trained, and none is once training is over.
+    assert len(busy_seen) >= 2, busy_seen
+    assert list(tmp_path.glob("notice.*.busy")) == []
     assert outcome.position.resumed_from_step == PREEMPTED_AT  # not 4, the last periodic checkpoint
     assert outcome.position.step == 8  # the whole plan, each step trained once
     steps = [e["step"] for e in read_events(events) if e["event"] == "progress"]

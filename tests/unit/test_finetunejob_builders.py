@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import time
 import tomllib
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubetune.operator.api.finetunejob import DEFAULT_TERMINATION_GRACE_SECONDS, FineTuneJob, Trigger
 from kubetune.operator.api.manifests import parse
 from kubetune.operator.builders.finetunejob import RunManifests, build_run
-from kubetune.operator.builders.pods import PREEMPTION_NOTICE_PATH
+from kubetune.operator.builders.pods import PREEMPTION_NOTICE_PATH, stop_hook
 from kubetune.operator.images import RAY_VERSION
 from kubetune.operator.naming import MAX_RAY_NAME_LENGTH, run_name
 from kubetune.operator.planning.finetunejob import RunRequest
@@ -457,23 +461,67 @@ def test_a_switch_that_is_not_one_is_refused() -> None:
 
 
 def test_a_deleted_ray_pod_has_time_to_save_a_checkpoint(minimal_job: dict[str, Any]) -> None:
-    """Every Ray pod of a run: a grace period from the spec (or the default) and the runtime setting naming
-    the notice file; a worker's preStop hook drains its Ray node and then creates that file."""
+    """Every Ray pod of a run: a grace period from the spec (or the default), the runtime setting naming the
+    notice file, and a preStop hook that ends Ray once nothing of the run is busy (the worker's first drains
+    its node and tells its workers)."""
     own_grace = ("spec.resources.terminationGracePeriodSeconds", 600)
     for edits, grace in (((), DEFAULT_TERMINATION_GRACE_SECONDS), ((own_grace,), 600)):
         manifests = build(minimal_job, *edits)
         worker = workers(manifests)["template"]["spec"]
-        for pod in (head(manifests), worker):
+        for pod, hook in ((head(manifests), stop_hook(grace, worker=False)), (worker, stop_hook(grace))):
             assert pod["terminationGracePeriodSeconds"] == grace
             assert _env(pod)["KUBETUNE_PREEMPTION_NOTICE"] == PREEMPTION_NOTICE_PATH
-        container = worker["containers"][0]
-        command = container["lifecycle"]["preStop"]["exec"]["command"]
-        assert command[:2] == ["/bin/sh", "-c"]
-        drain, touch = command[2].split("; ")
-        assert drain.startswith("timeout 20 ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION ")
-        assert f"--deadline-remaining-seconds {grace} " in drain
-        assert touch == f"touch {PREEMPTION_NOTICE_PATH}"
-        # On the pod's writable /tmp, which the workers of the pod share.
-        assert any(PREEMPTION_NOTICE_PATH.startswith(m["mountPath"] + "/") for m in container["volumeMounts"])
-        assert "lifecycle" not in head(manifests)["containers"][0]  # the head trains nothing
+            container = pod["containers"][0]
+            assert container["lifecycle"]["preStop"]["exec"]["command"] == hook
+            # On the pod's writable /tmp, which the processes of the pod share.
+            assert any(PREEMPTION_NOTICE_PATH.startswith(m["mountPath"] + "/") for m in container["volumeMounts"])
+        assert f"--deadline-remaining-seconds {grace} " in stop_hook(grace)[2]
+        assert "drain-node" not in stop_hook(grace, worker=False)[2]
     assert "lifecycle" not in submitter(build(minimal_job))["containers"][0]
+
+
+def _run_hook(tmp_path: Path, worker: bool, busy_for: float | None, grace: int = 30) -> tuple[list[str], float]:
+    """Run a pod's preStop hook here, with a `ray` that records its calls; a process stays busy for `busy_for`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    calls = tmp_path / "calls"
+    calls.write_text("")
+    fake_ray = bin_dir / "ray"
+    fake_ray.write_text(f'#!/bin/sh\necho "$1" >> {calls}\n')
+    fake_ray.chmod(0o755)
+    notice = tmp_path / "notice"
+    sleeper = None
+    if busy_for is not None:
+        # As the runtime does: the process removes its marker when its work is over (and lives on).
+        sleeper = subprocess.Popen(["/bin/sh", "-c", f'sleep {busy_for}; rm -f "$0.$$.busy"; sleep 1', str(notice)])
+        Path(f"{notice}.{sleeper.pid}.busy").touch()
+    Path(f"{notice}.999999.busy").touch()  # a process that ended without removing its marker
+    started = time.monotonic()
+    subprocess.run(
+        stop_hook(grace, str(notice), worker), env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, check=True
+    )
+    elapsed = time.monotonic() - started
+    if sleeper is not None:
+        sleeper.kill()
+        sleeper.wait()
+    touched = ["notice"] if notice.exists() else []
+    return calls.read_text().split() + touched, elapsed
+
+
+def test_an_idle_pod_stops_at_once(tmp_path: Path) -> None:
+    for worker in (True, False):
+        calls, elapsed = _run_hook(tmp_path, worker, busy_for=None)
+        assert calls == ["stop"] and elapsed < 2
+
+
+def test_a_busy_worker_pod_drains_notifies_and_waits_for_its_workers(tmp_path: Path) -> None:
+    calls, elapsed = _run_hook(tmp_path, True, busy_for=2)
+    assert calls == ["drain-node", "stop", "notice"] and 1.5 < elapsed < 5
+    (tmp_path / "head").mkdir()
+    head_calls, head_elapsed = _run_hook(tmp_path / "head", False, busy_for=2)
+    assert head_calls == ["stop"] and 1.5 < head_elapsed < 5  # the head waits for its driver, and tells nobody
+
+
+def test_the_wait_ends_before_the_grace_period_does(tmp_path: Path) -> None:
+    calls, elapsed = _run_hook(tmp_path, True, busy_for=30, grace=12)  # waits 12 - 10 s, then stops Ray
+    assert calls[-2:] == ["stop", "notice"] and elapsed < 6
