@@ -341,6 +341,7 @@ class GateReason(StrEnum):
     NO_COMPRESSED_VARIANT = "NoCompressedVariant"
     BASELINE_MISSING = "BaselineMissing"
     BASELINE_NOT_BEATEN = "BaselineNotBeaten"
+    BENCHMARK_DROPPED = "BenchmarkDropped"
 
 
 class GateResult(WireModel):

@@ -61,6 +61,9 @@ def gate(job: FineTuneJob, record: RunRecord, report: RunReport | None = None) -
         if refused is not None:
             return refused.model_copy(update=measured)
         measured["classical_baseline"] = (record.metrics_baseline or {}).get(metric.value)
+    dropped = _benchmark_refusal(job, record, report)
+    if dropped is not None:
+        return dropped.model_copy(update=measured)
     if promotion.require_compressed:
         variants = (report.variants if report else None) or {}
         if not any(v.accepted for name, v in variants.items() if name not in (Variant.FULL, Variant.MERGED)):
@@ -113,3 +116,34 @@ def best_metric(verdict: GateResult | None) -> str | None:
     if verdict is None or verdict.metric is None or verdict.value is None:
         return None
     return f"{verdict.metric.value}={verdict.value:.4g}"
+
+
+def _benchmark_refusal(job: FineTuneJob, record: RunRecord, report: RunReport | None) -> GateResult | None:
+    """A refusal when a benchmark metric of the fine-tuned model fell more than evaluation.lmEval.maxDrop."""
+    lm_eval = job.spec.lm_eval
+    if lm_eval is None or lm_eval.max_drop is None:
+        return None
+    names = report.benchmark_metrics if report is not None else None
+    if not names:
+        return GateResult(
+            passed=False,
+            reason=GateReason.METRIC_MISSING,
+            message=f"run {record.number} reported no evaluation.lmEval metrics to bound with maxDrop",
+        )
+    before, after = record.metrics_before or {}, record.metrics_after or {}
+    for name in names:
+        if before.get(name) is None or after.get(name) is None:
+            return GateResult(
+                passed=False,
+                reason=GateReason.METRIC_MISSING,
+                message=f"run {record.number} reported no {name} for both the base and the fine-tuned model",
+            )
+        drop = before[name] - after[name]  # benchmark metrics improve upward
+        if drop > lm_eval.max_drop + 1e-12:
+            return GateResult(
+                passed=False,
+                reason=GateReason.BENCHMARK_DROPPED,
+                message=f"{name} fell by {drop:.4g} ({before[name]:.4g} to {after[name]:.4g}), "
+                f"more than evaluation.lmEval.maxDrop {lm_eval.max_drop:g}",
+            )
+    return None

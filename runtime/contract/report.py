@@ -130,6 +130,14 @@ class RunReport(RunProgress):
     best_variant: ShortText | None = Field(default=None, description="The variant `best` resolves to.")
     manifest_uri: str | None = Field(default=None, description="URI of the kubetune.json manifest.")
     best_hyperparameters: JsonObject | None = Field(default=None, description="Best search trial's settings.")
+    benchmark_metrics: list[ShortText] | None = Field(
+        default=None,
+        max_length=256,
+        description=(
+            "The names in metricsBefore, metricsAfter and each variant's metrics that are lm-evaluation-harness "
+            "task metrics (<task>.<metric>; each improves upward), when evaluation.lmEval is set."
+        ),
+    )
     validation: Metrics | None = Field(
         default=None, description="Best validation metrics during training (null: not a finite number)."
     )

@@ -7,6 +7,7 @@ from pydantic import Field, model_validator
 from .common import ContractModel, Uri, cel_rule, with_cel
 from .compression import Compression
 from .data import DataFormat, DataSpec
+from .evaluation import EvaluationSpec, LmEvalSpec
 from .hyperparameters import AUTO_FIELDS, Hyperparameters
 from .method import PREFERENCE_OBJECTIVES, Method, Objective
 from .model import CLASSIFICATION_TASKS, ModelSource, Task
@@ -62,6 +63,7 @@ class Output(ContractModel):
 PACKING_MESSAGE = "data.packing packs causal-LM examples: it needs model.task causal-lm"
 PACKING_OBJECTIVE_MESSAGE = "data.packing packs supervised examples: it needs method.objective sft"
 PREFERENCE_MESSAGE = "a preference objective (dpo, orpo, kto, simpo) needs model.task causal-lm"
+LM_EVAL_MESSAGE = "evaluation.lmEval scores language models: it needs model.task causal-lm"
 
 
 # Admission-time mirrors of RunSpec's validators; models that extend RunSpec add these.
@@ -89,6 +91,11 @@ RUN_SPEC_RULES = (
         ".method.objective",
     ),
     cel_rule(metric_rule("search.metric"), f"search.metric {METRICS_MESSAGE}", ".search.metric"),
+    cel_rule(
+        "!has(self.evaluation) || !has(self.evaluation.lmEval) || self.model.task == 'causal-lm'",
+        LM_EVAL_MESSAGE,
+        ".evaluation.lmEval",
+    ),
     *(
         cel_rule(
             f"!has(self.search) || !has(self.hyperparameters) || !has(self.hyperparameters.{key})"
@@ -117,6 +124,9 @@ class RunSpec(ContractModel):
     )
     output: Output = Field(description="Where results are written.")
     serving: ServingArgs = Field(default_factory=ServingArgs, description="Serving defaults for the result.")
+    evaluation: EvaluationSpec | None = Field(
+        default=None, description="Benchmarks the models are scored on besides the test split."
+    )
 
     @model_validator(mode="after")
     def _fits_the_task(self) -> RunSpec:
@@ -128,6 +138,8 @@ class RunSpec(ContractModel):
         objective = self.method.resolved_objective
         if objective in PREFERENCE_OBJECTIVES and task != Task.CAUSAL_LM:
             raise ValueError(f"method.objective {objective.value}: {PREFERENCE_MESSAGE}, not {task.value}")
+        if self.evaluation is not None and self.evaluation.lm_eval is not None and task != Task.CAUSAL_LM:
+            raise ValueError(f"{LM_EVAL_MESSAGE}, not {task.value}")
         if self.data.packing and objective != Objective.SFT:
             raise ValueError(f"{PACKING_OBJECTIVE_MESSAGE}, not {objective.value}")
         if self.search is not None and self.search.metric is not None:
@@ -154,6 +166,10 @@ class RunSpec(ContractModel):
         if self.model.task in CLASSIFICATION_TASKS:
             return Metric.ACCURACY
         return Metric.REWARD_MARGIN if self.method.resolved_objective in PREFERENCE_OBJECTIVES else Metric.LOSS
+
+    @property
+    def lm_eval(self) -> LmEvalSpec | None:
+        return self.evaluation.lm_eval if self.evaluation is not None else None
 
     @property
     def search_mode(self) -> Mode:

@@ -20,6 +20,7 @@ from kubetune.runtime.contract import MethodType, Precision, RunIdentity, RunSpe
 from kubetune.runtime.contract.decisions import Decision
 from kubetune.runtime.contract.manifest import MANIFEST_FILE, VARIANTS_FOLDER
 from kubetune.runtime.contract.report import BaselineReport, RunReport, Stage
+from kubetune.runtime.contract.run import allowed_metrics
 from kubetune.runtime.contract.runconfig import SHARDED_QLORA_PROBLEM
 from kubetune.runtime.data.load import TaskData, load_data
 from kubetune.runtime.io.errors import InvalidRunError, invalid_run_cause, unavailable_cause
@@ -267,6 +268,7 @@ def _run(spec: RunSpec, options: RunOptions, placement: StagePlacement, root: Pa
         stage=Stage.DONE,
         metrics_before=before,
         metrics_after=finished.metrics,
+        benchmark_metrics=benchmark_names(spec, before),
         baseline=baseline,
         validation=trained.position.best_metrics,
         variants=finished.variants,
@@ -282,6 +284,13 @@ def _run(spec: RunSpec, options: RunOptions, placement: StagePlacement, root: Pa
         trials_completed=trained.search["trials"] if trained.search else None,
         best_hyperparameters=trained.search["bestHyperparameters"] if trained.search else None,
     )
+
+
+def benchmark_names(spec: RunSpec, metrics: dict[str, float]) -> list[str] | None:
+    """The benchmark metrics among a model's test metrics: those that are not kubetune's own."""
+    if spec.lm_eval is None:
+        return None
+    return sorted(set(metrics) - allowed_metrics(spec.model.task, spec.method.resolved_objective))
 
 
 def _fine_tuned_job(

@@ -167,7 +167,7 @@ def evaluate_base(
     model, processor = build_model(spec.model, as_is, data.labels, spec.hyperparameters.seed, settings)
     if spec.model.task == Task.CAUSAL_LM:
         check_chat_template(processor, data)
-    return test_metrics(model.to(device), processor, spec, data)
+    return test_metrics(model.to(device), processor, spec, data, settings)
 
 
 def run_base_evaluation(
@@ -239,7 +239,7 @@ class FineTunedStage:
         model, self.processor = build_model(effective.model, effective.method, data.labels, hp.seed, settings)
         load_trainable_state(model, self.weights)
         self.model = model.to(device)
-        self.after = test_metrics(self.model, self.processor, effective, data)
+        self.after = test_metrics(self.model, self.processor, effective, data, settings)
         return self.after
 
     def compress(self, measured: Callable[[ExportedVariant], None] | None = None) -> Compressed:
@@ -250,7 +250,7 @@ class FineTunedStage:
             # Variants are written and measured as they are served: on CPU (a 4-bit base stays on its GPU).
             self.model.to("cpu")
         root = self.root = self.root if self.root is not None else _own_root(spec, self.job.settings)
-        context = VariantContext(effective, self.data, self.after)
+        context = VariantContext(effective, self.data, self.after, self.job.settings.reusing_downloads())
         if measured is not None:
             context = replace(context, measured=measured)
         self.variants = build_variants(self.model, self.processor, root, context)

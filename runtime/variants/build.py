@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune.runtime.benchmarks import benchmark_metrics
 from kubetune.runtime.contract import MethodType, PruningMethod, QuantizationMethod, RunSpec
 from kubetune.runtime.data.load import TaskData
 from kubetune.runtime.evaluate import evaluate_task
+from kubetune.runtime.io.settings import RuntimeSettings
 from torch import nn
 
 from .export import ExportedVariant, VariantFormat, export_variants, merged_copy, variant_folder, wants_merged
@@ -32,13 +34,17 @@ class VariantContext:
     spec: RunSpec
     data: TaskData
     reference: dict[str, float]  # test metrics of the fine-tuned model
+    settings: RuntimeSettings | None = None  # where a benchmark task folder is read from
     # Told about each variant once it is written and measured (the console shows compression as it goes).
     measured: Callable[[ExportedVariant], None] = field(default=lambda variant: None)
 
 
-def test_metrics(model: nn.Module, processor: Any, spec: RunSpec, data: TaskData) -> dict[str, float]:
-    """The model's metrics on the test split, as every stage of the run measures them."""
-    return evaluate_task(
+def test_metrics(
+    model: nn.Module, processor: Any, spec: RunSpec, data: TaskData, settings: RuntimeSettings | None
+) -> dict[str, float]:
+    """The model's metrics on the test split, as every stage of the run measures them, and its benchmark
+    metrics (evaluation.lmEval) beside them."""
+    metrics = evaluate_task(
         model,
         processor,
         spec.model.task,
@@ -48,6 +54,9 @@ def test_metrics(model: nn.Module, processor: Any, spec: RunSpec, data: TaskData
         EVALUATION_BATCH_SIZE,
         spec.method.resolved_objective,
     )
+    if spec.lm_eval is not None:
+        metrics |= benchmark_metrics(model, processor, spec.lm_eval, settings)
+    return metrics
 
 
 def planned_variants(spec: RunSpec) -> list[str]:
@@ -85,7 +94,13 @@ def _measure(
 def _measure_reloaded(variant: ExportedVariant, processor: Any, context: VariantContext) -> None:
     """Measure a written variant as it loads back (and is served)."""
     reloaded = load_variant(variant.folder, context.spec.model.task)
-    _measure(variant, reloaded, processor, context, test_metrics(reloaded, processor, context.spec, context.data))
+    _measure(
+        variant,
+        reloaded,
+        processor,
+        context,
+        test_metrics(reloaded, processor, context.spec, context.data, context.settings),
+    )
 
 
 def build_variants(model: nn.Module, processor: Any, root: Path, context: VariantContext) -> list[ExportedVariant]:

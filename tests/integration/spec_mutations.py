@@ -279,6 +279,23 @@ JOB_MUTATIONS = [
     ),
     mistake("preference options without an objective", edit("spec.method.preference", {"beta": 0.2})),
     mistake(
+        "lm-eval for a classifier",
+        edit("spec.model.task", "text-classification"),
+        edit("spec.evaluation", {"lmEval": {"tasks": ["arc_easy"]}}),
+    ),
+    fine(
+        "lm-eval tasks for a causal LM",
+        edit("spec.model.task", "causal-lm"),
+        edit("spec.model.labels", REMOVE),
+        edit("spec.data.format", "jsonl"),
+        edit("spec.search", REMOVE),
+        edit("spec.promotion", REMOVE),
+        edit(
+            "spec.evaluation",
+            {"lmEval": {"tasks": ["arc_easy", "topics"], "taskFolder": "pvc://tasks/lm", "maxDrop": 0.02}},
+        ),
+    ),
+    mistake(
         "packing with orpo",
         edit("spec.model.task", "causal-lm"),
         edit("spec.model.labels", REMOVE),

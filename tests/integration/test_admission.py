@@ -253,6 +253,17 @@ def test_preference_objectives_are_admitted_for_a_causal_lm(kube: Kube, namespac
     assert "spec.data.packing" in message and "needs method.objective sft" in message, message
 
 
+def test_benchmark_tasks_are_admitted_for_a_causal_lm(kube: Kube, namespace: str) -> None:
+    document = mutated(load_example("causal-lm/finetunejob.yaml"), "spec.output.uri", "pvc://runs/causal-lm")
+    lm_eval = {"tasks": ["arc_easy", "topics"], "taskFolder": "pvc://tasks/lm", "maxDrop": 0.02}
+    document = mutated(document, "spec.evaluation", {"lmEval": lm_eval})
+    assert admit(kube, namespace, document)["spec"]["evaluation"]["lmEval"]["tasks"] == ["arc_easy", "topics"]
+    message = refusal(kube, namespace, mutated(document, "spec.model.task", "text-classification"))
+    assert "spec.evaluation.lmEval" in message and "needs model.task causal-lm" in message, message
+    message = refusal(kube, namespace, mutated(document, "spec.evaluation.lmEval.tasks", ["no spaces"]))
+    assert "spec.evaluation.lmEval.tasks[0]" in message, message
+
+
 def test_corpus_is_large_enough() -> None:
     assert len(JOB_CASES) + len(DEPLOYMENT_CASES) >= 25
 

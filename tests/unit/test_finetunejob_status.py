@@ -24,7 +24,7 @@ from kubetune.operator.status.history import trim_history
 from kubetune.runtime.contract.report import RunReport, Stage, VariantReport
 from kubetune.runtime.contract.search import Metric
 
-from ..conftest import mutated
+from ..conftest import load_example, mutated
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -99,6 +99,28 @@ def test_gate_can_require_a_compressed_variant(minimal_job: dict[str, Any]) -> N
     assert (verdict.passed, verdict.reason) == (False, GateReason.NO_COMPRESSED_VARIANT)
     assert verdict.message == "no compressed variant within compression.maxAccuracyDrop"
     assert gate(job, run, accepted).passed is True
+
+
+def test_gate_bounds_how_far_a_benchmark_metric_may_fall() -> None:
+    """evaluation.lmEval.maxDrop: each benchmark metric the run names may fall at most that far."""
+    document = mutated(load_example("causal-lm/finetunejob.yaml"), "spec.output.uri", "pvc://runs/lm")
+    document = mutated(document, "spec.evaluation", {"lmEval": {"tasks": ["topics", "arc_easy"], "maxDrop": 0.02}})
+    job = parse(document)
+    assert isinstance(job, FineTuneJob)
+    names = ["arc_easy.acc", "topics.acc"]
+    report = RunReport(stage=Stage.DONE, benchmark_metrics=names)
+    before = {"loss": 2.0, "arc_easy.acc": 0.40, "topics.acc": 0.50}
+
+    def verdict(after: dict[str, float], given: RunReport | None = report) -> GateResult:
+        return gate(job, record(1, JobPhase.SUCCEEDED, metrics_before=before, metrics_after=after), given)
+
+    kept = verdict({"loss": 1.0, "arc_easy.acc": 0.39, "topics.acc": 0.9})
+    assert (kept.passed, kept.reason) == (True, GateReason.PASSED)
+    forgot = verdict({"loss": 1.0, "arc_easy.acc": 0.30, "topics.acc": 0.9})
+    assert (forgot.passed, forgot.reason) == (False, GateReason.BENCHMARK_DROPPED)
+    assert forgot.message == "arc_easy.acc fell by 0.1 (0.4 to 0.3), more than evaluation.lmEval.maxDrop 0.02"
+    assert verdict({"loss": 1.0, "topics.acc": 0.9}).reason == GateReason.METRIC_MISSING
+    assert verdict({"loss": 1.0, "arc_easy.acc": 0.5, "topics.acc": 0.9}, None).reason == GateReason.METRIC_MISSING
 
 
 def conditions_of(job: FineTuneJob, records: list[RunRecord], **extra: Any) -> dict[str, tuple[str, str]]:

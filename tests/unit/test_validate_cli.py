@@ -270,6 +270,12 @@ CROSS_FIELD_CASES = [
     (JOB, [("spec.data.format", "imagefolder")], "data.format imagefolder needs", "spec.data.format"),
     (JOB, [("spec.method.objective", "dpo")], "needs model.task causal-lm", "spec.method.objective"),
     (
+        JOB,
+        [("spec.evaluation", {"lmEval": {"tasks": ["arc_easy"]}})],
+        "evaluation.lmEval scores language models",
+        "spec.evaluation.lmEval",
+    ),
+    (
         LM_JOB,
         [("spec.method.objective", "orpo"), ("spec.method.preference", {"lossType": "ipo"})],
         "lossType is only valid with objective dpo",
