@@ -26,8 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from kubetune.runtime.data.causal import IGNORE_INDEX, pad_causal
 from kubetune.runtime.data.packing import EncodedExample, pack_encoded
-from kubetune.runtime.data.task_ops import IGNORE_INDEX, CausalLanguageModeling, pad_causal
+from kubetune.runtime.data.task_ops import CausalLanguageModeling
 from kubetune.runtime.evaluate import forward_logits
 from torch import nn
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from .task_ops import IGNORE_INDEX, encode_causal
+from .causal import IGNORE_INDEX
+from .task_ops import encode_causal
 
 # An encoded example: (token ids, labels with IGNORE_INDEX over the prompt).
 EncodedExample = tuple[list[int], list[int]]

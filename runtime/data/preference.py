@@ -14,9 +14,8 @@ import torch
 from kubetune.runtime.contract import DataSpec, Objective
 from kubetune.runtime.io.errors import DataError
 
+from .causal import IGNORE_INDEX, fitted, pad_causal
 from .readers import Record
-
-IGNORE_INDEX = -100
 
 # Spellings of a KTO label that CSV and JSON files use.
 _DESIRABLE = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -172,29 +171,6 @@ def preference_rows(tokenizer: Any, record: dict[str, Any]) -> list[Row]:
     return [Row(prompt, _tokens(tokenizer, text["completion"]) + suffix, bool(record["label"]))]
 
 
-def fitted(row: Row, max_length: int) -> tuple[list[int], list[int]]:
-    """(token ids, labels) of a row within `max_length`: a long prompt loses its start, the completion its end."""
-    keep_prompt = max(1, max_length - len(row.completion_ids))
-    prompt_ids = row.prompt_ids[-keep_prompt:]
-    ids = (prompt_ids + row.completion_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + row.completion_ids)[:max_length]
-    return ids, labels
-
-
-def pad_rows(rows: list[Row], max_length: int, pad: int) -> dict[str, torch.Tensor]:
-    """Rows padded at the end to the longest, with the completion tokens as labels."""
-    fitted_rows = [fitted(row, max_length) for row in rows]
-    width = max(len(ids) for ids, _ in fitted_rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for index, (ids, targets) in enumerate(fitted_rows):
-        input_ids[index, : len(ids)] = torch.tensor(ids)
-        attention_mask[index, : len(ids)] = 1
-        labels[index, : len(targets)] = torch.tensor(targets)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
 def encode_preferences(tokenizer: Any, records: list[dict[str, Any]], max_length: int) -> dict[str, torch.Tensor]:
     """A batch of preference records as model rows: the pairs' chosen completions, then their rejected ones in the
     same order, then single (kto) examples. `desirable` marks each row's side, `pair` its pair (-1: none)."""
@@ -202,7 +178,7 @@ def encode_preferences(tokenizer: Any, records: list[dict[str, Any]], max_length
     singles = [preference_rows(tokenizer, record)[0] for record in records if not is_paired(record)]
     rows = [chosen for chosen, _ in paired] + [rejected for _, rejected in paired] + singles
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = pad_rows(rows, max_length, pad)
+    batch = pad_causal([fitted(row.prompt_ids, row.completion_ids, max_length) for row in rows], pad)
     batch["desirable"] = torch.tensor([row.desirable for row in rows], dtype=torch.bool)
     pair_ids = list(range(len(paired)))
     batch["pair"] = torch.tensor(pair_ids + pair_ids + [-1] * len(singles), dtype=torch.long)
@@ -230,8 +206,10 @@ def mismatched_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     rows = []
     for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True):
         length = int(mask.sum())
-        start = int((labels[:length] != IGNORE_INDEX).nonzero()[0]) if bool((labels != IGNORE_INDEX).any()) else length
+        completion = (labels[:length] != IGNORE_INDEX).nonzero()
+        start = int(completion[0]) if len(completion) else length
         rows.append((ids[:start].tolist(), ids[start:length].tolist()))
     shifted = [Row(prompt, rows[index - 1][1], True) for index, (prompt, _) in enumerate(rows)]
     # Twice the width keeps every row whole; padding is masked out, so its token id does not matter.
-    return pad_rows(shifted, 2 * batch["input_ids"].shape[1], 0)
+    width = 2 * batch["input_ids"].shape[1]
+    return pad_causal([fitted(row.prompt_ids, row.completion_ids, width) for row in shifted], 0)

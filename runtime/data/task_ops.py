@@ -15,12 +15,11 @@ import torch
 from kubetune.runtime.contract import PREFERENCE_OBJECTIVES, Objective, Task
 from torch import nn
 
+from .causal import IGNORE_INDEX, fitted, pad_causal
 from .images import open_image
 from .load import Examples
 from .preference import encode_preferences, paired_count, sequence_logps
 
-# Label value the causal-LM loss skips (prompt and padding tokens); the same as in transformers.
-IGNORE_INDEX = -100
 # What an encoded batch holds besides the model's inputs: the targets, and preference rows' sides and pairs.
 NOT_MODEL_INPUTS = frozenset({"labels", "desirable", "pair"})
 
@@ -125,24 +124,7 @@ def encode_causal(tokenizer: Any, example: dict[str, Any], max_length: int) -> t
     if tokenizer.eos_token_id is not None:
         completion_ids = [*completion_ids, tokenizer.eos_token_id]
     # Over-long examples lose the start of the prompt: the completion is what is learned.
-    keep_prompt = max(1, max_length - len(completion_ids))
-    prompt_ids = prompt_ids[-keep_prompt:]
-    ids = (prompt_ids + completion_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
-    return ids, labels
-
-
-def pad_causal(pairs: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
-    """Encoded examples one a row, padded at the end to the longest, with an attention mask."""
-    width = max(len(ids) for ids, _ in pairs)
-    input_ids = torch.full((len(pairs), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (ids, targets) in enumerate(pairs):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-        labels[row, : len(targets)] = torch.tensor(targets)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return fitted(prompt_ids, completion_ids, max_length)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,11 @@ def token_length(tokenizer: Any, task: Task, example: Any, limit: int) -> int:
     """The tokens of one example as training encodes it (causal-LM: prompt and completion, up to `limit`;
     a preference pair: its longer row)."""
     if task == Task.CAUSAL_LM and isinstance(example, dict) and ("chosen" in example or "label" in example):
-        from kubetune.runtime.data.preference import fitted, preference_rows
+        from kubetune.runtime.data.causal import fitted
+        from kubetune.runtime.data.preference import preference_rows
 
-        return max(len(fitted(row, limit)[0]) for row in preference_rows(tokenizer, example))
+        rows = preference_rows(tokenizer, example)
+        return max(len(fitted(row.prompt_ids, row.completion_ids, limit)[0]) for row in rows)
     if task == Task.CAUSAL_LM:
         from kubetune.runtime.data.task_ops import encode_causal
 

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import torch
 from kubetune.runtime.contract import Hyperparameters
+from kubetune.runtime.data.causal import IGNORE_INDEX
 from kubetune.runtime.data.load import Examples
 from kubetune.runtime.data.packing import pack_encoded, pack_examples, pack_rows
-from kubetune.runtime.data.task_ops import IGNORE_INDEX, CausalLanguageModeling, encode_causal
+from kubetune.runtime.data.task_ops import CausalLanguageModeling, encode_causal
 from kubetune.runtime.evaluate import forward_logits
 from kubetune.runtime.io.errors import InvalidRunError
 from kubetune.runtime.recipe.pipeline import run_pipeline

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune.runtime.data.task_ops import IGNORE_INDEX, encode_causal
+from kubetune.runtime.data.causal import IGNORE_INDEX
+from kubetune.runtime.data.task_ops import encode_causal
 from kubetune.runtime.recipe.pipeline import run_pipeline
 
 from .conftest import artifacts, fast_options, finite, make_spec, manifest_file, variants_of
