@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import platform
 import random
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from kubetune.runtime.data.causal import IGNORE_INDEX, pad_causal
 from kubetune.runtime.data.packing import EncodedExample, pack_encoded
 from kubetune.runtime.data.task_ops import CausalLanguageModeling
 from kubetune.runtime.evaluate import forward_logits
+from runtime_common import cpu_flags
 from torch import nn
 
 BATCH = 8
@@ -113,17 +112,6 @@ class Side:
     def slots(self) -> int:
         """Token positions the model computes over in an epoch (real and padding)."""
         return sum(collate()["input_ids"].numel() for collate, _ in self.batches)
-
-
-def cpu_flags() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
-    return f"{model}; {' '.join(flag for flag in wanted if flag in flags) or 'none of ' + ' '.join(wanted)}"
 
 
 def main() -> None:
