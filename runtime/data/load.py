@@ -17,6 +17,7 @@ from kubetune.runtime.contract import PREFERENCE_OBJECTIVES, DataFormat, DataSpe
 from kubetune.runtime.contract.search import Metric
 from kubetune.runtime.io.errors import DataError
 from kubetune.runtime.io.settings import RuntimeSettings
+from kubetune.runtime.io.storage import hub_dataset_id
 
 from .images import read_image_folder, resolve_images
 from .preference import is_paired, preference_record, unpaired
@@ -115,8 +116,17 @@ class _RawSplit:
         return _RawSplit([self.inputs[i] for i in indices], labels, uri or self.uri)
 
 
+def _read(uri: str, data: DataSpec, settings: RuntimeSettings, field: str) -> list[Record]:
+    """The records at `uri`: files (jsonl, csv, parquet), or a split of a dataset on the Hugging Face Hub."""
+    if hub_dataset_id(uri) is not None:
+        from .hub_datasets import read_hub_records
+
+        return read_hub_records(uri, data.hub, field)
+    return read_records(uri, data.format, settings, field)
+
+
 def _text_split(uri: str, data: DataSpec, settings: RuntimeSettings, field: str) -> _RawSplit:
-    records = read_records(uri, data.format, settings, field)
+    records = _read(uri, data, settings, field)
     texts = [str(t) for t in _column(records, data.fields.text, "data.fields.text", uri)]
     return _RawSplit(texts, _column(records, data.fields.label, "data.fields.label", uri), uri)
 
@@ -136,7 +146,7 @@ def _chat_messages(value: Any, number: int, uri: str, field: str) -> list[dict[s
 
 def _causal_split(uri: str, data: DataSpec, settings: RuntimeSettings, field: str) -> _RawSplit:
     """Prompt/completion pairs, or chat conversations when the records have no prompt field."""
-    records = read_records(uri, data.format, settings, field)
+    records = _read(uri, data, settings, field)
     fields = data.fields
     if fields.prompt in records[0]:
         prompts = _column(records, fields.prompt, "data.fields.prompt", uri)
@@ -159,10 +169,10 @@ def _causal_split(uri: str, data: DataSpec, settings: RuntimeSettings, field: st
 
 
 def _image_split(uri: str, data: DataSpec, settings: RuntimeSettings, field: str) -> _RawSplit:
-    if data.format == DataFormat.IMAGE_FOLDER:
+    if data.format == DataFormat.IMAGE_FOLDER and hub_dataset_id(uri) is None:
         images, labels = read_image_folder(uri, settings, field)
         return _RawSplit(images, labels, uri)
-    records = read_records(uri, data.format, settings, field)
+    records = _read(uri, data, settings, field)
     column = _column(records, data.fields.image, "data.fields.image", uri)
     labels = _column(records, data.fields.label, "data.fields.label", uri)
     return _RawSplit(resolve_images(column, uri, settings, "data.fields.image"), labels, uri)
@@ -172,7 +182,7 @@ def _preference_loader(objective: Objective) -> Callable[[str, DataSpec, Runtime
     """A loader of preference records for `objective` (pairs; kto also prompt/completion/label records)."""
 
     def load(uri: str, data: DataSpec, settings: RuntimeSettings, field: str) -> _RawSplit:
-        records = read_records(uri, data.format, settings, field)
+        records = _read(uri, data, settings, field)
         return _RawSplit([preference_record(r, n, uri, data, objective) for n, r in enumerate(records, 1)], [], uri)
 
     return load
