@@ -38,6 +38,9 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "spiece.model",
     "sentencepiece.bpe.model",
+    # The chat template, where transformers saves it apart from tokenizer_config.json: chat data needs it.
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 

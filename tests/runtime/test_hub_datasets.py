@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,7 +25,7 @@ from kubetune.runtime.contract import RunSpec
 from kubetune.runtime.contract.report import Unavailable
 from kubetune.runtime.data.load import load_data
 from kubetune.runtime.data.plan_sources import data_is_local
-from kubetune.runtime.io.errors import DataError, DatasetUnavailableError
+from kubetune.runtime.io.errors import DataError, DatasetUnavailableError, InvalidRunError
 from kubetune.runtime.io.settings import RuntimeSettings
 from kubetune.runtime.recipe.pipeline import run_pipeline
 
@@ -340,3 +341,54 @@ def test_a_short_run_trains_on_a_hub_dataset(
     assert set(finite(result.metrics_after)) >= {"accuracy", "loss"}
     manifest = json.loads(Path(result.manifest_uri or "").read_text())
     assert manifest["lineage"]["data"]["train"] == TOPICS
+
+
+def test_chat_data_without_a_chat_template_is_refused_before_training(
+    hub_cache: Path, tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    no_template = tmp_path / "no-template"
+    for file in tiny_llama_dir.iterdir():
+        (no_template / file.name).parent.mkdir(parents=True, exist_ok=True)
+        (no_template / file.name).write_bytes(file.read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(no_template)
+    tokenizer.chat_template = None
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer.save_pretrained(no_template)
+    assert not AutoTokenizer.from_pretrained(no_template).chat_template
+    cache_dataset(hub_cache, "acme/chats", COMMIT_V1, chat_files(), ("main",))
+    chats = "hf://datasets/acme/chats"
+    model = {"uri": str(no_template), "task": "causal-lm"}
+    for config, method, field in (
+        ("sft", {"type": "full"}, "data.fields.messages"),
+        ("pairs", {"type": "full", "objective": "dpo"}, "data.fields.chosen"),
+    ):
+        run = make_spec(
+            no_template,
+            chats,
+            tmp_path / "out",
+            model=model,
+            method=method,
+            data={"train": chats, "hub": {"config": config}},
+        )
+        started = time.monotonic()
+        with pytest.raises(InvalidRunError) as refused:
+            run_pipeline(run, fast_options(tmp_path / "out"))
+        assert time.monotonic() - started < 30  # before the base model's evaluation, let alone training
+        assert refused.value.where == f"model.uri, {field}"
+        assert f"tokenizer of {no_template} has no chat template" in str(refused.value)
+        assert "prompt/completion" in str(refused.value)
+    # The tiny Llama's own tokenizer has one: the same data passes the check.
+    from kubetune.runtime.data.chat import check_chat_template
+
+    run = make_spec(tiny_llama_dir, chats, tmp_path / "out", model={"uri": str(tiny_llama_dir), "task": "causal-lm"},
+                    data={"train": chats, "hub": {"config": "sft"}})  # fmt: skip
+    check_chat_template(AutoTokenizer.from_pretrained(tiny_llama_dir), run, load_data(run, RuntimeSettings()))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from .tiny import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
