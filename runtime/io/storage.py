@@ -1,7 +1,8 @@
 """Reading and writing run URIs: file://, plain paths, pvc://<claim>/<path> and s3://<bucket>/<key>.
 
 hf:// names a repository on the Hugging Face Hub (hf://<org>/<name> a model, hf://datasets/<org>/<name>
-a dataset); those load through transformers and datasets (`kubetune.runtime.data.hub`), not as files here.
+a dataset); those load through transformers and datasets (`kubetune.runtime.data.hub_datasets`), not as files
+here.
 
 S3 access uses boto3 with the endpoint and credentials of the environment
 (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), so
