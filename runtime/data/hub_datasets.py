@@ -93,7 +93,9 @@ def _failure(error: Exception, uri: str, field: str, doing: str) -> Exception:
     if is_unavailable(error):
         reason = f"{doing}: {type(error).__name__}: {error}"
         return DatasetUnavailableError(Unavailable.MODEL_HUB, field, unreachable_message(uri, hub_setup(), reason))
-    if isinstance(error, (OSError, ValueError)) or type(error).__module__.startswith("datasets"):
+    # datasets raises its own errors, the builtin ones, and RuntimeError for a repository that holds a loading
+    # script (which datasets no longer runs): none of them goes away when the run is retried.
+    if isinstance(error, (OSError, ValueError, RuntimeError)) or type(error).__module__.startswith("datasets"):
         return DataError(field, f"cannot read {uri}: {doing}: {error}")
     return error
 

@@ -125,6 +125,15 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
+def tree(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Every entry under `folder` (links not followed) with its mode, size and modification time."""
+    entries = {}
+    for path in [folder, *folder.rglob("*")]:
+        info = path.lstat()
+        entries[str(path.relative_to(folder))] = (info.st_mode, info.st_size, info.st_mtime_ns)
+    return entries
+
+
 def spec(tmp_path: Path, model: Path, **data: Any) -> RunSpec:
     return make_spec(model, TOPICS, tmp_path / "out", data={"train": TOPICS, **data})
 
@@ -133,8 +142,10 @@ def test_a_cached_dataset_loads_offline_with_its_splits_and_label_names(
     hub_cache: Path, tmp_path: Path, model_dir: Path
 ) -> None:
     cache_dataset(hub_cache, "acme/topics", COMMIT_V2, topics_files(100), ("main",))
+    before = tree(hub_cache)
     run = spec(tmp_path, model_dir, test=TOPICS)
     data = load_data(run, RuntimeSettings(cache_dir=tmp_path / "cache"))
+    assert tree(hub_cache) == before  # an image's cache may be read-only: nothing is written there
     # The test split is the dataset's own; validation is carved out of its train split.
     assert (len(data.train), len(data.validation), len(data.test)) == (72, 8, 20)
     assert data.labels == sorted(LABELS)  # the ClassLabel's names, not its ids
