@@ -201,6 +201,31 @@ def test_chat_records_and_preference_pairs_come_through_the_loaders(
     assert "several configurations" in str(no_config.value) and "sft" in str(no_config.value)
 
 
+def test_images_come_as_their_bytes(hub_cache: Path, tmp_path: Path, model_dir: Path) -> None:
+    import io
+
+    from datasets import ClassLabel, Features, Image
+    from PIL import Image as PilImage
+
+    def png(shade: int) -> bytes:
+        buffer = io.BytesIO()
+        PilImage.new("RGB", (8, 8), (shade, shade, shade)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    features = Features({"image": Image(), "label": ClassLabel(names=["dark", "light"])})
+    records = [{"image": {"bytes": png(40 + 200 * (i % 2)), "path": None}, "label": i % 2} for i in range(40)]
+    files = {
+        "README.md": _card({"default": ["train"]}),
+        "default/train-00000-of-00001.parquet": _parquet(records, features),
+    }
+    cache_dataset(hub_cache, "acme/shades", COMMIT_V1, files, ("main",))
+    shades = "hf://datasets/acme/shades"
+    run = make_spec(model_dir, shades, tmp_path / "out", model={"uri": str(model_dir), "task": "image-classification"})
+    data = load_data(run, RuntimeSettings(cache_dir=tmp_path / "cache"))
+    assert data.labels == ["dark", "light"]
+    assert all(isinstance(image, bytes) and image.startswith(b"\x89PNG") for image in data.train.inputs)
+
+
 def test_what_is_missing_is_named(hub_cache: Path, tmp_path: Path, model_dir: Path) -> None:
     cache_dataset(hub_cache, "acme/topics", COMMIT_V2, topics_files(40), ("main",))
     settings = RuntimeSettings(cache_dir=tmp_path / "cache")
