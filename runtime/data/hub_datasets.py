@@ -178,8 +178,9 @@ def _records(dataset: Any) -> list[Record]:
     return records
 
 
-def read_hub_records(uri: str, hub: HubDataset | None, field: str) -> list[Record]:
-    """Every record of the split of hf://datasets/ `uri` that `field` (data.train, .validation, .test) reads."""
+def read_hub_records(uri: str, hub: HubDataset | None, field: str) -> tuple[list[Record], str]:
+    """Every record of the split of hf://datasets/ `uri` that `field` (data.train, .validation, .test) reads, and
+    where they came from: `uri@<commit>` (the commit a branch or tag pointed to), for the lineage."""
     repo_id = hub_dataset_id(uri)
     if repo_id is None:
         raise DataError(field, f"{uri} is not a dataset on the Hugging Face Hub (hf://datasets/<org>/<name>)")
@@ -200,4 +201,6 @@ def read_hub_records(uri: str, hub: HubDataset | None, field: str) -> list[Recor
     records = _records(dataset)
     if not records:
         raise DataError(field, f"no examples in {uri} (split {split})")
-    return records
+    # A cached snapshot's folder is named by its commit; datasets keys a Hub dataset's build by its commit.
+    commit = Path(source).name if source != repo_id else builder.hash
+    return records, f"{uri}@{commit}" if commit else uri

@@ -149,7 +149,9 @@ def test_a_cached_dataset_loads_offline_with_its_splits_and_label_names(
     # The test split is the dataset's own; validation is carved out of its train split.
     assert (len(data.train), len(data.validation), len(data.test)) == (72, 8, 20)
     assert data.labels == sorted(LABELS)  # the ClassLabel's names, not its ids
-    assert data.sources == {"train": TOPICS, "validation": f"{TOPICS}#validation", "test": TOPICS}
+    # The lineage names the commit read (main pointed to it).
+    read = f"{TOPICS}@{COMMIT_V2}"
+    assert data.sources == {"train": read, "validation": f"{read}#validation", "test": read}
     assert data_is_local(run)  # `kubetune plan` reads a dataset the cache holds
     assert not data_is_local(spec(tmp_path, model_dir, hub={"revision": "v9"}))
 
@@ -159,7 +161,7 @@ def test_a_revision_and_sliced_splits_pick_the_data(hub_cache: Path, tmp_path: P
     cache_dataset(hub_cache, "acme/topics", COMMIT_V2, topics_files(100), ("main",))
     settings = RuntimeSettings(cache_dir=tmp_path / "cache")
     # A tag (refs/v1), a commit, the main branch (refs/main).
-    for revision, expected in (("v1", 32), (COMMIT_V1, 32), (None, 80), (COMMIT_V2, 80)):
+    for revision, commit, expected in (("v1", COMMIT_V1, 32), (COMMIT_V1, COMMIT_V1, 32), (None, COMMIT_V2, 80)):
         hub = {"revision": revision, "validationSplit": "train[:25%]", "testSplit": "test+train[:10%]"}
         data = load_data(spec(tmp_path, model_dir, validation=TOPICS, test=TOPICS, hub=hub), settings)
         assert (len(data.train), len(data.validation), len(data.test)) == (
@@ -167,6 +169,7 @@ def test_a_revision_and_sliced_splits_pick_the_data(hub_cache: Path, tmp_path: P
             expected // 4,
             expected // 4 + expected // 10,
         ), revision
+        assert set(data.sources.values()) == {f"{TOPICS}@{commit}"}
 
 
 def test_chat_records_and_preference_pairs_come_through_the_loaders(
@@ -265,7 +268,7 @@ for document in sys.argv[1:]:
     started = time.monotonic()
     try:
         data = load_data(RunSpec.model_validate_json(document), RuntimeSettings())
-        outcome = {"examples": [len(data.train), len(data.validation), len(data.test)]}
+        outcome = {"examples": [len(data.train), len(data.validation), len(data.test)], "train": data.sources["train"]}
     except UnavailableError as error:
         outcome = {"unavailable": error.what.value, "where": error.where, "message": str(error)}
     except DataError as error:
@@ -344,6 +347,7 @@ def test_where_the_hub_does_not_answer_the_cache_serves_or_the_run_is_retried(
         endpoint,
     )
     assert cached["examples"] == [28, 4, 8], cached  # validation carved out of train per label
+    assert cached["train"] == f"{TOPICS}@{COMMIT_V2}"
     assert (not_cached["unavailable"], not_cached["where"]) == ("ModelHub", "data.train")
     assert f"cannot reach the dataset hub at {endpoint} for {missing}" in not_cached["message"]
     assert not_cached["seconds"] < 15  # three tries a few seconds apart, not huggingface_hub's minutes of retries
@@ -376,7 +380,7 @@ def test_a_short_run_trains_on_a_hub_dataset(
     result = run_pipeline(run, fast_options(tmp_path / "out"))
     assert set(finite(result.metrics_after)) >= {"accuracy", "loss"}
     manifest = json.loads(Path(result.manifest_uri or "").read_text())
-    assert manifest["lineage"]["data"]["train"] == TOPICS
+    assert manifest["lineage"]["data"]["train"] == f"{TOPICS}@{COMMIT_V2}"
 
 
 def test_chat_data_without_a_chat_template_is_refused_before_training(
