@@ -17,10 +17,11 @@ from torch import nn
 from .contract import Method, MethodType, ModelSource, Task
 from .contract.report import Unavailable
 from .data.hub import hub_setup, is_unavailable, local_files_only, unreachable_message
+from .data.plan_sources import TOKENIZER_FILES
 from .data.task_ops import auto_class
 from .io.errors import ModelError, ModelUnavailableError
 from .io.settings import RuntimeSettings
-from .io.storage import fetch, parse_uri
+from .io.storage import download_s3_files, fetch, parse_uri
 
 # Attention projections adapted by default, per `config.model_type`, for types peft's own
 # table lacks; every other type falls back to peft's table. Named as transformers 5 names them
@@ -59,6 +60,14 @@ def locate_model(model: ModelSource, settings: RuntimeSettings) -> ModelLocation
     if not (Path(path) / "config.json").is_file():
         raise ModelError("model.uri", f"{model.uri} is not a Hugging Face model folder (no config.json)")
     return ModelLocation(str(path))
+
+
+def tokenizer_location(model: ModelSource, settings: RuntimeSettings) -> ModelLocation:
+    """Where the model's tokenizer loads from, without its weights: of an s3:// model only the tokenizer's files
+    are copied (a hub model's tokenizer files are all `from_pretrained` fetches)."""
+    if parse_uri(model.uri).scheme == "s3":
+        return ModelLocation(str(download_s3_files(model.uri, TOKENIZER_FILES, settings)))
+    return locate_model(model, settings)
 
 
 def _pretrained_kwargs(location: ModelLocation, model: ModelSource) -> dict[str, Any]:

@@ -162,7 +162,7 @@ HUGGING_FACE_RULES = (
 
 
 class HuggingFaceAccess(ContractModel):
-    """How the pods reach the Hugging Face Hub for hf:// models: directly, through a mirror, or not at all."""
+    """How the pods reach the Hugging Face Hub for hf:// models and datasets: directly, through a mirror or not."""
 
     model_config = with_cel(*HUGGING_FACE_RULES)
 
@@ -171,15 +171,17 @@ class HuggingFaceAccess(ContractModel):
         max_length=2048,
         pattern=HUB_ENDPOINT_PATTERN,
         description=(
-            "Base URL of a Hugging Face Hub mirror or proxy the pods download hf:// models from (HF_ENDPOINT), "
+            "Base URL of a Hugging Face Hub mirror or proxy the pods download hf:// models and datasets from "
+            "(HF_ENDPOINT), "
             "e.g. http://hf-mirror.models.svc; https://huggingface.co when omitted."
         ),
     )
     offline: bool = Field(
         default=False,
         description=(
-            "Never contact a hub (HF_HUB_OFFLINE=1): hf:// models load only from the Hugging Face cache that the "
-            "runtime image carries (its HF_HUB_CACHE). A model missing there fails the run as ModelUnavailable. "
+            "Never contact a hub (HF_HUB_OFFLINE=1): hf:// models and datasets load only from the Hugging Face "
+            "cache that the runtime image carries (its HF_HUB_CACHE). One missing there fails the run as "
+            "ModelUnavailable. "
             "false leaves the image's own HF_HUB_OFFLINE as it is."
         ),
     )
@@ -213,7 +215,8 @@ class StorageAccess(ContractModel):
     hugging_face: HuggingFaceAccess | None = Field(
         default=None,
         description=(
-            "Access to the Hugging Face Hub for hf:// models: a mirror (endpoint) or none at all (offline), as "
+            "Access to the Hugging Face Hub for hf:// models and datasets: a mirror (endpoint) or none at all "
+            "(offline), as "
             "air-gapped clusters need. The hub's token, if any, comes from credentialsSecret (HF_TOKEN)."
         ),
     )

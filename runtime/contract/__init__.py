@@ -4,9 +4,9 @@ The operator embeds these models in its CRDs; the runtime consumes them. This
 package imports only pydantic and the standard library.
 """
 
-from .common import URI_PATTERN, URI_SCHEMES, ContractModel, KubernetesName, Quantity, Uri
+from .common import DATA_URI_PATTERN, URI_PATTERN, URI_SCHEMES, ContractModel, DataUri, KubernetesName, Quantity, Uri
 from .compression import Compression, Pruning, PruningMethod, Quantization, QuantizationMethod
-from .data import DataFields, DataFormat, DataSpec, DataSplit
+from .data import DataFields, DataFormat, DataSpec, DataSplit, HubDataset
 from .hyperparameters import AUTO, EarlyStopping, Hyperparameters, LrSchedule, Optimizer, Precision, UnresolvedAutoError
 from .method import (
     PREFERENCE_OBJECTIVES,
@@ -38,6 +38,7 @@ from .serving import Batching, ServingArgs, Variant
 
 __all__ = [
     "AUTO",
+    "DATA_URI_PATTERN",
     "PREFERENCE_OBJECTIVES",
     "REFERENCE_OBJECTIVES",
     "SEARCHABLE_KEYS",
@@ -52,9 +53,11 @@ __all__ = [
     "DataFormat",
     "DataSpec",
     "DataSplit",
+    "DataUri",
     "DpoLoss",
     "EarlyStopping",
     "FreezeOptions",
+    "HubDataset",
     "Hyperparameters",
     "KubernetesName",
     "LoraOptions",

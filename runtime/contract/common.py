@@ -14,25 +14,27 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
-# A storage location. Schemes: file://, pvc://<claim>/<path>, s3://<bucket>/<key>,
-# hf://<org>/<name>, or a plain path (no scheme, no colon).
-URI_PATTERN = (
-    r"^("
+_STORAGE_ALTERNATIVES = (
     r"file://.+"
     r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?"
     r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?"
-    r"|hf://[A-Za-z0-9][-A-Za-z0-9_.]*(/[-A-Za-z0-9_.]+)?"
-    r"|[^:]+"
-    r")$"
 )
+# A repository on the Hugging Face Hub: <name> or <org>/<name>, as the hub spells them.
+_HUB_REPOSITORY = r"[A-Za-z0-9][-A-Za-z0-9_.]*(/[-A-Za-z0-9_.]+)?"
+# Where data from the Hub lives: hf://datasets/<org>/<name> (the hub's own spelling of a dataset repository).
+HUB_DATASETS_PREFIX = "hf://datasets/"
+# A storage location. Schemes: file://, pvc://<claim>/<path>, s3://<bucket>/<key>,
+# hf://<org>/<name>, or a plain path (no scheme, no colon).
+URI_PATTERN = rf"^({_STORAGE_ALTERNATIVES}|hf://{_HUB_REPOSITORY}|[^:]+)$"
+# A data location: the same, except that the Hub's repositories are datasets, hf://datasets/<org>/<name>.
+DATA_URI_PATTERN = rf"^({_STORAGE_ALTERNATIVES}|hf://datasets/{_HUB_REPOSITORY}|[^:]+)$"
 URI_SCHEMES = ("file", "pvc", "s3", "hf")
 _URI_RE = re.compile(URI_PATTERN)
+_DATA_URI_RE = re.compile(DATA_URI_PATTERN)
 URI_MAX_LENGTH = 2048
 
 
-def _check_uri(value: str) -> str:
-    if _URI_RE.fullmatch(value):
-        return value
+def _unsupported_scheme(value: str) -> None:
     scheme, sep, _ = value.partition("://")
     if sep and scheme not in URI_SCHEMES:
         raise ValueError(
@@ -40,9 +42,31 @@ def _check_uri(value: str) -> str:
             + ", ".join(f"{s}://" for s in URI_SCHEMES)
             + " or a plain path"
         )
+
+
+def _check_uri(value: str) -> str:
+    if _URI_RE.fullmatch(value):
+        return value
+    _unsupported_scheme(value)
+    if value.startswith(HUB_DATASETS_PREFIX):
+        raise ValueError(f"{value!r} names a dataset on the Hugging Face Hub; a model there is hf://<org>/<name>")
     raise ValueError(
         f"malformed URI {value!r}: expected file://<path>, pvc://<claim>/<path>, "
         "s3://<bucket>/<key>, hf://<org>/<name> or a plain path"
+    )
+
+
+def _check_data_uri(value: str) -> str:
+    if _DATA_URI_RE.fullmatch(value):
+        return value
+    _unsupported_scheme(value)
+    if value.startswith("hf://") and not value.startswith(HUB_DATASETS_PREFIX):
+        raise ValueError(
+            f"{value!r} names a model on the Hugging Face Hub; a dataset there is hf://datasets/<org>/<name>"
+        )
+    raise ValueError(
+        f"malformed URI {value!r}: expected file://<path>, pvc://<claim>/<path>, "
+        "s3://<bucket>/<key>, hf://datasets/<org>/<name> or a plain path"
     )
 
 
@@ -51,6 +75,11 @@ Uri = Annotated[
     # The pattern goes to the CRD only; locally the validator gives a clearer message.
     Field(min_length=1, max_length=URI_MAX_LENGTH, json_schema_extra={"pattern": URI_PATTERN}),
     AfterValidator(_check_uri),
+]
+DataUri = Annotated[
+    str,
+    Field(min_length=1, max_length=URI_MAX_LENGTH, json_schema_extra={"pattern": DATA_URI_PATTERN}),
+    AfterValidator(_check_data_uri),
 ]
 
 # A Kubernetes resource quantity greater than zero (e.g. "500m", "2", "16Gi"); integers are accepted too.

@@ -38,7 +38,7 @@ class Unavailable(StrEnum):
     """What a failed run could not reach. Trying again later may help: the run is retried, not stopped."""
 
     # The Hugging Face Hub or its mirror (HF_ENDPOINT) did not answer, answered with a server error, or
-    # offline mode (HF_HUB_OFFLINE) found the model in no cache.
+    # offline mode (HF_HUB_OFFLINE) found the model (or an hf://datasets/ dataset) in no cache.
     MODEL_HUB = "ModelHub"
     # Object storage (s3://) did not answer, timed out, or answered with a server error or "slow down".
     STORAGE = "Storage"

@@ -1,4 +1,4 @@
-"""Reach the Hugging Face Hub for an hf:// model, or find out quickly that it cannot be reached.
+"""Reach the Hugging Face Hub for an hf:// model (or dataset), or find out quickly that it cannot be reached.
 
 Left to itself, huggingface_hub retries a request that gets no answer five times, up to 8 s
 apart, for every file of a model, before it looks in its cache: without egress a model of four
@@ -7,7 +7,8 @@ request tells whether the hub answers (tried `HUB_ATTEMPTS` times, each retry lo
 does not, the model loads from the cache alone, or fails at once with a ModelUnavailableError that
 names the hub. The hub's address, offline mode and the cache come from huggingface_hub's own
 variables (HF_ENDPOINT, HF_HUB_OFFLINE, HF_HUB_CACHE or HF_HOME), which kubetune's pods get from
-`spec.storage.huggingFace` and the runtime image.
+`spec.storage.huggingFace` and the runtime image. Datasets (hf://datasets/) take the same path in
+`hub_datasets`.
 """
 
 from __future__ import annotations
@@ -88,14 +89,19 @@ def hub_unreachable(
     revision: str | None,
     setup: HubSetup,
     *,
+    repo_type: str = "model",
+    probe_file: str = PROBE_FILE,
     attempts: int = HUB_ATTEMPTS,
     waits_s: tuple[float, ...] = HUB_RETRY_WAITS_S,
     sleep: Callable[[float], None] = time.sleep,
 ) -> str | None:
-    """None as soon as the hub answers for the repository; after `attempts` without an answer, the last reason."""
+    """None as soon as the hub answers for the repository; after `attempts` without an answer, the last reason.
+
+    `repo_type` is huggingface_hub's ("model" or "dataset"); `probe_file` a file such a repository usually has.
+    """
     from huggingface_hub import constants, hf_hub_url
 
-    url = hf_hub_url(repo_id, PROBE_FILE, revision=revision, endpoint=setup.endpoint)
+    url = hf_hub_url(repo_id, probe_file, repo_type=repo_type, revision=revision, endpoint=setup.endpoint)
     timeout = min(HUB_TIMEOUT_S, float(constants.HF_HUB_ETAG_TIMEOUT))
     reason: str | None = None
     for attempt in range(1, attempts + 1):
@@ -105,7 +111,8 @@ def hub_unreachable(
         if attempt < attempts:
             wait = waits_s[min(attempt - 1, len(waits_s) - 1)] if waits_s else 0.0
             LOGGER.warning(
-                "model hub %s did not answer for %s (attempt %d of %d: %s); retrying in %.0f s",
+                "%s hub %s did not answer for %s (attempt %d of %d: %s); retrying in %.0f s",
+                repo_type,
                 setup.endpoint,
                 repo_id,
                 attempt,

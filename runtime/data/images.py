@@ -57,17 +57,19 @@ def read_image_folder(uri: str, settings: RuntimeSettings, field: str) -> tuple[
 
 def resolve_images(values: list[Any], uri: str, settings: RuntimeSettings, field: str) -> list[Any]:
     """Image column values as bytes or absolute paths; relative paths are relative to the data file's folder."""
-    location = local_data(uri, settings, "data.train")
-    base = location if location.is_dir() else location.parent
+    base: Path | None = None  # found when a relative path needs it (a Hub dataset's images are bytes)
     resolved: list[Any] = []
     for number, value in enumerate(values, start=1):
-        if isinstance(value, dict) and "bytes" in value:  # the way datasets/parquet store images
-            value = value["bytes"]
+        if isinstance(value, dict) and {"bytes", "path"} & set(value):  # the way datasets/parquet store images
+            value = value["bytes"] if value.get("bytes") is not None else value.get("path")
         if isinstance(value, bytes):
             image: Any = value
         else:
             path = Path(str(value))
-            image = str(path if path.is_absolute() else base / path)
+            if base is None and not path.is_absolute():
+                location = local_data(uri, settings, "data.train")
+                base = location if location.is_dir() else location.parent
+            image = str(path if path.is_absolute() or base is None else base / path)
         _check_image(image, f"in example {number} of {uri}", field)
         resolved.append(image)
     return resolved

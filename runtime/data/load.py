@@ -17,6 +17,7 @@ from kubetune.runtime.contract import PREFERENCE_OBJECTIVES, DataFormat, DataSpe
 from kubetune.runtime.contract.search import Metric
 from kubetune.runtime.io.errors import DataError
 from kubetune.runtime.io.settings import RuntimeSettings
+from kubetune.runtime.io.storage import hub_dataset_id
 
 from .images import read_image_folder, resolve_images
 from .preference import is_paired, preference_record, unpaired
@@ -115,10 +116,20 @@ class _RawSplit:
         return _RawSplit([self.inputs[i] for i in indices], labels, uri or self.uri)
 
 
+def _read(uri: str, data: DataSpec, settings: RuntimeSettings, field: str) -> tuple[list[Record], str]:
+    """The records at `uri` (files: jsonl, csv, parquet; or a split of a dataset on the Hugging Face Hub) and
+    their source for the lineage: `uri` itself, for a Hub dataset with the commit read (`uri@<commit>`)."""
+    if hub_dataset_id(uri) is not None:
+        from .hub_datasets import read_hub_records
+
+        return read_hub_records(uri, data.hub, field)
+    return read_records(uri, data.format, settings, field), uri
+
+
 def _text_split(uri: str, data: DataSpec, settings: RuntimeSettings, field: str) -> _RawSplit:
-    records = read_records(uri, data.format, settings, field)
+    records, source = _read(uri, data, settings, field)
     texts = [str(t) for t in _column(records, data.fields.text, "data.fields.text", uri)]
-    return _RawSplit(texts, _column(records, data.fields.label, "data.fields.label", uri), uri)
+    return _RawSplit(texts, _column(records, data.fields.label, "data.fields.label", uri), source)
 
 
 def _chat_messages(value: Any, number: int, uri: str, field: str) -> list[dict[str, str]]:
@@ -136,7 +147,7 @@ def _chat_messages(value: Any, number: int, uri: str, field: str) -> list[dict[s
 
 def _causal_split(uri: str, data: DataSpec, settings: RuntimeSettings, field: str) -> _RawSplit:
     """Prompt/completion pairs, or chat conversations when the records have no prompt field."""
-    records = read_records(uri, data.format, settings, field)
+    records, source = _read(uri, data, settings, field)
     fields = data.fields
     if fields.prompt in records[0]:
         prompts = _column(records, fields.prompt, "data.fields.prompt", uri)
@@ -155,25 +166,26 @@ def _causal_split(uri: str, data: DataSpec, settings: RuntimeSettings, field: st
             "data.fields.prompt",
             f"example 1 of {uri} has neither {fields.prompt!r} nor {fields.messages!r} (fields present: {present})",
         )
-    return _RawSplit(inputs, [], uri)
+    return _RawSplit(inputs, [], source)
 
 
 def _image_split(uri: str, data: DataSpec, settings: RuntimeSettings, field: str) -> _RawSplit:
-    if data.format == DataFormat.IMAGE_FOLDER:
+    if data.format == DataFormat.IMAGE_FOLDER and hub_dataset_id(uri) is None:
         images, labels = read_image_folder(uri, settings, field)
         return _RawSplit(images, labels, uri)
-    records = read_records(uri, data.format, settings, field)
+    records, source = _read(uri, data, settings, field)
     column = _column(records, data.fields.image, "data.fields.image", uri)
     labels = _column(records, data.fields.label, "data.fields.label", uri)
-    return _RawSplit(resolve_images(column, uri, settings, "data.fields.image"), labels, uri)
+    return _RawSplit(resolve_images(column, uri, settings, "data.fields.image"), labels, source)
 
 
 def _preference_loader(objective: Objective) -> Callable[[str, DataSpec, RuntimeSettings, str], _RawSplit]:
     """A loader of preference records for `objective` (pairs; kto also prompt/completion/label records)."""
 
     def load(uri: str, data: DataSpec, settings: RuntimeSettings, field: str) -> _RawSplit:
-        records = read_records(uri, data.format, settings, field)
-        return _RawSplit([preference_record(r, n, uri, data, objective) for n, r in enumerate(records, 1)], [], uri)
+        records, source = _read(uri, data, settings, field)
+        inputs = [preference_record(r, n, uri, data, objective) for n, r in enumerate(records, 1)]
+        return _RawSplit(inputs, [], source)
 
     return load
 
@@ -262,5 +274,5 @@ def load_data(spec: RunSpec, settings: RuntimeSettings) -> TaskData:
         validation=examples(validation),
         test=examples(test),
         labels=labels,
-        sources={"train": data.train, "validation": validation.uri, "test": test.uri},
+        sources={"train": train.uri, "validation": validation.uri, "test": test.uri},
     )

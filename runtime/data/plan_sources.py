@@ -16,7 +16,7 @@ from kubetune.runtime.contract.errors import SpecError
 from kubetune.runtime.data.model_config import UNBOUNDED_POSITIONS, read_model_config
 from kubetune.runtime.io.errors import InvalidRunError, UnavailableError
 from kubetune.runtime.io.settings import RuntimeSettings
-from kubetune.runtime.io.storage import download_s3_files, local_path, parse_uri
+from kubetune.runtime.io.storage import download_s3_files, hub_dataset_id, local_path, parse_uri
 from kubetune.runtime.planner.report import TrainingData
 
 __all__ = ["TrainingData", "data_is_local", "model_config", "training_data"]
@@ -38,6 +38,9 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "spiece.model",
     "sentencepiece.bpe.model",
+    # The chat template, where transformers saves it apart from tokenizer_config.json: chat data needs it.
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 
@@ -80,7 +83,14 @@ def model_config(model: ModelSource, settings: RuntimeSettings | None = None) ->
 
 
 def data_is_local(spec: RunSpec) -> bool:
+    """Whether `kubetune plan` reads the training data unasked: a local file, or a dataset of the Hub that the
+    local Hugging Face cache holds already at the spec's revision."""
     try:
+        repo_id = hub_dataset_id(spec.data.train)
+        if repo_id is not None:
+            from kubetune.runtime.data.hub_datasets import cached_snapshot
+
+            return cached_snapshot(repo_id, spec.data.hub.revision if spec.data.hub else None) is not None
         return parse_uri(spec.data.train).scheme in LOCAL_SCHEMES
     except InvalidRunError:
         return False

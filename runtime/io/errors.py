@@ -64,6 +64,11 @@ class ModelUnavailableError(UnavailableError):
     """An hf:// model that the hub (or its mirror) cannot deliver now, or that offline mode finds in no cache."""
 
 
+class DatasetUnavailableError(UnavailableError):
+    """An hf://datasets/ dataset that the hub (or its mirror) cannot deliver now, or that offline mode finds in no
+    cache."""
+
+
 class StorageUnavailableError(UnavailableError):
     """Object storage that does not answer now (no connection, a timeout, a server error or throttling)."""
 

@@ -1,5 +1,9 @@
 """Reading and writing run URIs: file://, plain paths, pvc://<claim>/<path> and s3://<bucket>/<key>.
 
+hf:// names a repository on the Hugging Face Hub (hf://<org>/<name> a model, hf://datasets/<org>/<name>
+a dataset); those load through transformers and datasets (`kubetune.runtime.data.hub_datasets`), not as files
+here.
+
 S3 access uses boto3 with the endpoint and credentials of the environment
 (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), so
 any S3-compatible store works. Remote objects are copied to the cache before use.
@@ -50,6 +54,15 @@ def parse_uri(uri: str) -> ParsedUri:
     if scheme not in URI_SCHEMES:
         raise StorageError(uri, f"unsupported URI scheme {scheme!r}")
     return ParsedUri(uri, scheme, rest)
+
+
+def hub_dataset_id(uri: str) -> str | None:
+    """The repository id (<org>/<name>) of an hf://datasets/<org>/<name> URI; None for any other location."""
+    parsed = parse_uri(uri)
+    kind, _, repo_id = parsed.location.partition("/")
+    if parsed.scheme != "hf" or kind != "datasets" or not repo_id:
+        return None
+    return repo_id
 
 
 def local_path(uri: str, settings: RuntimeSettings) -> Path:

@@ -22,6 +22,7 @@ from kubetune.runtime.contract.manifest import MANIFEST_FILE, VARIANTS_FOLDER
 from kubetune.runtime.contract.report import BaselineReport, RunReport, Stage
 from kubetune.runtime.contract.run import allowed_metrics
 from kubetune.runtime.contract.runconfig import SHARDED_QLORA_PROBLEM
+from kubetune.runtime.data.chat import chat_field, check_chat_template
 from kubetune.runtime.data.load import TaskData, load_data
 from kubetune.runtime.io.errors import InvalidRunError, invalid_run_cause, unavailable_cause
 from kubetune.runtime.io.settings import RuntimeSettings
@@ -34,7 +35,7 @@ from kubetune.runtime.io.storage import (
     parse_uri,
     upload_directory,
 )
-from kubetune.runtime.models import check_method_fits_machine
+from kubetune.runtime.models import check_method_fits_machine, load_processor, tokenizer_location
 from kubetune.runtime.reporting.base import Reporter, Reporters, TensorBoardReporter
 from kubetune.runtime.training.checkpoints import TrainingPosition, TrainingState
 from kubetune.runtime.training.plan import TrainingPlan, with_overrides
@@ -244,6 +245,7 @@ def _run(spec: RunSpec, options: RunOptions, placement: StagePlacement, root: Pa
     events.stage_started(Stage.LOAD, f"data from {spec.data.train}")
     data = load_data(spec, options.settings)
     events.data({"train": len(data.train), "validation": len(data.validation), "test": len(data.test)}, data.labels)
+    _check_chat_template(spec, data, options.settings)
     written = spec  # as the user wrote it: the lineage and the digest
     resolved = resolve_auto(spec, data, options.resources, options.settings, training_processes(options.resources))
     spec = resolved.spec
@@ -291,6 +293,13 @@ def benchmark_names(spec: RunSpec, metrics: dict[str, float]) -> list[str] | Non
     if spec.lm_eval is None:
         return None
     return sorted(set(metrics) - allowed_metrics(spec.model.task, spec.method.resolved_objective))
+
+
+def _check_chat_template(spec: RunSpec, data: TaskData, settings: RuntimeSettings) -> None:
+    """Refuse chat data for a tokenizer without a chat template now, from the tokenizer alone (no weights)."""
+    if chat_field(spec, data) is not None:
+        tokenizer = load_processor(tokenizer_location(spec.model, settings), spec.model)
+        check_chat_template(tokenizer, spec, data)
 
 
 def _fine_tuned_job(

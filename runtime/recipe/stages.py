@@ -31,11 +31,12 @@ from typing import Any
 
 import ray
 import torch
-from kubetune.runtime.contract import Method, MethodType, RunIdentity, RunSpec, Task, WorkerResources
+from kubetune.runtime.contract import Method, MethodType, RunIdentity, RunSpec, WorkerResources
 from kubetune.runtime.contract.decisions import Decision
 from kubetune.runtime.contract.report import BaselineReport, Stage, VariantReport
+from kubetune.runtime.data.chat import check_chat_template
 from kubetune.runtime.data.load import TaskData, load_data
-from kubetune.runtime.io.errors import DataError, InvalidRunError, invalid_run_cause
+from kubetune.runtime.io.errors import InvalidRunError, invalid_run_cause
 from kubetune.runtime.io.settings import RuntimeSettings
 from kubetune.runtime.io.storage import cache_folder, join_uri, local_path, parse_uri, upload_directory
 from kubetune.runtime.models import build_model
@@ -117,16 +118,6 @@ def output_uri(spec: RunSpec, root: Path, path: Path) -> str:
     return str(path.resolve())
 
 
-def check_chat_template(processor: Any, data: TaskData) -> None:
-    uses_chat = any(isinstance(item, dict) and "messages" in item for item in data.train.inputs[:1])
-    if uses_chat and not getattr(processor, "chat_template", None):
-        raise DataError(
-            "data.fields.messages",
-            "the data holds chat messages but the model's tokenizer has no chat template; "
-            "use prompt/completion fields or a model with a chat template",
-        )
-
-
 def _node_cpus() -> int:
     node = ray.get_runtime_context().get_node_id()
     for entry in ray.nodes():  # type: ignore[no-untyped-call]
@@ -165,8 +156,7 @@ def evaluate_base(
     data = data if data is not None else load_data(spec, settings)
     as_is = Method(type=MethodType.FULL)  # loaded as training loads it, with nothing applied
     model, processor = build_model(spec.model, as_is, data.labels, spec.hyperparameters.seed, settings)
-    if spec.model.task == Task.CAUSAL_LM:
-        check_chat_template(processor, data)
+    check_chat_template(processor, spec, data)  # the driver checked already; a stage in Ray loads its own data
     return test_metrics(model.to(device), processor, spec, data, settings)
 
 

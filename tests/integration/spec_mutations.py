@@ -255,6 +255,15 @@ JOB_MUTATIONS = [
         edit("spec.promotion", REMOVE),
         edit("spec.data.packing", True),
     ),
+    mistake("a model's hf:// URI as data", edit("spec.data.train", "hf://example-org/example-model")),
+    mistake("a Hub split for data that is not on the Hub", edit("spec.data.hub", {"testSplit": "test"})),
+    mistake("Hub options without Hub data", edit("spec.data.hub", {"revision": COMMIT})),
+    fine(
+        "a dataset on the Hub, pinned, with its test split",
+        edit("spec.data.train", "hf://datasets/example-org/example-data"),
+        edit("spec.data.test", "hf://datasets/example-org/example-data"),
+        edit("spec.data.hub", {"revision": COMMIT, "config": "default", "testSplit": "test[:50%]"}),
+    ),
     mistake(
         "dpo for a classifier", edit("spec.model.task", "text-classification"), edit("spec.method.objective", "dpo")
     ),

@@ -312,6 +312,29 @@ CROSS_FIELD_CASES = [
         "spec.promotion.metric",
     ),
     (JOB, [("spec.data.packing", True)], "data.packing packs causal-LM examples", "spec.data.packing"),
+    (JOB, [("spec.data.hub", {"revision": "v1"})], "hub applies to data on the Hugging Face Hub", "spec.data.hub"),
+    (
+        JOB,
+        [("spec.data.train", "hf://datasets/acme/topics"), ("spec.data.hub", {"testSplit": "test"})],
+        "hub.testSplit names a split of an hf://datasets/ repository",
+        "spec.data.hub.testSplit",
+    ),
+    (
+        JOB,
+        [("spec.data.train", "hf://datasets/acme/topics"), ("spec.data.hub", {"validationSplit": "train[90%:]"})],
+        "hub.validationSplit names a split",
+        "spec.data.hub.validationSplit",
+    ),
+    (
+        JOB,
+        [
+            ("spec.data.train", "s3://acme-data/topics.jsonl"),
+            ("spec.data.test", "hf://datasets/acme/topics"),
+            ("spec.data.hub", {"trainSplit": "train"}),
+        ],
+        "hub.trainSplit names a split",
+        "spec.data.hub.trainSplit",
+    ),
     (JOB, [("spec.model.trustRemoteCode", True)], "needs model.revision to be a full", "spec.model.revision"),
     (
         JOB,
