@@ -132,9 +132,10 @@ def offline_message(uri: str, setup: HubSetup) -> str:
     )
 
 
-def unreachable_message(uri: str, setup: HubSetup, reason: str) -> str:
+def unreachable_message(uri: str, setup: HubSetup, reason: str, what: str = "model") -> str:
+    """Why a `what` (model or dataset) the cache does not hold cannot be had now: the run is retried."""
     return (
-        f"cannot reach the model hub at {setup.endpoint} for {uri} ({reason}), and the Hugging Face cache at "
+        f"cannot reach the {what} hub at {setup.endpoint} for {uri} ({reason}), and the Hugging Face cache at "
         f"{setup.cache} does not hold it: check the cluster's egress or set spec.storage.huggingFace.endpoint "
         "to a mirror; the run is retried within backoffLimit"
     )

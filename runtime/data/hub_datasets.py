@@ -25,7 +25,7 @@ from kubetune.runtime.contract.report import Unavailable
 from kubetune.runtime.io.errors import DataError, DatasetUnavailableError
 from kubetune.runtime.io.storage import hub_dataset_id
 
-from .hub import HubSetup, hub_setup, hub_unreachable, is_unavailable
+from .hub import HubSetup, hub_setup, hub_unreachable, is_unavailable, unreachable_message
 from .readers import Record
 
 LOGGER = logging.getLogger(__name__)
@@ -59,14 +59,6 @@ def offline_message(uri: str, repo_id: str, revision: str | None, setup: HubSetu
     )
 
 
-def unreachable_message(uri: str, setup: HubSetup, reason: str) -> str:
-    return (
-        f"cannot reach the dataset hub at {setup.endpoint} for {uri} ({reason}), and the Hugging Face cache at "
-        f"{setup.cache} does not hold it: check the cluster's egress or set spec.storage.huggingFace.endpoint "
-        "to a mirror; the run is retried within backoffLimit"
-    )
-
-
 def dataset_source(repo_id: str, revision: str | None, uri: str, field: str) -> str:
     """What datasets loads: the repository id where the hub answers, else the folder of its cached snapshot.
 
@@ -83,7 +75,7 @@ def dataset_source(repo_id: str, revision: str | None, uri: str, field: str) -> 
         return repo_id
     snapshot = cached_snapshot(repo_id, revision)
     if snapshot is None:
-        raise DatasetUnavailableError(Unavailable.MODEL_HUB, field, unreachable_message(uri, setup, reason))
+        raise DatasetUnavailableError(Unavailable.MODEL_HUB, field, unreachable_message(uri, setup, reason, "dataset"))
     LOGGER.warning("dataset hub %s did not answer (%s): reading %s from the cache", setup.endpoint, reason, uri)
     return str(snapshot)
 
@@ -92,7 +84,8 @@ def _failure(error: Exception, uri: str, field: str, doing: str) -> Exception:
     """What a failure of datasets means: a hub that cannot deliver now, or data that cannot be read as named."""
     if is_unavailable(error):
         reason = f"{doing}: {type(error).__name__}: {error}"
-        return DatasetUnavailableError(Unavailable.MODEL_HUB, field, unreachable_message(uri, hub_setup(), reason))
+        message = unreachable_message(uri, hub_setup(), reason, "dataset")
+        return DatasetUnavailableError(Unavailable.MODEL_HUB, field, message)
     # datasets raises its own errors, the builtin ones, and RuntimeError for a repository that holds a loading
     # script (which datasets no longer runs): none of them goes away when the run is retried.
     if isinstance(error, (OSError, ValueError, RuntimeError)) or type(error).__module__.startswith("datasets"):
